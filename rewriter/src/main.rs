@@ -1,1 +1,3 @@
-fn main() { println!("{}", forward_rewrite::version()); }
+fn main() {
+    println!("{}", forward_rewrite::version());
+}
