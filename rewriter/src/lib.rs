@@ -1,3 +1,20 @@
+//! forward-rewrite: a source-to-source rewriter for Hugging Face transformers model
+//! forwards. See `ARCHITECTURE.md` for the contracts; [`analyze_class`] is the entry point
+//! shared by the CLI and the Python installer.
+
+pub mod analyze;
+pub mod audit;
+pub mod hash;
+pub mod parse;
+pub mod passes;
+pub mod reason;
+pub mod syntax;
+
+pub use analyze::{ClassSource, LossResolution, analyze_class};
+pub use audit::{ClassReport, Transform, TransformKind, Verdict};
+pub use reason::Reason;
+
+/// The version of this tool (the crate version), written into every audit and allowlist.
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }

@@ -1,0 +1,176 @@
+//! Contract 1: the library entry point shared by the CLI and the Python installer.
+
+use ruff_python_ast::{Stmt, StmtClassDef};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{ClassReport, Verdict};
+use crate::parse::ParsedSource;
+use crate::passes::fused_loss;
+use crate::reason::Reason;
+
+/// One class of the chain, most-derived first: the class itself, then its bases in MRO
+/// order, stopping before transformers' own base classes (PreTrainedModel,
+/// GenerationMixin, nn.Module) or where the source is unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassSource {
+    /// `LlamaForCausalLM`
+    pub qualname: String,
+    /// `transformers.models.llama.modeling_llama`
+    pub module: String,
+    /// `models/llama/modeling_llama.py` (as reported)
+    pub path: String,
+    /// 1-based line of the `class` statement (decorators included) in that file.
+    pub line: u32,
+    /// The full class block, exactly as in the file (may be indented).
+    pub source: String,
+}
+
+/// What the class's `loss_type` resolves to (transformers computes it from the class name
+/// and `LOSS_MAPPING`; see `loss_mapping.rs`). Serialised as `"causal"`, `{"other": "..."}`
+/// or `"unknown"`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossResolution {
+    /// `ForCausalLMLoss`.
+    Causal,
+    /// Another loss; the string names it (`ForMaskedLM`).
+    Other(String),
+    /// Not known.
+    Unknown,
+}
+
+/// Analyse the most-derived class of `chain` (see [`ClassSource`]): find the forward it
+/// runs, match the lm_head + loss triplet, refuse or emit the patched forward. Never panics
+/// on bad input: an unparsable class source is a `failed` report.
+pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassReport {
+    let Some(first) = chain.first() else {
+        return ClassReport {
+            qualname: String::new(),
+            module: String::new(),
+            path: String::new(),
+            line: 0,
+            verdict: Verdict::Failed,
+            reason: Some(Reason::ParseError),
+            detail: "empty class chain".to_string(),
+            forward_sha256: None,
+            forward_owner: None,
+            forward_module: None,
+            forward_line: None,
+            head: None,
+            head_bias: None,
+            transforms: Vec::new(),
+            patched_forward: None,
+        };
+    };
+    let mut report = ClassReport::empty(first);
+    let mut parsed = Vec::with_capacity(chain.len());
+    for class in chain {
+        match ParsedClass::parse(class) {
+            Ok(p) => parsed.push(p),
+            Err(message) => {
+                report.verdict = Verdict::Failed;
+                report.reason = Some(Reason::ParseError);
+                report.detail = format!("class {} ({}) does not parse: {message}", class.qualname, class.path);
+                return report;
+            }
+        }
+    }
+    fused_loss::analyze(&parsed, loss, &mut report);
+    report
+}
+
+impl ClassReport {
+    fn empty(class: &ClassSource) -> ClassReport {
+        ClassReport {
+            qualname: class.qualname.clone(),
+            module: class.module.clone(),
+            path: class.path.clone(),
+            line: class.line,
+            verdict: Verdict::Refused,
+            reason: None,
+            detail: String::new(),
+            forward_sha256: None,
+            forward_owner: None,
+            forward_module: None,
+            forward_line: None,
+            head: None,
+            head_bias: None,
+            transforms: Vec::new(),
+            patched_forward: None,
+        }
+    }
+
+    /// Record a refusal (or, for the failure codes, a failure).
+    pub fn refuse(&mut self, reason: Reason, detail: impl Into<String>) {
+        self.verdict = if reason.is_failure() { Verdict::Failed } else { Verdict::Refused };
+        self.reason = Some(reason);
+        self.detail = detail.into();
+        self.patched_forward = None;
+    }
+
+    /// Turn a patched report into a `name-conflict` refusal because the module that would run
+    /// the patch binds `forward_rewrite` to something else (see
+    /// [`crate::index::module_binds_forward_rewrite`]).
+    pub fn refuse_module_name_conflict(&mut self, module: &str) {
+        if self.verdict == Verdict::Patched {
+            self.refuse(
+                Reason::NameConflict,
+                format!("module {module} binds the name `forward_rewrite` to something else"),
+            );
+        }
+    }
+}
+
+/// A class source parsed on its own. An indented class block is parsed inside an
+/// `if True:` prefix so that byte offsets stay simple to map back.
+pub(crate) struct ParsedClass<'s> {
+    pub source: &'s ClassSource,
+    pub parsed: ParsedSource,
+    /// Bytes prepended to `source.source` before parsing.
+    pub prefix: usize,
+}
+
+const INDENTED_PREFIX: &str = "if True:\n";
+
+impl<'s> ParsedClass<'s> {
+    fn parse(source: &'s ClassSource) -> Result<Self, String> {
+        let indented = source.source.starts_with([' ', '\t']);
+        let (text, prefix) = if indented {
+            (format!("{INDENTED_PREFIX}{}", source.source), INDENTED_PREFIX.len())
+        } else {
+            (source.source.clone(), 0)
+        };
+        let parsed = ParsedSource::parse(text).map_err(|e| e.message)?;
+        let this = ParsedClass { source, parsed, prefix };
+        if this.try_class_def().is_none() {
+            return Err("the source is not a single class statement".to_string());
+        }
+        Ok(this)
+    }
+
+    fn try_class_def(&self) -> Option<&StmtClassDef> {
+        let suite = self.parsed.suite();
+        let stmt = if self.prefix > 0 {
+            match suite.first()? {
+                Stmt::If(s) => s.body.first()?,
+                _ => return None,
+            }
+        } else {
+            suite.first()?
+        };
+        match stmt {
+            Stmt::ClassDef(class) => Some(class),
+            _ => None,
+        }
+    }
+
+    pub fn class_def(&self) -> &StmtClassDef {
+        self.try_class_def().expect("checked at parse time")
+    }
+
+    /// 1-based line in the original file of a byte offset of the parsed text.
+    pub fn file_line(&self, offset: usize) -> u32 {
+        let first = self.parsed.line_of(self.prefix);
+        self.source.line + self.parsed.line_of(offset) - first
+    }
+}

@@ -1,0 +1,261 @@
+//! The audit document (DESIGN.md, schema 1): serde types, the summary, and the table renderer.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reason::Reason;
+
+/// The verdict on one class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A patched forward was emitted, re-parsed and re-analysed.
+    Patched,
+    /// Deliberately not patched; `reason` says why.
+    Refused,
+    /// Could not be analysed (class source does not parse) or emission failed its own checks.
+    Failed,
+}
+
+/// A logit transform lowered into a keyword of `fused_lm_head_loss`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transform {
+    /// `softcap`, `scale_multiply` or `scale_divide`.
+    pub kind: TransformKind,
+    /// The Python expression passed as the keyword's value (evaluated in the patched forward).
+    pub expr: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformKind {
+    ScaleMultiply,
+    ScaleDivide,
+    Softcap,
+}
+
+impl TransformKind {
+    /// The keyword of `forward_rewrite.fused_lm_head_loss` that carries it.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            TransformKind::ScaleMultiply => "logit_scale_multiply",
+            TransformKind::ScaleDivide => "logit_scale_divide",
+            TransformKind::Softcap => "logit_softcapping",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransformKind::ScaleMultiply => "scale_multiply",
+            TransformKind::ScaleDivide => "scale_divide",
+            TransformKind::Softcap => "softcap",
+        }
+    }
+}
+
+/// The result of `analyze_class` (contract 1): one `classes[]` entry of the audit document,
+/// plus the patched forward when the verdict is `patched`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassReport {
+    pub qualname: String,
+    pub module: String,
+    pub path: String,
+    /// 1-based line of the class statement (its first decorator) in `path`.
+    pub line: u32,
+    pub verdict: Verdict,
+    /// Null exactly when the verdict is `patched`.
+    pub reason: Option<Reason>,
+    /// A human sentence saying what was seen (empty when patched).
+    pub detail: String,
+    /// Contract 2 hash of the forward the class runs (null when no forward was found).
+    pub forward_sha256: Option<String>,
+    /// The class of the chain that defines that forward (differs from `qualname` when inherited).
+    pub forward_owner: Option<String>,
+    /// The module that defines that forward: a patch must be executed in its namespace.
+    pub forward_module: Option<String>,
+    /// 1-based line of the forward's first decorator (or `def`) in the owner's file.
+    pub forward_line: Option<u32>,
+    /// The head attribute called on the hidden states (`lm_head`), when found.
+    pub head: Option<String>,
+    /// Whether the head's `nn.Linear` has a bias (null: not known or depends on the config).
+    pub head_bias: Option<bool>,
+    /// Lowered logit transforms, in the order the op applies them.
+    pub transforms: Vec<Transform>,
+    /// The complete patched `def forward`, dedented to column 0; present only when patched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patched_forward: Option<String>,
+}
+
+/// One scanned file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    /// `ok` or `failed`.
+    pub status: FileStatus,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    Ok,
+    Failed,
+}
+
+/// Counts over the whole scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub files: usize,
+    pub failed_files: usize,
+    pub classes: usize,
+    pub patched: usize,
+    pub refused: usize,
+    pub failed: usize,
+    /// Refusals and failures per reason code.
+    pub reasons: BTreeMap<Reason, usize>,
+}
+
+/// The audit document, schema 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditDocument {
+    pub schema: u32,
+    pub tool_version: String,
+    pub transformers_version: Option<String>,
+    /// Where `LOSS_MAPPING` came from: `tree` (the scanned `loss/loss_utils.py`) or
+    /// `builtin` (a copy of transformers 5.23.0's, when the scanned paths hold none).
+    pub loss_mapping: String,
+    pub summary: Summary,
+    pub files: Vec<FileEntry>,
+    pub classes: Vec<ClassReport>,
+}
+
+impl Summary {
+    pub fn compute(files: &[FileEntry], classes: &[ClassReport]) -> Summary {
+        let mut summary = Summary {
+            files: files.len(),
+            failed_files: files.iter().filter(|f| f.status == FileStatus::Failed).count(),
+            classes: classes.len(),
+            ..Summary::default()
+        };
+        for class in classes {
+            match class.verdict {
+                Verdict::Patched => summary.patched += 1,
+                Verdict::Refused => summary.refused += 1,
+                Verdict::Failed => summary.failed += 1,
+            }
+            if let Some(reason) = class.reason {
+                *summary.reasons.entry(reason).or_default() += 1;
+            }
+        }
+        summary
+    }
+}
+
+fn transforms_cell(transforms: &[Transform]) -> String {
+    if transforms.is_empty() {
+        return "-".to_string();
+    }
+    transforms.iter().map(|t| format!("{}({})", t.kind.name(), t.expr)).collect::<Vec<_>>().join(", ")
+}
+
+/// One line per class: verdict, reason, qualname, head, transforms (the compact audit of the
+/// snapshots, also useful with `grep`).
+pub fn render_compact(classes: &[ClassReport]) -> String {
+    let mut out = String::new();
+    for class in classes {
+        let reason = class.reason.map_or("-", |r| r.code());
+        let head = match (&class.head, class.head_bias) {
+            (Some(head), Some(true)) => format!("{head}+bias"),
+            (Some(head), None) => format!("{head}+bias?"),
+            (Some(head), Some(false)) => head.clone(),
+            (None, _) => "-".to_string(),
+        };
+        let verdict = match class.verdict {
+            Verdict::Patched => "patched",
+            Verdict::Refused => "refused",
+            Verdict::Failed => "failed",
+        };
+        let _ = writeln!(
+            out,
+            "{verdict:<8} {reason:<28} {}.{} head={head} transforms={}",
+            class.module,
+            class.qualname,
+            transforms_cell(&class.transforms)
+        );
+    }
+    out
+}
+
+/// The readable table: one row per class, then the failed files and the summary.
+pub fn render_table(doc: &AuditDocument, files: &[&FileEntry], classes: &[&ClassReport]) -> String {
+    let mut out = String::new();
+    let headers = ["VERDICT", "REASON", "CLASS", "PATH:LINE", "HEAD", "TRANSFORMS"];
+    let rows: Vec<[String; 6]> = classes
+        .iter()
+        .map(|c| {
+            [
+                format!("{:?}", c.verdict).to_lowercase(),
+                c.reason.map_or("-".to_string(), |r| r.code().to_string()),
+                c.qualname.clone(),
+                format!("{}:{}", c.path, c.line),
+                c.head.clone().unwrap_or_else(|| "-".to_string()),
+                transforms_cell(&c.transforms),
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                let _ = write!(s, "{:<width$}  ", cell, width = widths[i]);
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(&headers));
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "{}", line(&cells));
+    }
+    let failed: Vec<_> = files.iter().filter(|f| f.status == FileStatus::Failed).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(out, "\nfailed files:");
+        for file in failed {
+            let _ = writeln!(out, "  {}: {}", file.path, file.error.as_deref().unwrap_or(""));
+        }
+    }
+    out.push('\n');
+    out.push_str(&render_summary(doc));
+    out
+}
+
+/// The summary lines printed under the table.
+pub fn render_summary(doc: &AuditDocument) -> String {
+    let s = &doc.summary;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "transformers {}: {} files ({} failed), {} classes: {} patched, {} refused, {} failed",
+        doc.transformers_version.as_deref().unwrap_or("(unknown version)"),
+        s.files,
+        s.failed_files,
+        s.classes,
+        s.patched,
+        s.refused,
+        s.failed
+    );
+    for (reason, count) in &s.reasons {
+        let _ = writeln!(out, "  {:<28} {count}", reason.code());
+    }
+    out
+}

@@ -1,0 +1,231 @@
+//! Find the loss site: the single `T = self.loss_function(...)` that is the only statement
+//! of an `if labels is not None:` without `else`, and parse its arguments the way
+//! `ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+//! shift_labels, **kwargs)` binds them. Forwards without it are classified here
+//! (seq2seq `CrossEntropyLoss`, hand-made losses, no loss at all).
+
+use ruff_python_ast::{Expr, ExprCall, Stmt, StmtFunctionDef, StmtIf};
+use ruff_text_size::Ranged;
+
+use crate::reason::Reason;
+use crate::syntax::{calls_in_stmt, dotted_name, is_not_none_test, names_in_stmt, self_attribute, statement_path};
+
+use super::Refusal;
+
+/// The keywords of `ForCausalLMLoss` that the fused op forwards when given explicitly.
+pub const LOSS_KEYWORDS: [&str; 3] = ["num_items_in_batch", "ignore_index", "shift_labels"];
+/// `ForCausalLMLoss`'s positional order.
+const POSITIONAL: [&str; 6] = ["logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"];
+
+pub struct LossSite<'a> {
+    /// The block holding the `if labels is not None:` statement, and its index there.
+    pub block: &'a [Stmt],
+    pub if_index: usize,
+    pub labels_if: &'a StmtIf,
+    /// `loss` in `loss = self.loss_function(...)`.
+    pub target: String,
+    pub args: LossArgs<'a>,
+}
+
+pub struct LossArgs<'a> {
+    pub logits: &'a Expr,
+    pub vocab_size: &'a Expr,
+    /// Explicit `num_items_in_batch` / `ignore_index` / `shift_labels`, in that order.
+    pub explicit: Vec<(&'static str, &'a Expr)>,
+    /// `**name` splats.
+    pub splats: Vec<&'a Expr>,
+}
+
+fn is_loss_call(call: &ExprCall) -> bool {
+    self_attribute(&call.func) == Some("loss_function")
+}
+
+pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refusal> {
+    let calls: Vec<&ExprCall> =
+        def.body.iter().flat_map(calls_in_stmt).filter(|call| is_loss_call(call)).collect();
+    let call = match calls.as_slice() {
+        [] => return Err(classify_without_loss_call(def)),
+        [call] => *call,
+        more => {
+            return Err(Refusal::new(
+                Reason::CustomLoss,
+                format!("{} calls of self.loss_function in the forward", more.len()),
+            ));
+        }
+    };
+    let path = statement_path(&def.body, call.range());
+    let Some(&(block, index)) = path.last() else {
+        return Err(Refusal::new(Reason::CustomLoss, "the loss call is not in a statement of the forward"));
+    };
+    let stmt = &block[index];
+    let target = match stmt {
+        Stmt::Assign(assign) if assign.value.range() == call.range() && assign.targets.len() == 1 => {
+            match &assign.targets[0] {
+                Expr::Name(name) => name.id.to_string(),
+                _ => return Err(Refusal::new(Reason::CustomLoss, "the loss is assigned to something else than a name")),
+            }
+        }
+        _ => {
+            return Err(Refusal::new(
+                Reason::CustomLoss,
+                "self.loss_function(...) is used inside an expression, not assigned on its own",
+            ));
+        }
+    };
+    if path.len() < 2 {
+        return Err(Refusal::new(Reason::CustomLoss, "the loss is computed without an `if labels is not None:` guard"));
+    }
+    let (parent_block, parent_index) = path[path.len() - 2];
+    let Stmt::If(labels_if) = &parent_block[parent_index] else {
+        return Err(Refusal::new(Reason::CustomLoss, "the loss call is not directly under an `if labels is not None:`"));
+    };
+    if !labels_if.body.iter().any(|s| s.range() == stmt.range()) {
+        return Err(Refusal::new(Reason::CustomLoss, "the loss call is in an elif/else branch"));
+    }
+    match is_not_none_test(&labels_if.test) {
+        Some(Expr::Name(name)) if name.id.as_str() == "labels" => {}
+        Some(other) => {
+            return Err(Refusal::new(
+                Reason::LabelsNotPlain,
+                format!("the loss branch tests `{}`, not `labels`", crate::syntax::dotted_name(other).unwrap_or_default()),
+            ));
+        }
+        None => {
+            return Err(Refusal::new(Reason::CustomLoss, "the loss call is under a condition other than `labels is not None`"));
+        }
+    }
+    for &(ancestor_block, ancestor_index) in &path[..path.len() - 2] {
+        if matches!(ancestor_block[ancestor_index], Stmt::For(_) | Stmt::While(_)) {
+            return Err(Refusal::new(Reason::CustomLoss, "the loss is computed inside a loop"));
+        }
+    }
+    if !labels_if.elif_else_clauses.is_empty() {
+        return Err(Refusal::new(Reason::ElseBranch, "`if labels is not None:` has an else/elif branch"));
+    }
+    if labels_if.body.len() != 1 {
+        return Err(Refusal::new(
+            Reason::LabelsBranchExtra,
+            format!("the labels branch holds {} statements besides the loss call", labels_if.body.len() - 1),
+        ));
+    }
+    check_labels_parameter(def)?;
+    let args = parse_loss_args(call)?;
+    Ok(LossSite { block: parent_block, if_index: parent_index, labels_if, target, args })
+}
+
+/// `labels` must be a parameter of the forward and never rebound in it.
+fn check_labels_parameter(def: &StmtFunctionDef) -> Result<(), Refusal> {
+    if !def.parameters.iter().any(|p| p.name().as_str() == "labels") {
+        return Err(Refusal::new(Reason::LabelsNotPlain, "the forward has no `labels` parameter"));
+    }
+    for stmt in &def.body {
+        if names_in_stmt(stmt).iter().any(|n| n.id.as_str() == "labels" && !n.ctx.is_load()) {
+            return Err(Refusal::new(Reason::LabelsNotPlain, "`labels` is rebound inside the forward"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
+    let mut slots: [Option<&Expr>; 6] = [None; 6];
+    if call.arguments.args.len() > POSITIONAL.len() {
+        return Err(Refusal::new(Reason::LossCallUnsupported, "more positional arguments than ForCausalLMLoss takes"));
+    }
+    for (slot, arg) in slots.iter_mut().zip(call.arguments.args.iter()) {
+        if arg.is_starred_expr() {
+            return Err(Refusal::new(Reason::LossCallUnsupported, "`*args` in the loss call"));
+        }
+        *slot = Some(arg);
+    }
+    let mut splats = Vec::new();
+    for keyword in &call.arguments.keywords {
+        let Some(name) = &keyword.arg else {
+            if !matches!(keyword.value, Expr::Name(_)) {
+                return Err(Refusal::new(Reason::LossCallUnsupported, "`**` of an expression in the loss call"));
+            }
+            splats.push(&keyword.value);
+            continue;
+        };
+        let Some(position) = POSITIONAL.iter().position(|p| *p == name.as_str()) else {
+            return Err(Refusal::new(
+                Reason::LossKwargUnsupported,
+                format!("loss keyword `{}` is not read by ForCausalLMLoss", name.as_str()),
+            ));
+        };
+        if slots[position].replace(&keyword.value).is_some() {
+            return Err(Refusal::new(Reason::LossCallUnsupported, format!("`{}` given twice", name.as_str())));
+        }
+    }
+    let (Some(logits), Some(labels), Some(vocab_size)) = (slots[0], slots[1], slots[2]) else {
+        return Err(Refusal::new(Reason::LossCallUnsupported, "the loss call lacks logits, labels or vocab_size"));
+    };
+    match labels {
+        Expr::Name(name) if name.id.as_str() == "labels" => {}
+        other => {
+            let text = dotted_name(other).unwrap_or_else(|| "an expression".to_string());
+            return Err(Refusal::new(Reason::LabelsNotPlain, format!("the loss gets labels={text}")));
+        }
+    }
+    if !matches!(logits, Expr::Name(_)) {
+        return Err(Refusal::new(Reason::LossCallUnsupported, "the logits argument is an expression, not a name"));
+    }
+    let explicit = LOSS_KEYWORDS.iter().zip(&slots[3..]).filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
+    Ok(LossArgs { logits, vocab_size, explicit, splats })
+}
+
+/// The forward never calls `self.loss_function`: say what it does instead.
+fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
+    let calls: Vec<&ExprCall> = def.body.iter().flat_map(calls_in_stmt).collect();
+    let cross_entropy = calls.iter().any(|call| {
+        dotted_name(&call.func).is_some_and(|name| {
+            name.ends_with("CrossEntropyLoss") || name.ends_with("cross_entropy") || name == "loss_fct"
+        })
+    });
+    if cross_entropy {
+        if shifts_labels(def) {
+            return Refusal::new(Reason::CustomLoss, "a hand-written shifted CrossEntropyLoss instead of self.loss_function");
+        }
+        return Refusal::new(
+            Reason::Seq2seqLoss,
+            "CrossEntropyLoss on aligned (unshifted) labels instead of self.loss_function",
+        );
+    }
+    let other_loss = calls.iter().find_map(|call| match call.func.as_ref() {
+        Expr::Attribute(attr) if attr.attr.as_str().contains("loss") => dotted_name(&call.func),
+        Expr::Name(name) if name.id.as_str().contains("loss") => Some(name.id.to_string()),
+        _ => None,
+    });
+    match other_loss {
+        Some(name) => Refusal::new(Reason::CustomLoss, format!("the loss is computed by {name}(...)")),
+        None => Refusal::new(Reason::NoLossCall, "the forward computes no loss with self.loss_function"),
+    }
+}
+
+/// A slice like `labels[..., 1:]` / `logits[..., :-1, :]` (a manual causal shift).
+fn shifts_labels(def: &StmtFunctionDef) -> bool {
+    fn has_shift_slice(expr: &Expr) -> bool {
+        match expr {
+            Expr::Slice(slice) => {
+                let is_one = |e: &Option<Box<Expr>>| {
+                    e.as_deref().is_some_and(|e| match e {
+                        Expr::NumberLiteral(n) => n.value.as_int().and_then(|i| i.as_u8()) == Some(1),
+                        Expr::UnaryOp(u) => matches!(&*u.operand, Expr::NumberLiteral(n) if n.value.as_int().and_then(|i| i.as_u8()) == Some(1)),
+                        _ => false,
+                    })
+                };
+                is_one(&slice.lower) || is_one(&slice.upper)
+            }
+            Expr::Tuple(tuple) => tuple.elts.iter().any(has_shift_slice),
+            _ => false,
+        }
+    }
+    let mut found = false;
+    for stmt in &def.body {
+        crate::syntax::for_each_subscript(stmt, &mut |sub| {
+            if has_shift_slice(&sub.slice) {
+                found = true;
+            }
+        });
+    }
+    found
+}

@@ -1,0 +1,235 @@
+//! Small queries over ruff's AST shared by the index and the passes.
+
+use ruff_python_ast::visitor::{self, Visitor};
+use ruff_python_ast::{Expr, ExprContext, ExprName, Stmt, StmtFunctionDef};
+use ruff_text_size::{Ranged, TextRange};
+
+/// Every `Name` node inside an expression or statement (loads and stores), in source order.
+pub fn names_in_expr(expr: &Expr) -> Vec<&ExprName> {
+    let mut collector = NameCollector::default();
+    collector.visit_expr(expr);
+    collector.names
+}
+
+pub fn names_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
+    let mut collector = NameCollector::default();
+    collector.visit_stmt(stmt);
+    collector.names
+}
+
+#[derive(Default)]
+struct NameCollector<'a> {
+    names: Vec<&'a ExprName>,
+}
+
+impl<'a> Visitor<'a> for NameCollector<'a> {
+    fn visit_expr(&mut self, expr: &'a Expr) {
+        if let Expr::Name(name) = expr {
+            self.names.push(name);
+        }
+        visitor::walk_expr(self, expr);
+    }
+}
+
+/// Whether `expr` mentions the name `name` anywhere.
+pub fn expr_mentions(expr: &Expr, name: &str) -> bool {
+    names_in_expr(expr).iter().any(|n| n.id.as_str() == name)
+}
+
+pub fn stmt_mentions(stmt: &Stmt, name: &str) -> bool {
+    names_in_stmt(stmt).iter().any(|n| n.id.as_str() == name)
+}
+
+/// Names a statement binds (assignment targets, walrus targets, loop targets, imports,
+/// nested defs) - `Store` and `Del` contexts, anywhere inside it.
+pub fn stores_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
+    names_in_stmt(stmt).into_iter().filter(|n| n.ctx != ExprContext::Load).collect()
+}
+
+/// `self.<attr>` → `attr`.
+pub fn self_attribute(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Attribute(attr) => match attr.value.as_ref() {
+            Expr::Name(name) if name.id.as_str() == "self" => Some(attr.attr.as_str()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The dotted name of a `Name` / `Attribute` chain (`torch.nn.Linear`), or None.
+pub fn dotted_name(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Name(name) => Some(name.id.to_string()),
+        Expr::Attribute(attr) => Some(format!("{}.{}", dotted_name(&attr.value)?, attr.attr.as_str())),
+        _ => None,
+    }
+}
+
+/// The last segment of a `Name` / `Attribute` callee, looking through a call
+/// (`@auto_docstring`, `@auto_docstring(...)`, `@utils.auto_docstring`).
+pub fn callee_last_name(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Name(name) => Some(name.id.as_str()),
+        Expr::Attribute(attr) => Some(attr.attr.as_str()),
+        Expr::Call(call) => callee_last_name(&call.func),
+        _ => None,
+    }
+}
+
+/// `NAME is not None` → `NAME`'s expression; also `(n := E) is not None`.
+pub fn is_not_none_test(expr: &Expr) -> Option<&Expr> {
+    let Expr::Compare(compare) = expr else { return None };
+    if compare.ops.len() != 1 || compare.ops[0] != ruff_python_ast::CmpOp::IsNot {
+        return None;
+    }
+    if !compare.comparators[0].is_none_literal_expr() {
+        return None;
+    }
+    Some(&compare.left)
+}
+
+/// The `def` statements directly in a class body, by name.
+pub fn method<'a>(body: &'a [Stmt], name: &str) -> Option<&'a StmtFunctionDef> {
+    body.iter().rev().find_map(|stmt| match stmt {
+        Stmt::FunctionDef(def) if def.name.as_str() == name => Some(def),
+        _ => None,
+    })
+}
+
+/// The child statement blocks of a compound statement (not descending into nested scopes).
+pub fn child_blocks(stmt: &Stmt) -> Vec<&[Stmt]> {
+    match stmt {
+        Stmt::If(s) => {
+            let mut blocks = vec![&s.body[..]];
+            blocks.extend(s.elif_else_clauses.iter().map(|c| &c.body[..]));
+            blocks
+        }
+        Stmt::For(s) => vec![&s.body[..], &s.orelse[..]],
+        Stmt::While(s) => vec![&s.body[..], &s.orelse[..]],
+        Stmt::With(s) => vec![&s.body[..]],
+        Stmt::Try(s) => {
+            let mut blocks = vec![&s.body[..]];
+            for handler in &s.handlers {
+                let ruff_python_ast::ExceptHandler::ExceptHandler(h) = handler;
+                blocks.push(&h.body[..]);
+            }
+            blocks.push(&s.orelse[..]);
+            blocks.push(&s.finalbody[..]);
+            blocks
+        }
+        Stmt::Match(s) => s.cases.iter().map(|c| &c.body[..]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The chain of (block, index) from `body` down to the innermost statement containing
+/// `target`, not descending into nested functions or classes.
+pub fn statement_path(body: &[Stmt], target: TextRange) -> Vec<(&[Stmt], usize)> {
+    let mut path = Vec::new();
+    let mut block = body;
+    'descend: loop {
+        for (index, stmt) in block.iter().enumerate() {
+            if stmt.range().contains_range(target) {
+                path.push((block, index));
+                if matches!(stmt, Stmt::FunctionDef(_) | Stmt::ClassDef(_)) {
+                    return path;
+                }
+                for child in child_blocks(stmt) {
+                    if child.iter().any(|s| s.range().contains_range(target)) {
+                        block = child;
+                        continue 'descend;
+                    }
+                }
+                return path;
+            }
+        }
+        return path;
+    }
+}
+
+/// Every simple statement (and compound statement header) in a body, recursively, in
+/// source order, not descending into nested scopes. Compound statements are yielded too.
+pub fn walk_statements<'a>(body: &'a [Stmt], out: &mut Vec<&'a Stmt>) {
+    for stmt in body {
+        out.push(stmt);
+        if !matches!(stmt, Stmt::FunctionDef(_) | Stmt::ClassDef(_)) {
+            for child in child_blocks(stmt) {
+                walk_statements(child, out);
+            }
+        }
+    }
+}
+
+/// All calls in an expression/statement, for finding `self.loss_function(...)` and friends.
+pub fn calls_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprCall> {
+    #[derive(Default)]
+    struct Calls<'a> {
+        calls: Vec<&'a ruff_python_ast::ExprCall>,
+    }
+    impl<'a> Visitor<'a> for Calls<'a> {
+        fn visit_expr(&mut self, expr: &'a Expr) {
+            if let Expr::Call(call) = expr {
+                self.calls.push(call);
+            }
+            visitor::walk_expr(self, expr);
+        }
+    }
+    let mut calls = Calls::default();
+    calls.visit_stmt(stmt);
+    calls.calls
+}
+
+/// All attribute accesses in a statement.
+pub fn attributes_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprAttribute> {
+    #[derive(Default)]
+    struct Attrs<'a> {
+        attrs: Vec<&'a ruff_python_ast::ExprAttribute>,
+    }
+    impl<'a> Visitor<'a> for Attrs<'a> {
+        fn visit_expr(&mut self, expr: &'a Expr) {
+            if let Expr::Attribute(attr) = expr {
+                self.attrs.push(attr);
+            }
+            visitor::walk_expr(self, expr);
+        }
+    }
+    let mut attrs = Attrs::default();
+    attrs.visit_stmt(stmt);
+    attrs.attrs
+}
+
+/// Call `f` on every subscript expression in a statement.
+pub fn for_each_subscript<'a>(stmt: &'a Stmt, f: &mut dyn FnMut(&'a ruff_python_ast::ExprSubscript)) {
+    struct Subs<'f, 'a> {
+        f: &'f mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
+    }
+    impl<'a> Visitor<'a> for Subs<'_, 'a> {
+        fn visit_expr(&mut self, expr: &'a Expr) {
+            if let Expr::Subscript(sub) = expr {
+                (self.f)(sub);
+            }
+            visitor::walk_expr(self, expr);
+        }
+    }
+    Subs { f }.visit_stmt(stmt);
+}
+
+/// All calls inside an expression.
+pub fn calls_in_expr(expr: &Expr) -> Vec<&ruff_python_ast::ExprCall> {
+    #[derive(Default)]
+    struct Calls<'a> {
+        calls: Vec<&'a ruff_python_ast::ExprCall>,
+    }
+    impl<'a> Visitor<'a> for Calls<'a> {
+        fn visit_expr(&mut self, expr: &'a Expr) {
+            if let Expr::Call(call) = expr {
+                self.calls.push(call);
+            }
+            visitor::walk_expr(self, expr);
+        }
+    }
+    let mut calls = Calls::default();
+    calls.visit_expr(expr);
+    calls.calls
+}
