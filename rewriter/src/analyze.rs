@@ -70,7 +70,10 @@ pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassRepor
             Err(message) => {
                 report.verdict = Verdict::Failed;
                 report.reason = Some(Reason::ParseError);
-                report.detail = format!("class {} ({}) does not parse: {message}", class.qualname, class.path);
+                report.detail = format!(
+                    "class {} ({}) does not parse: {message}",
+                    class.qualname, class.path
+                );
                 return report;
             }
         }
@@ -102,7 +105,11 @@ impl ClassReport {
 
     /// Record a refusal (or, for the failure codes, a failure).
     pub fn refuse(&mut self, reason: Reason, detail: impl Into<String>) {
-        self.verdict = if reason.is_failure() { Verdict::Failed } else { Verdict::Refused };
+        self.verdict = if reason.is_failure() {
+            Verdict::Failed
+        } else {
+            Verdict::Refused
+        };
         self.reason = Some(reason);
         self.detail = detail.into();
         self.patched_forward = None;
@@ -136,12 +143,19 @@ impl<'s> ParsedClass<'s> {
     fn parse(source: &'s ClassSource) -> Result<Self, String> {
         let indented = source.source.starts_with([' ', '\t']);
         let (text, prefix) = if indented {
-            (format!("{INDENTED_PREFIX}{}", source.source), INDENTED_PREFIX.len())
+            (
+                format!("{INDENTED_PREFIX}{}", source.source),
+                INDENTED_PREFIX.len(),
+            )
         } else {
             (source.source.clone(), 0)
         };
         let parsed = ParsedSource::parse(text).map_err(|e| e.message)?;
-        let this = ParsedClass { source, parsed, prefix };
+        let this = ParsedClass {
+            source,
+            parsed,
+            prefix,
+        };
         if this.try_class_def().is_none() {
             return Err("the source is not a single class statement".to_string());
         }

@@ -135,7 +135,10 @@ impl Summary {
     pub fn compute(files: &[FileEntry], classes: &[ClassReport]) -> Summary {
         let mut summary = Summary {
             files: files.len(),
-            failed_files: files.iter().filter(|f| f.status == FileStatus::Failed).count(),
+            failed_files: files
+                .iter()
+                .filter(|f| f.status == FileStatus::Failed)
+                .count(),
             classes: classes.len(),
             ..Summary::default()
         };
@@ -157,7 +160,11 @@ fn transforms_cell(transforms: &[Transform]) -> String {
     if transforms.is_empty() {
         return "-".to_string();
     }
-    transforms.iter().map(|t| format!("{}({})", t.kind.name(), t.expr)).collect::<Vec<_>>().join(", ")
+    transforms
+        .iter()
+        .map(|t| format!("{}({})", t.kind.name(), t.expr))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One line per class: verdict, reason, qualname, head, transforms (the compact audit of the
@@ -191,7 +198,14 @@ pub fn render_compact(classes: &[ClassReport]) -> String {
 /// The readable table: one row per class, then the failed files and the summary.
 pub fn render_table(doc: &AuditDocument, files: &[&FileEntry], classes: &[&ClassReport]) -> String {
     let mut out = String::new();
-    let headers = ["VERDICT", "REASON", "CLASS", "PATH:LINE", "HEAD", "TRANSFORMS"];
+    let headers = [
+        "VERDICT",
+        "REASON",
+        "CLASS",
+        "PATH:LINE",
+        "HEAD",
+        "TRANSFORMS",
+    ];
     let rows: Vec<[String; 6]> = classes
         .iter()
         .map(|c| {
@@ -227,11 +241,19 @@ pub fn render_table(doc: &AuditDocument, files: &[&FileEntry], classes: &[&Class
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         let _ = writeln!(out, "{}", line(&cells));
     }
-    let failed: Vec<_> = files.iter().filter(|f| f.status == FileStatus::Failed).collect();
+    let failed: Vec<_> = files
+        .iter()
+        .filter(|f| f.status == FileStatus::Failed)
+        .collect();
     if !failed.is_empty() {
         let _ = writeln!(out, "\nfailed files:");
         for file in failed {
-            let _ = writeln!(out, "  {}: {}", file.path, file.error.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                out,
+                "  {}: {}",
+                file.path,
+                file.error.as_deref().unwrap_or("")
+            );
         }
     }
     out.push('\n');
@@ -246,7 +268,9 @@ pub fn render_summary(doc: &AuditDocument) -> String {
     let _ = writeln!(
         out,
         "transformers {}: {} files ({} failed), {} classes: {} patched, {} refused, {} failed",
-        doc.transformers_version.as_deref().unwrap_or("(unknown version)"),
+        doc.transformers_version
+            .as_deref()
+            .unwrap_or("(unknown version)"),
         s.files,
         s.failed_files,
         s.classes,

@@ -42,14 +42,21 @@ pub fn dedent(text: &str) -> String {
         if line.is_empty() || is_blank(line) {
             continue;
         }
-        let width = line.bytes().take_while(|&b| b == b' ' || b == b'\t').count();
+        let width = line
+            .bytes()
+            .take_while(|&b| b == b' ' || b == b'\t')
+            .count();
         let indent = &line[..width];
         margin = Some(match margin {
             None => indent,
             Some(m) if indent.starts_with(m) => m,
             Some(m) if m.starts_with(indent) => indent,
             Some(m) => {
-                let common = m.bytes().zip(indent.bytes()).take_while(|(a, b)| a == b).count();
+                let common = m
+                    .bytes()
+                    .zip(indent.bytes())
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 &m[..common]
             }
         });
@@ -85,7 +92,10 @@ mod tests {
 
     #[test]
     fn normalise_unifies_newlines_and_ends_with_one() {
-        assert_eq!(normalise("    def f():\r\n        pass\r\n\r\n"), "def f():\n    pass\n");
+        assert_eq!(
+            normalise("    def f():\r\n        pass\r\n\r\n"),
+            "def f():\n    pass\n"
+        );
         assert_eq!(normalise("def f():\n    pass"), "def f():\n    pass\n");
     }
 
@@ -93,8 +103,14 @@ mod tests {
     fn hash_is_lowercase_hex_sha256() {
         // sha256("def f():\n    pass\n")
         let h = forward_sha256("    def f():\n        pass\n");
-        assert_eq!(h, "16797664978a811647328d92f3a3ca9a3b3a4712db9abc1bd63416b30aca4fe0");
-        assert!(h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(
+            h,
+            "16797664978a811647328d92f3a3ca9a3b3a4712db9abc1bd63416b30aca4fe0"
+        );
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
         assert_eq!(h, forward_sha256("def f():\r\n    pass"));
         assert_ne!(h, forward_sha256("def f():\n    return\n"));
     }

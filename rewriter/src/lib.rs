@@ -4,10 +4,15 @@
 
 pub mod analyze;
 pub mod audit;
+pub mod cache;
+pub mod chain;
 pub mod hash;
+pub mod index;
+pub mod loss_mapping;
 pub mod parse;
 pub mod passes;
 pub mod reason;
+pub mod scan;
 pub mod syntax;
 
 pub use analyze::{ClassSource, LossResolution, analyze_class};

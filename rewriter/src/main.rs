@@ -1,3 +1,193 @@
-fn main() {
-    println!("{}", forward_rewrite::version());
+//! The `forward-rewrite` command line: a thin layer over the library.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use forward_rewrite::audit::{self, ClassReport, Verdict};
+use forward_rewrite::scan::{ScanOptions, scan};
+
+/// Find the lm_head + loss triplet in transformers modeling files and rewrite it to a fused,
+/// chunked linear + cross-entropy. Exit status: 0 when the scan ran (refusals and files that
+/// do not parse are results), 2 for unusable arguments or unreadable inputs.
+#[derive(Parser)]
+#[command(name = "forward-rewrite", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Scan transformers modeling files and report, per `*ForCausalLM` /
+    /// `*ForConditionalGeneration` class, whether it is patched, refused (with a reason code)
+    /// or failed.
+    ///
+    /// PATH is a transformers source tree or an installed `site-packages/transformers`
+    /// (its `models/` is walked for `modeling_*.py`, TF / Flax / `modular_*` skipped), any
+    /// directory, or single Python files.
+    Scan {
+        /// Directories or files to scan.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// Print the audit document (JSON, schema 1) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Print one compact line per class (verdict, reason, module.class, head, transforms).
+        #[arg(long, conflicts_with = "json")]
+        compact: bool,
+        /// Also print each patched forward (after the table).
+        #[arg(long, conflicts_with = "json")]
+        emit: bool,
+        /// Only list classes with this verdict (the summary still counts every class).
+        #[arg(long, value_enum)]
+        only: Option<OnlyVerdict>,
+    },
+    /// Scan like `scan`, then write the compiled cache to DIR: `audit.json`,
+    /// `allowlist.json` (forward sha256 -> patch) and `patches/<module>.<Class>.py`.
+    Build {
+        /// Directories or files to scan.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// The cache directory to write (created if missing; files in it are overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Only analyse classes with this exact name (e.g. LlamaForCausalLM).
+    #[arg(long = "class", value_name = "NAME")]
+    class: Option<String>,
+    /// Worker threads for parsing and analysis (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnlyVerdict {
+    Patched,
+    Refused,
+    Failed,
+}
+
+impl OnlyVerdict {
+    fn matches(self, verdict: Verdict) -> bool {
+        matches!(
+            (self, verdict),
+            (OnlyVerdict::Patched, Verdict::Patched)
+                | (OnlyVerdict::Refused, Verdict::Refused)
+                | (OnlyVerdict::Failed, Verdict::Failed)
+        )
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("forward-rewrite: error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn set_threads(common: &Common) -> Result<(), String> {
+    if let Some(threads) = common.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.into())
+            .build_global()
+            .map_err(|e| format!("--threads: {e}"))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Scan {
+            paths,
+            common,
+            json,
+            compact,
+            emit,
+            only,
+        } => {
+            set_threads(&common)?;
+            let options = ScanOptions {
+                class: common.class,
+            };
+            let mut document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
+            let keep = |c: &ClassReport| only.is_none_or(|o| o.matches(c.verdict));
+            let mut out = std::io::stdout().lock();
+            if json {
+                let patched: Vec<_> = document
+                    .classes
+                    .iter()
+                    .map(|c| c.patched_forward.clone())
+                    .collect();
+                document.classes.retain(keep);
+                for class in &mut document.classes {
+                    class.patched_forward = None;
+                }
+                drop(patched);
+                let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
+                let _ = writeln!(out, "{text}");
+                return Ok(());
+            }
+            let classes: Vec<&ClassReport> = document.classes.iter().filter(|c| keep(c)).collect();
+            if compact {
+                let owned: Vec<ClassReport> = classes.iter().map(|c| (*c).clone()).collect();
+                let _ = write!(out, "{}", audit::render_compact(&owned));
+                let _ = write!(out, "\n{}", audit::render_summary(&document));
+            } else {
+                let files: Vec<_> = document.files.iter().collect();
+                let _ = write!(out, "{}", audit::render_table(&document, &files, &classes));
+            }
+            if emit {
+                for class in classes.iter().filter(|c| c.verdict == Verdict::Patched) {
+                    let _ = writeln!(out, "\n# {}.{}", class.module, class.qualname);
+                    let _ = write!(out, "{}", class.patched_forward.as_deref().unwrap_or(""));
+                }
+            }
+            if document.loss_mapping == "builtin" {
+                eprintln!(
+                    "forward-rewrite: note: no loss/loss_utils.py in the scanned paths; loss types resolved with the built-in LOSS_MAPPING of transformers 5.23.0"
+                );
+            }
+            Ok(())
+        }
+        Command::Build { paths, common, out } => {
+            set_threads(&common)?;
+            let options = ScanOptions {
+                class: common.class,
+            };
+            let document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
+            let allowlist = forward_rewrite::cache::write(&out, &document)
+                .map_err(|e| format!("cannot write the cache to {}: {e}", out.display()))?;
+            println!(
+                "wrote {} patches, allowlist.json and audit.json to {}",
+                allowlist.entries.len(),
+                out.display()
+            );
+            print!("{}", audit::render_summary(&document));
+            Ok(())
+        }
+    }
 }

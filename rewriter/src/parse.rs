@@ -39,12 +39,19 @@ impl ParsedSource {
         match ruff_python_parser::parse_module(&text) {
             Ok(parsed) => {
                 let string_spans = string_spans(parsed.tokens());
-                Ok(ParsedSource { text, parsed, line_starts, string_spans })
+                Ok(ParsedSource {
+                    text,
+                    parsed,
+                    line_starts,
+                    string_spans,
+                })
             }
             Err(error) => {
                 let offset = error.location.start().to_usize();
                 let (line, column) = line_column(&line_starts, &text, offset);
-                Err(ParseFailure { message: format!("{line}:{column}: {}", error.error) })
+                Err(ParseFailure {
+                    message: format!("{line}:{column}: {}", error.error),
+                })
             }
         }
     }
@@ -74,26 +81,35 @@ impl ParsedSource {
 
     /// Byte offset of the end of the line holding `offset` (its `\n`, or the end of the text).
     pub fn line_end(&self, offset: usize) -> usize {
-        self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i)
+        self.text[offset..]
+            .find('\n')
+            .map_or(self.text.len(), |i| offset + i)
     }
 
     /// Byte offset just past the line holding `offset` (after its `\n`).
     pub fn next_line_start(&self, offset: usize) -> usize {
-        self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i + 1)
+        self.text[offset..]
+            .find('\n')
+            .map_or(self.text.len(), |i| offset + i + 1)
     }
 
     /// The leading whitespace of the line holding `offset`.
     pub fn indentation_at(&self, offset: usize) -> &str {
         let start = self.line_start(offset);
         let line = &self.text[start..self.line_end(start)];
-        let width = line.bytes().take_while(|&b| b == b' ' || b == b'\t').count();
+        let width = line
+            .bytes()
+            .take_while(|&b| b == b' ' || b == b'\t')
+            .count();
         &line[..width]
     }
 
     /// Whether a line starting at `offset` continues a multi-line string literal: such a
     /// line belongs to the string's value and must not be re-indented.
     pub fn in_string(&self, offset: usize) -> bool {
-        let index = self.string_spans.partition_point(|&(start, _)| start < offset);
+        let index = self
+            .string_spans
+            .partition_point(|&(start, _)| start < offset);
         index > 0 && self.string_spans[index - 1].1 > offset
     }
 
@@ -137,7 +153,10 @@ fn line_starts(text: &str) -> Vec<usize> {
 fn line_column(line_starts: &[usize], text: &str, offset: usize) -> (usize, usize) {
     let line = line_starts.partition_point(|&start| start <= offset).max(1);
     let start = line_starts[line - 1];
-    let column = text.get(start..offset.min(text.len())).map_or(0, |s| s.chars().count()) + 1;
+    let column = text
+        .get(start..offset.min(text.len()))
+        .map_or(0, |s| s.chars().count())
+        + 1;
     (line, column)
 }
 
@@ -151,7 +170,9 @@ fn string_spans(tokens: &Tokens) -> Vec<(usize, usize)> {
                     spans.push((token.start().to_usize(), token.end().to_usize()));
                 }
             }
-            TokenKind::FStringStart | TokenKind::TStringStart => open.push(token.start().to_usize()),
+            TokenKind::FStringStart | TokenKind::TStringStart => {
+                open.push(token.start().to_usize())
+            }
             TokenKind::FStringEnd | TokenKind::TStringEnd => {
                 if let Some(start) = open.pop()
                     && open.is_empty()
@@ -202,9 +223,14 @@ mod tests {
     fn block_end_keeps_trailing_comments_at_body_depth() {
         let text = "class A:\n    def f(self):\n        return 1\n        # tail\n# col0\n        # tail2\n    def g(self):\n        pass\n";
         let src = ParsedSource::parse(text).unwrap();
-        let ruff_python_ast::Stmt::ClassDef(class) = &src.suite()[0] else { panic!() };
+        let ruff_python_ast::Stmt::ClassDef(class) = &src.suite()[0] else {
+            panic!()
+        };
         let f = &class.body[0];
         let end = src.block_end(f.end(), 8);
-        assert_eq!(&src.text[..end], "class A:\n    def f(self):\n        return 1\n        # tail\n# col0\n        # tail2\n");
+        assert_eq!(
+            &src.text[..end],
+            "class A:\n    def f(self):\n        return 1\n        # tail\n# col0\n        # tail2\n"
+        );
     }
 }

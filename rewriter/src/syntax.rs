@@ -43,7 +43,10 @@ pub fn stmt_mentions(stmt: &Stmt, name: &str) -> bool {
 /// Names a statement binds (assignment targets, walrus targets, loop targets, imports,
 /// nested defs) - `Store` and `Del` contexts, anywhere inside it.
 pub fn stores_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
-    names_in_stmt(stmt).into_iter().filter(|n| n.ctx != ExprContext::Load).collect()
+    names_in_stmt(stmt)
+        .into_iter()
+        .filter(|n| n.ctx != ExprContext::Load)
+        .collect()
 }
 
 /// `self.<attr>` → `attr`.
@@ -61,7 +64,11 @@ pub fn self_attribute(expr: &Expr) -> Option<&str> {
 pub fn dotted_name(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Name(name) => Some(name.id.to_string()),
-        Expr::Attribute(attr) => Some(format!("{}.{}", dotted_name(&attr.value)?, attr.attr.as_str())),
+        Expr::Attribute(attr) => Some(format!(
+            "{}.{}",
+            dotted_name(&attr.value)?,
+            attr.attr.as_str()
+        )),
         _ => None,
     }
 }
@@ -79,7 +86,9 @@ pub fn callee_last_name(expr: &Expr) -> Option<&str> {
 
 /// `NAME is not None` → `NAME`'s expression; also `(n := E) is not None`.
 pub fn is_not_none_test(expr: &Expr) -> Option<&Expr> {
-    let Expr::Compare(compare) = expr else { return None };
+    let Expr::Compare(compare) = expr else {
+        return None;
+    };
     if compare.ops.len() != 1 || compare.ops[0] != ruff_python_ast::CmpOp::IsNot {
         return None;
     }
@@ -200,7 +209,10 @@ pub fn attributes_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprAttribute> {
 }
 
 /// Call `f` on every subscript expression in a statement.
-pub fn for_each_subscript<'a>(stmt: &'a Stmt, f: &mut dyn FnMut(&'a ruff_python_ast::ExprSubscript)) {
+pub fn for_each_subscript<'a>(
+    stmt: &'a Stmt,
+    f: &mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
+) {
     struct Subs<'f, 'a> {
         f: &'f mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
     }

@@ -30,20 +30,32 @@ pub fn emit(
     let margin = src.indentation_at(forward.start).to_string();
     let block_indent = src.indentation_at(region.start).to_string();
     if !block_indent.starts_with(&margin) {
-        return Err(unsafe_("the region is indented less than the def".to_string()));
+        return Err(unsafe_(
+            "the region is indented less than the def".to_string(),
+        ));
     }
     if block_indent.contains(' ') && block_indent.contains('\t') {
-        return Err(unsafe_("the region's indentation mixes tabs and spaces".to_string()));
+        return Err(unsafe_(
+            "the region's indentation mixes tabs and spaces".to_string(),
+        ));
     }
-    let unit = if block_indent.contains('\t') { "\t" } else { "    " };
+    let unit = if block_indent.contains('\t') {
+        "\t"
+    } else {
+        "    "
+    };
     let region_line_start = src.line_start(region.start);
     if !text[region_line_start..region.start].trim().is_empty() {
-        return Err(unsafe_("the head statement shares its line with other code".to_string()));
+        return Err(unsafe_(
+            "the head statement shares its line with other code".to_string(),
+        ));
     }
     let region_line_end = src.line_end(region.end);
     let tail = text[region.end..region_line_end].trim_start();
     if !(tail.is_empty() || tail.starts_with('#')) {
-        return Err(unsafe_("the labels branch shares its last line with other code".to_string()));
+        return Err(unsafe_(
+            "the labels branch shares its last line with other code".to_string(),
+        ));
     }
     for expr in &region.pasted {
         let r = expr.range().to_std_range();
@@ -51,7 +63,9 @@ pub fn emit(
         while let Some(i) = text[offset..r.end].find('\n') {
             offset += i + 1;
             if src.in_string(offset) {
-                return Err(unsafe_("an expression moved into the fused call holds a multi-line string".to_string()));
+                return Err(unsafe_(
+                    "an expression moved into the fused call holds a multi-line string".to_string(),
+                ));
             }
         }
     }
@@ -65,8 +79,12 @@ pub fn emit(
         let start = src.line_start(decorator.start().to_usize());
         let end = decorator.end().to_usize();
         let rest = text[end..src.line_end(end)].trim_start();
-        if !text[start..decorator.start().to_usize()].trim().is_empty() || !(rest.is_empty() || rest.starts_with('#')) {
-            return Err(unsafe_("a docstring decorator shares its line with other code".to_string()));
+        if !text[start..decorator.start().to_usize()].trim().is_empty()
+            || !(rest.is_empty() || rest.starts_with('#'))
+        {
+            return Err(unsafe_(
+                "a docstring decorator shares its line with other code".to_string(),
+            ));
         }
         dropped.push(start..src.next_line_start(end));
     }
@@ -126,7 +144,13 @@ pub fn emit(
     Ok(out)
 }
 
-fn fused_branch(out: &mut String, indent: &str, unit: &str, region: &Region<'_>, loss_target: &str) {
+fn fused_branch(
+    out: &mut String,
+    indent: &str,
+    unit: &str,
+    region: &Region<'_>,
+    loss_target: &str,
+) {
     let head = &region.head;
     let inner = format!("{indent}{unit}");
     let arg = format!("{indent}{unit}{unit}");
@@ -135,8 +159,14 @@ fn fused_branch(out: &mut String, indent: &str, unit: &str, region: &Region<'_>,
         "{indent}if labels is not None and forward_rewrite.fuses(self, self.{head}, {}):",
         region.vocab_size
     );
-    let _ = writeln!(out, "{inner}{MARKER} {head} + ForCausalLMLoss; logits are not materialised");
-    let _ = writeln!(out, "{inner}{loss_target} = forward_rewrite.fused_lm_head_loss(");
+    let _ = writeln!(
+        out,
+        "{inner}{MARKER} {head} + ForCausalLMLoss; logits are not materialised"
+    );
+    let _ = writeln!(
+        out,
+        "{inner}{loss_target} = forward_rewrite.fused_lm_head_loss("
+    );
     let hidden = region.hidden_text.as_str();
     let _ = writeln!(out, "{arg}{hidden},");
     let _ = writeln!(out, "{arg}self.{head},");

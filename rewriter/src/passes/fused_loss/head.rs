@@ -17,25 +17,36 @@ const LINEAR: [&str; 2] = ["nn.Linear", "torch.nn.Linear"];
 /// None when it depends on a runtime value.
 pub fn check_head(chain: &[ParsedClass<'_>], head: &str) -> Result<Option<bool>, Refusal> {
     for class in chain {
-        let Some(init) = method(&class.class_def().body, "__init__") else { continue };
+        let Some(init) = method(&class.class_def().body, "__init__") else {
+            continue;
+        };
         let mut statements = Vec::new();
         walk_statements(&init.body, &mut statements);
         let assigns: Vec<(&Stmt, &Expr)> = statements
             .iter()
             .filter_map(|stmt| match stmt {
-                Stmt::Assign(a) if a.targets.iter().any(|t| self_attribute(t) == Some(head)) => Some((*stmt, &*a.value)),
+                Stmt::Assign(a) if a.targets.iter().any(|t| self_attribute(t) == Some(head)) => {
+                    Some((*stmt, &*a.value))
+                }
                 Stmt::AnnAssign(a) if self_attribute(&a.target) == Some(head) => {
                     a.value.as_deref().map(|v| (*stmt, v))
                 }
                 _ => None,
             })
             .collect();
-        let Some(&(last_stmt, value)) = assigns.last() else { continue };
+        let Some(&(last_stmt, value)) = assigns.last() else {
+            continue;
+        };
         let owner = &class.source.qualname;
-        if assigns.iter().any(|(stmt, _)| !init.body.iter().any(|top| top.range() == stmt.range())) {
+        if assigns
+            .iter()
+            .any(|(stmt, _)| !init.body.iter().any(|top| top.range() == stmt.range()))
+        {
             return Err(Refusal::new(
                 Reason::NonLinearHead,
-                format!("self.{head} is assigned conditionally (inside a block) in {owner}.__init__"),
+                format!(
+                    "self.{head} is assigned conditionally (inside a block) in {owner}.__init__"
+                ),
             ));
         }
         if let Stmt::Assign(a) = last_stmt
@@ -46,7 +57,13 @@ pub fn check_head(chain: &[ParsedClass<'_>], head: &str) -> Result<Option<bool>,
                 format!("self.{head} is assigned together with other names in {owner}.__init__"),
             ));
         }
-        let text = class.parsed.slice(value).lines().next().unwrap_or("").to_string();
+        let text = class
+            .parsed
+            .slice(value)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
         let Expr::Call(call) = value else {
             return Err(Refusal::new(
                 Reason::NonLinearHead,

@@ -35,7 +35,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(reason: Reason, detail: impl Into<String>) -> Refusal {
-        Refusal { reason, detail: detail.into() }
+        Refusal {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -49,32 +52,47 @@ pub(crate) fn analyze(chain: &[ParsedClass<'_>], loss: &LossResolution, report: 
 }
 
 /// The class of the chain that defines `forward`, and the def.
-fn find_forward<'c, 's>(chain: &'c [ParsedClass<'s>]) -> Result<(&'c ParsedClass<'s>, &'c StmtFunctionDef), Refusal> {
+fn find_forward<'c, 's>(
+    chain: &'c [ParsedClass<'s>],
+) -> Result<(&'c ParsedClass<'s>, &'c StmtFunctionDef), Refusal> {
     for class in chain {
         let body = &class.class_def().body;
         if let Some(def) = method(body, "forward") {
             return Ok((class, def));
         }
         let assigned = body.iter().any(|stmt| match stmt {
-            Stmt::Assign(a) => a.targets.iter().any(|t| matches!(t, Expr::Name(n) if n.id.as_str() == "forward")),
+            Stmt::Assign(a) => a
+                .targets
+                .iter()
+                .any(|t| matches!(t, Expr::Name(n) if n.id.as_str() == "forward")),
             Stmt::AnnAssign(a) => matches!(&*a.target, Expr::Name(n) if n.id.as_str() == "forward"),
             _ => false,
         });
         if assigned {
             return Err(Refusal::new(
                 Reason::NoForward,
-                format!("{} assigns `forward` instead of defining it", class.source.qualname),
+                format!(
+                    "{} assigns `forward` instead of defining it",
+                    class.source.qualname
+                ),
             ));
         }
     }
     let names: Vec<&str> = chain.iter().map(|c| c.source.qualname.as_str()).collect();
     Err(Refusal::new(
         Reason::NoForward,
-        format!("no class of the chain ({}) defines forward", names.join(" -> ")),
+        format!(
+            "no class of the chain ({}) defines forward",
+            names.join(" -> ")
+        ),
     ))
 }
 
-fn run(chain: &[ParsedClass<'_>], loss: &LossResolution, report: &mut ClassReport) -> Result<(), Refusal> {
+fn run(
+    chain: &[ParsedClass<'_>],
+    loss: &LossResolution,
+    report: &mut ClassReport,
+) -> Result<(), Refusal> {
     let (owner, def) = find_forward(chain)?;
     let src = &owner.parsed;
     let forward = forward_range(src, def);
@@ -84,7 +102,10 @@ fn run(chain: &[ParsedClass<'_>], loss: &LossResolution, report: &mut ClassRepor
     report.forward_line = Some(owner.file_line(forward.start));
 
     if is_already_patched(def) {
-        return Err(Refusal::new(Reason::AlreadyPatched, "the forward already calls forward_rewrite"));
+        return Err(Refusal::new(
+            Reason::AlreadyPatched,
+            "the forward already calls forward_rewrite",
+        ));
     }
     check_name_conflict(chain, def)?;
 
@@ -110,7 +131,10 @@ fn run(chain: &[ParsedClass<'_>], loss: &LossResolution, report: &mut ClassRepor
 /// decorator through the last line of the body, plus trailing comments at body depth.
 fn forward_range(src: &ParsedSource, def: &StmtFunctionDef) -> std::ops::Range<usize> {
     let start = src.line_start(def.start().to_usize());
-    let body_column = def.body.first().map_or(0, |s| src.column_of(s.start().to_usize()));
+    let body_column = def
+        .body
+        .first()
+        .map_or(0, |s| src.column_of(s.start().to_usize()));
     start..src.block_end(def.end(), body_column)
 }
 
@@ -130,35 +154,56 @@ fn check_name_conflict(chain: &[ParsedClass<'_>], def: &StmtFunctionDef) -> Resu
         for stmt in &class.class_def().body {
             let binds = match stmt {
                 Stmt::FunctionDef(f) => f.name.as_str() == RUNTIME_NAME,
-                Stmt::Assign(_) | Stmt::AnnAssign(_) => {
-                    names_in_stmt(stmt).iter().any(|n| n.id.as_str() == RUNTIME_NAME && !n.ctx.is_load())
-                }
+                Stmt::Assign(_) | Stmt::AnnAssign(_) => names_in_stmt(stmt)
+                    .iter()
+                    .any(|n| n.id.as_str() == RUNTIME_NAME && !n.ctx.is_load()),
                 _ => false,
             };
             if binds {
                 return Err(Refusal::new(
                     Reason::NameConflict,
-                    format!("{} binds the class attribute forward_rewrite", class.source.qualname),
+                    format!(
+                        "{} binds the class attribute forward_rewrite",
+                        class.source.qualname
+                    ),
                 ));
             }
         }
     }
-    if def.parameters.iter().any(|p| p.name().as_str() == RUNTIME_NAME) {
-        return Err(Refusal::new(Reason::NameConflict, "the forward has a parameter named forward_rewrite"));
+    if def
+        .parameters
+        .iter()
+        .any(|p| p.name().as_str() == RUNTIME_NAME)
+    {
+        return Err(Refusal::new(
+            Reason::NameConflict,
+            "the forward has a parameter named forward_rewrite",
+        ));
     }
     let mut statements = Vec::new();
     walk_statements(&def.body, &mut statements);
     for stmt in statements {
-        let binds = names_in_stmt(stmt).iter().any(|n| n.id.as_str() == RUNTIME_NAME && !n.ctx.is_load());
+        let binds = names_in_stmt(stmt)
+            .iter()
+            .any(|n| n.id.as_str() == RUNTIME_NAME && !n.ctx.is_load());
         let imports = match stmt {
-            Stmt::Import(i) => i.names.iter().any(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == RUNTIME_NAME),
-            Stmt::ImportFrom(i) => i.names.iter().any(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == RUNTIME_NAME),
+            Stmt::Import(i) => i
+                .names
+                .iter()
+                .any(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == RUNTIME_NAME),
+            Stmt::ImportFrom(i) => i
+                .names
+                .iter()
+                .any(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == RUNTIME_NAME),
             Stmt::FunctionDef(f) => f.name.as_str() == RUNTIME_NAME,
             Stmt::ClassDef(c) => c.name.as_str() == RUNTIME_NAME,
             _ => false,
         };
         if binds || imports {
-            return Err(Refusal::new(Reason::NameConflict, "the forward binds the name forward_rewrite locally"));
+            return Err(Refusal::new(
+                Reason::NameConflict,
+                "the forward binds the name forward_rewrite locally",
+            ));
         }
     }
     Ok(())
@@ -173,12 +218,20 @@ fn check_loss_function(chain: &[ParsedClass<'_>]) -> Result<(), Refusal> {
         for stmt in &class.class_def().body {
             let defines = match stmt {
                 Stmt::FunctionDef(f) => NAMES.contains(&f.name.as_str()),
-                Stmt::Assign(a) => a.targets.iter().any(|t| matches!(t, Expr::Name(n) if NAMES.contains(&n.id.as_str()))),
-                Stmt::AnnAssign(a) => matches!(&*a.target, Expr::Name(n) if NAMES.contains(&n.id.as_str())),
+                Stmt::Assign(a) => a
+                    .targets
+                    .iter()
+                    .any(|t| matches!(t, Expr::Name(n) if NAMES.contains(&n.id.as_str()))),
+                Stmt::AnnAssign(a) => {
+                    matches!(&*a.target, Expr::Name(n) if NAMES.contains(&n.id.as_str()))
+                }
                 _ => false,
             };
             if defines {
-                return Err(Refusal::new(Reason::LossFunctionOverridden, format!("{owner} defines loss_function")));
+                return Err(Refusal::new(
+                    Reason::LossFunctionOverridden,
+                    format!("{owner} defines loss_function"),
+                ));
             }
             if let Stmt::FunctionDef(f) = stmt {
                 let mut statements = Vec::new();
@@ -189,7 +242,10 @@ fn check_loss_function(chain: &[ParsedClass<'_>]) -> Result<(), Refusal> {
                         Stmt::AnnAssign(a) => vec![&*a.target],
                         _ => continue,
                     };
-                    if targets.iter().any(|t| self_attribute(t).is_some_and(|a| NAMES.contains(&a))) {
+                    if targets
+                        .iter()
+                        .any(|t| self_attribute(t).is_some_and(|a| NAMES.contains(&a)))
+                    {
                         return Err(Refusal::new(
                             Reason::LossFunctionOverridden,
                             format!("{owner}.{} assigns self.loss_function", f.name.as_str()),
@@ -212,17 +268,25 @@ fn check_loss_type(chain: &[ParsedClass<'_>], given: &LossResolution) -> Result<
     let mut resolution = given.clone();
     let mut origin = "LOSS_MAPPING".to_string();
     'chain: for class in chain {
-        let Some(init) = method(&class.class_def().body, "__init__") else { continue };
+        let Some(init) = method(&class.class_def().body, "__init__") else {
+            continue;
+        };
         let mut statements = Vec::new();
         walk_statements(&init.body, &mut statements);
         for stmt in statements.iter().rev() {
             let Stmt::Assign(a) = stmt else { continue };
-            if !a.targets.iter().any(|t| self_attribute(t) == Some("loss_type")) {
+            if !a
+                .targets
+                .iter()
+                .any(|t| self_attribute(t) == Some("loss_type"))
+            {
                 continue;
             }
             origin = format!("{}.__init__", class.source.qualname);
             resolution = match &*a.value {
-                Expr::StringLiteral(s) if CAUSAL_LOSS_TYPES.contains(&s.value.to_str()) => LossResolution::Causal,
+                Expr::StringLiteral(s) if CAUSAL_LOSS_TYPES.contains(&s.value.to_str()) => {
+                    LossResolution::Causal
+                }
                 Expr::StringLiteral(s) => LossResolution::Other(s.value.to_str().to_string()),
                 _ => LossResolution::Unknown,
             };
@@ -245,13 +309,23 @@ fn check_loss_type(chain: &[ParsedClass<'_>], given: &LossResolution) -> Result<
 /// Every emitted forward must re-parse as one `def forward` at column 0 and be recognised
 /// as already patched; anything else is a bug of this tool and a `failed` verdict.
 fn verify(patched: &str) -> Result<(), Refusal> {
-    let parsed = ParsedSource::parse(patched)
-        .map_err(|e| Refusal::new(Reason::EmitInvalid, format!("the emitted forward does not parse: {e}")))?;
+    let parsed = ParsedSource::parse(patched).map_err(|e| {
+        Refusal::new(
+            Reason::EmitInvalid,
+            format!("the emitted forward does not parse: {e}"),
+        )
+    })?;
     let [Stmt::FunctionDef(def)] = parsed.suite().as_slice() else {
-        return Err(Refusal::new(Reason::EmitInvalid, "the emitted text is not a single def"));
+        return Err(Refusal::new(
+            Reason::EmitInvalid,
+            "the emitted text is not a single def",
+        ));
     };
     if def.name.as_str() != "forward" || !is_already_patched(def) {
-        return Err(Refusal::new(Reason::EmitInvalid, "the emitted forward is not recognised as patched"));
+        return Err(Refusal::new(
+            Reason::EmitInvalid,
+            "the emitted forward is not recognised as patched",
+        ));
     }
     Ok(())
 }

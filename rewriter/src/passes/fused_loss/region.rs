@@ -13,7 +13,8 @@ use crate::audit::Transform;
 use crate::parse::ParsedSource;
 use crate::reason::Reason;
 use crate::syntax::{
-    callee_last_name, calls_in_stmt, expr_mentions, is_not_none_test, names_in_expr, names_in_stmt, walk_statements,
+    callee_last_name, calls_in_stmt, expr_mentions, is_not_none_test, names_in_expr, names_in_stmt,
+    walk_statements,
 };
 
 use super::Refusal;
@@ -58,8 +59,10 @@ impl<'a> Matcher<'a> {
     fn text(&self, expr: &'a Expr) -> String {
         let range = expr.range().to_std_range();
         let mut text = self.src.text[range.clone()].to_string();
-        let mut names: Vec<&ExprName> =
-            names_in_expr(expr).into_iter().filter(|n| self.bindings.contains_key(n.id.as_str())).collect();
+        let mut names: Vec<&ExprName> = names_in_expr(expr)
+            .into_iter()
+            .filter(|n| self.bindings.contains_key(n.id.as_str()))
+            .collect();
         names.sort_by_key(|n| std::cmp::Reverse(n.range.start()));
         for name in names {
             let r = name.range.to_std_range();
@@ -73,7 +76,11 @@ impl<'a> Matcher<'a> {
         expr_mentions(expr, &self.logits)
     }
 
-    fn decompose_logits(&mut self, value: &'a Expr, steps: &mut Vec<Step<'a>>) -> Result<(), String> {
+    fn decompose_logits(
+        &mut self,
+        value: &'a Expr,
+        steps: &mut Vec<Step<'a>>,
+    ) -> Result<(), String> {
         let logits = self.logits.clone();
         let is_leaf = |e: &Expr| matches!(e, Expr::Name(n) if n.id.as_str() == logits);
         let contains = |e: &Expr| expr_mentions(e, &logits);
@@ -85,7 +92,12 @@ impl<'a> Matcher<'a> {
 }
 
 fn first_line(src: &ParsedSource, node: &impl Ranged) -> String {
-    src.slice(node.range()).lines().next().unwrap_or("").trim().to_string()
+    src.slice(node.range())
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 /// The root name of an attribute / subscript / call chain (`logits` in `logits[0].x`).
@@ -99,13 +111,26 @@ fn root_name(expr: &Expr) -> Option<&str> {
     }
 }
 
+/// The root name of a callee made of attributes and subscripts only (`self` in
+/// `self.lm_head` or `self.heads[i]`, nothing for `self.lm_head(x).float`).
+fn callee_root(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Name(n) => Some(n.id.as_str()),
+        Expr::Attribute(a) => callee_root(&a.value),
+        Expr::Subscript(s) => callee_root(&s.value),
+        _ => None,
+    }
+}
+
+/// A call of a module of the model: `self.lm_head(...)`, `self.heads[i](...)`.
 fn is_self_rooted_call(expr: &Expr) -> bool {
-    matches!(expr, Expr::Call(call) if root_name(&call.func) == Some("self"))
+    matches!(expr, Expr::Call(call) if callee_root(&call.func) == Some("self"))
 }
 
 fn contains_self_call(expr: &Expr) -> bool {
-    let stmt_like = crate::syntax::calls_in_expr(expr);
-    stmt_like.iter().any(|c| root_name(&c.func) == Some("self"))
+    crate::syntax::calls_in_expr(expr)
+        .iter()
+        .any(|c| callee_root(&c.func) == Some("self"))
 }
 
 /// Side-effect-free expressions a skipped binding may hold.
@@ -119,7 +144,9 @@ fn is_pure(expr: &Expr) -> bool {
         | Expr::EllipsisLiteral(_) => true,
         Expr::Attribute(a) => is_pure(&a.value),
         Expr::Subscript(s) => is_pure(&s.value) && is_pure(&s.slice),
-        Expr::Slice(s) => [&s.lower, &s.upper, &s.step].iter().all(|p| p.as_deref().is_none_or(is_pure)),
+        Expr::Slice(s) => [&s.lower, &s.upper, &s.step]
+            .iter()
+            .all(|p| p.as_deref().is_none_or(is_pure)),
         Expr::Tuple(t) => t.elts.iter().all(is_pure),
         Expr::BinOp(b) => is_pure(&b.left) && is_pure(&b.right),
         Expr::UnaryOp(u) => is_pure(&u.operand),
@@ -127,11 +154,13 @@ fn is_pure(expr: &Expr) -> bool {
         Expr::Compare(c) => is_pure(&c.left) && c.comparators.iter().all(is_pure),
         Expr::If(i) => is_pure(&i.test) && is_pure(&i.body) && is_pure(&i.orelse),
         Expr::Call(call) => {
-            let args_pure = call.arguments.args.iter().all(is_pure) && call.arguments.keywords.iter().all(|k| is_pure(&k.value));
+            let args_pure = call.arguments.args.iter().all(is_pure)
+                && call.arguments.keywords.iter().all(|k| is_pure(&k.value));
             let callee_ok = match call.func.as_ref() {
                 Expr::Name(n) => matches!(n.id.as_str(), "getattr" | "isinstance" | "hasattr"),
                 Expr::Attribute(a) => {
-                    matches!(a.attr.as_str(), "get_text_config" | "get_decoder") && is_pure(&a.value)
+                    matches!(a.attr.as_str(), "get_text_config" | "get_decoder")
+                        && is_pure(&a.value)
                 }
                 _ => false,
             };
@@ -178,10 +207,14 @@ fn touch(stmt: &Stmt, logits: &str) -> Option<(Reason, &'static str)> {
             }
         }
         match s {
-            Stmt::AugAssign(a) if root_name(&a.target) == Some(logits) => note(Reason::LogitsMutated, "updates the logits in place"),
+            Stmt::AugAssign(a) if root_name(&a.target) == Some(logits) => {
+                note(Reason::LogitsMutated, "updates the logits in place")
+            }
             Stmt::Assign(a) => {
                 for t in &a.targets {
-                    if matches!(t, Expr::Subscript(_) | Expr::Attribute(_)) && root_name(t) == Some(logits) {
+                    if matches!(t, Expr::Subscript(_) | Expr::Attribute(_))
+                        && root_name(t) == Some(logits)
+                    {
                         note(Reason::LogitsMutated, "assigns into the logits");
                     }
                 }
@@ -197,7 +230,10 @@ fn touch(stmt: &Stmt, logits: &str) -> Option<(Reason, &'static str)> {
                 && !attr.attr.as_str().starts_with('_')
                 && root_name(&attr.value) == Some(logits)
             {
-                note(Reason::LogitsMutated, "calls an in-place method on the logits");
+                note(
+                    Reason::LogitsMutated,
+                    "calls an in-place method on the logits",
+                );
             }
         }
         if crate::syntax::stmt_mentions(s, logits) {
@@ -212,7 +248,9 @@ pub fn match_region<'a>(
     def: &'a StmtFunctionDef,
     site: &LossSite<'a>,
 ) -> Result<Region<'a>, Refusal> {
-    let Expr::Name(logits_name) = site.args.logits else { unreachable!("checked by the site") };
+    let Expr::Name(logits_name) = site.args.logits else {
+        unreachable!("checked by the site")
+    };
     let logits = logits_name.id.to_string();
     let block = site.block;
 
@@ -226,7 +264,9 @@ pub fn match_region<'a>(
         }
         Stmt::AnnAssign(a) => {
             matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits)
-                && a.value.as_deref().is_some_and(|v| !expr_mentions(v, &logits))
+                && a.value
+                    .as_deref()
+                    .is_some_and(|v| !expr_mentions(v, &logits))
         }
         _ => false,
     });
@@ -245,27 +285,49 @@ pub fn match_region<'a>(
     if !contains_self_call(value) {
         return Err(Refusal::new(
             Reason::NoHeadCall,
-            format!("the logits come from `{}`, not from a head call", first_line(src, value)),
+            format!(
+                "the logits come from `{}`, not from a head call",
+                first_line(src, value)
+            ),
         ));
     }
-    let mut matcher = Matcher { src, logits: logits.clone(), bindings: HashMap::new(), pasted: Vec::new() };
+    let mut matcher = Matcher {
+        src,
+        logits: logits.clone(),
+        bindings: HashMap::new(),
+        pasted: Vec::new(),
+    };
     let mut steps: Vec<Step<'a>> = Vec::new();
     let head_call = {
         let is_leaf = |e: &Expr| is_self_rooted_call(e);
         let contains = |e: &Expr| contains_self_call(e);
         let text = |e: &'a Expr| src.slice(e).to_string();
         decompose(value, &is_leaf, &contains, &text, &mut steps).map_err(|why| {
-            Refusal::new(Reason::HeadCallUnsupported, format!("the head output goes through {why}: `{}`", first_line(src, value)))
+            Refusal::new(
+                Reason::HeadCallUnsupported,
+                format!(
+                    "the head output goes through {why}: `{}`",
+                    first_line(src, value)
+                ),
+            )
         })?
     };
-    let Expr::Call(call) = head_call else { unreachable!() };
+    let Expr::Call(call) = head_call else {
+        unreachable!()
+    };
     let Some(head) = crate::syntax::self_attribute(&call.func) else {
         return Err(Refusal::new(
             Reason::HeadCallUnsupported,
-            format!("the head is not a plain attribute: `{}`", first_line(src, &*call.func)),
+            format!(
+                "the head is not a plain attribute: `{}`",
+                first_line(src, &*call.func)
+            ),
         ));
     };
-    if call.arguments.args.len() != 1 || !call.arguments.keywords.is_empty() || call.arguments.args[0].is_starred_expr() {
+    if call.arguments.args.len() != 1
+        || !call.arguments.keywords.is_empty()
+        || call.arguments.args[0].is_starred_expr()
+    {
         return Err(Refusal::new(
             Reason::HeadCallUnsupported,
             format!("self.{head}(...) takes other arguments than the hidden states"),
@@ -291,19 +353,40 @@ pub fn match_region<'a>(
     loss_exprs.extend(site.args.explicit.iter().copied());
     for (name, expr) in &loss_exprs {
         if matcher.mentions_logits(expr) {
-            return Err(Refusal::new(Reason::LossCallUnsupported, format!("`{name}=` of the loss call reads the logits")));
+            return Err(Refusal::new(
+                Reason::LossCallUnsupported,
+                format!("`{name}=` of the loss call reads the logits"),
+            ));
         }
         matcher.pasted.push(expr);
     }
     let vocab_size = matcher.text(site.args.vocab_size);
-    let explicit = site.args.explicit.iter().map(|(k, e)| (*k, matcher.text(e))).collect();
-    let splats = site.args.splats.iter().map(|e| src.slice(*e).to_string()).collect();
+    let explicit = site
+        .args
+        .explicit
+        .iter()
+        .map(|(k, e)| (*k, matcher.text(e)))
+        .collect();
+    let splats = site
+        .args
+        .splats
+        .iter()
+        .map(|e| src.slice(*e).to_string())
+        .collect();
 
     let start = origin.start().to_usize();
     let end = site.labels_if.end().to_usize();
 
     // 4. After the region.
-    check_after(src, def, end, &logits, &site.target, &matcher.bindings)?;
+    check_after(
+        src,
+        def,
+        end,
+        &logits,
+        &site.target,
+        &matcher.bindings,
+        site.moves_labels,
+    )?;
 
     Ok(Region {
         start,
@@ -320,31 +403,55 @@ pub fn match_region<'a>(
 }
 
 /// Classify one statement between the head call and the labels branch.
-fn between<'a>(m: &mut Matcher<'a>, stmt: &'a Stmt, steps: &mut Vec<Step<'a>>) -> Result<(), Refusal> {
+fn between<'a>(
+    m: &mut Matcher<'a>,
+    stmt: &'a Stmt,
+    steps: &mut Vec<Step<'a>>,
+) -> Result<(), Refusal> {
     let logits = m.logits.clone();
     if !crate::syntax::stmt_mentions(stmt, &logits) {
         return skipped_binding(m, stmt);
     }
     match stmt {
-        Stmt::Assign(a) if a.targets.len() == 1 && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) => {
+        Stmt::Assign(a)
+            if a.targets.len() == 1
+                && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) =>
+        {
             m.decompose_logits(&a.value, steps).map_err(|why| {
-                Refusal::new(Reason::LogitsRebound, format!("`{}`: {why}", first_line(m.src, stmt)))
+                Refusal::new(
+                    Reason::LogitsRebound,
+                    format!("`{}`: {why}", first_line(m.src, stmt)),
+                )
             })
         }
         Stmt::AugAssign(a) if matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits) => {
             if matches!(a.op, Operator::Mult | Operator::Div) && !expr_mentions(&a.value, &logits) {
-                let operand = Operand { expr: &a.value, text: m.text(&a.value) };
+                let operand = Operand {
+                    expr: &a.value,
+                    text: m.text(&a.value),
+                };
                 m.pasted.push(&a.value);
-                steps.push(if a.op == Operator::Mult { Step::Mul(operand) } else { Step::Div(operand) });
+                steps.push(if a.op == Operator::Mult {
+                    Step::Mul(operand)
+                } else {
+                    Step::Div(operand)
+                });
                 Ok(())
             } else {
-                Err(Refusal::new(Reason::LogitsMutated, format!("`{}`", first_line(m.src, stmt))))
+                Err(Refusal::new(
+                    Reason::LogitsMutated,
+                    format!("`{}`", first_line(m.src, stmt)),
+                ))
             }
         }
         Stmt::If(s) => conditional_transform(m, s, stmt, steps),
         _ => {
-            let (reason, what) = touch(stmt, &logits).unwrap_or((Reason::LogitsReadBeforeLoss, "reads the logits"));
-            Err(Refusal::new(reason, format!("`{}` {what} before the loss", first_line(m.src, stmt))))
+            let (reason, what) =
+                touch(stmt, &logits).unwrap_or((Reason::LogitsReadBeforeLoss, "reads the logits"));
+            Err(Refusal::new(
+                reason,
+                format!("`{}` {what} before the loss", first_line(m.src, stmt)),
+            ))
         }
     }
 }
@@ -360,20 +467,29 @@ fn skipped_binding<'a>(m: &mut Matcher<'a>, stmt: &'a Stmt) -> Result<(), Refusa
         _ => {
             return Err(Refusal::new(
                 Reason::RegionStatementUnsupported,
-                format!("`{}` between the head call and the loss is not a plain binding", first_line(m.src, stmt)),
+                format!(
+                    "`{}` between the head call and the loss is not a plain binding",
+                    first_line(m.src, stmt)
+                ),
             ));
         }
     };
     let (Expr::Name(name), Some(value)) = (target, value) else {
         return Err(Refusal::new(
             Reason::RegionStatementUnsupported,
-            format!("`{}` between the head call and the loss is not a plain binding", first_line(m.src, stmt)),
+            format!(
+                "`{}` between the head call and the loss is not a plain binding",
+                first_line(m.src, stmt)
+            ),
         ));
     };
     if !is_pure(value) {
         return Err(Refusal::new(
             Reason::RegionStatementUnsupported,
-            format!("`{}` between the head call and the loss may have side effects", first_line(m.src, stmt)),
+            format!(
+                "`{}` between the head call and the loss may have side effects",
+                first_line(m.src, stmt)
+            ),
         ));
     }
     bind(m, name.id.as_str(), value)
@@ -381,7 +497,10 @@ fn skipped_binding<'a>(m: &mut Matcher<'a>, stmt: &'a Stmt) -> Result<(), Refusa
 
 fn bind<'a>(m: &mut Matcher<'a>, name: &str, value: &'a Expr) -> Result<(), Refusal> {
     if m.bindings.contains_key(name) {
-        return Err(Refusal::new(Reason::RegionStatementUnsupported, format!("`{name}` is bound twice in the region")));
+        return Err(Refusal::new(
+            Reason::RegionStatementUnsupported,
+            format!("`{name}` is bound twice in the region"),
+        ));
     }
     let mut text = m.text(value);
     if value_needs_parens(value) {
@@ -401,22 +520,40 @@ fn conditional_transform<'a>(
 ) -> Result<(), Refusal> {
     let logits = m.logits.clone();
     let fail = |m: &Matcher<'a>| {
-        let (reason, what) = touch(stmt, &logits).unwrap_or((Reason::LogitsReadBeforeLoss, "reads the logits"));
-        Refusal::new(reason, format!("`{}` {what} before the loss", first_line(m.src, stmt)))
+        let (reason, what) =
+            touch(stmt, &logits).unwrap_or((Reason::LogitsReadBeforeLoss, "reads the logits"));
+        Refusal::new(
+            reason,
+            format!("`{}` {what} before the loss", first_line(m.src, stmt)),
+        )
     };
     if expr_mentions(&s.test, &logits) {
         return Err(fail(m));
     }
     let Some(subject) = is_not_none_test(&s.test) else {
-        return Err(body_or(m, s, stmt, Reason::TransformUnsupported, "a transform under a condition other than `X is not None`"));
+        return Err(body_or(
+            m,
+            s,
+            stmt,
+            Reason::TransformUnsupported,
+            "a transform under a condition other than `X is not None`",
+        ));
     };
     if !s.elif_else_clauses.is_empty() {
-        return Err(body_or(m, s, stmt, Reason::TransformUnsupported, "a conditional transform with an else branch"));
+        return Err(body_or(
+            m,
+            s,
+            stmt,
+            Reason::TransformUnsupported,
+            "a conditional transform with an else branch",
+        ));
     }
     // The walrus form binds the name the body uses.
     let subject: &'a Expr = match subject {
         Expr::Named(named) => {
-            let Expr::Name(target) = &*named.target else { return Err(fail(m)) };
+            let Expr::Name(target) = &*named.target else {
+                return Err(fail(m));
+            };
             bind(m, target.id.as_str(), &named.value)?;
             &named.target
         }
@@ -430,7 +567,10 @@ fn conditional_transform<'a>(
     let mut inner: Vec<Step<'a>> = Vec::new();
     for body_stmt in &s.body {
         match body_stmt {
-            Stmt::Assign(a) if a.targets.len() == 1 && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) => {
+            Stmt::Assign(a)
+                if a.targets.len() == 1
+                    && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) =>
+            {
                 if m.decompose_logits(&a.value, &mut inner).is_err() {
                     return Err(fail(m));
                 }
@@ -440,8 +580,15 @@ fn conditional_transform<'a>(
                     && matches!(a.op, Operator::Mult | Operator::Div)
                     && !expr_mentions(&a.value, &logits) =>
             {
-                let operand = Operand { expr: &a.value, text: m.text(&a.value) };
-                inner.push(if a.op == Operator::Mult { Step::Mul(operand) } else { Step::Div(operand) });
+                let operand = Operand {
+                    expr: &a.value,
+                    text: m.text(&a.value),
+                };
+                inner.push(if a.op == Operator::Mult {
+                    Step::Mul(operand)
+                } else {
+                    Step::Div(operand)
+                });
             }
             _ => return Err(fail(m)),
         }
@@ -450,7 +597,11 @@ fn conditional_transform<'a>(
     let [transform] = reduced.as_slice() else {
         return Err(Refusal::new(
             Reason::TransformUnsupported,
-            format!("`{}` applies {} transforms under one condition", first_line(m.src, stmt), reduced.len()),
+            format!(
+                "`{}` applies {} transforms under one condition",
+                first_line(m.src, stmt),
+                reduced.len()
+            ),
         ));
     };
     // The operand must be the tested value, so that None means "off" in both.
@@ -470,12 +621,21 @@ fn conditional_transform<'a>(
     Ok(())
 }
 
-fn body_or(m: &Matcher<'_>, _s: &ruff_python_ast::StmtIf, stmt: &Stmt, reason: Reason, what: &str) -> Refusal {
+fn body_or(
+    m: &Matcher<'_>,
+    _s: &ruff_python_ast::StmtIf,
+    stmt: &Stmt,
+    reason: Reason,
+    what: &str,
+) -> Refusal {
     match touch(stmt, &m.logits) {
         Some((r @ (Reason::LogitsRebound | Reason::LogitsMutated | Reason::LogitsAliased), w))
             if !only_transform_statements(stmt, &m.logits) =>
         {
-            Refusal::new(r, format!("`{}` {w} before the loss", first_line(m.src, stmt)))
+            Refusal::new(
+                r,
+                format!("`{}` {w} before the loss", first_line(m.src, stmt)),
+            )
         }
         _ => Refusal::new(reason, format!("`{}`: {what}", first_line(m.src, stmt))),
     }
@@ -488,15 +648,20 @@ fn only_transform_statements(stmt: &Stmt, logits: &str) -> bool {
     walk_statements(std::slice::from_ref(stmt), &mut statements);
     statements.iter().skip(1).all(|s| match s {
         Stmt::Assign(a) => {
-            a.targets.len() == 1 && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) && {
-                let mut steps = Vec::new();
-                let is_leaf = |e: &Expr| matches!(e, Expr::Name(n) if n.id.as_str() == logits);
-                let contains = |e: &Expr| expr_mentions(e, logits);
-                let text = |_: &Expr| String::new();
-                decompose(&a.value, &is_leaf, &contains, &text, &mut steps).is_ok()
-            }
+            a.targets.len() == 1
+                && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits)
+                && {
+                    let mut steps = Vec::new();
+                    let is_leaf = |e: &Expr| matches!(e, Expr::Name(n) if n.id.as_str() == logits);
+                    let contains = |e: &Expr| expr_mentions(e, logits);
+                    let text = |_: &Expr| String::new();
+                    decompose(&a.value, &is_leaf, &contains, &text, &mut steps).is_ok()
+                }
         }
-        Stmt::AugAssign(a) => matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits) && matches!(a.op, Operator::Mult | Operator::Div),
+        Stmt::AugAssign(a) => {
+            matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits)
+                && matches!(a.op, Operator::Mult | Operator::Div)
+        }
         _ => false,
     })
 }
@@ -510,53 +675,118 @@ fn check_after(
     logits: &str,
     loss_target: &str,
     bindings: &HashMap<String, Binding>,
+    moves_labels: bool,
 ) -> Result<(), Refusal> {
     let mut statements = Vec::new();
     walk_statements(&def.body, &mut statements);
-    let after: Vec<&Stmt> = statements.into_iter().filter(|s| s.start().to_usize() >= region_end).collect();
+    let after: Vec<&Stmt> = statements
+        .into_iter()
+        .filter(|s| s.start().to_usize() >= region_end)
+        .collect();
     for (i, stmt) in after.iter().enumerate() {
         let header = header_names(stmt);
         for name in &header {
-            if name.ctx.is_load() && bindings.contains_key(name.id.as_str()) && name.id.as_str() != loss_target {
+            if name.ctx.is_load()
+                && bindings.contains_key(name.id.as_str())
+                && name.id.as_str() != loss_target
+            {
                 return Err(Refusal::new(
                     Reason::RegionStatementUnsupported,
-                    format!("`{}` is bound between the head call and the loss and used at line {}", name.id, src.line_of(name.start().to_usize())),
+                    format!(
+                        "`{}` is bound between the head call and the loss and used at line {}",
+                        name.id,
+                        src.line_of(name.start().to_usize())
+                    ),
                 ));
             }
         }
-        let reads_logits = header.iter().any(|n| n.ctx.is_load() && n.id.as_str() == logits);
+        if moves_labels && header.iter().any(|n| n.id.as_str() == "labels") {
+            return Err(Refusal::new(
+                Reason::LabelsNotPlain,
+                format!(
+                    "`labels` is moved to the logits' device in the labels branch and used again at line {}",
+                    src.line_of(stmt.start().to_usize())
+                ),
+            ));
+        }
+        let reads_logits = header
+            .iter()
+            .any(|n| n.ctx.is_load() && n.id.as_str() == logits);
         if !reads_logits {
             continue;
         }
         let line = src.line_of(stmt.start().to_usize());
         match stmt {
-            Stmt::Return(r) if r.value.as_deref().is_none_or(|v| returned_plainly(v, logits, true)) => {}
+            Stmt::Return(r)
+                if r.value
+                    .as_deref()
+                    .is_none_or(|v| returned_plainly(v, logits, true)) => {}
             Stmt::Assign(a)
                 if a.targets.len() == 1
                     && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() != logits)
                     && returned_plainly(&a.value, logits, false) =>
             {
-                let Expr::Name(alias) = &a.targets[0] else { unreachable!() };
+                let Expr::Name(alias) = &a.targets[0] else {
+                    unreachable!()
+                };
+                // The tuple may be re-wrapped (`output = (aux_loss,) + output`) before it is returned.
+                let alias_name = alias.id.as_str();
                 let only_returned = after[i + 1..].iter().all(|later| {
-                    let uses = header_names(later).into_iter().any(|n| n.id == alias.id);
-                    !uses || matches!(later, Stmt::Return(_))
+                    let uses = header_names(later)
+                        .into_iter()
+                        .any(|n| n.id == alias.id && n.ctx.is_load());
+                    !uses
+                        || match later {
+                            Stmt::Return(r) => r.value.as_deref().is_none_or(|v| {
+                                returned_plainly(v, alias_name, true)
+                                    || tuple_returned(v, alias_name)
+                            }),
+                            Stmt::Assign(a) => {
+                                matches!(a.targets.as_slice(), [Expr::Name(n)] if n.id == alias.id)
+                                    && tuple_returned(&a.value, alias_name)
+                            }
+                            _ => false,
+                        }
                 });
                 if !only_returned {
                     return Err(Refusal::new(
                         Reason::LogitsReadAfterLoss,
-                        format!("`{}` (line {line}) keeps the logits for something else than returning them", alias.id),
+                        format!(
+                            "`{}` (line {line}) keeps the logits for something else than returning them",
+                            alias.id
+                        ),
                     ));
                 }
             }
             _ => {
                 return Err(Refusal::new(
                     Reason::LogitsReadAfterLoss,
-                    format!("`{}` (line {line}) reads the logits after the loss", first_line(src, *stmt)),
+                    format!(
+                        "`{}` (line {line}) reads the logits after the loss",
+                        first_line(src, *stmt)
+                    ),
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// Whether a tuple holding the logits is only concatenated with other tuples or handed back.
+fn tuple_returned(expr: &Expr, alias: &str) -> bool {
+    match expr {
+        Expr::Name(_) => true,
+        Expr::Tuple(t) => t.elts.iter().all(|e| tuple_returned(e, alias)),
+        Expr::BinOp(b) if b.op == Operator::Add => {
+            tuple_returned(&b.left, alias) && tuple_returned(&b.right, alias)
+        }
+        Expr::If(i) => {
+            !expr_mentions(&i.test, alias)
+                && tuple_returned(&i.body, alias)
+                && tuple_returned(&i.orelse, alias)
+        }
+        other => !expr_mentions(other, alias),
+    }
 }
 
 /// Whether the logits appear in `expr` only as a value handed back as is: the whole
@@ -568,17 +798,26 @@ fn returned_plainly(expr: &Expr, logits: &str, direct: bool) -> bool {
         Expr::Tuple(t) => t.elts.iter().all(|e| returned_plainly(e, logits, true)),
         Expr::Call(c) => {
             // An output dataclass: `CausalLMOutputWithPast(loss=loss, logits=logits, ...)`.
-            let constructs_class = callee_last_name(&c.func).is_some_and(|n| n.starts_with(|ch: char| ch.is_ascii_uppercase()));
+            let constructs_class = callee_last_name(&c.func)
+                .is_some_and(|n| n.starts_with(|ch: char| ch.is_ascii_uppercase()));
             constructs_class
                 && !expr_mentions(&c.func, logits)
-                && c.arguments.args.iter().all(|e| returned_plainly(e, logits, true))
-                && c.arguments.keywords.iter().all(|k| returned_plainly(&k.value, logits, true))
+                && c.arguments
+                    .args
+                    .iter()
+                    .all(|e| returned_plainly(e, logits, true))
+                && c.arguments
+                    .keywords
+                    .iter()
+                    .all(|k| returned_plainly(&k.value, logits, true))
         }
         Expr::BinOp(b) if b.op == Operator::Add => {
             returned_plainly(&b.left, logits, false) && returned_plainly(&b.right, logits, false)
         }
         Expr::If(i) => {
-            !expr_mentions(&i.test, logits) && returned_plainly(&i.body, logits, direct) && returned_plainly(&i.orelse, logits, direct)
+            !expr_mentions(&i.test, logits)
+                && returned_plainly(&i.body, logits, direct)
+                && returned_plainly(&i.orelse, logits, direct)
         }
         Expr::Starred(s) => returned_plainly(&s.value, logits, false),
         other => !expr_mentions(other, logits),
@@ -595,7 +834,11 @@ fn header_names(stmt: &Stmt) -> Vec<&ExprName> {
         }
         Stmt::For(s) => vec![&*s.target, &*s.iter],
         Stmt::While(s) => vec![&*s.test],
-        Stmt::With(s) => s.items.iter().flat_map(|i| std::iter::once(&i.context_expr).chain(i.optional_vars.as_deref())).collect(),
+        Stmt::With(s) => s
+            .items
+            .iter()
+            .flat_map(|i| std::iter::once(&i.context_expr).chain(i.optional_vars.as_deref()))
+            .collect(),
         Stmt::Match(s) => vec![&*s.subject],
         Stmt::Try(_) => vec![],
         Stmt::FunctionDef(_) | Stmt::ClassDef(_) => return names_in_stmt(stmt),

@@ -8,14 +8,23 @@ use ruff_python_ast::{Expr, ExprCall, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::reason::Reason;
-use crate::syntax::{calls_in_stmt, dotted_name, is_not_none_test, names_in_stmt, self_attribute, statement_path};
+use crate::syntax::{
+    calls_in_stmt, dotted_name, is_not_none_test, names_in_stmt, self_attribute, statement_path,
+};
 
 use super::Refusal;
 
 /// The keywords of `ForCausalLMLoss` that the fused op forwards when given explicitly.
 pub const LOSS_KEYWORDS: [&str; 3] = ["num_items_in_batch", "ignore_index", "shift_labels"];
 /// `ForCausalLMLoss`'s positional order.
-const POSITIONAL: [&str; 6] = ["logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"];
+const POSITIONAL: [&str; 6] = [
+    "logits",
+    "labels",
+    "vocab_size",
+    "num_items_in_batch",
+    "ignore_index",
+    "shift_labels",
+];
 
 pub struct LossSite<'a> {
     /// The block holding the `if labels is not None:` statement, and its index there.
@@ -25,6 +34,57 @@ pub struct LossSite<'a> {
     /// `loss` in `loss = self.loss_function(...)`.
     pub target: String,
     pub args: LossArgs<'a>,
+    /// The labels branch starts with `labels = labels.to(x.device)` (the fused branch skips
+    /// it, so `labels` must not be read after the region).
+    pub moves_labels: bool,
+}
+
+/// Statements the 4.57-era labels branches put before the loss call that do not change
+/// the loss: moving the labels to the logits' device (`ForCausalLMLoss` moves them again)
+/// and upcasting the logits (`ForCausalLMLoss` upcasts them again).
+enum Prelude {
+    MovesLabels,
+    Upcast,
+}
+
+fn benign_prelude(stmt: &Stmt, logits: &str) -> Option<Prelude> {
+    let Stmt::Assign(assign) = stmt else {
+        return None;
+    };
+    let [Expr::Name(target)] = assign.targets.as_slice() else {
+        return None;
+    };
+    let Expr::Call(call) = &*assign.value else {
+        return None;
+    };
+    let Expr::Attribute(method) = &*call.func else {
+        return None;
+    };
+    let receiver_is = |name: &str| matches!(&*method.value, Expr::Name(n) if n.id.as_str() == name);
+    let no_keywords = call.arguments.keywords.is_empty();
+    match (target.id.as_str(), method.attr.as_str()) {
+        ("labels", "to")
+            if receiver_is("labels") && no_keywords && call.arguments.args.len() == 1 =>
+        {
+            match &call.arguments.args[0] {
+                Expr::Attribute(device)
+                    if device.attr.as_str() == "device" && dotted_name(&device.value).is_some() =>
+                {
+                    Some(Prelude::MovesLabels)
+                }
+                _ => None,
+            }
+        }
+        (name, "float")
+            if name == logits
+                && receiver_is(logits)
+                && no_keywords
+                && call.arguments.args.is_empty() =>
+        {
+            Some(Prelude::Upcast)
+        }
+        _ => None,
+    }
 }
 
 pub struct LossArgs<'a> {
@@ -41,8 +101,12 @@ fn is_loss_call(call: &ExprCall) -> bool {
 }
 
 pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refusal> {
-    let calls: Vec<&ExprCall> =
-        def.body.iter().flat_map(calls_in_stmt).filter(|call| is_loss_call(call)).collect();
+    let calls: Vec<&ExprCall> = def
+        .body
+        .iter()
+        .flat_map(calls_in_stmt)
+        .filter(|call| is_loss_call(call))
+        .collect();
     let call = match calls.as_slice() {
         [] => return Err(classify_without_loss_call(def)),
         [call] => *call,
@@ -55,14 +119,24 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
     };
     let path = statement_path(&def.body, call.range());
     let Some(&(block, index)) = path.last() else {
-        return Err(Refusal::new(Reason::CustomLoss, "the loss call is not in a statement of the forward"));
+        return Err(Refusal::new(
+            Reason::CustomLoss,
+            "the loss call is not in a statement of the forward",
+        ));
     };
     let stmt = &block[index];
     let target = match stmt {
-        Stmt::Assign(assign) if assign.value.range() == call.range() && assign.targets.len() == 1 => {
+        Stmt::Assign(assign)
+            if assign.value.range() == call.range() && assign.targets.len() == 1 =>
+        {
             match &assign.targets[0] {
                 Expr::Name(name) => name.id.to_string(),
-                _ => return Err(Refusal::new(Reason::CustomLoss, "the loss is assigned to something else than a name")),
+                _ => {
+                    return Err(Refusal::new(
+                        Reason::CustomLoss,
+                        "the loss is assigned to something else than a name",
+                    ));
+                }
             }
         }
         _ => {
@@ -73,54 +147,136 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
         }
     };
     if path.len() < 2 {
-        return Err(Refusal::new(Reason::CustomLoss, "the loss is computed without an `if labels is not None:` guard"));
+        return Err(Refusal::new(
+            Reason::CustomLoss,
+            "the loss is computed without an `if labels is not None:` guard",
+        ));
     }
     let (parent_block, parent_index) = path[path.len() - 2];
     let Stmt::If(labels_if) = &parent_block[parent_index] else {
-        return Err(Refusal::new(Reason::CustomLoss, "the loss call is not directly under an `if labels is not None:`"));
+        return Err(Refusal::new(
+            Reason::CustomLoss,
+            "the loss call is not directly under an `if labels is not None:`",
+        ));
     };
     if !labels_if.body.iter().any(|s| s.range() == stmt.range()) {
-        return Err(Refusal::new(Reason::CustomLoss, "the loss call is in an elif/else branch"));
+        return Err(Refusal::new(
+            Reason::CustomLoss,
+            "the loss call is in an elif/else branch",
+        ));
     }
     match is_not_none_test(&labels_if.test) {
         Some(Expr::Name(name)) if name.id.as_str() == "labels" => {}
         Some(other) => {
             return Err(Refusal::new(
                 Reason::LabelsNotPlain,
-                format!("the loss branch tests `{}`, not `labels`", crate::syntax::dotted_name(other).unwrap_or_default()),
+                format!(
+                    "the loss branch tests `{}`, not `labels`",
+                    crate::syntax::dotted_name(other).unwrap_or_default()
+                ),
             ));
         }
         None => {
-            return Err(Refusal::new(Reason::CustomLoss, "the loss call is under a condition other than `labels is not None`"));
+            return Err(Refusal::new(
+                Reason::CustomLoss,
+                "the loss call is under a condition other than `labels is not None`",
+            ));
         }
     }
     for &(ancestor_block, ancestor_index) in &path[..path.len() - 2] {
-        if matches!(ancestor_block[ancestor_index], Stmt::For(_) | Stmt::While(_)) {
-            return Err(Refusal::new(Reason::CustomLoss, "the loss is computed inside a loop"));
+        if matches!(
+            ancestor_block[ancestor_index],
+            Stmt::For(_) | Stmt::While(_)
+        ) {
+            return Err(Refusal::new(
+                Reason::CustomLoss,
+                "the loss is computed inside a loop",
+            ));
         }
     }
     if !labels_if.elif_else_clauses.is_empty() {
-        return Err(Refusal::new(Reason::ElseBranch, "`if labels is not None:` has an else/elif branch"));
-    }
-    if labels_if.body.len() != 1 {
         return Err(Refusal::new(
-            Reason::LabelsBranchExtra,
-            format!("the labels branch holds {} statements besides the loss call", labels_if.body.len() - 1),
+            Reason::ElseBranch,
+            "`if labels is not None:` has an else/elif branch",
         ));
     }
-    check_labels_parameter(def)?;
     let args = parse_loss_args(call)?;
-    Ok(LossSite { block: parent_block, if_index: parent_index, labels_if, target, args })
+    let Expr::Name(logits) = args.logits else {
+        unreachable!("checked by parse_loss_args")
+    };
+    let loss_position = labels_if
+        .body
+        .iter()
+        .position(|s| s.range() == stmt.range())
+        .expect("checked above");
+    if loss_position + 1 != labels_if.body.len() {
+        return Err(Refusal::new(
+            Reason::LabelsBranchExtra,
+            format!(
+                "the labels branch holds {} statements after the loss call",
+                labels_if.body.len() - loss_position - 1
+            ),
+        ));
+    }
+    let mut moves_labels = false;
+    for prelude in &labels_if.body[..loss_position] {
+        match benign_prelude(prelude, logits.id.as_str()) {
+            Some(Prelude::MovesLabels) => moves_labels = true,
+            Some(Prelude::Upcast) => {}
+            None => {
+                return Err(Refusal::new(
+                    Reason::LabelsBranchExtra,
+                    format!(
+                        "the labels branch holds {} statements besides the loss call",
+                        labels_if.body.len() - 1
+                    ),
+                ));
+            }
+        }
+    }
+    check_labels_parameter(def, &labels_if.body[..loss_position])?;
+    Ok(LossSite {
+        block: parent_block,
+        if_index: parent_index,
+        labels_if,
+        target,
+        args,
+        moves_labels,
+    })
 }
 
-/// `labels` must be a parameter of the forward and never rebound in it.
-fn check_labels_parameter(def: &StmtFunctionDef) -> Result<(), Refusal> {
+/// `labels` must be a parameter of the forward and never rebound in it (except by the
+/// benign device move of the labels branch).
+fn check_labels_parameter(def: &StmtFunctionDef, preludes: &[Stmt]) -> Result<(), Refusal> {
     if !def.parameters.iter().any(|p| p.name().as_str() == "labels") {
-        return Err(Refusal::new(Reason::LabelsNotPlain, "the forward has no `labels` parameter"));
+        return Err(Refusal::new(
+            Reason::LabelsNotPlain,
+            "the forward has no `labels` parameter",
+        ));
     }
-    for stmt in &def.body {
-        if names_in_stmt(stmt).iter().any(|n| n.id.as_str() == "labels" && !n.ctx.is_load()) {
-            return Err(Refusal::new(Reason::LabelsNotPlain, "`labels` is rebound inside the forward"));
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(&def.body, &mut statements);
+    for stmt in statements {
+        if preludes.iter().any(|p| p.range() == stmt.range()) {
+            continue;
+        }
+        let own_names: Vec<_> = match stmt {
+            Stmt::If(_)
+            | Stmt::For(_)
+            | Stmt::While(_)
+            | Stmt::With(_)
+            | Stmt::Try(_)
+            | Stmt::Match(_) => continue,
+            _ => names_in_stmt(stmt),
+        };
+        if own_names
+            .iter()
+            .any(|n| n.id.as_str() == "labels" && !n.ctx.is_load())
+        {
+            return Err(Refusal::new(
+                Reason::LabelsNotPlain,
+                "`labels` is rebound inside the forward",
+            ));
         }
     }
     Ok(())
@@ -129,11 +285,17 @@ fn check_labels_parameter(def: &StmtFunctionDef) -> Result<(), Refusal> {
 fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
     let mut slots: [Option<&Expr>; 6] = [None; 6];
     if call.arguments.args.len() > POSITIONAL.len() {
-        return Err(Refusal::new(Reason::LossCallUnsupported, "more positional arguments than ForCausalLMLoss takes"));
+        return Err(Refusal::new(
+            Reason::LossCallUnsupported,
+            "more positional arguments than ForCausalLMLoss takes",
+        ));
     }
     for (slot, arg) in slots.iter_mut().zip(call.arguments.args.iter()) {
         if arg.is_starred_expr() {
-            return Err(Refusal::new(Reason::LossCallUnsupported, "`*args` in the loss call"));
+            return Err(Refusal::new(
+                Reason::LossCallUnsupported,
+                "`*args` in the loss call",
+            ));
         }
         *slot = Some(arg);
     }
@@ -141,7 +303,10 @@ fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
     for keyword in &call.arguments.keywords {
         let Some(name) = &keyword.arg else {
             if !matches!(keyword.value, Expr::Name(_)) {
-                return Err(Refusal::new(Reason::LossCallUnsupported, "`**` of an expression in the loss call"));
+                return Err(Refusal::new(
+                    Reason::LossCallUnsupported,
+                    "`**` of an expression in the loss call",
+                ));
             }
             splats.push(&keyword.value);
             continue;
@@ -149,28 +314,52 @@ fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
         let Some(position) = POSITIONAL.iter().position(|p| *p == name.as_str()) else {
             return Err(Refusal::new(
                 Reason::LossKwargUnsupported,
-                format!("loss keyword `{}` is not read by ForCausalLMLoss", name.as_str()),
+                format!(
+                    "loss keyword `{}` is not read by ForCausalLMLoss",
+                    name.as_str()
+                ),
             ));
         };
         if slots[position].replace(&keyword.value).is_some() {
-            return Err(Refusal::new(Reason::LossCallUnsupported, format!("`{}` given twice", name.as_str())));
+            return Err(Refusal::new(
+                Reason::LossCallUnsupported,
+                format!("`{}` given twice", name.as_str()),
+            ));
         }
     }
     let (Some(logits), Some(labels), Some(vocab_size)) = (slots[0], slots[1], slots[2]) else {
-        return Err(Refusal::new(Reason::LossCallUnsupported, "the loss call lacks logits, labels or vocab_size"));
+        return Err(Refusal::new(
+            Reason::LossCallUnsupported,
+            "the loss call lacks logits, labels or vocab_size",
+        ));
     };
     match labels {
         Expr::Name(name) if name.id.as_str() == "labels" => {}
         other => {
             let text = dotted_name(other).unwrap_or_else(|| "an expression".to_string());
-            return Err(Refusal::new(Reason::LabelsNotPlain, format!("the loss gets labels={text}")));
+            return Err(Refusal::new(
+                Reason::LabelsNotPlain,
+                format!("the loss gets labels={text}"),
+            ));
         }
     }
     if !matches!(logits, Expr::Name(_)) {
-        return Err(Refusal::new(Reason::LossCallUnsupported, "the logits argument is an expression, not a name"));
+        return Err(Refusal::new(
+            Reason::LossCallUnsupported,
+            "the logits argument is an expression, not a name",
+        ));
     }
-    let explicit = LOSS_KEYWORDS.iter().zip(&slots[3..]).filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
-    Ok(LossArgs { logits, vocab_size, explicit, splats })
+    let explicit = LOSS_KEYWORDS
+        .iter()
+        .zip(&slots[3..])
+        .filter_map(|(k, v)| v.map(|v| (*k, v)))
+        .collect();
+    Ok(LossArgs {
+        logits,
+        vocab_size,
+        explicit,
+        splats,
+    })
 }
 
 /// The forward never calls `self.loss_function`: say what it does instead.
@@ -178,12 +367,17 @@ fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
     let calls: Vec<&ExprCall> = def.body.iter().flat_map(calls_in_stmt).collect();
     let cross_entropy = calls.iter().any(|call| {
         dotted_name(&call.func).is_some_and(|name| {
-            name.ends_with("CrossEntropyLoss") || name.ends_with("cross_entropy") || name == "loss_fct"
+            name.ends_with("CrossEntropyLoss")
+                || name.ends_with("cross_entropy")
+                || name == "loss_fct"
         })
     });
     if cross_entropy {
         if shifts_labels(def) {
-            return Refusal::new(Reason::CustomLoss, "a hand-written shifted CrossEntropyLoss instead of self.loss_function");
+            return Refusal::new(
+                Reason::CustomLoss,
+                "a hand-written shifted CrossEntropyLoss instead of self.loss_function",
+            );
         }
         return Refusal::new(
             Reason::Seq2seqLoss,
@@ -196,8 +390,14 @@ fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
         _ => None,
     });
     match other_loss {
-        Some(name) => Refusal::new(Reason::CustomLoss, format!("the loss is computed by {name}(...)")),
-        None => Refusal::new(Reason::NoLossCall, "the forward computes no loss with self.loss_function"),
+        Some(name) => Refusal::new(
+            Reason::CustomLoss,
+            format!("the loss is computed by {name}(...)"),
+        ),
+        None => Refusal::new(
+            Reason::NoLossCall,
+            "the forward computes no loss with self.loss_function",
+        ),
     }
 }
 
@@ -222,7 +422,10 @@ fn shifts_labels(def: &StmtFunctionDef) -> bool {
     let mut found = false;
     for stmt in &def.body {
         crate::syntax::for_each_subscript(stmt, &mut |sub| {
-            if has_shift_slice(&sub.slice) {
+            let shifted_value = crate::syntax::names_in_expr(&sub.value)
+                .iter()
+                .any(|n| n.id.as_str().contains("labels") || n.id.as_str().contains("logits"));
+            if shifted_value && has_shift_slice(&sub.slice) {
                 found = true;
             }
         });

@@ -28,8 +28,13 @@ pub struct Operand<'a> {
     pub text: String,
 }
 
-const TANH_FUNCTIONS: [&str; 5] =
-    ["torch.tanh", "nn.functional.tanh", "torch.nn.functional.tanh", "F.tanh", "torch.nn.functional.tanh"];
+const TANH_FUNCTIONS: [&str; 5] = [
+    "torch.tanh",
+    "nn.functional.tanh",
+    "torch.nn.functional.tanh",
+    "F.tanh",
+    "torch.nn.functional.tanh",
+];
 
 /// Decompose `expr` into steps applied to a leaf (`is_leaf`): the head call or the logits
 /// name. Returns the leaf. `contains_leaf` says whether a subexpression holds the leaf.
@@ -64,7 +69,13 @@ pub fn decompose<'a>(
                 && call.arguments.keywords.is_empty()
                 && !call.arguments.args[0].is_starred_expr()
             {
-                let leaf = decompose(&call.arguments.args[0], is_leaf, contains_leaf, operand_text, steps)?;
+                let leaf = decompose(
+                    &call.arguments.args[0],
+                    is_leaf,
+                    contains_leaf,
+                    operand_text,
+                    steps,
+                )?;
                 steps.push(Step::Tanh);
                 return Ok(leaf);
             }
@@ -78,7 +89,10 @@ pub fn decompose<'a>(
                 _ => return Err("a product that is not logits times a scale".to_string()),
             };
             let leaf = decompose(inner, is_leaf, contains_leaf, operand_text, steps)?;
-            steps.push(Step::Mul(Operand { expr: scale, text: operand_text(scale) }));
+            steps.push(Step::Mul(Operand {
+                expr: scale,
+                text: operand_text(scale),
+            }));
             Ok(leaf)
         }
         Expr::BinOp(binop) if binop.op == Operator::Div => {
@@ -86,7 +100,10 @@ pub fn decompose<'a>(
                 return Err("a division that is not logits divided by a scale".to_string());
             }
             let leaf = decompose(&binop.left, is_leaf, contains_leaf, operand_text, steps)?;
-            steps.push(Step::Div(Operand { expr: &binop.right, text: operand_text(&binop.right) }));
+            steps.push(Step::Div(Operand {
+                expr: &binop.right,
+                text: operand_text(&binop.right),
+            }));
             Ok(leaf)
         }
         Expr::BinOp(binop) => Err(format!("operator `{}` on the logits", binop.op.as_str())),
@@ -105,17 +122,30 @@ pub fn reduce(steps: &[Step<'_>]) -> Result<Vec<Transform>, Refusal> {
     let mut transforms: Vec<Transform> = Vec::new();
     let mut i = 0;
     while i < steps.len() {
-        if let (Step::Div(x), Some(Step::Tanh), Some(Step::Mul(y))) = (&steps[i], steps.get(i + 1), steps.get(i + 2))
+        if let (Step::Div(x), Some(Step::Tanh), Some(Step::Mul(y))) =
+            (&steps[i], steps.get(i + 1), steps.get(i + 2))
             && same(x.expr, y.expr)
         {
-            transforms.push(Transform { kind: TransformKind::Softcap, expr: x.text.clone() });
+            transforms.push(Transform {
+                kind: TransformKind::Softcap,
+                expr: x.text.clone(),
+            });
             i += 3;
             continue;
         }
         match &steps[i] {
-            Step::Mul(x) => transforms.push(Transform { kind: TransformKind::ScaleMultiply, expr: x.text.clone() }),
-            Step::Div(x) => transforms.push(Transform { kind: TransformKind::ScaleDivide, expr: x.text.clone() }),
-            Step::Lowered(kind, text) => transforms.push(Transform { kind: *kind, expr: text.clone() }),
+            Step::Mul(x) => transforms.push(Transform {
+                kind: TransformKind::ScaleMultiply,
+                expr: x.text.clone(),
+            }),
+            Step::Div(x) => transforms.push(Transform {
+                kind: TransformKind::ScaleDivide,
+                expr: x.text.clone(),
+            }),
+            Step::Lowered(kind, text) => transforms.push(Transform {
+                kind: *kind,
+                expr: text.clone(),
+            }),
             Step::Tanh => {
                 return Err(Refusal::new(
                     Reason::TransformUnsupported,
@@ -161,12 +191,17 @@ mod tests {
     }
 
     fn kinds(ts: &[Transform]) -> Vec<(&'static str, &str)> {
-        ts.iter().map(|t| (t.kind.name(), t.expr.as_str())).collect()
+        ts.iter()
+            .map(|t| (t.kind.name(), t.expr.as_str()))
+            .collect()
     }
 
     #[test]
     fn three_statement_softcap() {
-        let t = steps_of("logits = logits / c.cap\nlogits = torch.tanh(logits)\nlogits = logits * c.cap\n").unwrap();
+        let t = steps_of(
+            "logits = logits / c.cap\nlogits = torch.tanh(logits)\nlogits = logits * c.cap\n",
+        )
+        .unwrap();
         assert_eq!(kinds(&t), [("softcap", "c.cap")]);
     }
 
@@ -179,7 +214,11 @@ mod tests {
             "logits = (logits / cap).tanh() * cap\n",
             "logits = torch.tanh(logits.float() / cap) * cap\n",
         ] {
-            assert_eq!(kinds(&steps_of(src).unwrap()), [("softcap", "cap")], "{src}");
+            assert_eq!(
+                kinds(&steps_of(src).unwrap()),
+                [("softcap", "cap")],
+                "{src}"
+            );
         }
     }
 
@@ -190,8 +229,14 @@ mod tests {
         let t = steps_of("logits = logits * m\nlogits = logits / c\nlogits = torch.tanh(logits)\nlogits = logits * c\n")
             .unwrap();
         assert_eq!(kinds(&t), [("scale_multiply", "m"), ("softcap", "c")]);
-        assert_eq!(steps_of("logits = logits / d\nlogits = logits * s\n").unwrap_err(), "transform-order");
-        assert_eq!(steps_of("logits = logits * a\nlogits = logits * b\n").unwrap_err(), "transform-order");
+        assert_eq!(
+            steps_of("logits = logits / d\nlogits = logits * s\n").unwrap_err(),
+            "transform-order"
+        );
+        assert_eq!(
+            steps_of("logits = logits * a\nlogits = logits * b\n").unwrap_err(),
+            "transform-order"
+        );
         assert_eq!(
             steps_of("logits = torch.tanh(logits / c) * c\nlogits = logits * s\n").unwrap_err(),
             "transform-order"
@@ -200,8 +245,14 @@ mod tests {
 
     #[test]
     fn unsupported_shapes() {
-        assert_eq!(steps_of("logits = torch.tanh(logits)\n").unwrap_err(), "transform-unsupported");
-        assert_eq!(steps_of("logits = torch.tanh(logits / a) * b\n").unwrap_err(), "transform-unsupported");
+        assert_eq!(
+            steps_of("logits = torch.tanh(logits)\n").unwrap_err(),
+            "transform-unsupported"
+        );
+        assert_eq!(
+            steps_of("logits = torch.tanh(logits / a) * b\n").unwrap_err(),
+            "transform-unsupported"
+        );
         assert!(steps_of("logits = logits + b\n").is_err());
         assert!(steps_of("logits = logits[..., :10]\n").is_err());
         assert!(steps_of("logits = logits * logits\n").is_err());
