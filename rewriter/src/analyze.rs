@@ -55,6 +55,7 @@ pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassRepor
             forward_sha256: None,
             forward_owner: None,
             forward_module: None,
+            forward_path: None,
             forward_line: None,
             head: None,
             head_bias: None,
@@ -95,6 +96,7 @@ impl ClassReport {
             forward_sha256: None,
             forward_owner: None,
             forward_module: None,
+            forward_path: None,
             forward_line: None,
             head: None,
             head_bias: None,
@@ -126,6 +128,14 @@ impl ClassReport {
             );
         }
     }
+}
+
+/// The source of the forward the most-derived class of `chain` runs, as contract 2 hashes
+/// it (dedented, one final newline); None when no class of the chain defines one or a
+/// source does not parse.
+pub fn forward_source(chain: &[ClassSource]) -> Option<String> {
+    let parsed: Vec<ParsedClass> = chain.iter().map(ParsedClass::parse).collect::<Result<_, _>>().ok()?;
+    fused_loss::forward_text(&parsed).map(|text| crate::hash::normalise(&text))
 }
 
 /// A class source parsed on its own. An indented class block is parsed inside an

@@ -75,6 +75,8 @@ pub struct ClassReport {
     pub forward_owner: Option<String>,
     /// The module that defines that forward: a patch must be executed in its namespace.
     pub forward_module: Option<String>,
+    /// The file of that module (as reported, like `path`).
+    pub forward_path: Option<String>,
     /// 1-based line of the forward's first decorator (or `def`) in the owner's file.
     pub forward_line: Option<u32>,
     /// The head attribute called on the hidden states (`lm_head`), when found.

@@ -15,7 +15,7 @@ pub mod reason;
 pub mod scan;
 pub mod syntax;
 
-pub use analyze::{ClassSource, LossResolution, analyze_class};
+pub use analyze::{ClassSource, LossResolution, analyze_class, forward_source};
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;
 

@@ -99,6 +99,7 @@ fn run(
     report.forward_sha256 = Some(forward_sha256(&src.text[forward.clone()]));
     report.forward_owner = Some(owner.source.qualname.clone());
     report.forward_module = Some(owner.source.module.clone());
+    report.forward_path = Some(owner.source.path.clone());
     report.forward_line = Some(owner.file_line(forward.start));
 
     if is_already_patched(def) {
@@ -125,6 +126,12 @@ fn run(
     report.detail = String::new();
     report.patched_forward = Some(patched);
     Ok(())
+}
+
+/// The text of the forward the chain runs (as in the file, not dedented).
+pub(crate) fn forward_text(chain: &[ParsedClass<'_>]) -> Option<String> {
+    let (owner, def) = find_forward(chain).ok()?;
+    Some(owner.parsed.text[forward_range(&owner.parsed, def)].to_string())
 }
 
 /// The forward's text the way `inspect.getsource` returns it: from the line of the first
@@ -308,7 +315,7 @@ fn check_loss_type(chain: &[ParsedClass<'_>], given: &LossResolution) -> Result<
 
 /// Every emitted forward must re-parse as one `def forward` at column 0 and be recognised
 /// as already patched; anything else is a bug of this tool and a `failed` verdict.
-fn verify(patched: &str) -> Result<(), Refusal> {
+pub(crate) fn verify(patched: &str) -> Result<(), Refusal> {
     let parsed = ParsedSource::parse(patched).map_err(|e| {
         Refusal::new(
             Reason::EmitInvalid,
@@ -329,3 +336,6 @@ fn verify(patched: &str) -> Result<(), Refusal> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

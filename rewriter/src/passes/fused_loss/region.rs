@@ -41,16 +41,18 @@ pub struct Region<'a> {
     pub pasted: Vec<&'a Expr>,
 }
 
-/// A name bound by a statement the fused branch skips, with the text of its value.
-struct Binding {
+/// A name bound by a statement the fused branch skips, with its value and its text.
+struct Binding<'a> {
+    value: &'a Expr,
     text: String,
 }
 
 struct Matcher<'a> {
     src: &'a ParsedSource,
     logits: String,
-    bindings: HashMap<String, Binding>,
-    pasted: Vec<&'a Expr>,
+    bindings: HashMap<String, Binding<'a>>,
+    /// Expressions pasted into the fused branch (substituted bindings are added when used).
+    pasted: std::cell::RefCell<Vec<&'a Expr>>,
 }
 
 impl<'a> Matcher<'a> {
@@ -66,8 +68,9 @@ impl<'a> Matcher<'a> {
         names.sort_by_key(|n| std::cmp::Reverse(n.range.start()));
         for name in names {
             let r = name.range.to_std_range();
-            let value = &self.bindings[name.id.as_str()].text;
-            text.replace_range(r.start - range.start..r.end - range.start, value);
+            let binding = &self.bindings[name.id.as_str()];
+            self.pasted.borrow_mut().push(binding.value);
+            text.replace_range(r.start - range.start..r.end - range.start, &binding.text);
         }
         text
     }
@@ -295,7 +298,7 @@ pub fn match_region<'a>(
         src,
         logits: logits.clone(),
         bindings: HashMap::new(),
-        pasted: Vec::new(),
+        pasted: Default::default(),
     };
     let mut steps: Vec<Step<'a>> = Vec::new();
     let head_call = {
@@ -334,11 +337,11 @@ pub fn match_region<'a>(
         ));
     }
     let hidden = &call.arguments.args[0];
-    matcher.pasted.push(hidden);
+    matcher.pasted.borrow_mut().push(hidden);
     // Scale operands of the head statement are evaluated in the fused branch.
     for step in &steps {
         if let Step::Mul(Operand { expr, .. }) | Step::Div(Operand { expr, .. }) = step {
-            matcher.pasted.push(expr);
+            matcher.pasted.borrow_mut().push(expr);
         }
     }
 
@@ -358,7 +361,7 @@ pub fn match_region<'a>(
                 format!("`{name}=` of the loss call reads the logits"),
             ));
         }
-        matcher.pasted.push(expr);
+        matcher.pasted.borrow_mut().push(expr);
     }
     let vocab_size = matcher.text(site.args.vocab_size);
     let explicit = site
@@ -398,7 +401,7 @@ pub fn match_region<'a>(
         vocab_size,
         explicit,
         splats,
-        pasted: matcher.pasted,
+        pasted: matcher.pasted.into_inner(),
     })
 }
 
@@ -430,7 +433,7 @@ fn between<'a>(
                     expr: &a.value,
                     text: m.text(&a.value),
                 };
-                m.pasted.push(&a.value);
+                m.pasted.borrow_mut().push(&a.value);
                 steps.push(if a.op == Operator::Mult {
                     Step::Mul(operand)
                 } else {
@@ -506,8 +509,7 @@ fn bind<'a>(m: &mut Matcher<'a>, name: &str, value: &'a Expr) -> Result<(), Refu
     if value_needs_parens(value) {
         text = format!("({text})");
     }
-    m.pasted.push(value);
-    m.bindings.insert(name.to_string(), Binding { text });
+    m.bindings.insert(name.to_string(), Binding { value, text });
     Ok(())
 }
 
@@ -616,7 +618,7 @@ fn conditional_transform<'a>(
             format!("`{}`: the transform's scale is not the tested value", first_line(m.src, stmt)),
         ));
     }
-    m.pasted.push(subject);
+    m.pasted.borrow_mut().push(subject);
     steps.push(Step::Lowered(transform.kind, m.text(subject)));
     Ok(())
 }
@@ -674,7 +676,7 @@ fn check_after(
     region_end: usize,
     logits: &str,
     loss_target: &str,
-    bindings: &HashMap<String, Binding>,
+    bindings: &HashMap<String, Binding<'_>>,
     moves_labels: bool,
 ) -> Result<(), Refusal> {
     let mut statements = Vec::new();
