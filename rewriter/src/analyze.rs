@@ -134,8 +134,24 @@ impl ClassReport {
 /// it (dedented, one final newline); None when no class of the chain defines one or a
 /// source does not parse.
 pub fn forward_source(chain: &[ClassSource]) -> Option<String> {
-    let parsed: Vec<ParsedClass> = chain.iter().map(ParsedClass::parse).collect::<Result<_, _>>().ok()?;
+    let parsed: Vec<ParsedClass> = chain
+        .iter()
+        .map(ParsedClass::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
     fused_loss::forward_text(&parsed).map(|text| crate::hash::normalise(&text))
+}
+
+/// The forward the most-derived class of `chain` runs, dedented to column 0 the way
+/// `patched_forward` is (lines continuing a multi-line string are left as they are): what a
+/// patch is compared with in diffs.
+pub fn original_forward(chain: &[ClassSource]) -> Option<String> {
+    let parsed: Vec<ParsedClass> = chain
+        .iter()
+        .map(ParsedClass::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    fused_loss::original_forward(&parsed)
 }
 
 /// A class source parsed on its own. An indented class block is parsed inside an

@@ -15,7 +15,7 @@ pub mod reason;
 pub mod scan;
 pub mod syntax;
 
-pub use analyze::{ClassSource, LossResolution, analyze_class, forward_source};
+pub use analyze::{ClassSource, LossResolution, analyze_class, forward_source, original_forward};
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;
 

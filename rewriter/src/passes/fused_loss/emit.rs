@@ -89,10 +89,46 @@ pub fn emit(
         dropped.push(start..src.next_line_start(end));
     }
 
+    let fused = Fused {
+        region,
+        loss_target,
+        region_line_start,
+        region_line_end,
+        block_indent: &block_indent,
+        unit,
+    };
+    Ok(render(src, forward, &margin, &dropped, Some(&fused)))
+}
+
+/// What replaces the region.
+struct Fused<'r, 'a> {
+    region: &'r Region<'a>,
+    loss_target: &'r str,
+    region_line_start: usize,
+    region_line_end: usize,
+    block_indent: &'r str,
+    unit: &'r str,
+}
+
+/// The forward dedented to column 0 without any change: what `patched_forward` is compared
+/// with (lines that continue a multi-line string are kept as they are in both).
+pub fn original(src: &ParsedSource, forward: std::ops::Range<usize>) -> String {
+    let margin = src.indentation_at(forward.start).to_string();
+    render(src, forward, &margin, &[], None)
+}
+
+fn render(
+    src: &ParsedSource,
+    forward: std::ops::Range<usize>,
+    margin: &str,
+    dropped: &[std::ops::Range<usize>],
+    fused: Option<&Fused<'_, '_>>,
+) -> String {
+    let text = &src.text;
     let strip = |line: &str| -> String {
         if line.trim().is_empty() {
             String::new()
-        } else if let Some(rest) = line.strip_prefix(margin.as_str()) {
+        } else if let Some(rest) = line.strip_prefix(margin) {
             rest.to_string()
         } else {
             line.trim_start().to_string()
@@ -107,20 +143,18 @@ pub fn emit(
             offset = range.end;
             continue;
         }
-        if offset == region_line_start {
-            let indent = &block_indent[margin.len()..];
-            fused_branch(&mut out, indent, unit, region, loss_target);
+        if let Some(f) = fused.filter(|f| f.region_line_start == offset) {
+            let indent = &f.block_indent[margin.len()..];
+            fused_branch(&mut out, indent, f.unit, f.region, f.loss_target);
             let _ = writeln!(out, "{indent}else:");
-            let mut o = region_line_start;
-            while o <= region_line_end && o < text.len() {
+            let mut o = f.region_line_start;
+            while o <= f.region_line_end && o < text.len() {
                 let e = src.line_end(o);
                 let line = &text[o..e];
                 if src.in_string(o) {
                     out.push_str(line);
-                } else if line.trim().is_empty() {
-                    // blank lines stay blank
-                } else {
-                    out.push_str(unit);
+                } else if !line.trim().is_empty() {
+                    out.push_str(f.unit);
                     out.push_str(&strip(line));
                 }
                 out.push('\n');
@@ -141,7 +175,7 @@ pub fn emit(
     while out.ends_with("\n\n") {
         out.pop();
     }
-    Ok(out)
+    out
 }
 
 fn fused_branch(

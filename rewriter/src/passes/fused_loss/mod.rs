@@ -134,6 +134,16 @@ pub(crate) fn forward_text(chain: &[ParsedClass<'_>]) -> Option<String> {
     Some(owner.parsed.text[forward_range(&owner.parsed, def)].to_string())
 }
 
+/// The forward the chain runs, dedented to column 0 the way emission does it (lines that
+/// continue a multi-line string untouched): the unpatched counterpart of `patched_forward`.
+pub(crate) fn original_forward(chain: &[ParsedClass<'_>]) -> Option<String> {
+    let (owner, def) = find_forward(chain).ok()?;
+    Some(emit::original(
+        &owner.parsed,
+        forward_range(&owner.parsed, def),
+    ))
+}
+
 /// The forward's text the way `inspect.getsource` returns it: from the line of the first
 /// decorator through the last line of the body, plus trailing comments at body depth.
 fn forward_range(src: &ParsedSource, def: &StmtFunctionDef) -> std::ops::Range<usize> {
