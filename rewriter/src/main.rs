@@ -9,10 +9,14 @@ use forward_rewrite::audit::{self, ClassReport, Verdict};
 use forward_rewrite::scan::{ScanOptions, scan};
 
 /// Find the lm_head + loss triplet in transformers modeling files and rewrite it to a fused,
-/// chunked linear + cross-entropy. Exit status: 0 when the scan ran (refusals and files that
-/// do not parse are results), 2 for unusable arguments or unreadable inputs.
+/// chunked linear + cross-entropy that never materialises the logits.
 #[derive(Parser)]
-#[command(name = "forward-rewrite", version, about, long_about = None)]
+#[command(
+    name = "forward-rewrite",
+    version,
+    after_help = "Exit status: 0 when the scan ran (refusals and files that do not parse are results), \
+                  2 for unusable arguments or unreadable inputs.\nReason codes and the audit schema: README.md."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -165,10 +165,8 @@ fn string_spans(tokens: &Tokens) -> Vec<(usize, usize)> {
     let mut open: Vec<usize> = Vec::new();
     for token in tokens.iter() {
         match token.kind() {
-            TokenKind::String => {
-                if open.is_empty() {
-                    spans.push((token.start().to_usize(), token.end().to_usize()));
-                }
+            TokenKind::String if open.is_empty() => {
+                spans.push((token.start().to_usize(), token.end().to_usize()));
             }
             TokenKind::FStringStart | TokenKind::TStringStart => {
                 open.push(token.start().to_usize())

@@ -1,0 +1,308 @@
+//! The command line: exit codes, failed files, filters, and the build cache layout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_forward-rewrite"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+/// A fresh temporary directory (removed at the end of the test that made it).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "forward-rewrite-cli-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const TOY: &str = r#"import torch
+from torch import nn
+
+
+class ToyForCausalLM(ToyPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @auto_docstring
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden_states = self.model(input_ids).last_hidden_state
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class ToyForMaskedLM(ToyPreTrainedModel):
+    pass
+
+
+class ToyBertForCausalLM(ToyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls = ToyMLMHead(config)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.cls(self.model(input_ids)[0])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return (loss, logits)
+"#;
+
+/// A small transformers-like tree: one good modeling file, a syntax error, a file that is
+/// not UTF-8, and files the scan must skip.
+fn tree() -> TempDir {
+    let dir = TempDir::new();
+    let pkg = dir.0.join("transformers");
+    let toy = pkg.join("models/toy");
+    std::fs::create_dir_all(&toy).unwrap();
+    std::fs::write(pkg.join("__init__.py"), "__version__ = \"9.8.7\"\n").unwrap();
+    std::fs::write(pkg.join("models/__init__.py"), "").unwrap();
+    std::fs::write(toy.join("__init__.py"), "").unwrap();
+    std::fs::write(toy.join("modeling_toy.py"), TOY).unwrap();
+    std::fs::write(
+        toy.join("modeling_broken.py"),
+        "class BrokenForCausalLM(:\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(
+        toy.join("modeling_latin1.py"),
+        b"# caf\xe9\nclass X:\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(toy.join("modeling_tf_toy.py"), "class TFToyForCausalLM(:\n").unwrap();
+    std::fs::write(
+        toy.join("modeling_flax_toy.py"),
+        "class FlaxToyForCausalLM(:\n",
+    )
+    .unwrap();
+    std::fs::write(toy.join("modular_toy.py"), "class ToyForCausalLM(:\n").unwrap();
+    dir
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn path(dir: &Path, rest: &str) -> String {
+    dir.join(rest).display().to_string()
+}
+
+#[test]
+fn scan_reports_failed_files_and_goes_on() {
+    let dir = tree();
+    let doc = json(&run(&["scan", &path(&dir.0, "transformers"), "--json"]));
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["transformers_version"], "9.8.7");
+    assert_eq!(doc["loss_mapping"], "builtin");
+    assert_eq!(
+        doc["summary"]["files"], 3,
+        "TF, Flax and modular files are skipped"
+    );
+    assert_eq!(doc["summary"]["failed_files"], 2);
+    assert_eq!(doc["summary"]["classes"], 2);
+    assert_eq!(doc["summary"]["patched"], 1);
+    assert_eq!(doc["summary"]["refused"], 1);
+    let files = doc["files"].as_array().unwrap();
+    let broken = files
+        .iter()
+        .find(|f| f["path"] == "models/toy/modeling_broken.py")
+        .unwrap();
+    assert_eq!(broken["status"], "failed");
+    assert!(broken["error"].as_str().unwrap().contains("1:"), "{broken}");
+    let latin1 = files
+        .iter()
+        .find(|f| f["path"] == "models/toy/modeling_latin1.py")
+        .unwrap();
+    assert!(latin1["error"].as_str().unwrap().starts_with("not UTF-8"));
+    let classes = doc["classes"].as_array().unwrap();
+    let toy = classes
+        .iter()
+        .find(|c| c["qualname"] == "ToyForCausalLM")
+        .unwrap();
+    assert_eq!(toy["module"], "transformers.models.toy.modeling_toy");
+    assert_eq!(toy["verdict"], "patched");
+    assert_eq!(toy["line"], 5);
+    assert!(
+        toy.get("patched_forward").is_none(),
+        "the audit leaves the patched forwards out"
+    );
+    let bert = classes
+        .iter()
+        .find(|c| c["qualname"] == "ToyBertForCausalLM")
+        .unwrap();
+    assert_eq!(bert["reason"], "non-linear-head");
+}
+
+#[test]
+fn table_filters_and_single_files() {
+    let dir = tree();
+    let out = run(&["scan", &path(&dir.0, "transformers"), "--only", "refused"]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("VERDICT"));
+    assert!(
+        table.contains("ToyBertForCausalLM") && !table.contains("patched  -"),
+        "{table}"
+    );
+    assert!(table.contains("failed files:") && table.contains("modeling_broken.py"));
+    assert!(table.contains(
+        "transformers 9.8.7: 3 files (2 failed), 2 classes: 1 patched, 1 refused, 0 failed"
+    ));
+
+    let doc = json(&run(&[
+        "scan",
+        &path(&dir.0, "transformers"),
+        "--json",
+        "--class",
+        "ToyForCausalLM",
+    ]));
+    assert_eq!(doc["summary"]["classes"], 1);
+
+    // A single file outside any package: the module is its stem.
+    let single = dir.0.join("modeling_single.py");
+    std::fs::write(&single, TOY).unwrap();
+    let out = run(&[
+        "scan",
+        &single.display().to_string(),
+        "--json",
+        "--threads",
+        "1",
+    ]);
+    let doc = json(&out);
+    assert_eq!(doc["classes"][0]["module"], "modeling_single");
+    assert_eq!(doc["transformers_version"], serde_json::Value::Null);
+
+    let out = run(&["scan", &single.display().to_string(), "--compact", "--emit"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("patched  -"));
+    assert!(text.contains("forward_rewrite.fused_lm_head_loss("));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("built-in LOSS_MAPPING")
+    );
+}
+
+#[test]
+fn exit_code_2_for_unusable_arguments() {
+    for args in [
+        vec!["scan"],
+        vec!["scan", "/nonexistent/forward-rewrite/path"],
+        vec!["scan", ".", "--only", "maybe"],
+        vec!["scan", ".", "--threads", "0"],
+        vec!["build", "."],
+        vec!["frobnicate"],
+    ] {
+        let out = run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty());
+    }
+    let out = run(&["scan", "/nonexistent/forward-rewrite/path"]);
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("/nonexistent/forward-rewrite/path")
+    );
+    assert_eq!(run(&["--help"]).status.code(), Some(0));
+    assert_eq!(run(&["--version"]).status.code(), Some(0));
+}
+
+#[test]
+fn build_writes_the_cache() {
+    let dir = tree();
+    let out_dir = dir.0.join("cache");
+    let out = run(&[
+        "build",
+        &path(&dir.0, "transformers"),
+        "--out",
+        &out_dir.display().to_string(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let allowlist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("allowlist.json")).unwrap())
+            .unwrap();
+    assert_eq!(allowlist["schema"], 1);
+    assert_eq!(allowlist["transformers_version"], "9.8.7");
+    let entries = allowlist["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    let entry = &entries[0];
+    assert_eq!(entry["qualname"], "ToyForCausalLM");
+    assert_eq!(entry["module"], "transformers.models.toy.modeling_toy");
+    assert_eq!(
+        entry["forward_module"],
+        "transformers.models.toy.modeling_toy"
+    );
+    assert_eq!(
+        entry["patch"],
+        "patches/transformers.models.toy.modeling_toy.ToyForCausalLM.py"
+    );
+    let patch = std::fs::read_to_string(out_dir.join(entry["patch"].as_str().unwrap())).unwrap();
+    let sha = entry["forward_sha256"].as_str().unwrap();
+    assert!(patch.contains(&format!("# original forward sha256: {sha}\n")));
+    assert!(patch.contains("\nimport forward_rewrite\n"));
+    assert!(patch.contains("\ndef forward(self, input_ids=None, labels=None, **kwargs):\n"));
+    assert!(
+        forward_rewrite::parse::ParsedSource::parse(patch).is_ok(),
+        "the patch file parses"
+    );
+    let audit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("audit.json")).unwrap())
+            .unwrap();
+    assert_eq!(audit["summary"]["patched"], 1);
+    let toy = audit["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["qualname"] == "ToyForCausalLM")
+        .unwrap();
+    assert_eq!(toy["forward_sha256"], sha);
+
+    // An unwritable output is an unusable argument.
+    let blocker = dir.0.join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let out = run(&[
+        "build",
+        &path(&dir.0, "transformers"),
+        "--out",
+        &blocker.join("sub").display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

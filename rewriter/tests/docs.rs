@@ -1,0 +1,33 @@
+//! The README is the documented place of the reason codes: its table must list every code
+//! of `reason.rs`, and `Reason::ALL` must hold every variant.
+
+use forward_rewrite::Reason;
+
+#[test]
+fn readme_lists_every_reason_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for reason in Reason::ALL {
+        let row = format!("| `{}` |", reason.code());
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
+        );
+    }
+}
+
+#[test]
+fn all_holds_every_variant() {
+    let source = include_str!("../src/reason.rs");
+    let body = &source[source.find("pub enum Reason {").unwrap()..];
+    let body = &body[..body.find("\n}").unwrap()];
+    let variants = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("    ")
+                && l.trim_end().ends_with(',')
+                && !l.trim_start().starts_with("///")
+        })
+        .count();
+    assert_eq!(variants, Reason::ALL.len());
+}
