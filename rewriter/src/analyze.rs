@@ -154,6 +154,38 @@ pub fn original_forward(chain: &[ClassSource]) -> Option<String> {
     fused_loss::original_forward(&parsed)
 }
 
+/// The top-level classes of a module's source as [`ClassSource`]s, each block exactly as the
+/// scan cuts it (first decorator line through the last line, plus trailing comments at body
+/// depth, as `inspect.BlockFinder` keeps them). For callers that hold module texts (the
+/// Python installer): the same class blocks, hence the same hashes, as the CLI.
+pub fn module_classes(text: &str, module: &str, path: &str) -> Result<Vec<ClassSource>, String> {
+    let parsed = ParsedSource::parse(text).map_err(|e| format!("{path}: {e}"))?;
+    let index = crate::index::FileIndex::build(&parsed, module);
+    Ok(index
+        .classes
+        .into_iter()
+        .map(|c| ClassSource {
+            qualname: c.name,
+            module: module.to_string(),
+            path: path.to_string(),
+            line: c.line,
+            source: c.source,
+        })
+        .collect())
+}
+
+/// [`analyze_class`] over JSON, for bindings: `chain` is a JSON array of [`ClassSource`],
+/// `loss` a JSON [`LossResolution`]; returns the [`ClassReport`] as JSON. Errors name the
+/// argument that is not valid.
+pub fn analyze_class_json(chain: &str, loss: &str) -> Result<String, String> {
+    let chain: Vec<ClassSource> = serde_json::from_str(chain).map_err(|e| format!("chain: {e}"))?;
+    let loss: LossResolution = serde_json::from_str(loss).map_err(|e| format!("loss: {e}"))?;
+    if chain.is_empty() {
+        return Err("chain: empty, expected the class and its bases".to_string());
+    }
+    serde_json::to_string(&analyze_class(&chain, &loss)).map_err(|e| e.to_string())
+}
+
 /// A class source parsed on its own. An indented class block is parsed inside an
 /// `if True:` prefix so that byte offsets stay simple to map back.
 pub(crate) struct ParsedClass<'s> {
@@ -212,5 +244,41 @@ impl<'s> ParsedClass<'s> {
     pub fn file_line(&self, offset: usize) -> u32 {
         let first = self.parsed.line_of(self.prefix);
         self.source.line + self.parsed.line_of(offset) - first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_entry_point_and_module_classes() {
+        let text = "import torch\n\n\nclass AForCausalLM(Base):\n    def forward(self):\n        return 1\n    # tail\n";
+        let classes = module_classes(text, "m", "m.py").unwrap();
+        assert_eq!(classes.len(), 1);
+        assert_eq!(classes[0].line, 4);
+        assert!(classes[0].source.ends_with("    # tail\n"));
+        let chain = serde_json::to_string(&classes).unwrap();
+        let report: ClassReport =
+            serde_json::from_str(&analyze_class_json(&chain, "\"causal\"").unwrap()).unwrap();
+        assert_eq!(report.reason, Some(Reason::NoLossCall));
+        assert!(report.forward_sha256.is_some());
+        assert!(
+            analyze_class_json("[]", "\"causal\"")
+                .unwrap_err()
+                .starts_with("chain:")
+        );
+        assert!(
+            analyze_class_json(&chain, "\"sideways\"")
+                .unwrap_err()
+                .starts_with("loss:")
+        );
+        let other = serde_json::to_string(&LossResolution::Other("ForMaskedLM".into())).unwrap();
+        assert_eq!(other, "{\"other\":\"ForMaskedLM\"}");
+        assert!(
+            module_classes("class (:", "m", "m.py")
+                .unwrap_err()
+                .starts_with("m.py: 1:")
+        );
     }
 }

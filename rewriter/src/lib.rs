@@ -15,7 +15,10 @@ pub mod reason;
 pub mod scan;
 pub mod syntax;
 
-pub use analyze::{ClassSource, LossResolution, analyze_class, forward_source, original_forward};
+pub use analyze::{
+    ClassSource, LossResolution, analyze_class, analyze_class_json, forward_source, module_classes,
+    original_forward,
+};
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;
 

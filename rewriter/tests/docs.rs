@@ -31,3 +31,15 @@ fn all_holds_every_variant() {
         .count();
     assert_eq!(variants, Reason::ALL.len());
 }
+
+#[test]
+fn every_reason_code_has_a_unit_test() {
+    let tests = include_str!("../src/passes/fused_loss/tests.rs");
+    for reason in Reason::ALL {
+        let name = format!("Reason::{reason:?}");
+        assert!(
+            tests.contains(&name),
+            "passes/fused_loss/tests.rs never mentions {name}"
+        );
+    }
+}
