@@ -1,0 +1,175 @@
+"""The run-time helpers the rewritten forwards call (ARCHITECTURE.md, contract 3).
+
+``fuses(model, head, vocab_size)`` decides, per call, whether the fused op may replace
+``head(hidden) -> model.loss_function(...)``; when it may not, the patched forward runs the
+original code (invariant 3), and the reason is logged once per class and reason on the
+``forward_rewrite`` logger. ``keep_logits()`` / ``set_keep_logits()`` let a user ask for real
+logits. ``loss_kwargs(kwargs)`` keeps what ``ForCausalLMLoss`` reads.
+"""
+
+import contextlib
+import contextvars
+import logging
+
+import torch
+from torch import nn
+
+from ._backend import SUPPORTED_DTYPES
+
+__all__ = ["LOSS_KWARGS", "fuses", "keep_logits", "loss_kwargs", "set_keep_logits"]
+
+logger = logging.getLogger("forward_rewrite")
+
+#: The keyword arguments of ``ForCausalLMLoss`` besides logits, labels and vocab_size.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+# Reasons (stable codes) -> what the log line says. Expected ones are logged at INFO.
+_REASONS = {
+    "keep-logits": "forward_rewrite.keep_logits() is active: real logits are computed",
+    "eval-mode": "the model is in eval mode: real logits are computed",
+    "custom-loss-function": "model.loss_function is not transformers' ForCausalLMLoss",
+    "head-not-linear": "the head is not a plain nn.Linear (wrapped, quantized or replaced)",
+    "head-vocab-mismatch": "the head's out_features differ from the vocabulary size",
+    "head-hooks": "the head has hooks (FSDP, DeepSpeed, PEFT or a user's): they must run",
+    "head-sharded": "the head's weight is a DTensor (tensor or sequence parallelism)",
+    "head-dtype": "the head's weight dtype is not float32, bfloat16 or float16",
+    "head-device": "the head's weight is on a device without a fused backend",
+    "cuda-backend-unavailable": "the CUDA backend (forward_rewrite._cuda) is not available",
+}
+_EXPECTED = {"keep-logits", "eval-mode"}
+
+_logged: set = set()
+_keep_logits_depth: contextvars.ContextVar = contextvars.ContextVar(
+    "forward_rewrite_keep_logits", default=0
+)
+_keep_logits_global = False
+
+
+@contextlib.contextmanager
+def keep_logits():
+    """Within this block patched forwards compute and return real logits (stock path)."""
+    token = _keep_logits_depth.set(_keep_logits_depth.get() + 1)
+    try:
+        yield
+    finally:
+        _keep_logits_depth.reset(token)
+
+
+def set_keep_logits(enabled: bool) -> None:
+    """Process-wide switch: True makes every patched forward take the stock path."""
+    global _keep_logits_global
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _keep_logits_global = enabled
+
+
+def loss_kwargs(kwargs) -> dict:
+    """The entries of a forward's ``**kwargs`` that ``ForCausalLMLoss`` reads; it ignores
+    the rest, and so does the fused op."""
+    return {k: kwargs[k] for k in LOSS_KWARGS if k in kwargs}
+
+
+def fuses(model, head, vocab_size) -> bool:
+    """Whether this call may use the fused op. False (logged once per class and reason) in
+    eval mode, inside ``keep_logits()``, when the loss function is not transformers' own
+    ``ForCausalLMLoss``, or when the head is not a plain hook-free ``nn.Linear`` with
+    ``vocab_size`` outputs on a device and dtype a backend supports."""
+    reason = _refusal(model, head, vocab_size)
+    if reason is None:
+        return True
+    # Logging is a side effect torch.compile cannot trace; compiled calls stay silent.
+    if not torch.compiler.is_compiling():
+        _log_once(type(model), reason)
+    return False
+
+
+def _refusal(model, head, vocab_size):
+    if _keep_logits_global or _keep_logits_depth.get() > 0:
+        return "keep-logits"
+    if not getattr(model, "training", False):
+        return "eval-mode"
+    if not _is_stock_causal_loss(getattr(model, "loss_function", None)):
+        return "custom-loss-function"
+    if type(head) is not nn.Linear:
+        return "head-not-linear"
+    if head.out_features != vocab_size or head.weight.shape[0] != vocab_size:
+        return "head-vocab-mismatch"
+    if _has_hooks(head):
+        return "head-hooks"
+    weight = head.weight
+    if _is_dtensor(weight):
+        return "head-sharded"
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return "head-dtype"
+    if weight.device.type == "cuda":
+        if not _cuda_backend_available():
+            return "cuda-backend-unavailable"
+    elif weight.device.type != "cpu":
+        return "head-device"
+    return None
+
+
+def _is_stock_causal_loss(fn) -> bool:
+    try:
+        from transformers.loss import loss_utils
+    except ImportError:
+        return False
+    stock = loss_utils.ForCausalLMLoss
+    # Identity, and the original's name: a replaced module attribute is not trusted either.
+    return (
+        fn is stock
+        and getattr(fn, "__module__", None) == "transformers.loss.loss_utils"
+        and getattr(fn, "__qualname__", None) == "ForCausalLMLoss"
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    own = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+    if any(getattr(module, name, None) for name in own):
+        return True
+    from torch.nn.modules import module as module_mod
+
+    shared = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(module_mod, name, None) for name in shared)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _cuda_backend_available() -> bool:
+    try:
+        from . import _cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _log_once(cls, reason):
+    key = (cls.__module__, cls.__qualname__, reason)
+    if key in _logged:
+        return
+    _logged.add(key)
+    level = logging.INFO if reason in _EXPECTED else logging.WARNING
+    logger.log(
+        level,
+        "forward_rewrite: %s.%s uses the stock lm_head + loss (%s: %s)",
+        cls.__module__,
+        cls.__qualname__,
+        reason,
+        _REASONS[reason],
+    )

@@ -1,0 +1,504 @@
+"""``fused_lm_head_loss``: the lm_head projection and transformers' causal-LM loss in one
+op that never materialises the tokens x vocabulary logits (ARCHITECTURE.md, contract 4).
+
+Semantics are those of ``transformers.loss.loss_utils.ForCausalLMLoss`` followed by
+``fixed_cross_entropy`` on ``head(hidden_states)``, with the logit transforms the patched
+forwards lower into keywords, plus ``label_smoothing`` and ``reduction`` as in
+``F.cross_entropy``. One deliberate difference: when every label is ignored, the mean
+reduction gives a loss of 0 and zero gradients (stock divides 0 by 0 and gives NaN).
+
+Two ``torch.library`` custom ops carry the work, so ``torch.compile`` treats each as one
+opaque node (no graph break): ``forward_rewrite::fused_lm_head_loss`` (loss, and for the
+mean and sum reductions the gradients too, computed while the logits are hot) and
+``forward_rewrite::fused_lm_head_loss_backward`` (gradients recomputed with the real
+``grad_output``: for ``reduction="none"``, whose gradient is per row, and for float16, where
+a GradScaler's scale must reach the gradient before it is rounded to float16).
+"""
+
+import math
+import numbers
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ._backend import SUPPORTED_DTYPES
+
+__all__ = ["chunk_budget_bytes", "fused_lm_head_loss", "set_chunk_budget_bytes"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def _budget_from_env():
+    raw = os.environ.get("FORWARD_REWRITE_CHUNK_BUDGET_BYTES")
+    if raw is None:
+        return _DEFAULT_CHUNK_BUDGET_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"FORWARD_REWRITE_CHUNK_BUDGET_BYTES: expected a positive integer, got {raw!r}"
+        ) from None
+    if value <= 0:
+        raise ValueError(
+            f"FORWARD_REWRITE_CHUNK_BUDGET_BYTES: must be positive, got {value}"
+        )
+    return value
+
+
+# Read once (a module global, so torch.compile sees a constant it can guard on).
+_chunk_budget_bytes = _budget_from_env()
+
+
+def chunk_budget_bytes() -> int:
+    """Scratch memory a backend may use per call, beyond its inputs and outputs."""
+    return _chunk_budget_bytes
+
+
+def set_chunk_budget_bytes(value: int) -> None:
+    """Sets the scratch budget (default 256 MiB, or ``FORWARD_REWRITE_CHUNK_BUDGET_BYTES``)."""
+    global _chunk_budget_bytes
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"chunk_budget_bytes: expected a positive int, got {value!r}")
+    _chunk_budget_bytes = value
+
+
+def _backend(device: torch.device):
+    if device.type == "cpu":
+        from . import _cpu
+
+        return _cpu.fused_ce
+    if device.type == "cuda":
+        try:
+            from . import _cuda
+        except ImportError as e:
+            raise RuntimeError(
+                "forward_rewrite: the CUDA backend (forward_rewrite._cuda) is not available "
+                f"in this build ({e}); move the tensors to the CPU or use the stock loss"
+            ) from e
+        return _cuda.fused_ce
+    raise ValueError(f"hidden_states: device {device} is not supported (cpu or cuda)")
+
+
+def _reduce(row_loss: Tensor, denominator: Tensor | None, reduction: str) -> Tensor:
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    return total / denominator if reduction == "mean" else total
+
+
+def _grad_scale(
+    grad_output: Tensor, denominator: Tensor | None, reduction: str
+) -> Tensor:
+    """d(objective)/d(row_loss_i) as the backends take it: float32, shape (1,) or (N,)."""
+    g = grad_output.float()
+    if reduction == "mean":
+        g = g / denominator
+    return g.reshape(-1).contiguous()
+
+
+def _no_grad_outputs(hidden: Tensor) -> tuple:
+    empty = hidden.new_empty(0)
+    return empty, empty.clone(), empty.clone()
+
+
+@torch.library.custom_op("forward_rewrite::fused_lm_head_loss", mutates_args=())
+def _fused_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    denominator: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: float,
+    softcap: float | None,
+    reduction: str,
+    eager_grads: bool,
+    chunk_budget_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dh, dw, db). With ``eager_grads`` the gradients are those of the loss itself
+    (backward multiplies them by grad_output); otherwise they are empty."""
+    if eager_grads:
+        grad_scale = _grad_scale(
+            torch.ones((), device=hidden.device), denominator, reduction
+        )
+    else:
+        grad_scale = None
+    row_loss, dh, dw, db = _backend(hidden.device)(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        scale=scale,
+        softcap=softcap,
+        grad_scale=grad_scale,
+        compute_grads=eager_grads,
+        chunk_budget_bytes=chunk_budget_bytes,
+    )
+    loss = _reduce(row_loss, denominator, reduction)
+    if not eager_grads:
+        dh, dw, db = _no_grad_outputs(hidden)
+    elif db is None:
+        db = hidden.new_empty(0)
+    return loss, dh, dw, db
+
+
+@_fused_op.register_fake
+def _fused_op_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    denominator,
+    ignore_index,
+    label_smoothing,
+    scale,
+    softcap,
+    reduction,
+    eager_grads,
+    chunk_budget_bytes,
+):
+    loss_shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = hidden.new_empty(loss_shape, dtype=torch.float32)
+    if not eager_grads:
+        return (loss, *_no_grad_outputs(hidden))
+    db = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+@torch.library.custom_op(
+    "forward_rewrite::fused_lm_head_loss_backward", mutates_args=()
+)
+def _backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    grad_scale: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: float,
+    softcap: float | None,
+    chunk_budget_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh, dw, db) of ``sum_i grad_scale_i * row_loss_i``; db is empty without a bias."""
+    _, dh, dw, db = _backend(hidden.device)(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        scale=scale,
+        softcap=softcap,
+        grad_scale=grad_scale,
+        compute_grads=True,
+        chunk_budget_bytes=chunk_budget_bytes,
+    )
+    return dh, dw, db if db is not None else hidden.new_empty(0)
+
+
+@_backward_op.register_fake
+def _backward_op_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    grad_scale,
+    ignore_index,
+    label_smoothing,
+    scale,
+    softcap,
+    chunk_budget_bytes,
+):
+    db = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    (
+        hidden,
+        weight,
+        bias,
+        targets,
+        denominator,
+        ignore_index,
+        label_smoothing,
+        scale,
+        softcap,
+        reduction,
+        eager_grads,
+        budget,
+    ) = inputs
+    _, dh, dw, db = output
+    ctx.eager_grads = eager_grads
+    ctx.has_bias = bias is not None
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, label_smoothing, scale, softcap, budget)
+    if eager_grads:
+        ctx.save_for_backward(dh, dw, db)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, denominator)
+
+
+def _backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
+    if ctx.eager_grads:
+        dh, dw, db = ctx.saved_tensors
+        # A 0-dim float32 factor keeps the 16-bit dtype; the product is formed in float32.
+        g = grad_loss.reshape(())
+        grads = (dh * g, dw * g, db * g if ctx.has_bias else None)
+    else:
+        hidden, weight, bias, targets, denominator = ctx.saved_tensors
+        ignore_index, label_smoothing, scale, softcap, budget = ctx.options
+        dh, dw, db = _backward_op(
+            hidden,
+            weight,
+            bias,
+            targets,
+            _grad_scale(grad_loss, denominator, ctx.reduction),
+            ignore_index,
+            label_smoothing,
+            scale,
+            softcap,
+            budget,
+        )
+        grads = (dh, dw, db if ctx.has_bias else None)
+    needs = ctx.needs_input_grad
+    grads = tuple(g if needs[i] else None for i, g in enumerate(grads))
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _head_params(head):
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    if isinstance(head, torch.Tensor):
+        return head, None
+    raise TypeError(
+        f"head: expected an nn.Linear or a weight tensor, got {type(head).__name__}"
+    )
+
+
+def _optional_number(name, value, *, nonzero=False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name}: expected a real number or None, got {type(value).__name__}"
+        )
+    value = float(value)
+    if not math.isfinite(value) or (nonzero and value == 0.0):
+        raise ValueError(
+            f"{name}: expected a finite{' non-zero' if nonzero else ''} number, got {value}"
+        )
+    return value
+
+
+def _denominator(targets, ignore_index, num_items_in_batch, device):
+    """The mean's divisor as a float32 device tensor: no host-device sync."""
+    if num_items_in_batch is None:
+        # Clamped: with every label ignored the sum is 0, so the loss is 0, not 0/0.
+        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch: expected one element, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        return num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+    if isinstance(num_items_in_batch, bool) or not isinstance(
+        num_items_in_batch, numbers.Real
+    ):
+        raise TypeError(
+            "num_items_in_batch: expected an int, a float, a one-element tensor or None, "
+            f"got {type(num_items_in_batch).__name__}"
+        )
+    return torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
+
+
+def fused_lm_head_loss(
+    hidden_states: Tensor,
+    head,
+    labels: Tensor | None,
+    *,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+    shift_labels: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    logit_softcapping: float | None = None,
+    logit_scale_multiply: float | None = None,
+    logit_scale_divide: float | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """The causal-LM loss of ``head(hidden_states)`` without materialising the logits.
+
+    Same result as ``ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch,
+    ignore_index, shift_labels)`` where ``logits = head(hidden_states)``, then multiplied
+    by ``logit_scale_multiply``, divided by ``logit_scale_divide`` and soft-capped
+    (``cap * tanh(logits / cap)``) when those are given, in that order; computed in float32.
+
+    * ``head``: an ``nn.Linear`` (its bias is honoured) or a ``(vocab, hidden)`` weight.
+    * ``labels`` are shifted left with ``ignore_index`` padding, unless ``shift_labels``
+      (already aligned with ``hidden_states``) is given; then ``labels`` is not read.
+    * ``reduction="mean"``: sum over tokens divided by ``num_items_in_batch`` when given (an
+      int, a float or a one-element tensor on any device), else by the number of tokens
+      whose label is not ``ignore_index`` (0 when there is none: loss 0, zero gradients).
+      ``"sum"``: the sum. ``"none"``: one float32 loss per token, 0 for ignored tokens,
+      flattened to ``(tokens,)`` as ``fixed_cross_entropy`` flattens.
+    * ``label_smoothing`` as in ``F.cross_entropy``.
+
+    Returns a float32 tensor. Under ``torch.autocast``, the head runs in the autocast dtype,
+    as ``nn.Linear`` would.
+    """
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(
+            f"hidden_states: expected a tensor, got {type(hidden_states).__name__}"
+        )
+    weight, bias = _head_params(head)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"head: expected a 2-D weight, got shape {tuple(weight.shape)}"
+        )
+    vocab, hidden_size = weight.shape
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(
+                f"vocab_size: expected an int, got {type(vocab_size).__name__}"
+            )
+        if vocab_size != vocab:
+            raise ValueError(
+                f"vocab_size: {vocab_size} but the head has {vocab} outputs"
+            )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError("num_items_in_batch: only applies to reduction='mean'")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"ignore_index: expected an int, got {type(ignore_index).__name__}"
+        )
+    if isinstance(label_smoothing, bool) or not isinstance(
+        label_smoothing, numbers.Real
+    ):
+        raise TypeError(
+            f"label_smoothing: expected a float, got {type(label_smoothing).__name__}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"label_smoothing: expected a value in [0, 1], got {label_smoothing}"
+        )
+    multiply = _optional_number("logit_scale_multiply", logit_scale_multiply)
+    divide = _optional_number("logit_scale_divide", logit_scale_divide, nonzero=True)
+    softcap = _optional_number("logit_softcapping", logit_softcapping, nonzero=True)
+    scale = (1.0 if multiply is None else multiply) / (
+        1.0 if divide is None else divide
+    )
+    if scale == 0.0 or not math.isfinite(scale):
+        raise ValueError(
+            f"logit_scale_multiply: the logit scale must be finite and non-zero, got {scale}"
+        )
+
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden_states: expected last dimension {hidden_size} (the head's input size), "
+            f"got shape {tuple(hidden_states.shape)}"
+        )
+    if weight.device != hidden_states.device:
+        raise ValueError(
+            f"head: weight on {weight.device}, hidden_states on {hidden_states.device}"
+        )
+    if bias is not None and bias.device != weight.device:
+        raise ValueError(f"head: bias on {bias.device}, weight on {weight.device}")
+    if hidden_states.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"hidden_states: device {hidden_states.device} is not supported (cpu or cuda)"
+        )
+
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if hidden_states.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"hidden_states: dtype {hidden_states.dtype} is not float32, bfloat16 or float16"
+        )
+    if weight.dtype != hidden_states.dtype:
+        raise TypeError(
+            f"head: weight dtype {weight.dtype} differs from hidden_states' {hidden_states.dtype}"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(
+            f"head: bias dtype {bias.dtype} differs from the weight's {weight.dtype}"
+        )
+
+    hidden = hidden_states.reshape(-1, hidden_size)
+    tokens = hidden.shape[0]
+    if shift_labels is None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels: expected a tensor, got {type(labels).__name__}")
+        if labels.dim() < 1:
+            raise ValueError("labels: expected at least one dimension")
+        targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        name = "labels"
+    else:
+        if not isinstance(shift_labels, torch.Tensor):
+            raise TypeError(
+                f"shift_labels: expected a tensor, got {type(shift_labels).__name__}"
+            )
+        targets = shift_labels
+        name = "shift_labels"
+    if (
+        targets.dtype.is_floating_point
+        or targets.dtype.is_complex
+        or targets.dtype == torch.bool
+    ):
+        raise TypeError(f"{name}: expected an integer dtype, got {targets.dtype}")
+    if targets.numel() != tokens:
+        raise ValueError(
+            f"{name}: {targets.numel()} labels for {tokens} tokens of hidden_states "
+            f"{tuple(hidden_states.shape)}"
+        )
+    targets = (
+        targets.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
+    )
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+
+    denominator = None
+    if reduction == "mean":
+        denominator = _denominator(
+            targets, ignore_index, num_items_in_batch, hidden.device
+        )
+    wants_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
+    # Gradients in the forward pass (3 GEMMs, logits computed once) when backward only has to
+    # scale them: not for per-row grad_outputs (reduction "none"), and not for float16, where
+    # rounding before the loss scale is applied would underflow small gradients.
+    eager_grads = wants_grad and reduction != "none" and hidden.dtype != torch.float16
+    loss, _, _, _ = _fused_op(
+        hidden,
+        weight,
+        bias,
+        targets,
+        denominator,
+        ignore_index,
+        float(label_smoothing),
+        scale,
+        softcap,
+        reduction,
+        eager_grads,
+        _chunk_budget_bytes,
+    )
+    return loss
