@@ -1,14 +1,15 @@
 """Forward + backward of linear + cross-entropy in bf16, side by side, on the GPU machine.
 
     python gpu/bench.py [--shapes A,B,C] [--methods ours,stock,liger,unsloth,cce]
-                        [--variants] [--profile] [--iters 10] [--out FILE]
+                        [--variants] [--profile] [--ignored-demo] [--iters 10] [--out FILE]
 
 Methods: ours (forward_rewrite's CUDA backend through a small autograd wrapper), stock
 (transformers: bf16 logits, `.float()`, cross-entropy), Liger Kernel's fused linear
 cross-entropy, unsloth-zoo's fused loss (`unsloth_fused_ce_loss`), Cut Cross-Entropy
 (`linear_cross_entropy`, defaults), and the floor: the three bf16 GEMMs every exact method
 runs (logits = h W^T, dh = dlogits W, dW = dlogits^T h). Median of CUDA-event timings after
-warm-up; extra GiB = peak allocated minus (inputs + the gradients' own size); errors against
+warm-up, the methods interleaved round-robin so that drift in clocks and temperature during
+the run hits all of them alike; extra GiB = peak allocated minus (inputs + the gradients' own size); errors against
 a float64 reference (loss: relative error of the scalar; dh, dW: relative norm error).
 """
 
@@ -104,14 +105,18 @@ def timed(step, iters, warmup):
     return statistics.median(times), times
 
 
-def run_method(fn, h, w, t, iters, warmup):
+def train_step(fn, h, w, t):
     def step():
         h.grad = w.grad = None
-        loss = fn(h, w, t)
-        loss.backward()
-        return loss
+        fn(h, w, t).backward()
 
-    ms, times = timed(step, iters, warmup)
+    return step
+
+
+def measure_once(fn, h, w, t):
+    """One forward + backward after a warm-up: extra peak GiB over inputs + gradients, and
+    the outputs for the error columns."""
+    train_step(fn, h, w, t)()
     h.grad = w.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -123,7 +128,31 @@ def run_method(fn, h, w, t, iters, warmup):
     extra = (torch.cuda.max_memory_allocated() - base - grads) / GIB
     out = (loss.detach().float(), h.grad, w.grad)
     h.grad = w.grad = None
-    return ms, times, extra, out
+    return extra, out
+
+
+def interleaved(steps, iters, warmup):
+    """Times every step `iters` times, round-robin (each round starts one method later), so
+    that clock and temperature drift during the run hits all methods alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    torch.cuda.synchronize()
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(iters):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            a, b = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            a.record()
+            steps[name]()
+            b.record()
+            torch.cuda.synchronize()
+            times[name].append(a.elapsed_time(b))
+    return times
 
 
 def profile_ours(h, w, t, tuning):
@@ -160,9 +189,10 @@ def profile_ours(h, w, t, tuning):
 
 
 VARIANTS = {
+    "ours dh_splits=1": {"dh_splits": 1},
     "ours dh_splits=2": {"dh_splits": 2},
-    "ours slice=72K (3 blocks/SM)": {"slice_bytes": 72 * 1024},
-    "ours slice=100K block=1024": {"slice_bytes": 100 * 1024, "block": 1024},
+    "ours clusters of <= 8": {"max_cluster": 8},
+    "ours slice=72K": {"slice_bytes": 72 * 1024},
     "ours generic rows kernel": {"generic": True},
 }
 
@@ -176,7 +206,10 @@ def time_backend_only(h, w, t, args, skip_ignored=None):
     hd_, wd_ = h.detach(), w.detach()
     gs = torch.full((1,), 1.0 / t.numel(), device="cuda")
 
+    host = []
+
     def step():
+        t0 = time.perf_counter()
         _cuda.fused_ce_tuned(
             hd_,
             wd_,
@@ -191,8 +224,10 @@ def time_backend_only(h, w, t, args, skip_ignored=None):
             chunk_budget_bytes=BUDGET,
             skip_ignored=skip_ignored,
         )
+        host.append((time.perf_counter() - t0) * 1000)
 
-    return timed(step, args.iters, args.warmup)
+    ms, times = timed(step, args.iters, args.warmup)
+    return ms, times, statistics.median(host[args.warmup :])
 
 
 def load_methods(methods):
@@ -236,86 +271,91 @@ def float64_reference(h, w, t):
     return rl.mean(), rdh, rdw
 
 
-def time_floor(h, w, t, gen, args):
-    n, hd, v = h.shape[0], h.shape[1], w.shape[0]
-    bufs = (
-        torch.empty(n, v, device="cuda", dtype=torch.bfloat16),
-        torch.randn(n, v, device="cuda", generator=gen).to(torch.bfloat16),  # not zeros
-        torch.empty(n, hd, device="cuda", dtype=torch.bfloat16),
-        torch.empty(v, hd, device="cuda", dtype=torch.bfloat16),
-    )
-    hd_, wd_ = h.detach(), w.detach()
-    ms, times = timed(lambda: floor_fn(hd_, wd_, t, bufs), args.iters, args.warmup)
-    return ms, times  # bufs are freed on return
-
-
 def bench_shape(key, todo, gen, args):
     n, hd, v = SHAPES[key]
     shape = f"{key} ({n}, {hd}, {v})"
     h, w, t = make_inputs(n, hd, v, gen)
-    results = []
     ref = None
     if not args.no_ref:
         t0 = time.perf_counter()
         ref = float64_reference(h, w, t)
         print(f"[{key}] reference in {time.perf_counter() - t0:.1f}s", flush=True)
-    floor_ms = None
-    if any(name == "floor" for name, _ in todo):
-        floor_ms, times = time_floor(h, w, t, gen, args)
-        results.append(
-            {"shape": shape, "method": "floor", "ms": floor_ms, "times": times}
-        )
-        print(f"[{key}] floor {floor_ms:.2f} ms", flush=True)
+    rows, steps = {}, {}
     for name, fn in todo:
         if name == "floor":
             continue
-        t0 = time.perf_counter()
         try:
-            ms, times, extra, out = run_method(fn, h, w, t, args.iters, args.warmup)
+            extra, out = measure_once(fn, h, w, t)
         except Exception as e:  # noqa: BLE001  (a method that fails is reported, the rest still run)
             print(f"[{key}] {name}: FAILED {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
             continue
-        row = {
-            "shape": shape,
-            "method": name,
-            "ms": ms,
-            "times": times,
-            "extra_gib": extra,
-        }
-        if floor_ms:
-            row["x_floor"] = ms / floor_ms
+        row = {"shape": shape, "method": name, "extra_gib": extra}
         if ref is not None:
             row["loss_err"] = abs(out[0].double().item() - ref[0].item()) / abs(
                 ref[0].item()
             )
             row["dh_err"] = rel(out[1], ref[1])
             row["dw_err"] = rel(out[2], ref[2])
-        results.append(row)
         del out
         torch.cuda.empty_cache()
+        rows[name] = row
+        steps[name] = train_step(fn, h, w, t)
+    if any(name == "floor" for name, _ in todo):
+        bufs = (
+            torch.empty(n, v, device="cuda", dtype=torch.bfloat16),
+            torch.randn(n, v, device="cuda", generator=gen).to(
+                torch.bfloat16
+            ),  # not zeros
+            torch.empty(n, hd, device="cuda", dtype=torch.bfloat16),
+            torch.empty(v, hd, device="cuda", dtype=torch.bfloat16),
+        )
+        hd_, wd_ = h.detach(), w.detach()
+        steps = {"floor": lambda: floor_fn(hd_, wd_, t, bufs), **steps}
+        rows = {"floor": {"shape": shape, "method": "floor"}, **rows}
+    times = interleaved(steps, args.iters, args.warmup)
+    floor_ms = statistics.median(times["floor"]) if "floor" in times else None
+    results = []
+    for name, row in rows.items():
+        row["times"] = times[name]
+        row["ms"] = statistics.median(times[name])
+        if floor_ms and name != "floor":
+            row["x_floor"] = row["ms"] / floor_ms
+        results.append(row)
         print(
-            f"[{key}] {name}: {ms:.2f} ms"
-            + (f" ({ms / floor_ms:.3f}x floor)" if floor_ms else "")
-            + f", extra {extra:.2f} GiB"
+            f"[{key}] {name}: {row['ms']:.2f} ms"
+            + (f" ({row['x_floor']:.3f}x floor)" if "x_floor" in row else "")
+            + (f", extra {row['extra_gib']:.2f} GiB" if "extra_gib" in row else "")
             + (
                 f", loss {row['loss_err']:.1e} dh {row['dh_err']:.2e} dW {row['dw_err']:.2e}"
-                if ref
+                if "loss_err" in row
                 else ""
-            )
-            + f"  [{time.perf_counter() - t0:.0f}s]",
+            ),
             flush=True,
         )
+    steps.clear()
+    torch.cuda.empty_cache()
     if args.variants:
         for label, skip in (
             ("ours backend call only", None),
             ("ours backend call, no sync", False),
         ):
-            ms, times = time_backend_only(h, w, t, args, skip)
-            results.append({"shape": shape, "method": label, "ms": ms, "times": times})
+            ms, times, host_ms = time_backend_only(h, w, t, args, skip)
+            results.append(
+                {
+                    "shape": shape,
+                    "method": label,
+                    "ms": ms,
+                    "times": times,
+                    "host_ms": host_ms,
+                }
+            )
             if floor_ms:
                 results[-1]["x_floor"] = ms / floor_ms
-            print(f"[{key}] {label}: {ms:.2f} ms", flush=True)
+            print(
+                f"[{key}] {label}: {ms:.2f} ms (host enqueue {host_ms:.2f} ms)",
+                flush=True,
+            )
     if args.profile:
         try:
             print(f"[{key}] per-kernel device ms of one call of ours:")
@@ -354,6 +394,11 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-ref", action="store_true")
+    ap.add_argument(
+        "--ignored-demo",
+        action="store_true",
+        help="backend call with half the labels ignored: skipped (one host sync) or not",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = dict(_native.cuda_device_info(torch.cuda.current_device()))
@@ -380,6 +425,21 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
     print_table(results)
+    if args.ignored_demo:
+        for key in args.shapes.split(","):
+            n, hd, v = SHAPES[key]
+            h, w, t = make_inputs(n, hd, v, gen)
+            t[::2] = -100
+            for label, skip in (
+                ("skipped (1 host sync)", None),
+                ("computed (no sync)", False),
+            ):
+                ms, _, _ = time_backend_only(h, w, t, args, skip)
+                print(
+                    f"[{key}] half the labels ignored, {label}: {ms:.2f} ms", flush=True
+                )
+            del h, w, t
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

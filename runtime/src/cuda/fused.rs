@@ -26,11 +26,26 @@ pub struct Tuning {
     pub dh_splits: Option<u64>,
     pub slice_bytes: Option<u32>,
     pub block: Option<u32>,
+    pub max_cluster: Option<u32>,
     pub generic: bool,
 }
 
-/// Split-K factor of the dh product when not tuned.
-pub const DEFAULT_DH_SPLITS: u64 = 1;
+/// Split-K factor of the dh product: the product has only rows x hidden outputs (a few
+/// hundred 256x128 tiles), so one wave too many idles up to half the GPU; splitting the
+/// vocabulary multiplies the tiles. The smallest split (1 to 4) whose last wave is at
+/// least 85% full, else the fullest.
+pub fn dh_splits(rows: u64, hidden: u64, sm_count: u64) -> u64 {
+    let tiles = hidden.div_ceil(256) * rows.div_ceil(128);
+    let fill = |s: u64| {
+        let waves = (s * tiles) as f64 / sm_count.max(1) as f64;
+        waves / waves.ceil()
+    };
+    (1..=4).find(|s| fill(*s) >= 0.85).unwrap_or_else(|| {
+        (1..=4)
+            .max_by(|a, b| fill(*a).total_cmp(&fill(*b)))
+            .unwrap_or(1)
+    })
+}
 /// Shared memory per block of the cluster loss kernel: two blocks fit on an H100 SM.
 const DEFAULT_SLICE_BYTES: u32 = 100 * 1024;
 const DEFAULT_BLOCK: u32 = 512;
@@ -65,22 +80,43 @@ pub struct Call {
     pub scale: f32,
     pub softcap: f32,
     pub compute_grads: bool,
+    /// Multiprocessors of the device (sizes the dh split; passed in so that Python's
+    /// workspace query and the call plan identically).
+    pub sm_count: u64,
     pub tuning: Tuning,
 }
 
 impl Call {
     pub fn shape(&self) -> Shape {
-        Shape {
-            rows: self.rows,
-            hidden: self.hidden,
-            vocab: self.vocab,
-            elem_bytes: self.dtype.bytes(),
-            has_bias: self.bias != 0,
-            compute_grads: self.compute_grads,
-            gathered: self.row_map != 0,
-            dh_splits: self.tuning.dh_splits.unwrap_or(DEFAULT_DH_SPLITS),
-        }
+        resolve_shape(
+            Shape {
+                rows: self.rows,
+                hidden: self.hidden,
+                vocab: self.vocab,
+                elem_bytes: self.dtype.bytes(),
+                has_bias: self.bias != 0,
+                compute_grads: self.compute_grads,
+                gathered: self.row_map != 0,
+                dh_splits: 1,
+            },
+            self.budget,
+            self.sm_count,
+            self.tuning.dh_splits,
+        )
     }
+}
+
+/// Fixes the dh split: the tuned one, else the one that fills the GPU's waves for the chunk
+/// size a split of 1 gives (a larger split shrinks chunks only slightly).
+pub fn resolve_shape(mut shape: Shape, budget: u64, sm_count: u64, tuned: Option<u64>) -> Shape {
+    shape.dh_splits = match tuned {
+        Some(s) => s.clamp(1, 16),
+        None if shape.compute_grads => {
+            dh_splits(shape.plan(budget).chunk_rows, shape.hidden, sm_count)
+        }
+        None => 1,
+    };
+    shape
 }
 
 // Kernel parameter blocks; the layouts match the structs in kernels/fused_ce.cu.
@@ -170,9 +206,14 @@ pub fn loss_launch(
     }
     let limit = (dev.max_smem_optin - 2048).max(4096) as u64;
     let slice_bytes = (tuning.slice_bytes.unwrap_or(DEFAULT_SLICE_BYTES) as u64).clamp(4096, limit);
+    let max_cluster = tuning.max_cluster.unwrap_or(16).clamp(1, 16) as u64;
     let mut cluster = (vocab * 4).div_ceil(slice_bytes);
-    if cluster > 16 {
-        return Ok(LossLaunch::Rows { block });
+    if cluster > max_cluster {
+        // Fewer, larger slices (fewer blocks per SM) rather than an oversized cluster.
+        cluster = max_cluster;
+        if (vocab.div_ceil(cluster) + 4) * 4 > limit {
+            return Ok(LossLaunch::Rows { block });
+        }
     }
     let slice = vocab.div_ceil(cluster).div_ceil(4) * 4;
     cluster = vocab.div_ceil(slice);
@@ -490,4 +531,22 @@ pub fn run(call: &Call) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dh_splits;
+
+    #[test]
+    fn dh_split_fills_the_waves() {
+        // 4 x 33 = 132 tiles on 132 SMs: one full wave -> no split.
+        assert_eq!(dh_splits(128 * 33, 1024, 132), 1);
+        // 16 x 13 = 208 tiles: 1.58 waves (79% full); split 2: 3.15 waves (79%);
+        // split 3: 4.73 waves (95%).
+        assert_eq!(dh_splits(1664, 4096, 132), 3);
+        // Always within 1..=4.
+        for rows in [64, 500, 1000, 5000] {
+            assert!((1..=4).contains(&dh_splits(rows, 2304, 132)));
+        }
+    }
 }
