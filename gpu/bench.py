@@ -34,8 +34,9 @@ SHAPES = {
     "C": (16384, 2048, 151936),
 }
 GIB = 1 << 30
-# The op's scratch budget: 1 GiB, less the autograd wrapper's small tensors.
-BUDGET = GIB - (48 << 20)
+# The op's scratch budget: 1 GiB, less room for the wrapper's small tensors (row loss,
+# row order, counts: about 1 MiB at these shapes) and the allocator's 2 MiB rounding.
+BUDGET = GIB - (16 << 20)
 
 
 def stock(h, w, t):
@@ -189,11 +190,9 @@ def profile_ours(h, w, t, tuning):
 
 
 VARIANTS = {
-    "ours dh_splits=1": {"dh_splits": 1},
-    "ours dh_splits=2": {"dh_splits": 2},
-    "ours clusters of <= 8": {"max_cluster": 8},
-    "ours slice=72K": {"slice_bytes": 72 * 1024},
-    "ours generic rows kernel": {"generic": True},
+    "ours, pipelined clusters": {"pipelined": True},
+    "ours, one block per row": {"generic": True},
+    "ours, dh_splits=2": {"dh_splits": 2},
 }
 
 

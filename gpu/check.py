@@ -210,6 +210,23 @@ CASES = {
         "softcap": 30.0,
         "tuning": {"generic": True},
     },
+    "v151936 pipelined clusters": {
+        "n": 700,
+        "h": 256,
+        "v": 151936,
+        "ignored": 0.2,
+        "skip_ignored": False,
+        "tuning": {"pipelined": True},
+    },
+    "v32000 pipelined bias softcap": {
+        "n": 999,
+        "h": 128,
+        "v": 32000,
+        "bias": True,
+        "softcap": 15.0,
+        "smoothing": 0.1,
+        "tuning": {"pipelined": True},
+    },
     "v128256 dh split 3": {"n": 700, "h": 256, "v": 128256, "tuning": {"dh_splits": 3}},
     "v32000 fp16 gs=1": {
         "n": 700,

@@ -402,6 +402,166 @@ __device__ void ce_rows_cluster(const CeParams& p) {
 #endif
 }
 
+// ---- loss kernel, persistent clusters with a prefetched row (sm_90) ----------------------
+//
+// The same split of a row over a cluster, but each cluster loops over rows (row r, r + G,
+// ... for G resident clusters) with two shared-memory buffers: while it reduces and writes
+// one row, the next row is already on its way into the other buffer (cp.async), so loads,
+// arithmetic and stores of different rows overlap. Every row passes one cluster barrier
+// (ignored rows too, so that the barrier count stays uniform): it orders all blocks' reads
+// of the row before any in-place write, and it orders a block's reading of its peers'
+// statistics (double-buffered) before their reuse two rows later.
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Starts copying this block's slice of row r (if r is a row of the chunk) into buf.
+__device__ __forceinline__ void prefetch_slice(const CeParams& p, float* buf, int r, int rows, int begin, int n) {
+    if (r < rows) {
+        const float* src = p.logits + (i64)r * p.ld_logits + begin;
+        const int n4 = n >> 2;
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(buf + 4 * i, src + 4 * i);
+        for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) cp_async4(buf + i, src + i);
+    }
+    cp_async_commit();  // an empty group past the last row keeps wait_group's count uniform
+}
+#endif
+
+template <class D>
+__device__ void ce_rows_pipelined(const CeParams& p, int rows) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ float4 smem4[];
+    __shared__ float scratch[64];
+    __shared__ float stats[2][4];  // per buffer: this block's max, sum exp, sum z, target z
+    __shared__ float merged[3];
+    const unsigned rank = cluster_rank(), cs = cluster_size();
+    const int V = p.vocab;
+    const int begin = min(V, (int)rank * p.slice), end = min(V, begin + p.slice), n = end - begin;
+    const int n4 = n >> 2;
+    float* const buf0 = (float*)smem4;  // buffer b starts at buf0 + b * slice
+    const int first = blockIdx.x / cs, stride = gridDim.x / cs;
+
+    prefetch_slice(p, buf0, first, rows, begin, n);
+    int k = 0;
+    for (int r = first; r < rows; r += stride, ++k) {
+        const int b = k & 1;
+        float* zs = buf0 + b * p.slice;
+        float4* z4 = (float4*)zs;
+        prefetch_slice(p, buf0 + (b ^ 1) * p.slice, r + stride, rows, begin, n);
+        cp_async_wait_one();  // this row's slice has landed (the next one may still fly)
+        __syncthreads();
+
+        const i64 pos = p.row0 + r;
+        const i64 tgt = p.targets[pos];
+        const i64 out_row = p.row_map ? p.row_map[pos] : pos;
+        const bool ignored = tgt == p.ignore_index;
+        const bool tgt_ok = tgt >= 0 && tgt < V;
+        if (!ignored) {
+            float m = -INFINITY, sum_z = 0.f, zt = 0.f;
+            for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+                const int j = begin + 4 * i;
+                float4 z = z4[i];
+                z.x = transform<D>(p, z.x, j);
+                z.y = transform<D>(p, z.y, j + 1);
+                z.z = transform<D>(p, z.z, j + 2);
+                z.w = transform<D>(p, z.w, j + 3);
+                z4[i] = z;
+                m = fmaxf(m, fmaxf(fmaxf(z.x, z.y), fmaxf(z.z, z.w)));
+                sum_z += (z.x + z.y) + (z.z + z.w);
+                if (tgt >= j && tgt < j + 4) zt = tgt == j ? z.x : tgt == j + 1 ? z.y : tgt == j + 2 ? z.z : z.w;
+            }
+            for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
+                const float z = transform<D>(p, zs[i], begin + i);
+                zs[i] = z;
+                m = fmaxf(m, z);
+                sum_z += z;
+                if (begin + i == tgt) zt = z;
+            }
+            const float m_b = block_reduce<true>(m, scratch);  // its barriers publish zs
+            float s = 0.f;
+            for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+                const float4 z = z4[i];
+                s += (__expf(z.x - m_b) + __expf(z.y - m_b)) + (__expf(z.z - m_b) + __expf(z.w - m_b));
+            }
+            for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) s += __expf(zs[i] - m_b);
+            s = block_reduce<false>(s, scratch);
+            sum_z = block_reduce<false>(sum_z, scratch);
+            zt = block_reduce<false>(zt, scratch);
+            if (threadIdx.x == 0) {
+                stats[b][0] = m_b;
+                stats[b][1] = s;
+                stats[b][2] = sum_z;
+                stats[b][3] = zt;
+            }
+        }
+        cluster_arrive();  // every block has its slice of row r in smem and its stats out
+        cluster_wait();
+        if (ignored) {
+            write_ignored_row<D>(p, pos, out_row, r, begin, end, rank == 0 && threadIdx.x == 0);
+        } else {
+            if (threadIdx.x < 32) {
+                float pm = -INFINITY, ps = 0.f, psz = 0.f, pzt = 0.f;
+                if (threadIdx.x < cs) {
+                    pm = ld_peer(&stats[b][0], threadIdx.x);
+                    ps = ld_peer(&stats[b][1], threadIdx.x);
+                    psz = ld_peer(&stats[b][2], threadIdx.x);
+                    pzt = ld_peer(&stats[b][3], threadIdx.x);
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    float m2 = __shfl_xor_sync(0xffffffffu, pm, o), s2 = __shfl_xor_sync(0xffffffffu, ps, o);
+                    lse_merge(pm, ps, m2, s2);
+                }
+                psz = warp_sum(psz);
+                pzt = warp_sum(pzt);
+                if (threadIdx.x == 0) {
+                    merged[0] = pm + logf(ps);
+                    merged[1] = psz;
+                    merged[2] = pzt;
+                }
+            }
+            __syncthreads();
+            const float lse = merged[0], zt = merged[2];
+            if (rank == 0 && threadIdx.x == 0) {
+                p.row_loss[out_row] = tgt_ok ? row_loss_value(p, lse, zt, merged[1]) : QUIET_NAN;
+            }
+            if (p.compute_grads) {
+                const float g = p.grad_scale[pos * p.gs_stride] * p.scale;
+                if (rank == 0 && threadIdx.x == 0) {
+                    p.target_grad[pos] = tgt_ok ? g * target_grad_value(p, zt, lse) : QUIET_NAN;
+                }
+                typename D::T* drow = (typename D::T*)(p.logits + (i64)r * p.ld_logits) + begin;
+                for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+                    const float4 z = z4[i];
+                    const int j = begin + 4 * i;
+                    float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
+                    float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
+                    if (tgt == j) d0 = 0.f;
+                    if (tgt == j + 1) d1 = 0.f;
+                    if (tgt == j + 2) d2 = 0.f;
+                    if (tgt == j + 3) d3 = 0.f;
+                    D::store4(drow + 4 * i, d0, d1, d2, d3);
+                }
+                for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
+                    drow[i] = D::store(begin + i == tgt ? 0.f : g * dense_grad(p, zs[i], lse));
+                }
+            }
+        }
+        __syncthreads();  // done with this buffer and with merged[]: the next prefetch reuses it
+    }
+    cluster_arrive();  // peers may still read this block's stats: leave together
+    cluster_wait();
+#else
+    __trap();
+#endif
+}
+
 // ---- dh: sum the split-K partials, add the target column's term, cast, scatter ---------
 
 struct DhParams {
@@ -515,6 +675,10 @@ __device__ void fill(void* dst, i64 n, float value) {
     extern "C" __global__ void __launch_bounds__(1024) ce_rows_##SUFFIX(const CeParams p) { ce_rows<D>(p); } \
     extern "C" __global__ void __launch_bounds__(1024) ce_rows_cluster_##SUFFIX(const CeParams p) {    \
         ce_rows_cluster<D>(p);                                                                          \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024, 1) ce_rows_pipelined_##SUFFIX(const CeParams p,  \
+                                                                                   int rows) {          \
+        ce_rows_pipelined<D>(p, rows);                                                                  \
     }                                                                                                   \
     extern "C" __global__ void dh_finish_##SUFFIX(const DhParams p) { dh_finish<D>(p); }               \
     extern "C" __global__ void target_scatter_##SUFFIX(const ScatterParams p) { target_scatter<D>(p); } \

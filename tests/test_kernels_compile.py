@@ -11,6 +11,7 @@ from forward_rewrite import _cuda, _native
 KERNELS = [
     "ce_rows",
     "ce_rows_cluster",
+    "ce_rows_pipelined",
     "dh_finish",
     "target_scatter",
     "gather_rows",

@@ -187,7 +187,7 @@ def fused_ce_tuned(
 ):
     """``fused_ce`` with the knobs the GPU scripts turn: ``skip_ignored`` (None: skip unless
     the stream is capturing) and ``tuning`` (dh_splits, slice_bytes, block, max_cluster,
-    generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
+    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
     n, h, v = _check(hidden, weight, bias, targets, grad_scale, compute_grads)
     if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, int):
         raise TypeError(
@@ -257,7 +257,6 @@ def fused_ce_tuned(
         if compute_grads:
             # Rows sorted by target: dW's target rows are summed per target (no atomics).
             order = torch.argsort(rows_targets, stable=True)
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         ws_bytes, _ = _native.cuda_workspace_bytes(
             rows=rows,
             hidden=h,
@@ -267,7 +266,6 @@ def fused_ce_tuned(
             compute_grads=bool(compute_grads),
             gathered=row_map is not None,
             chunk_budget_bytes=chunk_budget_bytes,
-            sm_count=sm_count,
             dh_splits=tuning.get("dh_splits"),
         )
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
@@ -306,11 +304,11 @@ def fused_ce_tuned(
             softcap=softcap,
             compute_grads=bool(compute_grads),
             chunk_budget_bytes=chunk_budget_bytes,
-            sm_count=sm_count,
             dh_splits=tuning.get("dh_splits"),
             slice_bytes=tuning.get("slice_bytes"),
             block=tuning.get("block"),
             max_cluster=tuning.get("max_cluster"),
+            pipelined=tuning.get("pipelined"),
             generic=bool(tuning.get("generic", False)),
         )
     return row_loss, dh, dw, db

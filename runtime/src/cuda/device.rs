@@ -59,6 +59,7 @@ impl Dtype {
 pub struct Kernels {
     pub ce_rows: drv_sys::CUfunction,
     pub ce_rows_cluster: drv_sys::CUfunction,
+    pub ce_rows_pipelined: drv_sys::CUfunction,
     pub dh_finish: drv_sys::CUfunction,
     pub target_scatter: drv_sys::CUfunction,
     pub gather_rows: drv_sys::CUfunction,
@@ -75,8 +76,9 @@ pub struct Device {
     pub target: String,
     pub blas: blas_sys::cublasHandle_t,
     kernels: HashMap<Dtype, Kernels>,
-    /// Cluster kernel configurations already checked: (dtype, cluster size, smem, block) -> fits.
-    pub cluster_fits: HashMap<(Dtype, u32, u32, u32), bool>,
+    /// Cluster kernel configurations already checked: (kernel, cluster size, smem, block)
+    /// -> how many clusters can be resident (0: cannot run).
+    pub cluster_capacity: HashMap<(usize, u32, u32, u32), i32>,
 }
 
 // SAFETY: the raw handles are only used while holding the state's mutex.
@@ -134,6 +136,7 @@ impl Device {
             let k = Kernels {
                 ce_rows: f("ce_rows")?,
                 ce_rows_cluster: f("ce_rows_cluster")?,
+                ce_rows_pipelined: f("ce_rows_pipelined")?,
                 dh_finish: f("dh_finish")?,
                 target_scatter: f("target_scatter")?,
                 gather_rows: f("gather_rows")?,
@@ -142,19 +145,21 @@ impl Device {
             };
             if cc >= 90 {
                 use drv_sys::CUfunction_attribute::*;
-                unsafe {
-                    drv::function::set_function_attribute(
-                        k.ce_rows_cluster,
-                        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        max_smem_optin - 2048, // room for the kernel's static shared memory
-                    )
-                    .context("raising the cluster kernel's shared memory limit")?;
-                    drv::function::set_function_attribute(
-                        k.ce_rows_cluster,
-                        CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                        1,
-                    )
-                    .context("allowing clusters of up to 16 blocks")?;
+                for f in [k.ce_rows_cluster, k.ce_rows_pipelined] {
+                    unsafe {
+                        drv::function::set_function_attribute(
+                            f,
+                            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            max_smem_optin - 2048, // room for the kernel's static shared memory
+                        )
+                        .context("raising the cluster kernels' shared memory limit")?;
+                        drv::function::set_function_attribute(
+                            f,
+                            CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                            1,
+                        )
+                        .context("allowing clusters of up to 16 blocks")?;
+                    }
                 }
             }
             kernels.insert(dtype, k);
@@ -168,7 +173,7 @@ impl Device {
             target,
             blas,
             kernels,
-            cluster_fits: HashMap::new(),
+            cluster_capacity: HashMap::new(),
         })
     }
 }

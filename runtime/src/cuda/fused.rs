@@ -27,25 +27,15 @@ pub struct Tuning {
     pub slice_bytes: Option<u32>,
     pub block: Option<u32>,
     pub max_cluster: Option<u32>,
+    pub pipelined: Option<bool>,
     pub generic: bool,
 }
 
-/// Split-K factor of the dh product: the product has only rows x hidden outputs (a few
-/// hundred 256x128 tiles), so one wave too many idles up to half the GPU; splitting the
-/// vocabulary multiplies the tiles. The smallest split (1 to 4) whose last wave is at
-/// least 85% full, else the fullest.
-pub fn dh_splits(rows: u64, hidden: u64, sm_count: u64) -> u64 {
-    let tiles = hidden.div_ceil(256) * rows.div_ceil(128);
-    let fill = |s: u64| {
-        let waves = (s * tiles) as f64 / sm_count.max(1) as f64;
-        waves / waves.ceil()
-    };
-    (1..=4).find(|s| fill(*s) >= 0.85).unwrap_or_else(|| {
-        (1..=4)
-            .max_by(|a, b| fill(*a).total_cmp(&fill(*b)))
-            .unwrap_or(1)
-    })
-}
+/// Split-K factor of the dh product when not tuned. cuBLAS already splits K itself for
+/// these skinny products; our own split (a strided-batched call) was measured slower on the
+/// H100 at all three benchmark shapes, and at (8192, 2304, 256000) cuBLAS then picked an
+/// sm_75 kernel that took 91 ms instead of 13.
+pub const DEFAULT_DH_SPLITS: u64 = 1;
 /// Shared memory per block of the cluster loss kernel: two blocks fit on an H100 SM.
 const DEFAULT_SLICE_BYTES: u32 = 100 * 1024;
 const DEFAULT_BLOCK: u32 = 512;
@@ -80,43 +70,26 @@ pub struct Call {
     pub scale: f32,
     pub softcap: f32,
     pub compute_grads: bool,
-    /// Multiprocessors of the device (sizes the dh split; passed in so that Python's
-    /// workspace query and the call plan identically).
-    pub sm_count: u64,
     pub tuning: Tuning,
 }
 
 impl Call {
     pub fn shape(&self) -> Shape {
-        resolve_shape(
-            Shape {
-                rows: self.rows,
-                hidden: self.hidden,
-                vocab: self.vocab,
-                elem_bytes: self.dtype.bytes(),
-                has_bias: self.bias != 0,
-                compute_grads: self.compute_grads,
-                gathered: self.row_map != 0,
-                dh_splits: 1,
-            },
-            self.budget,
-            self.sm_count,
-            self.tuning.dh_splits,
-        )
-    }
-}
-
-/// Fixes the dh split: the tuned one, else the one that fills the GPU's waves for the chunk
-/// size a split of 1 gives (a larger split shrinks chunks only slightly).
-pub fn resolve_shape(mut shape: Shape, budget: u64, sm_count: u64, tuned: Option<u64>) -> Shape {
-    shape.dh_splits = match tuned {
-        Some(s) => s.clamp(1, 16),
-        None if shape.compute_grads => {
-            dh_splits(shape.plan(budget).chunk_rows, shape.hidden, sm_count)
+        Shape {
+            rows: self.rows,
+            hidden: self.hidden,
+            vocab: self.vocab,
+            elem_bytes: self.dtype.bytes(),
+            has_bias: self.bias != 0,
+            compute_grads: self.compute_grads,
+            gathered: self.row_map != 0,
+            dh_splits: self
+                .tuning
+                .dh_splits
+                .unwrap_or(DEFAULT_DH_SPLITS)
+                .clamp(1, 16),
         }
-        None => 1,
-    };
-    shape
+    }
 }
 
 // Kernel parameter blocks; the layouts match the structs in kernels/fused_ce.cu.
@@ -184,6 +157,16 @@ fn arg<T>(v: &mut T) -> *mut c_void {
 /// How the loss kernel runs for this vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossLaunch {
+    /// `clusters` resident clusters of `cluster` blocks loop over the rows, each block
+    /// holding `slice` vocabulary entries of two rows (one computed, one arriving). Opt-in
+    /// (`Tuning::pipelined`): measured slower than `Cluster` on the H100 (10.9 ms against
+    /// 7.0 ms per call at (16384, 4096, 128256)): one block per SM with clusters of 8.
+    Pipelined {
+        cluster: u32,
+        slice: u32,
+        block: u32,
+        clusters: u32,
+    },
     /// One cluster of `cluster` blocks per row, `slice` vocabulary entries per block.
     Cluster {
         cluster: u32,
@@ -192,6 +175,24 @@ pub enum LossLaunch {
     },
     /// One block per row, reading the row twice.
     Rows { block: u32 },
+}
+
+/// Resident clusters of kernel `f` for a configuration, measured once per configuration.
+fn capacity(
+    dev: &mut Device,
+    f: drv_sys::CUfunction,
+    cluster: u32,
+    block: u32,
+    smem: u32,
+) -> Result<i32> {
+    let key = (f as usize, cluster, smem, block);
+    if let Some(c) = dev.cluster_capacity.get(&key) {
+        return Ok(*c);
+    }
+    // SAFETY: a kernel of the loaded module.
+    let c = unsafe { device::max_active_clusters(f, cluster, block, smem)? };
+    dev.cluster_capacity.insert(key, c);
+    Ok(c)
 }
 
 pub fn loss_launch(
@@ -205,6 +206,30 @@ pub fn loss_launch(
         return Ok(LossLaunch::Rows { block });
     }
     let limit = (dev.max_smem_optin - 2048).max(4096) as u64;
+    if tuning.pipelined == Some(true) {
+        // The smallest power-of-two cluster whose two slices fit one block's shared memory:
+        // one block per SM, and clusters of 1 to 8 pack the GPCs' SMs well.
+        let pipe_block = tuning.block.unwrap_or(1024).clamp(64, 1024) / 32 * 32;
+        for cluster in [1u64, 2, 4, 8] {
+            let slice = vocab.div_ceil(cluster).div_ceil(4) * 4;
+            if 2 * slice * 4 > limit {
+                continue;
+            }
+            let cluster = vocab.div_ceil(slice) as u32;
+            let smem = (2 * slice * 4) as u32;
+            let f = dev.kernels(dtype).ce_rows_pipelined;
+            let clusters = capacity(dev, f, cluster, pipe_block, smem)?;
+            if clusters > 0 {
+                return Ok(LossLaunch::Pipelined {
+                    cluster,
+                    slice: slice as u32,
+                    block: pipe_block,
+                    clusters: clusters as u32,
+                });
+            }
+            break;
+        }
+    }
     let slice_bytes = (tuning.slice_bytes.unwrap_or(DEFAULT_SLICE_BYTES) as u64).clamp(4096, limit);
     let max_cluster = tuning.max_cluster.unwrap_or(16).clamp(1, 16) as u64;
     let mut cluster = (vocab * 4).div_ceil(slice_bytes);
@@ -216,26 +241,10 @@ pub fn loss_launch(
         }
     }
     let slice = vocab.div_ceil(cluster).div_ceil(4) * 4;
-    cluster = vocab.div_ceil(slice);
-    let (cluster, slice) = (cluster as u32, slice as u32);
-    let key = (dtype, cluster, slice * 4, block);
-    let fits = match dev.cluster_fits.get(&key) {
-        Some(f) => *f,
-        None => {
-            // SAFETY: a kernel of the loaded module.
-            let f = unsafe {
-                device::max_active_clusters(
-                    dev.kernels(dtype).ce_rows_cluster,
-                    cluster,
-                    block,
-                    slice * 4,
-                )?
-            } > 0;
-            dev.cluster_fits.insert(key, f);
-            f
-        }
-    };
-    Ok(if fits {
+    let cluster = vocab.div_ceil(slice) as u32;
+    let slice = slice as u32;
+    let f = dev.kernels(dtype).ce_rows_cluster;
+    Ok(if capacity(dev, f, cluster, block, slice * 4)? > 0 {
         LossLaunch::Cluster {
             cluster,
             slice,
@@ -412,6 +421,29 @@ pub fn run(call: &Call) -> Result<()> {
             pad: 0,
         };
         match launch_kind {
+            LossLaunch::Pipelined {
+                cluster,
+                slice,
+                block,
+                clusters,
+            } => {
+                p.slice = slice as i32;
+                let mut rows_arg = rows as i32;
+                unsafe {
+                    launch(
+                        k.ce_rows_pipelined,
+                        Launch {
+                            grid: (clusters.min(rows as u32) * cluster, 1, 1),
+                            block,
+                            smem: 2 * slice * 4,
+                            cluster: Some(cluster),
+                        },
+                        stream,
+                        &mut [arg(&mut p), arg(&mut rows_arg)],
+                        "the loss kernel (pipelined clusters)",
+                    )?
+                };
+            }
             LossLaunch::Cluster {
                 cluster,
                 slice,
@@ -531,22 +563,4 @@ pub fn run(call: &Call) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::dh_splits;
-
-    #[test]
-    fn dh_split_fills_the_waves() {
-        // 4 x 33 = 132 tiles on 132 SMs: one full wave -> no split.
-        assert_eq!(dh_splits(128 * 33, 1024, 132), 1);
-        // 16 x 13 = 208 tiles: 1.58 waves (79% full); split 2: 3.15 waves (79%);
-        // split 3: 4.73 waves (95%).
-        assert_eq!(dh_splits(1664, 4096, 132), 3);
-        // Always within 1..=4.
-        for rows in [64, 500, 1000, 5000] {
-            assert!((1..=4).contains(&dh_splits(rows, 2304, 132)));
-        }
-    }
 }

@@ -32,7 +32,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// (workspace bytes, rows per chunk) for a call: Python allocates that many bytes with torch.
 #[pyfunction]
-#[pyo3(signature = (*, rows, hidden, vocab, dtype, has_bias, compute_grads, gathered, chunk_budget_bytes, sm_count, dh_splits=None))]
+#[pyo3(signature = (*, rows, hidden, vocab, dtype, has_bias, compute_grads, gathered, chunk_budget_bytes, dh_splits=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_workspace_bytes(
     rows: u64,
@@ -43,7 +43,6 @@ fn cuda_workspace_bytes(
     compute_grads: bool,
     gathered: bool,
     chunk_budget_bytes: u64,
-    sm_count: u64,
     dh_splits: Option<u64>,
 ) -> PyResult<(u64, u64)> {
     let shape = plan::Shape {
@@ -54,9 +53,8 @@ fn cuda_workspace_bytes(
         has_bias,
         compute_grads,
         gathered,
-        dh_splits: 1,
+        dh_splits: dh_splits.unwrap_or(fused::DEFAULT_DH_SPLITS).clamp(1, 16),
     };
-    let shape = fused::resolve_shape(shape, chunk_budget_bytes, sm_count, dh_splits);
     let p = shape.plan(chunk_budget_bytes);
     Ok((p.total_bytes, p.chunk_rows))
 }
@@ -67,7 +65,7 @@ fn cuda_workspace_bytes(
 #[pyo3(signature = (*, device, stream, dtype, rows, hidden, vocab, hidden_ptr, ld_hidden, weight, bias,
     targets, row_map, order, grad_scale, grad_scale_stride, row_loss, dh, dw, db, workspace,
     workspace_bytes, ignore_index, label_smoothing, scale, softcap, compute_grads, chunk_budget_bytes,
-    sm_count, dh_splits=None, slice_bytes=None, block=None, max_cluster=None, generic=false))]
+    dh_splits=None, slice_bytes=None, block=None, max_cluster=None, pipelined=None, generic=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_fused_ce(
     py: Python<'_>,
@@ -98,11 +96,11 @@ fn cuda_fused_ce(
     softcap: f32,
     compute_grads: bool,
     chunk_budget_bytes: u64,
-    sm_count: u64,
     dh_splits: Option<u64>,
     slice_bytes: Option<u32>,
     block: Option<u32>,
     max_cluster: Option<u32>,
+    pipelined: Option<bool>,
     generic: bool,
 ) -> PyResult<()> {
     let call = Call {
@@ -133,12 +131,12 @@ fn cuda_fused_ce(
         scale,
         softcap,
         compute_grads,
-        sm_count,
         tuning: Tuning {
             dh_splits,
             slice_bytes,
             block,
             max_cluster,
+            pipelined,
             generic,
         },
     };

@@ -12,6 +12,8 @@ const ALIGN: u64 = 256;
 /// measured slower on the H100 at (16384, 4096, 128256): one chunk more than 64 allows, and
 /// every chunk re-reads W and re-writes dW.)
 const ROW_QUANTUM: u64 = 64;
+/// Preferred multiple of rows per chunk (see `plan`).
+const TILE_ROWS: u64 = 192;
 /// Upper bound on rows per chunk (kernel grids put rows on the y dimension).
 const MAX_CHUNK_ROWS: u64 = 32768;
 
@@ -114,9 +116,16 @@ impl Shape {
         max_rows = max_rows.clamp(ROW_QUANTUM, MAX_CHUNK_ROWS);
         let rows = self.rows.max(1);
         let chunks = rows.div_ceil(max_rows);
-        let chunk_rows = round_up(rows.div_ceil(chunks), ROW_QUANTUM)
-            .min(max_rows)
-            .min(rows);
+        // Balanced chunks; a multiple of 192 rows when that adds no chunk (cuBLAS's H100
+        // kernels tile this dimension by 192 or 128: at (8192, 2304, 256000), 960-row chunks
+        // ran the logits product 20% faster than 832-row ones).
+        let even = rows.div_ceil(chunks);
+        let chunk_rows = if round_up(even, TILE_ROWS) <= max_rows {
+            round_up(even, TILE_ROWS)
+        } else {
+            round_up(even, ROW_QUANTUM).min(max_rows)
+        }
+        .min(rows);
         let chunks = rows.div_ceil(chunk_rows);
 
         let mut at = 0u64;
