@@ -8,8 +8,8 @@ Methods: ours (forward_rewrite's CUDA backend through a small autograd wrapper),
 cross-entropy, unsloth-zoo's fused loss (`unsloth_fused_ce_loss`), Cut Cross-Entropy
 (`linear_cross_entropy`, defaults), and the floor: the three bf16 GEMMs every exact method
 runs (logits = h W^T, dh = dlogits W, dW = dlogits^T h). Median of CUDA-event timings after
-warm-up, the methods interleaved round-robin so that drift in clocks and temperature during
-the run hits all of them alike; extra GiB = peak allocated minus (inputs + the gradients' own size); errors against
+warm-up, the methods interleaved in a random order each round, each after a 50 ms rest (see
+`interleaved`); extra GiB = peak allocated minus (inputs + the gradients' own size); errors against
 a float64 reference (loss: relative error of the scalar; dh, dW: relative norm error).
 """
 
@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -132,18 +133,22 @@ def measure_once(fn, h, w, t):
     return extra, out
 
 
-def interleaved(steps, iters, warmup):
-    """Times every step `iters` times, round-robin (each round starts one method later), so
-    that clock and temperature drift during the run hits all methods alike."""
+def interleaved(steps, iters, warmup, rest_s=0.05):
+    """Times every step `iters` times, in a fresh random order each round, each after a
+    short rest. The H100's clocks follow its recent power draw: a method timed right after
+    the floor's three GEMMs ran up to 13% slower than the same method timed after a lighter
+    one, so a fixed order (or a method's own back-to-back loop) biases the comparison."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     torch.cuda.synchronize()
-    names = list(steps)
-    times = {name: [] for name in names}
-    for r in range(iters):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
+    order = list(steps)
+    rng = random.Random(0)
+    times = {name: [] for name in order}
+    for _ in range(iters):
+        rng.shuffle(order)
+        for name in order:
+            time.sleep(rest_s)
             a, b = (
                 torch.cuda.Event(enable_timing=True),
                 torch.cuda.Event(enable_timing=True),

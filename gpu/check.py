@@ -9,7 +9,8 @@ sum); gradients within 5e-3 relative (16-bit) or 1e-5 (float32), and for 16-bit 
 than the stock path's error on the same data (stock: logits in the model dtype, `.float()`,
 cross-entropy). "Never worse" allows 2% over max(stock, floor), where floor is the error of
 the float64 reference itself rounded to the output dtype: no result stored in that dtype
-can be closer, and both methods sit at it when logits are small. Then the error paths.
+can be closer, and both methods sit at it when logits are small; it is checked on gradients
+of at least 10,000 elements (on fewer, one rounding decides it). Then the error paths.
 Exit status 1 if anything fails.
 """
 
@@ -22,6 +23,7 @@ from forward_rewrite import _cuda, _native
 
 FAILURES = []
 GIB = 1 << 30
+MIN_ELEMENTS_TO_COMPARE = 10_000
 
 
 def fail(msg):
@@ -121,7 +123,10 @@ def run_case(name, case, gen):
             continue
         e, es = rel(o, r), rel(s, r)
         floor = rel(r.to(o.dtype), r)
-        bound = max(es, floor) * 1.02 if sixteen else grad_tol
+        # "Never worse than stock" is a statistical statement: on a few dozen elements
+        # (the tiny case) a single rounding decides it, so there only the tolerance applies.
+        meaningful = o.numel() >= MIN_ELEMENTS_TO_COMPARE
+        bound = max(es, floor) * 1.02 if sixteen and meaningful else grad_tol
         cols.append(f"{nm} {e:.2e} (stock {es:.2e}, floor {floor:.2e})")
         if not (e <= grad_tol and e <= bound):
             fail(
