@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the GPU machine: install the wheels carried next to this folder, then run the steps.
+#   .gpu/gpu/run.sh check            correctness (gpu/check.py)
+#   .gpu/gpu/run.sh bench ARGS...    benchmark (gpu/bench.py ARGS)
+# Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
+# and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+if [[ ! -d /tmp/site/forward_rewrite ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$here"/../wheels/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export FORWARD_REWRITE_KERNEL_CACHE=/tmp/forward-rewrite-kernels
+step="$1"
+shift
+case "$step" in
+  check) python3 "$here/check.py" "$@" 2>&1 | tee -a "$OUT/check.log" ;;
+  bench) python3 "$here/bench.py" --out "$OUT/bench.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac

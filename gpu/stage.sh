@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Here (no GPU needed): build the abi3 wheel and stage it, the competitors' wheels and the
+# GPU scripts into the folder that travels to the GPU machine.
+#   gpu/stage.sh DEST            DEST defaults to ../main/.gpu (ignored by git there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest="${1:-../main/.gpu}"
+rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/gpu"
+"${MATURIN:-maturin}" build --release --locked -m runtime/Cargo.toml -o "$dest/wheels"
+python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform any -d "$dest/wheels" \
+  liger-kernel==0.8.5 unsloth-zoo==2026.10.9 cut-cross-entropy==25.1.1
+cp gpu/*.py gpu/run.sh "$dest/gpu/"
+du -sh "$dest"

@@ -1,0 +1,314 @@
+"""The CUDA backend: Rust through cudarc (``_native.cuda_fused_ce``, runtime/src/cuda/).
+
+Same function as every backend (ARCHITECTURE.md, contract 4). Tensors are checked here
+(Python errors naming the argument); outputs and the one scratch workspace are allocated
+here with torch, on the tensors' device, so torch's allocator accounts for every byte; the
+work is enqueued on torch's current stream in torch's own (primary) context.
+
+Ignored rows are skipped: one host sync per call (``torch.nonzero``) finds the rows to
+compute, and the products run on those rows only. While the stream is being captured into
+a CUDA graph no sync is allowed; then every row goes through the products, and ignored
+rows get a zero loss and zero gradients from the kernels.
+"""
+
+import ctypes
+import glob
+import importlib.util
+import os
+
+import torch
+
+from . import _native
+
+_DTYPES = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+_NVRTC_SONAME = "libnvrtc.so.13"
+
+
+def _nvrtc_candidates():
+    """Where torch's CUDA 13 wheels put NVRTC (nvidia/cu13/lib, or the older per-library
+    nvidia/cuda_nvrtc/lib layout), then the toolkit under CUDA_HOME."""
+    roots = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots.extend(spec.submodule_search_locations)
+    found = []
+    for root in roots:
+        for sub in ("cu13/lib", "cuda_nvrtc/lib"):
+            found.extend(sorted(glob.glob(os.path.join(root, sub, "libnvrtc.so.13*"))))
+    for home in (
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        "/usr/local/cuda",
+    ):
+        if home:
+            found.extend(
+                sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so.13*")))
+            )
+    return [p for p in found if "builtins" not in os.path.basename(p)]
+
+
+_nvrtc_handle = None
+
+
+def load_nvrtc():
+    """Makes NVRTC loadable by its soname for the Rust side (cudarc dlopens
+    ``libnvrtc.so.13``): the system's if the loader finds one, else the wheel's, loaded
+    globally so the later dlopen by soname returns it. Returns the path or soname used."""
+    global _nvrtc_handle
+    if _nvrtc_handle is not None:
+        return _nvrtc_handle._name
+    errors = []
+    for name in (_NVRTC_SONAME, *_nvrtc_candidates()):
+        try:
+            _nvrtc_handle = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError as e:
+            errors.append(f"{name}: {e}")
+    raise RuntimeError(
+        "forward_rewrite CUDA backend: NVRTC (libnvrtc.so.13) was not found; install "
+        "torch's CUDA 13 wheels or a CUDA 13 toolkit. Tried: " + "; ".join(errors)
+    )
+
+
+def _check(hidden, weight, bias, targets, grad_scale, compute_grads):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected shape (N, H), got {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(
+            f"hidden: dtype {hidden.dtype} is not float32, bfloat16 or float16"
+        )
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight: expected shape (V, {h}), got {tuple(weight.shape)}")
+    v = weight.shape[0]
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias: expected shape ({v},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(
+                f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}"
+            )
+    if tuple(targets.shape) != (n,) or targets.dtype != torch.int64:
+        raise ValueError(
+            f"targets: expected int64 of shape ({n},), got {targets.dtype} {tuple(targets.shape)}"
+        )
+    named = [("hidden", hidden), ("weight", weight), ("targets", targets)]
+    if bias is not None:
+        named.append(("bias", bias))
+    if compute_grads:
+        if not isinstance(grad_scale, torch.Tensor):
+            raise TypeError(
+                "grad_scale: expected a float32 tensor when compute_grads is set"
+            )
+        if grad_scale.dtype != torch.float32 or tuple(grad_scale.shape) not in (
+            (1,),
+            (n,),
+        ):
+            raise ValueError(
+                f"grad_scale: expected float32 of shape (1,) or ({n},), "
+                f"got {grad_scale.dtype} {tuple(grad_scale.shape)}"
+            )
+        named.append(("grad_scale", grad_scale))
+    for name, t in named:
+        if t.device.type != "cuda":
+            raise ValueError(f"{name}: on {t.device}, expected a cuda tensor")
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: on {t.device}, hidden is on {hidden.device}")
+    # hidden may have padded rows (a row stride above H); its elements must be unit-stride.
+    if n > 0 and h > 0 and (hidden.stride(1) != 1 or hidden.stride(0) < h):
+        raise ValueError(
+            f"hidden: strides {hidden.stride()} are not row-major; call .contiguous() first"
+        )
+    for name, t in named[1:]:
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+    return n, h, v
+
+
+def fused_ce(
+    hidden,
+    weight,
+    bias,
+    targets,
+    *,
+    ignore_index,
+    label_smoothing,
+    scale,
+    softcap,
+    grad_scale,
+    compute_grads,
+    chunk_budget_bytes,
+):
+    """Per-row loss and (with ``compute_grads``) the gradients of
+    ``sum_i grad_scale_i * row_loss_i``; see ARCHITECTURE.md, contract 4."""
+    return fused_ce_tuned(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        scale=scale,
+        softcap=softcap,
+        grad_scale=grad_scale,
+        compute_grads=compute_grads,
+        chunk_budget_bytes=chunk_budget_bytes,
+    )
+
+
+def fused_ce_tuned(
+    hidden,
+    weight,
+    bias,
+    targets,
+    *,
+    ignore_index,
+    label_smoothing,
+    scale,
+    softcap,
+    grad_scale,
+    compute_grads,
+    chunk_budget_bytes,
+    skip_ignored=None,
+    tuning=None,
+):
+    """``fused_ce`` with the knobs the GPU scripts turn: ``skip_ignored`` (None: skip unless
+    the stream is capturing) and ``tuning`` (dh_splits, slice_bytes, block, max_cluster,
+    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
+    n, h, v = _check(hidden, weight, bias, targets, grad_scale, compute_grads)
+    if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, int):
+        raise TypeError(
+            f"chunk_budget_bytes: expected an int, got {chunk_budget_bytes!r}"
+        )
+    if chunk_budget_bytes <= 0:
+        raise ValueError(
+            f"chunk_budget_bytes: must be positive, got {chunk_budget_bytes}"
+        )
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"label_smoothing: expected a value in [0, 1], got {label_smoothing}"
+        )
+    scale = float(scale)
+    softcap = 0.0 if softcap is None else float(softcap)
+    if softcap < 0.0:
+        raise ValueError(f"softcap: expected None or a positive number, got {softcap}")
+    tuning = dict(tuning or {})
+
+    device = hidden.device
+    dtype = hidden.dtype
+    row_loss = torch.empty(n, dtype=torch.float32, device=device)
+    dh = dw = db = None
+    if compute_grads:
+        dh = torch.empty((n, h), dtype=dtype, device=device)
+        dw = torch.empty_like(weight)
+        db = torch.empty_like(bias) if bias is not None else None
+    if tuning.get("poison"):
+        # Checks: every element the backend leaves unwritten shows up as NaN.
+        for t in (row_loss, dh, dw, db):
+            if t is not None:
+                t.fill_(float("nan"))
+    if n == 0:
+        for t in (dh, dw, db):
+            if t is not None:
+                t.zero_()
+        return row_loss, dh, dw, db
+
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        if skip_ignored is None:
+            skip_ignored = not torch.cuda.is_current_stream_capturing()
+        row_map = None
+        rows_targets = targets
+        rows_scale = grad_scale
+        if skip_ignored:
+            # The one host sync: how many rows count, and which.
+            keep = torch.nonzero(targets != ignore_index).squeeze(1)
+            kept = keep.numel()
+            if kept < n:
+                row_loss.zero_()  # the kernels write the kept rows only
+                if compute_grads:
+                    dh.zero_()
+                if kept == 0:
+                    if compute_grads:
+                        dw.zero_()
+                        if db is not None:
+                            db.zero_()
+                    return row_loss, dh, dw, db
+                row_map = keep
+                rows_targets = targets.index_select(0, keep)
+                if compute_grads and grad_scale.numel() == n:
+                    rows_scale = grad_scale.index_select(0, keep)
+        rows = rows_targets.numel()
+        order = None
+        if compute_grads:
+            # Rows sorted by target: dW's target rows are summed per target (no atomics).
+            order = torch.argsort(rows_targets, stable=True)
+        ws_bytes, _ = _native.cuda_workspace_bytes(
+            rows=rows,
+            hidden=h,
+            vocab=v,
+            dtype=_DTYPES[dtype],
+            has_bias=bias is not None,
+            compute_grads=bool(compute_grads),
+            gathered=row_map is not None,
+            chunk_budget_bytes=chunk_budget_bytes,
+            dh_splits=tuning.get("dh_splits"),
+        )
+        workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
+        if tuning.get("poison"):
+            workspace.fill_(
+                0xFF
+            )  # NaN in every float32 the kernels might read unwritten
+        load_nvrtc()
+        _native.cuda_fused_ce(
+            device=device.index
+            if device.index is not None
+            else torch.cuda.current_device(),
+            stream=stream.cuda_stream,
+            dtype=_DTYPES[dtype],
+            rows=rows,
+            hidden=h,
+            vocab=v,
+            hidden_ptr=hidden.data_ptr(),
+            ld_hidden=hidden.stride(0) if n > 1 else h,
+            weight=weight.data_ptr(),
+            bias=bias.data_ptr() if bias is not None else 0,
+            targets=rows_targets.data_ptr(),
+            row_map=row_map.data_ptr() if row_map is not None else 0,
+            order=order.data_ptr() if order is not None else 0,
+            grad_scale=rows_scale.data_ptr() if compute_grads else 0,
+            grad_scale_stride=1 if compute_grads and rows_scale.numel() > 1 else 0,
+            row_loss=row_loss.data_ptr(),
+            dh=dh.data_ptr() if compute_grads else 0,
+            dw=dw.data_ptr() if compute_grads else 0,
+            db=db.data_ptr() if db is not None else 0,
+            workspace=workspace.data_ptr(),
+            workspace_bytes=ws_bytes,
+            ignore_index=int(ignore_index),
+            label_smoothing=label_smoothing,
+            scale=scale,
+            softcap=softcap,
+            compute_grads=bool(compute_grads),
+            chunk_budget_bytes=chunk_budget_bytes,
+            dh_splits=tuning.get("dh_splits"),
+            slice_bytes=tuning.get("slice_bytes"),
+            block=tuning.get("block"),
+            max_cluster=tuning.get("max_cluster"),
+            pipelined=tuning.get("pipelined"),
+            generic=bool(tuning.get("generic", False)),
+        )
+    return row_loss, dh, dw, db
