@@ -298,12 +298,14 @@ def test_non_contiguous_hidden_states():
 def test_small_budgets_cut_the_work_and_give_the_same_result(budget, dtype):
     h, head, labels = problem(5, 41, 24, 333, dtype=dtype, bias=True, ignored=0.1)
     whole = fused(h, head, labels, num_items_in_batch=150)
-    old = forward_rewrite.chunk_budget_bytes()
     forward_rewrite.set_chunk_budget_bytes(budget)
     try:
+        assert forward_rewrite.chunk_budget_bytes("cuda") == budget
         cut = fused(h, head, labels, num_items_in_batch=150)
     finally:
-        forward_rewrite.set_chunk_budget_bytes(old)
+        forward_rewrite.set_chunk_budget_bytes(None)
+    assert forward_rewrite.chunk_budget_bytes() == 256 << 20
+    assert forward_rewrite.chunk_budget_bytes("cuda") == 1 << 30
     # Only float32 summation order differs (and one bfloat16 rounding of the gradients).
     assert_errors(cut, whole, 1e-6, 1e-5 if dtype == torch.float32 else 8e-3)
     if dtype == torch.float32:

@@ -6,11 +6,13 @@ use pyo3::prelude::*;
 
 pub mod cpu;
 pub mod cuda;
+pub mod rewrite;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", forward_rewrite::version())?;
     cpu::register(m)?;
     cuda::register(m)?;
+    rewrite::register(m)?;
     Ok(())
 }

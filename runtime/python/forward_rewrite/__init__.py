@@ -1,6 +1,8 @@
-"""forward-rewrite's runtime: the fused lm_head + causal-LM loss op and the helpers the
-rewritten transformers forwards call (see ARCHITECTURE.md, contracts 3 and 4)."""
+"""forward-rewrite's runtime: the installer that puts rewritten forwards into transformers'
+model classes, the fused lm_head + causal-LM loss op, and the helpers the rewritten
+forwards call (see ARCHITECTURE.md, contracts 1-4)."""
 
+from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
 from .guard import LOSS_KWARGS, fuses, keep_logits, loss_kwargs, set_keep_logits
 from .ops import chunk_budget_bytes, fused_lm_head_loss, set_chunk_budget_bytes
@@ -8,11 +10,15 @@ from .ops import chunk_budget_bytes, fused_lm_head_loss, set_chunk_budget_bytes
 __all__ = [
     "LOSS_KWARGS",
     "__version__",
+    "audit",
     "chunk_budget_bytes",
     "fused_lm_head_loss",
     "fuses",
+    "install",
     "keep_logits",
     "loss_kwargs",
+    "patch_model",
     "set_chunk_budget_bytes",
     "set_keep_logits",
+    "uninstall",
 ]

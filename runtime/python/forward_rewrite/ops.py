@@ -27,13 +27,15 @@ from ._backend import SUPPORTED_DTYPES
 __all__ = ["chunk_budget_bytes", "fused_lm_head_loss", "set_chunk_budget_bytes"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+#: Per device type. CUDA wants more: its chunks re-read the head's weight once each, so at
+#: 128k-256k vocabularies about 1 GiB is needed to stay near the GEMM floor (BENCHMARKS.md).
+_DEFAULT_CHUNK_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 
 
 def _budget_from_env():
     raw = os.environ.get("FORWARD_REWRITE_CHUNK_BUDGET_BYTES")
     if raw is None:
-        return _DEFAULT_CHUNK_BUDGET_BYTES
+        return None
     try:
         value = int(raw)
     except ValueError:
@@ -47,19 +49,28 @@ def _budget_from_env():
     return value
 
 
-# Read once (a module global, so torch.compile sees a constant it can guard on).
+# Read once (a module global, so torch.compile sees a constant it can guard on); None
+# means the per-device default.
 _chunk_budget_bytes = _budget_from_env()
 
 
-def chunk_budget_bytes() -> int:
-    """Scratch memory a backend may use per call, beyond its inputs and outputs."""
-    return _chunk_budget_bytes
+def chunk_budget_bytes(device_type: str = "cpu") -> int:
+    """Scratch memory a backend may use per call, beyond its inputs and outputs: what
+    ``set_chunk_budget_bytes`` or ``FORWARD_REWRITE_CHUNK_BUDGET_BYTES`` set, else 256 MiB
+    on the CPU and 1 GiB on CUDA."""
+    if _chunk_budget_bytes is not None:
+        return _chunk_budget_bytes
+    return _DEFAULT_CHUNK_BUDGET_BYTES.get(
+        device_type, _DEFAULT_CHUNK_BUDGET_BYTES["cpu"]
+    )
 
 
-def set_chunk_budget_bytes(value: int) -> None:
-    """Sets the scratch budget (default 256 MiB, or ``FORWARD_REWRITE_CHUNK_BUDGET_BYTES``)."""
+def set_chunk_budget_bytes(value: int | None) -> None:
+    """Sets the scratch budget for every device; None restores the per-device defaults."""
     global _chunk_budget_bytes
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value <= 0
+    ):
         raise ValueError(f"chunk_budget_bytes: expected a positive int, got {value!r}")
     _chunk_budget_bytes = value
 
@@ -499,6 +510,6 @@ def fused_lm_head_loss(
         softcap,
         reduction,
         eager_grads,
-        _chunk_budget_bytes,
+        chunk_budget_bytes(hidden.device.type),
     )
     return loss

@@ -1,0 +1,565 @@
+"""Import-time installation of rewritten forwards into transformers' model classes.
+
+``install()`` puts a meta-path hook in front of ``transformers.models.*.modeling_*`` imports
+and sweeps the modeling modules already imported. For each ``*ForCausalLM`` /
+``*ForConditionalGeneration`` class it hashes the forward the class runs (contract 2),
+takes the patch from the compiled cache when the hash is in the cache's allowlist, and
+otherwise asks the Rust rewriter in-process (the code the CLI runs). A patched forward is
+executed in the namespace of the module that defines the original, with its source in
+``linecache`` so tracebacks show the code that ran. Everything is recorded for ``audit()``.
+
+Before a patch replaces a forward, four facts must agree, or the class is left stock
+(invariants 1 and 4): the hash of the source ``inspect`` finds for the running forward
+equals the hash the patch was made from; the forward the class runs is defined in the
+module and class the rewriter saw; the module does not bind the name ``forward_rewrite`` to
+something else; and the forward needs no class cell (``super()``) or private-name mangling,
+which a function compiled outside its class body would lose.
+"""
+
+import importlib.abc
+import inspect
+import json
+import linecache
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+from . import _native
+
+__all__ = ["audit", "install", "patch_model", "uninstall"]
+
+logger = logging.getLogger("forward_rewrite")
+
+#: Oldest transformers whose causal-LM forwards have the shape the rewriter matches.
+MIN_TRANSFORMERS = (4, 56)
+
+_MODELING_MODULE = re.compile(
+    r"^transformers\.models\.\w+\.modeling_(?!tf_|flax_)\w+$", re.ASCII
+)
+_TARGET_CLASS = re.compile(r"^\w+(ForCausalLM|ForConditionalGeneration)$", re.ASCII)
+#: The global name the emitted code reaches the runtime by (contract 3).
+_RUNTIME_GLOBAL = "forward_rewrite"
+#: Allowlist schema this runtime reads (ARCHITECTURE.md, "compiled cache").
+_ALLOWLIST_SCHEMA = 1
+
+
+class _Record:
+    """What happened to one class: the rewriter's report (its verdict updated when the
+    installer refused to put the patch in place) and where the patch came from."""
+
+    def __init__(self, report, origin):
+        self.report = report
+        self.origin = origin  # "cache" | "rewrite"
+        self.installed = False
+
+    def refuse(self, reason, detail, verdict="refused"):
+        self.report.update(verdict=verdict, reason=reason, detail=detail)
+        self.report.pop("patched_forward", None)
+
+    def as_dict(self):
+        entry = {k: v for k, v in self.report.items() if k != "patched_forward"}
+        entry["origin"] = self.origin
+        entry["installed"] = self.installed
+        return entry
+
+
+class _State:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.finder = None
+        self.cache = None
+        #: class -> _Record
+        self.records = {}
+        #: patched class -> its own ``forward`` before patching (None: it inherited one)
+        self.originals = {}
+        #: names of modules we added the runtime global to
+        self.injected = set()
+        #: module name -> {qualname: class source dict}, from the module's text
+        self.module_classes = {}
+        self.warned_version = False
+
+
+_state = _State()
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def install(cache_dir=None):
+    """Patch every eligible transformers model class, now and as modules are imported.
+
+    ``cache_dir`` is a directory written by ``forward-rewrite build --out DIR``; default
+    ``$FORWARD_REWRITE_CACHE``, else ``forward-rewrite/compiled`` under the user cache dir
+    (``$XDG_CACHE_HOME`` or ``~/.cache``). A missing cache is fine: classes are then
+    rewritten in-process. Calling ``install()`` again re-reads the cache and patches what
+    is new. Returns ``audit()``'s summary.
+    """
+    with _state.lock:
+        if not _transformers_supported():
+            return audit()["summary"]
+        _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
+        if _state.finder is None:
+            _state.finder = _PatchingFinder()
+            sys.meta_path.insert(0, _state.finder)
+        for name, module in list(sys.modules.items()):
+            if module is not None and _MODELING_MODULE.match(name):
+                _patch_module(module)
+        return audit()["summary"]
+
+
+def uninstall():
+    """Remove the import hook and restore every stock forward."""
+    with _state.lock:
+        if _state.finder is not None:
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not _state.finder]
+            _state.finder = None
+        for cls, original in _state.originals.items():
+            if original is None:
+                if "forward" in cls.__dict__:
+                    delattr(cls, "forward")
+            else:
+                cls.forward = original
+        for name in _state.injected:
+            module = sys.modules.get(name)
+            if module is not None:
+                module.__dict__.pop(_RUNTIME_GLOBAL, None)
+        for filename in [
+            f for f in linecache.cache if f.startswith("<forward-rewrite ")
+        ]:
+            del linecache.cache[filename]
+        _state.originals.clear()
+        _state.injected.clear()
+        _state.records.clear()
+        _state.module_classes.clear()
+
+
+def patch_model(model, cache_dir=None):
+    """Patch the classes of a model that is already built; returns the model.
+
+    Every transformers ``*ForCausalLM`` / ``*ForConditionalGeneration`` class in the MRO of
+    the model and of its submodules is patched (a user's subclass that does not override
+    ``forward`` runs its base's patched forward). Classes are patched, not instances, as
+    ``install()`` would have done; ``uninstall()`` undoes it.
+    """
+    with _state.lock:
+        if not _transformers_supported():
+            return model
+        if _state.cache is None or cache_dir is not None:
+            _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
+        for submodule in model.modules():
+            for klass in type(submodule).__mro__:
+                if _is_target_class(klass):
+                    _patch_class(klass)
+    return model
+
+
+def audit():
+    """A JSON-safe report of every class the installer looked at.
+
+    The shape of the CLI's audit document (``schema``, ``tool_version``,
+    ``transformers_version``, ``summary``, ``classes`` with ``qualname``, ``module``,
+    ``verdict``, ``reason``, ``forward_sha256``, ``head``, ``transforms``, ...), plus per
+    class ``origin`` (``cache``: the patch came from the compiled cache; ``rewrite``: the
+    rewriter ran in-process) and ``installed`` (the patched forward is in place), and at
+    the top ``installed`` (the import hook is active) and ``cache_dir``. A patch the
+    installer would not put in place is reported with its reason (``source-mismatch``,
+    ``needs-class-body``, ``name-conflict``, ``source-unavailable``; README).
+    """
+    with _state.lock:
+        classes = sorted(
+            (r.as_dict() for r in _state.records.values()),
+            key=lambda c: (c["module"], c["qualname"]),
+        )
+        reasons = {}
+        for c in classes:
+            if c["reason"] is not None:
+                reasons[c["reason"]] = reasons.get(c["reason"], 0) + 1
+        summary = {
+            "classes": len(classes),
+            **{
+                v: sum(c["verdict"] == v for c in classes)
+                for v in ("patched", "refused", "failed")
+            },
+            "installed": sum(c["installed"] for c in classes),
+            "from_cache": sum(
+                c["installed"] and c["origin"] == "cache" for c in classes
+            ),
+            "reasons": reasons,
+        }
+        cache = _state.cache
+        return {
+            "schema": 1,
+            "tool_version": _native.__version__,
+            "transformers_version": _transformers_version(),
+            "installed": _state.finder is not None,
+            "cache_dir": str(cache.root) if cache is not None and cache.root else None,
+            "summary": summary,
+            "classes": classes,
+        }
+
+
+# ----------------------------------------------------------------------- import hook
+
+
+class _PatchingFinder(importlib.abc.MetaPathFinder):
+    """Finds modeling modules through the other finders; patches them once executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not _MODELING_MODULE.match(fullname):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is None:
+                continue
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _PatchingLoader(spec.loader)
+            return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        with _state.lock:
+            if _state.finder is not None:
+                _patch_module(module)
+
+    def __getattr__(self, name):
+        # get_source, get_filename, is_package, ...: inspect and linecache ask the loader.
+        return getattr(self._inner, name)
+
+
+# ------------------------------------------------------------------- per-class work
+
+
+def _patch_module(module):
+    for value in list(vars(module).values()):
+        if (
+            isinstance(value, type)
+            and value.__module__ == module.__name__
+            and _is_target_class(value)
+        ):
+            _patch_class(value)
+
+
+def _is_target_class(cls):
+    return bool(
+        _TARGET_CLASS.match(cls.__name__)
+        and _MODELING_MODULE.match(cls.__module__)
+        and hasattr(cls, "forward")
+    )
+
+
+def _patch_class(cls):
+    if cls in _state.records:
+        return
+    try:
+        record = _analyse(cls)
+    except (
+        Exception
+    ) as exc:  # one class that cannot be analysed must not stop the others
+        logger.debug(
+            "forward_rewrite: cannot analyse %s", cls.__qualname__, exc_info=True
+        )
+        record = _Record(_failed_report(cls, exc), origin="rewrite")
+    _state.records[cls] = record
+    if record.report["verdict"] != "patched":
+        return
+    try:
+        problem = _install_forward(cls, record.report)
+    except Exception as exc:  # noqa: BLE001 - a patch that fails to compile: keep stock
+        problem = ("emit-invalid", f"{type(exc).__name__}: {exc}", "failed")
+    if problem is None:
+        record.installed = True
+    else:
+        record.refuse(*problem)
+        logger.warning(
+            "forward_rewrite: %s left stock: %s", cls.__qualname__, problem[1]
+        )
+
+
+def _analyse(cls):
+    """The report for ``cls``: from the compiled cache when its hash is allowed, else
+    from the rewriter. Raises when the class's source cannot be read."""
+    owner, forward = _forward_owner(cls)
+    running_sha256 = _native.rewrite_forward_sha256(
+        inspect.getsource(inspect.unwrap(forward))
+    )
+    cached = _state.cache.lookup(running_sha256, cls) if _state.cache else None
+    if cached is not None:
+        return _Record(cached, origin="cache")
+    chain = _class_chain(cls)
+    loss = _loss_resolution(cls)
+    report = json.loads(
+        _native.rewrite_analyze_class(json.dumps(chain), json.dumps(loss))
+    )
+    if report["verdict"] == "patched":
+        mismatch = _running_forward_mismatch(report, owner, running_sha256)
+        if mismatch is not None:
+            record = _Record(report, origin="rewrite")
+            record.refuse("source-mismatch", mismatch, verdict="failed")
+            return record
+    return _Record(report, origin="rewrite")
+
+
+def _forward_owner(cls):
+    """The class whose own ``forward`` ``cls`` runs, and that forward, seeing through
+    forwards this installer put in place."""
+    for klass in cls.__mro__:
+        if klass in _state.originals:
+            if _state.originals[klass] is not None:
+                return klass, _state.originals[klass]
+        elif "forward" in klass.__dict__:
+            return klass, klass.__dict__["forward"]
+    raise LookupError(f"{cls.__qualname__} has no forward")
+
+
+def _running_forward_mismatch(report, owner, running_sha256):
+    """Why the rewriter's view differs from what runs, or None when they agree."""
+    where = (report.get("forward_module"), report.get("forward_owner"))
+    if where != (owner.__module__, owner.__qualname__):
+        return (
+            f"the rewriter found the forward in {where[0]}.{where[1]}, "
+            f"but the class runs {owner.__module__}.{owner.__qualname__}.forward"
+        )
+    if report.get("forward_sha256") != running_sha256:
+        return (
+            "the source of the running forward (inspect) hashes to "
+            f"{running_sha256}, the rewriter's to {report.get('forward_sha256')}"
+        )
+    return None
+
+
+def _class_chain(cls):
+    """``cls`` and its bases from transformers modeling modules, in MRO order, as class
+    sources cut by the rewriter from each module's text (stops at the first class whose
+    source is not found)."""
+    chain = []
+    for klass in cls.__mro__:
+        if not _MODELING_MODULE.match(klass.__module__):
+            continue
+        source = _module_classes(klass.__module__).get(klass.__qualname__)
+        if source is None:
+            break
+        chain.append(source)
+    return chain
+
+
+def _module_classes(module_name):
+    classes = _state.module_classes.get(module_name)
+    if classes is None:
+        module = sys.modules[module_name]
+        text = "".join(
+            linecache.getlines(inspect.getsourcefile(module), module.__dict__)
+        )
+        if not text:
+            raise OSError(f"no source for {module_name}")
+        path = "/".join(module_name.split(".")[1:]) + ".py"
+        found = json.loads(_native.rewrite_module_classes(text, module_name, path))
+        # Like Python, the last definition of a name wins.
+        classes = {c["qualname"]: c for c in found}
+        _state.module_classes[module_name] = classes
+    return classes
+
+
+def _loss_resolution(cls):
+    """What ``loss_function`` resolves to for instances of ``cls``, found the way
+    ``PreTrainedModel.__init__`` finds ``loss_type`` (class name, then LOSS_MAPPING keys
+    inside it). The run-time guard re-checks the real ``loss_function`` on every call."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    loss_type = cls.__name__
+    if loss_type not in LOSS_MAPPING:
+        found = re.findall(f"({'|'.join(LOSS_MAPPING)})", cls.__name__)
+        loss_type = found[0] if found else "ForCausalLM"
+    function = LOSS_MAPPING.get(loss_type)
+    if function is None:
+        return "unknown"
+    if function is ForCausalLMLoss:
+        return "causal"
+    return {"other": loss_type}
+
+
+def _failed_report(cls, exc):
+    return {
+        "qualname": cls.__qualname__,
+        "module": cls.__module__,
+        "path": "/".join(cls.__module__.split(".")[1:]) + ".py",
+        "line": None,
+        "verdict": "failed",
+        "reason": "source-unavailable",
+        "detail": f"{type(exc).__name__}: {exc}",
+        "forward_sha256": None,
+        "head": None,
+        "head_bias": None,
+        "transforms": [],
+    }
+
+
+def _install_forward(cls, report):
+    """Compile the patched forward in the original's module and set it on ``cls``.
+    Returns None, or (reason, detail, verdict) saying why it was not installed."""
+    owner, original = _forward_owner(cls)
+    code = inspect.unwrap(original).__code__
+    if "__class__" in code.co_freevars:
+        return ("needs-class-body", "the forward uses super() or __class__", "refused")
+    mangled = [
+        n for n in code.co_names if n.startswith(f"_{owner.__name__.lstrip('_')}__")
+    ]
+    if mangled:
+        return (
+            "needs-class-body",
+            f"the forward uses private names {mangled}",
+            "refused",
+        )
+    module = sys.modules[report["forward_module"]]
+    namespace = module.__dict__
+    runtime = sys.modules[__package__]
+    bound = namespace.get(_RUNTIME_GLOBAL, runtime)
+    if bound is not runtime:
+        detail = (
+            f"{module.__name__} binds the name {_RUNTIME_GLOBAL!r} to something else"
+        )
+        return ("name-conflict", detail, "refused")
+
+    source = report["patched_forward"]
+    filename = f"<forward-rewrite {cls.__module__}.{cls.__qualname__}.forward>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope = {}
+    code = compile(source, filename, "exec")
+    if _RUNTIME_GLOBAL not in namespace:
+        namespace[_RUNTIME_GLOBAL] = runtime
+        _state.injected.add(module.__name__)
+    exec(code, namespace, scope)  # noqa: S102 - the rewriter's output, in the module
+    patched = scope["forward"]
+    patched.__qualname__ = f"{cls.__qualname__}.forward"
+    if patched.__doc__ is None:
+        patched.__doc__ = original.__doc__
+    patched.__forward_rewrite__ = {
+        k: report.get(k) for k in ("forward_sha256", "head", "transforms")
+    }
+    if cls not in _state.originals:
+        _state.originals[cls] = cls.__dict__.get("forward")
+    cls.forward = patched
+    return None
+
+
+# ---------------------------------------------------------------------- compiled cache
+
+
+class _CompiledCache:
+    """What ``forward-rewrite build --out DIR`` wrote: an allowlist of forward hashes, the
+    audit entries and the patch files. Used only when its tool version is this runtime's
+    (a patch calls the runtime's helpers) and only for a forward whose hash it lists."""
+
+    def __init__(self, root=None, entries=None, reports=None):
+        self.root = root
+        self.entries = entries or {}
+        self.reports = reports or {}
+
+    @classmethod
+    def load(cls, root):
+        if root is None or not (root / "allowlist.json").is_file():
+            return cls()
+        try:
+            allowlist = json.loads(
+                (root / "allowlist.json").read_text(encoding="utf-8")
+            )
+            if allowlist.get("schema") != _ALLOWLIST_SCHEMA:
+                raise ValueError(f"allowlist schema {allowlist.get('schema')!r}")
+            if allowlist.get("tool_version") != _native.__version__:
+                raise ValueError(
+                    f"built by forward-rewrite {allowlist.get('tool_version')}, "
+                    f"this runtime is {_native.__version__}"
+                )
+            entries = {
+                (e["forward_sha256"], e["module"], e["qualname"]): e
+                for e in allowlist["entries"]
+            }
+            audit_doc = json.loads((root / "audit.json").read_text(encoding="utf-8"))
+            reports = {(c["module"], c["qualname"]): c for c in audit_doc["classes"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            warnings.warn(
+                f"forward_rewrite: not using the compiled cache in {root}: {exc}",
+                stacklevel=4,
+            )
+            return cls()
+        return cls(root, entries, reports)
+
+    def lookup(self, forward_sha256, cls):
+        """The class's report with its patch, when the allowlist has this exact hash."""
+        entry = self.entries.get((forward_sha256, cls.__module__, cls.__qualname__))
+        report = self.reports.get((cls.__module__, cls.__qualname__))
+        if (
+            entry is None
+            or report is None
+            or report.get("forward_sha256") != forward_sha256
+        ):
+            return None
+        try:
+            patch = (self.root / entry["patch"]).read_text(encoding="utf-8")
+        except OSError:
+            return None
+        return {**report, "patched_forward": _strip_patch_header(patch)}
+
+
+def _strip_patch_header(patch):
+    """A patch file is comments and ``import forward_rewrite``, then the forward."""
+    lines = patch.splitlines(True)
+    for index, line in enumerate(lines):
+        if line.startswith(("@", "def ", "async def ")):
+            return "".join(lines[index:])
+    raise ValueError("the patch file has no function definition")
+
+
+def _resolve_cache_dir(cache_dir):
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("FORWARD_REWRITE_CACHE"):
+        return Path(os.environ["FORWARD_REWRITE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return Path(base) / "forward-rewrite" / "compiled"
+
+
+# -------------------------------------------------------------------- version check
+
+
+def _transformers_version():
+    module = sys.modules.get("transformers")
+    if module is None:
+        try:
+            import transformers as module
+        except ImportError:
+            return None
+    return getattr(module, "__version__", None)
+
+
+def _transformers_supported():
+    version = _transformers_version()
+    if version is None:
+        raise ImportError("forward_rewrite.install() needs transformers installed")
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers >= MIN_TRANSFORMERS:
+        return True
+    if not _state.warned_version:
+        _state.warned_version = True
+        warnings.warn(
+            f"forward_rewrite: transformers {version} is older than "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))}; no forward is patched",
+            stacklevel=3,
+        )
+    return False

@@ -1,0 +1,47 @@
+//! The rewriter's class analysis (contract 1) for the Python installer: the same Rust code
+//! the CLI runs, over JSON so the Python side stays a thin caller. Strings in, strings out;
+//! a bad argument is a `ValueError` naming it.
+
+use forward_rewrite::{analyze_class_json, hash, module_classes};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Adds the rewriter's functions to `forward_rewrite._native`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rewrite_module_classes, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_analyze_class, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
+    Ok(())
+}
+
+/// The top-level classes of a module's source text as a JSON array of class sources
+/// (`qualname`, `module`, `path`, `line`, `source`), cut exactly as the CLI cuts them.
+#[pyfunction]
+#[pyo3(signature = (text, module, path))]
+fn rewrite_module_classes(
+    py: Python<'_>,
+    text: &str,
+    module: &str,
+    path: &str,
+) -> PyResult<String> {
+    let classes = py
+        .detach(|| module_classes(text, module, path))
+        .map_err(|e| PyValueError::new_err(format!("text: {e}")))?;
+    serde_json::to_string(&classes).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// `analyze_class` over JSON: `chain` is the class and its bases (most-derived first) as
+/// returned by `rewrite_module_classes`, `loss` is `"causal"`, `{"other": NAME}` or
+/// `"unknown"`. Returns the class report (with `patched_forward` when patched) as JSON.
+#[pyfunction]
+#[pyo3(signature = (chain, loss))]
+fn rewrite_analyze_class(py: Python<'_>, chain: &str, loss: &str) -> PyResult<String> {
+    py.detach(|| analyze_class_json(chain, loss))
+        .map_err(PyValueError::new_err)
+}
+
+/// The contract-2 hash of a forward's source text (as `inspect.getsource` returns it).
+#[pyfunction]
+fn rewrite_forward_sha256(text: &str) -> String {
+    hash::forward_sha256(text)
+}
