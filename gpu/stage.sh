@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${1:-../main/.gpu}"
-rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/gpu"
+rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/gpu" "$dest/transformers"
 "${MATURIN:-maturin}" build --release --locked -m runtime/Cargo.toml -o "$dest/wheels"
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform any -d "$dest/wheels" \
   liger-kernel==0.8.5 unsloth-zoo==2026.10.9 cut-cross-entropy==25.1.1
+corpus/fetch.sh >/dev/null && cp corpus/cache/wheels/transformers-5.23.0-*.whl "$dest/transformers/"
 cp gpu/*.py gpu/run.sh "$dest/gpu/"
 du -sh "$dest"
