@@ -11,7 +11,7 @@ use crate::reason::Reason;
 /// One class of the chain, most-derived first: the class itself, then its bases in MRO
 /// order, stopping before transformers' own base classes (PreTrainedModel,
 /// GenerationMixin, nn.Module) or where the source is unknown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassSource {
     /// `LlamaForCausalLM`
     pub qualname: String,
@@ -44,24 +44,9 @@ pub enum LossResolution {
 /// on bad input: an unparsable class source is a `failed` report.
 pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassReport {
     let Some(first) = chain.first() else {
-        return ClassReport {
-            qualname: String::new(),
-            module: String::new(),
-            path: String::new(),
-            line: 0,
-            verdict: Verdict::Failed,
-            reason: Some(Reason::ParseError),
-            detail: "empty class chain".to_string(),
-            forward_sha256: None,
-            forward_owner: None,
-            forward_module: None,
-            forward_path: None,
-            forward_line: None,
-            head: None,
-            head_bias: None,
-            transforms: Vec::new(),
-            patched_forward: None,
-        };
+        let mut report = ClassReport::empty(&ClassSource::default());
+        report.refuse(Reason::ParseError, "empty class chain");
+        return report;
     };
     let mut report = ClassReport::empty(first);
     let mut parsed = Vec::with_capacity(chain.len());

@@ -17,8 +17,20 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_args(hidden, weight, bias, targets, grad_scale, compute_grads, device_type):
-    """Raises TypeError/ValueError naming the first argument that breaks the contract."""
+def check_args(
+    hidden,
+    weight,
+    bias,
+    targets,
+    grad_scale,
+    compute_grads,
+    device_type,
+    *,
+    row_strided_hidden=False,
+):
+    """Raises TypeError/ValueError naming the first argument that breaks the contract.
+    With ``row_strided_hidden`` (CUDA), ``hidden`` may have padded rows: a row stride of H
+    or more, unit stride along H."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -68,6 +80,14 @@ def check_args(hidden, weight, bias, targets, grad_scale, compute_grads, device_
             raise ValueError(f"{name}: on {t.device}, expected a {device_type} tensor")
         if t.device != hidden.device:
             raise ValueError(f"{name}: on {t.device}, hidden is on {hidden.device}")
+    if row_strided_hidden:
+        if n > 0 and h > 0 and (hidden.stride(1) != 1 or hidden.stride(0) < h):
+            raise ValueError(
+                f"hidden: strides {hidden.stride()} are not row-major; "
+                "call .contiguous() first"
+            )
+        named = named[1:]
+    for name, t in named:
         if not t.is_contiguous():
             raise ValueError(f"{name}: must be contiguous")
     return n, h, v

@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import _native
+from ._backend import check_args
 
 _DTYPES = {
     torch.bfloat16: "bfloat16",
@@ -74,101 +75,6 @@ def load_nvrtc():
     )
 
 
-def _check(hidden, weight, bias, targets, grad_scale, compute_grads):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected shape (N, H), got {tuple(hidden.shape)}")
-    n, h = hidden.shape
-    if hidden.dtype not in _DTYPES:
-        raise TypeError(
-            f"hidden: dtype {hidden.dtype} is not float32, bfloat16 or float16"
-        )
-    if weight.dim() != 2 or weight.shape[1] != h:
-        raise ValueError(f"weight: expected shape (V, {h}), got {tuple(weight.shape)}")
-    v = weight.shape[0]
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}"
-        )
-    if bias is not None:
-        if tuple(bias.shape) != (v,):
-            raise ValueError(f"bias: expected shape ({v},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(
-                f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}"
-            )
-    if tuple(targets.shape) != (n,) or targets.dtype != torch.int64:
-        raise ValueError(
-            f"targets: expected int64 of shape ({n},), got {targets.dtype} {tuple(targets.shape)}"
-        )
-    named = [("hidden", hidden), ("weight", weight), ("targets", targets)]
-    if bias is not None:
-        named.append(("bias", bias))
-    if compute_grads:
-        if not isinstance(grad_scale, torch.Tensor):
-            raise TypeError(
-                "grad_scale: expected a float32 tensor when compute_grads is set"
-            )
-        if grad_scale.dtype != torch.float32 or tuple(grad_scale.shape) not in (
-            (1,),
-            (n,),
-        ):
-            raise ValueError(
-                f"grad_scale: expected float32 of shape (1,) or ({n},), "
-                f"got {grad_scale.dtype} {tuple(grad_scale.shape)}"
-            )
-        named.append(("grad_scale", grad_scale))
-    for name, t in named:
-        if t.device.type != "cuda":
-            raise ValueError(f"{name}: on {t.device}, expected a cuda tensor")
-        if t.device != hidden.device:
-            raise ValueError(f"{name}: on {t.device}, hidden is on {hidden.device}")
-    # hidden may have padded rows (a row stride above H); its elements must be unit-stride.
-    if n > 0 and h > 0 and (hidden.stride(1) != 1 or hidden.stride(0) < h):
-        raise ValueError(
-            f"hidden: strides {hidden.stride()} are not row-major; call .contiguous() first"
-        )
-    for name, t in named[1:]:
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous")
-    return n, h, v
-
-
-def fused_ce(
-    hidden,
-    weight,
-    bias,
-    targets,
-    *,
-    ignore_index,
-    label_smoothing,
-    scale,
-    softcap,
-    grad_scale,
-    compute_grads,
-    chunk_budget_bytes,
-):
-    """Per-row loss and (with ``compute_grads``) the gradients of
-    ``sum_i grad_scale_i * row_loss_i``; see ARCHITECTURE.md, contract 4."""
-    return fused_ce_tuned(
-        hidden,
-        weight,
-        bias,
-        targets,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        scale=scale,
-        softcap=softcap,
-        grad_scale=grad_scale,
-        compute_grads=compute_grads,
-        chunk_budget_bytes=chunk_budget_bytes,
-    )
-
-
 def fused_ce_tuned(
     hidden,
     weight,
@@ -188,7 +94,16 @@ def fused_ce_tuned(
     """``fused_ce`` with the knobs the GPU scripts turn: ``skip_ignored`` (None: skip unless
     the stream is capturing) and ``tuning`` (dh_splits, slice_bytes, block, max_cluster,
     pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
-    n, h, v = _check(hidden, weight, bias, targets, grad_scale, compute_grads)
+    n, h, v = check_args(
+        hidden,
+        weight,
+        bias,
+        targets,
+        grad_scale,
+        compute_grads,
+        "cuda",
+        row_strided_hidden=True,
+    )
     if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, int):
         raise TypeError(
             f"chunk_budget_bytes: expected an int, got {chunk_budget_bytes!r}"
@@ -312,3 +227,7 @@ def fused_ce_tuned(
             generic=bool(tuning.get("generic", False)),
         )
     return row_loss, dh, dw, db
+
+
+#: The backend function of contract 4 (the tuning knobs keep their defaults).
+fused_ce = fused_ce_tuned

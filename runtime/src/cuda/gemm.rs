@@ -42,6 +42,9 @@ pub struct Dims {
     pub vocab: u64,
 }
 
+/// A column-major operand of one product: device address and leading dimension.
+type Operand = (u64, u64);
+
 /// # Safety (all methods)
 /// Every address must be a live device buffer of the shape the method states, on the
 /// device whose context is current, and stay alive until the stream has run the product.
@@ -51,6 +54,50 @@ pub struct Blas {
 }
 
 impl Blas {
+    /// C (m x n, column-major, type `c_type`) = op_a(A) . op_b(B) + beta C, with A and B in
+    /// the chunk's dtype and float32 accumulation: the one shape of call every product uses.
+    ///
+    /// # Safety
+    /// See [`Blas`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        &self,
+        (op_a, op_b): (sys::cublasOperation_t, sys::cublasOperation_t),
+        [m, n, k]: [u64; 3],
+        (a, lda): Operand,
+        (b, ldb): Operand,
+        beta: f32,
+        (c, ldc): Operand,
+        c_type: sys::cudaDataType,
+        what: &'static str,
+    ) -> Result<()> {
+        let one = 1f32;
+        unsafe {
+            blas::gemm_ex(
+                self.handle,
+                op_a,
+                op_b,
+                int(m),
+                int(n),
+                int(k),
+                &one as *const f32 as *const c_void,
+                ptr(a),
+                self.dtype.cublas(),
+                int(lda),
+                ptr(b),
+                self.dtype.cublas(),
+                int(ldb),
+                &beta as *const f32 as *const c_void,
+                mut_ptr(c),
+                c_type,
+                int(ldc),
+                COMPUTE,
+                ALGO,
+            )
+        }
+        .context(what)
+    }
+
     /// logits (rows x vocab, f32) = h (rows x hidden) . W^T.
     ///
     /// # Safety
@@ -61,32 +108,18 @@ impl Blas {
             hidden,
             vocab,
         } = d;
-        let (h, ld_h, out, ld_out) = (h.ptr, h.ld, out.ptr, out.ld);
-        let (one, zero) = (1f32, 0f32);
         unsafe {
-            blas::gemm_ex(
-                self.handle,
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                int(vocab),
-                int(rows),
-                int(hidden),
-                &one as *const f32 as *const c_void,
-                ptr(w),
-                self.dtype.cublas(),
-                int(hidden),
-                ptr(h),
-                self.dtype.cublas(),
-                int(ld_h),
-                &zero as *const f32 as *const c_void,
-                mut_ptr(out),
+            self.gemm(
+                (CUBLAS_OP_T, CUBLAS_OP_N),
+                [vocab, rows, hidden],
+                (w, hidden),
+                (h.ptr, h.ld),
+                0.0,
+                (out.ptr, out.ld),
                 F32,
-                int(ld_out),
-                COMPUTE,
-                ALGO,
+                "computing a chunk of logits",
             )
         }
-        .context("computing a chunk of logits")
     }
 
     /// dh partials (splits x rows x hidden, f32): partial s = dlogits[:, Vs*s..] . W[Vs*s..],
@@ -113,29 +146,17 @@ impl Blas {
         let per = vocab / splits;
         if splits == 1 {
             return unsafe {
-                blas::gemm_ex(
-                    self.handle,
-                    CUBLAS_OP_N,
-                    CUBLAS_OP_N,
-                    int(hidden),
-                    int(rows),
-                    int(vocab),
-                    &one as *const f32 as *const c_void,
-                    ptr(w),
-                    self.dtype.cublas(),
-                    int(hidden),
-                    ptr(dlogits),
-                    self.dtype.cublas(),
-                    int(ld_d),
-                    &zero as *const f32 as *const c_void,
-                    mut_ptr(out),
+                self.gemm(
+                    (CUBLAS_OP_N, CUBLAS_OP_N),
+                    [hidden, rows, vocab],
+                    (w, hidden),
+                    (dlogits, ld_d),
+                    0.0,
+                    (out, hidden),
                     F32,
-                    int(hidden),
-                    COMPUTE,
-                    ALGO,
+                    "computing dh",
                 )
-            }
-            .context("computing dh");
+            };
         }
         unsafe {
             blas::gemm_strided_batched_ex(
@@ -168,29 +189,17 @@ impl Blas {
         let rest = vocab - per * splits;
         if rest > 0 {
             unsafe {
-                blas::gemm_ex(
-                    self.handle,
-                    CUBLAS_OP_N,
-                    CUBLAS_OP_N,
-                    int(hidden),
-                    int(rows),
-                    int(rest),
-                    &one as *const f32 as *const c_void,
-                    ptr(w + per * splits * hidden * es),
-                    self.dtype.cublas(),
-                    int(hidden),
-                    ptr(dlogits + per * splits * es),
-                    self.dtype.cublas(),
-                    int(ld_d),
-                    &one as *const f32 as *const c_void,
-                    mut_ptr(out),
+                self.gemm(
+                    (CUBLAS_OP_N, CUBLAS_OP_N),
+                    [hidden, rows, rest],
+                    (w + per * splits * hidden * es, hidden),
+                    (dlogits + per * splits * es, ld_d),
+                    1.0,
+                    (out, hidden),
                     F32,
-                    int(hidden),
-                    COMPUTE,
-                    ALGO,
+                    "computing dh (vocabulary remainder)",
                 )
-            }
-            .context("computing dh (vocabulary remainder)")?;
+            }?;
         }
         Ok(())
     }
@@ -214,33 +223,19 @@ impl Blas {
             hidden,
             vocab,
         } = d;
-        let (h, ld_h, dlogits, ld_d) = (h.ptr, h.ld, dlogits.ptr, dlogits.ld);
-        let one = 1f32;
-        let beta = if accumulate { 1f32 } else { 0f32 };
+        let dw_type = if dw_f32 { F32 } else { self.dtype.cublas() };
         unsafe {
-            blas::gemm_ex(
-                self.handle,
-                CUBLAS_OP_N,
-                CUBLAS_OP_T,
-                int(hidden),
-                int(vocab),
-                int(rows),
-                &one as *const f32 as *const c_void,
-                ptr(h),
-                self.dtype.cublas(),
-                int(ld_h),
-                ptr(dlogits),
-                self.dtype.cublas(),
-                int(ld_d),
-                &beta as *const f32 as *const c_void,
-                mut_ptr(dw),
-                if dw_f32 { F32 } else { self.dtype.cublas() },
-                int(hidden),
-                COMPUTE,
-                ALGO,
+            self.gemm(
+                (CUBLAS_OP_N, CUBLAS_OP_T),
+                [hidden, vocab, rows],
+                (h.ptr, h.ld),
+                (dlogits.ptr, dlogits.ld),
+                if accumulate { 1.0 } else { 0.0 },
+                (dw, hidden),
+                dw_type,
+                "accumulating dW",
             )
         }
-        .context("accumulating dW")
     }
 
     /// db_acc (vocab, f32) += dlogits^T . ones (column sums of the chunk's dlogits).
@@ -249,31 +244,17 @@ impl Blas {
     /// See [`Blas`].
     pub unsafe fn db(&self, d: Dims, dlogits: Mat, ones: u64, db_acc: u64) -> Result<()> {
         let Dims { rows, vocab, .. } = d;
-        let (dlogits, ld_d) = (dlogits.ptr, dlogits.ld);
-        let one = 1f32;
         unsafe {
-            blas::gemm_ex(
-                self.handle,
-                CUBLAS_OP_N,
-                CUBLAS_OP_N,
-                int(vocab),
-                1,
-                int(rows),
-                &one as *const f32 as *const c_void,
-                ptr(dlogits),
-                self.dtype.cublas(),
-                int(ld_d),
-                ptr(ones),
-                self.dtype.cublas(),
-                int(rows),
-                &one as *const f32 as *const c_void,
-                mut_ptr(db_acc),
+            self.gemm(
+                (CUBLAS_OP_N, CUBLAS_OP_N),
+                [vocab, 1, rows],
+                (dlogits.ptr, dlogits.ld),
+                (ones, rows),
+                1.0,
+                (db_acc, vocab),
                 F32,
-                int(vocab),
-                COMPUTE,
-                ALGO,
+                "accumulating db",
             )
         }
-        .context("accumulating db")
     }
 }
