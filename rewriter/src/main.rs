@@ -59,8 +59,10 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// The cache directory to write (created if missing; files in it are overwritten).
+        /// Default: where `forward_rewrite.install()` looks: $FORWARD_REWRITE_CACHE, else
+        /// $XDG_CACHE_HOME/forward-rewrite/compiled, else ~/.cache/forward-rewrite/compiled.
         #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
 }
 
@@ -179,6 +181,12 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Build { paths, common, out } => {
             set_threads(&common)?;
+            let out = match out {
+                Some(out) => out,
+                None => default_cache_dir().ok_or(
+                    "no --out given and no cache directory known: set FORWARD_REWRITE_CACHE or HOME",
+                )?,
+            };
             let options = ScanOptions {
                 class: common.class,
             };
@@ -194,4 +202,17 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The compiled cache the Python installer reads when not told otherwise (README,
+/// "Compiled cache"); keep in step with `_resolve_cache_dir` in `_installer.py`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("FORWARD_REWRITE_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("forward-rewrite").join("compiled"))
 }

@@ -218,7 +218,6 @@ fn exit_code_2_for_unusable_arguments() {
         vec!["scan", "/nonexistent/forward-rewrite/path"],
         vec!["scan", ".", "--only", "maybe"],
         vec!["scan", ".", "--threads", "0"],
-        vec!["build", "."],
         vec!["frobnicate"],
     ] {
         let out = run(&args);
@@ -238,6 +237,41 @@ fn exit_code_2_for_unusable_arguments() {
     );
     assert_eq!(run(&["--help"]).status.code(), Some(0));
     assert_eq!(run(&["--version"]).status.code(), Some(0));
+}
+
+#[test]
+fn build_defaults_to_the_cache_the_installer_reads() {
+    let dir = tree();
+    let cache = dir.0.join("env-cache");
+    let out = bin()
+        .args(["build", &path(&dir.0, "transformers")])
+        .env("FORWARD_REWRITE_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cache.join("allowlist.json").is_file());
+    let xdg = dir.0.join("xdg");
+    let out = bin()
+        .args(["build", &path(&dir.0, "transformers")])
+        .env_remove("FORWARD_REWRITE_CACHE")
+        .env("XDG_CACHE_HOME", &xdg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        xdg.join("forward-rewrite/compiled/allowlist.json")
+            .is_file()
+    );
 }
 
 #[test]
