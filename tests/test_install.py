@@ -339,7 +339,9 @@ def test_install_agrees_with_the_cli_on_every_class_transformers_ships(tmp_path)
     assert len(not_importable) <= 3, not_importable
     forward_rewrite.install()
     installed = forward_rewrite.audit()["classes"]
-    assert len(installed) >= 300
+    # every class the CLI found, but for those without a forward (the Auto classes) and
+    # those in modules that could not be imported
+    assert len(installed) >= 0.95 * len(by_cli), (len(installed), len(by_cli))
     differ = []
     for c in installed:
         want = by_cli[(c["module"], c["qualname"])]
