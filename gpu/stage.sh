@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Here (no GPU needed): build the abi3 wheel and stage it, the competitors' wheels and the
 # GPU scripts into the folder that travels to the GPU machine.
-#   gpu/stage.sh DEST            DEST defaults to ../main/.gpu (ignored by git there)
+#   gpu/stage.sh [DEST]          DEST defaults to .gpu (git-ignored; the device tool carries it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dest="${1:-../main/.gpu}"
+dest="${1:-.gpu}"
 rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/gpu" "$dest/transformers"
 "${MATURIN:-maturin}" build --release --locked -m runtime/Cargo.toml -o "$dest/wheels"
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
