@@ -17,7 +17,8 @@ import transformers
 VOCAB = 160
 BATCH, SEQ = 2, 24
 
-_DECODER = {
+#: The tiny decoder sizes every case starts from (and tests/model_sweep.py's shrink).
+DECODER = {
     "vocab_size": VOCAB,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -38,7 +39,7 @@ _MOE = {
 
 
 def _text_config(name, **extra):
-    return getattr(transformers, name)(**{**_DECODER, **extra})
+    return getattr(transformers, name)(**{**DECODER, **extra})
 
 
 def _llava():

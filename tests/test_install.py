@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import pkgutil
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 import transformers
 from forward_rewrite import _installer as installer
 from model_cases import batch, build, loss_and_grads
+from model_sweep import import_all_modeling_modules
 from transformers.models.llama import modeling_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,21 +321,9 @@ def test_install_agrees_with_the_cli_on_every_class_transformers_ships(tmp_path)
         (c["module"], c["qualname"]): c
         for c in json.loads(audit_path.read_text())["classes"]
     }
-    not_importable = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for model in pkgutil.iter_modules(transformers.models.__path__):
-            package = f"transformers.models.{model.name}"
-            for info in pkgutil.iter_modules(
-                [str(TRANSFORMERS_DIR / "models" / model.name)]
-            ):
-                if info.name.startswith("modeling_") and not info.name.startswith(
-                    ("modeling_tf_", "modeling_flax_")
-                ):
-                    try:
-                        importlib.import_module(f"{package}.{info.name}")
-                    except ImportError as exc:  # an optional dependency (torchaudio)
-                        not_importable.append(f"{package}.{info.name}: {exc}")
+        not_importable = import_all_modeling_modules()  # optional deps (torchaudio)
     assert len(not_importable) <= 3, not_importable
     forward_rewrite.install()
     installed = forward_rewrite.audit()["classes"]
