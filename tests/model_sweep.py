@@ -12,6 +12,7 @@ validator, a shape the shrink broke, a missing optional package) is *skipped* wi
 error; a class that runs stock and differs patched is a *mismatch*.
 """
 
+import contextlib
 import copy
 import importlib
 import inspect
@@ -72,6 +73,10 @@ SHRINK = {
 }
 #: A tiny model larger than this was not shrunk (fields under other names): skipped.
 MAX_PARAMS = 8_000_000
+#: Address space one class may add. A shrink that misses a size field can leave a huge
+#: buffer (transformers 4.57's FalconH1 asked for 24 GB in its naive Mamba path): under the
+#: cap the allocation fails with a Python error and the class is skipped.
+MEMORY_CAP_BYTES = 8 << 30
 #: The seed before each forward: dropout and router noise draw the same in both runs.
 FORWARD_SEED = 5
 LOSS_TOL = 1e-5
@@ -199,6 +204,33 @@ def _count_params(cls, config):
         return 0
 
 
+@contextlib.contextmanager
+def memory_cap(extra_bytes):
+    """Caps the process's address space at its present size plus ``extra_bytes`` (Linux;
+    elsewhere no cap), restoring the limit afterwards."""
+    try:
+        import resource
+
+        status = Path("/proc/self/status").read_text()
+        vm_kb = int(
+            next(
+                line for line in status.splitlines() if line.startswith("VmSize:")
+            ).split()[1]
+        )
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, StopIteration):
+        yield
+        return
+    cap = vm_kb * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _run(model, inputs):
     torch.manual_seed(FORWARD_SEED)
     return loss_and_grads(model, copy.copy(inputs))
@@ -207,6 +239,11 @@ def _run(model, inputs):
 def check_class(module, qualname):
     """Stock vs patched for one class. Returns a dict with ``status`` ("verified",
     "mismatch" or "skipped"), ``reason`` (why skipped / what differs) and the errors."""
+    with memory_cap(MEMORY_CAP_BYTES):
+        return _check_class(module, qualname)
+
+
+def _check_class(module, qualname):
     cls = getattr(sys.modules[module], qualname)
     out = {"qualname": qualname, "module": module}
     forward_rewrite.uninstall()
