@@ -106,6 +106,17 @@ CASES = {
         lambda: _text_config("Gemma3TextConfig", final_logit_softcapping=3.0),
         ["softcap"],
     ),
+    "gemma4": (
+        "Gemma4ForCausalLM",
+        lambda: _text_config(
+            "Gemma4TextConfig",
+            final_logit_softcapping=3.0,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        ["softcap"],
+    ),
     "cohere": (
         "CohereForCausalLM",
         lambda: _text_config("CohereConfig", logit_scale=0.25),

@@ -24,7 +24,7 @@ from pathlib import Path
 import forward_rewrite
 import torch
 import transformers
-from model_cases import DECODER, batch, loss_and_grads, rel_err
+from model_cases import DECODER, VOCAB, batch, loss_and_grads, rel_err
 
 SHRINK = {
     # decoders
@@ -46,6 +46,9 @@ SHRINK = {
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 8,
+    # per-layer input embeddings (Gemma 3n, Gemma 4)
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 8,
     # other spellings of the same sizes (GPT-2 style, encoders, vision towers)
     "n_layer": 2,
     "n_head": 4,
