@@ -4,7 +4,7 @@ the classes' own configs; the cases of tests/model_cases.py). With ``--all``, ev
 ``install()`` patches in the installed transformers, shrunk generically (tests/model_sweep.py):
 verified, mismatch, or skipped with the reason its tiny model could not be built.
 
-    python bench/equivalence.py [--all]
+    python bench/equivalence.py [--all [--device cuda]]
 """
 
 import argparse
@@ -26,7 +26,7 @@ VARIANTS = {
 }
 
 
-def sweep():
+def sweep(device):
     from model_sweep import check_class, patched_classes
 
     print(
@@ -35,7 +35,7 @@ def sweep():
     print("| --- | --- | --- | --- | --- | --- |")
     counts = {}
     for module, name in patched_classes():
-        r = check_class(module, name)
+        r = check_class(module, name, device)
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         errs = (
             (f"{r['loss_err']:.1e}", f"{r['grad_err']:.1e} ({r['worst_param']})")
@@ -55,16 +55,22 @@ def main():
     ap.add_argument(
         "--all", action="store_true", help="every patched class, shrunk generically"
     )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="with --all: where the models run (cuda: the CUDA backend, float32)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, float32, CPU"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, float32, "
+        f"{args.device if args.all else 'cpu'}"
     )
     print()
     start = time.time()
     if args.all:
-        counts = sweep()
+        counts = sweep(args.device)
         print(f"\n{counts}, {time.time() - start:.1f} s")
         return
     print(

@@ -239,18 +239,22 @@ def _run(model, inputs):
     return loss_and_grads(model, copy.copy(inputs))
 
 
-def check_class(module, qualname):
-    """Stock vs patched for one class. Returns a dict with ``status`` ("verified",
-    "mismatch" or "skipped"), ``reason`` (why skipped / what differs) and the errors."""
+def check_class(module, qualname, device="cpu"):
+    """Stock vs patched for one class, on ``device`` (float32). Returns a dict with
+    ``status`` ("verified", "mismatch" or "skipped"), ``reason`` (why skipped / what
+    differs) and the errors."""
+    if torch.device(device).type != "cpu":
+        # CUDA reserves its address space up front: no cap there (the GPU's memory bounds)
+        return _check_class(module, qualname, device)
     with memory_cap(MEMORY_CAP_BYTES):
-        return _check_class(module, qualname)
+        return _check_class(module, qualname, device)
 
 
-def _check_class(module, qualname):
+def _check_class(module, qualname, device):
     cls = getattr(sys.modules[module], qualname)
     out = {"qualname": qualname, "module": module}
     forward_rewrite.uninstall()
-    inputs = batch()
+    inputs = {k: v.to(device) for k, v in batch().items()}
     reasons = []  # why each attempt failed; the first one is what the report shows
     for wider in WIDER:
         try:
@@ -262,7 +266,7 @@ def _check_class(module, qualname):
                     reasons.append(f"not shrunk ({out['params']} parameters)")
                     return {**out, "status": "skipped", "reason": reasons[0]}
                 torch.manual_seed(0)
-                model = cls(config).float().train()
+                model = cls(config).float().to(device).train()
                 stock_loss, _, stock_grads = _run(model, inputs)
             break
         except Exception as exc:  # noqa: BLE001  (any failure of the stock model is a skip)
