@@ -8,6 +8,7 @@ verified, mismatch, or skipped with the reason its tiny model could not be built
 """
 
 import argparse
+import collections
 import sys
 import time
 import warnings
@@ -33,10 +34,10 @@ def sweep(device):
         "| class | status | loss rel err | worst grad err (param) | params | reason |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
-    counts = {}
+    counts = collections.Counter()
     for module, name in patched_classes():
         r = check_class(module, name, device)
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        counts[r["status"]] += 1
         errs = (
             (f"{r['loss_err']:.1e}", f"{r['grad_err']:.1e} ({r['worst_param']})")
             if "loss_err" in r
@@ -71,7 +72,7 @@ def main():
     start = time.time()
     if args.all:
         counts = sweep(args.device)
-        print(f"\n{counts}, {time.time() - start:.1f} s")
+        print(f"\n{dict(counts)}, {time.time() - start:.1f} s")
         return
     print(
         "| class | variant | stock loss | loss rel err | worst grad rel err (param) | params |"

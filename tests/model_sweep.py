@@ -24,6 +24,7 @@ from pathlib import Path
 import forward_rewrite
 import torch
 import transformers
+from forward_rewrite._installer import _MODELING_MODULE
 from model_cases import DECODER, VOCAB, batch, loss_and_grads, rel_err
 
 SHRINK = {
@@ -149,19 +150,19 @@ def tiny_config(config, wider=None):
 
 
 def import_all_modeling_modules():
-    """Imports every PyTorch modeling module; returns those that failed (optional deps)."""
+    """Imports every module the installer targets (its own module pattern); returns those
+    that failed (optional dependencies)."""
     root = Path(transformers.__file__).parent
     failed = []
     for model in pkgutil.iter_modules(transformers.models.__path__):
         for info in pkgutil.iter_modules([str(root / "models" / model.name)]):
-            if info.name.startswith("modeling_") and not info.name.startswith(
-                ("modeling_tf_", "modeling_flax_")
-            ):
-                name = f"transformers.models.{model.name}.{info.name}"
-                try:
-                    importlib.import_module(name)
-                except ImportError as exc:
-                    failed.append(f"{name}: {exc}")
+            name = f"transformers.models.{model.name}.{info.name}"
+            if not _MODELING_MODULE.match(name):
+                continue
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                failed.append(f"{name}: {exc}")
     return failed
 
 
@@ -243,10 +244,9 @@ def check_class(module, qualname, device="cpu"):
     """Stock vs patched for one class, on ``device`` (float32). Returns a dict with
     ``status`` ("verified", "mismatch" or "skipped"), ``reason`` (why skipped / what
     differs) and the errors."""
-    if torch.device(device).type != "cpu":
-        # CUDA reserves its address space up front: no cap there (the GPU's memory bounds)
-        return _check_class(module, qualname, device)
-    with memory_cap(MEMORY_CAP_BYTES):
+    # CUDA reserves its address space up front: no cap there (the GPU's memory bounds)
+    on_cpu = torch.device(device).type == "cpu"
+    with memory_cap(MEMORY_CAP_BYTES) if on_cpu else contextlib.nullcontext():
         return _check_class(module, qualname, device)
 
 
@@ -255,7 +255,7 @@ def _check_class(module, qualname, device):
     out = {"qualname": qualname, "module": module}
     forward_rewrite.uninstall()
     inputs = {k: v.to(device) for k, v in batch().items()}
-    reasons = []  # why each attempt failed; the first one is what the report shows
+    first_failure = None  # what the report shows when no attempt builds
     for wider in WIDER:
         try:
             with warnings.catch_warnings():
@@ -263,8 +263,8 @@ def _check_class(module, qualname, device):
                 config = tiny_config(cls.config_class(), wider)
                 out["params"] = _count_params(cls, config)
                 if out["params"] > MAX_PARAMS:  # wider attempts would only be larger
-                    reasons.append(f"not shrunk ({out['params']} parameters)")
-                    return {**out, "status": "skipped", "reason": reasons[0]}
+                    reason = first_failure or f"not shrunk ({out['params']} parameters)"
+                    return {**out, "status": "skipped", "reason": reason}
                 torch.manual_seed(0)
                 model = cls(config).float().to(device).train()
                 stock_loss, _, stock_grads = _run(model, inputs)
@@ -273,9 +273,9 @@ def _check_class(module, qualname, device):
             text = " ".join(
                 line.strip() for line in str(exc).splitlines() if line.strip()
             )
-            reasons.append(f"{type(exc).__name__}: {text[:140]}")
+            first_failure = first_failure or f"{type(exc).__name__}: {text[:140]}"
     else:
-        return {**out, "status": "skipped", "reason": reasons[0]}
+        return {**out, "status": "skipped", "reason": first_failure}
     forward_rewrite.patch_model(model)
     try:
         loss, logits, grads = _run(model, inputs)
