@@ -78,8 +78,8 @@ SHRINK = {
 #: A tiny model larger than this was not shrunk (fields under other names): skipped.
 MAX_PARAMS = 8_000_000
 #: Address space one class may add. A shrink that misses a size field can leave a huge
-#: buffer (transformers 4.57's FalconH1 asked for 24 GB in its naive Mamba path): under the
-#: cap the allocation fails with a Python error and the class is skipped.
+#: buffer (transformers 4.57's FalconH1 asked for 17 GB at once in its naive Mamba path):
+#: under the cap the allocation fails with a Python error and the class is skipped.
 MEMORY_CAP_BYTES = 8 << 30
 #: The seed before each forward: dropout and router noise draw the same in both runs.
 FORWARD_SEED = 5
