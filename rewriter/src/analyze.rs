@@ -4,6 +4,7 @@ use ruff_python_ast::{Stmt, StmtClassDef};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{ClassReport, Verdict};
+use crate::candidate::{ClassFacts, written_bases};
 use crate::parse::ParsedSource;
 use crate::passes::fused_loss;
 use crate::reason::Reason;
@@ -86,6 +87,8 @@ impl ClassReport {
             head: None,
             head_bias: None,
             transforms: Vec::new(),
+            verified: None,
+            verification: None,
             patched_forward: None,
         }
     }
@@ -113,6 +116,37 @@ impl ClassReport {
             );
         }
     }
+}
+
+/// Whether the most-derived class of `chain` is one the pass looks at (`candidate.rs`): the
+/// installer asks this before [`analyze_class`], the scan answers it from its index, with the
+/// same facts. False when a class source does not parse.
+pub fn is_candidate(chain: &[ClassSource], loss: &LossResolution) -> bool {
+    let Ok(parsed) = chain
+        .iter()
+        .map(ParsedClass::parse)
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return false;
+    };
+    let facts: Vec<ClassFacts> = parsed
+        .iter()
+        .map(|p| {
+            let class = p.class_def();
+            ClassFacts::of(
+                class,
+                written_bases(class, |b| p.parsed.slice(b).to_string()),
+            )
+        })
+        .collect();
+    crate::candidate::is_candidate(&facts.iter().collect::<Vec<_>>(), loss)
+}
+
+/// [`is_candidate`] over JSON, for bindings (arguments as [`analyze_class_json`]).
+pub fn is_candidate_json(chain: &str, loss: &str) -> Result<bool, String> {
+    let chain: Vec<ClassSource> = serde_json::from_str(chain).map_err(|e| format!("chain: {e}"))?;
+    let loss: LossResolution = serde_json::from_str(loss).map_err(|e| format!("loss: {e}"))?;
+    Ok(is_candidate(&chain, &loss))
 }
 
 /// The source of the forward the most-derived class of `chain` runs, as contract 2 hashes

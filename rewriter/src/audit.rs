@@ -85,6 +85,13 @@ pub struct ClassReport {
     pub head_bias: Option<bool>,
     /// Lowered logit transforms, in the order the op applies them.
     pub transforms: Vec<Transform>,
+    /// Whether `forward-rewrite build --verify` checked this patch against the stock forward
+    /// (a tiny model, loss and every gradient): true / false, null when not checked.
+    #[serde(default)]
+    pub verified: Option<bool>,
+    /// What the check found (why it was skipped or what differed); absent when not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<String>,
     /// The complete patched `def forward`, dedented to column 0; present only when patched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patched_forward: Option<String>,

@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod audit;
 pub mod cache;
+pub mod candidate;
 pub mod chain;
 pub mod hash;
 pub mod index;
@@ -14,10 +15,11 @@ pub mod passes;
 pub mod reason;
 pub mod scan;
 pub mod syntax;
+pub mod verify;
 
 pub use analyze::{
-    ClassSource, LossResolution, analyze_class, analyze_class_json, forward_source, module_classes,
-    original_forward,
+    ClassSource, LossResolution, analyze_class, analyze_class_json, forward_source, is_candidate,
+    module_classes, original_forward,
 };
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;

@@ -63,6 +63,18 @@ enum Command {
         /// $XDG_CACHE_HOME/forward-rewrite/compiled, else ~/.cache/forward-rewrite/compiled.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// After writing, check every patch against the stock forward (a tiny model of each
+        /// class from its own config: loss and every gradient) through the Python package,
+        /// and record `verified` per allowlist entry and in audit.json.
+        #[arg(long)]
+        verify: bool,
+        /// The Python interpreter with forward_rewrite, torch and transformers installed that
+        /// runs the check (default: $FORWARD_REWRITE_PYTHON, else python3).
+        #[arg(long, value_name = "PATH", requires = "verify")]
+        python: Option<String>,
+        /// Where the check runs (default: cpu).
+        #[arg(long, value_enum, default_value_t = VerifyDevice::Cpu, requires = "verify")]
+        device: VerifyDevice,
     },
 }
 
@@ -74,6 +86,12 @@ struct Common {
     /// Worker threads for parsing and analysis (default: one per core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyDevice {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +158,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 class: common.class,
             };
             let mut document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
+            note_builtin_mapping(&document);
             let keep = |c: &ClassReport| only.is_none_or(|o| o.matches(c.verdict));
             let mut out = std::io::stdout().lock();
             if json {
@@ -172,14 +191,16 @@ fn run(cli: Cli) -> Result<(), String> {
                     let _ = write!(out, "{}", class.patched_forward.as_deref().unwrap_or(""));
                 }
             }
-            if document.loss_mapping == "builtin" {
-                eprintln!(
-                    "forward-rewrite: note: no loss/loss_utils.py in the scanned paths; loss types resolved with the built-in LOSS_MAPPING of transformers 5.23.0"
-                );
-            }
             Ok(())
         }
-        Command::Build { paths, common, out } => {
+        Command::Build {
+            paths,
+            common,
+            out,
+            verify,
+            python,
+            device,
+        } => {
             set_threads(&common)?;
             let out = match out {
                 Some(out) => out,
@@ -190,17 +211,45 @@ fn run(cli: Cli) -> Result<(), String> {
             let options = ScanOptions {
                 class: common.class,
             };
-            let document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
-            let allowlist = forward_rewrite::cache::write(&out, &document)
+            let result = scan(&paths, &options).map_err(|e| e.to_string())?;
+            let document = &result.document;
+            note_builtin_mapping(document);
+            let allowlist = forward_rewrite::cache::write(&out, document, &result.sources)
                 .map_err(|e| format!("cannot write the cache to {}: {e}", out.display()))?;
             println!(
                 "wrote {} patches, allowlist.json and audit.json to {}",
                 allowlist.entries.len(),
                 out.display()
             );
-            print!("{}", audit::render_summary(&document));
+            print!("{}", audit::render_summary(document));
+            if verify {
+                let python = python
+                    .or_else(|| std::env::var("FORWARD_REWRITE_PYTHON").ok())
+                    .unwrap_or_else(|| "python3".to_string());
+                let device = match device {
+                    VerifyDevice::Cpu => "cpu",
+                    VerifyDevice::Cuda => "cuda",
+                };
+                let counts = forward_rewrite::verify::run(&out, document, &python, device)?;
+                println!(
+                    "verified {} of {} patches ({} not verified: see `verification` in {})",
+                    counts.verified,
+                    counts.verified + counts.not_verified,
+                    counts.not_verified,
+                    out.join("allowlist.json").display()
+                );
+            }
             Ok(())
         }
+    }
+}
+
+/// Say on stderr (whatever the output format) that loss types came from the built-in mapping.
+fn note_builtin_mapping(document: &audit::AuditDocument) {
+    if document.loss_mapping == "builtin" {
+        eprintln!(
+            "forward-rewrite: note: no loss/loss_utils.py in the scanned paths; loss types resolved with the built-in LOSS_MAPPING of transformers 5.23.0"
+        );
     }
 }
 

@@ -1,5 +1,5 @@
 //! The scan: walk the given paths, parse and index the PyTorch modeling files in parallel,
-//! resolve each `*ForCausalLM` / `*ForConditionalGeneration` class's chain and run
+//! resolve the chain of each candidate class (`candidate.rs`) and run
 //! [`crate::analyze_class`] on it (the same entry point as the Python installer).
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::analyze::{ClassSource, analyze_class};
 use crate::audit::{AuditDocument, ClassReport, FileEntry, FileStatus, Summary};
+use crate::candidate::is_candidate;
 use crate::chain::Tree;
 use crate::index::FileIndex;
 use crate::loss_mapping::LossMapping;
@@ -35,11 +36,8 @@ pub struct ScanOptions {
 /// The scan's result: the audit document, with the patched forwards kept in the reports.
 pub struct Scan {
     pub document: AuditDocument,
-}
-
-/// A class name the scan analyses.
-pub fn is_target_class(name: &str) -> bool {
-    name.ends_with("ForCausalLM") || name.ends_with("ForConditionalGeneration")
+    /// Each scanned file's reported path → its path on disk.
+    pub sources: HashMap<String, PathBuf>,
 }
 
 /// A PyTorch modeling file: `modeling_*.py`, not TF, Flax (or `modular_*`, which does not match).
@@ -61,13 +59,22 @@ struct Input {
     root: Option<PathBuf>,
 }
 
-/// The package root of a file: the topmost ancestor directory that still holds `__init__.py`.
+/// The top package of remote code: transformers copies it under `HF_MODULES_CACHE`, puts
+/// that directory on `sys.path` and imports `transformers_modules.<org>.<repo>.<rev>.modeling_x`.
+const REMOTE_CODE_PACKAGE: &str = "transformers_modules";
+
+/// The package root of a file: the topmost ancestor directory that still holds `__init__.py`
+/// (a `transformers_modules` directory is always a root: the modules cache above it holds an
+/// `__init__.py` too but is a `sys.path` entry, not a package).
 fn package_root(dir: &Path) -> Option<PathBuf> {
     let mut root = None;
     let mut current = Some(dir);
     while let Some(d) = current {
         if d.join("__init__.py").is_file() {
             root = Some(d.to_path_buf());
+            if d.file_name().is_some_and(|n| n == REMOTE_CODE_PACKAGE) {
+                break;
+            }
             current = d.parent();
         } else {
             break;
@@ -271,6 +278,12 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
         files.push(entry);
     }
     let tree = Tree::new(&indexes);
+    let mapping_of = |file: usize| {
+        index_roots[file]
+            .as_ref()
+            .and_then(|r| mappings.get(r))
+            .unwrap_or(&builtin)
+    };
     let mut targets = Vec::new();
     for (file, index) in indexes.iter().enumerate() {
         for (class, entry) in index.classes.iter().enumerate() {
@@ -278,7 +291,15 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 .class
                 .as_ref()
                 .is_none_or(|name| *name == entry.name);
-            if is_target_class(&entry.name) && wanted {
+            if !wanted {
+                continue;
+            }
+            let chain: Vec<_> = tree
+                .chain((file, class))
+                .into_iter()
+                .map(|id| &tree.class(id).facts)
+                .collect();
+            if is_candidate(&chain, &mapping_of(file).resolve(&entry.name)) {
                 targets.push((file, class));
             }
         }
@@ -301,11 +322,7 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                     }
                 })
                 .collect();
-            let mapping = index_roots[id.0]
-                .as_ref()
-                .and_then(|r| mappings.get(r))
-                .unwrap_or(&builtin);
-            let loss = mapping.resolve(&tree.class(id).name);
+            let loss = mapping_of(id.0).resolve(&tree.class(id).name);
             let mut report = analyze_class(&chain, &loss);
             if let Some(forward_module) = report.forward_module.clone() {
                 let binds = indexes
@@ -322,7 +339,12 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
     classes.sort_by(|a, b| (&a.path, a.line, &a.qualname).cmp(&(&b.path, b.line, &b.qualname)));
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let summary = Summary::compute(&files, &classes);
+    let sources = inputs
+        .iter()
+        .map(|i| (i.display.clone(), i.file.clone()))
+        .collect();
     Ok(Scan {
+        sources,
         document: AuditDocument {
             schema: 1,
             tool_version: crate::version().to_string(),

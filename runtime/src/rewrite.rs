@@ -2,6 +2,7 @@
 //! the CLI runs, over JSON so the Python side stays a thin caller. Strings in, strings out;
 //! a bad argument is a `ValueError` naming it.
 
+use forward_rewrite::analyze::is_candidate_json;
 use forward_rewrite::{analyze_class_json, hash, module_classes};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -10,6 +11,7 @@ use pyo3::prelude::*;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_module_classes, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_analyze_class, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_is_candidate, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
     Ok(())
 }
@@ -37,6 +39,15 @@ fn rewrite_module_classes(
 #[pyo3(signature = (chain, loss))]
 fn rewrite_analyze_class(py: Python<'_>, chain: &str, loss: &str) -> PyResult<String> {
     py.detach(|| analyze_class_json(chain, loss))
+        .map_err(PyValueError::new_err)
+}
+
+/// Whether the pass looks at the most-derived class of `chain` at all (the CLI's rule:
+/// `candidate.rs`); arguments as for `rewrite_analyze_class`.
+#[pyfunction]
+#[pyo3(signature = (chain, loss))]
+fn rewrite_is_candidate(py: Python<'_>, chain: &str, loss: &str) -> PyResult<bool> {
+    py.detach(|| is_candidate_json(chain, loss))
         .map_err(PyValueError::new_err)
 }
 
