@@ -4,7 +4,14 @@ forwards call (see ARCHITECTURE.md, contracts 1-4)."""
 
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
-from .guard import LOSS_KWARGS, fuses, keep_logits, loss_kwargs, set_keep_logits
+from .guard import (
+    LOSS_KWARGS,
+    fuses,
+    keep_logits,
+    loss_kwargs,
+    set_keep_logits,
+    tuple_guard,
+)
 from .ops import chunk_budget_bytes, fused_lm_head_loss, set_chunk_budget_bytes
 
 __all__ = [
@@ -20,5 +27,6 @@ __all__ = [
     "patch_model",
     "set_chunk_budget_bytes",
     "set_keep_logits",
+    "tuple_guard",
     "uninstall",
 ]
