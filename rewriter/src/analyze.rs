@@ -87,6 +87,7 @@ impl ClassReport {
             head: None,
             head_bias: None,
             transforms: Vec::new(),
+            loss_style: None,
             verified: None,
             verification: None,
             patched_forward: None,

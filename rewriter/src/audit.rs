@@ -55,6 +55,14 @@ impl TransformKind {
     }
 }
 
+/// The two loss shapes the fused-loss pass lowers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossStyleKind {
+    LossFunction,
+    CrossEntropy,
+}
+
 /// The result of `analyze_class` (contract 1): one `classes[]` entry of the audit document,
 /// plus the patched forward when the verdict is `patched`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +93,11 @@ pub struct ClassReport {
     pub head_bias: Option<bool>,
     /// Lowered logit transforms, in the order the op applies them.
     pub transforms: Vec<Transform>,
+    /// Which shape computes the loss: `loss_function` (`self.loss_function(...)`) or
+    /// `cross_entropy` (the classic shift + `CrossEntropyLoss`); null when no loss site
+    /// was matched.
+    #[serde(default)]
+    pub loss_style: Option<LossStyleKind>,
     /// Whether `forward-rewrite build --verify` checked this patch against the stock forward
     /// (a tiny model, loss and every gradient): true / false, null when not checked.
     #[serde(default)]
@@ -193,9 +206,14 @@ pub fn render_compact(classes: &[ClassReport]) -> String {
             Verdict::Refused => "refused",
             Verdict::Failed => "failed",
         };
+        let loss = match class.loss_style {
+            Some(LossStyleKind::LossFunction) => "loss_function",
+            Some(LossStyleKind::CrossEntropy) => "cross_entropy",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "{verdict:<8} {reason:<28} {}.{} head={head} transforms={}",
+            "{verdict:<8} {reason:<28} {}.{} loss={loss} head={head} transforms={}",
             class.module,
             class.qualname,
             transforms_cell(&class.transforms)

@@ -20,7 +20,7 @@ use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 use ruff_text_size::Ranged;
 
 use crate::analyze::{LossResolution, ParsedClass};
-use crate::audit::{ClassReport, Verdict};
+use crate::audit::{ClassReport, LossStyleKind, Verdict};
 use crate::hash::forward_sha256;
 use crate::parse::ParsedSource;
 use crate::reason::Reason;
@@ -118,6 +118,10 @@ fn run(
         check_loss_function(chain)?;
     }
     let site = site::find_loss_site(def, &src.text)?;
+    report.loss_style = Some(match site.style {
+        site::LossStyle::LossFunction(_) => LossStyleKind::LossFunction,
+        site::LossStyle::CrossEntropy(_) => LossStyleKind::CrossEntropy,
+    });
     if let site::LossStyle::LossFunction(_) = site.style {
         check_loss_type(chain, loss)?;
     }

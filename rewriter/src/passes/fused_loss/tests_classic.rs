@@ -380,3 +380,25 @@ fn a_head_call_on_the_logits_name_is_the_origin() {
     );
     assert_patched(&with_tail(&scaled));
 }
+
+#[test]
+fn mpt_remote_code_is_refused_for_its_head_not_as_seq2seq() {
+    // MosaicML's remote MPT: tied unembedding through the embedding module, then the roll.
+    let tail = "        logits = self.transformer.wte(outputs.last_hidden_state.to(self.transformer.wte.weight.device), True)
+        if self.logit_scale is not None:
+            if self.logit_scale == 0:
+                warnings.warn(f'Multiplying logits by self.logit_scale={self.logit_scale!r}.')
+            logits *= self.logit_scale
+        loss = None
+        if labels is not None:
+            _labels = torch.roll(labels, shifts=-1)
+            _labels[:, -1] = -100
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), _labels.to(logits.device).view(-1))
+";
+    let report = with_tail(tail);
+    assert_refused(&report, Reason::HeadCallUnsupported);
+    assert_eq!(
+        report.loss_style,
+        Some(crate::audit::LossStyleKind::CrossEntropy)
+    );
+}
