@@ -4,10 +4,12 @@
 
 pub mod analyze;
 pub mod audit;
+pub mod backends;
 pub mod cache;
 pub mod chain;
 pub mod hash;
 pub mod index;
+pub mod lint;
 pub mod loss_mapping;
 pub mod parse;
 pub mod passes;

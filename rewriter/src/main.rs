@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use forward_rewrite::audit::{self, ClassReport, Verdict};
+use forward_rewrite::lint;
 use forward_rewrite::scan::{ScanOptions, scan};
 
 /// Find the lm_head + loss triplet in transformers modeling files and rewrite it to a fused,
@@ -15,7 +16,8 @@ use forward_rewrite::scan::{ScanOptions, scan};
     name = "forward-rewrite",
     version,
     after_help = "Exit status: 0 when the scan ran (refusals and files that do not parse are results), \
-                  2 for unusable arguments or unreadable inputs.\nReason codes and the audit schema: README.md."
+                  2 for unusable arguments or unreadable inputs; `lint` exits 1 when it finds something.\n\
+                  Reason codes, rule codes and the document schemas: README.md."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,6 +66,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Find legacy attention switches and non-canonical attention names in any Python code
+    /// (training scripts, frameworks): `use_flash_attention_2=True`, `cfg.flash_attention`,
+    /// `attn_implementation="fa2"`, `impl == "flash_attention_2"` where a capability should be
+    /// asked. One line per finding (path:line:col, rule code, message, replacement) and a
+    /// summary. Exit status: 1 when something is found, 0 when clean.
+    Lint {
+        /// Python files, or directories walked for `*.py` (hidden directories skipped).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Print the lint document (JSON, schema 1) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads (default: one per core).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -107,7 +125,8 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Found) => ExitCode::from(1),
         Err(message) => {
             eprintln!("forward-rewrite: error: {message}");
             ExitCode::from(2)
@@ -115,8 +134,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn set_threads(common: &Common) -> Result<(), String> {
-    if let Some(threads) = common.threads {
+/// What a command that ran says through the exit status.
+enum Outcome {
+    Clean,
+    /// `lint` found something (exit 1).
+    Found,
+}
+
+fn set_threads(threads: Option<u16>) -> Result<(), String> {
+    if let Some(threads) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.into())
             .build_global()
@@ -125,7 +151,7 @@ fn set_threads(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<Outcome, String> {
     match cli.command {
         Command::Scan {
             paths,
@@ -135,7 +161,7 @@ fn run(cli: Cli) -> Result<(), String> {
             emit,
             only,
         } => {
-            set_threads(&common)?;
+            set_threads(common.threads)?;
             let options = ScanOptions {
                 class: common.class,
             };
@@ -155,7 +181,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 drop(patched);
                 let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
                 let _ = writeln!(out, "{text}");
-                return Ok(());
+                return Ok(Outcome::Clean);
             }
             let classes: Vec<&ClassReport> = document.classes.iter().filter(|c| keep(c)).collect();
             if compact {
@@ -177,10 +203,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     "forward-rewrite: note: no loss/loss_utils.py in the scanned paths; loss types resolved with the built-in LOSS_MAPPING of transformers 5.23.0"
                 );
             }
-            Ok(())
+            Ok(Outcome::Clean)
         }
         Command::Build { paths, common, out } => {
-            set_threads(&common)?;
+            set_threads(common.threads)?;
             let out = match out {
                 Some(out) => out,
                 None => default_cache_dir().ok_or(
@@ -199,7 +225,27 @@ fn run(cli: Cli) -> Result<(), String> {
                 out.display()
             );
             print!("{}", audit::render_summary(&document));
-            Ok(())
+            Ok(Outcome::Clean)
+        }
+        Command::Lint {
+            paths,
+            json,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let document = lint::lint_paths(&paths).map_err(|e| e.to_string())?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
+                let _ = writeln!(out, "{text}");
+            } else {
+                let _ = write!(out, "{}", lint::render_text(&document));
+            }
+            Ok(if document.findings.is_empty() {
+                Outcome::Clean
+            } else {
+                Outcome::Found
+            })
         }
     }
 }

@@ -340,3 +340,84 @@ fn build_writes_the_cache() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn lint_exit_codes_text_and_json() {
+    let dir = TempDir::new();
+    let project = dir.0.join("project");
+    std::fs::create_dir_all(project.join("pkg/.hidden")).unwrap();
+    std::fs::create_dir_all(project.join("clean")).unwrap();
+    std::fs::write(
+        project.join("pkg/train.py"),
+        "model = load(path, use_flash_attention_2=True)\nif cfg.attn_implementation == \"fa2\":\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("pkg/broken.py"), "def f(:\n").unwrap();
+    std::fs::write(
+        project.join("pkg/notes.txt"),
+        "use_flash_attention_2=True\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("pkg/.hidden/skipped.py"),
+        "f(use_flash_attention_2=True)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("clean/ok.py"),
+        "model = load(path, attn_implementation=\"flash_attention_2\")\n",
+    )
+    .unwrap();
+
+    // Findings: exit 1, one line each, the failed file, the summary.
+    let out = run(&["lint", &path(&project, "pkg")]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let train = path(&project, "pkg/train.py");
+    assert!(
+        text.contains(&format!("{train}:1:20: FR-A001 "))
+            && text.contains("[use: attn_implementation=\"flash_attention_2\"]"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{train}:2:31: FR-A102 ")), "{text}");
+    assert!(
+        text.contains("broken.py: not checked: syntax error at 1:"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with("2 findings in 1 of 2 files (1 not checked): FR-A001 1, FR-A102 1"),
+        "{text}"
+    );
+
+    // Clean: exit 0.
+    let out = run(&["lint", &path(&project, "clean")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("0 findings in 0 of 1 files")
+    );
+
+    // JSON: the versioned document, same exit status.
+    let out = run(&["lint", &path(&project, "pkg/train.py"), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["summary"]["findings"], 2);
+    assert_eq!(doc["summary"]["rules"]["FR-A001"], 1);
+    let first = &doc["findings"][0];
+    assert_eq!(first["code"], "FR-A001");
+    assert_eq!(first["rule"], "legacy-flag-keyword");
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(1), Some(20))
+    );
+
+    // Unusable arguments: exit 2.
+    assert_eq!(
+        run(&["lint", &path(&project, "missing")]).status.code(),
+        Some(2)
+    );
+    assert_eq!(run(&["lint"]).status.code(), Some(2));
+}
