@@ -15,6 +15,7 @@ pub mod parse;
 pub mod passes;
 pub mod reason;
 pub mod scan;
+pub mod syncs;
 pub mod syntax;
 
 pub use analyze::{

@@ -51,6 +51,11 @@ enum Command {
         /// Only list classes with this verdict (the summary still counts every class).
         #[arg(long, value_enum)]
         only: Option<OnlyVerdict>,
+        /// Report the host-sync sites each class's forward reaches, per forward and per
+        /// decoder layer, per attention backend, stock and patched (instead of the table;
+        /// with --json, a `syncs` section in each class entry).
+        #[arg(long, conflicts_with_all = ["compact", "emit"])]
+        syncs: bool,
     },
     /// Scan like `scan`, then write the compiled cache to DIR: `audit.json`,
     /// `allowlist.json` (forward sha256 -> patch) and `patches/<module>.<Class>.py`.
@@ -160,6 +165,7 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             compact,
             emit,
             only,
+            syncs,
         } => {
             set_threads(common.threads)?;
             let options = ScanOptions {
@@ -168,6 +174,61 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             let mut document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
             let keep = |c: &ClassReport| only.is_none_or(|o| o.matches(c.verdict));
             let mut out = std::io::stdout().lock();
+            if syncs {
+                document.classes.retain(keep);
+                let reports = forward_rewrite::syncs::analyze(&paths, &document)
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    for class in &mut document.classes {
+                        class.patched_forward = None;
+                    }
+                    let classes = document
+                        .classes
+                        .iter()
+                        .map(|class| ClassWithSyncs {
+                            class,
+                            syncs: reports.get(&(class.module.clone(), class.qualname.clone())),
+                        })
+                        .collect();
+                    let with_syncs = DocumentWithSyncs {
+                        schema: document.schema,
+                        tool_version: &document.tool_version,
+                        transformers_version: document.transformers_version.as_deref(),
+                        loss_mapping: &document.loss_mapping,
+                        summary: &document.summary,
+                        files: &document.files,
+                        classes,
+                    };
+                    let text =
+                        serde_json::to_string_pretty(&with_syncs).map_err(|e| e.to_string())?;
+                    let _ = writeln!(out, "{text}");
+                } else {
+                    let table = forward_rewrite::backends::table();
+                    for class in &document.classes {
+                        let header = format!(
+                            "{}  {}:{}  {}{}",
+                            class.qualname,
+                            class.path,
+                            class.line,
+                            verdict_name(class.verdict),
+                            class
+                                .reason
+                                .map(|r| format!(" ({})", r.code()))
+                                .unwrap_or_default()
+                        );
+                        let key = (class.module.clone(), class.qualname.clone());
+                        if let Some(report) = reports.get(&key) {
+                            let _ = writeln!(
+                                out,
+                                "{}",
+                                forward_rewrite::syncs::render_class(&header, report, table)
+                            );
+                        }
+                    }
+                    let _ = write!(out, "{}", audit::render_summary(&document));
+                }
+                return Ok(Outcome::Clean);
+            }
             if json {
                 let patched: Vec<_> = document
                     .classes
@@ -247,6 +308,35 @@ fn run(cli: Cli) -> Result<Outcome, String> {
                 Outcome::Found
             })
         }
+    }
+}
+
+/// The audit document with a `syncs` section in each class entry (`scan --syncs --json`):
+/// the audit's fields in the audit's order.
+#[derive(serde::Serialize)]
+struct DocumentWithSyncs<'a> {
+    schema: u32,
+    tool_version: &'a str,
+    transformers_version: Option<&'a str>,
+    loss_mapping: &'a str,
+    summary: &'a audit::Summary,
+    files: &'a [audit::FileEntry],
+    classes: Vec<ClassWithSyncs<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ClassWithSyncs<'a> {
+    #[serde(flatten)]
+    class: &'a ClassReport,
+    /// Null when the class is not in the loaded sources.
+    syncs: Option<&'a forward_rewrite::syncs::ClassSyncs>,
+}
+
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Patched => "patched",
+        Verdict::Refused => "refused",
+        Verdict::Failed => "failed",
     }
 }
 

@@ -421,3 +421,58 @@ fn lint_exit_codes_text_and_json() {
     );
     assert_eq!(run(&["lint"]).status.code(), Some(2));
 }
+
+#[test]
+fn scan_syncs_text_and_json() {
+    let dir = tree();
+    let toy = dir.0.join("transformers/models/toy/modeling_syncs.py");
+    std::fs::write(
+        &toy,
+        "class SyncModel(nn.Module):\n    def __init__(self, config):\n        self.layers = nn.ModuleList([SyncLayer(config) for _ in range(2)])\n\n    def forward(self, x):\n        for layer in self.layers:\n            x = layer(x)\n        return x\n\n\nclass SyncLayer(nn.Module):\n    def forward(self, x):\n        n = x.sum().item()\n        return x\n\n\nclass SyncForCausalLM(nn.Module):\n    def __init__(self, config):\n        self.model = SyncModel(config)\n\n    def forward(self, input_ids, labels=None):\n        if (input_ids < 0).any():\n            raise ValueError(\"negative ids\")\n        return self.model(input_ids)\n",
+    )
+    .unwrap();
+    let root = path(&dir.0, "transformers");
+    let out = run(&["scan", &root, "--syncs", "--class", "SyncForCausalLM"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("layers: SyncLayer"), "{text}");
+    assert!(
+        text.contains("item       models/toy/modeling_syncs.py:13  SyncLayer.forward"),
+        "{text}"
+    );
+    assert!(
+        text.contains("condition  models/toy/modeling_syncs.py:22"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sites per forward + per layer (stock -> patched): eager 1+1"),
+        "{text}"
+    );
+
+    let doc = json(&run(&["scan", &root, "--syncs", "--json"]));
+    for class in doc["classes"].as_array().unwrap() {
+        assert!(class.get("syncs").is_some(), "{class}");
+        assert!(class.get("patched_forward").is_none());
+    }
+    let sync = doc["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["qualname"] == "SyncForCausalLM")
+        .unwrap();
+    assert_eq!(sync["syncs"]["layers"][0], "SyncLayer");
+    let sites = sync["syncs"]["sites"].as_array().unwrap();
+    assert_eq!(sites[0]["kind"], "item");
+    assert_eq!(sites[0]["stock"]["per_layer"].as_array().unwrap().len(), 10);
+    assert_eq!(sites[1]["kind"], "condition");
+    assert_eq!(sites[1]["text"], "(input_ids < 0).any()");
+    assert_eq!(
+        sites[1]["stock"]["per_forward"].as_array().unwrap().len(),
+        10
+    );
+
+    assert_eq!(
+        run(&["scan", &root, "--syncs", "--compact"]).status.code(),
+        Some(2)
+    );
+}

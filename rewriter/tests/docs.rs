@@ -56,3 +56,16 @@ fn readme_lists_every_lint_rule() {
         );
     }
 }
+
+#[test]
+fn readme_lists_every_sync_kind() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for kind in forward_rewrite::syncs::SyncKind::ALL {
+        let row = format!("| `{}` |", kind.name());
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
+        );
+    }
+}
