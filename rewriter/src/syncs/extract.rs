@@ -32,6 +32,9 @@ pub struct ModuleFacts {
     pub instances: HashMap<String, String>,
     /// Module-level `NAME = {"key": Class, ...}` (layer-type tables), the values' names.
     pub class_maps: HashMap<String, Vec<String>>,
+    /// Module-level `NAME = f if c else g` / `NAME = f`: names for other globals
+    /// (`sdpa_mask = sdpa_mask_recent_torch if ... else sdpa_mask_older_torch`).
+    pub aliases: HashMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -118,18 +121,50 @@ pub fn extract(source: &ParsedSource, module: &str, path: &str) -> ModuleFacts {
         path: path.to_string(),
         ..ModuleFacts::default()
     };
-    visit_module_body(source, source.suite(), &mut facts, 0);
+    let modules = imported_modules(source.suite());
+    visit_module_body(source, source.suite(), &mut facts, &modules, 0);
     facts
 }
 
-fn visit_module_body(source: &ParsedSource, body: &[Stmt], facts: &mut ModuleFacts, depth: usize) {
+/// Names bound by `import x` / `import x.y` / `import x as y` at module level (or under a
+/// top-level `if` / `try`): module objects, whose functions (`np.sum`) are not tensor methods.
+fn imported_modules(body: &[Stmt]) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for stmt in body {
+        match stmt {
+            Stmt::Import(import) => {
+                for alias in &import.names {
+                    out.insert(match &alias.asname {
+                        Some(asname) => asname.to_string(),
+                        None => alias.name.split('.').next().unwrap_or_default().to_string(),
+                    });
+                }
+            }
+            Stmt::If(_) | Stmt::Try(_) => {
+                for block in crate::syntax::child_blocks(stmt) {
+                    out.extend(imported_modules(block));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn visit_module_body(
+    source: &ParsedSource,
+    body: &[Stmt],
+    facts: &mut ModuleFacts,
+    modules: &HashSet<String>,
+    depth: usize,
+) {
     for stmt in body {
         match stmt {
             Stmt::FunctionDef(def) => {
-                let function = function_facts(source, def, def.name.to_string());
+                let function = function_facts(source, def, def.name.to_string(), modules);
                 facts.functions.push(function);
             }
-            Stmt::ClassDef(class) => class_facts(source, class, facts),
+            Stmt::ClassDef(class) => class_facts(source, class, facts, modules),
             Stmt::ImportFrom(import) => {
                 let Some(base) = absolute_module(
                     &facts.module,
@@ -156,7 +191,7 @@ fn visit_module_body(source: &ParsedSource, body: &[Stmt], facts: &mut ModuleFac
             // Definitions guarded by `if is_torch_available():` or `try:`.
             Stmt::If(_) | Stmt::Try(_) if depth == 0 => {
                 for block in crate::syntax::child_blocks(stmt) {
-                    visit_module_body(source, block, facts, depth + 1);
+                    visit_module_body(source, block, facts, modules, depth + 1);
                 }
             }
             _ => {}
@@ -165,6 +200,13 @@ fn visit_module_body(source: &ParsedSource, body: &[Stmt], facts: &mut ModuleFac
 }
 
 fn module_instance(target: &Expr, value: &Expr, facts: &mut ModuleFacts) {
+    if let Expr::Name(name) = target {
+        let names = class_names(value);
+        if !names.is_empty() && !names.iter().any(|n| n.ends_with("[]")) {
+            facts.aliases.insert(name.id.to_string(), names);
+            return;
+        }
+    }
     if let (Expr::Name(name), Expr::Dict(dict)) = (target, value) {
         let values: Vec<String> = dict
             .items
@@ -189,7 +231,12 @@ fn module_instance(target: &Expr, value: &Expr, facts: &mut ModuleFacts) {
     }
 }
 
-fn class_facts(source: &ParsedSource, class: &StmtClassDef, facts: &mut ModuleFacts) {
+fn class_facts(
+    source: &ParsedSource,
+    class: &StmtClassDef,
+    facts: &mut ModuleFacts,
+    modules: &HashSet<String>,
+) {
     let mut out = ClassFacts {
         name: class.name.to_string(),
         bases: class
@@ -203,7 +250,7 @@ fn class_facts(source: &ParsedSource, class: &StmtClassDef, facts: &mut ModuleFa
         match stmt {
             Stmt::FunctionDef(def) => {
                 let qualname = format!("{}.{}", class.name, def.name);
-                let function = function_facts(source, def, qualname);
+                let function = function_facts(source, def, qualname, modules);
                 out.methods
                     .push((def.name.to_string(), facts.functions.len()));
                 facts.functions.push(function);
@@ -408,8 +455,15 @@ fn is_property(def: &StmtFunctionDef) -> bool {
     })
 }
 
-fn function_facts(source: &ParsedSource, def: &StmtFunctionDef, qualname: String) -> FunctionFacts {
-    let tensors = TensorNames::infer(&def.parameters, &def.body, |e| source.slice(e).to_string());
+fn function_facts(
+    source: &ParsedSource,
+    def: &StmtFunctionDef,
+    qualname: String,
+    modules: &HashSet<String>,
+) -> FunctionFacts {
+    let tensors = TensorNames::infer(&def.parameters, &def.body, modules, |e| {
+        source.slice(e).to_string()
+    });
     let mut walker = BodyWalker {
         source,
         tensors,
@@ -419,11 +473,21 @@ fn function_facts(source: &ParsedSource, def: &StmtFunctionDef, qualname: String
         guards: Vec::new(),
         truth_checked: HashSet::new(),
         truth_calls: HashMap::new(),
+        call_results: call_results(&def.body),
+        name_truths: Vec::new(),
         calls: Vec::new(),
+        call_ranges: Vec::new(),
         sites: Vec::new(),
         returns_tensor: false,
     };
     walker.visit_body(&def.body);
+    for (range, site) in std::mem::take(&mut walker.name_truths) {
+        if let Some(i) = walker.call_ranges.iter().position(|r| *r == range)
+            && walker.calls[i].truth_site.is_none()
+        {
+            walker.calls[i].truth_site = Some(site);
+        }
+    }
     FunctionFacts {
         qualname,
         line: source.line_of(def.start().to_usize()),
@@ -432,6 +496,30 @@ fn function_facts(source: &ParsedSource, def: &StmtFunctionDef, qualname: String
         sites: walker.sites,
         returns_tensor: walker.returns_tensor,
     }
+}
+
+/// `name = f(...)` assigned once: name → the call's range.
+fn call_results(body: &[Stmt]) -> HashMap<String, TextRange> {
+    let mut statements = Vec::new();
+    walk_statements(body, &mut statements);
+    let mut out: HashMap<String, TextRange> = HashMap::new();
+    let mut twice: HashSet<String> = HashSet::new();
+    for stmt in statements {
+        let Stmt::Assign(a) = stmt else { continue };
+        for target in &a.targets {
+            let Expr::Name(name) = target else { continue };
+            let id = name.id.to_string();
+            if out.contains_key(&id) || twice.contains(&id) {
+                out.remove(&id);
+                twice.insert(id);
+            } else if let Expr::Call(call) = a.value.as_ref() {
+                out.insert(id, call.range());
+            } else {
+                twice.insert(id);
+            }
+        }
+    }
+    out
 }
 
 /// `f = a if c else b` / `f = a`: local names for module functions (plain names only; a
@@ -565,7 +653,14 @@ struct BodyWalker<'s> {
     truth_checked: HashSet<TextRange>,
     /// Calls whose result is truth-tested, with the site they would make.
     truth_calls: HashMap<TextRange, SiteFacts>,
+    /// `flag = f(...)`: the call a local name holds the result of (single assignments only),
+    /// so `if flag:` truth-tests what `f` returns.
+    call_results: HashMap<String, TextRange>,
+    /// Truth tests of such names, matched to their calls once the body is walked.
+    name_truths: Vec<(TextRange, SiteFacts)>,
     calls: Vec<CallFacts>,
+    /// The range of each entry of `calls`.
+    call_ranges: Vec<TextRange>,
     sites: Vec<SiteFacts>,
     returns_tensor: bool,
 }
@@ -601,6 +696,12 @@ impl BodyWalker<'_> {
             Expr::Call(call) if !self.tensors.is_tensor(expr) => {
                 let site = self.site(SyncKind::Condition, call);
                 self.truth_calls.insert(call.range(), site);
+            }
+            Expr::Name(name) if !self.tensors.is_tensor(expr) => {
+                if let Some(range) = self.call_results.get(name.id.as_str()).copied() {
+                    let site = self.site(SyncKind::Condition, name);
+                    self.name_truths.push((range, site));
+                }
             }
             _ if self.tensors.is_tensor(expr) => self.add_site(SyncKind::Condition, expr),
             _ => {}
@@ -638,6 +739,7 @@ impl BodyWalker<'_> {
                             line,
                             truth_site: truth_site.clone(),
                         });
+                        self.call_ranges.push(call.range());
                     }
                     None
                 } else {
@@ -685,6 +787,7 @@ impl BodyWalker<'_> {
                 line: self.source.line_of(call.start().to_usize()),
                 truth_site: self.truth_calls.remove(&call.range()),
             });
+            self.call_ranges.push(call.range());
         }
     }
 
@@ -976,6 +1079,11 @@ def caller(q, position_ids):
     else:
         n = 0
     if packed(position_ids, 1):
+        pass
+    flag = packed(position_ids, 2)
+    if q is None:
+        pass
+    elif flag:
         pass
 ",
         );

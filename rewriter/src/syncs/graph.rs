@@ -58,7 +58,15 @@ pub struct Edge {
 enum Global {
     Function(FnRef),
     Class(ClassRef),
-    Instance { module: usize, class: String },
+    Instance {
+        module: usize,
+        class: String,
+    },
+    /// A module-level alias of other globals (`NAME = f if c else g`), in its module.
+    Alias {
+        module: usize,
+        names: Vec<String>,
+    },
 }
 
 pub struct Program {
@@ -208,6 +216,12 @@ impl Program {
             return Some(Global::Instance {
                 module,
                 class: class.clone(),
+            });
+        }
+        if let Some(names) = facts.aliases.get(name) {
+            return Some(Global::Alias {
+                module,
+                names: names.clone(),
             });
         }
         let (source, original) = facts.imports.get(name)?;
@@ -412,9 +426,7 @@ impl Program {
         };
         match &call.callee {
             Callee::Name(name) => {
-                if let Some(Global::Function(target)) = self.resolve_global(caller.module, name, 0)
-                    && !self.function(target).is_property
-                {
+                for target in self.resolve_functions(caller.module, name) {
                     out.push((caller, Ok(target), edge(false, None)));
                 }
             }
@@ -467,22 +479,22 @@ impl Program {
                         .map(|(_, v)| v.as_str())
                 };
                 for (b, name) in backends.names().enumerate() {
-                    let target = if let Some(value) = entry(name) {
-                        self.resolve_function(class.module, value)
+                    let targets = if let Some(value) = entry(name) {
+                        self.resolve_functions(class.module, value)
                     } else if *get_interface
                         && name != "paged|eager"
                         && let Some(inner) = name.strip_prefix("paged|")
                         && let Some(value) = entry(inner)
                     {
-                        self.resolve_function(class.module, value)
+                        self.resolve_functions(class.module, value)
                     } else if name == "eager"
                         && let Some(default) = default
                     {
-                        self.resolve_function(caller.module, default)
+                        self.resolve_functions(caller.module, default)
                     } else {
-                        None
+                        Vec::new()
                     };
-                    if let Some(target) = target {
+                    for target in targets {
                         out.push((caller, Ok(target), edge(false, Some(b))));
                     }
                 }
@@ -490,10 +502,19 @@ impl Program {
         }
     }
 
-    fn resolve_function(&self, module: usize, name: &str) -> Option<FnRef> {
-        match self.resolve_global(module, name, 0)? {
-            Global::Function(f) => Some(f),
-            _ => None,
+    /// The functions a name may call: a function, or every function an alias names.
+    fn resolve_functions(&self, module: usize, name: &str) -> Vec<FnRef> {
+        self.functions_of(self.resolve_global(module, name, 0), 0)
+    }
+
+    fn functions_of(&self, global: Option<Global>, depth: usize) -> Vec<FnRef> {
+        match global {
+            Some(Global::Function(f)) if !self.function(f).is_property => vec![f],
+            Some(Global::Alias { module, names }) if depth < 4 => names
+                .iter()
+                .flat_map(|n| self.functions_of(self.resolve_global(module, n, 0), depth + 1))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 }

@@ -7,8 +7,9 @@
 //! function gives it a tensor expression. Tensor expressions: calls of `torch.*` functions
 //! (not `torch.is_*` / `get_*` / `finfo` / ...), `F.*` / `nn.functional.*`, `torch.linalg.*`;
 //! methods of a tensor other than the few that return Python values (`size`, `dim`, `item`,
-//! ...); methods that only tensors have, whatever the receiver (`.any()`, `.sum()`,
-//! `.cumsum()`, ...); arithmetic, element-wise comparisons, indexing and `.T` of tensors.
+//! `get_*`, ...); methods that only tensors have, whatever the receiver unless it is an
+//! imported module (`.any()`, `.sum()`, `.cumsum()`, but not `np.sum(...)`); arithmetic,
+//! element-wise comparisons, indexing and `.T` of tensors; loop variables over tensors.
 //! `.shape`, `.dtype`, `.device` and `len()` are not tensors, so shape checks never count.
 
 use std::collections::HashSet;
@@ -124,6 +125,8 @@ const TORCH_NON_TENSOR: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct TensorNames {
     names: HashSet<String>,
+    /// Imported modules (`np`, `math`): `np.sum(...)` is not a tensor method.
+    modules: HashSet<String>,
 }
 
 impl TensorNames {
@@ -131,9 +134,13 @@ impl TensorNames {
     pub fn infer(
         parameters: &Parameters,
         body: &[Stmt],
+        modules: &HashSet<String>,
         annotation_text: impl Fn(&Expr) -> String,
     ) -> TensorNames {
-        let mut known = TensorNames::default();
+        let mut known = TensorNames {
+            names: HashSet::new(),
+            modules: modules.clone(),
+        };
         for parameter in parameters.iter_non_variadic_params() {
             if let Some(annotation) = &parameter.parameter.annotation
                 && is_tensor_annotation(&annotation_text(annotation))
@@ -190,7 +197,12 @@ impl TensorNames {
                         return function;
                     }
                     let method = attr.attr.as_str();
-                    if PYTHON_VALUE_METHODS.contains(&method) {
+                    // A Python value (`size`, `item`, ...; `get_*`, like Cache.get_seq_length)
+                    // or a module's function (`np.sum`).
+                    if PYTHON_VALUE_METHODS.contains(&method)
+                        || method.starts_with("get_")
+                        || matches!(attr.value.as_ref(), Expr::Name(n) if self.modules.contains(n.id.as_str()))
+                    {
                         return false;
                     }
                     TENSOR_METHODS.contains(&method) || self.is_tensor(&attr.value)
@@ -283,7 +295,10 @@ mod tests {
         let Stmt::FunctionDef(def) = &source.suite()[0] else {
             panic!()
         };
-        let known = TensorNames::infer(&def.parameters, &def.body, |e| source.slice(e).to_string());
+        let modules = HashSet::from(["np".to_string()]);
+        let known = TensorNames::infer(&def.parameters, &def.body, &modules, |e| {
+            source.slice(e).to_string()
+        });
         let mut found: Vec<String> = known.names.into_iter().collect();
         found.sort();
         (source, found)
@@ -292,7 +307,7 @@ mod tests {
     #[test]
     fn annotations_and_assignments() {
         let (_, found) = names(
-            "def f(a: torch.Tensor, b: torch.LongTensor | None, c: int, d: tuple[torch.Tensor, torch.Tensor], e):\n    x = torch.arange(3) + e.min()\n    n = a.shape[0]\n    s = a.size(0)\n    m = (x == 0).any()\n    y, z = a * 2, c\n    k = e.sum()\n    for i in x:\n        pass\n    for j in range(3):\n        pass\n",
+            "def f(a: torch.Tensor, b: torch.LongTensor | None, c: int, d: tuple[torch.Tensor, torch.Tensor], e):\n    x = torch.arange(3) + e.min()\n    n = a.shape[0]\n    s = a.size(0)\n    m = (x == 0).any()\n    y, z = a * 2, c\n    k = e.sum()\n    l = np.sum(e)\n    c2 = a.get_seq_length()\n    for i in x:\n        pass\n    for j in range(3):\n        pass\n",
         );
         assert_eq!(found, ["a", "b", "i", "k", "m", "x", "y"]);
     }
