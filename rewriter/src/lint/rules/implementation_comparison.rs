@@ -163,7 +163,7 @@ fn report(
     let replacement = match &question {
         Some(q) => {
             let test = q.render(&subject_text, false);
-            let test = test.trim_start_matches("forward_rewrite.attention.");
+            let test = test.replace("forward_rewrite.attention.", "");
             if q.exact {
                 message.push_str(&format!(
                     "; ask the capability instead ({test} holds for exactly these)"
