@@ -4,16 +4,19 @@
 
 pub mod analyze;
 pub mod audit;
+pub mod backends;
 pub mod cache;
 pub mod candidate;
 pub mod chain;
 pub mod hash;
 pub mod index;
+pub mod lint;
 pub mod loss_mapping;
 pub mod parse;
 pub mod passes;
 pub mod reason;
 pub mod scan;
+pub mod syncs;
 pub mod syntax;
 pub mod verify;
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use forward_rewrite::audit::{self, ClassReport, Verdict};
+use forward_rewrite::lint;
 use forward_rewrite::scan::{ScanOptions, scan};
 
 /// Find the lm_head + loss triplet in transformers modeling files and rewrite it to a fused,
@@ -15,7 +16,8 @@ use forward_rewrite::scan::{ScanOptions, scan};
     name = "forward-rewrite",
     version,
     after_help = "Exit status: 0 when the scan ran (refusals and files that do not parse are results), \
-                  2 for unusable arguments or unreadable inputs.\nReason codes and the audit schema: README.md."
+                  2 for unusable arguments or unreadable inputs; `lint` exits 1 when it finds something.\n\
+                  Reason codes, rule codes and the document schemas: README.md."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,6 +51,11 @@ enum Command {
         /// Only list classes with this verdict (the summary still counts every class).
         #[arg(long, value_enum)]
         only: Option<OnlyVerdict>,
+        /// Report the host-sync sites each class's forward reaches, per forward and per
+        /// decoder layer, per attention backend, stock and patched (instead of the table;
+        /// with --json, a `syncs` section in each class entry).
+        #[arg(long, conflicts_with_all = ["compact", "emit"])]
+        syncs: bool,
     },
     /// Scan like `scan`, then write the compiled cache to DIR: `audit.json`,
     /// `allowlist.json` (forward sha256 -> patch) and `patches/<module>.<Class>.py`.
@@ -75,6 +82,22 @@ enum Command {
         /// Where the check runs (default: cpu).
         #[arg(long, value_enum, default_value_t = VerifyDevice::Cpu, requires = "verify")]
         device: VerifyDevice,
+    },
+    /// Find legacy attention switches and non-canonical attention names in any Python code
+    /// (training scripts, frameworks): `use_flash_attention_2=True`, `cfg.flash_attention`,
+    /// `attn_implementation="fa2"`, `impl == "flash_attention_2"` where a capability should be
+    /// asked. One line per finding (path:line:col, rule code, message, replacement) and a
+    /// summary. Exit status: 1 when something is found, 0 when clean.
+    Lint {
+        /// Python files, or directories walked for `*.py` (hidden directories skipped).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Print the lint document (JSON, schema 1) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads (default: one per core).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
     },
 }
 
@@ -125,7 +148,8 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Found) => ExitCode::from(1),
         Err(message) => {
             eprintln!("forward-rewrite: error: {message}");
             ExitCode::from(2)
@@ -133,8 +157,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn set_threads(common: &Common) -> Result<(), String> {
-    if let Some(threads) = common.threads {
+/// What a command that ran says through the exit status.
+enum Outcome {
+    Clean,
+    /// `lint` found something (exit 1).
+    Found,
+}
+
+fn set_threads(threads: Option<u16>) -> Result<(), String> {
+    if let Some(threads) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.into())
             .build_global()
@@ -143,7 +174,7 @@ fn set_threads(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<Outcome, String> {
     match cli.command {
         Command::Scan {
             paths,
@@ -152,8 +183,9 @@ fn run(cli: Cli) -> Result<(), String> {
             compact,
             emit,
             only,
+            syncs,
         } => {
-            set_threads(&common)?;
+            set_threads(common.threads)?;
             let options = ScanOptions {
                 class: common.class,
             };
@@ -161,6 +193,61 @@ fn run(cli: Cli) -> Result<(), String> {
             note_builtin_mapping(&document);
             let keep = |c: &ClassReport| only.is_none_or(|o| o.matches(c.verdict));
             let mut out = std::io::stdout().lock();
+            if syncs {
+                document.classes.retain(keep);
+                let reports = forward_rewrite::syncs::analyze(&paths, &document)
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    for class in &mut document.classes {
+                        class.patched_forward = None;
+                    }
+                    let classes = document
+                        .classes
+                        .iter()
+                        .map(|class| ClassWithSyncs {
+                            class,
+                            syncs: reports.get(&(class.module.clone(), class.qualname.clone())),
+                        })
+                        .collect();
+                    let with_syncs = DocumentWithSyncs {
+                        schema: document.schema,
+                        tool_version: &document.tool_version,
+                        transformers_version: document.transformers_version.as_deref(),
+                        loss_mapping: &document.loss_mapping,
+                        summary: &document.summary,
+                        files: &document.files,
+                        classes,
+                    };
+                    let text =
+                        serde_json::to_string_pretty(&with_syncs).map_err(|e| e.to_string())?;
+                    let _ = writeln!(out, "{text}");
+                } else {
+                    let table = forward_rewrite::backends::table();
+                    for class in &document.classes {
+                        let header = format!(
+                            "{}  {}:{}  {}{}",
+                            class.qualname,
+                            class.path,
+                            class.line,
+                            verdict_name(class.verdict),
+                            class
+                                .reason
+                                .map(|r| format!(" ({})", r.code()))
+                                .unwrap_or_default()
+                        );
+                        let key = (class.module.clone(), class.qualname.clone());
+                        if let Some(report) = reports.get(&key) {
+                            let _ = writeln!(
+                                out,
+                                "{}",
+                                forward_rewrite::syncs::render_class(&header, report, table)
+                            );
+                        }
+                    }
+                    let _ = write!(out, "{}", audit::render_summary(&document));
+                }
+                return Ok(Outcome::Clean);
+            }
             if json {
                 let patched: Vec<_> = document
                     .classes
@@ -174,7 +261,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 drop(patched);
                 let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
                 let _ = writeln!(out, "{text}");
-                return Ok(());
+                return Ok(Outcome::Clean);
             }
             let classes: Vec<&ClassReport> = document.classes.iter().filter(|c| keep(c)).collect();
             if compact {
@@ -191,7 +278,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     let _ = write!(out, "{}", class.patched_forward.as_deref().unwrap_or(""));
                 }
             }
-            Ok(())
+            Ok(Outcome::Clean)
         }
         Command::Build {
             paths,
@@ -201,7 +288,7 @@ fn run(cli: Cli) -> Result<(), String> {
             python,
             device,
         } => {
-            set_threads(&common)?;
+            set_threads(common.threads)?;
             let out = match out {
                 Some(out) => out,
                 None => default_cache_dir().ok_or(
@@ -239,8 +326,57 @@ fn run(cli: Cli) -> Result<(), String> {
                     out.join("allowlist.json").display()
                 );
             }
-            Ok(())
+            Ok(Outcome::Clean)
         }
+        Command::Lint {
+            paths,
+            json,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let document = lint::lint_paths(&paths).map_err(|e| e.to_string())?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let text = serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?;
+                let _ = writeln!(out, "{text}");
+            } else {
+                let _ = write!(out, "{}", lint::render_text(&document));
+            }
+            Ok(if document.findings.is_empty() {
+                Outcome::Clean
+            } else {
+                Outcome::Found
+            })
+        }
+    }
+}
+
+/// The audit document with a `syncs` section in each class entry (`scan --syncs --json`):
+/// the audit's fields in the audit's order.
+#[derive(serde::Serialize)]
+struct DocumentWithSyncs<'a> {
+    schema: u32,
+    tool_version: &'a str,
+    transformers_version: Option<&'a str>,
+    loss_mapping: &'a str,
+    summary: &'a audit::Summary,
+    files: &'a [audit::FileEntry],
+    classes: Vec<ClassWithSyncs<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ClassWithSyncs<'a> {
+    #[serde(flatten)]
+    class: &'a ClassReport,
+    /// Null when the class is not in the loaded sources.
+    syncs: Option<&'a forward_rewrite::syncs::ClassSyncs>,
+}
+
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Patched => "patched",
+        Verdict::Refused => "refused",
+        Verdict::Failed => "failed",
     }
 }
 

@@ -52,11 +52,12 @@ pub fn is_modeling_file(path: &Path) -> bool {
 }
 
 /// A file to scan, with its module name and reported path.
-struct Input {
-    file: PathBuf,
-    module: String,
-    display: String,
-    root: Option<PathBuf>,
+pub(crate) struct Input {
+    pub(crate) file: PathBuf,
+    pub(crate) module: String,
+    pub(crate) display: String,
+    /// The package root (the topmost directory that still holds `__init__.py`).
+    pub(crate) root: Option<PathBuf>,
 }
 
 /// The top package of remote code: transformers copies it under `HF_MODULES_CACHE`, puts
@@ -83,7 +84,8 @@ fn package_root(dir: &Path) -> Option<PathBuf> {
     root
 }
 
-fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
+/// A file's module name and reported path (relative to its package root).
+pub(crate) fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
     let Some(root) = root else {
         let stem = file
             .file_stem()
@@ -120,7 +122,8 @@ fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
     (module.join("."), display)
 }
 
-fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<Input>, InputError> {
+/// The modeling files under `paths` (the scan's selection), with modules and roots.
+pub(crate) fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<Input>, InputError> {
     let mut inputs = Vec::new();
     let mut roots: HashMap<PathBuf, Option<PathBuf>> = HashMap::new();
     let mut root_of = |dir: &Path| {

@@ -529,3 +529,139 @@ echo '[{"module": "transformers.models.toy.modeling_toy", "qualname": "ToyForCau
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--verify: cannot run"));
 }
+
+#[test]
+fn lint_exit_codes_text_and_json() {
+    let dir = TempDir::new();
+    let project = dir.0.join("project");
+    std::fs::create_dir_all(project.join("pkg/.hidden")).unwrap();
+    std::fs::create_dir_all(project.join("clean")).unwrap();
+    std::fs::write(
+        project.join("pkg/train.py"),
+        "model = load(path, use_flash_attention_2=True)\nif cfg.attn_implementation == \"fa2\":\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("pkg/broken.py"), "def f(:\n").unwrap();
+    std::fs::write(
+        project.join("pkg/notes.txt"),
+        "use_flash_attention_2=True\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("pkg/.hidden/skipped.py"),
+        "f(use_flash_attention_2=True)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("clean/ok.py"),
+        "model = load(path, attn_implementation=\"flash_attention_2\")\n",
+    )
+    .unwrap();
+
+    // Findings: exit 1, one line each, the failed file, the summary.
+    let out = run(&["lint", &path(&project, "pkg")]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let train = path(&project, "pkg/train.py");
+    assert!(
+        text.contains(&format!("{train}:1:20: FR-A001 "))
+            && text.contains("[use: attn_implementation=\"flash_attention_2\"]"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{train}:2:31: FR-A102 ")), "{text}");
+    assert!(
+        text.contains("broken.py: not checked: syntax error at 1:"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with("2 findings in 1 of 2 files (1 not checked): FR-A001 1, FR-A102 1"),
+        "{text}"
+    );
+
+    // Clean: exit 0.
+    let out = run(&["lint", &path(&project, "clean")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("0 findings in 0 of 1 files")
+    );
+
+    // JSON: the versioned document, same exit status.
+    let out = run(&["lint", &path(&project, "pkg/train.py"), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["summary"]["findings"], 2);
+    assert_eq!(doc["summary"]["rules"]["FR-A001"], 1);
+    let first = &doc["findings"][0];
+    assert_eq!(first["code"], "FR-A001");
+    assert_eq!(first["rule"], "legacy-flag-keyword");
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(1), Some(20))
+    );
+
+    // Unusable arguments: exit 2.
+    assert_eq!(
+        run(&["lint", &path(&project, "missing")]).status.code(),
+        Some(2)
+    );
+    assert_eq!(run(&["lint"]).status.code(), Some(2));
+}
+
+#[test]
+fn scan_syncs_text_and_json() {
+    let dir = tree();
+    let toy = dir.0.join("transformers/models/toy/modeling_syncs.py");
+    std::fs::write(
+        &toy,
+        "class SyncModel(nn.Module):\n    def __init__(self, config):\n        self.layers = nn.ModuleList([SyncLayer(config) for _ in range(2)])\n\n    def forward(self, x):\n        for layer in self.layers:\n            x = layer(x)\n        return x\n\n\nclass SyncLayer(nn.Module):\n    def forward(self, x):\n        n = x.sum().item()\n        return x\n\n\nclass SyncForCausalLM(SyncPreTrainedModel):\n    def __init__(self, config):\n        self.model = SyncModel(config)\n\n    def forward(self, input_ids, labels=None):\n        if (input_ids < 0).any():\n            raise ValueError(\"negative ids\")\n        return self.model(input_ids)\n",
+    )
+    .unwrap();
+    let root = path(&dir.0, "transformers");
+    let out = run(&["scan", &root, "--syncs", "--class", "SyncForCausalLM"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("layers: SyncLayer"), "{text}");
+    assert!(
+        text.contains("item       models/toy/modeling_syncs.py:13  SyncLayer.forward"),
+        "{text}"
+    );
+    assert!(
+        text.contains("condition  models/toy/modeling_syncs.py:22"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sites per forward + per layer (stock -> patched): eager 1+1"),
+        "{text}"
+    );
+
+    let doc = json(&run(&["scan", &root, "--syncs", "--json"]));
+    for class in doc["classes"].as_array().unwrap() {
+        assert!(class.get("syncs").is_some(), "{class}");
+        assert!(class.get("patched_forward").is_none());
+    }
+    let sync = doc["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["qualname"] == "SyncForCausalLM")
+        .unwrap();
+    assert_eq!(sync["syncs"]["layers"][0], "SyncLayer");
+    let sites = sync["syncs"]["sites"].as_array().unwrap();
+    assert_eq!(sites[0]["kind"], "item");
+    assert_eq!(sites[0]["stock"]["per_layer"].as_array().unwrap().len(), 10);
+    assert_eq!(sites[1]["kind"], "condition");
+    assert_eq!(sites[1]["text"], "(input_ids < 0).any()");
+    assert_eq!(
+        sites[1]["stock"]["per_forward"].as_array().unwrap().len(),
+        10
+    );
+
+    assert_eq!(
+        run(&["scan", &root, "--syncs", "--compact"]).status.code(),
+        Some(2)
+    );
+}
