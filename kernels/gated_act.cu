@@ -82,16 +82,16 @@ __device__ void gated(const GatedParams& p) {
 }
 
 #define GATED_INSTANTIATE(NAME, D)                                                                    \
-    extern "C" __global__ void __launch_bounds__(1024) gated_fwd_##NAME##_v8(const GatedParams p) {  \
+    extern "C" __global__ void __launch_bounds__(256) gated_fwd_##NAME##_v8(const GatedParams p) {  \
         gated<D, 8, false>(p);                                                                       \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) gated_fwd_##NAME##_s(const GatedParams p) {   \
+    extern "C" __global__ void __launch_bounds__(256) gated_fwd_##NAME##_s(const GatedParams p) {   \
         gated<D, 1, false>(p);                                                                       \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) gated_bwd_##NAME##_v8(const GatedParams p) {  \
+    extern "C" __global__ void __launch_bounds__(256) gated_bwd_##NAME##_v8(const GatedParams p) {  \
         gated<D, 8, true>(p);                                                                        \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) gated_bwd_##NAME##_s(const GatedParams p) {   \
+    extern "C" __global__ void __launch_bounds__(256) gated_bwd_##NAME##_s(const GatedParams p) {   \
         gated<D, 1, true>(p);                                                                        \
     }
 

@@ -14,7 +14,8 @@
 //        partial rows in order and rounds once to W. Deterministic for a given launch shape.
 //
 // A "team" of threads owns a row: a power of two up to 32 (several rows per warp, for short
-// rows such as Qwen3's per-head q/k norms) or the whole block (one row per block). The `_v`
+// rows such as Qwen3's per-head q/k norms) or the whole block (one row per block, at most
+// 512 threads: the kernels are built for 128 registers per thread). The `_v`
 // kernels keep the row in registers (NV vectors of 8 elements per thread: one read of x in
 // the forward, one of x and dy in the backward; needs hidden % 8 == 0 and 16-byte aligned
 // rows); the `_any` kernels take any shape and read the row twice.
@@ -138,21 +139,15 @@ __device__ void rms_bwd_vec(const RmsBwdParams& p) {
     const i64 first = (i64)blockIdx.x * teams + tib;
     const i64 iters = (p.rows + nteams - 1) / nteams;
     const bool want_dw = p.dw_partial != nullptr;
-    float we[NV][8], dw[NV][8];
+    // x (as xn), dy and the dw sums stay in registers; the weight is re-read per row from
+    // L1 (hidden elements, shared by every row), which keeps the kernel within 128
+    // registers per thread at NV = 4.
+    const typename W::T* w = (const typename W::T*)p.w;
+    float dw[NV][8];
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
-        const int col = (v * team + lane) * 8;
-        if (col < p.hidden) {
-            load_vec<W, 8>((const typename W::T*)p.w + col, we[v]);
-        } else {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) we[v][i] = 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            we[v][i] = p.offset + we[v][i];
-            dw[v][i] = 0.f;
-        }
+        for (int i = 0; i < 8; ++i) dw[v][i] = 0.f;
     }
     for (i64 it = 0; it < iters; ++it) {
         const i64 row = first + it * nteams;
@@ -164,17 +159,19 @@ __device__ void rms_bwd_vec(const RmsBwdParams& p) {
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
             const int col = (v * team + lane) * 8;
+            float we[8];
             if (active && col < p.hidden) {
                 load_vec<X, 8>((const typename X::T*)p.x + base + col, xn[v]);
                 load_vec<O, 8>((const typename O::T*)p.dy + base + col, dy[v]);
+                load_vec<W, 8>(w + col, we);
             } else {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) xn[v][i] = dy[v][i] = 0.f;
+                for (int i = 0; i < 8; ++i) xn[v][i] = dy[v][i] = we[i] = 0.f;
             }
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 xn[v][i] *= r;
-                dot += dy[v][i] * we[v][i] * xn[v][i];
+                dot += dy[v][i] * (p.offset + we[i]) * xn[v][i];
             }
         }
         dot = team_sum(dot, team, scratch);
@@ -185,10 +182,11 @@ __device__ void rms_bwd_vec(const RmsBwdParams& p) {
         for (int v = 0; v < NV; ++v) {
             const int col = (v * team + lane) * 8;
             if (col < p.hidden) {
-                float out[8];
+                float out[8], we[8];
+                load_vec<W, 8>(w + col, we);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
-                    out[i] = r * (dy[v][i] * we[v][i] - xn[v][i] * c);
+                    out[i] = r * (dy[v][i] * (p.offset + we[i]) - xn[v][i] * c);
                     if (want_dw) dw[v][i] += dy[v][i] * (p.cast_before ? round_to<X>(xn[v][i]) : xn[v][i]);
                 }
                 store_vec<X, 8>(dxr + col, out);
@@ -273,28 +271,28 @@ __device__ void rms_dw_finish(const float* __restrict__ partial, int parts, int 
 }
 
 #define RMS_INSTANTIATE(NAME, X, W, O)                                                               \
-    extern "C" __global__ void __launch_bounds__(1024) rms_fwd_##NAME##_v1(const RmsFwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v1(const RmsFwdParams p) {  \
         rms_fwd_vec<X, W, O, 1>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_fwd_##NAME##_v2(const RmsFwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v2(const RmsFwdParams p) {  \
         rms_fwd_vec<X, W, O, 2>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_fwd_##NAME##_v4(const RmsFwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v4(const RmsFwdParams p) {  \
         rms_fwd_vec<X, W, O, 4>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_fwd_##NAME##_any(const RmsFwdParams p) { \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_any(const RmsFwdParams p) { \
         rms_fwd_any<X, W, O>(p);                                                                     \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_bwd_##NAME##_v1(const RmsBwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v1(const RmsBwdParams p) {  \
         rms_bwd_vec<X, W, O, 1>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_bwd_##NAME##_v2(const RmsBwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v2(const RmsBwdParams p) {  \
         rms_bwd_vec<X, W, O, 2>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_bwd_##NAME##_v4(const RmsBwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v4(const RmsBwdParams p) {  \
         rms_bwd_vec<X, W, O, 4>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rms_bwd_##NAME##_any(const RmsBwdParams p) { \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_any(const RmsBwdParams p) { \
         rms_bwd_any<X, W, O>(p);                                                                     \
     }
 

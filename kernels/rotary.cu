@@ -111,16 +111,16 @@ __device__ void rope(const RopeParams& p) {
 }
 
 #define ROPE_INSTANTIATE(NAME, I, C, O)                                                               \
-    extern "C" __global__ void __launch_bounds__(1024) rope_##NAME##_v8_half(const RopeParams p) {   \
+    extern "C" __global__ void __launch_bounds__(256) rope_##NAME##_v8_half(const RopeParams p) {   \
         rope<I, C, O, 8, 8, false>(p);                                                               \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rope_##NAME##_v8_pairs(const RopeParams p) {  \
+    extern "C" __global__ void __launch_bounds__(256) rope_##NAME##_v8_pairs(const RopeParams p) {  \
         rope<I, C, O, 8, 8, true>(p);                                                                \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rope_##NAME##_s_half(const RopeParams p) {    \
+    extern "C" __global__ void __launch_bounds__(256) rope_##NAME##_s_half(const RopeParams p) {    \
         rope<I, C, O, 1, 1, false>(p);                                                               \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) rope_##NAME##_s_pairs(const RopeParams p) {   \
+    extern "C" __global__ void __launch_bounds__(256) rope_##NAME##_s_pairs(const RopeParams p) {   \
         rope<I, C, O, 2, 1, true>(p);                                                                \
     }
 
