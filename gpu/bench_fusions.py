@@ -11,10 +11,11 @@ Gemma-2-2B (Gemma's (1 + w) norm, GELU-tanh) and Phi-3-mini (gate/up as chunks o
 projection), bf16, 8 sequences of 4096 tokens (the batch of issue 10's table). Per op, the
 forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
 
-Methods: ours; stock (the transformers module or function, eager); liger (Liger Kernel's
-LigerRMSNormFunction with in_place=False, LigerRopeFunction, LigerSiLUMulFunction /
-LigerGELUMulFunction; skipped when liger_kernel is not importable; its rotary works in place
-on q and k); compiled (torch.compile of the stock code, inductor; opt-in, it compiles for
+Methods: ours (Phi-3: gated_mlp_act_packed on the gate_up tensor); stock (the transformers
+module or function, eager); liger (Liger Kernel's LigerRMSNormFunction with in_place=False,
+LigerRopeFunction, LigerSiLUMulFunction / LigerGELUMulFunction on the chunks, as its Phi-3
+patch calls it; skipped when liger_kernel is not importable; its rotary works in place on q
+and k); compiled (torch.compile of the stock code, inductor; opt-in, it compiles for
 minutes).
 
 Timing (METHOD.md): CUDA events around one call, the GPU first kept busy by a ~1 ms sleep
@@ -124,12 +125,13 @@ def gated_fns(activation, chunked, liger, compiled):
     def stock(a, b):
         return act(a) * b
 
-    fns = {
-        "ours": wrap(
-            lambda a, b: forward_rewrite.gated_mlp_act(a, b, activation=activation)
-        ),
-        "stock": wrap(stock),
-    }
+    def ours_packed(gate_up):
+        return forward_rewrite.gated_mlp_act_packed(gate_up, activation=activation)
+
+    def ours(a, b):
+        return forward_rewrite.gated_mlp_act(a, b, activation=activation)
+
+    fns = {"ours": ours_packed if chunked else ours, "stock": wrap(stock)}
     if liger:
         fns["liger"] = wrap(liger[activation])
     if compiled:

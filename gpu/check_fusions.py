@@ -428,7 +428,10 @@ def act_ref(activation, x):
 STOCK_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
-def case_gated(tokens, inter, activation, *, chunked=False, shift=False):
+def case_gated(tokens, inter, activation, *, chunked=False, packed=False, shift=False):
+    """LlamaMLP's act(gate) * up; chunked: Phi3MLP's gate, up = gate_up.chunk(2, -1) and
+    up * act(gate), through gated_mlp_act on the chunks or (packed) gated_mlp_act_packed."""
+
     def make(name, dtype):
         g = gen()
         act = ACT2FN[STOCK_ACT[activation]]
@@ -453,7 +456,15 @@ def case_gated(tokens, inter, activation, *, chunked=False, shift=False):
                 name,
                 dtype,
                 [randn(tokens, 2 * inter, g=g, dtype=dtype, scale=2.0)],
-                lambda gu: ours(*gu.chunk(2, dim=-1)),
+                (
+                    (
+                        lambda gu: forward_rewrite.gated_mlp_act_packed(
+                            gu, activation=activation
+                        )
+                    )
+                    if packed
+                    else (lambda gu: ours(*gu.chunk(2, dim=-1)))
+                ),
                 lambda gu: phi3(*gu.chunk(2, dim=-1)),
                 lambda gu: phi3_ref(*gu.chunk(2, dim=-1)),
                 names=["out", "dgate_up"],
@@ -496,7 +507,11 @@ def cases(tokens):
             batch, seq, heads, kv, hd
         )
         out[f"{model} gated {act} ({tokens}, {inter})"] = case_gated(
-            tokens, inter, act, chunked=model == "Phi-3-mini"
+            tokens,
+            inter,
+            act,
+            chunked=model == "Phi-3-mini",
+            packed=model == "Phi-3-mini",
         )
     small = max(tokens // 8, 8)
     sb, ss = (2, max(small // 2, 1))
@@ -535,6 +550,12 @@ def cases(tokens):
             "rotary d6 (scalar kernel)": case_rope(sb, ss, 3, 1, 6),
             "rotary Phi partial d10 r4 (scalar)": case_rope_phi_partial(
                 sb, ss, 2, 10, 4
+            ),
+            "gated Phi-3 chunks, two-tensor op": case_gated(
+                small, 1024, "silu", chunked=True
+            ),
+            "gated packed gelu, cols 36 (scalar)": case_gated(
+                small, 36, "gelu_tanh", chunked=True, packed=True
             ),
             "gated cols 37 (scalar kernel)": case_gated(small, 37, "silu"),
             "gated misaligned rows (scalar kernel)": case_gated(

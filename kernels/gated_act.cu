@@ -9,9 +9,12 @@
 //   dgate = round_T(dout * u * act'(g))
 // act: 0 = SiLU, x / (1 + exp(-x)); 1 = GELU with the tanh approximation, as
 // F.gelu(approximate="tanh") computes it. gate and up are (rows, cols) with their own row
-// strides (unit stride along cols: Phi-3's chunks of one gate_up projection); out, dgate and
-// dup are contiguous (rows, cols). The `_v8` kernels move 8 entries per 128-bit access and
-// need cols % 8 == 0 and 16-byte aligned rows (the launcher checks); `_s` any layout.
+// strides (unit stride along cols: Phi-3's chunks of one gate_up projection); out and dout
+// are contiguous (rows, cols); dgate and dup have the row stride ld_grad (cols: two
+// tensors; 2 * cols with dup = dgate + cols: one packed (rows, 2 * cols) gradient of a
+// gate_up tensor, with no concatenation). The `_v8` kernels move 8 entries per 128-bit
+// access and need cols and every row stride % 8 == 0 and 16-byte aligned rows (the launcher
+// checks); `_s` any layout.
 
 struct GatedParams {
     const void* gate;
@@ -23,6 +26,7 @@ struct GatedParams {
     i64 cols;
     i64 ld_gate;        // elements
     i64 ld_up;
+    i64 ld_grad;        // row stride of dgate and dup (backward)
     int act;
     int pad_;
 };
@@ -75,8 +79,8 @@ __device__ void gated(const GatedParams& p) {
                 du[i] = d[i] * round_to<D>(act_value(p.act, g[i]));
                 o[i] = d[i] * u[i] * act_grad(p.act, g[i]);
             }
-            store_vec<D, E>((T*)p.out + r * p.cols + c, o);
-            store_vec<D, E>((T*)p.dup + r * p.cols + c, du);
+            store_vec<D, E>((T*)p.out + r * p.ld_grad + c, o);
+            store_vec<D, E>((T*)p.dup + r * p.ld_grad + c, du);
         }
     }
 }

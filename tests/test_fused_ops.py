@@ -529,6 +529,54 @@ def test_gated_product_on_phi3_chunks():
     assert rel(ours, stock) <= 2e-6 and rel(d_ours, d_stock) <= 2e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(STOCK_ACTS))
+def test_gated_packed_matches_phi3_and_moe_experts(activation, dtype):
+    # Phi3MLP: up * act(gate) with gate, up = gate_up.chunk(2, dim=-1); the MoE experts:
+    # gate, up = linear(...).chunk(2, dim=-1); act(gate) * up. One gradient for gate_up.
+    g = gen(32)
+    gate_up = (torch.randn(3, 5, 2 * 64, generator=g) * 2).to(dtype)
+    dout = torch.randn(3, 5, 64, generator=g)
+    act_fn = ACT2FN[STOCK_ACTS[activation]]
+
+    def stock(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return up * act_fn(gate)
+
+    def ref(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return act_reference(activation, gate) * up
+
+    ours = grads(
+        lambda gu: forward_rewrite.gated_mlp_act_packed(gu, activation=activation),
+        [gate_up],
+        dout.to(dtype),
+    )
+    st = grads(stock, [gate_up], dout.to(dtype))
+    rf = grads(ref, [gate_up.double()], dout.double())
+    check_against(ours[0] + ours[1], st[0] + st[1], rf[0] + rf[1], dtype, activation)
+    # The same numbers as the two-tensor op on the chunks.
+    two = grads(
+        lambda gu: forward_rewrite.gated_mlp_act(
+            *gu.chunk(2, dim=-1), activation=activation
+        ),
+        [gate_up],
+        dout.to(dtype),
+    )
+    assert torch.equal(two[0][0], ours[0][0]) and torch.equal(two[1][0], ours[1][0])
+
+
+def test_gated_packed_strided_and_empty():
+    base = torch.randn(4, 3, 2 * 40 + 6)
+    gate_up = base[..., 3 : 3 + 80]  # a strided view
+    out = forward_rewrite.gated_mlp_act_packed(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert out.shape == (4, 3, 40) and rel(out, F.silu(gate) * up) <= 2e-6
+    empty = torch.zeros(0, 8, requires_grad=True)
+    forward_rewrite.gated_mlp_act_packed(empty).sum().backward()
+    assert empty.grad.shape == (0, 8)
+
+
 def test_gated_product_saves_only_its_inputs():
     gate = torch.randn(4, 8, requires_grad=True)
     up = torch.randn(4, 8, requires_grad=True)
@@ -574,6 +622,10 @@ def _compile_cases(dtype=torch.float32):
         "gated_gelu": (
             lambda a, b: forward_rewrite.gated_mlp_act(a, b, activation="gelu_tanh"),
             [gate, up],
+        ),
+        "gated_packed": (
+            lambda gu: forward_rewrite.gated_mlp_act_packed(gu, activation="gelu_tanh"),
+            [torch.cat((gate, up), -1)],
         ),
     }
 
@@ -685,6 +737,14 @@ def test_opcheck_validates_the_registrations():
     torch.library.opcheck(
         ops.gated_act_backward.default,
         (torch.randn(2, 24), gate.detach(), up.detach(), "silu"),
+    )
+    gate_up = torch.randn(3, 64)[:, 8:56].requires_grad_(True)
+    torch.library.opcheck(
+        ops.gated_act_packed.default, (gate_up, "silu"), test_utils=tests
+    )
+    torch.library.opcheck(
+        ops.gated_act_packed_backward.default,
+        (torch.randn(3, 24), gate_up.detach(), "gelu_tanh"),
     )
 
 
@@ -805,6 +865,13 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             "activation",
         ),
         (lambda: forward_rewrite.gated_mlp_act(X, "up"), TypeError, "up"),
+        (lambda: forward_rewrite.gated_mlp_act_packed(X[:, :7]), ValueError, "gate_up"),
+        (lambda: forward_rewrite.gated_mlp_act_packed(X.int()), TypeError, "gate_up"),
+        (
+            lambda: forward_rewrite.gated_mlp_act_packed(X, activation="x"),
+            ValueError,
+            "activation",
+        ),
     ],
 )
 def test_bad_arguments_name_themselves(call, error, name):
@@ -902,6 +969,16 @@ def test_bad_arguments_name_themselves(call, error, name):
             ValueError,
             "dout",
         ),
+        (
+            lambda: _fusions_cpu.gated_act_backward_packed(X, X, "silu"),
+            ValueError,
+            "dout",
+        ),
+        (
+            lambda: _fusions_cpu.gated_act_backward_packed(X[:, :2], X[:, :5], "silu"),
+            ValueError,
+            "gate_up",
+        ),
     ],
 )
 def test_backend_checks_name_the_argument(call, error, name):
@@ -994,7 +1071,7 @@ def test_native_rejects_bad_pointers():
 
 
 def test_public_api_is_exported():
-    for name in ("rms_norm", "rotary", "gated_mlp_act"):
+    for name in ("rms_norm", "rotary", "gated_mlp_act", "gated_mlp_act_packed"):
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)
     assert _fusions_backend.ACTIVATIONS == ("silu", "gelu_tanh")

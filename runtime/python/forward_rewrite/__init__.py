@@ -5,7 +5,7 @@ ARCHITECTURE.md, contracts 1-4)."""
 
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
-from .fused_ops import gated_mlp_act, rms_norm, rotary
+from .fused_ops import gated_mlp_act, gated_mlp_act_packed, rms_norm, rotary
 from .guard import (
     LOSS_KWARGS,
     fuses,
@@ -24,6 +24,7 @@ __all__ = [
     "fused_lm_head_loss",
     "fuses",
     "gated_mlp_act",
+    "gated_mlp_act_packed",
     "install",
     "keep_logits",
     "loss_kwargs",

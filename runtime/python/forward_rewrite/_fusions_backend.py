@@ -1,7 +1,7 @@
 """The backend contract of the decoder-fusion ops and the checks every backend runs.
 
 A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
-``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with five functions::
+``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with six functions::
 
     rms_norm_forward(x, weight, eps, offset, cast_before_weight) -> (y, rstd)
     rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad)
@@ -10,6 +10,7 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
         -> (q_out, k_out)
     gated_act(gate, up, activation) -> out
     gated_act_backward(dout, gate, up, activation) -> (dgate, dup)
+    gated_act_backward_packed(dout, gate_up, activation) -> dgate_up
 
 on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder ops"):
 
@@ -22,7 +23,9 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   layouts (``torch.empty_like``). With ``transpose`` the inputs are the output gradients and
   ``out_dtype`` is q's dtype.
 * gated product: gate and up (rows, cols) with unit stride along cols and a row stride of at
-  least cols (Phi-3's chunks of one projection); outputs contiguous.
+  least cols (Phi-3's chunks of one projection); outputs contiguous. The packed backward
+  takes gate_up (rows, 2 * cols) (gate its first half, up its second, row stride at least
+  2 * cols) and returns its gradient as one contiguous (rows, 2 * cols) tensor.
 
 A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
 argument before any pointer reaches native code.
@@ -254,3 +257,18 @@ def check_gated(gate, up, activation, device_type, *, dout=None):
         _on("dout", dout, gate, device_type)
         _contiguous("dout", dout)
     return rows, cols, lds[0], lds[1]
+
+
+def check_gated_packed(dout, gate_up, activation, device_type):
+    """Raises naming the first argument that breaks the packed backward's contract; returns
+    (rows, cols, ld) with cols half of gate_up's last dimension."""
+    _tensor("gate_up", gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(
+            f"gate_up: expected shape (rows, 2 * cols), got {tuple(gate_up.shape)}"
+        )
+    rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
+    _, _, ld, _ = check_gated(
+        gate_up[:, :cols], gate_up[:, cols:], activation, device_type, dout=dout
+    )
+    return rows, cols, ld

@@ -7,6 +7,7 @@ import torch
 from . import _native
 from ._fusions_backend import (
     check_gated,
+    check_gated_packed,
     check_rms,
     check_rotary,
     dtype_name,
@@ -130,3 +131,23 @@ def gated_act_backward(dout, gate, up, activation):
         activation=activation,
     )
     return dgate, dup
+
+
+def gated_act_backward_packed(dout, gate_up, activation):
+    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cpu")
+    dgate_up = torch.empty((rows, 2 * cols), dtype=gate_up.dtype)
+    _native.cpu_gated_act_backward(
+        dout=dout.data_ptr(),
+        gate=gate_up.data_ptr(),
+        up=gate_up.data_ptr() + cols * gate_up.element_size(),
+        dgate=dgate_up.data_ptr(),
+        dup=None,
+        rows=rows,
+        cols=cols,
+        ld_gate=ld,
+        ld_up=ld,
+        dtype=dtype_name(gate_up.dtype),
+        activation=activation,
+        packed=True,
+    )
+    return dgate_up

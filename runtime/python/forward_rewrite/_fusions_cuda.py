@@ -14,6 +14,7 @@ from . import _native
 from ._cuda import load_nvrtc
 from ._fusions_backend import (
     check_gated,
+    check_gated_packed,
     check_rms,
     check_rotary,
     dtype_name,
@@ -204,3 +205,30 @@ def gated_act(gate, up, activation):
 
 def gated_act_backward(dout, gate, up, activation):
     return _gated(gate, up, activation, dout)
+
+
+def gated_act_backward_packed(dout, gate_up, activation):
+    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cuda")
+    dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
+    es = gate_up.element_size()
+    load_nvrtc()
+    with torch.cuda.device(gate_up.device):
+        device, stream = _where(gate_up)
+        _native.cuda_gated_act(
+            device=device,
+            stream=stream,
+            gate=gate_up.data_ptr(),
+            up=gate_up.data_ptr() + cols * es,
+            dout=dout.data_ptr(),
+            out=dgate_up.data_ptr(),
+            dup=dgate_up.data_ptr() + cols * es,
+            rows=rows,
+            cols=cols,
+            ld_gate=ld,
+            ld_up=ld,
+            dtype=dtype_name(gate_up.dtype),
+            activation=activation,
+            backward=True,
+            ld_grad=2 * cols,
+        )
+    return dgate_up

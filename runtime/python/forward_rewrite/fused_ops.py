@@ -16,6 +16,8 @@ node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._f
   (``rotate_every_two``). Saves nothing but cos and sin.
 * :func:`gated_mlp_act` -- ``act_fn(gate_proj(x)) * up_proj(x)`` of ``LlamaMLP`` and its
   relatives, SiLU or tanh-GELU; the backward recomputes the activation from the inputs.
+  :func:`gated_mlp_act_packed` the same on one ``gate_up`` tensor (Phi-3, the MoE experts'
+  ``linear(...).chunk(2, dim=-1)``), whose gradient it writes whole (no concatenation).
 """
 
 import math
@@ -32,7 +34,7 @@ from ._fusions_backend import (
     rstd_dtype,
 )
 
-__all__ = ["gated_mlp_act", "rms_norm", "rotary"]
+__all__ = ["gated_mlp_act", "gated_mlp_act_packed", "rms_norm", "rotary"]
 
 
 def _backend(device: torch.device):
@@ -542,3 +544,76 @@ def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tens
         )
     out = _gated_op(_rows_view(gate), _rows_view(up), activation)
     return out.view(gate.shape)
+
+
+# ---- gated MLP product on one gate_up tensor ------------------------------------------------
+
+
+@torch.library.custom_op("forward_rewrite::gated_act_packed", mutates_args=())
+def _gated_packed_op(gate_up: Tensor, activation: str) -> Tensor:
+    """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
+    cols = gate_up.shape[1] // 2
+    return _backend(gate_up.device).gated_act(
+        gate_up[:, :cols], gate_up[:, cols:], activation
+    )
+
+
+@_gated_packed_op.register_fake
+def _gated_packed_fake(gate_up, activation):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("forward_rewrite::gated_act_packed_backward", mutates_args=())
+def _gated_packed_backward_op(dout: Tensor, gate_up: Tensor, activation: str) -> Tensor:
+    """The gradient of gate_up, contiguous (rows, 2c): [dgate | dup] per row."""
+    return _backend(gate_up.device).gated_act_backward_packed(dout, gate_up, activation)
+
+
+@_gated_packed_backward_op.register_fake
+def _gated_packed_backward_fake(dout, gate_up, activation):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _gated_packed_setup(ctx, inputs, output):
+    gate_up, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gate_up)
+
+
+def _gated_packed_backward(ctx, dout):
+    (gate_up,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return _gated_packed_backward_op(dout.contiguous(), gate_up, ctx.activation), None
+
+
+_gated_packed_op.register_autograd(
+    _gated_packed_backward, setup_context=_gated_packed_setup
+)
+
+
+def gated_mlp_act_packed(gate_up: Tensor, *, activation: str = "silu") -> Tensor:
+    """``act(gate) * up`` with ``gate, up = gate_up.chunk(2, dim=-1)``, as ``Phi3MLP`` (``up *
+    act(gate)``, the same product) and the MoE experts' ``linear(...).chunk(2, dim=-1)``
+    compute it: the numerics of :func:`gated_mlp_act`, and the gradient of ``gate_up``
+    written as one tensor (the chunk's backward would concatenate two). ``gate_up`` may be a
+    strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``."""
+    _tensor("gate_up", gate_up)
+    _dtype("gate_up", gate_up)
+    if gate_up.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"gate_up: device {gate_up.device} is not supported (cpu or cuda)"
+        )
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up: expected an even last dimension, got shape {tuple(gate_up.shape)}"
+        )
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
+        )
+    cols = gate_up.shape[-1] // 2
+    out = _gated_packed_op(_rows_view(gate_up), activation)
+    return out.view(*gate_up.shape[:-1], cols)

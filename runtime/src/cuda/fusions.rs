@@ -589,12 +589,15 @@ struct GatedParams {
     cols: i64,
     ld_gate: i64,
     ld_up: i64,
+    ld_grad: i64,
     act: i32,
     pad: i32,
 }
 
 /// One gated-product call: forward (`out` = act(gate) * up) or backward (`out` = dgate,
-/// plus `dout` and `dup`). gate and up have row strides `ld_gate`, `ld_up` (elements).
+/// plus `dout` and `dup`). gate and up have row strides `ld_gate`, `ld_up` (elements);
+/// dgate and dup `ld_grad` (`cols`, or `2 * cols` with `dup = dgate + cols` for the packed
+/// gradient of one gate_up tensor).
 #[derive(Clone, Copy, Debug)]
 pub struct GatedCall {
     pub device: i32,
@@ -604,6 +607,7 @@ pub struct GatedCall {
     pub cols: u64,
     pub ld_gate: u64,
     pub ld_up: u64,
+    pub ld_grad: u64,
     pub gate: u64,
     pub up: u64,
     pub dout: u64,
@@ -614,10 +618,10 @@ pub struct GatedCall {
 }
 
 pub fn gated_act(c: &GatedCall) -> Result<()> {
-    if c.ld_gate < c.cols || c.ld_up < c.cols {
+    if c.ld_gate < c.cols || c.ld_up < c.cols || (c.backward && c.ld_grad < c.cols) {
         return Err(CudaError::argument(format!(
-            "gate: row strides ({}, {}) below the row length {}",
-            c.ld_gate, c.ld_up, c.cols
+            "gate: row strides (gate {}, up {}, gradients {}) below the row length {}",
+            c.ld_gate, c.ld_up, c.ld_grad, c.cols
         )));
     }
     if !(0..=1).contains(&c.act) {
@@ -638,16 +642,21 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
         nonzero(n, p)?;
     }
     // Contiguous operands: one long row (no division per element in the kernel).
-    let (rows, cols, ld_gate, ld_up) = if c.ld_gate == c.cols && c.ld_up == c.cols {
-        (1, total, total, total)
-    } else {
-        (c.rows, c.cols, c.ld_gate, c.ld_up)
-    };
+    let ld_grad = if c.backward { c.ld_grad } else { c.cols };
+    let (rows, cols, ld_gate, ld_up, ld_grad) =
+        if c.ld_gate == c.cols && c.ld_up == c.cols && ld_grad == c.cols {
+            (1, total, total, total, total)
+        } else {
+            (c.rows, c.cols, c.ld_gate, c.ld_up, ld_grad)
+        };
     let mut ptrs = vec![c.gate, c.up, c.out];
     if c.backward {
         ptrs.extend([c.dout, c.dup]);
     }
-    let vector = cols % 8 == 0 && ld_gate % 8 == 0 && ld_up % 8 == 0 && aligned16(&ptrs);
+    let vector = [cols, ld_gate, ld_up, ld_grad]
+        .iter()
+        .all(|v| v.is_multiple_of(8))
+        && aligned16(&ptrs);
     let per_thread = if vector { 8 } else { 1 };
     let name = format!(
         "gated_{}_{}_{}",
@@ -665,6 +674,7 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
         cols: cols as i64,
         ld_gate: ld_gate as i64,
         ld_up: ld_up as i64,
+        ld_grad: ld_grad as i64,
         act: c.act,
         pad: 0,
     };
@@ -926,10 +936,11 @@ fn cuda_rotary(
     Ok(())
 }
 
-/// The gated product (forward: `dout` and `dup` 0; backward: `out` is dgate); see
-/// [`GatedCall`]. `activation`: "silu" or "gelu_tanh".
+/// The gated product (forward: `dout` and `dup` 0; backward: `out` is dgate, with dgate
+/// and dup of row stride `ld_grad`, default `cols`); see [`GatedCall`]. `activation`:
+/// "silu" or "gelu_tanh".
 #[pyfunction]
-#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward))]
+#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_act(
     py: Python<'_>,
@@ -947,6 +958,7 @@ fn cuda_gated_act(
     dtype: &str,
     activation: &str,
     backward: bool,
+    ld_grad: Option<u64>,
 ) -> PyResult<()> {
     let act = crate::cpu::fusions::Activation::parse(activation).ok_or_else(|| {
         CudaError::argument(format!(
@@ -961,6 +973,7 @@ fn cuda_gated_act(
         cols,
         ld_gate,
         ld_up,
+        ld_grad: ld_grad.unwrap_or(cols),
         gate,
         up,
         dout,
@@ -983,7 +996,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<RmsFwdParams>(), 64);
         assert_eq!(std::mem::size_of::<RmsBwdParams>(), 72);
         assert_eq!(std::mem::size_of::<RopeParams>(), 208);
-        assert_eq!(std::mem::size_of::<GatedParams>(), 80);
+        assert_eq!(std::mem::size_of::<GatedParams>(), 88);
     }
 
     #[test]

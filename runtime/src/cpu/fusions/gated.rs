@@ -93,7 +93,27 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
     });
 }
 
-/// `dgate = round_T(dout * up * act'(gate))`, `dup = round_T(dout * round_T(act(gate)))`.
+/// One row of the backward: `dgate = round_T(dout * up * act'(gate))`,
+/// `dup = round_T(dout * round_T(act(gate)))`.
+fn backward_row<A: Real, T: Storage<A>>(
+    g: &Gated,
+    r: usize,
+    d: &[T],
+    gate: &[T],
+    up: &[T],
+    dg: &mut [T],
+    du: &mut [T],
+) {
+    let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
+    let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
+    for ((((dg, du), d), gv), uv) in dg.iter_mut().zip(du).zip(d).zip(gr).zip(ur) {
+        let (d, x, u) = (d.load(), gv.load(), uv.load());
+        *du = T::store(d * round_to::<A, T>(act_value(g.act, x)));
+        *dg = T::store(d * u * act_grad(g.act, x));
+    }
+}
+
+/// The backward into two contiguous (rows, cols) tensors.
 pub fn backward<A: Real, T: Storage<A>>(
     g: &Gated,
     dout: &[T],
@@ -115,13 +135,34 @@ pub fn backward<A: Real, T: Storage<A>>(
         .zip(dup.par_chunks_mut(g.cols))
         .zip(dout.par_chunks(g.cols))
         .enumerate()
-        .for_each(|(r, ((dg, du), d))| {
-            let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
-            let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
-            for ((((dg, du), d), gv), uv) in dg.iter_mut().zip(du).zip(d).zip(gr).zip(ur) {
-                let (d, x, u) = (d.load(), gv.load(), uv.load());
-                *du = T::store(d * round_to::<A, T>(act_value(g.act, x)));
-                *dg = T::store(d * u * act_grad(g.act, x));
-            }
+        .for_each(|(r, ((dg, du), d))| backward_row::<A, T>(g, r, d, gate, up, dg, du));
+}
+
+/// The backward into one (rows, 2 * cols) tensor, `[dgate | dup]` per row: the gradient of
+/// a gate_up tensor whose two halves were gate and up (no concatenation afterwards).
+pub fn backward_packed<A: Real, T: Storage<A>>(
+    g: &Gated,
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+    dgate_up: &mut [T],
+) {
+    g.check(gate.len(), up.len());
+    assert_eq!(dout.len(), g.rows * g.cols, "dout: wrong length");
+    assert_eq!(
+        dgate_up.len(),
+        2 * g.rows * g.cols,
+        "dgate_up: wrong length"
+    );
+    if g.cols == 0 {
+        return;
+    }
+    dgate_up
+        .par_chunks_mut(2 * g.cols)
+        .zip(dout.par_chunks(g.cols))
+        .enumerate()
+        .for_each(|(r, (row, d))| {
+            let (dg, du) = row.split_at_mut(g.cols);
+            backward_row::<A, T>(g, r, d, gate, up, dg, du)
         });
 }

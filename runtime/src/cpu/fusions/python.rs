@@ -532,6 +532,8 @@ struct GatedCall {
     out: usize,
     dup: usize,
     backward: bool,
+    /// Backward into one (rows, 2 * cols) buffer at `out` (`[dgate | dup]` per row).
+    packed: bool,
 }
 
 fn gated_job<A: Real, T: Storage<A>>(c: GatedCall) -> Box<dyn FnOnce() + Send> {
@@ -549,7 +551,15 @@ fn gated_job<A: Real, T: Storage<A>>(c: GatedCall) -> Box<dyn FnOnce() + Send> {
         unsafe {
             let gate = slice::<T>(c.gate, span(g.ld_gate));
             let up = slice::<T>(c.up, span(g.ld_up));
-            if c.backward {
+            if c.backward && c.packed {
+                gated::backward_packed::<A, T>(
+                    &g,
+                    slice::<T>(c.dout, n),
+                    gate,
+                    up,
+                    slice_mut::<T>(c.out, 2 * n),
+                )
+            } else if c.backward {
                 gated::backward::<A, T>(
                     &g,
                     slice::<T>(c.dout, n),
@@ -588,7 +598,13 @@ fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyR
         Region::new("gate", c.gate, span(g.ld_gate), dt, false),
         Region::new("up", c.up, span(g.ld_up), dt, false),
     ];
-    if c.backward {
+    if c.backward && c.packed {
+        if c.dup != 0 {
+            return value_error("dup: must be None with packed (dgate holds both)".into());
+        }
+        regions.push(Region::new("dout", c.dout, n, dt, false));
+        regions.push(Region::new("dgate", c.out, 2 * n, dt, true));
+    } else if c.backward {
         regions.push(Region::new("dout", c.dout, n, dt, false));
         regions.push(Region::new("dgate", c.out, n, dt, true));
         regions.push(Region::new("dup", c.dup, n, dt, true));
@@ -644,13 +660,16 @@ fn cpu_gated_act(
         out,
         dup: 0,
         backward: false,
+        packed: false,
     };
     gated_call(py, call, dtype, "cpu_gated_act")
 }
 
-/// `dgate` and `dup` (contiguous (rows, cols)) from `dout` and the forward's inputs.
+/// `dgate` and `dup` (contiguous (rows, cols)) from `dout` and the forward's inputs; with
+/// `packed`, `dgate` is one (rows, 2 * cols) buffer receiving `[dgate | dup]` per row and
+/// `dup` is None.
 #[pyfunction]
-#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation))]
+#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_act_backward(
     py: Python<'_>,
@@ -658,13 +677,14 @@ fn cpu_gated_act_backward(
     gate: usize,
     up: usize,
     dgate: usize,
-    dup: usize,
+    dup: Option<usize>,
     rows: usize,
     cols: usize,
     ld_gate: usize,
     ld_up: usize,
     dtype: &str,
     activation: &str,
+    packed: bool,
 ) -> PyResult<()> {
     let call = GatedCall {
         g: Gated {
@@ -678,8 +698,9 @@ fn cpu_gated_act_backward(
         up,
         dout,
         out: dgate,
-        dup,
+        dup: dup.unwrap_or(0),
         backward: true,
+        packed,
     };
     gated_call(py, call, dtype, "cpu_gated_act_backward")
 }

@@ -824,3 +824,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gated_packed_backward_is_the_two_gradients_side_by_side() {
+    // Phi-3 / MoE experts: gate, up = gate_up.chunk(2, -1); the packed backward writes the
+    // gradient of gate_up directly: [dgate | dup] per row.
+    let (rows, cols) = (5, 24);
+    let mut rng = Rng::new(41);
+    let gate_up = stored::<f32, bf16>(&rng.vec(rows * 2 * cols, 2.0));
+    let dout = stored::<f32, bf16>(&rng.vec(rows * cols, 1.0));
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let g = Gated {
+            rows,
+            cols,
+            ld_gate: 2 * cols,
+            ld_up: 2 * cols,
+            act,
+        };
+        let (gate, up) = (&gate_up[..], &gate_up[cols..]);
+        let mut dg = vec![bf16::ZERO; rows * cols];
+        let mut du = vec![bf16::ZERO; rows * cols];
+        gated::backward::<f32, bf16>(&g, &dout, gate, up, &mut dg, &mut du);
+        let mut packed = vec![bf16::ZERO; rows * 2 * cols];
+        gated::backward_packed::<f32, bf16>(&g, &dout, gate, up, &mut packed);
+        for r in 0..rows {
+            assert_eq!(
+                &packed[r * 2 * cols..r * 2 * cols + cols],
+                &dg[r * cols..(r + 1) * cols]
+            );
+            assert_eq!(
+                &packed[r * 2 * cols + cols..(r + 1) * 2 * cols],
+                &du[r * cols..(r + 1) * cols]
+            );
+        }
+    }
+}
