@@ -213,7 +213,8 @@ def check_rotary(q, k, cos, sin, rotary_dim, head_index, out_dtype, device_type)
 
 def rotary_strides(t, pos, head_index):
     """Element strides of a 4-D tensor over (P0, P1, head), 0 where the size is 1."""
-    return [t.stride(d) if t.shape[d] > 1 else 0 for d in (*pos, head_index)]
+    shape, stride = t.shape, t.stride()
+    return [stride[d] if shape[d] > 1 else 0 for d in (*pos, head_index)]
 
 
 def check_gated(gate, up, activation, device_type, *, dout=None):

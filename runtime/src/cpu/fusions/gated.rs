@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Activation, Real, Storage, round_to};
+use super::{Activation, Real, SERIAL_ELEMENTS, Storage, round_to};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Gated {
@@ -16,6 +16,9 @@ pub struct Gated {
     pub ld_up: usize,
     pub act: Activation,
 }
+
+/// Row index, (dgate row, dup row), dout row: one item of the backward's iteration.
+type GradRows<'a, T> = (usize, ((&'a mut [T], &'a mut [T]), &'a [T]));
 
 /// sqrt(2 / pi), the constant of torch's tanh-approximated GELU.
 const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
@@ -83,14 +86,19 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
     if g.cols == 0 {
         return;
     }
-    out.par_chunks_mut(g.cols).enumerate().for_each(|(r, o)| {
+    let row = |(r, o): (usize, &mut [T])| {
         let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
         let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
         for ((o, gv), uv) in o.iter_mut().zip(gr).zip(ur) {
             let a = round_to::<A, T>(act_value(g.act, gv.load()));
             *o = T::store(a * uv.load());
         }
-    });
+    };
+    if out.len() < SERIAL_ELEMENTS {
+        out.chunks_mut(g.cols).enumerate().for_each(row);
+    } else {
+        out.par_chunks_mut(g.cols).enumerate().for_each(row);
+    }
 }
 
 /// One row of the backward: `dgate = round_T(dout * up * act'(gate))`,
@@ -130,12 +138,22 @@ pub fn backward<A: Real, T: Storage<A>>(
     if g.cols == 0 {
         return;
     }
-    dgate
-        .par_chunks_mut(g.cols)
-        .zip(dup.par_chunks_mut(g.cols))
-        .zip(dout.par_chunks(g.cols))
-        .enumerate()
-        .for_each(|(r, ((dg, du), d))| backward_row::<A, T>(g, r, d, gate, up, dg, du));
+    let row = |(r, ((dg, du), d)): GradRows<'_, T>| backward_row::<A, T>(g, r, d, gate, up, dg, du);
+    if n < SERIAL_ELEMENTS {
+        dgate
+            .chunks_mut(g.cols)
+            .zip(dup.chunks_mut(g.cols))
+            .zip(dout.chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    } else {
+        dgate
+            .par_chunks_mut(g.cols)
+            .zip(dup.par_chunks_mut(g.cols))
+            .zip(dout.par_chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    }
 }
 
 /// The backward into one (rows, 2 * cols) tensor, `[dgate | dup]` per row: the gradient of
@@ -157,12 +175,21 @@ pub fn backward_packed<A: Real, T: Storage<A>>(
     if g.cols == 0 {
         return;
     }
-    dgate_up
-        .par_chunks_mut(2 * g.cols)
-        .zip(dout.par_chunks(g.cols))
-        .enumerate()
-        .for_each(|(r, (row, d))| {
-            let (dg, du) = row.split_at_mut(g.cols);
-            backward_row::<A, T>(g, r, d, gate, up, dg, du)
-        });
+    let row = |(r, (both, d)): (usize, (&mut [T], &[T]))| {
+        let (dg, du) = both.split_at_mut(g.cols);
+        backward_row::<A, T>(g, r, d, gate, up, dg, du)
+    };
+    if dout.len() < SERIAL_ELEMENTS {
+        dgate_up
+            .chunks_mut(2 * g.cols)
+            .zip(dout.chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    } else {
+        dgate_up
+            .par_chunks_mut(2 * g.cols)
+            .zip(dout.par_chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    }
 }

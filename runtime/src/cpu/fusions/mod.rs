@@ -25,6 +25,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     python::register(m)
 }
 
+/// Below this many elements a call computes on the calling thread: waking rayon's workers
+/// costs more than the work (hundreds of microseconds on a loaded machine, against a few for
+/// a tiny model's layer).
+pub const SERIAL_ELEMENTS: usize = 1 << 15;
+
 /// The arithmetic type: f32 (for bf16, fp16 and fp32 storage) or f64.
 pub trait Real:
     Copy

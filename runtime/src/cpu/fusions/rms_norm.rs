@@ -5,11 +5,14 @@
 
 use rayon::prelude::*;
 
-use super::{Real, Storage, round_to};
+use super::{Real, SERIAL_ELEMENTS, Storage, round_to};
 
 /// Rows per parallel task, and so the grain of the weight gradient's partial sums (fixed:
 /// the result does not depend on the thread count).
 pub const ROWS_PER_TASK: usize = 32;
+
+/// ((dx rows, x rows), dy rows), rstd: one task of the backward.
+type BwdTask<'a, X, O, A> = (((&'a mut [X], &'a [X]), &'a [O]), &'a [A]);
 
 #[derive(Clone, Copy, Debug)]
 pub struct RmsNorm {
@@ -67,22 +70,30 @@ where
     let eps = A::from_f64(p.eps);
     let offset = A::from_f64(p.offset);
     let we: Vec<A> = w.iter().map(|v| offset + v.load()).collect();
-    y.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .zip(rstd.par_iter_mut())
-        .for_each(|((yr, xr), rs)| {
-            let r = rstd_of(sum_squares(xr), h, eps);
-            *rs = r;
-            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(&we) {
-                let xn = xv.load() * r;
-                let out = if p.cast_before {
-                    *wv * round_to::<A, X>(xn)
-                } else {
-                    xn * *wv
-                };
-                *o = O::store(out);
-            }
-        });
+    let row = |((yr, xr), rs): ((&mut [O], &[X]), &mut A)| {
+        let r = rstd_of(sum_squares(xr), h, eps);
+        *rs = r;
+        for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(&we) {
+            let xn = xv.load() * r;
+            let out = if p.cast_before {
+                *wv * round_to::<A, X>(xn)
+            } else {
+                xn * *wv
+            };
+            *o = O::store(out);
+        }
+    };
+    if x.len() < SERIAL_ELEMENTS {
+        y.chunks_mut(h)
+            .zip(x.chunks(h))
+            .zip(rstd.iter_mut())
+            .for_each(row);
+    } else {
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .zip(rstd.par_iter_mut())
+            .for_each(row);
+    }
 }
 
 /// `dx` (rows, hidden) and, when given, `dw` (hidden,) from the output gradient `dy`, the
@@ -112,44 +123,54 @@ pub fn backward<A, X, W, O>(
     let want_dw = dw.is_some();
     let hf = A::from_f64(h as f64);
     let block = ROWS_PER_TASK * h;
-    let partials: Vec<Option<Vec<A>>> = dx
-        .par_chunks_mut(block)
-        .zip(x.par_chunks(block))
-        .zip(dy.par_chunks(block))
-        .zip(rstd.par_chunks(ROWS_PER_TASK))
-        .map(|(((dxb, xb), dyb), rb)| {
-            let mut acc = want_dw.then(|| vec![A::ZERO; h]);
-            for (((dxr, xr), dyr), &r) in dxb
-                .chunks_mut(h)
-                .zip(xb.chunks(h))
-                .zip(dyb.chunks(h))
-                .zip(rb)
-            {
-                let mut dot = A::ZERO;
-                for ((xv, dv), wv) in xr.iter().zip(dyr).zip(&we) {
-                    dot += (dv.load() * *wv) * (xv.load() * r);
-                }
-                let c = dot / hf;
-                for (((o, xv), dv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(&we) {
+    let task = |(((dxb, xb), dyb), rb): BwdTask<'_, X, O, A>| {
+        let mut acc = want_dw.then(|| vec![A::ZERO; h]);
+        for (((dxr, xr), dyr), &r) in dxb
+            .chunks_mut(h)
+            .zip(xb.chunks(h))
+            .zip(dyb.chunks(h))
+            .zip(rb)
+        {
+            let mut dot = A::ZERO;
+            for ((xv, dv), wv) in xr.iter().zip(dyr).zip(&we) {
+                dot += (dv.load() * *wv) * (xv.load() * r);
+            }
+            let c = dot / hf;
+            for (((o, xv), dv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(&we) {
+                let xn = xv.load() * r;
+                let d = dv.load();
+                *o = X::store(r * (d * *wv - xn * c));
+            }
+            if let Some(acc) = acc.as_mut() {
+                for ((a, xv), dv) in acc.iter_mut().zip(xr).zip(dyr) {
                     let xn = xv.load() * r;
-                    let d = dv.load();
-                    *o = X::store(r * (d * *wv - xn * c));
-                }
-                if let Some(acc) = acc.as_mut() {
-                    for ((a, xv), dv) in acc.iter_mut().zip(xr).zip(dyr) {
-                        let xn = xv.load() * r;
-                        let xs = if p.cast_before {
-                            round_to::<A, X>(xn)
-                        } else {
-                            xn
-                        };
-                        *a += dv.load() * xs;
-                    }
+                    let xs = if p.cast_before {
+                        round_to::<A, X>(xn)
+                    } else {
+                        xn
+                    };
+                    *a += dv.load() * xs;
                 }
             }
-            acc
-        })
-        .collect();
+        }
+        acc
+    };
+    // The same tasks (and so the same partial sums) either way.
+    let partials: Vec<Option<Vec<A>>> = if x.len() < SERIAL_ELEMENTS {
+        dx.chunks_mut(block)
+            .zip(x.chunks(block))
+            .zip(dy.chunks(block))
+            .zip(rstd.chunks(ROWS_PER_TASK))
+            .map(task)
+            .collect()
+    } else {
+        dx.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .zip(dy.par_chunks(block))
+            .zip(rstd.par_chunks(ROWS_PER_TASK))
+            .map(task)
+            .collect()
+    };
     if let Some(dw) = dw {
         assert_eq!(dw.len(), h, "dw: wrong length");
         let mut total = vec![A::ZERO; h];

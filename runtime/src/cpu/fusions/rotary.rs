@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Real, SendPtr, Storage};
+use super::{Real, SERIAL_ELEMENTS, SendPtr, Storage};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Rotary {
@@ -118,7 +118,7 @@ pub fn apply<A, I, C, O>(
     assert!(!overlaps(&ks, &one(k_out.strides)), "k_out overlaps itself");
     let qo = (SendPtr(q_out.data.as_mut_ptr()), q_out.strides);
     let ko = (SendPtr(k_out.data.as_mut_ptr()), k_out.strides);
-    (0..r.p0 * r.p1).into_par_iter().for_each(|pos| {
+    let position = |pos: usize| {
         let (a, b) = (pos / r.p1, pos % r.p1);
         let c0 = a * cos.strides[0] + b * cos.strides[1];
         let s0 = a * sin.strides[0] + b * sin.strides[1];
@@ -136,7 +136,13 @@ pub fn apply<A, I, C, O>(
                 row(r, x, c, s, out);
             }
         }
-    });
+    };
+    let positions = r.p0 * r.p1;
+    if positions * (r.q_heads + r.k_heads) * r.head_dim < SERIAL_ELEMENTS {
+        (0..positions).for_each(position);
+    } else {
+        (0..positions).into_par_iter().for_each(position);
+    }
 }
 
 fn row<A: Real, I: Storage<A>, C: Storage<A>, O: Storage<A>>(

@@ -238,8 +238,10 @@ fn rms_norm_llama_order_rounds_before_the_weight() {
 
 #[test]
 fn rms_norm_weight_gradient_does_not_depend_on_the_cut() {
-    // More rows than one task holds, a count that does not divide: same dw as one task.
-    let rows = 3 * ROWS_PER_TASK + 5;
+    // More rows than one task holds, a count that does not divide, and enough elements for
+    // the parallel path: the same dw for any thread count.
+    let rows = 45 * ROWS_PER_TASK + 5;
+    assert!(rows * 24 >= super::SERIAL_ELEMENTS);
     check_rms::<f32, f32, f32, f32>(rows, 24, 0.0, true, 12, 1e-6, 1e-5);
     let p = RmsNorm {
         rows,
@@ -858,4 +860,19 @@ fn gated_packed_backward_is_the_two_gradients_side_by_side() {
             );
         }
     }
+}
+
+#[test]
+fn parallel_paths_match_float64() {
+    // Sizes above SERIAL_ELEMENTS, so rayon's workers compute them.
+    check_rms::<f32, bf16, bf16, bf16>(300, 128, 0.0, true, 51, 8e-3, 1.2e-2);
+    let mut case = rope_case(32, 32, false);
+    (case.p0, case.p1, case.q_heads, case.k_heads) = (2, 64, 8, 4);
+    let elements = case.p0 * case.p1 * (case.q_heads + case.k_heads) * case.head_dim;
+    assert!(elements >= super::SERIAL_ELEMENTS);
+    check_rope::<f32, f32, f32, f32>(&case, 1e-6);
+    case.interleaved = true;
+    check_rope::<f32, bf16, bf16, bf16>(&case, 6e-3);
+    check_gated::<f32, f32>(600, 64, 0, Activation::Silu, 52, 1e-6);
+    check_gated::<f32, bf16>(600, 64, 64, Activation::GeluTanh, 53, 8e-3);
 }
