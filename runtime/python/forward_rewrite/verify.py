@@ -507,6 +507,8 @@ OVERRIDES = {
         "layers_block_type": ["linear_attention", "hybrid", "hybrid"],
         "num_hidden_layers": 3,
     },
+    # Zamba2: SSM state, chunk and adapter rank under their own names (slow at defaults)
+    "Zamba2Config": {"mamba_d_state": 16, "chunk_size": 8, "adapter_rank": 8},
     # Zaya: validator: top-1 routing only
     "ZayaConfig": {"num_experts_per_tok": 1, "router_hidden_size": 16},
 }
@@ -710,6 +712,36 @@ def _count_params(cls, config):
         return 0
 
 
+@contextlib.contextmanager
+def _nan_for_uninitialized():
+    """While a model is built, memory torch leaves uninitialized (``torch.empty``) is NaN
+    (torch's deterministic mode), so a parameter the model's own init never sets is found
+    instead of holding whatever the allocator had (run-to-run garbage, at times inf)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _init_uninitialized(model):
+    """Seeded normal values (std 0.02) for the parameters the model's init left unset
+    (NaN under _nan_for_uninitialized); returns their names."""
+    g = torch.Generator().manual_seed(2)
+    names = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+                names.append(name)
+    return names
+
+
 class _Skip(Exception):
     """The class's tiny model cannot be built or run stock; args[0] says why."""
 
@@ -740,7 +772,12 @@ def _build_and_run_stock(cls, inputs, device, info):
                         first_failure or f"not shrunk ({info['params']} parameters)"
                     )
                 torch.manual_seed(0)
-                model = cls(config).float().to(device).train()
+                with _nan_for_uninitialized():
+                    model = cls(config).float()
+                uninitialized = _init_uninitialized(model)
+                if uninitialized:
+                    info["uninitialized"] = uninitialized
+                model = model.to(device).train()
                 adapt = INPUTS.get(cls.__name__)
                 if adapt is not None:
                     inputs = adapt(model, inputs)
@@ -838,8 +875,9 @@ def check_class(target, device="cpu", *, cache_dir=None):
 
     Returns a dict: ``module``, ``qualname``, ``status`` ("verified", "mismatch" or
     "skipped"), ``reason`` (why skipped / what differs; "" when verified), ``params``,
-    ``seconds``, and once both forwards ran ``loss_err``, ``grad_err`` and
-    ``worst_param``. A patch the installer would not put in place is skipped when it
+    ``seconds``, once both forwards ran ``loss_err``, ``grad_err`` and ``worst_param``,
+    and ``uninitialized``: the parameters the model's own init left unset (a checkpoint
+    fills them), given seeded values here. A patch the installer would not put in place is skipped when it
     refuses it (``needs-class-body``, ...) and a mismatch when it fails
     (``emit-invalid``: the patch does not compile)."""
     if isinstance(target, type):
@@ -1066,7 +1104,8 @@ def verify_cache(cache_dir, device="cpu", progress=None):
     Returns one dict per allowlist entry, in its order: ``module``, ``qualname``,
     ``forward_sha256`` (the entry's), ``verified`` (status is "verified"), ``status``,
     ``reason``, ``loss_err``, ``grad_err`` (None when the forwards did not both run),
-    ``worst_param``, ``seconds``. ``progress(index, total, result)`` is called after each.
+    ``worst_param``, ``seconds``, and ``uninitialized`` when the model's init left
+    parameters unset (see check_class). ``progress(index, total, result)`` is called after each.
     Raises UsageError when the cache cannot be used."""
     allowlist = read_allowlist(cache_dir)
     entries = allowlist["entries"]
@@ -1086,6 +1125,8 @@ def verify_cache(cache_dir, device="cpu", progress=None):
             "worst_param": r.get("worst_param"),
             "seconds": r.get("seconds", round(time.perf_counter() - start, 2)),
         }
+        if r.get("uninitialized"):
+            result["uninitialized"] = r["uninitialized"]
         results.append(result)
         if progress is not None:
             progress(index, len(entries), result)
