@@ -18,10 +18,11 @@ attention layer); multimodal RoPE sections are rescaled to the small head. Confi
 generic shrink cannot fit (validators that tie fields together, sizes under other names,
 fields a checkpoint carries but the config class does not declare) get hand-made values
 from ``OVERRIDES``, and the few forwards that need more than token ids (speech models, a
-talker fed by embeddings) get their inputs from ``INPUTS``. A class whose tiny model cannot
-be built or run stock (a config validator, a shape the shrink broke, a missing optional
-package) is *skipped* with the error; a class that runs stock and differs patched is a
-*mismatch*.
+talker fed by embeddings) get their inputs from ``INPUTS``. When the hand-made model does
+not build (an override written for another transformers release), the generic shrink alone
+and then wider heads are tried (``ATTEMPTS``). A class whose tiny model cannot be built or
+run stock (a config validator, a shape the shrink broke, a missing optional package) is
+*skipped* with the error; a class that runs stock and differs patched is a *mismatch*.
 
 ``check_class`` uninstalls every patch first and afterwards (it patches the classes it
 checks), so run it where nothing else relies on ``install()``.
@@ -589,12 +590,15 @@ GRAD_TOL = 1e-4
 #: error of noise relative to itself means nothing, relative to the model's scale it is 0.
 GRAD_FLOOR = 1e-3
 
-#: Tried in turn when the tiny model cannot be built: wider heads, for rotary layouts
-#: written for real head sizes (multimodal RoPE sections of 64 and 32 dimensions).
-WIDER = (
-    {},
-    {"hidden_size": 256, "head_dim": 64},
-    {"hidden_size": 512, "head_dim": 128},
+#: (sizes over SHRINK, hand-made) tried in turn until the tiny model builds and runs stock:
+#: the hand-made values (OVERRIDES, multimodal RoPE sections fitted to the small head), then
+#: the generic shrink alone (an override written for one transformers release may not fit
+#: another's config), then wider heads, for rotary layouts written for real head sizes.
+ATTEMPTS = (
+    ({}, True),
+    ({}, False),
+    ({"hidden_size": 256, "head_dim": 64}, False),
+    ({"hidden_size": 512, "head_dim": 128}, False),
 )
 
 _UNREADABLE = object()
@@ -666,10 +670,10 @@ def _override(kw, config, key):
     return {**kw, **fix}
 
 
-def tiny_config(config, wider=None, model_name=None):
+def tiny_config(config, wider=None, model_name=None, hand_made=True):
     """A new config of the same class, shrunk (see the module docstring); ``wider``
-    overrides entries of SHRINK (one of WIDER); ``model_name`` picks the model class's own
-    entry of OVERRIDES."""
+    overrides entries of SHRINK; ``hand_made``: with OVERRIDES (``model_name`` picks the
+    model class's own entry) and the RoPE sections fitted."""
     cls = type(config)
     params = inspect.signature(cls.__init__).parameters
     shrink = {**SHRINK, **(wider or {})}
@@ -687,17 +691,18 @@ def tiny_config(config, wider=None, model_name=None):
             if k in params:
                 kw[k] = n
     rope = _read(config, "rope_parameters")
-    if not wider and "rope_parameters" in params and isinstance(rope, dict):
+    if hand_made and "rope_parameters" in params and isinstance(rope, dict):
         fitted = _fit_mrope(rope, _half_head(kw, config))
         if fitted != rope:
             kw["rope_parameters"] = fitted
     for name in params:
         sub = _read(config, name)
         if isinstance(sub, transformers.PretrainedConfig):
-            kw[name] = tiny_config(sub, wider)
-    kw = _override(kw, config, cls.__name__)
-    if model_name is not None:
-        kw = _override(kw, config, model_name)
+            kw[name] = tiny_config(sub, wider, hand_made=hand_made)
+    if hand_made:
+        kw = _override(kw, config, cls.__name__)
+        if model_name is not None:
+            kw = _override(kw, config, model_name)
     return cls(**kw)
 
 
@@ -761,11 +766,14 @@ def _build_and_run_stock(cls, inputs, device, info):
     and the stock loss and gradients; ``info`` gets ``params``. Raises _Skip with the
     first failure."""
     first_failure = None  # what the report shows when no attempt builds
-    for wider in WIDER:
+    for wider, hand_made in ATTEMPTS:
+        info.pop("uninitialized", None)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                config = tiny_config(cls.config_class(), wider, cls.__name__)
+                config = tiny_config(
+                    cls.config_class(), wider, cls.__name__, hand_made=hand_made
+                )
                 info["params"] = _count_params(cls, config)
                 if info["params"] > MAX_PARAMS:  # wider attempts would only be larger
                     raise _Skip(
@@ -779,10 +787,9 @@ def _build_and_run_stock(cls, inputs, device, info):
                     info["uninitialized"] = uninitialized
                 model = model.to(device).train()
                 adapt = INPUTS.get(cls.__name__)
-                if adapt is not None:
-                    inputs = adapt(model, inputs)
-                stock_loss, _, stock_grads = _run(model, inputs)
-            return model, inputs, stock_loss, stock_grads
+                run_inputs = inputs if adapt is None else adapt(model, inputs)
+                stock_loss, _, stock_grads = _run(model, run_inputs)
+            return model, run_inputs, stock_loss, stock_grads
         except _Skip:
             raise
         except Exception as exc:  # noqa: BLE001  (any failure of the stock model is a skip)
