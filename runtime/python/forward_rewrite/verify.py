@@ -48,6 +48,7 @@ from . import _installer, _native
 from ._installer import audit, patch_model, uninstall
 
 __all__ = [
+    "ATTEMPTS",
     "BATCH",
     "DECODER",
     "GRAD_FLOOR",
