@@ -28,7 +28,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import _native
+from . import _native, packing
 
 __all__ = ["audit", "install", "patch_model", "uninstall"]
 
@@ -131,6 +131,8 @@ def uninstall():
             f for f in linecache.cache if f.startswith("<forward-rewrite ")
         ]:
             del linecache.cache[filename]
+        packing.disable()  # packing hook (issue 9)
+        packing.reset()
         _state.originals.clear()
         _state.injected.clear()
         _state.records.clear()
@@ -171,7 +173,10 @@ def audit():
     """
     with _state.lock:
         classes = sorted(
-            (r.as_dict() for r in _state.records.values()),
+            (
+                {**r.as_dict(), "packing_runtime": packing.report(cls)}  # issue 9
+                for cls, r in _state.records.items()
+            ),
             key=lambda c: (c["module"], c["qualname"]),
         )
         reasons = {}
@@ -452,7 +457,8 @@ def _install_forward(cls, report):
     }
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
-    cls.forward = patched
+    # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache.
+    cls.forward = packing.wrap_forward(patched, cls)
     return None
 
 
