@@ -458,7 +458,7 @@ def _install_forward(cls, report):
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
     # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache.
-    cls.forward = packing.wrap_forward(patched, cls)
+    cls.forward = packing.wrap_forward(patched, cls, static=report.get("packing"))
     return None
 
 

@@ -402,11 +402,17 @@ def _varlen_metadata(starts, facts):
 # ----------------------------------------------------------------------------- wrap
 
 
-def wrap_forward(forward, cls):
+def wrap_forward(forward, cls, static=None):
     """``forward`` (a model class's forward, patched or not) with the packing guarantee.
     The wrapper has ``forward``'s signature (``inspect.signature`` follows
-    ``__wrapped__``) and attributes."""
+    ``__wrapped__``) and attributes.
+
+    ``static`` is the rewriter's packing verdict for ``cls`` (ARCHITECTURE.md, contract 5:
+    ``{"verdict", "reason", "paths"}``), None when the rewriter gives none: a ``refused``
+    class is left as it is; ``paths`` limits the packing paths the class can take."""
     if getattr(forward, "__forward_rewrite_packing__", False):
+        return forward
+    if static is not None and static.get("verdict") == "refused":
         return forward
     signature = inspect.signature(forward)
     params = list(signature.parameters.values())
@@ -434,6 +440,15 @@ def wrap_forward(forward, cls):
         if found is None:
             return forward(self, *args, **kwargs)
         packed, caps, call_kwargs = found
+        if static is not None and packed.path not in static.get(
+            "paths", (packed.path,)
+        ):
+            raise _refuse(
+                cls,
+                static.get("reason") or "backend-cannot-pack",
+                f"packed sequences on {caps.name!r}: this class keeps them apart only "
+                f"on the {static.get('paths')} path(s) (the rewriter's packing verdict)",
+            )
         if packed.path == "mask" and not hook_ok:
             raise _refuse(
                 cls,
