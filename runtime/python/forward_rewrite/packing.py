@@ -156,7 +156,7 @@ def disable():
 
         if masking_utils._preprocess_mask_arguments is _preprocess_hook:
             masking_utils._preprocess_mask_arguments = original
-        _hook["original"] = None
+        # "original" stays: if another patcher wrapped the hook, it still calls it
 
 
 def _preprocess_hook(*args, **kwargs):
@@ -165,7 +165,7 @@ def _preprocess_hook(*args, **kwargs):
     mask. Everything else passes through."""
     original = _hook["original"]
     packed = _ACTIVE.get()
-    if packed is None or original is None:
+    if packed is None:
         return original(*args, **kwargs)
     bound = _hook["signature"].bind(*args, **kwargs)
     a = bound.arguments
