@@ -13,7 +13,9 @@ loss term crosses a boundary), are compared with each sequence run alone:
   logits equals its logits alone;
 * loss and gradients, with labels, in train mode (the fused path when patched):
   ``num_items_in_batch`` is the packed batch's count of predicted tokens in every run, so
-  the packed loss is the sum of the separate losses and its gradients the sum of theirs.
+  the packed loss is the sum of the separate losses and its gradients the sum of theirs;
+* crosstalk (``crosstalk``): changing the tokens of other sequences changes a sequence's
+  logits by exactly 0, which tells a leak from rounding.
 """
 
 import contextlib
@@ -188,6 +190,32 @@ def isolation(model, *, seed=1, lengths=LENGTHS, with_labels=True):
         worst = max(worst, diff / max(want.abs().max().item(), GRAD_FLOOR * top, 1e-30))
     out["grad"] = worst
     return out
+
+
+def crosstalk(model, *, seed=1, lengths=LENGTHS):
+    """The largest change of a sequence's logits (eval mode) when only the tokens of
+    other sequences of its row change: the first sequence of each row (are later ones
+    affected?), then the last (are earlier ones?). Exactly 0 when the sequences are apart:
+    a masked score contributes an exact 0 whatever the token behind it, so this tells a
+    leak from the rounding differences between the packed and the alone runs."""
+    inputs, segments = packed_batch(_vocab(model), seed=seed, lengths=lengths)
+    ids, pos = inputs["input_ids"], inputs["position_ids"]
+    model.eval()
+    base = _logits(model, input_ids=ids, position_ids=pos)
+    g = torch.Generator().manual_seed(seed + 100)
+    worst = 0.0
+    for pick in (0, -1):
+        changed = ids.clone()
+        touched = torch.zeros_like(ids, dtype=torch.bool)
+        for r, row in enumerate(lengths):
+            r_segments = [(s, n) for rr, s, n in segments if rr == r]
+            s, n = r_segments[pick]
+            changed[r, s : s + n] = torch.randint(3, _vocab(model), (n,), generator=g)
+            touched[r, s : s + n] = True
+        other = _logits(model, input_ids=changed, position_ids=pos)
+        diff = (other - base).abs().amax(-1)[~touched]
+        worst = max(worst, diff.max().item())
+    return worst
 
 
 def _grads(model):

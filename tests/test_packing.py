@@ -19,6 +19,7 @@ from forward_rewrite.packing import PackingError
 from packing_cases import (
     LOGITS_TOL,
     build,
+    crosstalk,
     isolation,
     packed_batch,
     problems,
@@ -80,6 +81,7 @@ def test_packed_sequences_are_isolated(name, backend):
     errors = isolation(model)
     assert problems(errors) == [], errors
     assert errors["fused"], "the packed training step did not take the fused path"
+    assert crosstalk(model) == 0.0
     report = forward_rewrite.audit()["classes"]
     runtime = [c["packing_runtime"] for c in report if c["qualname"] == name]
     assert runtime[0]["path"] == "mask" and runtime[0]["backend"] == backend
@@ -93,9 +95,11 @@ def test_stock_leaks_and_patched_does_not(backend):
     model = build(transformers.LlamaForCausalLM, backend)
     stock = isolation(model, with_labels=False)
     assert stock["logits_eval"] > 1e-2 and stock["logits_train"] > 1e-2, stock
+    assert crosstalk(model) > 1e-2
     patched(model)
     errors = isolation(model, with_labels=False)
     assert problems(errors) == [], errors
+    assert crosstalk(model) == 0.0
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -131,6 +135,18 @@ def test_isolated_with_gradient_checkpointing():
     model.activation_checkpointing_enable()
     errors = isolation(model)
     assert problems(errors) == [], errors
+
+
+def test_torch_compile_keeps_the_guarantee():
+    """Dynamo traces the wrapper (graph breaks at the one read-back) and the masking
+    hook; the compiled forward gives the eager patched logits."""
+    model = patched(build(transformers.LlamaForCausalLM, "sdpa")).eval()
+    inputs, _ = packed_batch(model.config.vocab_size)
+    ids, pos = inputs["input_ids"], inputs["position_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos).logits
+        got = torch.compile(model, backend="eager")(input_ids=ids, position_ids=pos)
+    assert torch.allclose(got.logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_the_stock_mask_detection_never_runs_in_a_packed_forward(monkeypatch):
@@ -251,6 +267,7 @@ def test_the_varlen_path_is_isolated(varlen_backend, name):
     assert stock["logits_eval"] > 1e-2, "stock gives the backend no metadata"
     errors = isolation(patched(model))
     assert problems(errors) == [], errors
+    assert crosstalk(model) == 0.0
     assert packing.report(cls)["path"] == "varlen"
 
 
