@@ -4,6 +4,8 @@
 #   .gpu/gpu/run.sh bench ARGS...    benchmark (gpu/bench.py ARGS)
 #   .gpu/gpu/run.sh e2e              tiny Llama and Gemma3 patched by install() (gpu/e2e.py),
 #                                    on the pinned transformers when .gpu/transformers/ has it
+#   .gpu/gpu/run.sh packing          packed sequences: flex isolation, syncs, step time
+#                                    (gpu/packing.py), on the pinned transformers likewise
 # Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
 # and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
 set -uo pipefail
@@ -23,11 +25,11 @@ shift
 case "$step" in
   check) python3 "$here/check.py" "$@" 2>&1 | tee -a "$OUT/check.log" ;;
   bench) python3 "$here/bench.py" --out "$OUT/bench.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
-  e2e)
+  e2e|packing)
     # the pinned transformers when it imports with this machine's other packages
     if PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 -c "import transformers.models.llama.modeling_llama" 2>/dev/null; then
       export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
     fi
-    python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/e2e.log" ;;
+    python3 "$here/$step.py" "$@" 2>&1 | tee -a "$OUT/$step.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -32,8 +32,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 #: A representative set of the classes bench/packing_sweep.py finds isolated: dense,
 #: sliding-window (Mistral, Gemma 2/3, Cohere 2), chunked attention (Llama 4), attention
 #: soft-capping (Gemma 2, eager), mixtures of experts (Qwen3-MoE, Mixtral), latent
-#: attention (DeepSeek V3), absolute positions (OPT), partial rotary (GPT-NeoX, Phi),
-#: logit scaling (Granite), and a vision-language wrapper run on text (Llava).
+#: attention (DeepSeek V3), learned absolute positions (GPT-BigCode), partial rotary
+#: (GPT-NeoX, Phi), logit scaling (Granite), and a vision-language wrapper run on text
+#: (Llava).
 CLASSES = [
     "LlamaForCausalLM",
     "Qwen3ForCausalLM",
@@ -47,7 +48,7 @@ CLASSES = [
     "DeepseekV3ForCausalLM",
     "GPTNeoXForCausalLM",
     "PhiForCausalLM",
-    "OPTForCausalLM",
+    "GPTBigCodeForCausalLM",
     "GraniteForCausalLM",
     "LlavaForConditionalGeneration",
 ]
