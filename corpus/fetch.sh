@@ -2,6 +2,7 @@
 # Fetch the pinned transformers wheels from PyPI, check their sha256 and unpack them into
 # corpus/cache/transformers-VERSION/ (git-ignored). Idempotent: a version already unpacked
 # and verified is skipped. Usage: corpus/fetch.sh [VERSION...]   (default: every pin)
+# Without arguments it then runs fetch-lint.sh (the framework releases `lint` is tested on).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="$here/cache"
@@ -32,3 +33,7 @@ while read -r version sha; do
   echo "$sha" > "$dest/.verified"
   echo "corpus: transformers $version ready in $dest/transformers" >&2
 done < "$here/pins.txt"
+
+if ((${#want[@]} == 0)); then
+  "$here/fetch-lint.sh"
+fi

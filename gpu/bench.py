@@ -1,6 +1,9 @@
 """Forward + backward of linear + cross-entropy in bf16, side by side, on the GPU machine.
 
-    python gpu/bench.py [--shapes A,B,C] [--methods ours,stock,liger,unsloth,cce]
+    python gpu/bench.py [--shapes A,B,C] [--methods ours,ours-wrapper,stock,liger,unsloth,cce]
+
+`ours` is the public op (`forward_rewrite.fused_lm_head_loss`), what users run; `ours-wrapper`
+the benchmark's own thin autograd wrapper over the backend (to see what the public op adds).
                         [--variants] [--profile] [--ignored-demo] [--iters 10] [--out FILE]
 
 Methods: ours (forward_rewrite's CUDA backend through a small autograd wrapper), stock
@@ -25,6 +28,7 @@ import sys
 import time
 import types
 
+import forward_rewrite
 import torch
 from common import ours, reference, rel
 from forward_rewrite import _cuda, _native
@@ -234,9 +238,17 @@ def time_backend_only(h, w, t, args, skip_ignored=None):
     return ms, times, statistics.median(host[args.warmup :])
 
 
+def public_op(h, w, t):
+    """What users and patched forwards call: `forward_rewrite.fused_lm_head_loss` (the
+    custom op, its argument checks, the in-place scaling of the saved gradients), with the
+    targets given as already-shifted labels."""
+    return forward_rewrite.fused_lm_head_loss(h, w, None, shift_labels=t)
+
+
 def load_methods(methods):
     loaders = {"liger": load_liger, "unsloth": load_unsloth, "cce": load_cce}
-    fns = {"ours": ours_with(None), "stock": stock}
+    forward_rewrite.set_chunk_budget_bytes(BUDGET)
+    fns = {"ours": public_op, "ours-wrapper": ours_with(None), "stock": stock}
     for m in methods:
         if m in loaders:
             try:

@@ -103,6 +103,30 @@ def test_a_replaced_loss_function_falls_back(caplog):
     model = tiny_llama()
     model.loss_type = "ForMaskedLM"
     assert refusal(model) == "custom-loss-function"
+    # The classic style computes its own CrossEntropyLoss: model.loss_function is not read.
+    assert guard._refusal(model, model.lm_head, 96, "cross_entropy") is None
+    with pytest.raises(ValueError, match="^loss"):
+        forward_rewrite.fuses(model, model.lm_head, 96, loss="mse")
+
+
+def test_calls_that_return_a_tuple_take_the_stock_path():
+    """`ModelOutput.to_tuple()` drops None fields: a fused step's None logits would move
+    the cache to position 1, so `tuple_guard` makes such calls take the stock path."""
+    model = tiny_llama()
+    seen = []
+
+    @forward_rewrite.tuple_guard
+    def forward(self, **kwargs):
+        seen.append(refusal(self))
+        return kwargs
+
+    assert forward(model, return_dict=False) == {"return_dict": False}
+    forward(model, return_dict=True)
+    forward(model)
+    model.config.return_dict = False
+    forward(model)
+    assert seen == ["tuple-return", None, None, "tuple-return"]
+    assert forward.__wrapped__ is not None  # inspect.unwrap reaches the original
 
 
 def test_heads_that_are_not_plain_hook_free_linears_fall_back():

@@ -3,6 +3,7 @@ transformers package: the import hook and the sweep, the compiled cache bound by
 the checks that keep a class stock, readable tracebacks, the version floor, and agreement
 with the CLI's audit on every modeling module transformers ships."""
 
+import hashlib
 import importlib
 import json
 import logging
@@ -19,8 +20,8 @@ import pytest
 import torch
 import transformers
 from forward_rewrite import _installer as installer
+from forward_rewrite.verify import import_all_modeling_modules
 from model_cases import batch, build, loss_and_grads
-from model_sweep import import_all_modeling_modules
 from transformers.models.llama import modeling_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,18 +36,23 @@ def stock_afterwards():
 
 
 def cli():
-    """The CLI binary: $FORWARD_REWRITE_BIN, else what cargo built (scripts/test runs
-    cargo test first, which builds target/debug/forward-rewrite)."""
-    for candidate in (
-        os.environ.get("FORWARD_REWRITE_BIN"),
-        ROOT / "target" / "release" / "forward-rewrite",
-        ROOT / "target" / "debug" / "forward-rewrite",
-    ):
-        if candidate and Path(candidate).is_file():
-            return str(candidate)
-    raise AssertionError(
-        "forward-rewrite not built: run `cargo build -p forward-rewrite`"
-    )
+    """The CLI binary: $FORWARD_REWRITE_BIN, else the newest build of cargo's (scripts/test
+    runs cargo test first, which builds target/debug/forward-rewrite)."""
+    if os.environ.get("FORWARD_REWRITE_BIN"):
+        return os.environ["FORWARD_REWRITE_BIN"]
+    built = [
+        path
+        for path in (
+            ROOT / "target" / "release" / "forward-rewrite",
+            ROOT / "target" / "debug" / "forward-rewrite",
+        )
+        if path.is_file()
+    ]
+    if not built:
+        raise AssertionError(
+            "forward-rewrite not built: run `cargo build -p forward-rewrite`"
+        )
+    return str(max(built, key=lambda path: path.stat().st_mtime))
 
 
 def entry(qualname):
@@ -133,6 +139,22 @@ def test_inference_is_untouched_and_eval_takes_the_stock_path():
     assert torch.equal(out.loss, stock_eval.loss)
 
 
+def test_tuple_returns_keep_the_positions_of_stock():
+    """`return_dict=False` in a training step: `to_tuple()` drops None fields, so a fused
+    step would put the cache where the logits belong; the tuple guard takes the stock path."""
+    model = build("llama").train()
+    inputs = batch()
+    torch.manual_seed(0)
+    stock = model(**inputs, use_cache=True, return_dict=False)
+    forward_rewrite.patch_model(model)
+    assert model(**inputs).logits is None  # the fused path runs for ModelOutput returns
+    torch.manual_seed(0)
+    out = model(**inputs, use_cache=True, return_dict=False)
+    assert len(out) == len(stock)
+    assert torch.equal(out[1], stock[1])  # logits, not the cache
+    assert torch.allclose(out[0], stock[0])
+
+
 def test_a_user_replaced_loss_function_runs_the_original_code(caplog):
     model = build("llama")
     forward_rewrite.patch_model(model)
@@ -209,14 +231,14 @@ def test_a_replaced_forward_is_not_patched():
 
 
 def test_transformers_older_than_the_floor_gets_one_warning_and_no_patches(monkeypatch):
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.55.4")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.44.2")
     monkeypatch.setattr(installer._state, "warned_version", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         forward_rewrite.install()
         forward_rewrite.install()
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "older than 4.56" in messages[0], messages
+    assert len(messages) == 1 and "older than 4.45" in messages[0], messages
     assert forward_rewrite.audit()["classes"] == []
     assert not hasattr(modeling_llama.LlamaForCausalLM.forward, "__forward_rewrite__")
 
@@ -236,13 +258,27 @@ def built_cache(tmp_path_factory):
     return out
 
 
+def _edit_patch(cache, qualname, edit, fix_sha=True):
+    """Change a cached patch file; with ``fix_sha`` the allowlist follows (as a build
+    would have written it), without it the file no longer matches its entry."""
+    allow = json.loads((cache / "allowlist.json").read_text())
+    entry_ = next(e for e in allow["entries"] if e["qualname"] == qualname)
+    patch = cache / entry_["patch"]
+    patch.write_text(edit(patch.read_text()))
+    if fix_sha:
+        entry_["patch_sha256"] = hashlib.sha256(patch.read_bytes()).hexdigest()
+        (cache / "allowlist.json").write_text(json.dumps(allow))
+    return allow
+
+
 def test_the_compiled_cache_is_used_when_the_hash_is_allowed(built_cache, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(built_cache, cache)
     # Mark the cached patch so that we can see it is the one that runs.
-    patch = next((cache / "patches").glob("*LlamaForCausalLM.py"))
-    patch.write_text(
-        patch.read_text().replace("logits = None", "logits = None  # cached")
+    _edit_patch(
+        cache,
+        "LlamaForCausalLM",
+        lambda text: text.replace("logits = None", "logits = None  # cached"),
     )
     forward_rewrite.install(cache_dir=cache)
     record = entry("LlamaForCausalLM")
@@ -276,6 +312,74 @@ def test_a_cache_entry_for_other_source_is_never_used(built_cache, tmp_path):
     forward_rewrite.install(cache_dir=cache)
     record = entry("LlamaForCausalLM")
     assert (record["origin"], record["installed"]) == ("rewrite", True)
+
+
+def test_a_tampered_or_foreign_patch_file_is_ignored_with_a_warning(
+    built_cache, tmp_path
+):
+    """Cache integrity: the patch file's bytes must hash to the allowlist's patch_sha256
+    and its header must name the entry's forward; otherwise the in-process rewrite runs."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    _edit_patch(
+        cache,
+        "LlamaForCausalLM",
+        lambda text: text.replace("logits = None", "logits = 0"),
+        fix_sha=False,
+    )
+    with pytest.warns(UserWarning, match="ignoring the cached patch .* hashes to"):
+        forward_rewrite.install(cache_dir=cache)
+    assert entry("LlamaForCausalLM")["origin"] == "rewrite"
+    assert entry("LlamaForCausalLM")["installed"]
+    forward_rewrite.uninstall()
+
+    cache = tmp_path / "cache2"
+    shutil.copytree(built_cache, cache)
+    _edit_patch(
+        cache,
+        "LlamaForCausalLM",
+        lambda text: text.replace(
+            "# original forward sha256: ", "# original forward sha256: 0"
+        ),
+    )
+    with pytest.warns(UserWarning, match="made for another forward"):
+        forward_rewrite.install(cache_dir=cache)
+    assert entry("LlamaForCausalLM")["origin"] == "rewrite"
+
+
+def test_a_corrupted_allowlist_is_ignored_with_a_warning(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    text = (cache / "allowlist.json").read_text()
+    (cache / "allowlist.json").write_text(text[: len(text) // 2])
+    with pytest.warns(UserWarning, match="not using the compiled cache"):
+        forward_rewrite.install(cache_dir=cache)
+    assert entry("LlamaForCausalLM")["origin"] == "rewrite"
+    assert entry("LlamaForCausalLM")["installed"]
+
+
+def test_verified_only_installs_only_verified_patches(built_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    allow = json.loads((cache / "allowlist.json").read_text())
+    for e in allow["entries"]:
+        e["verified"] = e["qualname"] == "LlamaForCausalLM"
+    (cache / "allowlist.json").write_text(json.dumps(allow))
+    forward_rewrite.install(cache_dir=cache, verified_only=True)
+    llama = entry("LlamaForCausalLM")
+    assert (llama["origin"], llama["installed"], llama["verified"]) == (
+        "cache",
+        True,
+        True,
+    )
+    assert forward_rewrite.audit()["verified_only"] is True
+    # Classes of other modules have no verified patch: left stock, and said why.
+    import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+
+    qwen = entry("Qwen3ForCausalLM")
+    assert (qwen["installed"], qwen["reason"]) == (False, "not-verified")
+    with pytest.raises(TypeError, match="^verified_only"):
+        forward_rewrite.install(verified_only="yes")
 
 
 def test_a_cache_of_another_tool_version_is_ignored_with_a_warning(

@@ -310,3 +310,22 @@ def test_small_budgets_cut_the_work_and_give_the_same_result(budget, dtype):
     assert_errors(cut, whole, 1e-6, 1e-5 if dtype == torch.float32 else 8e-3)
     if dtype == torch.float32:
         assert_errors(cut, stock(h, head, labels, num_items_in_batch=150), 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_saved_gradients_are_scaled_in_place_by_the_upstream_gradient(dtype):
+    """Backward multiplies the gradients computed in forward by grad_output in place (no
+    second V x H copy of dW): a scaled loss gives scaled gradients, and a second backward
+    through the same graph is refused instead of reusing scaled tensors."""
+    h, head, labels = problem(2, 12, 16, 40, bias=True)
+    h, head = h.to(dtype), head.to(dtype)
+    op = forward_rewrite.fused_lm_head_loss
+    _, base = grads_of(lambda x, m: op(x, m, labels), h, head)
+    _, scaled = grads_of(lambda x, m: 3.0 * op(x, m, labels), h, head)
+    for got, want in zip(scaled, base):
+        torch.testing.assert_close(got, 3.0 * want, rtol=1e-2, atol=0)
+    x = h.detach().clone().requires_grad_(True)
+    loss = op(x, head, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

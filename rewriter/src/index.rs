@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use ruff_python_ast::{Stmt, StmtClassDef};
 use ruff_text_size::Ranged;
 
+use crate::candidate::{ClassFacts, written_bases};
 use crate::parse::ParsedSource;
 use crate::passes::fused_loss::RUNTIME_NAME;
-use crate::syntax::{dotted_name, names_in_stmt};
+use crate::syntax::names_in_stmt;
 
 #[derive(Clone, Debug)]
 pub struct ClassEntry {
@@ -18,6 +19,8 @@ pub struct ClassEntry {
     pub line: u32,
     /// The class block as `inspect.getsource` sees it (may be indented).
     pub source: String,
+    /// What the class statement says about itself (for the candidate rule).
+    pub facts: ClassFacts,
 }
 
 #[derive(Clone, Debug)]
@@ -83,18 +86,10 @@ fn class_entry(source: &ParsedSource, class: &StmtClassDef) -> ClassEntry {
         .first()
         .map_or(0, |s| source.column_of(s.start().to_usize()));
     let end = source.block_end(class.end(), body_column);
-    let bases = class
-        .arguments
-        .as_ref()
-        .map(|args| {
-            args.args
-                .iter()
-                .map(|b| dotted_name(b).unwrap_or_else(|| source.slice(b).to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let bases = written_bases(class, |b| source.slice(b).to_string());
     ClassEntry {
         name: class.name.to_string(),
+        facts: ClassFacts::of(class, bases.clone()),
         bases,
         line: source.line_of(start),
         source: source.text[start..end].to_string(),

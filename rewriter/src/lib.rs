@@ -4,20 +4,25 @@
 
 pub mod analyze;
 pub mod audit;
+pub mod backends;
 pub mod cache;
+pub mod candidate;
 pub mod chain;
 pub mod hash;
 pub mod index;
+pub mod lint;
 pub mod loss_mapping;
 pub mod parse;
 pub mod passes;
 pub mod reason;
 pub mod scan;
+pub mod syncs;
 pub mod syntax;
+pub mod verify;
 
 pub use analyze::{
-    ClassSource, LossResolution, analyze_class, analyze_class_json, forward_source, module_classes,
-    original_forward,
+    ClassSource, LossResolution, analyze_class, analyze_class_in_module_json, analyze_class_json,
+    analyze_class_with, forward_source, is_candidate, module_classes, original_forward,
 };
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;

@@ -22,9 +22,9 @@ pub enum Reason {
     LossUnresolved,
     /// The labels branch computes `CrossEntropyLoss` on aligned (unshifted) labels: a seq2seq / token-aligned loss.
     Seq2seqLoss,
-    /// The loss is computed by hand (manual shift + CrossEntropyLoss, several loss calls, a loss call used inside an expression).
+    /// The loss is computed in a form neither matched shape knows (another loss function, several loss calls, a loss call inside an expression, a shift of the logits without the matching shift of the labels).
     CustomLoss,
-    /// The forward never calls `self.loss_function(...)` under `if labels is not None:`.
+    /// The forward computes no loss: no `self.loss_function(...)` and no cross-entropy under `if labels is not None:`.
     NoLossCall,
     /// The logits passed to the loss do not come from a `self.<head>(...)` call in the same block (e.g. `outputs[0]`).
     NoHeadCall,
@@ -42,6 +42,8 @@ pub enum Reason {
     LogitsReadBeforeLoss,
     /// The logits are read after the loss other than to be returned.
     LogitsReadAfterLoss,
+    /// A mask is applied to the logits before the loss (`logits[mask]`, `masked_fill`): tokens are dropped or changed in a way the fused op does not express.
+    LogitsMasked,
     /// A chain of multiply / divide / tanh on the logits that is not one of the lowered transform forms.
     TransformUnsupported,
     /// Lowered transforms appear in an order the fused op cannot express (it applies multiply, divide, soft-cap, each at most once).
@@ -52,8 +54,10 @@ pub enum Reason {
     ElseBranch,
     /// The labels branch holds statements besides the single loss assignment (CSM's second loss, z-loss terms, ...).
     LabelsBranchExtra,
-    /// The loss call passes a keyword that `ForCausalLMLoss` does not read (or that the fused op cannot forward).
+    /// The loss call passes a keyword that `ForCausalLMLoss` does not read, or a cross-entropy argument the fused op does not lower (`weight`, `size_average`, positional arguments).
     LossKwargUnsupported,
+    /// The cross-entropy reduces otherwise than by the mean over non-ignored tokens (`reduction="sum"` / `"none"`, per-sample losses).
+    LossReductionUnsupported,
     /// The loss call has another shape (missing logits / labels / vocab_size, `*args`, arguments that read the logits).
     LossCallUnsupported,
     /// A statement between the head call and the loss that the fused branch would skip is not a plain, side-effect-free binding, or a name it binds is used later.
@@ -70,7 +74,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every code, in declaration order (the README table and the tests iterate this).
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 30] = [
         Reason::AlreadyPatched,
         Reason::NoForward,
         Reason::LossFunctionOverridden,
@@ -87,12 +91,14 @@ impl Reason {
         Reason::LogitsAliased,
         Reason::LogitsReadBeforeLoss,
         Reason::LogitsReadAfterLoss,
+        Reason::LogitsMasked,
         Reason::TransformUnsupported,
         Reason::TransformOrder,
         Reason::LabelsNotPlain,
         Reason::ElseBranch,
         Reason::LabelsBranchExtra,
         Reason::LossKwargUnsupported,
+        Reason::LossReductionUnsupported,
         Reason::LossCallUnsupported,
         Reason::RegionStatementUnsupported,
         Reason::ReindentUnsafe,
@@ -120,12 +126,14 @@ impl Reason {
             Reason::LogitsAliased => "logits-aliased",
             Reason::LogitsReadBeforeLoss => "logits-read-before-loss",
             Reason::LogitsReadAfterLoss => "logits-read-after-loss",
+            Reason::LogitsMasked => "logits-masked",
             Reason::TransformUnsupported => "transform-unsupported",
             Reason::TransformOrder => "transform-order",
             Reason::LabelsNotPlain => "labels-not-plain",
             Reason::ElseBranch => "else-branch",
             Reason::LabelsBranchExtra => "labels-branch-extra",
             Reason::LossKwargUnsupported => "loss-kwarg-unsupported",
+            Reason::LossReductionUnsupported => "loss-reduction-unsupported",
             Reason::LossCallUnsupported => "loss-call-unsupported",
             Reason::RegionStatementUnsupported => "region-statement-unsupported",
             Reason::ReindentUnsafe => "reindent-unsafe",

@@ -1,5 +1,5 @@
 //! The scan: walk the given paths, parse and index the PyTorch modeling files in parallel,
-//! resolve each `*ForCausalLM` / `*ForConditionalGeneration` class's chain and run
+//! resolve the chain of each candidate class (`candidate.rs`) and run
 //! [`crate::analyze_class`] on it (the same entry point as the Python installer).
 
 use std::collections::HashMap;
@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::analyze::{ClassSource, analyze_class};
+use crate::analyze::{ClassSource, analyze_class_with};
 use crate::audit::{AuditDocument, ClassReport, FileEntry, FileStatus, Summary};
+use crate::candidate::is_candidate;
 use crate::chain::Tree;
 use crate::index::FileIndex;
 use crate::loss_mapping::LossMapping;
 use crate::parse::ParsedSource;
+use crate::passes::Pass;
 
 /// Unusable arguments or unreadable inputs (the CLI exits with 2).
 #[derive(Debug)]
@@ -26,20 +28,19 @@ impl std::fmt::Display for InputError {
 
 impl std::error::Error for InputError {}
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ScanOptions {
     /// Only analyse classes with this exact name (files are still all parsed and indexed).
     pub class: Option<String>,
+    /// The passes to run beyond the fused loss (`passes::PASSES`; the CLI defaults to all).
+    pub passes: Vec<&'static Pass>,
 }
 
 /// The scan's result: the audit document, with the patched forwards kept in the reports.
 pub struct Scan {
     pub document: AuditDocument,
-}
-
-/// A class name the scan analyses.
-pub fn is_target_class(name: &str) -> bool {
-    name.ends_with("ForCausalLM") || name.ends_with("ForConditionalGeneration")
+    /// Each scanned file's reported path → its path on disk.
+    pub sources: HashMap<String, PathBuf>,
 }
 
 /// A PyTorch modeling file: `modeling_*.py`, not TF, Flax (or `modular_*`, which does not match).
@@ -53,21 +54,34 @@ pub fn is_modeling_file(path: &Path) -> bool {
         && !name.starts_with("modeling_flax_")
 }
 
+/// A file that parsed: its index, and its parse when a pass needs the whole module.
+type IndexedFile = (FileIndex, Option<ParsedSource>);
+
 /// A file to scan, with its module name and reported path.
-struct Input {
-    file: PathBuf,
-    module: String,
-    display: String,
-    root: Option<PathBuf>,
+pub(crate) struct Input {
+    pub(crate) file: PathBuf,
+    pub(crate) module: String,
+    pub(crate) display: String,
+    /// The package root (the topmost directory that still holds `__init__.py`).
+    pub(crate) root: Option<PathBuf>,
 }
 
-/// The package root of a file: the topmost ancestor directory that still holds `__init__.py`.
+/// The top package of remote code: transformers copies it under `HF_MODULES_CACHE`, puts
+/// that directory on `sys.path` and imports `transformers_modules.<org>.<repo>.<rev>.modeling_x`.
+const REMOTE_CODE_PACKAGE: &str = "transformers_modules";
+
+/// The package root of a file: the topmost ancestor directory that still holds `__init__.py`
+/// (a `transformers_modules` directory is always a root: the modules cache above it holds an
+/// `__init__.py` too but is a `sys.path` entry, not a package).
 fn package_root(dir: &Path) -> Option<PathBuf> {
     let mut root = None;
     let mut current = Some(dir);
     while let Some(d) = current {
         if d.join("__init__.py").is_file() {
             root = Some(d.to_path_buf());
+            if d.file_name().is_some_and(|n| n == REMOTE_CODE_PACKAGE) {
+                break;
+            }
             current = d.parent();
         } else {
             break;
@@ -76,7 +90,8 @@ fn package_root(dir: &Path) -> Option<PathBuf> {
     root
 }
 
-fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
+/// A file's module name and reported path (relative to its package root).
+pub(crate) fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
     let Some(root) = root else {
         let stem = file
             .file_stem()
@@ -113,7 +128,8 @@ fn describe(file: &Path, root: Option<&Path>) -> (String, String) {
     (module.join("."), display)
 }
 
-fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<Input>, InputError> {
+/// The modeling files under `paths` (the scan's selection), with modules and roots.
+pub(crate) fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<Input>, InputError> {
     let mut inputs = Vec::new();
     let mut roots: HashMap<PathBuf, Option<PathBuf>> = HashMap::new();
     let mut root_of = |dir: &Path| {
@@ -200,7 +216,7 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
     let inputs = collect_inputs(paths)?;
 
     // Parse and index every file in parallel.
-    let parsed: Vec<(FileEntry, Option<FileIndex>)> = inputs
+    let parsed: Vec<(FileEntry, Option<IndexedFile>)> = inputs
         .par_iter()
         .map(|input| {
             let failed = |error: String| {
@@ -227,14 +243,19 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 }
             };
             match ParsedSource::parse(text) {
-                Ok(source) => (
-                    FileEntry {
-                        path: input.display.clone(),
-                        status: FileStatus::Ok,
-                        error: None,
-                    },
-                    Some(FileIndex::build(&source, &input.module)),
-                ),
+                Ok(source) => {
+                    let index = FileIndex::build(&source, &input.module);
+                    // The module's parse is kept only for the passes that read it.
+                    let keep = (!options.passes.is_empty()).then_some(source);
+                    (
+                        FileEntry {
+                            path: input.display.clone(),
+                            status: FileStatus::Ok,
+                            error: None,
+                        },
+                        Some((index, keep)),
+                    )
+                }
                 Err(e) => failed(format!("syntax error at {e}")),
             }
         })
@@ -260,17 +281,25 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
 
     let mut files = Vec::with_capacity(parsed.len());
     let mut indexes = Vec::new();
+    let mut sources = Vec::new();
     let mut index_roots = Vec::new();
     let mut index_paths = Vec::new();
     for ((entry, index), input) in parsed.into_iter().zip(&inputs) {
-        if let Some(index) = index {
+        if let Some((index, source)) = index {
             indexes.push(index);
+            sources.push(source);
             index_roots.push(input.root.clone());
             index_paths.push(entry.path.clone());
         }
         files.push(entry);
     }
     let tree = Tree::new(&indexes);
+    let mapping_of = |file: usize| {
+        index_roots[file]
+            .as_ref()
+            .and_then(|r| mappings.get(r))
+            .unwrap_or(&builtin)
+    };
     let mut targets = Vec::new();
     for (file, index) in indexes.iter().enumerate() {
         for (class, entry) in index.classes.iter().enumerate() {
@@ -278,7 +307,15 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 .class
                 .as_ref()
                 .is_none_or(|name| *name == entry.name);
-            if is_target_class(&entry.name) && wanted {
+            if !wanted {
+                continue;
+            }
+            let chain: Vec<_> = tree
+                .chain((file, class))
+                .into_iter()
+                .map(|id| &tree.class(id).facts)
+                .collect();
+            if is_candidate(&chain, &mapping_of(file).resolve(&entry.name)) {
                 targets.push((file, class));
             }
         }
@@ -301,12 +338,9 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                     }
                 })
                 .collect();
-            let mapping = index_roots[id.0]
-                .as_ref()
-                .and_then(|r| mappings.get(r))
-                .unwrap_or(&builtin);
-            let loss = mapping.resolve(&tree.class(id).name);
-            let mut report = analyze_class(&chain, &loss);
+            let loss = mapping_of(id.0).resolve(&tree.class(id).name);
+            let mut report =
+                analyze_class_with(&chain, &loss, sources[id.0].as_ref(), &options.passes);
             if let Some(forward_module) = report.forward_module.clone() {
                 let binds = indexes
                     .iter()
@@ -322,7 +356,12 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
     classes.sort_by(|a, b| (&a.path, a.line, &a.qualname).cmp(&(&b.path, b.line, &b.qualname)));
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let summary = Summary::compute(&files, &classes);
+    let sources = inputs
+        .iter()
+        .map(|i| (i.display.clone(), i.file.clone()))
+        .collect();
     Ok(Scan {
+        sources,
         document: AuditDocument {
             schema: 1,
             tool_version: crate::version().to_string(),

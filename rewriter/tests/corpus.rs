@@ -1,5 +1,5 @@
 //! Tests over the pinned transformers corpus (fetched by `corpus/fetch.sh`; `scripts/test`
-//! runs it before `cargo test`): the audit of each version, the diffs of representative
+//! runs it before `cargo test`): the audit of each version (4.45.2, 4.57.6, 5.23.0), the diffs of representative
 //! rewritten forwards and refusals (insta snapshots under `snapshots/`), idempotence, and
 //! the forward hash against CPython's `inspect` + `textwrap`.
 
@@ -12,7 +12,9 @@ use forward_rewrite::parse::ParsedSource;
 use forward_rewrite::scan::{ScanOptions, scan};
 use forward_rewrite::{ClassSource, LossResolution, Reason, analyze_class, forward_source};
 
-const VERSIONS: [&str; 2] = ["4.57.6", "5.23.0"];
+/// The pinned releases: 4.45.2 is the last before `self.loss_function` (every model in the
+/// classic style), 4.57.6 the last 4.x, 5.23.0 the newest.
+const VERSIONS: [&str; 3] = ["4.45.2", "4.57.6", "5.23.0"];
 
 fn corpus(version: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,7 +31,8 @@ fn corpus(version: &str) -> PathBuf {
 }
 
 fn audit(version: &str) -> &'static AuditDocument {
-    static AUDITS: [OnceLock<AuditDocument>; 2] = [OnceLock::new(), OnceLock::new()];
+    static AUDITS: [OnceLock<AuditDocument>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let slot = VERSIONS.iter().position(|v| *v == version).unwrap();
     AUDITS[slot].get_or_init(|| {
         scan(&[corpus(version)], &ScanOptions::default())
@@ -69,11 +72,16 @@ fn owner_source(version: &str, report: &ClassReport) -> ClassSource {
 }
 
 #[test]
-fn both_versions_scan_without_failures() {
-    for (version, files) in [("4.57.6", 390), ("5.23.0", 530)] {
+fn every_version_scans_without_failures() {
+    for (version, files, mapping) in [
+        ("4.45.2", 275, "builtin"),
+        ("4.57.6", 390, "tree"),
+        ("5.23.0", 530, "tree"),
+    ] {
         let doc = audit(version);
         assert_eq!(doc.transformers_version.as_deref(), Some(version));
-        assert_eq!(doc.loss_mapping, "tree");
+        // 4.45 has no loss_utils.py: its classic forwards never call self.loss_function.
+        assert_eq!(doc.loss_mapping, mapping);
         assert_eq!(doc.summary.files, files);
         assert_eq!(
             doc.summary.failed_files,
@@ -123,8 +131,17 @@ fn diff_snapshots_of_rewritten_forwards() {
         ("5.23.0", "GraniteForCausalLM"),
         ("5.23.0", "LlavaForConditionalGeneration"),
         ("5.23.0", "PaliGemmaForConditionalGeneration"),
+        ("5.23.0", "GPT2LMHeadModel"),
+        ("5.23.0", "ClvpForCausalLM"),
         ("4.57.6", "LlamaForCausalLM"),
         ("4.57.6", "BloomForCausalLM"),
+        // The classic style: shift + CrossEntropyLoss.
+        ("4.45.2", "LlamaForCausalLM"),
+        ("4.45.2", "GPT2LMHeadModel"),
+        ("4.45.2", "GPTJForCausalLM"),
+        ("4.45.2", "BloomForCausalLM"),
+        ("4.45.2", "MixtralForCausalLM"),
+        ("4.45.2", "Qwen2ForCausalLM"),
     ];
     for (version, name) in cases {
         let report = class(audit(version), name);
@@ -149,19 +166,38 @@ fn diff_snapshots_of_rewritten_forwards() {
 
 #[test]
 fn refusal_snapshots() {
-    for (name, reason) in [
-        ("BigBirdForCausalLM", Reason::NonLinearHead),
-        ("BartForConditionalGeneration", Reason::Seq2seqLoss),
-        ("InklingForCausalLM", Reason::LogitsRebound),
-        ("ChameleonForConditionalGeneration", Reason::LogitsMutated),
-        ("CsmForConditionalGeneration", Reason::LabelsNotPlain),
-        ("GitForCausalLM", Reason::LabelsNotPlain),
-        ("xLSTMForCausalLM", Reason::LogitsRebound),
+    for (version, name, reason) in [
+        ("5.23.0", "BigBirdForCausalLM", Reason::NonLinearHead),
+        (
+            "5.23.0",
+            "BartForConditionalGeneration",
+            Reason::Seq2seqLoss,
+        ),
+        ("5.23.0", "InklingForCausalLM", Reason::LogitsRebound),
+        (
+            "5.23.0",
+            "ChameleonForConditionalGeneration",
+            Reason::LogitsMutated,
+        ),
+        (
+            "5.23.0",
+            "CsmForConditionalGeneration",
+            Reason::LabelsNotPlain,
+        ),
+        ("5.23.0", "GitForCausalLM", Reason::LabelsNotPlain),
+        ("5.23.0", "xLSTMForCausalLM", Reason::LogitsRebound),
+        (
+            "4.45.2",
+            "LlavaForConditionalGeneration",
+            Reason::LogitsMasked,
+        ),
+        ("4.45.2", "XGLMForCausalLM", Reason::CustomLoss),
+        ("4.45.2", "TrOCRForCausalLM", Reason::Seq2seqLoss),
     ] {
-        let report = class(audit("5.23.0"), name);
+        let report = class(audit(version), name);
         assert_eq!(report.reason, Some(reason), "{name}: {}", report.detail);
         let json = serde_json::to_string_pretty(report).unwrap();
-        settings().bind(|| insta::assert_snapshot!(format!("refusal_5.23.0_{name}"), json));
+        settings().bind(|| insta::assert_snapshot!(format!("refusal_{version}_{name}"), json));
     }
 }
 
@@ -212,12 +248,12 @@ fn every_patched_forward_reanalyses_as_already_patched() {
             );
             checked += 1;
         }
-        assert!(checked > 90, "{version}: only {checked} patched classes");
+        assert!(checked > 40, "{version}: only {checked} patched classes");
     }
 }
 
 /// Contract 2: the Rust hash equals sha256 of `textwrap.dedent(inspect.getblock(...))` in
-/// CPython, on every forward of both pinned versions.
+/// CPython, on every forward of every pinned version.
 #[test]
 fn forward_hash_matches_python_inspect() {
     let mut items = Vec::new();

@@ -34,12 +34,41 @@ fn all_holds_every_variant() {
 
 #[test]
 fn every_reason_code_has_a_unit_test() {
-    let tests = include_str!("../src/passes/fused_loss/tests.rs");
+    let tests = [
+        include_str!("../src/passes/fused_loss/tests.rs"),
+        include_str!("../src/passes/fused_loss/tests_classic.rs"),
+    ];
     for reason in Reason::ALL {
         let name = format!("Reason::{reason:?}");
         assert!(
-            tests.contains(&name),
-            "passes/fused_loss/tests.rs never mentions {name}"
+            tests.iter().any(|t| t.contains(&name)),
+            "passes/fused_loss/tests*.rs never mention {name}"
+        );
+    }
+}
+
+#[test]
+fn readme_lists_every_lint_rule() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for rule in forward_rewrite::lint::Rule::ALL {
+        let row = format!("| `{}` | `{}` |", rule.code(), rule.name());
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
+        );
+    }
+}
+
+#[test]
+fn readme_lists_every_sync_kind() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for kind in forward_rewrite::syncs::SyncKind::ALL {
+        let row = format!("| `{}` |", kind.name());
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
         );
     }
 }

@@ -1,10 +1,14 @@
 """Import-time installation of rewritten forwards into transformers' model classes.
 
-``install()`` puts a meta-path hook in front of ``transformers.models.*.modeling_*`` imports
-and sweeps the modeling modules already imported. For each ``*ForCausalLM`` /
-``*ForConditionalGeneration`` class it hashes the forward the class runs (contract 2),
-takes the patch from the compiled cache when the hash is in the cache's allowlist, and
-otherwise asks the Rust rewriter in-process (the code the CLI runs). A patched forward is
+``install()`` puts a meta-path hook in front of ``transformers.models.*.modeling_*`` and
+``transformers_modules.*`` (remote code) imports, wraps transformers' loader of remote code
+(``dynamic_module_utils.get_class_in_module``, which executes modules without the import
+system), and sweeps the modules already imported. For each class the rewriter's candidate
+rule selects (a model class whose forward computes a language-model loss, or a class named
+``*ForCausalLM`` / ``*ForConditionalGeneration`` / ``*LMHeadModel``; ``candidate.rs``) it
+hashes the forward the class runs (contract 2), takes the patch from the compiled cache when
+the hash is in the cache's allowlist and the patch file is intact, and otherwise asks the
+Rust rewriter in-process (the code the CLI runs). A patched forward is
 executed in the namespace of the module that defines the original, with its source in
 ``linecache`` so tracebacks show the code that ran. Everything is recorded for ``audit()``.
 
@@ -16,6 +20,8 @@ something else; and the forward needs no class cell (``super()``) or private-nam
 which a function compiled outside its class body would lose.
 """
 
+import functools
+import hashlib
 import importlib.abc
 import inspect
 import json
@@ -34,17 +40,23 @@ __all__ = ["audit", "install", "patch_model", "uninstall"]
 
 logger = logging.getLogger("forward_rewrite")
 
-#: Oldest transformers whose causal-LM forwards have the shape the rewriter matches.
-MIN_TRANSFORMERS = (4, 56)
+#: Oldest transformers the installer patches: 4.45 is the oldest pinned release the tests
+#: run (its forwards are all in the classic shift + CrossEntropyLoss style).
+MIN_TRANSFORMERS = (4, 45)
 
+#: Modules install() patches as they are imported: transformers' PyTorch modeling modules
+#: and remote code (``transformers_modules.<org>.<repo>.<revision>.<module>``).
 _MODELING_MODULE = re.compile(
-    r"^transformers\.models\.\w+\.modeling_(?!tf_|flax_)\w+$", re.ASCII
+    r"^(?:transformers\.models\.\w+\.modeling_(?!tf_|flax_)\w+"
+    r"|transformers_modules(?:\.\w+)+)$",
+    re.ASCII,
 )
-_TARGET_CLASS = re.compile(r"^\w+(ForCausalLM|ForConditionalGeneration)$", re.ASCII)
 #: The global name the emitted code reaches the runtime by (contract 3).
 _RUNTIME_GLOBAL = "forward_rewrite"
 #: Allowlist schema this runtime reads (ARCHITECTURE.md, "compiled cache").
-_ALLOWLIST_SCHEMA = 1
+_ALLOWLIST_SCHEMA = 2
+#: The patch file line that names the forward it was made from (``cache.rs``).
+_PATCH_SHA_PREFIX = "# original forward sha256: "
 
 
 class _Record:
@@ -80,7 +92,13 @@ class _State:
         self.injected = set()
         #: module name -> {qualname: class source dict}, from the module's text
         self.module_classes = {}
+        #: classes the candidate rule left out (not recorded in the audit)
+        self.not_candidates = set()
         self.warned_version = False
+        #: install(verified_only=True): only patches the compiled cache marks verified
+        self.verified_only = False
+        #: (module, name, original) of the remote-code loader we wrapped
+        self.wrapped_loader = None
 
 
 _state = _State()
@@ -89,22 +107,30 @@ _state = _State()
 # ------------------------------------------------------------------------ public API
 
 
-def install(cache_dir=None):
-    """Patch every eligible transformers model class, now and as modules are imported.
+def install(cache_dir=None, verified_only=False):
+    """Patch every eligible model class, now and as modules are imported.
 
     ``cache_dir`` is a directory written by ``forward-rewrite build --out DIR``; default
     ``$FORWARD_REWRITE_CACHE``, else ``forward-rewrite/compiled`` under the user cache dir
     (``$XDG_CACHE_HOME`` or ``~/.cache``). A missing cache is fine: classes are then
-    rewritten in-process. Calling ``install()`` again re-reads the cache and patches what
-    is new. Returns ``audit()``'s summary.
+    rewritten in-process. With ``verified_only=True`` only patches that
+    ``forward-rewrite build --verify`` verified are installed (every other class stays
+    stock, reported ``not-verified``). Calling ``install()`` again re-reads the cache and
+    patches what is new. Returns ``audit()``'s summary.
     """
+    if not isinstance(verified_only, bool):
+        raise TypeError(
+            f"verified_only: expected a bool, got {type(verified_only).__name__}"
+        )
     with _state.lock:
         if not _transformers_supported():
             return audit()["summary"]
         _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
+        _state.verified_only = verified_only
         if _state.finder is None:
             _state.finder = _PatchingFinder()
             sys.meta_path.insert(0, _state.finder)
+        _wrap_remote_code_loader()
         for name, module in list(sys.modules.items()):
             if module is not None and _MODELING_MODULE.match(name):
                 _patch_module(module)
@@ -117,6 +143,11 @@ def uninstall():
         if _state.finder is not None:
             sys.meta_path[:] = [f for f in sys.meta_path if f is not _state.finder]
             _state.finder = None
+        if _state.wrapped_loader is not None:
+            module, name, original = _state.wrapped_loader
+            setattr(module, name, original)
+            _state.wrapped_loader = None
+        _state.verified_only = False
         for cls, original in _state.originals.items():
             if original is None:
                 if "forward" in cls.__dict__:
@@ -137,13 +168,15 @@ def uninstall():
         _state.injected.clear()
         _state.records.clear()
         _state.module_classes.clear()
+        _state.not_candidates.clear()
 
 
 def patch_model(model, cache_dir=None):
     """Patch the classes of a model that is already built; returns the model.
 
-    Every transformers ``*ForCausalLM`` / ``*ForConditionalGeneration`` class in the MRO of
-    the model and of its submodules is patched (a user's subclass that does not override
+    Every candidate class (see ``install()``) in the MRO of the model and of its submodules
+    is patched, whatever module defines it: transformers', remote code, or a user's own
+    module whose source ``inspect`` can read (a user's subclass that does not override
     ``forward`` runs its base's patched forward). Classes are patched, not instances, as
     ``install()`` would have done; ``uninstall()`` undoes it.
     """
@@ -154,7 +187,7 @@ def patch_model(model, cache_dir=None):
             _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
         for submodule in model.modules():
             for klass in type(submodule).__mro__:
-                if _is_target_class(klass):
+                if _is_model_source(klass.__module__) and _may_be_target(klass):
                     _patch_class(klass)
     return model
 
@@ -166,10 +199,12 @@ def audit():
     ``transformers_version``, ``summary``, ``classes`` with ``qualname``, ``module``,
     ``verdict``, ``reason``, ``forward_sha256``, ``head``, ``transforms``, ...), plus per
     class ``origin`` (``cache``: the patch came from the compiled cache; ``rewrite``: the
-    rewriter ran in-process) and ``installed`` (the patched forward is in place), and at
-    the top ``installed`` (the import hook is active) and ``cache_dir``. A patch the
-    installer would not put in place is reported with its reason (``source-mismatch``,
-    ``needs-class-body``, ``name-conflict``, ``source-unavailable``; README).
+    rewriter ran in-process), ``installed`` (the patched forward is in place) and
+    ``verified`` (what ``build --verify`` recorded for a cached patch: true / false; null
+    when not checked), and at the top ``installed`` (the import hook is active),
+    ``verified_only`` and ``cache_dir``. A patch the installer would not put in place is
+    reported with its reason (``source-mismatch``, ``needs-class-body``, ``name-conflict``,
+    ``source-unavailable``, ``not-verified``; README).
     """
     with _state.lock:
         classes = sorted(
@@ -193,6 +228,7 @@ def audit():
             "from_cache": sum(
                 c["installed"] and c["origin"] == "cache" for c in classes
             ),
+            "verified": sum(c.get("verified") is True for c in classes),
             "reasons": reasons,
         }
         cache = _state.cache
@@ -201,6 +237,7 @@ def audit():
             "tool_version": _native.__version__,
             "transformers_version": _transformers_version(),
             "installed": _state.finder is not None,
+            "verified_only": _state.verified_only,
             "cache_dir": str(cache.root) if cache is not None and cache.root else None,
             "summary": summary,
             "classes": classes,
@@ -246,6 +283,34 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._inner, name)
 
 
+def _wrap_remote_code_loader():
+    """transformers executes remote code with ``spec_from_file_location`` +
+    ``exec_module``, not through the import system, so the meta-path hook never sees it:
+    wrap the function that does it (``dynamic_module_utils.get_class_in_module``), so its
+    module is patched right after it ran. ``uninstall()`` puts the original back."""
+    if _state.wrapped_loader is not None:
+        return
+    try:
+        from transformers import dynamic_module_utils as loader_module
+    except ImportError:
+        return
+    original = getattr(loader_module, "get_class_in_module", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def get_class_in_module(*args, **kwargs):
+        cls = original(*args, **kwargs)
+        with _state.lock:
+            module = sys.modules.get(getattr(cls, "__module__", None) or "")
+            if _state.finder is not None and module is not None:
+                _patch_module(module)
+        return cls
+
+    loader_module.get_class_in_module = get_class_in_module
+    _state.wrapped_loader = (loader_module, "get_class_in_module", original)
+
+
 # ------------------------------------------------------------------- per-class work
 
 
@@ -254,23 +319,40 @@ def _patch_module(module):
         if (
             isinstance(value, type)
             and value.__module__ == module.__name__
-            and _is_target_class(value)
+            and _may_be_target(value)
         ):
             _patch_class(value)
 
 
-def _is_target_class(cls):
-    return bool(
-        _TARGET_CLASS.match(cls.__name__)
-        and _MODELING_MODULE.match(cls.__module__)
-        and hasattr(cls, "forward")
+def _may_be_target(cls):
+    """A cheap pre-filter before the rewriter's candidate rule: a torch module with a
+    forward (the rule itself runs on the class sources, as in the CLI)."""
+    import torch
+
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, torch.nn.Module)
+        and ("forward" in dir(cls))
     )
 
 
+def _is_model_source(module_name):
+    """Modules whose classes can be model classes the rewriter reads: everything but torch
+    and transformers' own base modules (transformers' model modules and remote code are
+    in)."""
+    if _MODELING_MODULE.match(module_name):
+        return True
+    top = module_name.split(".", 1)[0]
+    return top not in ("torch", "transformers", "builtins", "forward_rewrite")
+
+
 def _patch_class(cls):
-    if cls in _state.records:
+    if cls in _state.records or cls in _state.not_candidates:
         return
     try:
+        if not _is_candidate(cls):
+            _state.not_candidates.add(cls)
+            return
         record = _analyse(cls)
     except (
         Exception
@@ -281,6 +363,13 @@ def _patch_class(cls):
         record = _Record(_failed_report(cls, exc), origin="rewrite")
     _state.records[cls] = record
     if record.report["verdict"] != "patched":
+        return
+    if _state.verified_only and record.report.get("verified") is not True:
+        record.refuse(
+            "not-verified",
+            "install(verified_only=True): the compiled cache holds no verified patch "
+            "for this forward (forward-rewrite build --verify)",
+        )
         return
     try:
         problem = _install_forward(cls, record.report)
@@ -293,6 +382,16 @@ def _patch_class(cls):
         logger.warning(
             "forward_rewrite: %s left stock: %s", cls.__qualname__, problem[1]
         )
+
+
+def _is_candidate(cls):
+    """The rewriter's candidate rule (``candidate.rs``) on the class's chain."""
+    chain = _class_chain(cls)
+    if not chain:
+        return False
+    return _native.rewrite_is_candidate(
+        json.dumps(chain), json.dumps(_loss_resolution(cls))
+    )
 
 
 def _analyse(cls):
@@ -310,6 +409,7 @@ def _analyse(cls):
     report = json.loads(
         _native.rewrite_analyze_class(json.dumps(chain), json.dumps(loss))
     )
+    report["verified"] = None
     if report["verdict"] == "patched":
         mismatch = _running_forward_mismatch(report, owner, running_sha256)
         if mismatch is not None:
@@ -348,12 +448,12 @@ def _running_forward_mismatch(report, owner, running_sha256):
 
 
 def _class_chain(cls):
-    """``cls`` and its bases from transformers modeling modules, in MRO order, as class
-    sources cut by the rewriter from each module's text (stops at the first class whose
-    source is not found)."""
+    """``cls`` and its bases from model source modules (transformers' modeling modules,
+    remote code, users' modules), in MRO order, as class sources cut by the rewriter from
+    each module's text (stops at the first class whose source is not found)."""
     chain = []
     for klass in cls.__mro__:
-        if not _MODELING_MODULE.match(klass.__module__):
+        if not _is_model_source(klass.__module__):
             continue
         source = _module_classes(klass.__module__).get(klass.__qualname__)
         if source is None:
@@ -371,7 +471,7 @@ def _module_classes(module_name):
         )
         if not text:
             raise OSError(f"no source for {module_name}")
-        path = "/".join(module_name.split(".")[1:]) + ".py"
+        path = _reported_path(module_name, module)
         found = json.loads(_native.rewrite_module_classes(text, module_name, path))
         # Like Python, the last definition of a name wins.
         classes = {c["qualname"]: c for c in found}
@@ -379,11 +479,26 @@ def _module_classes(module_name):
     return classes
 
 
+def _reported_path(module_name, module):
+    """The path the CLI reports for a module's file: relative to its package root
+    (``models/llama/modeling_llama.py``, ``org/repo/rev/modeling_x.py`` under
+    ``transformers_modules``), the file's own path outside any package."""
+    parts = module_name.split(".")
+    if len(parts) > 1:
+        return "/".join(parts[1:]) + ".py"
+    return inspect.getsourcefile(module) or f"{module_name}.py"
+
+
 def _loss_resolution(cls):
     """What ``loss_function`` resolves to for instances of ``cls``, found the way
     ``PreTrainedModel.__init__`` finds ``loss_type`` (class name, then LOSS_MAPPING keys
-    inside it). The run-time guard re-checks the real ``loss_function`` on every call."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    inside it). The run-time guard re-checks the real ``loss_function`` on every call.
+    ``unknown`` before transformers 4.46 (no ``loss_function``: every forward computes its
+    loss itself)."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return "unknown"
 
     loss_type = cls.__name__
     if loss_type not in LOSS_MAPPING:
@@ -410,6 +525,7 @@ def _failed_report(cls, exc):
         "head": None,
         "head_bias": None,
         "transforms": [],
+        "verified": None,
     }
 
 
@@ -453,7 +569,7 @@ def _install_forward(cls, report):
     if patched.__doc__ is None:
         patched.__doc__ = original.__doc__
     patched.__forward_rewrite__ = {
-        k: report.get(k) for k in ("forward_sha256", "head", "transforms")
+        k: report.get(k) for k in ("forward_sha256", "head", "transforms", "verified")
     }
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
@@ -468,7 +584,9 @@ def _install_forward(cls, report):
 class _CompiledCache:
     """What ``forward-rewrite build --out DIR`` wrote: an allowlist of forward hashes, the
     audit entries and the patch files. Used only when its tool version is this runtime's
-    (a patch calls the runtime's helpers) and only for a forward whose hash it lists."""
+    (a patch calls the runtime's helpers) and only for a forward whose hash it lists; a
+    patch file whose bytes do not hash to the allowlist's ``patch_sha256``, or whose header
+    names another forward, is ignored with a warning (the in-process rewrite runs)."""
 
     def __init__(self, root=None, entries=None, reports=None):
         self.root = root
@@ -484,7 +602,10 @@ class _CompiledCache:
                 (root / "allowlist.json").read_text(encoding="utf-8")
             )
             if allowlist.get("schema") != _ALLOWLIST_SCHEMA:
-                raise ValueError(f"allowlist schema {allowlist.get('schema')!r}")
+                raise ValueError(
+                    f"allowlist schema {allowlist.get('schema')!r}, this runtime reads "
+                    f"{_ALLOWLIST_SCHEMA} (rebuild it with forward-rewrite build)"
+                )
             if allowlist.get("tool_version") != _native.__version__:
                 raise ValueError(
                     f"built by forward-rewrite {allowlist.get('tool_version')}, "
@@ -495,7 +616,10 @@ class _CompiledCache:
                 for e in allowlist["entries"]
             }
             audit_doc = json.loads((root / "audit.json").read_text(encoding="utf-8"))
-            reports = {(c["module"], c["qualname"]): c for c in audit_doc["classes"]}
+            reports = {
+                (c["forward_sha256"], c["module"], c["qualname"]): c
+                for c in audit_doc["classes"]
+            }
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warnings.warn(
                 f"forward_rewrite: not using the compiled cache in {root}: {exc}",
@@ -505,20 +629,43 @@ class _CompiledCache:
         return cls(root, entries, reports)
 
     def lookup(self, forward_sha256, cls):
-        """The class's report with its patch, when the allowlist has this exact hash."""
-        entry = self.entries.get((forward_sha256, cls.__module__, cls.__qualname__))
-        report = self.reports.get((cls.__module__, cls.__qualname__))
-        if (
-            entry is None
-            or report is None
-            or report.get("forward_sha256") != forward_sha256
-        ):
+        """The class's report with its patch, when the allowlist has this exact hash and
+        the patch file is the one the allowlist names."""
+        key = (forward_sha256, cls.__module__, cls.__qualname__)
+        entry = self.entries.get(key)
+        report = self.reports.get(key)
+        if entry is None or report is None:
             return None
         try:
-            patch = (self.root / entry["patch"]).read_text(encoding="utf-8")
-        except OSError:
+            data = (self.root / entry["patch"]).read_bytes()
+            problem = _patch_problem(data, entry)
+            forward = None if problem else _strip_patch_header(data.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            warnings.warn(
+                f"forward_rewrite: ignoring the cached patch for "
+                f"{cls.__module__}.{cls.__qualname__} ({problem}); rewriting in-process",
+                stacklevel=6,
+            )
             return None
-        return {**report, "patched_forward": _strip_patch_header(patch)}
+        return {
+            **report,
+            "verified": entry.get("verified"),
+            "patched_forward": forward,
+        }
+
+
+def _patch_problem(data, entry):
+    """Why a patch file must not run, or None: its bytes must hash to the allowlist's
+    ``patch_sha256`` and its header must name the entry's forward hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.get("patch_sha256"):
+        return f"{entry['patch']} hashes to {digest}, the allowlist says {entry.get('patch_sha256')}"
+    header = f"{_PATCH_SHA_PREFIX}{entry['forward_sha256']}\n".encode()
+    if header not in data.split(b"\ndef ", 1)[0] + b"\n":
+        return f"{entry['patch']} was made for another forward"
+    return None
 
 
 def _strip_patch_header(patch):

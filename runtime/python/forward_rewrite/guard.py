@@ -1,14 +1,17 @@
 """The run-time helpers the rewritten forwards call (ARCHITECTURE.md, contract 3).
 
 ``fuses(model, head, vocab_size)`` decides, per call, whether the fused op may replace
-``head(hidden) -> model.loss_function(...)``; when it may not, the patched forward runs the
-original code (invariant 3), and the reason is logged once per class and reason on the
-``forward_rewrite`` logger. ``keep_logits()`` / ``set_keep_logits()`` let a user ask for real
-logits. ``loss_kwargs(kwargs)`` keeps what ``ForCausalLMLoss`` reads.
+``head(hidden) -> model.loss_function(...)`` (or, with ``loss="cross_entropy"``, the classic
+shift + ``CrossEntropyLoss``); when it may not, the patched forward runs the original code
+(invariant 3), and the reason is logged once per class and reason on the ``forward_rewrite``
+logger. ``keep_logits()`` / ``set_keep_logits()`` let a user ask for real logits.
+``loss_kwargs(kwargs)`` keeps what ``ForCausalLMLoss`` reads. ``tuple_guard`` is the first
+decorator of every patched forward: a call that will return a tuple takes the stock path.
 """
 
 import contextlib
 import contextvars
+import functools
 import logging
 
 import torch
@@ -16,7 +19,14 @@ from torch import nn
 
 from ._backend import SUPPORTED_DTYPES
 
-__all__ = ["LOSS_KWARGS", "fuses", "keep_logits", "loss_kwargs", "set_keep_logits"]
+__all__ = [
+    "LOSS_KWARGS",
+    "fuses",
+    "keep_logits",
+    "loss_kwargs",
+    "set_keep_logits",
+    "tuple_guard",
+]
 
 logger = logging.getLogger("forward_rewrite")
 
@@ -27,6 +37,10 @@ LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 _REASONS = {
     "keep-logits": "forward_rewrite.keep_logits() is active: real logits are computed",
     "eval-mode": "the model is in eval mode: real logits are computed",
+    "tuple-return": (
+        "the call returns a tuple (return_dict=False): a fused step would drop the logits "
+        "from it and move every later element"
+    ),
     "custom-loss-function": "model.loss_function is not transformers' ForCausalLMLoss",
     "head-not-linear": "the head is not a plain nn.Linear (wrapped, quantized or replaced)",
     "head-vocab-mismatch": "the head's out_features differ from the vocabulary size",
@@ -36,13 +50,18 @@ _REASONS = {
     "head-device": "the head's weight is on a device without a fused backend",
     "cuda-backend-unavailable": "the CUDA backend (forward_rewrite._cuda) is not available",
 }
-_EXPECTED = {"keep-logits", "eval-mode"}
+_EXPECTED = {"keep-logits", "eval-mode", "tuple-return"}
+#: The loss shapes the rewriter emits (``fuses(..., loss=...)``).
+_LOSS_STYLES = ("loss_function", "cross_entropy")
 
 _logged: set = set()
 _keep_logits_depth: contextvars.ContextVar = contextvars.ContextVar(
     "forward_rewrite_keep_logits", default=0
 )
 _keep_logits_global = False
+_tuple_call: contextvars.ContextVar = contextvars.ContextVar(
+    "forward_rewrite_tuple_call", default=False
+)
 
 
 @contextlib.contextmanager
@@ -69,12 +88,50 @@ def loss_kwargs(kwargs) -> dict:
     return {k: kwargs[k] for k in LOSS_KWARGS if k in kwargs}
 
 
-def fuses(model, head, vocab_size) -> bool:
+def tuple_guard(forward):
+    """Decorator (outermost on every patched forward): a call that will return a tuple runs
+    the stock code. ``ModelOutput.to_tuple()`` (``@can_return_tuple``) drops ``None`` fields,
+    so a fused step's ``None`` logits would move every later element one position up. The
+    decision is the one ``can_return_tuple`` and 4.x forwards make: ``return_dict`` passed as a
+    keyword, else the config's ``return_dict`` (``use_return_dict`` in 4.x)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if not _returns_tuple(self, kwargs):
+            return forward(self, *args, **kwargs)
+        token = _tuple_call.set(True)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _tuple_call.reset(token)
+
+    return wrapper
+
+
+def _returns_tuple(model, kwargs) -> bool:
+    passed = kwargs.get("return_dict")
+    if passed is not None:
+        return not passed
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    # 4.x forwards read `config.use_return_dict` (return_dict and not torchscript); 5.x
+    # deprecated that property, so it is computed here instead of read.
+    return not getattr(config, "return_dict", True) or bool(
+        getattr(config, "torchscript", False)
+    )
+
+
+def fuses(model, head, vocab_size, loss="loss_function") -> bool:
     """Whether this call may use the fused op. False (logged once per class and reason) in
-    eval mode, inside ``keep_logits()``, when the loss function is not transformers' own
-    ``ForCausalLMLoss``, or when the head is not a plain hook-free ``nn.Linear`` with
-    ``vocab_size`` outputs on a device and dtype a backend supports."""
-    reason = _refusal(model, head, vocab_size)
+    eval mode, inside ``keep_logits()``, in a call that returns a tuple, when the loss
+    function is not transformers' own ``ForCausalLMLoss`` (``loss="loss_function"``: the
+    original calls ``model.loss_function``; ``"cross_entropy"``: it computes the classic
+    shift + ``CrossEntropyLoss`` itself), or when the head is not a plain hook-free
+    ``nn.Linear`` with ``vocab_size`` outputs on a device and dtype a backend supports."""
+    if loss not in _LOSS_STYLES:
+        raise ValueError(f"loss: expected one of {_LOSS_STYLES}, got {loss!r}")
+    reason = _refusal(model, head, vocab_size, loss)
     if reason is None:
         return True
     # Logging is a side effect torch.compile cannot trace; compiled calls stay silent.
@@ -83,12 +140,16 @@ def fuses(model, head, vocab_size) -> bool:
     return False
 
 
-def _refusal(model, head, vocab_size):
+def _refusal(model, head, vocab_size, loss="loss_function"):
     if _keep_logits_global or _keep_logits_depth.get() > 0:
         return "keep-logits"
     if not getattr(model, "training", False):
         return "eval-mode"
-    if not _is_stock_causal_loss(getattr(model, "loss_function", None)):
+    if _tuple_call.get():
+        return "tuple-return"
+    if loss == "loss_function" and not _is_stock_causal_loss(
+        getattr(model, "loss_function", None)
+    ):
         return "custom-loss-function"
     if type(head) is not nn.Linear:
         return "head-not-linear"

@@ -259,9 +259,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
     if ctx.eager_grads:
         dh, dw, db = ctx.saved_tensors
+        # Scaled in place: `dw * g` would hold a second V x H copy of dW at the step's peak
+        # (1 GiB in bf16 at V=128k, H=4096). The saved gradients are this op's own outputs and
+        # nothing else reads them; a second backward through the same graph
+        # (retain_graph=True) is refused by autograd's version check instead of reusing them.
         # A 0-dim float32 factor keeps the 16-bit dtype; the product is formed in float32.
         g = grad_loss.reshape(())
-        grads = (dh * g, dw * g, db * g if ctx.has_bias else None)
+        grads = (dh.mul_(g), dw.mul_(g), db.mul_(g) if ctx.has_bias else None)
     else:
         hidden, weight, bias, targets, denominator = ctx.saved_tensors
         ignore_index, label_smoothing, scale, softcap, budget = ctx.options

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use ruff_python_ast::StmtFunctionDef;
+use ruff_python_ast::{Stmt, StmtFunctionDef};
 use ruff_text_size::Ranged;
 
 use crate::parse::ParsedSource;
@@ -17,6 +17,11 @@ use super::region::{Region, is_docstring_decorator};
 
 /// The first comment line of the fused branch (also how a reader spots a patched forward).
 pub const MARKER: &str = "# forward-rewrite: fused";
+
+/// The decorator every patched forward gets first: a call that will return a tuple takes the
+/// stock path, because `ModelOutput.to_tuple()` drops the `None` logits of a fused step and
+/// would move every later element one position up.
+pub const TUPLE_GUARD: &str = "@forward_rewrite.tuple_guard";
 
 pub fn emit(
     src: &ParsedSource,
@@ -135,6 +140,10 @@ fn render(
         }
     };
     let mut out = String::with_capacity(forward.len() + 1024);
+    if fused.is_some() {
+        // Outermost, so it sees `return_dict` before `@can_return_tuple` pops it (contract 3).
+        let _ = writeln!(out, "{TUPLE_GUARD}");
+    }
     let mut offset = forward.start;
     while offset < forward.end {
         let line_end = src.line_end(offset).min(forward.end);
@@ -145,7 +154,7 @@ fn render(
         }
         if let Some(f) = fused.filter(|f| f.region_line_start == offset) {
             let indent = &f.block_indent[margin.len()..];
-            fused_branch(&mut out, indent, f.unit, f.region, f.loss_target);
+            fused_branch(&mut out, src, indent, f.unit, f.region, f.loss_target);
             let _ = writeln!(out, "{indent}else:");
             let mut o = f.region_line_start;
             while o <= f.region_line_end && o < text.len() {
@@ -180,6 +189,7 @@ fn render(
 
 fn fused_branch(
     out: &mut String,
+    src: &ParsedSource,
     indent: &str,
     unit: &str,
     region: &Region<'_>,
@@ -188,14 +198,26 @@ fn fused_branch(
     let head = &region.head;
     let inner = format!("{indent}{unit}");
     let arg = format!("{indent}{unit}{unit}");
+    let condition = region
+        .condition
+        .as_ref()
+        .map(|test| format!("not ({test}) and "))
+        .unwrap_or_default();
+    let (style, what) = match region.epilogue {
+        None => ("", "ForCausalLMLoss"),
+        Some(_) => (
+            ", loss=\"cross_entropy\"",
+            "CrossEntropyLoss on shifted logits",
+        ),
+    };
     let _ = writeln!(
         out,
-        "{indent}if labels is not None and forward_rewrite.fuses(self, self.{head}, {}):",
+        "{indent}if labels is not None and {condition}forward_rewrite.fuses(self, self.{head}, {}{style}):",
         region.vocab_size
     );
     let _ = writeln!(
         out,
-        "{inner}{MARKER} {head} + ForCausalLMLoss; logits are not materialised"
+        "{inner}{MARKER} {head} + {what}; logits are not materialised"
     );
     let _ = writeln!(
         out,
@@ -216,5 +238,29 @@ fn fused_branch(
         let _ = writeln!(out, "{arg}**forward_rewrite.loss_kwargs({splat}),");
     }
     let _ = writeln!(out, "{inner})");
+    for stmt in region.epilogue.iter().flatten() {
+        reindent_statement(out, src, stmt, &inner);
+    }
     let _ = writeln!(out, "{inner}{} = None", region.logits);
+}
+
+/// Copy a statement's lines at a new indentation (lines inside a multi-line string as they
+/// are: they belong to the string's value).
+fn reindent_statement(out: &mut String, src: &ParsedSource, stmt: &Stmt, indent: &str) {
+    let start = src.line_start(stmt.start().to_usize());
+    let own = src.indentation_at(start).to_string();
+    let end = src.line_end(stmt.end().to_usize());
+    let mut offset = start;
+    while offset <= end && offset < src.text.len() {
+        let line_end = src.line_end(offset);
+        let line = &src.text[offset..line_end];
+        if src.in_string(offset) {
+            out.push_str(line);
+        } else if !line.trim().is_empty() {
+            out.push_str(indent);
+            out.push_str(line.strip_prefix(own.as_str()).unwrap_or(line.trim_start()));
+        }
+        out.push('\n');
+        offset = line_end + 1;
+    }
 }

@@ -1,12 +1,15 @@
-//! The fused-loss pass: match the lm_head + `self.loss_function` triplet of a
-//! `*ForCausalLM` / `*ForConditionalGeneration` forward, refuse with a precise reason when
-//! the fused op could not compute the same loss, and emit the patched forward.
+//! The fused-loss pass: match the lm_head + loss triplet of a language-model forward, in
+//! either of its two shapes (`self.loss_function(...)`, `site.rs`; the classic shift +
+//! `CrossEntropyLoss`, `classic.rs`), refuse with a precise reason when the fused op could
+//! not compute the same loss, and emit the patched forward.
 //!
 //! Order of the checks (the first failing one gives the reason): the forward exists and is
-//! not already patched; no name conflict; the loss site (`site.rs`); the loss is
-//! transformers' causal loss; the region (`region.rs`, `transforms.rs`); the head is a
-//! plain `nn.Linear` (`head.rs`); emission and its re-parse (`emit.rs`).
+//! not already patched; no name conflict; an overridden `loss_function`; the loss site
+//! (`site.rs` / `classic.rs`); the loss is transformers' causal loss (`self.loss_function`
+//! style only); the region (`region.rs`, `transforms.rs`); the head is a plain `nn.Linear`
+//! (`head.rs`); emission and its re-parse (`emit.rs`).
 
+mod classic;
 mod emit;
 mod head;
 mod region;
@@ -17,7 +20,7 @@ use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 use ruff_text_size::Ranged;
 
 use crate::analyze::{LossResolution, ParsedClass};
-use crate::audit::{ClassReport, Verdict};
+use crate::audit::{ClassReport, LossStyleKind, Verdict};
 use crate::hash::forward_sha256;
 use crate::parse::ParsedSource;
 use crate::reason::Reason;
@@ -110,9 +113,18 @@ fn run(
     }
     check_name_conflict(chain, def)?;
 
-    let site = site::find_loss_site(def)?;
-    check_loss_function(chain)?;
-    check_loss_type(chain, loss)?;
+    // An overridden `loss_function` decides the verdict before the shape of its call does.
+    if calls_loss_function(def) {
+        check_loss_function(chain)?;
+    }
+    let site = site::find_loss_site(def, &src.text)?;
+    report.loss_style = Some(match site.style {
+        site::LossStyle::LossFunction(_) => LossStyleKind::LossFunction,
+        site::LossStyle::CrossEntropy(_) => LossStyleKind::CrossEntropy,
+    });
+    if let site::LossStyle::LossFunction(_) = site.style {
+        check_loss_type(chain, loss)?;
+    }
 
     let region = region::match_region(src, def, &site)?;
     report.head = Some(region.head.clone());
@@ -153,6 +165,15 @@ fn forward_range(src: &ParsedSource, def: &StmtFunctionDef) -> std::ops::Range<u
         .first()
         .map_or(0, |s| src.column_of(s.start().to_usize()));
     start..src.block_end(def.end(), body_column)
+}
+
+/// Whether the forward calls `self.loss_function(...)` anywhere.
+fn calls_loss_function(def: &StmtFunctionDef) -> bool {
+    def.body.iter().any(|stmt| {
+        crate::syntax::calls_in_stmt(stmt)
+            .iter()
+            .any(|call| self_attribute(&call.func) == Some("loss_function"))
+    })
 }
 
 /// Whether a forward reads `forward_rewrite.<something>`: this tool's output.
@@ -349,3 +370,5 @@ pub(crate) fn verify(patched: &str) -> Result<(), Refusal> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_classic;

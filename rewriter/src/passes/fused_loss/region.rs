@@ -18,7 +18,7 @@ use crate::syntax::{
 };
 
 use super::Refusal;
-use super::site::LossSite;
+use super::site::{LossSite, LossStyle};
 use super::transforms::{Operand, Step, decompose, reduce};
 
 /// What the matcher found; everything emission needs.
@@ -39,6 +39,12 @@ pub struct Region<'a> {
     pub splats: Vec<String>,
     /// Expressions whose text is pasted into the fused branch (checked for multi-line strings).
     pub pasted: Vec<&'a Expr>,
+    /// The test of a `pretraining_tp` branch around the head: the fused branch runs only
+    /// when it is false (the else branch makes the plain head call).
+    pub condition: Option<String>,
+    /// For the classic style: the statements after the loss that the fused branch repeats;
+    /// None for the `self.loss_function` style.
+    pub epilogue: Option<Vec<&'a Stmt>>,
 }
 
 /// A name bound by a statement the fused branch skips, with its value and its text.
@@ -53,6 +59,8 @@ struct Matcher<'a> {
     bindings: HashMap<String, Binding<'a>>,
     /// Expressions pasted into the fused branch (substituted bindings are added when used).
     pasted: std::cell::RefCell<Vec<&'a Expr>>,
+    /// Names bound by skipped statements that never run with labels (must not be read later).
+    dead_names: Vec<String>,
 }
 
 impl<'a> Matcher<'a> {
@@ -137,7 +145,7 @@ fn contains_self_call(expr: &Expr) -> bool {
 }
 
 /// Side-effect-free expressions a skipped binding may hold.
-fn is_pure(expr: &Expr) -> bool {
+pub(super) fn is_pure(expr: &Expr) -> bool {
     match expr {
         Expr::Name(_)
         | Expr::NumberLiteral(_)
@@ -251,28 +259,16 @@ pub fn match_region<'a>(
     def: &'a StmtFunctionDef,
     site: &LossSite<'a>,
 ) -> Result<Region<'a>, Refusal> {
-    let Expr::Name(logits_name) = site.args.logits else {
-        unreachable!("checked by the site")
-    };
-    let logits = logits_name.id.to_string();
+    let logits = site.logits.clone();
     let block = site.block;
 
     // 1. The origin: the last statement before the labels branch that assigns the logits
-    //    afresh (without reading them).
-    let origin_index = (0..site.if_index).rev().find(|&i| match &block[i] {
-        Stmt::Assign(a) => {
-            a.targets.len() == 1
-                && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits)
-                && !expr_mentions(&a.value, &logits)
-        }
-        Stmt::AnnAssign(a) => {
-            matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits)
-                && a.value
-                    .as_deref()
-                    .is_some_and(|v| !expr_mentions(v, &logits))
-        }
-        _ => false,
-    });
+    //    from something else than a lowered transform of themselves (a head call may take
+    //    them as its input: `logits = self.lm_head(logits)`), or a `pretraining_tp` branch
+    //    whose else branch makes the head call.
+    let origin_index = (0..site.if_index)
+        .rev()
+        .find(|&i| origin_value(&block[i], &logits).is_some());
     let Some(origin_index) = origin_index else {
         return Err(Refusal::new(
             Reason::NoHeadCall,
@@ -280,11 +276,11 @@ pub fn match_region<'a>(
         ));
     };
     let origin = &block[origin_index];
-    let value: &Expr = match origin {
-        Stmt::Assign(a) => &a.value,
-        Stmt::AnnAssign(a) => a.value.as_deref().expect("checked"),
-        _ => unreachable!(),
-    };
+    let (value, condition) = origin_value(origin, &logits).expect("found above");
+    let mut skipped_names: Vec<String> = site.branch_names.clone();
+    if let Some(test) = condition {
+        split_branch(src, origin, test, &logits, &mut skipped_names)?;
+    }
     if !contains_self_call(value) {
         return Err(Refusal::new(
             Reason::NoHeadCall,
@@ -299,6 +295,7 @@ pub fn match_region<'a>(
         logits: logits.clone(),
         bindings: HashMap::new(),
         pasted: Default::default(),
+        dead_names: Vec::new(),
     };
     let mut steps: Vec<Step<'a>> = Vec::new();
     let head_call = {
@@ -351,9 +348,22 @@ pub fn match_region<'a>(
     }
     let transforms = reduce(&steps)?;
 
-    // 3. The loss call's other arguments are evaluated in the fused branch.
-    let mut loss_exprs = vec![("vocab_size", site.args.vocab_size)];
-    loss_exprs.extend(site.args.explicit.iter().copied());
+    // 3. The loss's other arguments are evaluated in the fused branch.
+    let (loss_exprs, splat_exprs): (Vec<(&'static str, &'a Expr)>, &[&'a Expr]) = match &site.style
+    {
+        LossStyle::LossFunction(args) => {
+            let mut exprs = vec![("vocab_size", args.vocab_size)];
+            exprs.extend(args.explicit.iter().copied());
+            (exprs, &args.splats)
+        }
+        LossStyle::CrossEntropy(ce) => {
+            let mut exprs = Vec::new();
+            exprs.extend(ce.vocab.map(|v| ("vocab_size", v)));
+            exprs.extend(ce.ignore_index.map(|v| ("ignore_index", v)));
+            exprs.extend(ce.label_smoothing.map(|v| ("label_smoothing", v)));
+            (exprs, &[])
+        }
+    };
     for (name, expr) in &loss_exprs {
         if matcher.mentions_logits(expr) {
             return Err(Refusal::new(
@@ -363,32 +373,54 @@ pub fn match_region<'a>(
         }
         matcher.pasted.borrow_mut().push(expr);
     }
-    let vocab_size = matcher.text(site.args.vocab_size);
-    let explicit = site
-        .args
-        .explicit
+    let mut keywords: Vec<(&'static str, String)> = loss_exprs
         .iter()
         .map(|(k, e)| (*k, matcher.text(e)))
         .collect();
-    let splats = site
-        .args
-        .splats
+    let vocab_size = match keywords.first() {
+        Some(("vocab_size", _)) => keywords.remove(0).1,
+        _ => format!("self.{head}.out_features"),
+    };
+    let explicit = keywords;
+    let splats = splat_exprs
         .iter()
         .map(|e| src.slice(*e).to_string())
         .collect();
+    let epilogue = match &site.style {
+        LossStyle::LossFunction(_) => None,
+        LossStyle::CrossEntropy(ce) => {
+            for stmt in &ce.epilogue {
+                if let Some(name) = names_in_stmt(stmt)
+                    .iter()
+                    .find(|n| n.id != site.target && matcher.bindings.contains_key(n.id.as_str()))
+                {
+                    return Err(Refusal::new(
+                        Reason::RegionStatementUnsupported,
+                        format!(
+                            "`{}` is bound between the head call and the loss and read after the loss",
+                            name.id
+                        ),
+                    ));
+                }
+            }
+            Some(ce.epilogue.clone())
+        }
+    };
 
     let start = origin.start().to_usize();
     let end = site.labels_if.end().to_usize();
 
     // 4. After the region.
+    skipped_names.extend(matcher.bindings.keys().cloned());
+    skipped_names.extend(matcher.dead_names.iter().cloned());
     check_after(
         src,
         def,
         end,
         &logits,
         &site.target,
-        &matcher.bindings,
-        site.moves_labels,
+        &skipped_names,
+        !site.labels_rebinders.is_empty(),
     )?;
 
     Ok(Region {
@@ -402,6 +434,8 @@ pub fn match_region<'a>(
         explicit,
         splats,
         pasted: matcher.pasted.into_inner(),
+        condition: condition.map(|test| src.slice(test).to_string()),
+        epilogue,
     })
 }
 
@@ -465,6 +499,13 @@ fn between<'a>(
 fn skipped_binding<'a>(m: &mut Matcher<'a>, stmt: &'a Stmt) -> Result<(), Refusal> {
     let (target, value) = match stmt {
         Stmt::Pass(_) => return Ok(()),
+        // `if labels is None ...: logger.warning_once(...)`: never runs in the fused branch.
+        Stmt::If(_) if dead_when_labels_given(stmt) => {
+            for name in crate::syntax::stores_in_stmt(stmt) {
+                m.dead_names.push(name.id.to_string());
+            }
+            return Ok(());
+        }
         Stmt::Assign(a) if a.targets.len() == 1 => (&a.targets[0], Some(&*a.value)),
         Stmt::AnnAssign(a) => (&*a.target, a.value.as_deref()),
         _ => {
@@ -676,7 +717,7 @@ fn check_after(
     region_end: usize,
     logits: &str,
     loss_target: &str,
-    bindings: &HashMap<String, Binding<'_>>,
+    skipped_names: &[String],
     moves_labels: bool,
 ) -> Result<(), Refusal> {
     let mut statements = Vec::new();
@@ -689,13 +730,13 @@ fn check_after(
         let header = header_names(stmt);
         for name in &header {
             if name.ctx.is_load()
-                && bindings.contains_key(name.id.as_str())
+                && skipped_names.iter().any(|n| n == name.id.as_str())
                 && name.id.as_str() != loss_target
             {
                 return Err(Refusal::new(
                     Reason::RegionStatementUnsupported,
                     format!(
-                        "`{}` is bound between the head call and the loss and used at line {}",
+                        "`{}` is bound in the region the fused branch skips and used at line {}",
                         name.id,
                         src.line_of(name.start().to_usize())
                     ),
@@ -861,4 +902,114 @@ pub const DOCSTRING_DECORATORS: [&str; 6] = [
 
 pub fn is_docstring_decorator(expr: &Expr) -> bool {
     callee_last_name(expr).is_some_and(|name| DOCSTRING_DECORATORS.contains(&name))
+}
+
+/// The value a statement assigns to the logits when it is the origin of the region (and the
+/// test of a `pretraining_tp` branch around it), or None when it is not.
+fn origin_value<'a>(stmt: &'a Stmt, logits: &str) -> Option<(&'a Expr, Option<&'a Expr>)> {
+    let assigned = |stmt: &'a Stmt| -> Option<&'a Expr> {
+        match stmt {
+            Stmt::Assign(a)
+                if a.targets.len() == 1
+                    && matches!(&a.targets[0], Expr::Name(n) if n.id.as_str() == logits) =>
+            {
+                Some(&a.value)
+            }
+            Stmt::AnnAssign(a) if matches!(&*a.target, Expr::Name(n) if n.id.as_str() == logits) => {
+                a.value.as_deref()
+            }
+            _ => None,
+        }
+    };
+    if let Stmt::If(s) = stmt
+        && let [clause] = s.elif_else_clauses.as_slice()
+        && clause.test.is_none()
+        && let Some(value) = clause.body.last().and_then(assigned)
+        && is_origin(value, logits)
+        && crate::syntax::stores_in_stmt(stmt)
+            .iter()
+            .any(|n| n.id.as_str() == logits)
+    {
+        return Some((value, Some(&s.test)));
+    }
+    let value = assigned(stmt)?;
+    is_origin(value, logits).then_some((value, None))
+}
+
+/// A fresh value of the logits: it does not read them, or it is a head call that takes them
+/// as (part of) its input.
+fn is_origin(value: &Expr, logits: &str) -> bool {
+    if !expr_mentions(value, logits) {
+        return true;
+    }
+    let mut steps = Vec::new();
+    let is_leaf = |e: &Expr| is_self_rooted_call(e);
+    let contains = |e: &Expr| contains_self_call(e);
+    let text = |_: &Expr| String::new();
+    matches!(
+        decompose(value, &is_leaf, &contains, &text, &mut steps),
+        Ok(Expr::Call(call)) if call.arguments.args.iter().any(|a| expr_mentions(a, logits))
+    )
+}
+
+/// A `pretraining_tp` branch around the head call: `if TEST: <logits from weight slices>
+/// else: [dead statements] logits = self.head(h)`. The fused branch runs only when TEST is
+/// false, so the if body needs no analysis; TEST must be side-effect free (it is evaluated by
+/// the fused condition instead), and the names the branch binds must not be read later.
+fn split_branch(
+    src: &ParsedSource,
+    stmt: &Stmt,
+    test: &Expr,
+    logits: &str,
+    skipped: &mut Vec<String>,
+) -> Result<(), Refusal> {
+    let Stmt::If(s) = stmt else {
+        unreachable!("origin_value gives a test only for an if")
+    };
+    if !is_pure(test) || expr_mentions(test, logits) {
+        return Err(Refusal::new(
+            Reason::RegionStatementUnsupported,
+            format!(
+                "`{}` around the head call is not a side-effect-free test",
+                first_line(src, test)
+            ),
+        ));
+    }
+    let else_body = &s.elif_else_clauses[0].body;
+    for dead in &else_body[..else_body.len() - 1] {
+        if !dead_when_labels_given(dead) {
+            return Err(Refusal::new(
+                Reason::RegionStatementUnsupported,
+                format!(
+                    "`{}` before the head call in the else branch runs with labels too",
+                    first_line(src, dead)
+                ),
+            ));
+        }
+    }
+    for name in crate::syntax::stores_in_stmt(stmt) {
+        if name.id.as_str() != logits && !skipped.iter().any(|n| n == name.id.as_str()) {
+            skipped.push(name.id.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// `if labels is None [and ...]:` - never runs in the fused branch (labels is given there).
+fn dead_when_labels_given(stmt: &Stmt) -> bool {
+    let Stmt::If(s) = stmt else { return false };
+    let is_labels_none = |e: &Expr| {
+        matches!(e, Expr::Compare(c)
+            if c.ops.as_ref() == [ruff_python_ast::CmpOp::Is]
+                && matches!(c.left.as_ref(), Expr::Name(n) if n.id.as_str() == "labels")
+                && c.comparators[0].is_none_literal_expr())
+    };
+    s.elif_else_clauses.is_empty()
+        && match s.test.as_ref() {
+            // Only a leading test short-circuits before anything else is evaluated.
+            Expr::BoolOp(b) if b.op == ruff_python_ast::BoolOp::And => {
+                b.values.first().is_some_and(is_labels_none)
+            }
+            other => is_labels_none(other),
+        }
 }

@@ -4,7 +4,7 @@
 //! shift_labels, **kwargs)` binds them. Forwards without it are classified here
 //! (seq2seq `CrossEntropyLoss`, hand-made losses, no loss at all).
 
-use ruff_python_ast::{Expr, ExprCall, Stmt, StmtFunctionDef, StmtIf};
+use ruff_python_ast::{Expr, ExprCall, ExprName, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::reason::Reason;
@@ -13,6 +13,7 @@ use crate::syntax::{
 };
 
 use super::Refusal;
+use super::classic::{self, CrossEntropyArgs};
 
 /// The keywords of `ForCausalLMLoss` that the fused op forwards when given explicitly.
 pub const LOSS_KEYWORDS: [&str; 3] = ["num_items_in_batch", "ignore_index", "shift_labels"];
@@ -33,10 +34,24 @@ pub struct LossSite<'a> {
     pub labels_if: &'a StmtIf,
     /// `loss` in `loss = self.loss_function(...)`.
     pub target: String,
-    pub args: LossArgs<'a>,
-    /// The labels branch starts with `labels = labels.to(x.device)` (the fused branch skips
-    /// it, so `labels` must not be read after the region).
-    pub moves_labels: bool,
+    /// The name of the logits the loss reads.
+    pub logits: String,
+    /// Which of the two matched shapes computes the loss, with its arguments.
+    pub style: LossStyle<'a>,
+    /// Statements of the labels branch that rebind `labels` (a device move, a classic shift):
+    /// the fused branch skips them, so `labels` must not be read after the region.
+    pub labels_rebinders: Vec<&'a Stmt>,
+    /// Names the labels branch binds besides the loss (`shift_logits`, `loss_fct`, ...): the
+    /// fused branch does not bind them, so they must not be read after the region.
+    pub branch_names: Vec<String>,
+}
+
+/// The two shapes of a causal-LM loss the pass lowers.
+pub enum LossStyle<'a> {
+    /// `loss = self.loss_function(logits, labels, vocab_size, ...)`: transformers' `ForCausalLMLoss`.
+    LossFunction(LossArgs<'a>),
+    /// The classic hand-written shift + `CrossEntropyLoss` (`classic.rs`).
+    CrossEntropy(CrossEntropyArgs<'a>),
 }
 
 /// Statements the 4.57-era labels branches put before the loss call that do not change
@@ -88,7 +103,6 @@ fn benign_prelude(stmt: &Stmt, logits: &str) -> Option<Prelude> {
 }
 
 pub struct LossArgs<'a> {
-    pub logits: &'a Expr,
     pub vocab_size: &'a Expr,
     /// Explicit `num_items_in_batch` / `ignore_index` / `shift_labels`, in that order.
     pub explicit: Vec<(&'static str, &'a Expr)>,
@@ -100,7 +114,7 @@ fn is_loss_call(call: &ExprCall) -> bool {
     self_attribute(&call.func) == Some("loss_function")
 }
 
-pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refusal> {
+pub fn find_loss_site<'a>(def: &'a StmtFunctionDef, text: &str) -> Result<LossSite<'a>, Refusal> {
     let calls: Vec<&ExprCall> = def
         .body
         .iter()
@@ -108,7 +122,7 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
         .filter(|call| is_loss_call(call))
         .collect();
     let call = match calls.as_slice() {
-        [] => return Err(classify_without_loss_call(def)),
+        [] => return classic::find_site(def, text),
         [call] => *call,
         more => {
             return Err(Refusal::new(
@@ -200,10 +214,7 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
             "`if labels is not None:` has an else/elif branch",
         ));
     }
-    let args = parse_loss_args(call)?;
-    let Expr::Name(logits) = args.logits else {
-        unreachable!("checked by parse_loss_args")
-    };
+    let (args, logits) = parse_loss_args(call)?;
     let loss_position = labels_if
         .body
         .iter()
@@ -218,10 +229,10 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
             ),
         ));
     }
-    let mut moves_labels = false;
+    let mut labels_rebinders = Vec::new();
     for prelude in &labels_if.body[..loss_position] {
         match benign_prelude(prelude, logits.id.as_str()) {
-            Some(Prelude::MovesLabels) => moves_labels = true,
+            Some(Prelude::MovesLabels) => labels_rebinders.push(prelude),
             Some(Prelude::Upcast) => {}
             None => {
                 return Err(Refusal::new(
@@ -234,20 +245,25 @@ pub fn find_loss_site<'a>(def: &'a StmtFunctionDef) -> Result<LossSite<'a>, Refu
             }
         }
     }
-    check_labels_parameter(def, &labels_if.body[..loss_position])?;
+    check_labels_parameter(def, &labels_rebinders)?;
     Ok(LossSite {
         block: parent_block,
         if_index: parent_index,
         labels_if,
         target,
-        args,
-        moves_labels,
+        logits: logits.id.to_string(),
+        style: LossStyle::LossFunction(args),
+        labels_rebinders,
+        branch_names: Vec::new(),
     })
 }
 
 /// `labels` must be a parameter of the forward and never rebound in it (except by the
-/// benign device move of the labels branch).
-fn check_labels_parameter(def: &StmtFunctionDef, preludes: &[Stmt]) -> Result<(), Refusal> {
+/// statements of the labels branch that the fused branch skips).
+pub(super) fn check_labels_parameter(
+    def: &StmtFunctionDef,
+    rebinders: &[&Stmt],
+) -> Result<(), Refusal> {
     if !def.parameters.iter().any(|p| p.name().as_str() == "labels") {
         return Err(Refusal::new(
             Reason::LabelsNotPlain,
@@ -257,7 +273,7 @@ fn check_labels_parameter(def: &StmtFunctionDef, preludes: &[Stmt]) -> Result<()
     let mut statements = Vec::new();
     crate::syntax::walk_statements(&def.body, &mut statements);
     for stmt in statements {
-        if preludes.iter().any(|p| p.range() == stmt.range()) {
+        if rebinders.iter().any(|p| p.range() == stmt.range()) {
             continue;
         }
         let own_names: Vec<_> = match stmt {
@@ -282,7 +298,7 @@ fn check_labels_parameter(def: &StmtFunctionDef, preludes: &[Stmt]) -> Result<()
     Ok(())
 }
 
-fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
+fn parse_loss_args(call: &ExprCall) -> Result<(LossArgs<'_>, &ExprName), Refusal> {
     let mut slots: [Option<&Expr>; 6] = [None; 6];
     if call.arguments.args.len() > POSITIONAL.len() {
         return Err(Refusal::new(
@@ -343,27 +359,29 @@ fn parse_loss_args(call: &ExprCall) -> Result<LossArgs<'_>, Refusal> {
             ));
         }
     }
-    if !matches!(logits, Expr::Name(_)) {
+    let Expr::Name(logits) = logits else {
         return Err(Refusal::new(
             Reason::LossCallUnsupported,
             "the logits argument is an expression, not a name",
         ));
-    }
+    };
     let explicit = LOSS_KEYWORDS
         .iter()
         .zip(&slots[3..])
         .filter_map(|(k, v)| v.map(|v| (*k, v)))
         .collect();
-    Ok(LossArgs {
+    Ok((
+        LossArgs {
+            vocab_size,
+            explicit,
+            splats,
+        },
         logits,
-        vocab_size,
-        explicit,
-        splats,
-    })
+    ))
 }
 
-/// The forward never calls `self.loss_function`: say what it does instead.
-fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
+/// The forward computes no loss either matched shape knows: say what it does instead.
+pub(super) fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
     let calls: Vec<&ExprCall> = def.body.iter().flat_map(calls_in_stmt).collect();
     let cross_entropy = calls.iter().any(|call| {
         dotted_name(&call.func).is_some_and(|name| {
@@ -373,7 +391,7 @@ fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
         })
     });
     if cross_entropy {
-        if shifts_labels(def) {
+        if crate::candidate::shifts_labels(def) {
             return Refusal::new(
                 Reason::CustomLoss,
                 "a hand-written shifted CrossEntropyLoss instead of self.loss_function",
@@ -399,36 +417,4 @@ fn classify_without_loss_call(def: &StmtFunctionDef) -> Refusal {
             "the forward computes no loss with self.loss_function",
         ),
     }
-}
-
-/// A slice like `labels[..., 1:]` / `logits[..., :-1, :]` (a manual causal shift).
-fn shifts_labels(def: &StmtFunctionDef) -> bool {
-    fn has_shift_slice(expr: &Expr) -> bool {
-        match expr {
-            Expr::Slice(slice) => {
-                let is_one = |e: &Option<Box<Expr>>| {
-                    e.as_deref().is_some_and(|e| match e {
-                        Expr::NumberLiteral(n) => n.value.as_int().and_then(|i| i.as_u8()) == Some(1),
-                        Expr::UnaryOp(u) => matches!(&*u.operand, Expr::NumberLiteral(n) if n.value.as_int().and_then(|i| i.as_u8()) == Some(1)),
-                        _ => false,
-                    })
-                };
-                is_one(&slice.lower) || is_one(&slice.upper)
-            }
-            Expr::Tuple(tuple) => tuple.elts.iter().any(has_shift_slice),
-            _ => false,
-        }
-    }
-    let mut found = false;
-    for stmt in &def.body {
-        crate::syntax::for_each_subscript(stmt, &mut |sub| {
-            let shifted_value = crate::syntax::names_in_expr(&sub.value)
-                .iter()
-                .any(|n| n.id.as_str().contains("labels") || n.id.as_str().contains("logits"));
-            if shifted_value && has_shift_slice(&sub.slice) {
-                found = true;
-            }
-        });
-    }
-    found
 }

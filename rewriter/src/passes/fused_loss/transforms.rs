@@ -54,7 +54,7 @@ pub fn decompose<'a>(
             let no_args = call.arguments.args.is_empty() && call.arguments.keywords.is_empty();
             if let Expr::Attribute(attr) = call.func.as_ref() {
                 let method = attr.attr.as_str();
-                if no_args && matches!(method, "float" | "contiguous") {
+                if (no_args && matches!(method, "float" | "contiguous")) || is_float32_cast(call) {
                     return decompose(&attr.value, is_leaf, contains_leaf, operand_text, steps);
                 }
                 if no_args && method == "tanh" {
@@ -110,6 +110,29 @@ pub fn decompose<'a>(
         Expr::Subscript(_) => Err("a slice or index of the logits".to_string()),
         _ => Err("an expression that is not a lowered transform".to_string()),
     }
+}
+
+/// `.to(torch.float32)` / `.to(torch.float)` / `.to(dtype=...)`: an upcast, a no-op for the
+/// float32 kernel (the original's loss upcasts too).
+fn is_float32_cast(call: &ruff_python_ast::ExprCall) -> bool {
+    let Expr::Attribute(attr) = call.func.as_ref() else {
+        return false;
+    };
+    let float32 = |e: &Expr| {
+        matches!(
+            dotted_name(e).as_deref(),
+            Some("torch.float32" | "torch.float")
+        )
+    };
+    attr.attr.as_str() == "to"
+        && match (
+            call.arguments.args.as_ref(),
+            call.arguments.keywords.as_ref(),
+        ) {
+            ([only], []) => float32(only),
+            ([], [k]) => k.arg.as_ref().is_some_and(|a| a.as_str() == "dtype") && float32(&k.value),
+            _ => false,
+        }
 }
 
 fn same(a: &Expr, b: &Expr) -> bool {
