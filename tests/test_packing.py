@@ -18,6 +18,7 @@ from forward_rewrite import attention, packing
 from forward_rewrite.packing import PackingError
 from packing_cases import (
     LOGITS_TOL,
+    ROUNDING,
     build,
     crosstalk,
     isolation,
@@ -82,7 +83,7 @@ def test_packed_sequences_are_isolated(name, backend):
     errors = isolation(model)
     assert problems(errors) == [], errors
     assert errors["fused"], "the packed training step did not take the fused path"
-    assert crosstalk(model) == 0.0
+    assert crosstalk(model) <= ROUNDING
     report = forward_rewrite.audit()["classes"]
     runtime = [c["packing_runtime"] for c in report if c["qualname"] == name]
     assert runtime[0]["path"] == "mask" and runtime[0]["backend"] == backend
@@ -100,7 +101,7 @@ def test_stock_leaks_and_patched_does_not(backend):
     patched(model)
     errors = isolation(model, with_labels=False)
     assert problems(errors) == [], errors
-    assert crosstalk(model) == 0.0
+    assert crosstalk(model) <= ROUNDING
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -268,7 +269,7 @@ def test_the_varlen_path_is_isolated(varlen_backend, name):
     assert stock["logits_eval"] > 1e-2, "stock gives the backend no metadata"
     errors = isolation(patched(model))
     assert problems(errors) == [], errors
-    assert crosstalk(model) == 0.0
+    assert crosstalk(model) <= ROUNDING
     assert packing.report(cls)["path"] == "varlen"
 
 
@@ -425,12 +426,39 @@ def test_a_backend_registered_only_with_transformers_is_unknown():
 def test_a_model_whose_masks_ignore_position_ids_is_refused_loudly():
     """GPT-OSS builds its masks without position_ids: transformers cannot see the
     boundaries there even without a cache; the packed forward raises instead of
-    training across documents."""
+    training across documents: before it runs when the rewriter's static verdict says
+    so, after it (``mask-not-built``, the run time's own check) when there is none
+    (a compiled cache's report)."""
     model = patched(build(transformers.GptOssForCausalLM, "eager"))
     inputs, _ = packed_batch(model.config.vocab_size)
     with pytest.raises(PackingError) as info:
         model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
+    assert info.value.reason == "packing-mask-without-position-ids"
+    forward_rewrite.uninstall()
+    cls = transformers.GptOssForCausalLM
+    wrapped = packing.wrap_forward(cls.forward, cls, static=None)
+    with pytest.raises(PackingError) as info:
+        wrapped(
+            model, input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]
+        )
     assert info.value.reason == "mask-not-built"
+
+
+def test_encoder_states_with_packed_input_are_refused(llama):
+    """The packed mask describes self-attention: a packed call that also passes encoder
+    states (GPT-2 / GPT-BigCode with add_cross_attention) raises."""
+    inputs, _ = packed_batch(llama.config.vocab_size)
+    forward_rewrite.patch_model(llama)
+    try:
+        with pytest.raises(PackingError) as info:
+            llama(
+                input_ids=inputs["input_ids"],
+                position_ids=inputs["position_ids"],
+                encoder_hidden_states=torch.zeros(1, 3, llama.config.hidden_size),
+            )
+        assert info.value.reason == "encoder-states-given"
+    finally:
+        forward_rewrite.uninstall()
 
 
 def test_a_forward_without_position_ids_is_refused():
@@ -443,30 +471,61 @@ def test_a_forward_without_position_ids_is_refused():
 
 
 def test_the_rewriters_static_verdict_is_obeyed(varlen_backend):
-    """ARCHITECTURE.md, contract 5: a refused class is not wrapped; a class whose
+    """ARCHITECTURE.md, contract 6: a packed forward of a refused class raises with the
+    static reason (never leaks silently), an unpacked one runs as called; a class whose
     verdict allows only the mask path refuses a packed forward on a varlen backend."""
 
     def forward(self, input_ids=None, position_ids=None, **kwargs):
         return "stock"
 
-    refused = {"verdict": "refused", "reason": "packing-recurrent-layers", "paths": []}
-    assert (
-        packing.wrap_forward(forward, transformers.LlamaForCausalLM, refused) is forward
-    )
     model = build(transformers.LlamaForCausalLM, varlen_backend).eval()
+    inputs, _ = packed_batch(model.config.vocab_size)
+    refused = {"verdict": "refused", "reason": "packing-recurrent-layers", "paths": []}
     mask_only = {
         "verdict": "guaranteed",
         "reason": "packing-kwargs-not-to-attention",
         "paths": ["mask"],
     }
-    wrapped = packing.wrap_forward(forward, transformers.LlamaForCausalLM, mask_only)
-    inputs, _ = packed_batch(model.config.vocab_size)
-    with pytest.raises(PackingError) as info:
-        wrapped(
-            model, input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]
+    for static in (refused, mask_only):
+        wrapped = packing.wrap_forward(forward, transformers.LlamaForCausalLM, static)
+        with pytest.raises(PackingError) as info:
+            wrapped(
+                model,
+                input_ids=inputs["input_ids"],
+                position_ids=inputs["position_ids"],
+            )
+        assert info.value.reason == static["reason"]
+        assert wrapped(model, input_ids=inputs["input_ids"]) == "stock"
+
+
+def test_install_obeys_the_static_verdict_of_a_recurrent_hybrid():
+    """install() hands the packing pass's verdict to the wrapper: Jamba's Mamba layers
+    carry state across sequences, so a packed forward raises before it trains on a leak."""
+    import transformers.models.jamba.modeling_jamba
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    forward_rewrite.install()
+    try:
+        entry = next(
+            c
+            for c in forward_rewrite.audit()["classes"]
+            if c["qualname"] == "JambaForCausalLM"
         )
-    assert info.value.reason == "packing-kwargs-not-to-attention"
-    assert wrapped(model, input_ids=inputs["input_ids"]) == "stock"
+        assert entry["verdict"] == "patched"
+        # the first failing fact: Jamba's hybrid layers also get their masks elsewhere
+        assert entry["passes"]["packing"]["verdict"] == "refused"
+        assert entry["passes"]["packing"]["reason"] in {
+            "packing-recurrent-layers",
+            "packing-mask-not-from-masking-utils",
+        }
+        llama = next(
+            c
+            for c in forward_rewrite.audit()["classes"]
+            if c["qualname"] == "LlamaForCausalLM"
+        )
+        assert llama["passes"]["packing"]["verdict"] == "guaranteed"
+    finally:
+        forward_rewrite.uninstall()
 
 
 # -------------------------------------------------------------------- bad input

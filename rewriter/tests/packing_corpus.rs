@@ -54,7 +54,7 @@ fn sweep() -> BTreeMap<String, BTreeSet<String>> {
 /// The classes the sweep found isolated (on every backend that ran) that the pass refuses,
 /// with the reason: false refusals, which cost speed only. Each group is explained in the
 /// README ("Packing verdicts").
-const ISOLATED_BUT_REFUSED: [(&str, &str); 11] = [
+const ISOLATED_BUT_REFUSED: [(&str, &str); 10] = [
     // 3D positions (mRoPE): the sweep packs 2D position_ids, training packs 3D ones, which
     // the run time does not detect.
     (
@@ -74,7 +74,6 @@ const ISOLATED_BUT_REFUSED: [(&str, &str); 11] = [
         "packing-mask-without-position-ids",
     ),
     // Cross-attention reachable from the layers (unused by the sweep's text-only input).
-    ("GPTBigCodeForCausalLM", "packing-cross-attention"),
     ("MllamaForCausalLM", "packing-cross-attention"),
     ("MllamaForConditionalGeneration", "packing-cross-attention"),
     // A block overlay from token_type_ids (the sweep passes none).

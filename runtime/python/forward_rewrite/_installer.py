@@ -406,8 +406,15 @@ def _analyse(cls):
         return _Record(cached, origin="cache")
     chain = _class_chain(cls)
     loss = _loss_resolution(cls)
+    # The packing pass (issue 9) reads the defining module: the base model, its layers and
+    # their attention; classes it names from other modules make its verdict `dynamic`.
     report = json.loads(
-        _native.rewrite_analyze_class(json.dumps(chain), json.dumps(loss))
+        _native.rewrite_analyze_class(
+            json.dumps(chain),
+            json.dumps(loss),
+            _module_text(cls.__module__),
+            ["packing"],
+        )
     )
     report["verified"] = None
     if report["verdict"] == "patched":
@@ -465,18 +472,22 @@ def _class_chain(cls):
 def _module_classes(module_name):
     classes = _state.module_classes.get(module_name)
     if classes is None:
-        module = sys.modules[module_name]
-        text = "".join(
-            linecache.getlines(inspect.getsourcefile(module), module.__dict__)
-        )
-        if not text:
-            raise OSError(f"no source for {module_name}")
-        path = _reported_path(module_name, module)
+        text = _module_text(module_name)
+        path = _reported_path(module_name, sys.modules[module_name])
         found = json.loads(_native.rewrite_module_classes(text, module_name, path))
         # Like Python, the last definition of a name wins.
         classes = {c["qualname"]: c for c in found}
         _state.module_classes[module_name] = classes
     return classes
+
+
+def _module_text(module_name):
+    """The source text of a loaded module (as Python sees it: linecache)."""
+    module = sys.modules[module_name]
+    text = "".join(linecache.getlines(inspect.getsourcefile(module), module.__dict__))
+    if not text:
+        raise OSError(f"no source for {module_name}")
+    return text
 
 
 def _reported_path(module_name, module):
@@ -574,7 +585,8 @@ def _install_forward(cls, report):
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
     # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache.
-    cls.forward = packing.wrap_forward(patched, cls, static=report.get("packing"))
+    static = (report.get("passes") or {}).get("packing")
+    cls.forward = packing.wrap_forward(patched, cls, static=static)
     return None
 
 

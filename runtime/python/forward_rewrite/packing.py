@@ -77,7 +77,13 @@ REASONS = {
     "utilities: the boundaries were not seen",
     "masking-hook-unavailable": "transformers' masking utilities have another shape",
     "position-ids-not-taken": "the forward has no position_ids parameter",
+    "encoder-states-given": "encoder states for cross-attention, which the packed mask "
+    "does not describe",
 }
+
+#: Arguments that make a decoder's layers cross-attend (GPT-2, GPT-BigCode with
+#: ``add_cross_attention``; Mllama): a packed forward given one is refused.
+CROSS_ATTENTION_ARGS = ("encoder_hidden_states", "cross_attention_states")
 
 
 class PackingError(ValueError):
@@ -407,12 +413,12 @@ def wrap_forward(forward, cls, static=None):
     The wrapper has ``forward``'s signature (``inspect.signature`` follows
     ``__wrapped__``) and attributes.
 
-    ``static`` is the rewriter's packing verdict for ``cls`` (ARCHITECTURE.md, contract 5:
-    ``{"verdict", "reason", "paths"}``), None when the rewriter gives none: a ``refused``
-    class is left as it is; ``paths`` limits the packing paths the class can take."""
+    ``static`` is the rewriter's packing verdict for ``cls`` (its ``passes.packing``
+    report: ``{"verdict", "reason", "paths"}``; ARCHITECTURE.md, contract 6), None when
+    there is none (a compiled cache's report): ``paths`` are the packing paths the class
+    keeps sequences apart on, and a packed input on any other path (every path for a
+    ``refused`` class) raises with the static reason instead of leaking silently."""
     if getattr(forward, "__forward_rewrite_packing__", False):
-        return forward
-    if static is not None and static.get("verdict") == "refused":
         return forward
     signature = inspect.signature(forward)
     params = list(signature.parameters.values())
@@ -440,6 +446,16 @@ def wrap_forward(forward, cls, static=None):
         if found is None:
             return forward(self, *args, **kwargs)
         packed, caps, call_kwargs = found
+        crossing = [
+            k for k in CROSS_ATTENTION_ARGS if {**rest, **bound}.get(k) is not None
+        ]
+        if crossing:
+            raise _refuse(
+                cls,
+                "encoder-states-given",
+                f"packed sequences with {crossing[0]}: the packed mask is for "
+                "self-attention; run cross-attention batches unpacked",
+            )
         if static is not None and packed.path not in static.get(
             "paths", (packed.path,)
         ):

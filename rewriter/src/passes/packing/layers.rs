@@ -11,7 +11,7 @@ use crate::syntax::{
     callee_last_name, dotted_name, names_in_expr, self_attribute, walk_statements,
 };
 
-use super::flow::{Function, passes_var_kw, under_none_default};
+use super::flow::{self, Function, Origin, passes_var_kw, under_none_default};
 use super::program::{Class, Found, Program};
 use super::roles::{LayerCall, builds_of, classes_of, is_attention};
 use super::{Analysis, Code, Level, mask};
@@ -126,8 +126,17 @@ pub(super) fn check<'a>(
             ),
         }
         for name in ["encoder_hidden_states", "cross_attention_states"] {
+            // The forward's own parameter (or None), passed down as given: a decoder-only
+            // call passes None and the layers skip cross-attention; the run time refuses a
+            // packed call that passes encoder states (`packing.py`).
+            let as_given = |value: &Expr| {
+                flow::origins(forward, value, &|_| false).iter().all(|o| {
+                    matches!(o, Origin::Param(p) if p == name) || matches!(o, Origin::NoneLiteral)
+                })
+            };
             if let Some(value) = call.argument(layer_forward.as_ref(), name)
                 && !value.is_none_literal_expr()
+                && !as_given(value)
             {
                 a.refuse(
                     Code::CrossAttention,

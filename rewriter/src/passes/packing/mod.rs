@@ -114,8 +114,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "packing-cross-attention",
-        "no `encoder_hidden_states` reach the decoder layers (the packed mask is for \
-         self-attention)",
+        "no encoder states reach the decoder layers other than the forward's own \
+         `encoder_hidden_states` / `cross_attention_states` parameter, passed down as given \
+         (None in a decoder-only call; the run time refuses a packed call that passes \
+         them), and no layer class is a cross-attention layer: the packed mask is for \
+         self-attention",
     ),
 ];
 

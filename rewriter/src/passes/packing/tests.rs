@@ -865,6 +865,34 @@ fn encoder_states_reaching_the_layers_are_refused() {
 }
 
 #[test]
+fn the_forwards_own_encoder_states_passed_down_hold() {
+    // GPT-2 / GPT-BigCode: None in a decoder-only call; the run time refuses a packed call
+    // that passes them.
+    let text = edit(
+        TOY,
+        &[
+            (
+                "position_ids=None, past_key_values=None, inputs_embeds=None, **kwargs):",
+                "position_ids=None, past_key_values=None, inputs_embeds=None, encoder_hidden_states=None, **kwargs):",
+            ),
+            (
+                "                position_ids=position_ids,\n                position_embeddings",
+                "                position_ids=position_ids,\n                encoder_hidden_states=encoder_hidden_states,\n                position_embeddings",
+            ),
+        ],
+    );
+    assert_guaranteed(&packing(&text));
+    let computed = edit(
+        &text,
+        &[(
+            "encoder_hidden_states=encoder_hidden_states,\n",
+            "encoder_hidden_states=self.embed_tokens(input_ids),\n",
+        )],
+    );
+    assert_refused(&packing(&computed), Code::CrossAttention);
+}
+
+#[test]
 fn no_encoder_states_is_fine() {
     let text = edit(
         TOY,
