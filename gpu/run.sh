@@ -4,6 +4,8 @@
 #   .gpu/gpu/run.sh bench ARGS...    benchmark (gpu/bench.py ARGS)
 #   .gpu/gpu/run.sh e2e              tiny Llama and Gemma3 patched by install() (gpu/e2e.py),
 #                                    on the pinned transformers when .gpu/transformers/ has it
+#   .gpu/gpu/run.sh packing          packed sequences: flex isolation, syncs, step time
+#                                    (gpu/packing.py), on the pinned transformers likewise
 #   .gpu/gpu/run.sh check_fusions    correctness of the fused decoder ops (gpu/check_fusions.py)
 #   .gpu/gpu/run.sh bench_fusions ARGS...  their speed against stock and Liger (gpu/bench_fusions.py)
 #                                    (both on the pinned transformers when it imports, as e2e)
@@ -35,6 +37,9 @@ case "$step" in
   e2e)
     pinned_transformers
     python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/e2e.log" ;;
+  packing)
+    pinned_transformers
+    python3 "$here/packing.py" "$@" 2>&1 | tee -a "$OUT/packing.log" ;;
   check_fusions)
     pinned_transformers
     python3 "$here/check_fusions.py" "$@" 2>&1 | tee -a "$OUT/check_fusions.log" ;;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{ClassReport, Verdict};
 use crate::candidate::{ClassFacts, written_bases};
 use crate::parse::ParsedSource;
-use crate::passes::{Pass, PassInput, fused_loss};
+use crate::passes::{Modules, Pass, PassInput, fused_loss};
 use crate::reason::Reason;
 
 /// One class of the chain, most-derived first: the class itself, then its bases in MRO
@@ -45,15 +45,17 @@ pub enum LossResolution {
 /// on bad input: an unparsable class source is a `failed` report. Only the fused-loss pass;
 /// [`analyze_class_with`] runs the others too.
 pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassReport {
-    analyze_class_with(chain, loss, None, &[])
+    analyze_class_with(chain, loss, None, None, &[])
 }
 
 /// [`analyze_class`], then each of `passes` (`passes/mod.rs`) with the module that defines
-/// the class (`module`: its parsed source, when the caller has it), into `report.passes`.
+/// the class (`module`: its parsed source, when the caller has it) and the program's other
+/// modules (`modules`, when the caller has them), into `report.passes`.
 pub fn analyze_class_with(
     chain: &[ClassSource],
     loss: &LossResolution,
     module: Option<&ParsedSource>,
+    modules: Option<&dyn Modules>,
     passes: &[&Pass],
 ) -> ClassReport {
     let Some(first) = chain.first() else {
@@ -82,6 +84,7 @@ pub fn analyze_class_with(
         let input = PassInput {
             chain: &parsed,
             module,
+            modules,
             fused: &report,
         };
         let verdict = (pass.analyze)(&input);
@@ -257,8 +260,14 @@ pub fn analyze_class_in_module_json(
         .map(ParsedSource::parse)
         .transpose()
         .map_err(|e| format!("module: {e}"))?;
-    serde_json::to_string(&analyze_class_with(&chain, &loss, module.as_ref(), &passes))
-        .map_err(|e| e.to_string())
+    serde_json::to_string(&analyze_class_with(
+        &chain,
+        &loss,
+        module.as_ref(),
+        None,
+        &passes,
+    ))
+    .map_err(|e| e.to_string())
 }
 
 /// A class source parsed on its own. An indented class block is parsed inside an

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -14,7 +15,7 @@ use crate::chain::Tree;
 use crate::index::FileIndex;
 use crate::loss_mapping::LossMapping;
 use crate::parse::ParsedSource;
-use crate::passes::Pass;
+use crate::passes::{Modules, Pass};
 
 /// Unusable arguments or unreadable inputs (the CLI exits with 2).
 #[derive(Debug)]
@@ -294,6 +295,8 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
         files.push(entry);
     }
     let tree = Tree::new(&indexes);
+    let modules =
+        (!options.passes.is_empty()).then(|| ScanModules::new(&inputs, &indexes, &sources));
     let mapping_of = |file: usize| {
         index_roots[file]
             .as_ref()
@@ -339,8 +342,13 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 })
                 .collect();
             let loss = mapping_of(id.0).resolve(&tree.class(id).name);
-            let mut report =
-                analyze_class_with(&chain, &loss, sources[id.0].as_ref(), &options.passes);
+            let mut report = analyze_class_with(
+                &chain,
+                &loss,
+                sources[id.0].as_ref(),
+                modules.as_ref().map(|m| m as &dyn Modules),
+                &options.passes,
+            );
             if let Some(forward_module) = report.forward_module.clone() {
                 let binds = indexes
                     .iter()
@@ -372,4 +380,81 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
             classes,
         },
     })
+}
+
+/// The scan's tree as the passes see it ([`Modules`]): the modeling modules it parsed, and
+/// the `configuration_*.py` modules next to them, read and parsed on first use.
+struct ScanModules<'s> {
+    sources: &'s [Option<ParsedSource>],
+    by_name: HashMap<&'s str, usize>,
+    classes: HashMap<&'s str, &'s str>,
+    configurations: HashMap<String, (PathBuf, OnceLock<Option<ParsedSource>>)>,
+}
+
+impl<'s> ScanModules<'s> {
+    fn new(
+        inputs: &[Input],
+        indexes: &'s [FileIndex],
+        sources: &'s [Option<ParsedSource>],
+    ) -> Self {
+        let mut by_name = HashMap::new();
+        let mut classes = HashMap::new();
+        for (i, index) in indexes.iter().enumerate() {
+            by_name.entry(index.module.as_str()).or_insert(i);
+            for class in &index.classes {
+                classes
+                    .entry(class.name.as_str())
+                    .or_insert(index.module.as_str());
+            }
+        }
+        let mut configurations = HashMap::new();
+        let mut dirs: Vec<(&Path, Option<&Path>)> = Vec::new();
+        for input in inputs {
+            let dir = input.file.parent().unwrap_or(Path::new("."));
+            if !dirs.iter().any(|(d, _)| *d == dir) {
+                dirs.push((dir, input.root.as_deref()));
+            }
+        }
+        for (dir, root) in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let is_configuration = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("configuration_") && n.ends_with(".py"));
+                if is_configuration {
+                    let (module, _) = describe(&path, root);
+                    configurations.insert(module, (path, OnceLock::new()));
+                }
+            }
+        }
+        ScanModules {
+            sources,
+            by_name,
+            classes,
+            configurations,
+        }
+    }
+}
+
+impl Modules for ScanModules<'_> {
+    fn module(&self, name: &str) -> Option<&ParsedSource> {
+        if let Some(&i) = self.by_name.get(name) {
+            return self.sources[i].as_ref();
+        }
+        let (path, parsed) = self.configurations.get(name)?;
+        parsed
+            .get_or_init(|| {
+                let text = std::fs::read_to_string(path).ok()?;
+                ParsedSource::parse(text).ok()
+            })
+            .as_ref()
+    }
+
+    fn class_module(&self, class: &str) -> Option<&str> {
+        self.classes.get(class).copied()
+    }
 }

@@ -72,3 +72,42 @@ fn readme_lists_every_sync_kind() {
         );
     }
 }
+
+#[test]
+fn readme_lists_every_packing_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme
+        .find("### Packing verdicts")
+        .expect("a Packing verdicts section")..];
+    for (code, _) in forward_rewrite::passes::packing::PASS.reasons {
+        let row = format!("| `{code}` |");
+        assert!(
+            section.contains(&row),
+            "README.md's Packing verdicts lack a table row starting with {row}"
+        );
+    }
+}
+
+#[test]
+fn every_packing_code_has_a_unit_test() {
+    let tests = include_str!("../src/passes/packing/tests.rs");
+    for (code, _) in forward_rewrite::passes::packing::PASS.reasons {
+        // `packing-no-position-ids` -> `Code::NoPositionIds`
+        let variant: String = code
+            .trim_start_matches("packing-")
+            .split('-')
+            .map(|w| {
+                let mut chars = w.chars();
+                chars.next().map_or(String::new(), |c| {
+                    c.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            })
+            .collect();
+        let name = format!("Code::{variant}");
+        assert!(
+            tests.contains(&name),
+            "passes/packing/tests.rs never mentions {name}"
+        );
+    }
+}

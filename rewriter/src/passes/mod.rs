@@ -8,6 +8,7 @@
 //! with `--pass`; adding a pass touches its folder and this registry.
 
 pub mod fused_loss;
+pub mod packing;
 
 use crate::analyze::ParsedClass;
 use crate::audit::{ClassReport, PassReport};
@@ -16,16 +17,28 @@ use crate::parse::ParsedSource;
 /// What a pass sees of one class.
 pub struct PassInput<'a, 's> {
     /// The class and its bases in MRO order, each parsed on its own.
-    #[expect(
-        dead_code,
-        reason = "read by the packing pass (issue 9), registered next"
-    )]
     pub(crate) chain: &'a [ParsedClass<'s>],
     /// The module that defines the most-derived class (its other classes: the base model,
     /// its layers, their attention), when the caller has it.
     pub module: Option<&'a ParsedSource>,
+    /// The other modules of the program, when the caller has them (the scan does; the
+    /// installer's binding gives only `module`): classes imported from another modeling
+    /// module, a configuration's defaults, transformers' auto mappings.
+    pub modules: Option<&'a dyn Modules>,
     /// The fused-loss pass's report of the class.
     pub fused: &'a ClassReport,
+}
+
+/// The modules of a program a pass may read besides the class's own, by dotted name. The
+/// scan implements it over its tree (the modeling files it parsed, and the configuration
+/// files next to them, parsed on first use); a pass never reads files itself.
+pub trait Modules: Sync {
+    /// A parsed module (`transformers.models.llama.modeling_llama`,
+    /// `transformers.models.llava.configuration_llava`), when the caller has it.
+    fn module(&self, name: &str) -> Option<&ParsedSource>;
+    /// The modeling module that defines a top-level class of this name (the first in path
+    /// order when several do).
+    fn class_module(&self, class: &str) -> Option<&str>;
 }
 
 /// A registered pass beyond the fused loss.
@@ -41,7 +54,7 @@ pub struct Pass {
 }
 
 /// Every pass beyond the fused loss, in the order they run.
-pub const PASSES: &[&Pass] = &[];
+pub const PASSES: &[&Pass] = &[&packing::PASS];
 
 /// The registered pass with this name.
 pub fn find(name: &str) -> Option<&'static Pass> {

@@ -284,7 +284,7 @@ fn class_facts(
 /// usual ways of building layer lists: `nn.ModuleList([C(...) for ...])`, a local list filled
 /// with `.append(C(...))` then wrapped, `self.<attr>.append(C(...))`, a local class alias
 /// (`cls = A if c else B`, `cls = LAYER_TYPES[kind]`) and `C._from_config(...)`.
-fn submodules(body: &[Stmt]) -> Vec<(String, Submodule)> {
+pub(crate) fn submodules(body: &[Stmt]) -> Vec<(String, Submodule)> {
     let mut statements = Vec::new();
     walk_statements(body, &mut statements);
     // Local names bound to classes, and local lists of built modules.
@@ -940,7 +940,7 @@ impl<'a> Visitor<'a> for BodyWalker<'_> {
 /// `for layer in self.layers`, `... in self.layers[:n]`, `for i, layer in enumerate(...)`,
 /// `for h, layer in zip(xs, self.layers)`: the loop variable bound to an element of
 /// `self.<attr>`.
-fn loop_over_submodules(target: &Expr, iter: &Expr) -> Option<(String, String)> {
+pub(crate) fn loop_over_submodules(target: &Expr, iter: &Expr) -> Option<(String, String)> {
     let strip_slice = |e: &Expr| -> Option<String> {
         let e = match e {
             Expr::Subscript(sub) => sub.value.as_ref(),

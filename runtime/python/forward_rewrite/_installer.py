@@ -34,7 +34,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import _native
+from . import _native, packing
 
 __all__ = ["audit", "install", "patch_model", "uninstall"]
 
@@ -162,6 +162,8 @@ def uninstall():
             f for f in linecache.cache if f.startswith("<forward-rewrite ")
         ]:
             del linecache.cache[filename]
+        packing.disable()  # packing hook (issue 9)
+        packing.reset()
         _state.originals.clear()
         _state.injected.clear()
         _state.records.clear()
@@ -206,7 +208,10 @@ def audit():
     """
     with _state.lock:
         classes = sorted(
-            (r.as_dict() for r in _state.records.values()),
+            (
+                {**r.as_dict(), "packing_runtime": packing.report(cls)}  # issue 9
+                for cls, r in _state.records.items()
+            ),
             key=lambda c: (c["module"], c["qualname"]),
         )
         reasons = {}
@@ -401,8 +406,15 @@ def _analyse(cls):
         return _Record(cached, origin="cache")
     chain = _class_chain(cls)
     loss = _loss_resolution(cls)
+    # The packing pass (issue 9) reads the defining module: the base model, its layers and
+    # their attention; classes it names from other modules make its verdict `dynamic`.
     report = json.loads(
-        _native.rewrite_analyze_class(json.dumps(chain), json.dumps(loss))
+        _native.rewrite_analyze_class(
+            json.dumps(chain),
+            json.dumps(loss),
+            _module_text(cls.__module__),
+            ["packing"],
+        )
     )
     report["verified"] = None
     if report["verdict"] == "patched":
@@ -460,18 +472,22 @@ def _class_chain(cls):
 def _module_classes(module_name):
     classes = _state.module_classes.get(module_name)
     if classes is None:
-        module = sys.modules[module_name]
-        text = "".join(
-            linecache.getlines(inspect.getsourcefile(module), module.__dict__)
-        )
-        if not text:
-            raise OSError(f"no source for {module_name}")
-        path = _reported_path(module_name, module)
+        text = _module_text(module_name)
+        path = _reported_path(module_name, sys.modules[module_name])
         found = json.loads(_native.rewrite_module_classes(text, module_name, path))
         # Like Python, the last definition of a name wins.
         classes = {c["qualname"]: c for c in found}
         _state.module_classes[module_name] = classes
     return classes
+
+
+def _module_text(module_name):
+    """The source text of a loaded module (as Python sees it: linecache)."""
+    module = sys.modules[module_name]
+    text = "".join(linecache.getlines(inspect.getsourcefile(module), module.__dict__))
+    if not text:
+        raise OSError(f"no source for {module_name}")
+    return text
 
 
 def _reported_path(module_name, module):
@@ -568,7 +584,9 @@ def _install_forward(cls, report):
     }
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
-    cls.forward = patched
+    # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache.
+    static = (report.get("passes") or {}).get("packing")
+    cls.forward = packing.wrap_forward(patched, cls, static=static)
     return None
 
 
