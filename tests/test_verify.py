@@ -3,6 +3,7 @@ a compiled cache (``forward-rewrite build``), with the patch that cache holds: a
 verified, a broken one is reported ``verified: false`` (never a crash), unusable arguments
 exit with status 2."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,10 +64,19 @@ def cache(built_cache, tmp_path):
 
 
 def edit_patch(cache, old, new):
-    patch = next((cache / "patches").glob("*LlamaForCausalLM.py"))
+    """Change the cached patch as if the cache had been built with it: the allowlist's
+    ``patch_sha256`` follows (the installer refuses a patch whose bytes do not match, an
+    integrity check tested in test_install.py)."""
+    (patch,) = (cache / "patches").glob("*LlamaForCausalLM*.py")
     text = patch.read_text()
     assert old in text
     patch.write_text(text.replace(old, new))
+    allowlist_path = cache / "allowlist.json"
+    allowlist = json.loads(allowlist_path.read_text())
+    for entry in allowlist["entries"]:
+        if (cache / entry["patch"]).resolve() == patch.resolve():
+            entry["patch_sha256"] = hashlib.sha256(patch.read_bytes()).hexdigest()
+    allowlist_path.write_text(json.dumps(allowlist))
 
 
 def run_verify(*args):
