@@ -88,12 +88,14 @@ def fused_ce_tuned(
     grad_scale,
     compute_grads,
     chunk_budget_bytes,
+    weight_grad=True,
     skip_ignored=None,
     tuning=None,
 ):
     """``fused_ce`` with the knobs the GPU scripts turn: ``skip_ignored`` (None: skip unless
     the stream is capturing) and ``tuning`` (dh_splits, slice_bytes, block, max_cluster,
-    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
+    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first).
+    Without ``weight_grad`` the returned dw is None (contract 4)."""
     n, h, v = check_args(
         hidden,
         weight,
@@ -140,7 +142,7 @@ def fused_ce_tuned(
         for t in (dh, dw, db):
             if t is not None:
                 t.zero_()
-        return row_loss, dh, dw, db
+        return row_loss, dh, dw if weight_grad else None, db
 
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device)
@@ -162,7 +164,7 @@ def fused_ce_tuned(
                         dw.zero_()
                         if db is not None:
                             db.zero_()
-                    return row_loss, dh, dw, db
+                    return row_loss, dh, dw if weight_grad else None, db
                 row_map = keep
                 rows_targets = targets.index_select(0, keep)
                 if compute_grads and grad_scale.numel() == n:
@@ -226,7 +228,7 @@ def fused_ce_tuned(
             pipelined=tuning.get("pipelined"),
             generic=bool(tuning.get("generic", False)),
         )
-    return row_loss, dh, dw, db
+    return row_loss, dh, dw if weight_grad else None, db
 
 
 #: The backend function of contract 4 (the tuning knobs keep their defaults).
