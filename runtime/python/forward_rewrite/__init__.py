@@ -4,6 +4,7 @@ forwards call (see ARCHITECTURE.md, contracts 1-4)."""
 
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
+from ._stats import reset_stats, stats
 from .guard import (
     LOSS_KWARGS,
     fuses,
@@ -25,8 +26,10 @@ __all__ = [
     "keep_logits",
     "loss_kwargs",
     "patch_model",
+    "reset_stats",
     "set_chunk_budget_bytes",
     "set_keep_logits",
+    "stats",
     "tuple_guard",
     "uninstall",
 ]
