@@ -10,13 +10,21 @@ in a compiled graph), so ``op_calls`` is the number to read in a compiled job.
 
 import threading
 
-__all__ = ["record_decision", "record_op", "reset_stats", "stats"]
+__all__ = [
+    "record_decision",
+    "record_dw_skipped",
+    "record_op",
+    "reset_stats",
+    "stats",
+]
 
 _lock = threading.Lock()
 #: "module.qualname" -> {"fused": n, "routes": {route: n}, "fallback": {reason: n}}
 _classes: dict = {}
 #: device type -> executions of the fused op's forward
 _op_calls: dict = {}
+#: executions that computed gradients but no weight gradient (a frozen head)
+_dw_skipped = [0]
 
 
 def class_key(cls) -> str:
@@ -38,15 +46,26 @@ def record_decision(cls, route=None, reason=None) -> bool:
         return False
 
 
-def record_op(device_type: str) -> None:
+def record_op(device_type: str, dw_skipped: bool = False) -> None:
+    """One execution of the fused op's forward on ``device_type``; ``dw_skipped``: it (or
+    the backward it leaves) computes gradients but none for the frozen weight."""
     with _lock:
         _op_calls[device_type] = _op_calls.get(device_type, 0) + 1
+        if dw_skipped:
+            _dw_skipped[0] += 1
+
+
+def record_dw_skipped() -> None:
+    """A backward computation (reduction "none", float16) that skipped the weight gradient."""
+    with _lock:
+        _dw_skipped[0] += 1
 
 
 def stats() -> dict:
     """A JSON-safe snapshot: ``{"classes": {"<module>.<Class>": {"fused": n, "routes":
-    {route: n}, "fallback": {reason: n}}}, "op_calls": {device_type: n}, "fused": n,
-    "fallback": n}`` (the last two summed over classes)."""
+    {route: n}, "fallback": {reason: n}}}, "op_calls": {device_type: n},
+    "dw_skipped": n, "fused": n, "fallback": n}`` (the last two summed over classes;
+    ``dw_skipped``: op executions with gradients but no weight gradient, a frozen head)."""
     with _lock:
         classes = {
             k: {
@@ -59,6 +78,7 @@ def stats() -> dict:
         return {
             "classes": classes,
             "op_calls": dict(_op_calls),
+            "dw_skipped": _dw_skipped[0],
             "fused": sum(v["fused"] for v in classes.values()),
             "fallback": sum(sum(v["fallback"].values()) for v in classes.values()),
         }
@@ -82,3 +102,4 @@ def reset_stats() -> None:
     with _lock:
         _classes.clear()
         _op_calls.clear()
+        _dw_skipped[0] = 0

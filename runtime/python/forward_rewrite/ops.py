@@ -134,7 +134,9 @@ def _fused_op(
     """(loss, dh, dw, db). With ``eager_grads`` the gradients are those of the loss itself
     (backward multiplies them by grad_output); otherwise they are empty. Without
     ``weight_grad`` (a frozen head) dW is never computed: dw is empty."""
-    _stats.record_op(hidden.device.type)
+    # Counted here, at run time, so a compiled graph counts too. Without eager gradients
+    # the weight gradient (or its absence) is decided by the backward op.
+    _stats.record_op(hidden.device.type, dw_skipped=eager_grads and not weight_grad)
     if eager_grads:
         grad_scale = _grad_scale(
             torch.ones((), device=hidden.device), denominator, reduction
@@ -207,6 +209,8 @@ def _backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dw, db) of ``sum_i grad_scale_i * row_loss_i``; db is empty without a bias,
     dw without ``weight_grad``."""
+    if not weight_grad:
+        _stats.record_dw_skipped()
     _, dh, dw, db = _backend(hidden.device)(
         hidden,
         weight,
