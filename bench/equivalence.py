@@ -1,8 +1,9 @@
 """The table of issue 3: per real transformers class, the patched forward's loss and worst
 parameter-gradient error against the stock forward (float32, tiny random models built from
 the classes' own configs; the cases of tests/model_cases.py). With ``--all``, every class
-``install()`` patches in the installed transformers, shrunk generically (tests/model_sweep.py):
-verified, mismatch, or skipped with the reason its tiny model could not be built.
+``install()`` patches in the installed transformers, built tiny by ``forward_rewrite.verify``
+(the generic shrink, and hand-made configs where it cannot fit): verified, mismatch, or
+skipped with the reason its tiny model could not be built.
 
     python bench/equivalence.py [--all [--device cuda]]
 """
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch
 import transformers
+from forward_rewrite.verify import check_class, patched_classes
 from model_cases import CASES, compare
 
 VARIANTS = {
@@ -28,15 +30,13 @@ VARIANTS = {
 
 
 def sweep(device):
-    from model_sweep import check_class, patched_classes
-
     print(
-        "| class | status | loss rel err | worst grad err (param) | params | reason |"
+        "| class | status | loss rel err | worst grad err (param) | params | s | reason |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     counts = collections.Counter()
     for module, name in patched_classes():
-        r = check_class(module, name, device)
+        r = check_class((module, name), device)
         counts[r["status"]] += 1
         errs = (
             (f"{r['loss_err']:.1e}", f"{r['grad_err']:.1e} ({r['worst_param']})")
@@ -45,7 +45,7 @@ def sweep(device):
         )
         print(
             f"| {name} | {r['status']} | {errs[0]} | {errs[1]} | {r.get('params', '')} "
-            f"| {r['reason']} |",
+            f"| {r.get('seconds', '')} | {r['reason']} |",
             flush=True,
         )
     return counts
@@ -54,7 +54,7 @@ def sweep(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--all", action="store_true", help="every patched class, shrunk generically"
+        "--all", action="store_true", help="every patched class, built tiny"
     )
     ap.add_argument(
         "--device",

@@ -4,6 +4,9 @@
 #   .gpu/gpu/run.sh bench ARGS...    benchmark (gpu/bench.py ARGS)
 #   .gpu/gpu/run.sh e2e              tiny Llama and Gemma3 patched by install() (gpu/e2e.py),
 #                                    on the pinned transformers when .gpu/transformers/ has it
+#   .gpu/gpu/run.sh check_fusions    correctness of the fused decoder ops (gpu/check_fusions.py)
+#   .gpu/gpu/run.sh bench_fusions ARGS...  their speed against stock and Liger (gpu/bench_fusions.py)
+#                                    (both on the pinned transformers when it imports, as e2e)
 # Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
 # and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
 set -uo pipefail
@@ -18,16 +21,25 @@ export FORWARD_REWRITE_KERNEL_CACHE=/tmp/forward-rewrite-kernels
 if [[ -d "$here/../transformers" && ! -d /tmp/site-tf/transformers ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tf "$here"/../transformers/*.whl
 fi
+# the pinned transformers when it imports with this machine's other packages
+pinned_transformers() {
+  if PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 -c "import transformers.models.llama.modeling_llama" 2>/dev/null; then
+    export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
+  fi
+}
 step="$1"
 shift
 case "$step" in
   check) python3 "$here/check.py" "$@" 2>&1 | tee -a "$OUT/check.log" ;;
   bench) python3 "$here/bench.py" --out "$OUT/bench.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
   e2e)
-    # the pinned transformers when it imports with this machine's other packages
-    if PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 -c "import transformers.models.llama.modeling_llama" 2>/dev/null; then
-      export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
-    fi
+    pinned_transformers
     python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/e2e.log" ;;
+  check_fusions)
+    pinned_transformers
+    python3 "$here/check_fusions.py" "$@" 2>&1 | tee -a "$OUT/check_fusions.log" ;;
+  bench_fusions)
+    pinned_transformers
+    python3 "$here/bench_fusions.py" --out "$OUT/bench_fusions.json" "$@" 2>&1 | tee -a "$OUT/bench_fusions.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Here (no GPU needed): build the abi3 wheel and stage it, the competitors' wheels and the
-# GPU scripts into the folder that travels to the GPU machine.
+# GPU scripts (check, bench, e2e, check_fusions, bench_fusions: every gpu/*.py) into the
+# folder that travels to the GPU machine. Liger Kernel's wheel serves bench.py (its fused
+# loss) and bench_fusions.py (its RMSNorm, RoPE, SwiGLU and GeGLU).
 #   gpu/stage.sh [DEST]          DEST defaults to .gpu (git-ignored; the device tool carries it)
 set -euo pipefail
 cd "$(dirname "$0")/.."

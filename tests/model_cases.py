@@ -5,7 +5,8 @@ downloads), and the stock-versus-patched comparison the equivalence tests and
 Each case is small (2 layers, hidden 32) but keeps what matters for the loss: a vocabulary
 of a few hundred, the class's own logit transforms with values large enough to matter
 (soft-cap 3, logit scale 0.25, logits scaling 4), and, for the vision-language class, the
-whole multimodal wrapper run on text only.
+whole multimodal wrapper run on text only. The sizes, the batch and the comparison's
+helpers are ``forward_rewrite.verify``'s, which checks every patched class the same way.
 """
 
 import copy
@@ -13,24 +14,8 @@ import copy
 import forward_rewrite
 import torch
 import transformers
+from forward_rewrite.verify import DECODER, VOCAB, batch, loss_and_grads, rel_err
 
-VOCAB = 160
-BATCH, SEQ = 2, 24
-
-#: The tiny decoder sizes every case starts from (and tests/model_sweep.py's shrink).
-DECODER = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 _MOE = {
     "num_experts_per_tok": 2,
     "output_router_logits": True,
@@ -142,44 +127,6 @@ def build(case, *, tie=False, seed=0):
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config).float().train()
     return model
-
-
-def batch(*, seed=1, num_items_in_batch=None):
-    """input_ids, attention_mask (right padding in row 1) and labels with ignored tokens:
-    the prompt of row 0 and the padding of row 1."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, VOCAB - 4, (BATCH, SEQ), generator=g)
-    attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    attention_mask[1, -5:] = 0
-    input_ids[1, -5:] = 0
-    labels = input_ids.clone()
-    labels[0, :7] = -100
-    labels[attention_mask == 0] = -100
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if num_items_in_batch is not None:
-        out["num_items_in_batch"] = num_items_in_batch
-    return out
-
-
-def loss_and_grads(model, inputs):
-    """The loss, the logits the forward returned, and every parameter's gradient."""
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {
-        name: p.grad.detach().clone()
-        for name, p in model.named_parameters()
-        if p.grad is not None
-    }
-    return out.loss.detach(), out.logits, grads
-
-
-def rel_err(got, want):
-    """max |got - want| / max |want| (0 when both are 0)."""
-    got, want = got.double(), want.double()
-    scale = want.abs().max().item()
-    diff = (got - want).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def compare(case, *, tie=False, num_items_in_batch=None):

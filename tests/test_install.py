@@ -20,8 +20,8 @@ import pytest
 import torch
 import transformers
 from forward_rewrite import _installer as installer
+from forward_rewrite.verify import import_all_modeling_modules
 from model_cases import batch, build, loss_and_grads
-from model_sweep import import_all_modeling_modules
 from transformers.models.llama import modeling_llama
 
 ROOT = Path(__file__).resolve().parents[1]

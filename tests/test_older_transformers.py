@@ -3,7 +3,7 @@ the classic shift + CrossEntropyLoss style) and 4.57.6 (the last 4.x). Each rele
 installed by `scripts/venv` into its own `--target` directory (`corpus/cache/site-<version>`),
 which a subprocess puts in front of the venv's site-packages; torch and forward_rewrite come
 from the venv. Every class `install()` patches there is built tiny from its own config and
-compared with its stock forward: loss and every gradient (`model_sweep.check_class`)."""
+compared with its stock forward: loss and every gradient (`forward_rewrite.verify.check_class`)."""
 
 import json
 import os
@@ -20,7 +20,7 @@ SCRIPT = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
 import transformers
-from model_sweep import check_class, patched_classes
+from forward_rewrite.verify import check_class, patched_classes
 
 assert transformers.__version__ == sys.argv[1], transformers.__version__
 results = []

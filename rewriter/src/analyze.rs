@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{ClassReport, Verdict};
 use crate::candidate::{ClassFacts, written_bases};
 use crate::parse::ParsedSource;
-use crate::passes::fused_loss;
+use crate::passes::{Pass, PassInput, fused_loss};
 use crate::reason::Reason;
 
 /// One class of the chain, most-derived first: the class itself, then its bases in MRO
@@ -42,8 +42,20 @@ pub enum LossResolution {
 
 /// Analyse the most-derived class of `chain` (see [`ClassSource`]): find the forward it
 /// runs, match the lm_head + loss triplet, refuse or emit the patched forward. Never panics
-/// on bad input: an unparsable class source is a `failed` report.
+/// on bad input: an unparsable class source is a `failed` report. Only the fused-loss pass;
+/// [`analyze_class_with`] runs the others too.
 pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassReport {
+    analyze_class_with(chain, loss, None, &[])
+}
+
+/// [`analyze_class`], then each of `passes` (`passes/mod.rs`) with the module that defines
+/// the class (`module`: its parsed source, when the caller has it), into `report.passes`.
+pub fn analyze_class_with(
+    chain: &[ClassSource],
+    loss: &LossResolution,
+    module: Option<&ParsedSource>,
+    passes: &[&Pass],
+) -> ClassReport {
     let Some(first) = chain.first() else {
         let mut report = ClassReport::empty(&ClassSource::default());
         report.refuse(Reason::ParseError, "empty class chain");
@@ -66,6 +78,15 @@ pub fn analyze_class(chain: &[ClassSource], loss: &LossResolution) -> ClassRepor
         }
     }
     fused_loss::analyze(&parsed, loss, &mut report);
+    for pass in passes {
+        let input = PassInput {
+            chain: &parsed,
+            module,
+            fused: &report,
+        };
+        let verdict = (pass.analyze)(&input);
+        report.passes.insert(pass.name.to_string(), verdict);
+    }
     report
 }
 
@@ -89,6 +110,7 @@ impl ClassReport {
             transforms: Vec::new(),
             loss_style: None,
             verified: None,
+            passes: Default::default(),
             verification: None,
             patched_forward: None,
         }
@@ -204,6 +226,39 @@ pub fn analyze_class_json(chain: &str, loss: &str) -> Result<String, String> {
         return Err("chain: empty, expected the class and its bases".to_string());
     }
     serde_json::to_string(&analyze_class(&chain, &loss)).map_err(|e| e.to_string())
+}
+
+/// [`analyze_class_with`] over JSON, for bindings: `chain` and `loss` as for
+/// [`analyze_class_json`], `module` the text of the module that defines the class (or None),
+/// `passes` the names of the passes to run beyond the fused loss. Errors name the argument.
+pub fn analyze_class_in_module_json(
+    chain: &str,
+    loss: &str,
+    module: Option<&str>,
+    passes: &[String],
+) -> Result<String, String> {
+    let chain: Vec<ClassSource> = serde_json::from_str(chain).map_err(|e| format!("chain: {e}"))?;
+    let loss: LossResolution = serde_json::from_str(loss).map_err(|e| format!("loss: {e}"))?;
+    if chain.is_empty() {
+        return Err("chain: empty, expected the class and its bases".to_string());
+    }
+    let passes = passes
+        .iter()
+        .map(|name| {
+            crate::passes::find(name).ok_or_else(|| {
+                format!(
+                    "passes: unknown pass {name:?} (known: {})",
+                    crate::passes::names().join(", ")
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let module = module
+        .map(ParsedSource::parse)
+        .transpose()
+        .map_err(|e| format!("module: {e}"))?;
+    serde_json::to_string(&analyze_class_with(&chain, &loss, module.as_ref(), &passes))
+        .map_err(|e| e.to_string())
 }
 
 /// A class source parsed on its own. An indented class block is parsed inside an

@@ -105,9 +105,45 @@ pub struct ClassReport {
     /// What the check found (why it was skipped or what differed); absent when not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<String>,
+    /// The verdicts of the other passes run on this class (`passes/mod.rs`), by pass name;
+    /// the fused-loss pass's verdict is the report's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub passes: BTreeMap<String, PassReport>,
     /// The complete patched `def forward`, dedented to column 0; present only when patched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patched_forward: Option<String>,
+}
+
+/// What a pass beyond the fused loss says about one class: a verdict from the pass's own
+/// vocabulary (documented with the pass: `guaranteed` / `dynamic` / `refused` for packing),
+/// the pass's stable reason code (null when nothing is refused), what was seen, and fields of
+/// the pass's own (`paths` for packing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassReport {
+    pub verdict: String,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl PassReport {
+    pub fn new(verdict: &str, reason: Option<&str>, detail: impl Into<String>) -> PassReport {
+        PassReport {
+            verdict: verdict.to_string(),
+            reason: reason.map(str::to_string),
+            detail: detail.into(),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// Counts of one pass over the scan: classes per verdict and per reason code.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassSummary {
+    pub verdicts: BTreeMap<String, usize>,
+    pub reasons: BTreeMap<String, usize>,
 }
 
 /// One scanned file.
@@ -137,6 +173,9 @@ pub struct Summary {
     pub failed: usize,
     /// Refusals and failures per reason code.
     pub reasons: BTreeMap<Reason, usize>,
+    /// Per pass beyond the fused loss: verdict and reason counts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub passes: BTreeMap<String, PassSummary>,
 }
 
 /// The audit document, schema 1.
@@ -172,6 +211,13 @@ impl Summary {
             }
             if let Some(reason) = class.reason {
                 *summary.reasons.entry(reason).or_default() += 1;
+            }
+            for (name, pass) in &class.passes {
+                let counts = summary.passes.entry(name.clone()).or_default();
+                *counts.verdicts.entry(pass.verdict.clone()).or_default() += 1;
+                if let Some(reason) = &pass.reason {
+                    *counts.reasons.entry(reason.clone()).or_default() += 1;
+                }
             }
         }
         summary
@@ -225,28 +271,46 @@ pub fn render_compact(classes: &[ClassReport]) -> String {
 /// The readable table: one row per class, then the failed files and the summary.
 pub fn render_table(doc: &AuditDocument, files: &[&FileEntry], classes: &[&ClassReport]) -> String {
     let mut out = String::new();
-    let headers = [
+    // One column per pass beyond the fused loss that ran: its verdict, and reason if any.
+    let passes: std::collections::BTreeSet<&String> =
+        classes.iter().flat_map(|c| c.passes.keys()).collect();
+    let mut headers: Vec<String> = [
         "VERDICT",
         "REASON",
         "CLASS",
         "PATH:LINE",
         "HEAD",
         "TRANSFORMS",
-    ];
-    let rows: Vec<[String; 6]> = classes
+    ]
+    .map(String::from)
+    .to_vec();
+    headers.extend(passes.iter().map(|p| p.to_uppercase()));
+    let rows: Vec<Vec<String>> = classes
         .iter()
         .map(|c| {
-            [
+            let mut row = vec![
                 format!("{:?}", c.verdict).to_lowercase(),
                 c.reason.map_or("-".to_string(), |r| r.code().to_string()),
                 c.qualname.clone(),
                 format!("{}:{}", c.path, c.line),
                 c.head.clone().unwrap_or_else(|| "-".to_string()),
                 transforms_cell(&c.transforms),
-            ]
+            ];
+            for pass in &passes {
+                row.push(match c.passes.get(*pass) {
+                    Some(PassReport {
+                        verdict,
+                        reason: Some(reason),
+                        ..
+                    }) => format!("{verdict} ({reason})"),
+                    Some(report) => report.verdict.clone(),
+                    None => "-".to_string(),
+                });
+            }
+            row
         })
         .collect();
-    let mut widths = headers.map(str::len);
+    let mut widths: Vec<usize> = headers.iter().map(String::len).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -263,7 +327,8 @@ pub fn render_table(doc: &AuditDocument, files: &[&FileEntry], classes: &[&Class
         }
         s.trim_end().to_string()
     };
-    let _ = writeln!(out, "{}", line(&headers));
+    let header_cells: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let _ = writeln!(out, "{}", line(&header_cells));
     for row in &rows {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         let _ = writeln!(out, "{}", line(&cells));
@@ -307,6 +372,43 @@ pub fn render_summary(doc: &AuditDocument) -> String {
     );
     for (reason, count) in &s.reasons {
         let _ = writeln!(out, "  {:<28} {count}", reason.code());
+    }
+    for (name, pass) in &s.passes {
+        let verdicts: Vec<String> = pass
+            .verdicts
+            .iter()
+            .map(|(v, n)| format!("{n} {v}"))
+            .collect();
+        let _ = writeln!(out, "pass {name}: {}", verdicts.join(", "));
+        for (reason, count) in &pass.reasons {
+            let _ = writeln!(out, "  {reason:<38} {count}");
+        }
+    }
+    out
+}
+
+/// One line per class for a pass beyond the fused loss (its snapshot format): the pass's
+/// verdict and reason, `module.Class`, and the pass's own fields.
+pub fn render_pass_compact(classes: &[ClassReport], pass: &str) -> String {
+    let mut out = String::new();
+    for class in classes {
+        let Some(report) = class.passes.get(pass) else {
+            continue;
+        };
+        let extra: Vec<String> = report
+            .extra
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<10} {:<40} {}.{} {}",
+            report.verdict,
+            report.reason.as_deref().unwrap_or("-"),
+            class.module,
+            class.qualname,
+            extra.join(" ")
+        );
     }
     out
 }

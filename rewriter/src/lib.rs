@@ -21,8 +21,8 @@ pub mod syntax;
 pub mod verify;
 
 pub use analyze::{
-    ClassSource, LossResolution, analyze_class, analyze_class_json, forward_source, is_candidate,
-    module_classes, original_forward,
+    ClassSource, LossResolution, analyze_class, analyze_class_in_module_json, analyze_class_json,
+    analyze_class_with, forward_source, is_candidate, module_classes, original_forward,
 };
 pub use audit::{ClassReport, Transform, TransformKind, Verdict};
 pub use reason::Reason;

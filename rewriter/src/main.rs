@@ -106,6 +106,11 @@ struct Common {
     /// Only analyse classes with this exact name (e.g. LlamaForCausalLM).
     #[arg(long = "class", value_name = "NAME")]
     class: Option<String>,
+    /// Passes to run beyond the fused loss (which always runs: its verdict is the class's),
+    /// repeatable or comma-separated; `none` for the fused loss only. Default: every
+    /// registered pass. Each reports under `passes.<name>` of the class's audit entry.
+    #[arg(long = "pass", value_name = "NAME", value_delimiter = ',')]
+    passes: Vec<String>,
     /// Worker threads for parsing and analysis (default: one per core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
@@ -164,6 +169,31 @@ enum Outcome {
     Found,
 }
 
+/// The passes `--pass` selects (`Common::passes`).
+fn selected_passes(
+    names: &[String],
+) -> Result<Vec<&'static forward_rewrite::passes::Pass>, String> {
+    use forward_rewrite::passes;
+    if names.is_empty() {
+        return Ok(passes::PASSES.to_vec());
+    }
+    let mut selected = Vec::new();
+    for name in names {
+        match name.as_str() {
+            "none" | "fused-loss" => {}
+            other => selected.push(passes::find(other).ok_or_else(|| {
+                let mut known = vec!["fused-loss", "none"];
+                known.extend(passes::names());
+                format!(
+                    "--pass: unknown pass {other:?} (known: {})",
+                    known.join(", ")
+                )
+            })?),
+        }
+    }
+    Ok(selected)
+}
+
 fn set_threads(threads: Option<u16>) -> Result<(), String> {
     if let Some(threads) = threads {
         rayon::ThreadPoolBuilder::new()
@@ -188,7 +218,9 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             set_threads(common.threads)?;
             let options = ScanOptions {
                 class: common.class,
+                passes: selected_passes(&common.passes)?,
             };
+            let options_passes = options.passes.clone();
             let mut document = scan(&paths, &options).map_err(|e| e.to_string())?.document;
             note_builtin_mapping(&document);
             let keep = |c: &ClassReport| only.is_none_or(|o| o.matches(c.verdict));
@@ -267,6 +299,14 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             if compact {
                 let owned: Vec<ClassReport> = classes.iter().map(|c| (*c).clone()).collect();
                 let _ = write!(out, "{}", audit::render_compact(&owned));
+                for pass in &options_passes {
+                    let _ = write!(
+                        out,
+                        "\n# pass {}\n{}",
+                        pass.name,
+                        audit::render_pass_compact(&owned, pass.name)
+                    );
+                }
                 let _ = write!(out, "\n{}", audit::render_summary(&document));
             } else {
                 let files: Vec<_> = document.files.iter().collect();
@@ -297,6 +337,7 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             };
             let options = ScanOptions {
                 class: common.class,
+                passes: selected_passes(&common.passes)?,
             };
             let result = scan(&paths, &options).map_err(|e| e.to_string())?;
             let document = &result.document;

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::analyze::{ClassSource, analyze_class};
+use crate::analyze::{ClassSource, analyze_class_with};
 use crate::audit::{AuditDocument, ClassReport, FileEntry, FileStatus, Summary};
 use crate::candidate::is_candidate;
 use crate::chain::Tree;
 use crate::index::FileIndex;
 use crate::loss_mapping::LossMapping;
 use crate::parse::ParsedSource;
+use crate::passes::Pass;
 
 /// Unusable arguments or unreadable inputs (the CLI exits with 2).
 #[derive(Debug)]
@@ -27,10 +28,12 @@ impl std::fmt::Display for InputError {
 
 impl std::error::Error for InputError {}
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ScanOptions {
     /// Only analyse classes with this exact name (files are still all parsed and indexed).
     pub class: Option<String>,
+    /// The passes to run beyond the fused loss (`passes::PASSES`; the CLI defaults to all).
+    pub passes: Vec<&'static Pass>,
 }
 
 /// The scan's result: the audit document, with the patched forwards kept in the reports.
@@ -50,6 +53,9 @@ pub fn is_modeling_file(path: &Path) -> bool {
         && !name.starts_with("modeling_tf_")
         && !name.starts_with("modeling_flax_")
 }
+
+/// A file that parsed: its index, and its parse when a pass needs the whole module.
+type IndexedFile = (FileIndex, Option<ParsedSource>);
 
 /// A file to scan, with its module name and reported path.
 pub(crate) struct Input {
@@ -210,7 +216,7 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
     let inputs = collect_inputs(paths)?;
 
     // Parse and index every file in parallel.
-    let parsed: Vec<(FileEntry, Option<FileIndex>)> = inputs
+    let parsed: Vec<(FileEntry, Option<IndexedFile>)> = inputs
         .par_iter()
         .map(|input| {
             let failed = |error: String| {
@@ -237,14 +243,19 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 }
             };
             match ParsedSource::parse(text) {
-                Ok(source) => (
-                    FileEntry {
-                        path: input.display.clone(),
-                        status: FileStatus::Ok,
-                        error: None,
-                    },
-                    Some(FileIndex::build(&source, &input.module)),
-                ),
+                Ok(source) => {
+                    let index = FileIndex::build(&source, &input.module);
+                    // The module's parse is kept only for the passes that read it.
+                    let keep = (!options.passes.is_empty()).then_some(source);
+                    (
+                        FileEntry {
+                            path: input.display.clone(),
+                            status: FileStatus::Ok,
+                            error: None,
+                        },
+                        Some((index, keep)),
+                    )
+                }
                 Err(e) => failed(format!("syntax error at {e}")),
             }
         })
@@ -270,11 +281,13 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
 
     let mut files = Vec::with_capacity(parsed.len());
     let mut indexes = Vec::new();
+    let mut sources = Vec::new();
     let mut index_roots = Vec::new();
     let mut index_paths = Vec::new();
     for ((entry, index), input) in parsed.into_iter().zip(&inputs) {
-        if let Some(index) = index {
+        if let Some((index, source)) = index {
             indexes.push(index);
+            sources.push(source);
             index_roots.push(input.root.clone());
             index_paths.push(entry.path.clone());
         }
@@ -326,7 +339,8 @@ pub fn scan(paths: &[PathBuf], options: &ScanOptions) -> Result<Scan, InputError
                 })
                 .collect();
             let loss = mapping_of(id.0).resolve(&tree.class(id).name);
-            let mut report = analyze_class(&chain, &loss);
+            let mut report =
+                analyze_class_with(&chain, &loss, sources[id.0].as_ref(), &options.passes);
             if let Some(forward_module) = report.forward_module.clone() {
                 let binds = indexes
                     .iter()

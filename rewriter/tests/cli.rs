@@ -665,3 +665,25 @@ fn scan_syncs_text_and_json() {
         Some(2)
     );
 }
+
+#[test]
+fn pass_selection_names_the_known_passes() {
+    let dir = tree();
+    let root = path(&dir.0, "transformers");
+    let out = run(&["scan", &root, "--pass", "bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--pass: unknown pass \"bogus\" (known: fused-loss, none"),
+        "{stderr}"
+    );
+    // The fused loss alone: no `passes` section in the entries.
+    let doc = json(&run(&["scan", &root, "--json", "--pass", "none"]));
+    assert!(
+        doc["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c.get("passes").is_none())
+    );
+}

@@ -3,7 +3,7 @@
 //! a bad argument is a `ValueError` naming it.
 
 use forward_rewrite::analyze::is_candidate_json;
-use forward_rewrite::{analyze_class_json, hash, module_classes};
+use forward_rewrite::{analyze_class_in_module_json, analyze_class_json, hash, module_classes};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -12,6 +12,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_module_classes, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_analyze_class, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_is_candidate, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_pass_names, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
     Ok(())
 }
@@ -35,11 +36,28 @@ fn rewrite_module_classes(
 /// `analyze_class` over JSON: `chain` is the class and its bases (most-derived first) as
 /// returned by `rewrite_module_classes`, `loss` is `"causal"`, `{"other": NAME}` or
 /// `"unknown"`. Returns the class report (with `patched_forward` when patched) as JSON.
+/// With `passes` (names of the passes beyond the fused loss), they run too, reading
+/// `module`: the text of the module that defines the class.
 #[pyfunction]
-#[pyo3(signature = (chain, loss))]
-fn rewrite_analyze_class(py: Python<'_>, chain: &str, loss: &str) -> PyResult<String> {
-    py.detach(|| analyze_class_json(chain, loss))
-        .map_err(PyValueError::new_err)
+#[pyo3(signature = (chain, loss, module=None, passes=None))]
+fn rewrite_analyze_class(
+    py: Python<'_>,
+    chain: &str,
+    loss: &str,
+    module: Option<&str>,
+    passes: Option<Vec<String>>,
+) -> PyResult<String> {
+    py.detach(|| match passes {
+        None => analyze_class_json(chain, loss),
+        Some(passes) => analyze_class_in_module_json(chain, loss, module, &passes),
+    })
+    .map_err(PyValueError::new_err)
+}
+
+/// The names of the passes beyond the fused loss this build knows.
+#[pyfunction]
+fn rewrite_pass_names() -> Vec<&'static str> {
+    forward_rewrite::passes::names()
 }
 
 /// Whether the pass looks at the most-derived class of `chain` at all (the CLI's rule:

@@ -1,10 +1,12 @@
 """forward-rewrite's runtime: the installer that puts rewritten forwards into transformers'
-model classes, the fused lm_head + causal-LM loss op, and the helpers the rewritten
-forwards call (see ARCHITECTURE.md, contracts 1-4)."""
+model classes, the fused lm_head + causal-LM loss op, the fused decoder ops (RMSNorm,
+rotary embedding, gated MLP product), and the helpers the rewritten forwards call (see
+ARCHITECTURE.md, contracts 1-4)."""
 
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
 from ._stats import reset_stats, stats
+from .fused_ops import gated_mlp_act, gated_mlp_act_packed, rms_norm, rotary
 from .guard import (
     LOSS_KWARGS,
     fuses,
@@ -22,11 +24,15 @@ __all__ = [
     "chunk_budget_bytes",
     "fused_lm_head_loss",
     "fuses",
+    "gated_mlp_act",
+    "gated_mlp_act_packed",
     "install",
     "keep_logits",
     "loss_kwargs",
     "patch_model",
     "reset_stats",
+    "rms_norm",
+    "rotary",
     "set_chunk_budget_bytes",
     "set_keep_logits",
     "stats",

@@ -1,10 +1,12 @@
 //! The CPU backend of the fused linear + cross-entropy (ARCHITECTURE.md, contract 4):
 //! chunked over tokens (and over the vocabulary when needed) within a memory budget,
 //! float32 arithmetic on bf16/fp16/fp32 inputs, rayon for parallelism, never a
-//! tokens x vocabulary buffer.
+//! tokens x vocabulary buffer. `fusions` holds the decoder-fusion ops (RMSNorm, rotary
+//! embedding, the gated MLP product): the CPU twins of the CUDA kernels.
 
 mod element;
 mod fused;
+pub mod fusions;
 mod gemm;
 mod plan;
 mod python;
@@ -23,6 +25,7 @@ use pyo3::prelude::*;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(python::cpu_fused_ce, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
+    fusions::register(m)?;
     Ok(())
 }
 

@@ -19,6 +19,21 @@ use super::libs;
 pub const FUSED_CE_SOURCE: &str = include_str!("../../../kernels/fused_ce.cu");
 pub const FUSED_CE_NAME: &str = "fused_ce.cu";
 
+/// The decoder-fusion kernels, each behind the shared `kernels/fusion_common.cuh` (each file
+/// starts with a `#line` directive, so NVRTC's messages point into the file itself).
+pub const RMS_NORM_SOURCE: &str = concat!(
+    include_str!("../../../kernels/fusion_common.cuh"),
+    include_str!("../../../kernels/rms_norm.cu")
+);
+pub const ROTARY_SOURCE: &str = concat!(
+    include_str!("../../../kernels/fusion_common.cuh"),
+    include_str!("../../../kernels/rotary.cu")
+);
+pub const GATED_ACT_SOURCE: &str = concat!(
+    include_str!("../../../kernels/fusion_common.cuh"),
+    include_str!("../../../kernels/gated_act.cu")
+);
+
 const OPTIONS: &[&str] = &["--std=c++17"];
 
 /// A compiled module: a cubin for the exact architecture, or PTX for the driver to JIT.

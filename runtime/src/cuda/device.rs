@@ -1,4 +1,5 @@
-//! Per-GPU state: torch's primary context, the loaded kernel module, a cuBLAS handle.
+//! Per-GPU state: torch's primary context, the loaded kernel module, a cuBLAS handle, and
+//! the decoder-fusion modules, each loaded on its first use.
 //!
 //! Built on first use of a device and kept for the life of the process. Every call takes
 //! the state's lock for the time it enqueues work (the cuBLAS handle is not thread-safe).
@@ -39,7 +40,8 @@ impl Dtype {
             _ => 2,
         }
     }
-    fn suffix(self) -> &'static str {
+    /// The suffix of the kernel instances for this dtype (`_bf16`, `_f16`, `_f32`).
+    pub fn suffix(self) -> &'static str {
         match self {
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
@@ -79,6 +81,35 @@ pub struct Device {
     /// Cluster kernel configurations already checked: (kernel, cluster size, smem, block)
     /// -> how many clusters can be resident (0: cannot run).
     pub cluster_capacity: HashMap<(usize, u32, u32, u32), i32>,
+    /// The decoder-fusion modules (`kernels/rms_norm.cu`, ...), each compiled or read from
+    /// the cache and loaded on its first use, with the functions looked up so far.
+    modules: HashMap<&'static str, LoadedModule>,
+}
+
+/// A kernel source compiled and loaded on first use (the decoder-fusion kernels).
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleSource {
+    /// The file name NVRTC reports and the cache names files after.
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+struct LoadedModule {
+    module: drv_sys::CUmodule,
+    functions: HashMap<String, drv_sys::CUfunction>,
+    /// Blocks per SM by (function, block size, dynamic shared memory), measured once.
+    occupancy: HashMap<(usize, u32, u32), i32>,
+}
+
+/// Loads a compiled image into the current context.
+fn load_image(image: compile::Image) -> Result<drv_sys::CUmodule> {
+    let mut bytes = image.bytes;
+    if !image.is_cubin && bytes.last() != Some(&0) {
+        bytes.push(0); // PTX is loaded as a C string
+    }
+    // SAFETY: a cubin or NUL-terminated PTX image that NVRTC produced.
+    unsafe { drv::module::load_data(bytes.as_ptr() as *const c_void) }
+        .context("loading the kernel module")
 }
 
 // SAFETY: the raw handles are only used while holding the state's mutex.
@@ -119,12 +150,7 @@ impl Device {
         }
         let target = compile::target_for(cc)?;
         let image = compile::cached(compile::FUSED_CE_SOURCE, compile::FUSED_CE_NAME, &target)?;
-        let mut bytes = image.bytes;
-        if !image.is_cubin && bytes.last() != Some(&0) {
-            bytes.push(0); // PTX is loaded as a C string
-        }
-        let module = unsafe { drv::module::load_data(bytes.as_ptr() as *const c_void) }
-            .context("loading the kernel module")?;
+        let module = load_image(image)?;
         let mut kernels = HashMap::new();
         for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
             let f = |base: &str| -> Result<drv_sys::CUfunction> {
@@ -174,7 +200,66 @@ impl Device {
             blas,
             kernels,
             cluster_capacity: HashMap::new(),
+            modules: HashMap::new(),
         })
+    }
+
+    fn loaded(&mut self, src: &ModuleSource) -> Result<&mut LoadedModule> {
+        if !self.modules.contains_key(src.name) {
+            let image = compile::cached(src.source, src.name, &self.target)?;
+            let module = load_image(image)?;
+            self.modules.insert(
+                src.name,
+                LoadedModule {
+                    module,
+                    functions: HashMap::new(),
+                    occupancy: HashMap::new(),
+                },
+            );
+        }
+        Ok(self.modules.get_mut(src.name).expect("just inserted"))
+    }
+
+    /// Kernel `name` of the module `src` (compiled, or read from the disk cache, and loaded
+    /// on first use).
+    pub fn function(&mut self, src: &ModuleSource, name: &str) -> Result<drv_sys::CUfunction> {
+        let m = self.loaded(src)?;
+        if let Some(f) = m.functions.get(name) {
+            return Ok(*f);
+        }
+        let cname = CString::new(name).map_err(|_| CudaError::runtime("kernel name with NUL"))?;
+        // SAFETY: a loaded module that is never unloaded.
+        let f = unsafe { drv::module::get_function(m.module, cname) }
+            .context(&format!("finding kernel {name} in {}", src.name))?;
+        m.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+
+    /// How many blocks of `block` threads (and `smem` bytes of dynamic shared memory) of
+    /// kernel `f` of module `src` fit on one SM at once (at least 1).
+    ///
+    /// # Safety
+    /// `f` must be a kernel of the module `src` (from [`Device::function`]).
+    pub unsafe fn blocks_per_sm(
+        &mut self,
+        src: &ModuleSource,
+        f: drv_sys::CUfunction,
+        block: u32,
+        smem: u32,
+    ) -> Result<u32> {
+        let m = self.loaded(src)?;
+        let key = (f as usize, block, smem);
+        if let Some(n) = m.occupancy.get(&key) {
+            return Ok(*n as u32);
+        }
+        // SAFETY: a kernel of a loaded module.
+        let n = unsafe {
+            drv::occupancy::max_active_block_per_multiprocessor(f, block as i32, smem as usize)
+        }
+        .context("asking the occupancy of a kernel")?
+        .max(1);
+        m.occupancy.insert(key, n);
+        Ok(n as u32)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod compile;
 pub mod device;
 pub mod error;
 pub mod fused;
+pub mod fusions;
 pub mod gemm;
 pub mod libs;
 pub mod plan;
@@ -27,6 +28,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_kernel_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
+    fusions::register(m)?;
     Ok(())
 }
 
@@ -146,14 +148,30 @@ fn cuda_fused_ce(
     Ok(())
 }
 
-/// Compiles the embedded kernels for `target` ("sm_80", "sm_90", or "compute_90" for PTX)
-/// with the NVRTC found in the process; needs no GPU. Returns (image, NVRTC log).
+/// Compiles the embedded kernels of `module` ("fused_ce", the default, or a decoder-fusion
+/// module: "rms_norm", "rotary", "gated_act") for `target` ("sm_80", "sm_90", or
+/// "compute_90" for PTX) with the NVRTC found in the process; needs no GPU. Returns
+/// (image, NVRTC log).
 #[pyfunction]
-fn cuda_compile<'py>(py: Python<'py>, target: &str) -> PyResult<(Bound<'py, PyBytes>, String)> {
+#[pyo3(signature = (target, module = "fused_ce"))]
+fn cuda_compile<'py>(
+    py: Python<'py>,
+    target: &str,
+    module: &str,
+) -> PyResult<(Bound<'py, PyBytes>, String)> {
+    let (source, name) = match module {
+        "fused_ce" => (compile::FUSED_CE_SOURCE, compile::FUSED_CE_NAME),
+        other => match fusions::module_named(other) {
+            Some(m) => (m.source, m.name),
+            None => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "module: expected 'fused_ce', 'rms_norm', 'rotary' or 'gated_act', got {other:?}"
+                )));
+            }
+        },
+    };
     let target = target.to_string();
-    let image = py.detach(|| {
-        catch_panics(|| compile::compile(compile::FUSED_CE_SOURCE, compile::FUSED_CE_NAME, &target))
-    })?;
+    let image = py.detach(|| catch_panics(|| compile::compile(source, name, &target)))?;
     Ok((PyBytes::new(py, &image.bytes), image.log))
 }
 

@@ -1,0 +1,124 @@
+// Shared by the decoder-fusion kernels (rms_norm.cu, rotary.cu, gated_act.cu). The Rust side
+// (runtime/src/cuda/compile.rs) puts this text in front of each of those files and compiles
+// the result with NVRTC; each file starts with a #line directive so NVRTC's messages name
+// the file and line you edit. No CUDA header is needed: bf16/fp16 conversions are PTX.
+//
+// Storage types: `Bf16`, `F16` and `F32` describe how an element is stored and converted to
+// and from float32, the type every kernel computes in. Kernel entry points are `extern "C"`
+// instances named after the storage types they read and write (`_bf16`, `_f16`, `_f32`).
+
+typedef unsigned short u16_t;
+typedef long long i64;
+
+struct Bf16 {
+    typedef u16_t T;
+    static __device__ __forceinline__ float load(T x) { return __uint_as_float(((unsigned)x) << 16); }
+    static __device__ __forceinline__ T store(float x) {
+        T r;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        return r;
+    }
+};
+
+struct F16 {
+    typedef u16_t T;
+    static __device__ __forceinline__ float load(T x) {
+        float r;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
+        return r;
+    }
+    static __device__ __forceinline__ T store(float x) {
+        T r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        return r;
+    }
+};
+
+struct F32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(T x) { return x; }
+    static __device__ __forceinline__ T store(float x) { return x; }
+};
+
+// Rounds a float32 to the storage type D and back: what `tensor.to(dtype)` does to a value.
+template <class D>
+__device__ __forceinline__ float round_to(float x) {
+    return D::load(D::store(x));
+}
+
+// ---- vector loads and stores ---------------------------------------------------------------
+//
+// E consecutive elements at p, converted to or from float32. When E elements fill whole
+// 16-byte words (E = 8: one word for 16-bit types, two for float32) they move as 128-bit
+// accesses, so p must then be 16-byte aligned (the launchers check it and otherwise pick the
+// E = 1 instance). Loads of inputs go through the read-only path.
+
+template <class D, int E>
+__device__ __forceinline__ void load_vec(const typename D::T* __restrict__ p, float (&v)[E]) {
+    typedef typename D::T T;
+    constexpr int BYTES = E * (int)sizeof(T);
+    if constexpr (BYTES % 16 == 0) {
+        constexpr int PER = 16 / (int)sizeof(T);
+#pragma unroll
+        for (int c = 0; c < BYTES / 16; ++c) {
+            union {
+                uint4 u;
+                T e[PER];
+            } pack;
+            pack.u = __ldg(reinterpret_cast<const uint4*>(p) + c);
+#pragma unroll
+            for (int i = 0; i < PER; ++i) v[c * PER + i] = D::load(pack.e[i]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[i] = D::load(p[i]);
+    }
+}
+
+template <class D, int E>
+__device__ __forceinline__ void store_vec(typename D::T* __restrict__ p, const float (&v)[E]) {
+    typedef typename D::T T;
+    constexpr int BYTES = E * (int)sizeof(T);
+    if constexpr (BYTES % 16 == 0) {
+        constexpr int PER = 16 / (int)sizeof(T);
+#pragma unroll
+        for (int c = 0; c < BYTES / 16; ++c) {
+            union {
+                uint4 u;
+                T e[PER];
+            } pack;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) pack.e[i] = D::store(v[c * PER + i]);
+            reinterpret_cast<uint4*>(p)[c] = pack.u;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) p[i] = D::store(v[i]);
+    }
+}
+
+// ---- reductions ----------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over a team of `team` consecutive threads that all call this; every member gets the
+// sum. A team is a power of two up to 32 (several teams per warp: shuffles only) or the whole
+// block (blockDim.x a multiple of 32: shuffles, then `scratch` (32 floats) across warps).
+// The order of the additions depends only on the team size, so results are reproducible.
+__device__ __forceinline__ float team_sum(float v, int team, float* scratch) {
+    if (team <= 32) {
+        for (int o = team >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        return v;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by the previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = lane < nwarps ? scratch[lane] : 0.f;
+    return warp_sum(r);
+}

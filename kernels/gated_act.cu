@@ -1,0 +1,104 @@
+#line 2 "gated_act.cu"
+// The activation product of a gated MLP, act(gate) * up (README, "Fused decoder ops"; CPU
+// twin: runtime/src/cpu/fusions/gated.rs). Launched by runtime/src/cuda/fusions.rs.
+//
+// Forward, with the stock module's rounding points (act_fn(gate) is a tensor of the input
+// dtype T, then multiplied by up):  out = round_T(round_T(act(g)) * u).
+// Backward from the saved inputs (nothing else is saved), in float32, one rounding each:
+//   dup   = round_T(dout * round_T(act(g)))     (the factor the forward multiplied by)
+//   dgate = round_T(dout * u * act'(g))
+// act: 0 = SiLU, x / (1 + exp(-x)); 1 = GELU with the tanh approximation, as
+// F.gelu(approximate="tanh") computes it. gate and up are (rows, cols) with their own row
+// strides (unit stride along cols: Phi-3's chunks of one gate_up projection); out and dout
+// are contiguous (rows, cols); dgate and dup have the row stride ld_grad (cols: two
+// tensors; 2 * cols with dup = dgate + cols: one packed (rows, 2 * cols) gradient of a
+// gate_up tensor, with no concatenation). The `_v8` kernels move 8 entries per 128-bit
+// access and need cols and every row stride % 8 == 0 and 16-byte aligned rows (the launcher
+// checks); `_s` any layout.
+
+struct GatedParams {
+    const void* gate;
+    const void* up;
+    const void* dout;   // backward only
+    void* out;          // forward: out; backward: dgate
+    void* dup;          // backward only
+    i64 rows;
+    i64 cols;
+    i64 ld_gate;        // elements
+    i64 ld_up;
+    i64 ld_grad;        // row stride of dgate and dup (backward)
+    int act;
+    int pad_;
+};
+
+#define GELU_BETA 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_KAPPA 0.044715f
+
+__device__ __forceinline__ float act_value(int act, float x) {
+    if (act == 0) return x / (1.f + expf(-x));
+    const float inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x));
+    return 0.5f * x * (1.f + tanhf(inner));
+}
+
+__device__ __forceinline__ float act_grad(int act, float x) {
+    if (act == 0) {
+        const float s = 1.f / (1.f + expf(-x));
+        return s * (1.f + x * (1.f - s));
+    }
+    const float x_sq = x * x;
+    const float inner = GELU_BETA * (x + GELU_KAPPA * x_sq * x);
+    const float t = tanhf(inner);
+    const float left = 0.5f * x;
+    const float right = 1.f + t;
+    const float left_derivative = 0.5f * right;
+    const float right_derivative = left * (1.f - t * t);
+    const float inner_derivative = GELU_BETA * (1.f + 3.f * GELU_KAPPA * x_sq);
+    return left_derivative + right_derivative * inner_derivative;
+}
+
+template <class D, int E, bool BACKWARD>
+__device__ void gated(const GatedParams& p) {
+    typedef typename D::T T;
+    const i64 per_row = p.cols / E;
+    const i64 total = p.rows * per_row;
+    for (i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (i64)gridDim.x * blockDim.x) {
+        const i64 r = p.rows == 1 ? 0 : v / per_row;
+        const i64 c = (v - r * per_row) * E;
+        float g[E], u[E], o[E];
+        load_vec<D, E>((const T*)p.gate + r * p.ld_gate + c, g);
+        load_vec<D, E>((const T*)p.up + r * p.ld_up + c, u);
+        if (!BACKWARD) {
+#pragma unroll
+            for (int i = 0; i < E; ++i) o[i] = round_to<D>(act_value(p.act, g[i])) * u[i];
+            store_vec<D, E>((T*)p.out + r * p.cols + c, o);
+        } else {
+            float d[E], du[E];
+            load_vec<D, E>((const T*)p.dout + r * p.cols + c, d);
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+                du[i] = d[i] * round_to<D>(act_value(p.act, g[i]));
+                o[i] = d[i] * u[i] * act_grad(p.act, g[i]);
+            }
+            store_vec<D, E>((T*)p.out + r * p.ld_grad + c, o);
+            store_vec<D, E>((T*)p.dup + r * p.ld_grad + c, du);
+        }
+    }
+}
+
+#define GATED_INSTANTIATE(NAME, D)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) gated_fwd_##NAME##_v8(const GatedParams p) {  \
+        gated<D, 8, false>(p);                                                                       \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) gated_fwd_##NAME##_s(const GatedParams p) {   \
+        gated<D, 1, false>(p);                                                                       \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) gated_bwd_##NAME##_v8(const GatedParams p) {  \
+        gated<D, 8, true>(p);                                                                        \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) gated_bwd_##NAME##_s(const GatedParams p) {   \
+        gated<D, 1, true>(p);                                                                        \
+    }
+
+GATED_INSTANTIATE(bf16, Bf16)
+GATED_INSTANTIATE(f16, F16)
+GATED_INSTANTIATE(f32, F32)

@@ -1,0 +1,317 @@
+#line 2 "rms_norm.cu"
+// RMSNorm forward and backward (README, "Fused decoder ops"; CPU twin:
+// runtime/src/cpu/fusions/rms_norm.rs). Launched by runtime/src/cuda/fusions.rs.
+//
+// Per row of `hidden` elements, in float32:
+//   r  = 1 / sqrt(sum(x^2) / hidden + eps)            (saved: rstd, one float per row)
+//   xn = x * r
+//   y  = (offset + w) * round_X(xn)   with cast_before (Llama: weight * x.to(input_dtype))
+//   y  = xn * (offset + w)            without it       (Gemma: (x * (1 + w.float())).type_as(x))
+// rounded once to the output type O. Backward, with g = dy * (offset + w):
+//   dx = r * (g - xn * sum(g * xn) / hidden)
+//   dw = sum over rows of dy * round_X(xn) (cast_before) or dy * xn, accumulated in float32:
+//        per block into a float32 partial row (fixed order), then `rms_dw_finish` adds the
+//        partial rows in order and rounds once to W. Deterministic for a given launch shape.
+//
+// A "team" of threads owns a row: a power of two up to 32 (several rows per warp, for short
+// rows such as Qwen3's per-head q/k norms) or the whole block (one row per block, at most
+// 512 threads: the kernels are built for 128 registers per thread). The `_v`
+// kernels keep the row in registers (NV vectors of 8 elements per thread: one read of x in
+// the forward, one of x and dy in the backward; needs hidden % 8 == 0 and 16-byte aligned
+// rows); the `_any` kernels take any shape and read the row twice.
+
+struct RmsFwdParams {
+    const void* x;     // (rows, hidden) X, row-major, contiguous
+    const void* w;     // (hidden,) W
+    void* y;           // (rows, hidden) O
+    float* rstd;       // (rows,)
+    i64 rows;
+    int hidden;
+    int team;          // threads per row
+    float eps;
+    float offset;      // added to the weight in float32
+    int cast_before;   // 1: Llama order, 0: Gemma order
+    int pad_;
+};
+
+struct RmsBwdParams {
+    const void* dy;    // (rows, hidden) O
+    const void* x;     // (rows, hidden) X
+    const void* w;     // (hidden,) W
+    const float* rstd; // (rows,)
+    void* dx;          // (rows, hidden) X
+    float* dw_partial; // (gridDim.x, hidden) float32, or null: no weight gradient
+    i64 rows;
+    int hidden;
+    int team;
+    float offset;
+    int cast_before;
+};
+
+template <class X>
+__device__ __forceinline__ float rms_out(const RmsFwdParams& p, float x, float r, float w) {
+    const float xn = x * r;
+    const float we = p.offset + w;
+    return p.cast_before ? we * round_to<X>(xn) : xn * we;
+}
+
+__device__ __forceinline__ float rms_rstd(float sum_sq, int hidden, float eps) {
+    return 1.f / sqrtf(sum_sq / (float)hidden + eps);
+}
+
+// ---- forward -------------------------------------------------------------------------------
+
+template <class X, class W, class O, int NV>
+__device__ void rms_fwd_vec(const RmsFwdParams& p) {
+    __shared__ float scratch[32];
+    const int team = p.team;
+    const int lane = threadIdx.x % team;
+    const i64 row = (i64)blockIdx.x * (blockDim.x / team) + threadIdx.x / team;
+    const bool active = row < p.rows;
+    const typename X::T* xr = (const typename X::T*)p.x + (active ? row : 0) * p.hidden;
+    float xv[NV][8];
+    float ss = 0.f;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+        const int col = (v * team + lane) * 8;
+        if (active && col < p.hidden) {
+            load_vec<X, 8>(xr + col, xv[v]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xv[v][i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss += xv[v][i] * xv[v][i];
+    }
+    ss = team_sum(ss, team, scratch);
+    if (!active) return;  // no reduction follows
+    const float r = rms_rstd(ss, p.hidden, p.eps);
+    if (lane == 0) p.rstd[row] = r;
+    typename O::T* yr = (typename O::T*)p.y + row * p.hidden;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+        const int col = (v * team + lane) * 8;
+        if (col < p.hidden) {
+            float wv[8], out[8];
+            load_vec<W, 8>((const typename W::T*)p.w + col, wv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) out[i] = rms_out<X>(p, xv[v][i], r, wv[i]);
+            store_vec<O, 8>(yr + col, out);
+        }
+    }
+}
+
+// One row per block (team = blockDim.x), any hidden size and alignment.
+template <class X, class W, class O>
+__device__ void rms_fwd_any(const RmsFwdParams& p) {
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x;
+    const typename X::T* xr = (const typename X::T*)p.x + row * p.hidden;
+    const typename W::T* w = (const typename W::T*)p.w;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+        const float x = X::load(xr[c]);
+        ss += x * x;
+    }
+    ss = team_sum(ss, blockDim.x, scratch);
+    const float r = rms_rstd(ss, p.hidden, p.eps);
+    if (threadIdx.x == 0) p.rstd[row] = r;
+    typename O::T* yr = (typename O::T*)p.y + row * p.hidden;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x)
+        yr[c] = O::store(rms_out<X>(p, X::load(xr[c]), r, W::load(w[c])));
+}
+
+// ---- backward ------------------------------------------------------------------------------
+//
+// Persistent: gridDim.x blocks, each team walks rows team_id, team_id + teams, ...; a thread
+// owns the same columns in every row, so it keeps its share of dw in registers. Every team of
+// a warp runs the same number of iterations (shuffles need all 32 lanes).
+
+template <class X, class W, class O, int NV>
+__device__ void rms_bwd_vec(const RmsBwdParams& p) {
+    __shared__ float scratch[32];
+    extern __shared__ float team_dw[];  // (teams, hidden) when several teams share a block
+    const int team = p.team;
+    const int lane = threadIdx.x % team;
+    const int teams = blockDim.x / team;
+    const int tib = threadIdx.x / team;
+    const i64 nteams = (i64)gridDim.x * teams;
+    const i64 first = (i64)blockIdx.x * teams + tib;
+    const i64 iters = (p.rows + nteams - 1) / nteams;
+    const bool want_dw = p.dw_partial != nullptr;
+    // x (as xn), dy and the dw sums stay in registers; the weight is re-read per row from
+    // L1 (hidden elements, shared by every row), which keeps the kernel within 128
+    // registers per thread at NV = 4.
+    const typename W::T* w = (const typename W::T*)p.w;
+    float dw[NV][8];
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dw[v][i] = 0.f;
+    }
+    for (i64 it = 0; it < iters; ++it) {
+        const i64 row = first + it * nteams;
+        const bool active = row < p.rows;
+        const i64 base = (active ? row : 0) * p.hidden;
+        const float r = active ? p.rstd[row] : 0.f;
+        float xn[NV][8], dy[NV][8];
+        float dot = 0.f;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int col = (v * team + lane) * 8;
+            float we[8];
+            if (active && col < p.hidden) {
+                load_vec<X, 8>((const typename X::T*)p.x + base + col, xn[v]);
+                load_vec<O, 8>((const typename O::T*)p.dy + base + col, dy[v]);
+                load_vec<W, 8>(w + col, we);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) xn[v][i] = dy[v][i] = we[i] = 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                xn[v][i] *= r;
+                dot += dy[v][i] * (p.offset + we[i]) * xn[v][i];
+            }
+        }
+        dot = team_sum(dot, team, scratch);
+        if (!active) continue;
+        const float c = dot / (float)p.hidden;
+        typename X::T* dxr = (typename X::T*)p.dx + base;
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int col = (v * team + lane) * 8;
+            if (col < p.hidden) {
+                float out[8], we[8];
+                load_vec<W, 8>(w + col, we);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    out[i] = r * (dy[v][i] * (p.offset + we[i]) - xn[v][i] * c);
+                    if (want_dw) dw[v][i] += dy[v][i] * (p.cast_before ? round_to<X>(xn[v][i]) : xn[v][i]);
+                }
+                store_vec<X, 8>(dxr + col, out);
+            }
+        }
+    }
+    if (!want_dw) return;
+    float* part = p.dw_partial + (i64)blockIdx.x * p.hidden;
+    if (teams == 1) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int col = (v * team + lane) * 8;
+            if (col < p.hidden) store_vec<F32, 8>(part + col, dw[v]);
+        }
+        return;
+    }
+    // Several teams: their rows of dw meet in shared memory and are added in team order.
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+        const int col = (v * team + lane) * 8;
+        if (col < p.hidden) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) team_dw[tib * p.hidden + col + i] = dw[v][i];
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+        float s = 0.f;
+        for (int t = 0; t < teams; ++t) s += team_dw[t * p.hidden + c];
+        part[c] = s;
+    }
+}
+
+// One team = the block, any hidden size and alignment; the block's partial row of dw is
+// accumulated in place (each column owned by one thread). gridDim.x <= rows.
+template <class X, class W, class O>
+__device__ void rms_bwd_any(const RmsBwdParams& p) {
+    __shared__ float scratch[32];
+    const typename W::T* w = (const typename W::T*)p.w;
+    float* part = p.dw_partial ? p.dw_partial + (i64)blockIdx.x * p.hidden : nullptr;
+    for (i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const i64 base = row * p.hidden;
+        const typename X::T* xr = (const typename X::T*)p.x + base;
+        const typename O::T* dyr = (const typename O::T*)p.dy + base;
+        const float r = p.rstd[row];
+        float dot = 0.f;
+        for (int c = threadIdx.x; c < p.hidden; c += blockDim.x)
+            dot += (O::load(dyr[c]) * (p.offset + W::load(w[c]))) * (X::load(xr[c]) * r);
+        dot = team_sum(dot, blockDim.x, scratch);
+        const float k = dot / (float)p.hidden;
+        typename X::T* dxr = (typename X::T*)p.dx + base;
+        for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+            const float dy = O::load(dyr[c]);
+            const float xn = X::load(xr[c]) * r;
+            dxr[c] = X::store(r * (dy * (p.offset + W::load(w[c])) - xn * k));
+            if (part) {
+                const float contrib = dy * (p.cast_before ? round_to<X>(xn) : xn);
+                part[c] = row == (i64)blockIdx.x ? contrib : part[c] + contrib;
+            }
+        }
+    }
+}
+
+// dw[c] = round_W(sum over b of partial[b][c]), b in order. Blocks of 256 threads: 32
+// columns x 8 interleaved slices of the partial rows, the 8 slice sums added in order.
+template <class W>
+__device__ void rms_dw_finish(const float* __restrict__ partial, int parts, int hidden, void* dw) {
+    __shared__ float acc[8][33];
+    const int cx = threadIdx.x & 31, s = threadIdx.x >> 5;
+    const int col = blockIdx.x * 32 + cx;
+    float sum = 0.f;
+    if (col < hidden)
+        for (int b = s; b < parts; b += 8) sum += partial[(i64)b * hidden + col];
+    acc[s][cx] = sum;
+    __syncthreads();
+    if (s == 0 && col < hidden) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) t += acc[k][cx];
+        ((typename W::T*)dw)[col] = W::store(t);
+    }
+}
+
+#define RMS_INSTANTIATE(NAME, X, W, O)                                                               \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v1(const RmsFwdParams p) {  \
+        rms_fwd_vec<X, W, O, 1>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v2(const RmsFwdParams p) {  \
+        rms_fwd_vec<X, W, O, 2>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v4(const RmsFwdParams p) {  \
+        rms_fwd_vec<X, W, O, 4>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_any(const RmsFwdParams p) { \
+        rms_fwd_any<X, W, O>(p);                                                                     \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v1(const RmsBwdParams p) {  \
+        rms_bwd_vec<X, W, O, 1>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v2(const RmsBwdParams p) {  \
+        rms_bwd_vec<X, W, O, 2>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v4(const RmsBwdParams p) {  \
+        rms_bwd_vec<X, W, O, 4>(p);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_any(const RmsBwdParams p) { \
+        rms_bwd_any<X, W, O>(p);                                                                     \
+    }
+
+// (x, weight, output) dtypes: the weight is the input's dtype or float32 (the Python side
+// upcasts any other weight exactly); the output is the input's dtype or float32.
+RMS_INSTANTIATE(bf16_bf16_bf16, Bf16, Bf16, Bf16)
+RMS_INSTANTIATE(f16_f16_f16, F16, F16, F16)
+RMS_INSTANTIATE(f32_f32_f32, F32, F32, F32)
+RMS_INSTANTIATE(bf16_f32_f32, Bf16, F32, F32)
+RMS_INSTANTIATE(bf16_f32_bf16, Bf16, F32, Bf16)
+RMS_INSTANTIATE(f16_f32_f32, F16, F32, F32)
+RMS_INSTANTIATE(f16_f32_f16, F16, F32, F16)
+
+#define RMS_FINISH(NAME, W)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                              \
+        rms_dw_finish_##NAME(const float* partial, int parts, int hidden, void* dw) {              \
+        rms_dw_finish<W>(partial, parts, hidden, dw);                                              \
+    }
+
+RMS_FINISH(bf16, Bf16)
+RMS_FINISH(f16, F16)
+RMS_FINISH(f32, F32)

@@ -1,0 +1,275 @@
+"""The backend contract of the decoder-fusion ops and the checks every backend runs.
+
+A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
+``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with six functions::
+
+    rms_norm_forward(x, weight, eps, offset, cast_before_weight) -> (y, rstd)
+    rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad)
+        -> (dx, dw or None)
+    rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
+        -> (q_out, k_out)
+    gated_act(gate, up, activation) -> out
+    gated_act_backward(dout, gate, up, activation) -> (dgate, dup)
+    gated_act_backward_packed(dout, gate_up, activation) -> dgate_up
+
+on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder ops"):
+
+* RMSNorm: ``x`` (rows, hidden) contiguous; ``weight`` (hidden,) of x's dtype or float32;
+  ``y`` of the output dtype (:func:`rms_out_dtype`); ``rstd`` (rows,) float32 (float64 for
+  float64 inputs); ``dy`` (rows, hidden) of y's dtype.
+* rotary: q, k, cos, sin 4-D, unit stride along the last dimension, any other strides;
+  ``head_index`` (0, 1 or 2) is the dimension cos and sin are broadcast over (size 1 there);
+  on the two other leading dimensions cos/sin have q's size or 1. Outputs have q's and k's
+  layouts (``torch.empty_like``). With ``transpose`` the inputs are the output gradients and
+  ``out_dtype`` is q's dtype.
+* gated product: gate and up (rows, cols) with unit stride along cols and a row stride of at
+  least cols (Phi-3's chunks of one projection); outputs contiguous. The packed backward
+  takes gate_up (rows, 2 * cols) (gate its first half, up its second, row stride at least
+  2 * cols) and returns its gradient as one contiguous (rows, 2 * cols) tensor.
+
+A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
+argument before any pointer reaches native code.
+"""
+
+import torch
+
+#: float64 runs on the CPU only (it is there for ``torch.autograd.gradcheck``).
+FUSION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+
+
+def _floating(name, t, device_type):
+    _floating_dtype(name, t.dtype, device_type)
+
+
+def _floating_dtype(name, dtype, device_type):
+    if dtype not in FUSION_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {dtype} is not bfloat16, float16 or float32 "
+            "(or float64 on the CPU)"
+        )
+    if dtype == torch.float64 and device_type != "cpu":
+        raise TypeError(f"{name}: float64 is supported on the CPU only")
+
+
+def _on(name, t, ref, device_type):
+    if t.device.type != device_type:
+        raise ValueError(f"{name}: on {t.device}, expected a {device_type} tensor")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: on {t.device}, the first input is on {ref.device}")
+
+
+def _contiguous(name, t):
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+
+
+def _wide(name, dtype, base):
+    """``dtype`` must be ``base`` or float32 (float64 only with float64)."""
+    if base == torch.float64 or dtype == torch.float64:
+        if dtype != base:
+            raise TypeError(f"{name}: float64 mixes only with float64, got {dtype}")
+        return
+    if dtype not in (base, torch.float32):
+        raise TypeError(f"{name}: dtype {dtype} must be {base} or torch.float32")
+
+
+def rms_out_dtype(x_dtype, w_dtype, cast_before_weight):
+    """Llama order: ``weight * x.to(input_dtype)`` is of the promoted dtype; Gemma / OLMo 2
+    order: ``(...).type_as(x)`` / ``.to(input_dtype)`` is of x's dtype."""
+    if cast_before_weight:
+        return torch.promote_types(x_dtype, w_dtype)
+    return x_dtype
+
+
+def rstd_dtype(x_dtype):
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def check_rms(x, weight, device_type, *, dy=None, rstd=None, cast_before_weight=True):
+    """Raises naming the first argument that breaks the RMSNorm contract; returns
+    (rows, hidden)."""
+    _tensor("x", x)
+    _tensor("weight", weight)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape (rows, hidden), got {tuple(x.shape)}")
+    rows, hidden = x.shape
+    if hidden == 0:
+        raise ValueError("x: the normalised dimension is empty")
+    if weight.shape != (hidden,):
+        raise ValueError(
+            f"weight: expected shape ({hidden},), got {tuple(weight.shape)}"
+        )
+    _floating("x", x, device_type)
+    _floating("weight", weight, device_type)
+    _wide("weight", weight.dtype, x.dtype)
+    named = [("x", x), ("weight", weight)]
+    if dy is not None:
+        _tensor("dy", dy)
+        if dy.shape != x.shape:
+            raise ValueError(
+                f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}"
+            )
+        want = rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
+        if dy.dtype != want:
+            raise TypeError(f"dy: dtype {dy.dtype}, expected {want}")
+        named.append(("dy", dy))
+    if rstd is not None:
+        _tensor("rstd", rstd)
+        if rstd.shape != (rows,) or rstd.dtype != rstd_dtype(x.dtype):
+            raise ValueError(
+                f"rstd: expected {rstd_dtype(x.dtype)} of shape ({rows},), "
+                f"got {rstd.dtype} {tuple(rstd.shape)}"
+            )
+        named.append(("rstd", rstd))
+    for name, t in named:
+        _on(name, t, x, device_type)
+        _contiguous(name, t)
+    return rows, hidden
+
+
+def rotary_dims(head_index):
+    """The two position dimensions (P0, P1) of a 4-D q, in order, for a head dimension."""
+    if head_index not in (0, 1, 2):
+        raise ValueError(f"head_index: expected 0, 1 or 2, got {head_index!r}")
+    return [d for d in range(3) if d != head_index]
+
+
+def check_rotary(q, k, cos, sin, rotary_dim, head_index, out_dtype, device_type):
+    """Raises naming the first argument that breaks the rotary contract; returns
+    (p0, p1, position dims)."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dimensions, got {tuple(t.shape)}")
+        _floating(name, t, device_type)
+        _on(name, t, q, device_type)
+        if t.numel() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: the last dimension must have stride 1")
+    pos = rotary_dims(head_index)
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: head_dim {k.shape[-1]} differs from q's {head_dim}")
+    for d in pos:
+        if k.shape[d] != q.shape[d]:
+            raise ValueError(
+                f"k: shape {tuple(k.shape)} differs from q's {tuple(q.shape)} outside the "
+                f"head dimension {head_index}"
+            )
+    if sin.shape != cos.shape:
+        raise ValueError(
+            f"sin: shape {tuple(sin.shape)} differs from cos' {tuple(cos.shape)}"
+        )
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
+        raise TypeError(f"rotary_dim: expected an int, got {type(rotary_dim).__name__}")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"rotary_dim: expected an even number in (0, {head_dim}], got {rotary_dim}"
+        )
+    if cos.shape[-1] != rotary_dim:
+        raise ValueError(
+            f"cos: last dimension {cos.shape[-1]}, expected rotary_dim = {rotary_dim}"
+        )
+    if cos.shape[head_index] != 1:
+        raise ValueError(
+            f"cos: size {cos.shape[head_index]} in the head dimension {head_index}, expected 1"
+        )
+    for d in pos:
+        if cos.shape[d] not in (1, q.shape[d]):
+            raise ValueError(
+                f"cos: shape {tuple(cos.shape)} does not broadcast to q's {tuple(q.shape)}"
+            )
+    if k.dtype != q.dtype:
+        raise TypeError(f"k: dtype {k.dtype} differs from q's {q.dtype}")
+    if sin.dtype != cos.dtype:
+        raise TypeError(f"sin: dtype {sin.dtype} differs from cos' {cos.dtype}")
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(
+            f"out_dtype: expected a torch.dtype, got {type(out_dtype).__name__}"
+        )
+    _floating_dtype("out_dtype", out_dtype, device_type)
+    # The kernels exist for every mix of one 16-bit dtype with float32 (input, cos/sin,
+    # output), and for float64 alone.
+    dtypes = {q.dtype, cos.dtype, out_dtype}
+    if torch.float64 in dtypes and dtypes != {torch.float64}:
+        raise TypeError(
+            f"cos: float64 mixes only with float64, got {sorted(map(str, dtypes))}"
+        )
+    if len(dtypes - {torch.float32, torch.float64}) > 1:
+        raise TypeError(
+            f"cos: bfloat16 and float16 do not mix in one call, got {sorted(map(str, dtypes))}"
+        )
+    return q.shape[pos[0]], q.shape[pos[1]], pos
+
+
+def rotary_strides(t, pos, head_index):
+    """Element strides of a 4-D tensor over (P0, P1, head), 0 where the size is 1."""
+    shape, stride = t.shape, t.stride()
+    return [stride[d] if shape[d] > 1 else 0 for d in (*pos, head_index)]
+
+
+def check_gated(gate, up, activation, device_type, *, dout=None):
+    """Raises naming the first argument that breaks the gated-product contract; returns
+    (rows, cols, ld_gate, ld_up)."""
+    _tensor("gate", gate)
+    _tensor("up", up)
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
+        )
+    if gate.dim() != 2:
+        raise ValueError(f"gate: expected shape (rows, cols), got {tuple(gate.shape)}")
+    if up.shape != gate.shape:
+        raise ValueError(
+            f"up: shape {tuple(up.shape)} differs from gate's {tuple(gate.shape)}"
+        )
+    _floating("gate", gate, device_type)
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up: dtype {up.dtype} differs from gate's {gate.dtype}")
+    rows, cols = gate.shape
+    lds = []
+    for name, t in (("gate", gate), ("up", up)):
+        _on(name, t, gate, device_type)
+        if rows * cols == 0:
+            lds.append(cols)
+            continue
+        if cols > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: the last dimension must have stride 1")
+        ld = t.stride(0) if rows > 1 else cols
+        if ld < cols:
+            raise ValueError(f"{name}: row stride {ld} is below the row length {cols}")
+        lds.append(ld)
+    if dout is not None:
+        _tensor("dout", dout)
+        if dout.shape != gate.shape or dout.dtype != gate.dtype:
+            raise ValueError(
+                f"dout: expected {gate.dtype} of shape {tuple(gate.shape)}, "
+                f"got {dout.dtype} {tuple(dout.shape)}"
+            )
+        _on("dout", dout, gate, device_type)
+        _contiguous("dout", dout)
+    return rows, cols, lds[0], lds[1]
+
+
+def check_gated_packed(dout, gate_up, activation, device_type):
+    """Raises naming the first argument that breaks the packed backward's contract; returns
+    (rows, cols, ld) with cols half of gate_up's last dimension."""
+    _tensor("gate_up", gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(
+            f"gate_up: expected shape (rows, 2 * cols), got {tuple(gate_up.shape)}"
+        )
+    rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
+    _, _, ld, _ = check_gated(
+        gate_up[:, :cols], gate_up[:, cols:], activation, device_type, dout=dout
+    )
+    return rows, cols, ld

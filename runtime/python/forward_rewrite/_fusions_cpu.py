@@ -1,0 +1,153 @@
+"""The CPU backend of the decoder-fusion ops: the Rust twins of the CUDA kernels
+(``_native.cpu_rms_norm_forward`` ..., runtime/src/cpu/fusions/). Contract and layouts:
+``forward_rewrite._fusions_backend``. Outputs are allocated here with torch."""
+
+import torch
+
+from . import _native
+from ._fusions_backend import (
+    check_gated,
+    check_gated_packed,
+    check_rms,
+    check_rotary,
+    dtype_name,
+    rms_out_dtype,
+    rotary_strides,
+    rstd_dtype,
+)
+
+
+def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
+    rows, hidden = check_rms(x, weight, "cpu")
+    y = torch.empty_like(
+        x, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
+    )
+    rstd = torch.empty(rows, dtype=rstd_dtype(x.dtype))
+    _native.cpu_rms_norm_forward(
+        x=x.data_ptr(),
+        weight=weight.data_ptr(),
+        y=y.data_ptr(),
+        rstd=rstd.data_ptr(),
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+        w_dtype=dtype_name(weight.dtype),
+        y_dtype=dtype_name(y.dtype),
+        eps=float(eps),
+        offset=float(offset),
+        cast_before=bool(cast_before_weight),
+    )
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad):
+    rows, hidden = check_rms(
+        x, weight, "cpu", dy=dy, rstd=rstd, cast_before_weight=cast_before_weight
+    )
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(weight) if weight_grad else None
+    _native.cpu_rms_norm_backward(
+        dy=dy.data_ptr(),
+        x=x.data_ptr(),
+        weight=weight.data_ptr(),
+        rstd=rstd.data_ptr(),
+        dx=dx.data_ptr(),
+        dw=dw.data_ptr() if dw is not None else None,
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+        w_dtype=dtype_name(weight.dtype),
+        y_dtype=dtype_name(dy.dtype),
+        offset=float(offset),
+        cast_before=bool(cast_before_weight),
+    )
+    return dx, dw
+
+
+def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
+    p0, p1, pos = check_rotary(q, k, cos, sin, rotary_dim, head_index, out_dtype, "cpu")
+    q_out = torch.empty_like(q, dtype=out_dtype)
+    k_out = torch.empty_like(k, dtype=out_dtype)
+    _native.cpu_rotary(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        cos=cos.data_ptr(),
+        sin=sin.data_ptr(),
+        q_out=q_out.data_ptr(),
+        k_out=k_out.data_ptr(),
+        q_strides=rotary_strides(q, pos, head_index),
+        k_strides=rotary_strides(k, pos, head_index),
+        cos_strides=rotary_strides(cos, pos, head_index)[:2],
+        sin_strides=rotary_strides(sin, pos, head_index)[:2],
+        q_out_strides=rotary_strides(q_out, pos, head_index),
+        k_out_strides=rotary_strides(k_out, pos, head_index),
+        p0=p0,
+        p1=p1,
+        q_heads=q.shape[head_index],
+        k_heads=k.shape[head_index],
+        head_dim=q.shape[-1],
+        rot_dim=rotary_dim,
+        interleaved=bool(interleaved),
+        transpose=bool(transpose),
+        in_dtype=dtype_name(q.dtype),
+        cs_dtype=dtype_name(cos.dtype),
+        out_dtype=dtype_name(out_dtype),
+    )
+    return q_out, k_out
+
+
+def gated_act(gate, up, activation):
+    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu")
+    out = torch.empty((rows, cols), dtype=gate.dtype)
+    _native.cpu_gated_act(
+        gate=gate.data_ptr(),
+        up=up.data_ptr(),
+        out=out.data_ptr(),
+        rows=rows,
+        cols=cols,
+        ld_gate=ld_gate,
+        ld_up=ld_up,
+        dtype=dtype_name(gate.dtype),
+        activation=activation,
+    )
+    return out
+
+
+def gated_act_backward(dout, gate, up, activation):
+    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu", dout=dout)
+    dgate = torch.empty((rows, cols), dtype=gate.dtype)
+    dup = torch.empty((rows, cols), dtype=gate.dtype)
+    _native.cpu_gated_act_backward(
+        dout=dout.data_ptr(),
+        gate=gate.data_ptr(),
+        up=up.data_ptr(),
+        dgate=dgate.data_ptr(),
+        dup=dup.data_ptr(),
+        rows=rows,
+        cols=cols,
+        ld_gate=ld_gate,
+        ld_up=ld_up,
+        dtype=dtype_name(gate.dtype),
+        activation=activation,
+    )
+    return dgate, dup
+
+
+def gated_act_backward_packed(dout, gate_up, activation):
+    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cpu")
+    dgate_up = torch.empty((rows, 2 * cols), dtype=gate_up.dtype)
+    _native.cpu_gated_act_backward(
+        dout=dout.data_ptr(),
+        gate=gate_up.data_ptr(),
+        up=gate_up.data_ptr() + cols * gate_up.element_size(),
+        dgate=dgate_up.data_ptr(),
+        dup=None,
+        rows=rows,
+        cols=cols,
+        ld_gate=ld,
+        ld_up=ld,
+        dtype=dtype_name(gate_up.dtype),
+        activation=activation,
+        packed=True,
+    )
+    return dgate_up

@@ -1,0 +1,234 @@
+"""The CUDA backend of the decoder-fusion ops: the kernels of ``kernels/rms_norm.cu``,
+``rotary.cu`` and ``gated_act.cu`` through cudarc (``_native.cuda_rms_norm_forward`` ...,
+runtime/src/cuda/fusions.rs), compiled by NVRTC on first use and cached on disk. Contract
+and layouts: ``forward_rewrite._fusions_backend``.
+
+Everything runs on torch's current stream of the tensors' device, every buffer (outputs, and
+the RMSNorm backward's float32 partial rows of the weight gradient) is a torch allocation,
+and no call synchronises with the host, so the ops can be captured in a CUDA graph.
+"""
+
+import torch
+
+from . import _native
+from ._cuda import load_nvrtc
+from ._fusions_backend import (
+    check_gated,
+    check_gated_packed,
+    check_rms,
+    check_rotary,
+    dtype_name,
+    rms_out_dtype,
+    rotary_strides,
+    rstd_dtype,
+)
+
+_poison = False
+
+
+def set_poison(value: bool) -> None:
+    """For checks (gpu/check_fusions.py): fill every output with NaN before the kernels run,
+    so an element they leave unwritten shows up."""
+    global _poison
+    _poison = bool(value)
+
+
+def _empty(*args, **kwargs):
+    t = torch.empty(*args, **kwargs)
+    if _poison and t.dtype.is_floating_point:
+        t.fill_(float("nan"))
+    return t
+
+
+def _empty_like(t, **kwargs):
+    out = torch.empty_like(t, **kwargs)
+    if _poison:
+        out.fill_(float("nan"))
+    return out
+
+
+def _where(t):
+    """(device index, torch's current stream on it)."""
+    index = (
+        t.device.index if t.device.index is not None else torch.cuda.current_device()
+    )
+    return index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
+    rows, hidden = check_rms(x, weight, "cuda")
+    y = _empty_like(x, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight))
+    rstd = _empty(rows, dtype=rstd_dtype(x.dtype), device=x.device)
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        device, stream = _where(x)
+        _native.cuda_rms_norm_forward(
+            device=device,
+            stream=stream,
+            x=x.data_ptr(),
+            weight=weight.data_ptr(),
+            y=y.data_ptr(),
+            rstd=rstd.data_ptr(),
+            rows=rows,
+            hidden=hidden,
+            x_dtype=dtype_name(x.dtype),
+            w_dtype=dtype_name(weight.dtype),
+            y_dtype=dtype_name(y.dtype),
+            eps=float(eps),
+            offset=float(offset),
+            cast_before=bool(cast_before_weight),
+        )
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad):
+    rows, hidden = check_rms(
+        x, weight, "cuda", dy=dy, rstd=rstd, cast_before_weight=cast_before_weight
+    )
+    dx = _empty_like(x)
+    dw = _empty_like(weight) if weight_grad else None
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        device, stream = _where(x)
+        names = {
+            "x_dtype": dtype_name(x.dtype),
+            "w_dtype": dtype_name(weight.dtype),
+            "y_dtype": dtype_name(dy.dtype),
+        }
+        partial = None
+        if weight_grad:
+            parts = _native.cuda_rms_norm_backward_parts(
+                device=device,
+                dy=dy.data_ptr(),
+                x=x.data_ptr(),
+                weight=weight.data_ptr(),
+                dx=dx.data_ptr(),
+                rows=rows,
+                hidden=hidden,
+                **names,
+            )
+            partial = _empty(
+                (max(parts, 1), hidden), dtype=torch.float32, device=x.device
+            )
+        _native.cuda_rms_norm_backward(
+            device=device,
+            stream=stream,
+            dy=dy.data_ptr(),
+            x=x.data_ptr(),
+            weight=weight.data_ptr(),
+            rstd=rstd.data_ptr(),
+            dx=dx.data_ptr(),
+            dw=dw.data_ptr() if dw is not None else 0,
+            dw_partial=partial.data_ptr() if partial is not None else 0,
+            partial_rows=partial.shape[0] if partial is not None else 0,
+            rows=rows,
+            hidden=hidden,
+            offset=float(offset),
+            cast_before=bool(cast_before_weight),
+            **names,
+        )
+    return dx, dw
+
+
+def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
+    p0, p1, pos = check_rotary(
+        q, k, cos, sin, rotary_dim, head_index, out_dtype, "cuda"
+    )
+    q_out = _empty_like(q, dtype=out_dtype)
+    k_out = _empty_like(k, dtype=out_dtype)
+    load_nvrtc()
+    with torch.cuda.device(q.device):
+        device, stream = _where(q)
+        _native.cuda_rotary(
+            device=device,
+            stream=stream,
+            q=q.data_ptr(),
+            k=k.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            q_out=q_out.data_ptr(),
+            k_out=k_out.data_ptr(),
+            q_strides=rotary_strides(q, pos, head_index),
+            k_strides=rotary_strides(k, pos, head_index),
+            cos_strides=rotary_strides(cos, pos, head_index)[:2],
+            sin_strides=rotary_strides(sin, pos, head_index)[:2],
+            q_out_strides=rotary_strides(q_out, pos, head_index),
+            k_out_strides=rotary_strides(k_out, pos, head_index),
+            p0=p0,
+            p1=p1,
+            q_heads=q.shape[head_index],
+            k_heads=k.shape[head_index],
+            head_dim=q.shape[-1],
+            rot_dim=rotary_dim,
+            interleaved=bool(interleaved),
+            transpose=bool(transpose),
+            in_dtype=dtype_name(q.dtype),
+            cs_dtype=dtype_name(cos.dtype),
+            out_dtype=dtype_name(out_dtype),
+        )
+    return q_out, k_out
+
+
+def _gated(gate, up, activation, dout):
+    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cuda", dout=dout)
+    out = _empty((rows, cols), dtype=gate.dtype, device=gate.device)
+    dup = (
+        _empty((rows, cols), dtype=gate.dtype, device=gate.device)
+        if dout is not None
+        else None
+    )
+    load_nvrtc()
+    with torch.cuda.device(gate.device):
+        device, stream = _where(gate)
+        _native.cuda_gated_act(
+            device=device,
+            stream=stream,
+            gate=gate.data_ptr(),
+            up=up.data_ptr(),
+            dout=dout.data_ptr() if dout is not None else 0,
+            out=out.data_ptr(),
+            dup=dup.data_ptr() if dup is not None else 0,
+            rows=rows,
+            cols=cols,
+            ld_gate=ld_gate,
+            ld_up=ld_up,
+            dtype=dtype_name(gate.dtype),
+            activation=activation,
+            backward=dout is not None,
+        )
+    return out, dup
+
+
+def gated_act(gate, up, activation):
+    return _gated(gate, up, activation, None)[0]
+
+
+def gated_act_backward(dout, gate, up, activation):
+    return _gated(gate, up, activation, dout)
+
+
+def gated_act_backward_packed(dout, gate_up, activation):
+    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cuda")
+    dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
+    es = gate_up.element_size()
+    load_nvrtc()
+    with torch.cuda.device(gate_up.device):
+        device, stream = _where(gate_up)
+        _native.cuda_gated_act(
+            device=device,
+            stream=stream,
+            gate=gate_up.data_ptr(),
+            up=gate_up.data_ptr() + cols * es,
+            dout=dout.data_ptr(),
+            out=dgate_up.data_ptr(),
+            dup=dgate_up.data_ptr() + cols * es,
+            rows=rows,
+            cols=cols,
+            ld_gate=ld,
+            ld_up=ld,
+            dtype=dtype_name(gate_up.dtype),
+            activation=activation,
+            backward=True,
+            ld_grad=2 * cols,
+        )
+    return dgate_up

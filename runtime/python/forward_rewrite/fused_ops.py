@@ -1,0 +1,619 @@
+"""The fused decoder ops the rewritten forwards call: RMSNorm, the rotary embedding of q and k,
+and the activation product of a gated MLP (README, "Fused decoder ops").
+
+Each computes what the stock transformers code computes, in float32 (float64 for float64
+inputs, CPU only), with the stock rounding points where they decide the forward value, and
+is a pair of ``torch.library`` custom ops (forward and backward) with fake kernels and a
+registered autograd formula, so ``torch.compile(fullgraph=True)`` traces each as one opaque
+node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._fusions_cpu``
+(Rust), ``cuda`` -> ``forward_rewrite._fusions_cuda`` (NVRTC kernels through cudarc).
+
+* :func:`rms_norm` -- ``LlamaRMSNorm`` (``cast_before_weight=True``), ``Gemma3RMSNorm``
+  (``offset=1.0, cast_before_weight=False``), ``Olmo2RMSNorm`` (``cast_before_weight=False``),
+  Qwen3's per-head q/k norms (any leading shape). Saves one float per row (``1 / rms``).
+* :func:`rotary` -- ``apply_rotary_pos_emb`` for q and k in one launch, out of place; partial
+  rotary (the tail of each head passes through), the interleaved layout
+  (``rotate_every_two``). Saves nothing but cos and sin.
+* :func:`gated_mlp_act` -- ``act_fn(gate_proj(x)) * up_proj(x)`` of ``LlamaMLP`` and its
+  relatives, SiLU or tanh-GELU; the backward recomputes the activation from the inputs.
+  :func:`gated_mlp_act_packed` the same on one ``gate_up`` tensor (Phi-3, the MoE experts'
+  ``linear(...).chunk(2, dim=-1)``), whose gradient it writes whole (no concatenation).
+"""
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from ._fusions_backend import (
+    ACTIVATIONS,
+    FUSION_DTYPES,
+    rms_out_dtype,
+    rotary_dims,
+    rstd_dtype,
+)
+
+__all__ = ["gated_mlp_act", "gated_mlp_act_packed", "rms_norm", "rotary"]
+
+
+def _backend(device: torch.device):
+    if device.type == "cpu":
+        from . import _fusions_cpu
+
+        return _fusions_cpu
+    if device.type == "cuda":
+        try:
+            from . import _fusions_cuda
+        except ImportError as e:
+            raise RuntimeError(
+                "forward_rewrite: the CUDA backend (forward_rewrite._fusions_cuda) is not "
+                f"available in this build ({e})"
+            ) from e
+        return _fusions_cuda
+    raise ValueError(f"device {device} is not supported (cpu or cuda)")
+
+
+# ---- argument checks of the public functions ------------------------------------------------
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+
+
+def _dtype(name, t):
+    if t.dtype not in FUSION_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {t.dtype} is not bfloat16, float16 or float32 "
+            "(or float64 on the CPU)"
+        )
+    if t.dtype == torch.float64 and t.device.type != "cpu":
+        raise TypeError(f"{name}: float64 is supported on the CPU only")
+
+
+def _device(name, t, ref, ref_name):
+    if t.device != ref.device:
+        raise ValueError(f"{name}: on {t.device}, {ref_name} is on {ref.device}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: device {t.device} is not supported (cpu or cuda)")
+
+
+def _real(name, value, *, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected a number >= {minimum}, got {value}")
+    return value
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _kernel_dtype(name, dtype, base):
+    """The dtype a secondary tensor is computed in: ``base`` when equal, else float32 (an
+    exact upcast whenever two dtypes differ, since they then promote to float32);
+    float64 mixes only with float64."""
+    if dtype == base:
+        return dtype
+    if torch.float64 in (dtype, base):
+        raise TypeError(
+            f"{name}: float64 mixes only with float64, got {dtype} and {base}"
+        )
+    return torch.float32
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("forward_rewrite::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: Tensor, weight: Tensor, eps: float, offset: float, cast_before_weight: bool
+) -> tuple[Tensor, Tensor]:
+    """(y, rstd) for x (rows, hidden) contiguous, weight (hidden,) of x's dtype or float32."""
+    return _backend(x.device).rms_norm_forward(
+        x, weight, eps, offset, cast_before_weight
+    )
+
+
+@_rms_norm_op.register_fake
+def _rms_norm_fake(x, weight, eps, offset, cast_before_weight):
+    y = x.new_empty(
+        x.shape, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
+    )
+    return y, x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
+
+
+@torch.library.custom_op("forward_rewrite::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    offset: float,
+    cast_before_weight: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw); dw is empty when ``weight_grad`` is false."""
+    dx, dw = _backend(x.device).rms_norm_backward(
+        dy, x, weight, rstd, offset, cast_before_weight, weight_grad
+    )
+    return dx, dw if dw is not None else x.new_empty(0)
+
+
+@_rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(
+    dy, x, weight, rstd, offset, cast_before_weight, weight_grad
+):
+    return torch.empty_like(x), torch.empty_like(
+        weight
+    ) if weight_grad else x.new_empty(0)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _eps, offset, cast_before_weight = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.options = (offset, cast_before_weight)
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    offset, cast_before_weight = ctx.options
+    needs = ctx.needs_input_grad
+    if not (needs[0] or needs[1]):
+        return None, None, None, None, None
+    dx, dw = _rms_norm_backward_op(
+        dy.contiguous(), x, weight, rstd, offset, cast_before_weight, needs[1]
+    )
+    return (dx if needs[0] else None), (dw if needs[1] else None), None, None, None
+
+
+_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> Tensor:
+    """RMSNorm over the last dimension, as transformers' norm modules compute it.
+
+    In float32: ``xn = x.float() * rsqrt(mean(x.float()**2, -1) + eps)``, then
+
+    * ``cast_before_weight=True`` (``LlamaRMSNorm``, Qwen3's q/k norms, Mistral, ...):
+      ``(offset + weight) * xn.to(x.dtype)``, of dtype ``promote(x.dtype, weight.dtype)``;
+    * ``cast_before_weight=False`` (``Gemma3RMSNorm`` with ``offset=1.0``, ``Olmo2RMSNorm``
+      with ``offset=0.0``): ``(xn * (offset + weight.float())).to(x.dtype)``.
+
+    ``offset + weight`` is formed in float32. Gradients for x and weight (float32
+    accumulation of the weight gradient over all rows, one rounding to weight's dtype);
+    only ``1 / rms`` per row is saved besides the inputs.
+    """
+    _tensor("x", x)
+    _tensor("weight", weight)
+    _dtype("x", x)
+    _dtype("weight", weight)
+    _device("weight", weight, x, "x")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(
+            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
+        )
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight: expected shape ({x.shape[-1]},) (x's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
+    eps = _real("eps", eps, minimum=0.0)
+    offset = _real("offset", offset)
+    cast_before_weight = _bool("cast_before_weight", cast_before_weight)
+    w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    y, _ = _rms_norm_op(x2, w.contiguous(), eps, offset, cast_before_weight)
+    return y.view(x.shape)
+
+
+# ---- rotary -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("forward_rewrite::rotary", mutates_args=())
+def _rotary_op(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    head_index: int,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(q_out, k_out) in q's and k's layouts; 4-D operands (``_fusions_backend``)."""
+    return _backend(q.device).rotary(
+        q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, False
+    )
+
+
+@_rotary_op.register_fake
+def _rotary_fake(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
+
+
+@torch.library.custom_op("forward_rewrite::rotary_backward", mutates_args=())
+def _rotary_backward_op(
+    dq_out: Tensor,
+    dk_out: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    head_index: int,
+    grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(dq, dk) of dtype ``grad_dtype``: the transposed rotation of the output gradients."""
+    return _backend(dq_out.device).rotary(
+        dq_out, dk_out, cos, sin, rotary_dim, interleaved, head_index, grad_dtype, True
+    )
+
+
+@_rotary_backward_op.register_fake
+def _rotary_backward_fake(
+    dq_out, dk_out, cos, sin, rotary_dim, interleaved, head_index, grad_dtype
+):
+    return torch.empty_like(dq_out, dtype=grad_dtype), torch.empty_like(
+        dk_out, dtype=grad_dtype
+    )
+
+
+def _rotate(x, interleaved):
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary_setup(ctx, inputs, output):
+    q, k, cos, sin, rotary_dim, interleaved, head_index, _out_dtype = inputs
+    ctx.options = (rotary_dim, interleaved, head_index, q.dtype)
+    # q and k only when cos/sin need gradients (models build them under no_grad).
+    ctx.table_grad = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grad else ()))
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _rotary_backward(ctx, dq_out, dk_out):
+    rotary_dim, interleaved, head_index, q_dtype = ctx.options
+    cos, sin = ctx.saved_tensors[:2]
+    needs = ctx.needs_input_grad
+    dq = dk = dcos = dsin = None
+    if needs[0] or needs[1]:
+        dq, dk = _rotary_backward_op(
+            _unit_last_stride(dq_out),
+            _unit_last_stride(dk_out),
+            cos,
+            sin,
+            rotary_dim,
+            interleaved,
+            head_index,
+            q_dtype,
+        )
+    if needs[2] or needs[3]:
+        # Not fused (the stock modules never need it): d/dcos = sum of dy * x, d/dsin = sum
+        # of dy * rotate(x), over what cos and sin are broadcast across, in float32
+        # (float64 for float64 tables).
+        q, k = ctx.saved_tensors[2:]
+        acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+        dcos = torch.zeros(cos.shape, dtype=acc, device=cos.device)
+        dsin = torch.zeros(sin.shape, dtype=acc, device=sin.device)
+        for g, x in ((dq_out, q), (dk_out, k)):
+            g = g[..., :rotary_dim].to(acc)
+            x = x[..., :rotary_dim].to(acc)
+            dcos = dcos + (g * x).sum_to_size(cos.shape)
+            dsin = dsin + (g * _rotate(x, interleaved)).sum_to_size(sin.shape)
+        dcos, dsin = dcos.to(cos.dtype), dsin.to(sin.dtype)
+    return (
+        dq if needs[0] else None,
+        dk if needs[1] else None,
+        dcos if needs[2] else None,
+        dsin if needs[3] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+
+
+def rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    unsqueeze_dim: int = 1,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` for q and k in one launch.
+
+    ``cos`` and ``sin`` as transformers passes them (``(batch, seq, rotary_dim)``, batch may
+    be 1), unsqueezed at ``unsqueeze_dim`` to broadcast against q and k (``(batch, heads,
+    seq, head_dim)`` with ``unsqueeze_dim=1``, ``(batch, seq, heads, head_dim)`` with 2).
+    The first ``rotary_dim`` entries of each head (default: ``cos.shape[-1]``, which must
+    equal it) become ``x * cos + rotate(x) * sin``, ``rotate`` being ``rotate_half`` or,
+    with ``interleaved``, ``rotate_every_two`` (GPT-J, GLM, Cohere; cos and sin then hold one
+    entry per element, as after ``repeat_interleave``); the rest of the head passes through
+    (Phi, GLM partial rotary). Computed in float32, rounded once to ``out_dtype``: by
+    default ``promote(q.dtype, cos.dtype)`` as the stock expression gives (pass q's dtype
+    for Cohere / Ernie, which cast back). Outputs keep q's and k's memory layouts.
+
+    Gradients: for q and k the transposed rotation (the rotation by -theta); for cos and
+    sin, when they require one, an unfused float32 reduction.
+    """
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _tensor(name, t)
+        _dtype(name, t)
+        _device(name, t, q, "q")
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, int):
+        raise TypeError(
+            f"unsqueeze_dim: expected an int, got {type(unsqueeze_dim).__name__}"
+        )
+    interleaved = _bool("interleaved", interleaved)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k: dtype {k.dtype} differs from q's {q.dtype}")
+    if sin.dtype != cos.dtype:
+        raise TypeError(f"sin: dtype {sin.dtype} differs from cos' {cos.dtype}")
+    if sin.shape != cos.shape:
+        raise ValueError(
+            f"sin: shape {tuple(sin.shape)} differs from cos' {tuple(cos.shape)}"
+        )
+    rank = q.dim()
+    if rank not in (2, 3, 4) or k.dim() != rank:
+        raise ValueError(
+            f"q, k: expected 2 to 4 dimensions each, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    try:
+        cos4 = cos.unsqueeze(unsqueeze_dim)
+        sin4 = sin.unsqueeze(unsqueeze_dim)
+    except IndexError:
+        raise ValueError(
+            f"unsqueeze_dim: {unsqueeze_dim} is out of range for cos of shape {tuple(cos.shape)}"
+        ) from None
+    if cos4.dim() != rank:
+        raise ValueError(
+            f"cos: shape {tuple(cos.shape)} unsqueezed at {unsqueeze_dim} has "
+            f"{cos4.dim()} dimensions, q has {rank}"
+        )
+    head = unsqueeze_dim % rank
+    if head == rank - 1:
+        raise ValueError("unsqueeze_dim: must not be the last (head_dim) dimension")
+    head_dim = q.shape[-1]
+    if rotary_dim is None:
+        rotary_dim = cos.shape[-1]
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
+        raise TypeError(
+            f"rotary_dim: expected an int or None, got {type(rotary_dim).__name__}"
+        )
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"rotary_dim: expected an even number in (0, {head_dim}], got {rotary_dim}"
+        )
+    if cos.shape[-1] != rotary_dim:
+        raise ValueError(
+            f"cos: last dimension {cos.shape[-1]}, expected rotary_dim = {rotary_dim}"
+        )
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: head_dim {k.shape[-1]} differs from q's {head_dim}")
+    for d in range(rank - 1):
+        if d == head:
+            continue
+        if k.shape[d] != q.shape[d]:
+            raise ValueError(
+                f"k: shape {tuple(k.shape)} differs from q's {tuple(q.shape)} in dimension {d}"
+            )
+        if cos4.shape[d] not in (1, q.shape[d]):
+            raise ValueError(
+                f"cos: shape {tuple(cos.shape)} (unsqueezed at {unsqueeze_dim}) does not "
+                f"broadcast to q's {tuple(q.shape)}"
+            )
+    cs_dtype = _kernel_dtype("cos", cos.dtype, q.dtype)
+    promoted = torch.promote_types(q.dtype, cos.dtype)
+    if out_dtype is None:
+        out_dtype = promoted
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(
+            f"out_dtype: expected a torch.dtype or None, got {type(out_dtype).__name__}"
+        )
+    if out_dtype not in (q.dtype, promoted):
+        raise ValueError(
+            f"out_dtype: expected {q.dtype} or {promoted}, got {out_dtype}"
+        )
+
+    pad = 4 - rank
+    q4 = _unit_last_stride(q).reshape((1,) * pad + tuple(q.shape))
+    k4 = _unit_last_stride(k).reshape((1,) * pad + tuple(k.shape))
+    cos4 = _unit_last_stride(cos4.to(cs_dtype)).reshape((1,) * pad + tuple(cos4.shape))
+    sin4 = _unit_last_stride(sin4.to(cs_dtype)).reshape((1,) * pad + tuple(sin4.shape))
+    rotary_dims(head + pad)  # validates the index
+    q_out, k_out = _rotary_op(
+        q4, k4, cos4, sin4, rotary_dim, interleaved, head + pad, out_dtype
+    )
+    return q_out.reshape(q.shape), k_out.reshape(k.shape)
+
+
+# ---- gated MLP product --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("forward_rewrite::gated_act", mutates_args=())
+def _gated_op(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous."""
+    return _backend(gate.device).gated_act(gate, up, activation)
+
+
+@_gated_op.register_fake
+def _gated_fake(gate, up, activation):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("forward_rewrite::gated_act_backward", mutates_args=())
+def _gated_backward_op(
+    dout: Tensor, gate: Tensor, up: Tensor, activation: str
+) -> tuple[Tensor, Tensor]:
+    """(dgate, dup), contiguous."""
+    return _backend(gate.device).gated_act_backward(dout, gate, up, activation)
+
+
+@_gated_backward_op.register_fake
+def _gated_backward_fake(dout, gate, up, activation):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _gated_setup(ctx, inputs, output):
+    gate, up, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gate, up)
+
+
+def _gated_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if not (needs[0] or needs[1]):
+        return None, None, None
+    dgate, dup = _gated_backward_op(dout.contiguous(), gate, up, ctx.activation)
+    return (dgate if needs[0] else None), (dup if needs[1] else None), None
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def _rows_view(t):
+    """t as (rows, cols) with unit stride along cols and row stride >= cols: a view when
+    t's layout allows it (Phi-3's ``chunk`` halves of one projection), else a copy."""
+    cols = t.shape[-1]
+    t2 = t.reshape(-1, cols)
+    rows = t2.shape[0]
+    if rows * cols and (
+        (cols > 1 and t2.stride(1) != 1) or (rows > 1 and t2.stride(0) < cols)
+    ):
+        t2 = t2.contiguous()
+    return t2
+
+
+def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tensor:
+    """``act(gate) * up`` as a gated MLP computes it between its projections
+    (``LlamaMLP``: ``self.act_fn(self.gate_proj(x)) * self.up_proj(x)``).
+
+    ``activation``: ``"silu"`` (``nn.SiLU``, ``ACT2FN["silu"]``) or ``"gelu_tanh"``
+    (``F.gelu(approximate="tanh")``, ``ACT2FN["gelu_pytorch_tanh"]``). The forward rounds as
+    the stock expression does (the activation to the input dtype, then the product); the
+    backward recomputes the activation from gate and up (nothing else is saved) in float32.
+    gate and up may be strided views (Phi-3's ``gate_up.chunk(2, dim=-1)``); the result is
+    contiguous, of their shape and dtype.
+    """
+    _tensor("gate", gate)
+    _tensor("up", up)
+    _dtype("gate", gate)
+    _device("up", up, gate, "gate")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up: dtype {up.dtype} differs from gate's {gate.dtype}")
+    if up.shape != gate.shape:
+        raise ValueError(
+            f"up: shape {tuple(up.shape)} differs from gate's {tuple(gate.shape)}"
+        )
+    if gate.dim() < 1:
+        raise ValueError("gate: expected at least one dimension")
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
+        )
+    out = _gated_op(_rows_view(gate), _rows_view(up), activation)
+    return out.view(gate.shape)
+
+
+# ---- gated MLP product on one gate_up tensor ------------------------------------------------
+
+
+@torch.library.custom_op("forward_rewrite::gated_act_packed", mutates_args=())
+def _gated_packed_op(gate_up: Tensor, activation: str) -> Tensor:
+    """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
+    cols = gate_up.shape[1] // 2
+    return _backend(gate_up.device).gated_act(
+        gate_up[:, :cols], gate_up[:, cols:], activation
+    )
+
+
+@_gated_packed_op.register_fake
+def _gated_packed_fake(gate_up, activation):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("forward_rewrite::gated_act_packed_backward", mutates_args=())
+def _gated_packed_backward_op(dout: Tensor, gate_up: Tensor, activation: str) -> Tensor:
+    """The gradient of gate_up, contiguous (rows, 2c): [dgate | dup] per row."""
+    return _backend(gate_up.device).gated_act_backward_packed(dout, gate_up, activation)
+
+
+@_gated_packed_backward_op.register_fake
+def _gated_packed_backward_fake(dout, gate_up, activation):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _gated_packed_setup(ctx, inputs, output):
+    gate_up, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gate_up)
+
+
+def _gated_packed_backward(ctx, dout):
+    (gate_up,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return _gated_packed_backward_op(dout.contiguous(), gate_up, ctx.activation), None
+
+
+_gated_packed_op.register_autograd(
+    _gated_packed_backward, setup_context=_gated_packed_setup
+)
+
+
+def gated_mlp_act_packed(gate_up: Tensor, *, activation: str = "silu") -> Tensor:
+    """``act(gate) * up`` with ``gate, up = gate_up.chunk(2, dim=-1)``, as ``Phi3MLP`` (``up *
+    act(gate)``, the same product) and the MoE experts' ``linear(...).chunk(2, dim=-1)``
+    compute it: the numerics of :func:`gated_mlp_act`, and the gradient of ``gate_up``
+    written as one tensor (the chunk's backward would concatenate two). ``gate_up`` may be a
+    strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``."""
+    _tensor("gate_up", gate_up)
+    _dtype("gate_up", gate_up)
+    if gate_up.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"gate_up: device {gate_up.device} is not supported (cpu or cuda)"
+        )
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up: expected an even last dimension, got shape {tuple(gate_up.shape)}"
+        )
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
+        )
+    cols = gate_up.shape[-1] // 2
+    out = _gated_packed_op(_rows_view(gate_up), activation)
+    return out.view(*gate_up.shape[:-1], cols)

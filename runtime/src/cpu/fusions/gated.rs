@@ -1,0 +1,195 @@
+//! The activation product of a gated MLP, `act(gate) * up`, and its backward from the saved
+//! inputs: the twin of `kernels/gated_act.cu` (the formulas and rounding points are written
+//! there). `gate` and `up` are (rows, cols) with their own row strides; outputs are
+//! contiguous (rows, cols).
+
+use rayon::prelude::*;
+
+use super::{Activation, Real, SERIAL_ELEMENTS, Storage, round_to};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Gated {
+    pub rows: usize,
+    pub cols: usize,
+    /// Row strides of gate and up, in elements (at least `cols`).
+    pub ld_gate: usize,
+    pub ld_up: usize,
+    pub act: Activation,
+}
+
+/// Row index, (dgate row, dup row), dout row: one item of the backward's iteration.
+type GradRows<'a, T> = (usize, ((&'a mut [T], &'a mut [T]), &'a [T]));
+
+/// sqrt(2 / pi), the constant of torch's tanh-approximated GELU.
+const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
+const GELU_KAPPA: f64 = 0.044715;
+
+/// act(x), as torch computes it.
+pub fn act_value<A: Real>(act: Activation, x: A) -> A {
+    match act {
+        Activation::Silu => x / (A::ONE + (-x).exp()),
+        Activation::GeluTanh => {
+            let beta = A::from_f64(GELU_BETA);
+            let kappa = A::from_f64(GELU_KAPPA);
+            let half = A::from_f64(0.5);
+            let inner = beta * (x + kappa * (x * x * x));
+            half * x * (A::ONE + inner.tanh())
+        }
+    }
+}
+
+/// act'(x).
+pub fn act_grad<A: Real>(act: Activation, x: A) -> A {
+    match act {
+        Activation::Silu => {
+            let s = A::ONE / (A::ONE + (-x).exp());
+            s * (A::ONE + x * (A::ONE - s))
+        }
+        Activation::GeluTanh => {
+            let beta = A::from_f64(GELU_BETA);
+            let kappa = A::from_f64(GELU_KAPPA);
+            let half = A::from_f64(0.5);
+            let x_sq = x * x;
+            let t = (beta * (x + kappa * x_sq * x)).tanh();
+            let left = half * x;
+            let right = A::ONE + t;
+            let left_derivative = half * right;
+            let right_derivative = left * (A::ONE - t * t);
+            let inner_derivative = beta * (A::ONE + A::from_f64(3.0) * kappa * x_sq);
+            left_derivative + right_derivative * inner_derivative
+        }
+    }
+}
+
+impl Gated {
+    fn check(&self, gate: usize, up: usize) {
+        assert!(
+            self.ld_gate >= self.cols && self.ld_up >= self.cols,
+            "row strides below cols"
+        );
+        let need = |ld: usize| {
+            if self.rows == 0 || self.cols == 0 {
+                0
+            } else {
+                (self.rows - 1) * ld + self.cols
+            }
+        };
+        assert!(need(self.ld_gate) <= gate, "gate: too short");
+        assert!(need(self.ld_up) <= up, "up: too short");
+    }
+}
+
+/// `out = round_T(round_T(act(gate)) * up)`.
+pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mut [T]) {
+    g.check(gate.len(), up.len());
+    assert_eq!(out.len(), g.rows * g.cols, "out: wrong length");
+    if g.cols == 0 {
+        return;
+    }
+    let row = |(r, o): (usize, &mut [T])| {
+        let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
+        let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
+        for ((o, gv), uv) in o.iter_mut().zip(gr).zip(ur) {
+            let a = round_to::<A, T>(act_value(g.act, gv.load()));
+            *o = T::store(a * uv.load());
+        }
+    };
+    if out.len() < SERIAL_ELEMENTS {
+        out.chunks_mut(g.cols).enumerate().for_each(row);
+    } else {
+        out.par_chunks_mut(g.cols).enumerate().for_each(row);
+    }
+}
+
+/// One row of the backward: `dgate = round_T(dout * up * act'(gate))`,
+/// `dup = round_T(dout * round_T(act(gate)))`.
+fn backward_row<A: Real, T: Storage<A>>(
+    g: &Gated,
+    r: usize,
+    d: &[T],
+    gate: &[T],
+    up: &[T],
+    dg: &mut [T],
+    du: &mut [T],
+) {
+    let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
+    let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
+    for ((((dg, du), d), gv), uv) in dg.iter_mut().zip(du).zip(d).zip(gr).zip(ur) {
+        let (d, x, u) = (d.load(), gv.load(), uv.load());
+        *du = T::store(d * round_to::<A, T>(act_value(g.act, x)));
+        *dg = T::store(d * u * act_grad(g.act, x));
+    }
+}
+
+/// The backward into two contiguous (rows, cols) tensors.
+pub fn backward<A: Real, T: Storage<A>>(
+    g: &Gated,
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+    dgate: &mut [T],
+    dup: &mut [T],
+) {
+    g.check(gate.len(), up.len());
+    let n = g.rows * g.cols;
+    assert_eq!(dout.len(), n, "dout: wrong length");
+    assert_eq!(dgate.len(), n, "dgate: wrong length");
+    assert_eq!(dup.len(), n, "dup: wrong length");
+    if g.cols == 0 {
+        return;
+    }
+    let row = |(r, ((dg, du), d)): GradRows<'_, T>| backward_row::<A, T>(g, r, d, gate, up, dg, du);
+    if n < SERIAL_ELEMENTS {
+        dgate
+            .chunks_mut(g.cols)
+            .zip(dup.chunks_mut(g.cols))
+            .zip(dout.chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    } else {
+        dgate
+            .par_chunks_mut(g.cols)
+            .zip(dup.par_chunks_mut(g.cols))
+            .zip(dout.par_chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    }
+}
+
+/// The backward into one (rows, 2 * cols) tensor, `[dgate | dup]` per row: the gradient of
+/// a gate_up tensor whose two halves were gate and up (no concatenation afterwards).
+pub fn backward_packed<A: Real, T: Storage<A>>(
+    g: &Gated,
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+    dgate_up: &mut [T],
+) {
+    g.check(gate.len(), up.len());
+    assert_eq!(dout.len(), g.rows * g.cols, "dout: wrong length");
+    assert_eq!(
+        dgate_up.len(),
+        2 * g.rows * g.cols,
+        "dgate_up: wrong length"
+    );
+    if g.cols == 0 {
+        return;
+    }
+    let row = |(r, (both, d)): (usize, (&mut [T], &[T]))| {
+        let (dg, du) = both.split_at_mut(g.cols);
+        backward_row::<A, T>(g, r, d, gate, up, dg, du)
+    };
+    if dout.len() < SERIAL_ELEMENTS {
+        dgate_up
+            .chunks_mut(2 * g.cols)
+            .zip(dout.chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    } else {
+        dgate_up
+            .par_chunks_mut(2 * g.cols)
+            .zip(dout.par_chunks(g.cols))
+            .enumerate()
+            .for_each(row);
+    }
+}

@@ -1,0 +1,706 @@
+//! `_native.cpu_rms_norm_forward`, `cpu_rms_norm_backward`, `cpu_rotary`, `cpu_gated_act`
+//! and `cpu_gated_act_backward`: the CPU twins on raw tensor pointers.
+//!
+//! The Python side (`forward_rewrite/_fusions_cpu.py`) checks shapes, dtypes, devices and
+//! layouts and allocates the outputs; this checks again what is cheap to check (null,
+//! misaligned, self-overlapping or overlapping pointers, dtype combinations), computes with
+//! the GIL released, and turns a panic into a RuntimeError.
+
+use half::{bf16, f16};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::gated::{self, Gated};
+use super::rms_norm::{self, RmsNorm};
+use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
+use super::{Activation, FDtype, Real, Storage};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cpu_rms_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gated_act, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gated_act_backward, m)?)?;
+    Ok(())
+}
+
+fn value_error<T>(msg: String) -> PyResult<T> {
+    Err(PyValueError::new_err(msg))
+}
+
+fn dtype(name: &str, value: &str) -> PyResult<FDtype> {
+    FDtype::parse(value).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{name}: expected 'bfloat16', 'float16', 'float32' or 'float64', got {value:?}"
+        ))
+    })
+}
+
+/// One memory region an argument points to.
+struct Region {
+    name: &'static str,
+    start: usize,
+    bytes: usize,
+    align: usize,
+    output: bool,
+}
+
+impl Region {
+    fn new(name: &'static str, start: usize, elems: usize, dt: FDtype, output: bool) -> Region {
+        Region {
+            name,
+            start,
+            bytes: elems.saturating_mul(dt.size()),
+            align: dt.size(),
+            output,
+        }
+    }
+}
+
+/// Null, misaligned and wrapping pointers are errors, and an output may overlap nothing.
+fn check_regions(regions: &[Region]) -> PyResult<()> {
+    for r in regions {
+        if r.bytes == 0 {
+            continue;
+        }
+        if r.bytes == usize::MAX {
+            return value_error(format!("{}: size overflows", r.name));
+        }
+        if r.start == 0 {
+            return value_error(format!("{}: null pointer", r.name));
+        }
+        if r.start % r.align != 0 {
+            return value_error(format!(
+                "{}: pointer not aligned to {} bytes",
+                r.name, r.align
+            ));
+        }
+        if r.start.checked_add(r.bytes).is_none() {
+            return value_error(format!("{}: region wraps around", r.name));
+        }
+    }
+    let live: Vec<&Region> = regions.iter().filter(|r| r.bytes > 0).collect();
+    for (i, a) in live.iter().enumerate() {
+        for b in &live[i + 1..] {
+            let overlap = a.start < b.start + b.bytes && b.start < a.start + a.bytes;
+            if overlap && (a.output || b.output) {
+                return value_error(format!("{} and {} overlap in memory", a.name, b.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` without the GIL; a panic becomes a RuntimeError.
+fn run(py: Python<'_>, what: &str, f: impl FnOnce() + Send) -> PyResult<()> {
+    match py.detach(move || catch_unwind(AssertUnwindSafe(f))) {
+        Ok(()) => Ok(()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(PyRuntimeError::new_err(format!(
+                "{what}: internal error: {msg}"
+            )))
+        }
+    }
+}
+
+/// # Safety
+/// `ptr` is null only when `len == 0`, else points to `len` initialised, aligned elements
+/// that live for the call and that nothing else of this call writes.
+unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
+}
+
+/// # Safety
+/// As [`slice`], and nothing else of this call reads or writes the region.
+unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        return &mut [];
+    }
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+/// Plain numbers only, so the computation can move to a GIL-free closure.
+#[derive(Clone, Copy)]
+struct RmsCall {
+    p: RmsNorm,
+    x: usize,
+    w: usize,
+    y: usize,
+    rstd: usize,
+    dy: usize,
+    dx: usize,
+    dw: Option<usize>,
+}
+
+/// The (x, weight, output) dtype combinations the kernels are built for (weight: x's dtype
+/// or float32; output: x's dtype or float32), and float64 throughout on the CPU.
+macro_rules! rms_dispatch {
+    ($x:expr, $w:expr, $o:expr, $f:ident, $call:expr) => {{
+        use FDtype::*;
+        match ($x, $w, $o) {
+            (Bf16, Bf16, Bf16) => $f::<f32, bf16, bf16, bf16>($call),
+            (F16, F16, F16) => $f::<f32, f16, f16, f16>($call),
+            (F32, F32, F32) => $f::<f32, f32, f32, f32>($call),
+            (Bf16, F32, F32) => $f::<f32, bf16, f32, f32>($call),
+            (Bf16, F32, Bf16) => $f::<f32, bf16, f32, bf16>($call),
+            (F16, F32, F32) => $f::<f32, f16, f32, f32>($call),
+            (F16, F32, F16) => $f::<f32, f16, f32, f16>($call),
+            (F64, F64, F64) => $f::<f64, f64, f64, f64>($call),
+            (x, w, o) => {
+                return value_error(format!(
+                    "weight: dtypes (x {x:?}, weight {w:?}, output {o:?}) are not a supported \
+                     combination (weight and output: x's dtype or float32; float64 only alone)"
+                ));
+            }
+        }
+    }};
+}
+
+fn rms_forward_typed<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(c: RmsCall) {
+    let n = c.p.rows * c.p.hidden;
+    // SAFETY: regions checked by the caller (non-null, aligned, outputs disjoint).
+    unsafe {
+        rms_norm::forward::<A, X, W, O>(
+            &c.p,
+            slice::<X>(c.x, n),
+            slice::<W>(c.w, c.p.hidden),
+            slice_mut::<O>(c.y, n),
+            slice_mut::<A>(c.rstd, c.p.rows),
+        )
+    }
+}
+
+fn rms_backward_typed<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(c: RmsCall) {
+    let n = c.p.rows * c.p.hidden;
+    // SAFETY: as above.
+    unsafe {
+        rms_norm::backward::<A, X, W, O>(
+            &c.p,
+            slice::<O>(c.dy, n),
+            slice::<X>(c.x, n),
+            slice::<W>(c.w, c.p.hidden),
+            slice::<A>(c.rstd, c.p.rows),
+            slice_mut::<X>(c.dx, n),
+            c.dw.map(|p| slice_mut::<W>(p, c.p.hidden)),
+        )
+    }
+}
+
+fn rstd_dtype(x: FDtype) -> FDtype {
+    if x == FDtype::F64 {
+        FDtype::F64
+    } else {
+        FDtype::F32
+    }
+}
+
+fn rms_problem(
+    rows: usize,
+    hidden: usize,
+    eps: f64,
+    offset: f64,
+    cast_before: bool,
+) -> PyResult<RmsNorm> {
+    if hidden == 0 {
+        return value_error("x: the normalised dimension is empty".into());
+    }
+    if rows.checked_mul(hidden).is_none() {
+        return value_error(format!("x: shape ({rows}, {hidden}) overflows"));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return value_error(format!("eps: expected a finite number >= 0, got {eps}"));
+    }
+    if !offset.is_finite() {
+        return value_error(format!("offset: expected a finite number, got {offset}"));
+    }
+    Ok(RmsNorm {
+        rows,
+        hidden,
+        eps,
+        offset,
+        cast_before,
+    })
+}
+
+/// RMSNorm forward: `y` (rows, hidden) of `y_dtype` and `rstd` (rows,) float32 (float64
+/// for float64 inputs) from contiguous `x` (rows, hidden) and `weight` (hidden,).
+#[pyfunction]
+#[pyo3(signature = (*, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rms_norm_forward(
+    py: Python<'_>,
+    x: usize,
+    weight: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+    eps: f64,
+    offset: f64,
+    cast_before: bool,
+) -> PyResult<()> {
+    let (xd, wd, yd) = (
+        dtype("x", x_dtype)?,
+        dtype("weight", w_dtype)?,
+        dtype("y", y_dtype)?,
+    );
+    let p = rms_problem(rows, hidden, eps, offset, cast_before)?;
+    let n = rows * hidden;
+    check_regions(&[
+        Region::new("x", x, n, xd, false),
+        Region::new("weight", weight, hidden, wd, false),
+        Region::new("y", y, n, yd, true),
+        Region::new("rstd", rstd, rows, rstd_dtype(xd), true),
+    ])?;
+    let call = RmsCall {
+        p,
+        x,
+        w: weight,
+        y,
+        rstd,
+        dy: 0,
+        dx: 0,
+        dw: None,
+    };
+    let job = rms_dispatch!(xd, wd, yd, rms_forward_job, call);
+    run(py, "cpu_rms_norm_forward", job)
+}
+
+fn rms_forward_job<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(
+    c: RmsCall,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || rms_forward_typed::<A, X, W, O>(c))
+}
+
+fn rms_backward_job<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(
+    c: RmsCall,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || rms_backward_typed::<A, X, W, O>(c))
+}
+
+/// RMSNorm backward: `dx` (x's dtype) and, when given, `dw` (weight's dtype) from `dy`
+/// (y_dtype), `x`, `weight` and the forward's `rstd`.
+#[pyfunction]
+#[pyo3(signature = (*, dy, x, weight, rstd, dx, dw, rows, hidden, x_dtype, w_dtype, y_dtype, offset, cast_before))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rms_norm_backward(
+    py: Python<'_>,
+    dy: usize,
+    x: usize,
+    weight: usize,
+    rstd: usize,
+    dx: usize,
+    dw: Option<usize>,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+    offset: f64,
+    cast_before: bool,
+) -> PyResult<()> {
+    let (xd, wd, yd) = (
+        dtype("x", x_dtype)?,
+        dtype("weight", w_dtype)?,
+        dtype("dy", y_dtype)?,
+    );
+    let p = rms_problem(rows, hidden, 0.0, offset, cast_before)?;
+    let n = rows * hidden;
+    let mut regions = vec![
+        Region::new("dy", dy, n, yd, false),
+        Region::new("x", x, n, xd, false),
+        Region::new("weight", weight, hidden, wd, false),
+        Region::new("rstd", rstd, rows, rstd_dtype(xd), false),
+        Region::new("dx", dx, n, xd, true),
+    ];
+    if let Some(dw) = dw {
+        regions.push(Region::new("dw", dw, hidden, wd, true));
+    }
+    check_regions(&regions)?;
+    let call = RmsCall {
+        p,
+        x,
+        w: weight,
+        y: 0,
+        rstd,
+        dy,
+        dx,
+        dw,
+    };
+    let job = rms_dispatch!(xd, wd, yd, rms_backward_job, call);
+    run(py, "cpu_rms_norm_backward", job)
+}
+
+// ---- rotary --------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct RopeCall {
+    r: Rotary,
+    q: (usize, [usize; 3]),
+    k: (usize, [usize; 3]),
+    cos: (usize, [usize; 2]),
+    sin: (usize, [usize; 2]),
+    q_out: (usize, [usize; 3]),
+    k_out: (usize, [usize; 3]),
+}
+
+/// (input, cos/sin, output) dtypes: each of them x's 16-bit dtype or float32, or float64
+/// throughout.
+macro_rules! rope_dispatch {
+    ($i:expr, $c:expr, $o:expr, $f:ident, $call:expr) => {{
+        use FDtype::*;
+        match ($i, $c, $o) {
+            (F32, F32, F32) => $f::<f32, f32, f32, f32>($call),
+            (F64, F64, F64) => $f::<f64, f64, f64, f64>($call),
+            (Bf16, Bf16, Bf16) => $f::<f32, bf16, bf16, bf16>($call),
+            (Bf16, Bf16, F32) => $f::<f32, bf16, bf16, f32>($call),
+            (Bf16, F32, Bf16) => $f::<f32, bf16, f32, bf16>($call),
+            (Bf16, F32, F32) => $f::<f32, bf16, f32, f32>($call),
+            (F32, Bf16, Bf16) => $f::<f32, f32, bf16, bf16>($call),
+            (F32, Bf16, F32) => $f::<f32, f32, bf16, f32>($call),
+            (F32, F32, Bf16) => $f::<f32, f32, f32, bf16>($call),
+            (F16, F16, F16) => $f::<f32, f16, f16, f16>($call),
+            (F16, F16, F32) => $f::<f32, f16, f16, f32>($call),
+            (F16, F32, F16) => $f::<f32, f16, f32, f16>($call),
+            (F16, F32, F32) => $f::<f32, f16, f32, f32>($call),
+            (F32, F16, F16) => $f::<f32, f32, f16, f16>($call),
+            (F32, F16, F32) => $f::<f32, f32, f16, f32>($call),
+            (F32, F32, F16) => $f::<f32, f32, f32, f16>($call),
+            (i, c, o) => {
+                return value_error(format!(
+                    "cos: dtypes (input {i:?}, cos/sin {c:?}, output {o:?}) are not a supported \
+                     combination (bfloat16 and float16 do not mix; float64 only alone)"
+                ));
+            }
+        }
+    }};
+}
+
+fn rope_job<A: Real, I: Storage<A>, C: Storage<A>, O: Storage<A>>(
+    c: RopeCall,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let r = c.r;
+        let qs = [r.p0, r.p1, r.q_heads, r.head_dim];
+        let ks = [r.p0, r.p1, r.k_heads, r.head_dim];
+        let cs = [r.p0, r.p1, r.rot_dim];
+        let e4 = |s: [usize; 3], sizes: &[usize; 4]| extent(sizes, &[s[0], s[1], s[2], 1]);
+        let e3 = |s: [usize; 2]| extent(&cs, &[s[0], s[1], 1]);
+        // SAFETY: regions checked by the caller: each covers its layout's extent, inputs are
+        // read only, outputs overlap nothing (and, checked in rotary::apply, not themselves).
+        unsafe {
+            rotary::apply::<A, I, C, O>(
+                &r,
+                View {
+                    data: slice::<I>(c.q.0, e4(c.q.1, &qs)),
+                    strides: c.q.1,
+                },
+                View {
+                    data: slice::<I>(c.k.0, e4(c.k.1, &ks)),
+                    strides: c.k.1,
+                },
+                View {
+                    data: slice::<C>(c.cos.0, e3(c.cos.1)),
+                    strides: [c.cos.1[0], c.cos.1[1], 0],
+                },
+                View {
+                    data: slice::<C>(c.sin.0, e3(c.sin.1)),
+                    strides: [c.sin.1[0], c.sin.1[1], 0],
+                },
+                ViewMut {
+                    data: slice_mut::<O>(c.q_out.0, e4(c.q_out.1, &qs)),
+                    strides: c.q_out.1,
+                },
+                ViewMut {
+                    data: slice_mut::<O>(c.k_out.0, e4(c.k_out.1, &ks)),
+                    strides: c.k_out.1,
+                },
+            )
+        }
+    })
+}
+
+/// Rotary embedding of q and k (or its transpose, the backward) into `q_out` and `k_out`.
+/// Layouts as in `rotary::apply`: element strides over (P0, P1, head) for the four
+/// tensors, over (P0, P1) for cos and sin (0 where broadcast).
+#[pyfunction]
+#[pyo3(signature = (*, q, k, cos, sin, q_out, k_out, q_strides, k_strides, cos_strides, sin_strides,
+    q_out_strides, k_out_strides, p0, p1, q_heads, k_heads, head_dim, rot_dim, interleaved, transpose,
+    in_dtype, cs_dtype, out_dtype))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rotary(
+    py: Python<'_>,
+    q: usize,
+    k: usize,
+    cos: usize,
+    sin: usize,
+    q_out: usize,
+    k_out: usize,
+    q_strides: [usize; 3],
+    k_strides: [usize; 3],
+    cos_strides: [usize; 2],
+    sin_strides: [usize; 2],
+    q_out_strides: [usize; 3],
+    k_out_strides: [usize; 3],
+    p0: usize,
+    p1: usize,
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+    interleaved: bool,
+    transpose: bool,
+    in_dtype: &str,
+    cs_dtype: &str,
+    out_dtype: &str,
+) -> PyResult<()> {
+    let (id, cd, od) = (
+        dtype("q", in_dtype)?,
+        dtype("cos", cs_dtype)?,
+        dtype("q_out", out_dtype)?,
+    );
+    if !rot_dim.is_multiple_of(2) || rot_dim > head_dim {
+        return value_error(format!(
+            "rotary_dim: expected an even number at most head_dim {head_dim}, got {rot_dim}"
+        ));
+    }
+    let qs = [p0, p1, q_heads, head_dim];
+    let ks = [p0, p1, k_heads, head_dim];
+    let cs = [p0, p1, rot_dim];
+    let four = |s: [usize; 3]| [s[0], s[1], s[2], 1];
+    let three = |s: [usize; 2]| [s[0], s[1], 1];
+    for (name, sizes, strides) in [
+        ("q_out", qs, four(q_out_strides)),
+        ("k_out", ks, four(k_out_strides)),
+    ] {
+        if overlaps(&sizes, &strides) {
+            return value_error(format!("{name}: its strides make elements overlap"));
+        }
+    }
+    check_regions(&[
+        Region::new("q", q, extent(&qs, &four(q_strides)), id, false),
+        Region::new("k", k, extent(&ks, &four(k_strides)), id, false),
+        Region::new("cos", cos, extent(&cs, &three(cos_strides)), cd, false),
+        Region::new("sin", sin, extent(&cs, &three(sin_strides)), cd, false),
+        Region::new("q_out", q_out, extent(&qs, &four(q_out_strides)), od, true),
+        Region::new("k_out", k_out, extent(&ks, &four(k_out_strides)), od, true),
+    ])?;
+    let call = RopeCall {
+        r: Rotary {
+            p0,
+            p1,
+            q_heads,
+            k_heads,
+            head_dim,
+            rot_dim,
+            interleaved,
+            transpose,
+        },
+        q: (q, q_strides),
+        k: (k, k_strides),
+        cos: (cos, cos_strides),
+        sin: (sin, sin_strides),
+        q_out: (q_out, q_out_strides),
+        k_out: (k_out, k_out_strides),
+    };
+    let job = rope_dispatch!(id, cd, od, rope_job, call);
+    run(py, "cpu_rotary", job)
+}
+
+// ---- gated MLP product ---------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct GatedCall {
+    g: Gated,
+    gate: usize,
+    up: usize,
+    dout: usize,
+    out: usize,
+    dup: usize,
+    backward: bool,
+    /// Backward into one (rows, 2 * cols) buffer at `out` (`[dgate | dup]` per row).
+    packed: bool,
+}
+
+fn gated_job<A: Real, T: Storage<A>>(c: GatedCall) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let g = c.g;
+        let n = g.rows * g.cols;
+        let span = |ld: usize| {
+            if n == 0 {
+                0
+            } else {
+                (g.rows - 1) * ld + g.cols
+            }
+        };
+        // SAFETY: regions checked by the caller.
+        unsafe {
+            let gate = slice::<T>(c.gate, span(g.ld_gate));
+            let up = slice::<T>(c.up, span(g.ld_up));
+            if c.backward && c.packed {
+                gated::backward_packed::<A, T>(
+                    &g,
+                    slice::<T>(c.dout, n),
+                    gate,
+                    up,
+                    slice_mut::<T>(c.out, 2 * n),
+                )
+            } else if c.backward {
+                gated::backward::<A, T>(
+                    &g,
+                    slice::<T>(c.dout, n),
+                    gate,
+                    up,
+                    slice_mut::<T>(c.out, n),
+                    slice_mut::<T>(c.dup, n),
+                )
+            } else {
+                gated::forward::<A, T>(&g, gate, up, slice_mut::<T>(c.out, n))
+            }
+        }
+    })
+}
+
+fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyResult<()> {
+    let dt = dtype("gate", dtype_name)?;
+    let g = c.g;
+    if g.ld_gate < g.cols || g.ld_up < g.cols {
+        return value_error(format!(
+            "gate: row strides ({}, {}) below the row length {}",
+            g.ld_gate, g.ld_up, g.cols
+        ));
+    }
+    let Some(n) = g.rows.checked_mul(g.cols) else {
+        return value_error(format!("gate: shape ({}, {}) overflows", g.rows, g.cols));
+    };
+    let span = |ld: usize| {
+        if n == 0 {
+            0
+        } else {
+            (g.rows - 1).saturating_mul(ld).saturating_add(g.cols)
+        }
+    };
+    let mut regions = vec![
+        Region::new("gate", c.gate, span(g.ld_gate), dt, false),
+        Region::new("up", c.up, span(g.ld_up), dt, false),
+    ];
+    if c.backward && c.packed {
+        if c.dup != 0 {
+            return value_error("dup: must be None with packed (dgate holds both)".into());
+        }
+        regions.push(Region::new("dout", c.dout, n, dt, false));
+        regions.push(Region::new("dgate", c.out, 2 * n, dt, true));
+    } else if c.backward {
+        regions.push(Region::new("dout", c.dout, n, dt, false));
+        regions.push(Region::new("dgate", c.out, n, dt, true));
+        regions.push(Region::new("dup", c.dup, n, dt, true));
+    } else {
+        regions.push(Region::new("out", c.out, n, dt, true));
+    }
+    check_regions(&regions)?;
+    let job = match dt {
+        FDtype::Bf16 => gated_job::<f32, bf16>(c),
+        FDtype::F16 => gated_job::<f32, f16>(c),
+        FDtype::F32 => gated_job::<f32, f32>(c),
+        FDtype::F64 => gated_job::<f64, f64>(c),
+    };
+    run(py, what, job)
+}
+
+fn activation(name: &str) -> PyResult<Activation> {
+    Activation::parse(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "activation: expected 'silu' or 'gelu_tanh', got {name:?}"
+        ))
+    })
+}
+
+/// `out = act(gate) * up` (contiguous (rows, cols)) from gate and up with row strides
+/// `ld_gate` and `ld_up` (elements).
+#[pyfunction]
+#[pyo3(signature = (*, gate, up, out, rows, cols, ld_gate, ld_up, dtype, activation))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_gated_act(
+    py: Python<'_>,
+    gate: usize,
+    up: usize,
+    out: usize,
+    rows: usize,
+    cols: usize,
+    ld_gate: usize,
+    ld_up: usize,
+    dtype: &str,
+    activation: &str,
+) -> PyResult<()> {
+    let call = GatedCall {
+        g: Gated {
+            rows,
+            cols,
+            ld_gate,
+            ld_up,
+            act: self::activation(activation)?,
+        },
+        gate,
+        up,
+        dout: 0,
+        out,
+        dup: 0,
+        backward: false,
+        packed: false,
+    };
+    gated_call(py, call, dtype, "cpu_gated_act")
+}
+
+/// `dgate` and `dup` (contiguous (rows, cols)) from `dout` and the forward's inputs; with
+/// `packed`, `dgate` is one (rows, 2 * cols) buffer receiving `[dgate | dup]` per row and
+/// `dup` is None.
+#[pyfunction]
+#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_gated_act_backward(
+    py: Python<'_>,
+    dout: usize,
+    gate: usize,
+    up: usize,
+    dgate: usize,
+    dup: Option<usize>,
+    rows: usize,
+    cols: usize,
+    ld_gate: usize,
+    ld_up: usize,
+    dtype: &str,
+    activation: &str,
+    packed: bool,
+) -> PyResult<()> {
+    let call = GatedCall {
+        g: Gated {
+            rows,
+            cols,
+            ld_gate,
+            ld_up,
+            act: self::activation(activation)?,
+        },
+        gate,
+        up,
+        dout,
+        out: dgate,
+        dup: dup.unwrap_or(0),
+        backward: true,
+        packed,
+    };
+    gated_call(py, call, dtype, "cpu_gated_act_backward")
+}

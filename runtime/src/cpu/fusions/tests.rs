@@ -1,0 +1,900 @@
+//! The CPU twins against float64 references written from the stock modules' definitions
+//! (no shared code): fixed cases for the edges, property tests over shapes, dtypes, layouts
+//! and options.
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+
+use super::gated::{self, Gated, act_grad, act_value};
+use super::rms_norm::{self, ROWS_PER_TASK, RmsNorm};
+use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
+use super::{Activation, Real, Storage};
+
+/// xorshift64*, so a failing case is reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Roughly normal: the sum of four uniforms, scaled.
+    fn normal(&mut self) -> f64 {
+        let u = |r: &mut Rng| (r.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        (u(self) + u(self) + u(self) + u(self)) * 1.7
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.normal() * scale).collect()
+    }
+}
+
+fn stored<A: Real, S: Storage<A>>(v: &[f64]) -> Vec<S> {
+    v.iter().map(|x| S::store(A::from_f64(*x))).collect()
+}
+
+fn loaded<A: Real, S: Storage<A>>(v: &[S]) -> Vec<f64> {
+    v.iter().map(|x| x.load().to_f64()).collect()
+}
+
+/// ||a - b|| / ||b|| (the norm of a when b is 0).
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    }
+}
+
+/// The norm-wise error of `got` measured against `scale`, the magnitudes of the terms
+/// that sum (or cancel) to `want`, when those exceed `want` itself: a sum that cancels
+/// keeps the absolute rounding of its terms, which a relative measure would blame on the
+/// kernel (stock torch computes the same sums and rounds the same way).
+fn err(got: &[f64], want: &[f64], scale: &[f64]) -> f64 {
+    let zero = vec![0.0; want.len()];
+    rel(got, want) * rel(want, &zero) / rel(scale, &zero).max(rel(want, &zero)).max(1e-300)
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+struct RmsRef {
+    y: Vec<f64>,
+    dx: Vec<f64>,
+    dw: Vec<f64>,
+    /// The first term of dx alone (dy * (offset + w) * s): the scale of the two terms that
+    /// cancel in dx (entirely when hidden is 1), by which its error is measured.
+    dx_scale: Vec<f64>,
+    /// Sum over rows of |dy * x * s|: the scale of dw's terms (of either sign, they cancel).
+    dw_scale: Vec<f64>,
+}
+
+/// Stock RMSNorm in float64, no rounding: y = (offset + w) * x / sqrt(mean(x^2) + eps), and
+/// its gradients for the upstream gradient dy, by the chain rule through the mean.
+fn rms_reference(p: &RmsNorm, x: &[f64], w: &[f64], dy: &[f64]) -> RmsRef {
+    let h = p.hidden;
+    let mut out = RmsRef {
+        y: vec![0.0; x.len()],
+        dx: vec![0.0; x.len()],
+        dw: vec![0.0; h],
+        dx_scale: vec![0.0; x.len()],
+        dw_scale: vec![0.0; h],
+    };
+    for r in 0..p.rows {
+        let xr = &x[r * h..(r + 1) * h];
+        let dyr = &dy[r * h..(r + 1) * h];
+        let ms = xr.iter().map(|v| v * v).sum::<f64>() / h as f64;
+        let s = 1.0 / (ms + p.eps).sqrt();
+        // d y_j / d x_i = we_j (s delta_ij - x_j s^3 x_i / h)
+        let gsum: f64 = (0..h).map(|j| dyr[j] * (p.offset + w[j]) * xr[j]).sum();
+        for i in 0..h {
+            let we = p.offset + w[i];
+            out.y[r * h + i] = we * xr[i] * s;
+            out.dx[r * h + i] = dyr[i] * we * s - xr[i] * s * s * s * gsum / h as f64;
+            out.dw[i] += dyr[i] * xr[i] * s;
+            out.dx_scale[r * h + i] = dyr[i] * we * s;
+            out.dw_scale[i] += (dyr[i] * xr[i] * s).abs();
+        }
+    }
+    out
+}
+
+struct RmsRun {
+    y: Vec<f64>,
+    rstd: Vec<f64>,
+    dx: Vec<f64>,
+    dw: Vec<f64>,
+}
+
+fn rms_run<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(
+    p: &RmsNorm,
+    x: &[f64],
+    w: &[f64],
+    dy: &[f64],
+) -> RmsRun {
+    let (xs, ws, dys) = (stored::<A, X>(x), stored::<A, W>(w), stored::<A, O>(dy));
+    let mut y = vec![O::store(A::ZERO); x.len()];
+    let mut rstd = vec![A::ZERO; p.rows];
+    rms_norm::forward::<A, X, W, O>(p, &xs, &ws, &mut y, &mut rstd);
+    let mut dx = vec![X::store(A::ZERO); x.len()];
+    let mut dw = vec![W::store(A::ZERO); p.hidden];
+    rms_norm::backward::<A, X, W, O>(p, &dys, &xs, &ws, &rstd, &mut dx, Some(&mut dw));
+    RmsRun {
+        y: loaded::<A, O>(&y),
+        rstd: rstd.iter().map(|v| v.to_f64()).collect(),
+        dx: loaded::<A, X>(&dx),
+        dw: loaded::<A, W>(&dw),
+    }
+}
+
+/// The inputs as the twin sees them (rounded to their storage), so that the reference
+/// measures the computation's error, not the inputs' rounding.
+fn rounded<A: Real, S: Storage<A>>(v: &[f64]) -> Vec<f64> {
+    loaded::<A, S>(&stored::<A, S>(v))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_rms<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(
+    rows: usize,
+    hidden: usize,
+    offset: f64,
+    cast_before: bool,
+    seed: u64,
+    tol_y: f64,
+    tol_grad: f64,
+) {
+    let mut rng = Rng::new(seed);
+    let p = RmsNorm {
+        rows,
+        hidden,
+        eps: 1e-6,
+        offset,
+        cast_before,
+    };
+    let x = rounded::<A, X>(&rng.vec(rows * hidden, 1.5));
+    let w = rounded::<A, W>(
+        &rng.vec(hidden, 0.3)
+            .iter()
+            .map(|v| v + 1.0 - offset)
+            .collect::<Vec<_>>(),
+    );
+    let dy = rounded::<A, O>(&rng.vec(rows * hidden, 1.0));
+    let got = rms_run::<A, X, W, O>(&p, &x, &w, &dy);
+    let want = rms_reference(&p, &x, &w, &dy);
+    let ey = rel(&got.y, &want.y);
+    let edx = err(&got.dx, &want.dx, &want.dx_scale);
+    let edw = err(&got.dw, &want.dw, &want.dw_scale);
+    assert!(
+        ey <= tol_y && edx <= tol_grad && edw <= tol_grad,
+        "rows {rows} hidden {hidden} offset {offset} cast_before {cast_before}: y {ey:.2e} dx {edx:.2e} dw {edw:.2e}"
+    );
+    for (r, s) in got.rstd.iter().enumerate() {
+        let xr = &x[r * hidden..(r + 1) * hidden];
+        let exact = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / hidden as f64 + 1e-6).sqrt();
+        assert!(
+            (s - exact).abs() <= 1e-5 * exact,
+            "rstd of row {r}: {s} vs {exact}"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_float32_is_float32_accurate() {
+    for (rows, hidden) in [(1, 1), (3, 7), (5, 64), (70, 128), (2, 4096)] {
+        check_rms::<f32, f32, f32, f32>(rows, hidden, 0.0, true, 1, 1e-6, 1e-5);
+        check_rms::<f32, f32, f32, f32>(rows, hidden, 1.0, false, 2, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn rms_norm_float64_matches_the_reference_to_rounding() {
+    check_rms::<f64, f64, f64, f64>(37, 96, 0.0, true, 3, 1e-14, 1e-13);
+    check_rms::<f64, f64, f64, f64>(37, 96, 1.0, false, 4, 1e-14, 1e-13);
+}
+
+#[test]
+fn rms_norm_16_bit_within_their_rounding() {
+    // bf16 keeps 8 significant bits: one rounding is 2^-9 relative, the Llama order two.
+    check_rms::<f32, bf16, bf16, bf16>(65, 256, 0.0, true, 5, 8e-3, 1.2e-2);
+    check_rms::<f32, bf16, bf16, bf16>(65, 256, 1.0, false, 6, 5e-3, 1.2e-2);
+    check_rms::<f32, f16, f16, f16>(65, 256, 0.0, true, 7, 1e-3, 2e-3);
+    check_rms::<f32, bf16, f32, f32>(40, 100, 0.0, true, 8, 5e-3, 1e-2);
+    check_rms::<f32, bf16, f32, bf16>(40, 100, 1.0, false, 9, 5e-3, 1e-2);
+    check_rms::<f32, f16, f32, f16>(40, 100, 0.0, false, 10, 1e-3, 2e-3);
+}
+
+#[test]
+fn rms_norm_llama_order_rounds_before_the_weight() {
+    // weight * x.to(bf16) in bf16 is round(w * round(xn)); Gemma's round(xn * w) differs on
+    // some elements, and the twin must reproduce the exact stock value of each.
+    let p = RmsNorm {
+        rows: 1,
+        hidden: 64,
+        eps: 1e-6,
+        offset: 0.0,
+        cast_before: true,
+    };
+    let mut rng = Rng::new(11);
+    let x: Vec<bf16> = stored::<f32, bf16>(&rng.vec(64, 1.0));
+    let w: Vec<bf16> = stored::<f32, bf16>(&rng.vec(64, 1.0));
+    let mut y = vec![bf16::ZERO; 64];
+    let mut rstd = [0f32];
+    rms_norm::forward::<f32, bf16, bf16, bf16>(&p, &x, &w, &mut y, &mut rstd);
+    let ss: f32 = x.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+    let r = 1.0 / (ss / 64.0 + 1e-6f32).sqrt();
+    let (mut differ, mut exact) = (0, 0);
+    for j in 0..64 {
+        let xn = x[j].to_f32() * r;
+        let llama = bf16::from_f32(w[j].to_f32() * bf16::from_f32(xn).to_f32());
+        let gemma = bf16::from_f32(xn * w[j].to_f32());
+        differ += (llama != gemma) as usize;
+        exact += (y[j] == llama) as usize;
+    }
+    // This sequential sum may differ from the twin's in its last bit, which can move a value
+    // that sits next to a rounding boundary; nearly all must be the stock value exactly.
+    assert!(exact >= 62, "{exact} of 64 match the Llama order");
+    assert!(
+        differ > 0,
+        "the two orders should differ somewhere on 64 random values"
+    );
+}
+
+#[test]
+fn rms_norm_weight_gradient_does_not_depend_on_the_cut() {
+    // More rows than one task holds, a count that does not divide, and enough elements for
+    // the parallel path: the same dw for any thread count.
+    let rows = 45 * ROWS_PER_TASK + 5;
+    assert!(rows * 24 >= super::SERIAL_ELEMENTS);
+    check_rms::<f32, f32, f32, f32>(rows, 24, 0.0, true, 12, 1e-6, 1e-5);
+    let p = RmsNorm {
+        rows,
+        hidden: 24,
+        eps: 1e-5,
+        offset: 0.0,
+        cast_before: false,
+    };
+    let mut rng = Rng::new(13);
+    let x = stored::<f32, f32>(&rng.vec(rows * 24, 1.0));
+    let w = stored::<f32, f32>(&rng.vec(24, 1.0));
+    let dy = stored::<f32, f32>(&rng.vec(rows * 24, 1.0));
+    let mut y = vec![0f32; rows * 24];
+    let mut rstd = vec![0f32; rows];
+    rms_norm::forward::<f32, f32, f32, f32>(&p, &x, &w, &mut y, &mut rstd);
+    let mut first = None;
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut dx = vec![0f32; rows * 24];
+        let mut dw = vec![0f32; 24];
+        pool.install(|| {
+            rms_norm::backward::<f32, f32, f32, f32>(&p, &dy, &x, &w, &rstd, &mut dx, Some(&mut dw))
+        });
+        match &first {
+            None => first = Some((dx, dw)),
+            Some(f) => assert!(f.0 == dx && f.1 == dw, "results depend on the thread count"),
+        }
+    }
+}
+
+#[test]
+fn rms_norm_without_weight_gradient_and_empty_rows() {
+    let p = RmsNorm {
+        rows: 0,
+        hidden: 8,
+        eps: 1e-6,
+        offset: 0.0,
+        cast_before: true,
+    };
+    let w = [1f32; 8];
+    let mut dw = [7f32; 8];
+    rms_norm::backward::<f32, f32, f32, f32>(&p, &[], &[], &w, &[], &mut [], Some(&mut dw));
+    assert_eq!(dw, [0.0; 8], "no rows: a zero weight gradient");
+    let p = RmsNorm { rows: 2, ..p };
+    let x = [1f32; 16];
+    let mut dx = [0f32; 16];
+    rms_norm::backward::<f32, f32, f32, f32>(&p, &x, &x, &w, &[1.0, 1.0], &mut dx, None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn rms_norm_matches_float64(
+        rows in 0usize..80,
+        hidden in 1usize..300,
+        gemma in any::<bool>(),
+        combo in 0usize..4,
+        seed in any::<u64>(),
+    ) {
+        let (offset, cast_before) = if gemma { (1.0, false) } else { (0.0, true) };
+        match combo {
+            0 => check_rms::<f32, f32, f32, f32>(rows, hidden, offset, cast_before, seed, 2e-6, 2e-5),
+            1 => check_rms::<f32, bf16, bf16, bf16>(rows, hidden, offset, cast_before, seed, 1e-2, 2e-2),
+            2 => check_rms::<f32, f16, f32, f16>(rows, hidden, offset, cast_before, seed, 2e-3, 3e-3),
+            _ => check_rms::<f64, f64, f64, f64>(rows, hidden, offset, cast_before, seed, 1e-13, 1e-12),
+        }
+    }
+}
+
+// ---- rotary --------------------------------------------------------------------------------
+
+/// The stock formula in float64 on one row: `x * cos + rotate(x) * sin` over the first
+/// rot_dim entries, the rest passed through; `rotate` is rotate_half or rotate_every_two
+/// built as the modeling files build it.
+fn rope_row_reference(x: &[f64], c: &[f64], s: &[f64], rot: usize, interleaved: bool) -> Vec<f64> {
+    let mut rotated = vec![0.0; rot];
+    if interleaved {
+        for i in 0..rot / 2 {
+            rotated[2 * i] = -x[2 * i + 1];
+            rotated[2 * i + 1] = x[2 * i];
+        }
+    } else {
+        let half = rot / 2;
+        for i in 0..half {
+            rotated[i] = -x[half + i];
+            rotated[half + i] = x[i];
+        }
+    }
+    let mut out = x.to_vec();
+    for j in 0..rot {
+        out[j] = x[j] * c[j] + rotated[j] * s[j];
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+struct RopeCase {
+    p0: usize,
+    p1: usize,
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+    interleaved: bool,
+    /// q's memory order: heads outermost-but-one (b, h, s, d) or innermost (b, s, h, d).
+    heads_inner: bool,
+    /// cos broadcast over P0 (batch 1, as position_ids of shape (1, s) give).
+    cos_broadcast: bool,
+    /// Extra elements between rows (a strided view).
+    pad: usize,
+    seed: u64,
+}
+
+/// Strides over (P0, P1, head) for a tensor of that shape in the case's memory order.
+fn strides_for(c: &RopeCase, heads: usize) -> [usize; 3] {
+    let row = c.head_dim + c.pad;
+    if c.heads_inner {
+        [c.p1 * heads * row, heads * row, row]
+    } else {
+        [heads * c.p1 * row, row, c.p1 * row]
+    }
+}
+
+fn check_rope<A: Real, I: Storage<A>, C: Storage<A>, O: Storage<A>>(case: &RopeCase, tol: f64) {
+    let mut rng = Rng::new(case.seed);
+    let r = Rotary {
+        p0: case.p0,
+        p1: case.p1,
+        q_heads: case.q_heads,
+        k_heads: case.k_heads,
+        head_dim: case.head_dim,
+        rot_dim: case.rot_dim,
+        interleaved: case.interleaved,
+        transpose: false,
+    };
+    let qs = strides_for(case, case.q_heads);
+    let ks = strides_for(case, case.k_heads);
+    let sizes = |h| [case.p0, case.p1, h, case.head_dim];
+    let q_len = extent(&sizes(case.q_heads), &[qs[0], qs[1], qs[2], 1]);
+    let k_len = extent(&sizes(case.k_heads), &[ks[0], ks[1], ks[2], 1]);
+    let q = rounded::<A, I>(&rng.vec(q_len, 1.0));
+    let k = rounded::<A, I>(&rng.vec(k_len, 1.0));
+    // cos/sin as the models build them: angles t * f_i, duplicated halves (or pairs).
+    let cp0 = if case.cos_broadcast { 1 } else { case.p0 };
+    let rd = case.rot_dim;
+    let mut cosv = vec![0.0; cp0 * case.p1 * rd];
+    let mut sinv = vec![0.0; cp0 * case.p1 * rd];
+    for a in 0..cp0 {
+        for b in 0..case.p1 {
+            let t = (b + 3 * a) as f64 + rng.normal();
+            for j in 0..rd {
+                let f = if case.interleaved {
+                    j / 2
+                } else {
+                    j % (rd / 2).max(1)
+                };
+                let theta = t / 10000f64.powf(2.0 * f as f64 / rd as f64);
+                cosv[(a * case.p1 + b) * rd + j] = theta.cos();
+                sinv[(a * case.p1 + b) * rd + j] = theta.sin();
+            }
+        }
+    }
+    let cosv = rounded::<A, C>(&cosv);
+    let sinv = rounded::<A, C>(&sinv);
+    let cstr = [if case.cos_broadcast { 0 } else { case.p1 * rd }, rd, 0];
+    let (qi, ki, ci, si) = (
+        stored::<A, I>(&q),
+        stored::<A, I>(&k),
+        stored::<A, C>(&cosv),
+        stored::<A, C>(&sinv),
+    );
+    let mut qo = vec![O::store(A::ZERO); q_len];
+    let mut ko = vec![O::store(A::ZERO); k_len];
+    rotary::apply::<A, I, C, O>(
+        &r,
+        View {
+            data: &qi,
+            strides: qs,
+        },
+        View {
+            data: &ki,
+            strides: ks,
+        },
+        View {
+            data: &ci,
+            strides: cstr,
+        },
+        View {
+            data: &si,
+            strides: cstr,
+        },
+        ViewMut {
+            data: &mut qo,
+            strides: qs,
+        },
+        ViewMut {
+            data: &mut ko,
+            strides: ks,
+        },
+    );
+    // Forward against the reference, and the backward (transpose) against the adjoint
+    // identity <R x, y> = <x, R^T y> computed with the reference.
+    let qo = loaded::<A, O>(&qo);
+    let ko = loaded::<A, O>(&ko);
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    for a in 0..case.p0 {
+        for b in 0..case.p1 {
+            let c0 = a * cstr[0] + b * cstr[1];
+            let (c, s) = (&cosv[c0..c0 + rd], &sinv[c0..c0 + rd]);
+            for (src, out, st, heads) in [(&q, &qo, qs, case.q_heads), (&k, &ko, ks, case.k_heads)]
+            {
+                for h in 0..heads {
+                    let i0 = a * st[0] + b * st[1] + h * st[2];
+                    let x = &src[i0..i0 + case.head_dim];
+                    want.extend(rope_row_reference(x, c, s, rd, case.interleaved));
+                    got.extend_from_slice(&out[i0..i0 + case.head_dim]);
+                }
+            }
+        }
+    }
+    let e = rel(&got, &want);
+    assert!(e <= tol, "{case:?}: forward error {e:.2e}");
+
+    // Backward: dq = R^T dy. Check <R x, dy> == <x, R^T dy> in the arithmetic of A.
+    let dy = rounded::<A, I>(&rng.vec(q_len, 1.0));
+    let dyk = rounded::<A, I>(&rng.vec(k_len, 1.0));
+    let mut dq = vec![O::store(A::ZERO); q_len];
+    let mut dk = vec![O::store(A::ZERO); k_len];
+    let (dys, dyks) = (stored::<A, I>(&dy), stored::<A, I>(&dyk));
+    rotary::apply::<A, I, C, O>(
+        &Rotary {
+            transpose: true,
+            ..r
+        },
+        View {
+            data: &dys,
+            strides: qs,
+        },
+        View {
+            data: &dyks,
+            strides: ks,
+        },
+        View {
+            data: &ci,
+            strides: cstr,
+        },
+        View {
+            data: &si,
+            strides: cstr,
+        },
+        ViewMut {
+            data: &mut dq,
+            strides: qs,
+        },
+        ViewMut {
+            data: &mut dk,
+            strides: ks,
+        },
+    );
+    let dq = loaded::<A, O>(&dq);
+    let dk = loaded::<A, O>(&dk);
+    let mut lhs = 0.0;
+    let mut rhs = 0.0;
+    let mut scale = 0.0;
+    let mut idx = 0;
+    for a in 0..case.p0 {
+        for b in 0..case.p1 {
+            for (x, g, d, st, heads) in [
+                (&q, &dy, &dq, qs, case.q_heads),
+                (&k, &dyk, &dk, ks, case.k_heads),
+            ] {
+                for h in 0..heads {
+                    let i0 = a * st[0] + b * st[1] + h * st[2];
+                    for j in 0..case.head_dim {
+                        lhs += want[idx] * g[i0 + j];
+                        rhs += x[i0 + j] * d[i0 + j];
+                        scale += (want[idx] * g[i0 + j]).abs();
+                        idx += 1;
+                    }
+                }
+            }
+        }
+    }
+    let e = (lhs - rhs).abs() / scale.max(1e-30);
+    assert!(e <= tol, "{case:?}: <Rx, y> - <x, R^T y> relative {e:.2e}");
+}
+
+fn rope_case(head_dim: usize, rot_dim: usize, interleaved: bool) -> RopeCase {
+    RopeCase {
+        p0: 2,
+        p1: 5,
+        q_heads: 4,
+        k_heads: 2,
+        head_dim,
+        rot_dim,
+        interleaved,
+        heads_inner: true,
+        cos_broadcast: false,
+        pad: 0,
+        seed: 21,
+    }
+}
+
+#[test]
+fn rotary_full_partial_interleaved() {
+    for (hd, rd, il) in [
+        (64, 64, false),
+        (80, 32, false),
+        (128, 64, true),
+        (6, 6, true),
+        (10, 4, false),
+    ] {
+        let c = rope_case(hd, rd, il);
+        check_rope::<f32, f32, f32, f32>(&c, 1e-6);
+        check_rope::<f64, f64, f64, f64>(&c, 1e-14);
+        check_rope::<f32, bf16, bf16, bf16>(&c, 6e-3);
+        check_rope::<f32, f16, f32, f32>(&c, 1e-3);
+        check_rope::<f32, bf16, f32, bf16>(&c, 6e-3);
+    }
+}
+
+#[test]
+fn rotary_layouts_and_broadcast() {
+    let mut c = rope_case(64, 64, false);
+    c.heads_inner = false;
+    check_rope::<f32, f32, f32, f32>(&c, 1e-6);
+    c.cos_broadcast = true;
+    check_rope::<f32, f32, f32, f32>(&c, 1e-6);
+    c.pad = 3;
+    c.interleaved = true;
+    check_rope::<f32, bf16, bf16, f32>(&c, 6e-3);
+}
+
+#[test]
+fn rotary_layout_helpers() {
+    assert_eq!(extent(&[2, 3, 4], &[12, 4, 1]), 24);
+    assert_eq!(extent(&[2, 0, 4], &[12, 4, 1]), 0);
+    assert!(!overlaps(&[2, 3, 4], &[12, 4, 1]));
+    assert!(!overlaps(&[2, 3, 4], &[4, 8, 1]));
+    assert!(overlaps(&[2, 3, 4], &[12, 2, 1]));
+    assert!(
+        !overlaps(&[1, 3, 4], &[0, 4, 1]),
+        "size-1 dimensions do not count"
+    );
+    assert!(overlaps(&[2, 3], &[0, 1]));
+}
+
+#[test]
+#[should_panic(expected = "overlaps itself")]
+fn rotary_refuses_a_self_overlapping_output() {
+    let r = Rotary {
+        p0: 1,
+        p1: 2,
+        q_heads: 1,
+        k_heads: 1,
+        head_dim: 4,
+        rot_dim: 4,
+        interleaved: false,
+        transpose: false,
+    };
+    let x = [1f32; 8];
+    let c = [1f32; 8];
+    let mut qo = [0f32; 8];
+    let mut ko = [0f32; 8];
+    rotary::apply::<f32, f32, f32, f32>(
+        &r,
+        View {
+            data: &x,
+            strides: [8, 4, 4],
+        },
+        View {
+            data: &x,
+            strides: [8, 4, 4],
+        },
+        View {
+            data: &c,
+            strides: [8, 4, 0],
+        },
+        View {
+            data: &c,
+            strides: [8, 4, 0],
+        },
+        ViewMut {
+            data: &mut qo,
+            strides: [8, 2, 4],
+        },
+        ViewMut {
+            data: &mut ko,
+            strides: [8, 4, 4],
+        },
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn rotary_matches_float64(
+        p0 in 1usize..3,
+        p1 in 1usize..6,
+        q_heads in 1usize..5,
+        k_heads in 1usize..3,
+        half_rot in 1usize..20,
+        extra in 0usize..9,
+        interleaved in any::<bool>(),
+        heads_inner in any::<bool>(),
+        cos_broadcast in any::<bool>(),
+        pad in 0usize..3,
+        combo in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let case = RopeCase {
+            p0, p1, q_heads, k_heads,
+            head_dim: 2 * half_rot + extra,
+            rot_dim: 2 * half_rot,
+            interleaved, heads_inner, cos_broadcast, pad, seed,
+        };
+        match combo {
+            0 => check_rope::<f32, f32, f32, f32>(&case, 2e-6),
+            1 => check_rope::<f32, bf16, f32, bf16>(&case, 8e-3),
+            _ => check_rope::<f64, f64, f64, f64>(&case, 1e-13),
+        }
+    }
+}
+
+// ---- gated MLP product ---------------------------------------------------------------------
+
+fn act_reference(act: Activation, x: f64) -> f64 {
+    match act {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
+    }
+}
+
+#[test]
+fn activation_derivatives_match_finite_differences() {
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        for i in -80..=80 {
+            let x = i as f64 * 0.1;
+            let h = 1e-6;
+            let numeric = (act_reference(act, x + h) - act_reference(act, x - h)) / (2.0 * h);
+            let got = act_grad::<f64>(act, x);
+            assert!(
+                (got - numeric).abs() <= 1e-8,
+                "{act:?} at {x}: {got} vs {numeric}"
+            );
+            assert!(
+                (act_value::<f64>(act, x) - act_reference(act, x)).abs() <= 1e-15 * (1.0 + x.abs())
+            );
+            let f = act_value::<f32>(act, x as f32) as f64;
+            assert!(
+                (f - act_reference(act, x)).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{act:?} float32 at {x}"
+            );
+        }
+    }
+}
+
+fn check_gated<A: Real, T: Storage<A>>(
+    rows: usize,
+    cols: usize,
+    pad: usize,
+    act: Activation,
+    seed: u64,
+    tol: f64,
+) {
+    let mut rng = Rng::new(seed);
+    let ld = cols + pad;
+    let span = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    let gate = rounded::<A, T>(&rng.vec(span, 2.0));
+    let up = rounded::<A, T>(&rng.vec(span, 1.0));
+    let dout = rounded::<A, T>(&rng.vec(rows * cols, 1.0));
+    let g = Gated {
+        rows,
+        cols,
+        ld_gate: ld,
+        ld_up: ld,
+        act,
+    };
+    let (gs, us, ds) = (
+        stored::<A, T>(&gate),
+        stored::<A, T>(&up),
+        stored::<A, T>(&dout),
+    );
+    let mut out = vec![T::store(A::ZERO); rows * cols];
+    gated::forward::<A, T>(&g, &gs, &us, &mut out);
+    let mut dgate = vec![T::store(A::ZERO); rows * cols];
+    let mut dup = vec![T::store(A::ZERO); rows * cols];
+    gated::backward::<A, T>(&g, &ds, &gs, &us, &mut dgate, &mut dup);
+    let (mut w_out, mut w_dg, mut w_du) = (Vec::new(), Vec::new(), Vec::new());
+    // The magnitudes of the terms each value is computed from: GELU-tanh's `1 + tanh`
+    // cancels for negative inputs (in stock torch too), leaving float rounding of `x`.
+    let (mut s_out, mut s_dg, mut s_du) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rows {
+        for c in 0..cols {
+            let (x, u, d) = (gate[r * ld + c], up[r * ld + c], dout[r * cols + c]);
+            let a = act_reference(act, x);
+            // Five-point central difference: error ~1e-13, independent of the formula under
+            // test (a two-point one at h = 1e-6 leaves ~1e-10, too coarse where act' ~ 0).
+            let h = 1e-3;
+            let f = |t: f64| act_reference(act, x + t * h);
+            let da = (f(-2.0) - 8.0 * f(-1.0) + 8.0 * f(1.0) - f(2.0)) / (12.0 * h);
+            w_out.push(a * u);
+            w_du.push(d * a);
+            w_dg.push(d * u * da);
+            let slope = match act {
+                Activation::Silu => 1.0 + x.abs(),
+                Activation::GeluTanh => 1.0 + x.abs() * (1.0 + 0.134145 * x * x),
+            };
+            s_out.push(x * u);
+            s_du.push(d * x);
+            s_dg.push(d * u * slope);
+        }
+    }
+    let e = [
+        err(&loaded::<A, T>(&out), &w_out, &s_out),
+        err(&loaded::<A, T>(&dgate), &w_dg, &s_dg),
+        err(&loaded::<A, T>(&dup), &w_du, &s_du),
+    ];
+    assert!(
+        e.iter().all(|v| *v <= tol),
+        "{act:?} rows {rows} cols {cols} pad {pad}: out {:.2e} dgate {:.2e} dup {:.2e}",
+        e[0],
+        e[1],
+        e[2]
+    );
+}
+
+#[test]
+fn gated_product_and_its_backward() {
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        check_gated::<f32, f32>(7, 33, 0, act, 31, 1e-6);
+        check_gated::<f32, f32>(7, 33, 33, act, 32, 1e-6);
+        check_gated::<f64, f64>(5, 16, 2, act, 33, 1e-9);
+        check_gated::<f32, bf16>(9, 64, 64, act, 34, 8e-3);
+        check_gated::<f32, f16>(9, 64, 0, act, 35, 1.5e-3);
+        check_gated::<f32, f32>(0, 16, 0, act, 36, 0.0);
+    }
+}
+
+#[test]
+fn gated_forward_rounds_like_the_stock_module() {
+    // act_fn(gate) is a bf16 tensor before the product: out = round(round(act(g)) * u).
+    let gate: Vec<bf16> = (0..256)
+        .map(|i| bf16::from_f32((i as f32 - 128.0) * 0.037))
+        .collect();
+    let up: Vec<bf16> = (0..256)
+        .map(|i| bf16::from_f32(1.0 + (i % 7) as f32 * 0.13))
+        .collect();
+    let g = Gated {
+        rows: 1,
+        cols: 256,
+        ld_gate: 256,
+        ld_up: 256,
+        act: Activation::Silu,
+    };
+    let mut out = vec![bf16::ZERO; 256];
+    gated::forward::<f32, bf16>(&g, &gate, &up, &mut out);
+    for i in 0..256 {
+        let x = gate[i].to_f32();
+        let a = bf16::from_f32(x / (1.0 + (-x).exp()));
+        assert_eq!(
+            out[i],
+            bf16::from_f32(a.to_f32() * up[i].to_f32()),
+            "element {i}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn gated_matches_float64(
+        rows in 0usize..20,
+        cols in 1usize..70,
+        pad in 0usize..70,
+        gelu in any::<bool>(),
+        combo in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let act = if gelu { Activation::GeluTanh } else { Activation::Silu };
+        match combo {
+            0 => check_gated::<f32, f32>(rows, cols, pad, act, seed, 2e-6),
+            1 => check_gated::<f32, bf16>(rows, cols, pad, act, seed, 1e-2),
+            _ => check_gated::<f64, f64>(rows, cols, pad, act, seed, 1e-8),
+        }
+    }
+}
+
+#[test]
+fn gated_packed_backward_is_the_two_gradients_side_by_side() {
+    // Phi-3 / MoE experts: gate, up = gate_up.chunk(2, -1); the packed backward writes the
+    // gradient of gate_up directly: [dgate | dup] per row.
+    let (rows, cols) = (5, 24);
+    let mut rng = Rng::new(41);
+    let gate_up = stored::<f32, bf16>(&rng.vec(rows * 2 * cols, 2.0));
+    let dout = stored::<f32, bf16>(&rng.vec(rows * cols, 1.0));
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let g = Gated {
+            rows,
+            cols,
+            ld_gate: 2 * cols,
+            ld_up: 2 * cols,
+            act,
+        };
+        let (gate, up) = (&gate_up[..], &gate_up[cols..]);
+        let mut dg = vec![bf16::ZERO; rows * cols];
+        let mut du = vec![bf16::ZERO; rows * cols];
+        gated::backward::<f32, bf16>(&g, &dout, gate, up, &mut dg, &mut du);
+        let mut packed = vec![bf16::ZERO; rows * 2 * cols];
+        gated::backward_packed::<f32, bf16>(&g, &dout, gate, up, &mut packed);
+        for r in 0..rows {
+            assert_eq!(
+                &packed[r * 2 * cols..r * 2 * cols + cols],
+                &dg[r * cols..(r + 1) * cols]
+            );
+            assert_eq!(
+                &packed[r * 2 * cols + cols..(r + 1) * 2 * cols],
+                &du[r * cols..(r + 1) * cols]
+            );
+        }
+    }
+}
+
+#[test]
+fn parallel_paths_match_float64() {
+    // Sizes above SERIAL_ELEMENTS, so rayon's workers compute them.
+    check_rms::<f32, bf16, bf16, bf16>(300, 128, 0.0, true, 51, 8e-3, 1.2e-2);
+    let mut case = rope_case(32, 32, false);
+    (case.p0, case.p1, case.q_heads, case.k_heads) = (2, 64, 8, 4);
+    let elements = case.p0 * case.p1 * (case.q_heads + case.k_heads) * case.head_dim;
+    assert!(elements >= super::SERIAL_ELEMENTS);
+    check_rope::<f32, f32, f32, f32>(&case, 1e-6);
+    case.interleaved = true;
+    check_rope::<f32, bf16, bf16, bf16>(&case, 6e-3);
+    check_gated::<f32, f32>(600, 64, 0, Activation::Silu, 52, 1e-6);
+    check_gated::<f32, bf16>(600, 64, 64, Activation::GeluTanh, 53, 8e-3);
+}

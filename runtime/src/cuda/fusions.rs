@@ -1,0 +1,1049 @@
+//! Launchers of the decoder-fusion kernels (`kernels/rms_norm.cu`, `kernels/rotary.cu`,
+//! `kernels/gated_act.cu`) and their Python functions: one typed parameter block per kernel,
+//! mirrored field for field by the struct of the same name in the `.cu` file, and one
+//! function per operation that picks the instance (dtypes, vectorised or not), the launch
+//! shape, and enqueues on torch's stream. Every buffer is a torch allocation made by
+//! `forward_rewrite/_fusions_cuda.py`, which also checks the tensors; this checks again what
+//! would make a kernel read or write out of bounds.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys as drv_sys;
+use pyo3::prelude::*;
+
+use super::compile;
+use super::device::{self, Device, Dims, Dtype, ModuleSource, launch};
+use super::error::{CudaError, Result, catch_panics};
+
+pub const RMS_NORM: ModuleSource = ModuleSource {
+    name: "rms_norm.cu",
+    source: compile::RMS_NORM_SOURCE,
+};
+pub const ROTARY: ModuleSource = ModuleSource {
+    name: "rotary.cu",
+    source: compile::ROTARY_SOURCE,
+};
+pub const GATED_ACT: ModuleSource = ModuleSource {
+    name: "gated_act.cu",
+    source: compile::GATED_ACT_SOURCE,
+};
+
+/// The module of a name `_native.cuda_compile` accepts.
+pub fn module_named(name: &str) -> Option<ModuleSource> {
+    match name {
+        "rms_norm" => Some(RMS_NORM),
+        "rotary" => Some(ROTARY),
+        "gated_act" => Some(GATED_ACT),
+        _ => None,
+    }
+}
+
+fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+fn i32_arg(name: &str, v: u64) -> Result<i32> {
+    i32::try_from(v).map_err(|_| CudaError::argument(format!("{name}: {v} is beyond 2^31 - 1")))
+}
+
+fn nonzero(name: &str, p: u64) -> Result<()> {
+    if p == 0 {
+        Err(CudaError::argument(format!("{name}: null pointer")))
+    } else {
+        Ok(())
+    }
+}
+
+/// The SMs to fill, and the state to launch with.
+fn sms(dev: &Device) -> u32 {
+    dev.sm_count.max(1) as u32
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+#[repr(C)]
+struct RmsFwdParams {
+    x: u64,
+    w: u64,
+    y: u64,
+    rstd: u64,
+    rows: i64,
+    hidden: i32,
+    team: i32,
+    eps: f32,
+    offset: f32,
+    cast_before: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+struct RmsBwdParams {
+    dy: u64,
+    x: u64,
+    w: u64,
+    rstd: u64,
+    dx: u64,
+    dw_partial: u64,
+    rows: i64,
+    hidden: i32,
+    team: i32,
+    offset: f32,
+    cast_before: i32,
+}
+
+/// Dtypes of an RMSNorm call: input x, weight w, output y (the backward: dy of y's dtype,
+/// dx of x's, dw of w's). The kernels exist for w and y each x's dtype or float32.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsDtypes {
+    pub x: Dtype,
+    pub w: Dtype,
+    pub y: Dtype,
+}
+
+impl RmsDtypes {
+    fn name(self) -> Result<String> {
+        let ok = |d: Dtype| d == self.x || d == Dtype::F32;
+        if !(ok(self.w) && ok(self.y)) {
+            return Err(CudaError::argument(format!(
+                "weight: dtypes (x {:?}, weight {:?}, output {:?}) are not a supported \
+                 combination (weight and output: x's dtype or float32)",
+                self.x, self.w, self.y
+            )));
+        }
+        Ok(format!(
+            "{}_{}_{}",
+            self.x.suffix(),
+            self.w.suffix(),
+            self.y.suffix()
+        ))
+    }
+}
+
+/// How an RMSNorm kernel covers a row: `team` threads per row, `nv` vectors of 8 elements
+/// per thread kept in registers (0: the `_any` kernel), `block` threads per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RmsLayout {
+    pub team: u32,
+    pub nv: u32,
+    pub block: u32,
+}
+
+impl RmsLayout {
+    pub fn rows_per_block(self) -> u32 {
+        self.block / self.team
+    }
+
+    fn suffix(self) -> String {
+        if self.nv == 0 {
+            "any".into()
+        } else {
+            format!("v{}", self.nv)
+        }
+    }
+}
+
+/// The layout for rows of `hidden` elements; `vector_ok`: hidden % 8 == 0 and every row
+/// pointer 16-byte aligned.
+pub fn rms_layout(hidden: u64, vector_ok: bool) -> RmsLayout {
+    let any = RmsLayout {
+        team: (hidden.div_ceil(32) * 32).clamp(32, 512) as u32,
+        nv: 0,
+        block: 0,
+    };
+    let any = RmsLayout {
+        block: any.team,
+        ..any
+    };
+    if !vector_ok || !hidden.is_multiple_of(8) || hidden == 0 {
+        return any;
+    }
+    let vpr = hidden / 8;
+    if vpr <= 32 {
+        return RmsLayout {
+            team: vpr.next_power_of_two() as u32,
+            nv: 1,
+            block: 256,
+        };
+    }
+    if vpr <= 128 {
+        return RmsLayout {
+            team: 32,
+            nv: if vpr <= 64 { 2 } else { 4 },
+            block: 256,
+        };
+    }
+    // Blocks of at most 512 threads: the kernels are built for 128 registers per thread
+    // (`__launch_bounds__(512)`), which the backward's 4 x 8 x 4 floats per thread need.
+    for nv in [1, 2, 4] {
+        let t = vpr.div_ceil(nv);
+        if t <= 512 {
+            let team = (t.div_ceil(32) * 32) as u32;
+            return RmsLayout {
+                team,
+                nv: nv as u32,
+                block: team,
+            };
+        }
+    }
+    any
+}
+
+/// One RMSNorm forward, as `_fusions_cuda.py` passes it (raw device addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct RmsForward {
+    pub device: i32,
+    pub stream: u64,
+    pub dtypes: RmsDtypes,
+    pub rows: u64,
+    pub hidden: u64,
+    pub x: u64,
+    pub w: u64,
+    pub y: u64,
+    pub rstd: u64,
+    pub eps: f32,
+    pub offset: f32,
+    pub cast_before: bool,
+}
+
+pub fn rms_norm_forward(c: &RmsForward) -> Result<()> {
+    let name = c.dtypes.name()?;
+    let hidden = i32_arg("x: hidden size", c.hidden)?;
+    if hidden == 0 {
+        return Err(CudaError::argument("x: the normalised dimension is empty"));
+    }
+    if c.rows == 0 {
+        return Ok(());
+    }
+    for (n, p) in [("x", c.x), ("weight", c.w), ("y", c.y), ("rstd", c.rstd)] {
+        nonzero(n, p)?;
+    }
+    let layout = rms_layout(c.hidden, aligned16(&[c.x, c.w, c.y]));
+    let blocks = c.rows.div_ceil(layout.rows_per_block() as u64);
+    let grid = u32::try_from(blocks).map_err(|_| CudaError::argument("x: too many rows"))?;
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let f = dev.function(&RMS_NORM, &format!("rms_fwd_{name}_{}", layout.suffix()))?;
+    let mut p = RmsFwdParams {
+        x: c.x,
+        w: c.w,
+        y: c.y,
+        rstd: c.rstd,
+        rows: c.rows as i64,
+        hidden,
+        team: layout.team as i32,
+        eps: c.eps,
+        offset: c.offset,
+        cast_before: c.cast_before as i32,
+        pad: 0,
+    };
+    // SAFETY: the parameter block matches RmsFwdParams; the addresses are torch tensors of
+    // the sizes the caller checked.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid, 1, 1), layout.block),
+            c.stream as drv_sys::CUstream,
+            &mut [arg(&mut p)],
+            "rms_fwd",
+        )
+    }
+}
+
+/// One RMSNorm backward. `dw_partial` holds `partial_rows` float32 rows of `hidden` (at
+/// least [`rms_norm_backward_parts`]); with `dw` = 0 no weight gradient is computed.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsBackward {
+    pub device: i32,
+    pub stream: u64,
+    pub dtypes: RmsDtypes,
+    pub rows: u64,
+    pub hidden: u64,
+    pub dy: u64,
+    pub x: u64,
+    pub w: u64,
+    pub rstd: u64,
+    pub dx: u64,
+    pub dw: u64,
+    pub dw_partial: u64,
+    pub partial_rows: u64,
+    pub offset: f32,
+    pub cast_before: bool,
+}
+
+struct BwdPlan {
+    layout: RmsLayout,
+    grid: u32,
+    smem: u32,
+    kernel: drv_sys::CUfunction,
+}
+
+fn rms_backward_plan(dev: &mut Device, c: &RmsBackward) -> Result<BwdPlan> {
+    let name = c.dtypes.name()?;
+    let layout = rms_layout(c.hidden, aligned16(&[c.dy, c.x, c.w, c.dx]));
+    let kernel = dev.function(&RMS_NORM, &format!("rms_bwd_{name}_{}", layout.suffix()))?;
+    let teams = layout.rows_per_block();
+    let smem = if c.dw != 0 && layout.nv > 0 && teams > 1 {
+        (teams as u64 * c.hidden * 4) as u32
+    } else {
+        0
+    };
+    // SAFETY: `kernel` comes from RMS_NORM.
+    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * sms(dev);
+    let needed = c.rows.div_ceil(teams as u64).max(1);
+    let grid = needed.min(resident as u64) as u32;
+    Ok(BwdPlan {
+        layout,
+        grid,
+        smem,
+        kernel,
+    })
+}
+
+/// Rows of the float32 partial buffer the backward needs (its persistent grid).
+pub fn rms_norm_backward_parts(c: &RmsBackward) -> Result<u64> {
+    if c.rows == 0 {
+        return Ok(0);
+    }
+    let mut guard = device::lock(c.device)?;
+    Ok(rms_backward_plan(guard.dev(), c)?.grid as u64)
+}
+
+pub fn rms_norm_backward(c: &RmsBackward) -> Result<()> {
+    let hidden = i32_arg("x: hidden size", c.hidden)?;
+    if hidden == 0 {
+        return Err(CudaError::argument("x: the normalised dimension is empty"));
+    }
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let wname = c.dtypes.w.suffix();
+    let stream = c.stream as drv_sys::CUstream;
+    if c.rows == 0 {
+        if c.dw != 0 {
+            // No rows: dw is 0; the finish kernel over zero partial rows writes it.
+            let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{wname}"))?;
+            return finish(f, stream, 0, 0, hidden, c.dw);
+        }
+        return Ok(());
+    }
+    for (n, p) in [
+        ("dy", c.dy),
+        ("x", c.x),
+        ("weight", c.w),
+        ("rstd", c.rstd),
+        ("dx", c.dx),
+    ] {
+        nonzero(n, p)?;
+    }
+    let plan = rms_backward_plan(dev, c)?;
+    if c.dw != 0 && (c.dw_partial == 0 || c.partial_rows < plan.grid as u64) {
+        return Err(CudaError::argument(format!(
+            "dw_partial: {} rows given, the launch needs {}",
+            c.partial_rows, plan.grid
+        )));
+    }
+    let mut p = RmsBwdParams {
+        dy: c.dy,
+        x: c.x,
+        w: c.w,
+        rstd: c.rstd,
+        dx: c.dx,
+        dw_partial: if c.dw != 0 { c.dw_partial } else { 0 },
+        rows: c.rows as i64,
+        hidden,
+        team: plan.layout.team as i32,
+        offset: c.offset,
+        cast_before: c.cast_before as i32,
+    };
+    // SAFETY: as in the forward; dw_partial holds at least grid rows (checked above).
+    unsafe {
+        launch(
+            plan.kernel,
+            Dims {
+                grid: (plan.grid, 1, 1),
+                block: plan.layout.block,
+                smem: plan.smem,
+                cluster: None,
+            },
+            stream,
+            &mut [arg(&mut p)],
+            "rms_bwd",
+        )?;
+    }
+    if c.dw != 0 {
+        let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{wname}"))?;
+        finish(f, stream, c.dw_partial, plan.grid as i32, hidden, c.dw)?;
+    }
+    Ok(())
+}
+
+fn finish(
+    f: drv_sys::CUfunction,
+    stream: drv_sys::CUstream,
+    partial: u64,
+    parts: i32,
+    hidden: i32,
+    dw: u64,
+) -> Result<()> {
+    let (mut partial, mut parts, mut hidden_arg, mut dw) = (partial, parts, hidden, dw);
+    let grid = (hidden as u32).div_ceil(32);
+    // SAFETY: the parameters match rms_dw_finish's; `parts` rows of `hidden` floats.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid, 1, 1), 256),
+            stream,
+            &mut [
+                arg(&mut partial),
+                arg(&mut parts),
+                arg(&mut hidden_arg),
+                arg(&mut dw),
+            ],
+            "rms_dw_finish",
+        )
+    }
+}
+
+// ---- rotary --------------------------------------------------------------------------------
+
+#[repr(C)]
+struct RopeParams {
+    q: u64,
+    k: u64,
+    cos: u64,
+    sin: u64,
+    q_out: u64,
+    k_out: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    qo_stride: [i64; 3],
+    ko_stride: [i64; 3],
+    cos_stride: [i64; 2],
+    sin_stride: [i64; 2],
+    p0: i32,
+    p1: i32,
+    q_heads: i32,
+    k_heads: i32,
+    head_dim: i32,
+    rot_dim: i32,
+    transpose: i32,
+    pad: i32,
+}
+
+/// One rotary call (forward, or with `transpose` the backward): element strides over
+/// (P0, P1, head) for q, k and the outputs, over (P0, P1) for cos and sin.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeCall {
+    pub device: i32,
+    pub stream: u64,
+    /// input, cos/sin, output
+    pub dtypes: (Dtype, Dtype, Dtype),
+    pub q: u64,
+    pub k: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub q_out: u64,
+    pub k_out: u64,
+    pub q_strides: [u64; 3],
+    pub k_strides: [u64; 3],
+    pub q_out_strides: [u64; 3],
+    pub k_out_strides: [u64; 3],
+    pub cos_strides: [u64; 2],
+    pub sin_strides: [u64; 2],
+    pub p0: u64,
+    pub p1: u64,
+    pub q_heads: u64,
+    pub k_heads: u64,
+    pub head_dim: u64,
+    pub rot_dim: u64,
+    pub interleaved: bool,
+    pub transpose: bool,
+}
+
+impl RopeCall {
+    /// Whether the `_v8` kernel applies: 8-entry chunks that start 16-byte aligned everywhere.
+    fn vector_ok(&self) -> bool {
+        let rot_ok = if self.interleaved {
+            self.rot_dim.is_multiple_of(8)
+        } else {
+            self.rot_dim.is_multiple_of(16)
+        };
+        let strides = self
+            .q_strides
+            .iter()
+            .chain(&self.k_strides)
+            .chain(&self.q_out_strides)
+            .chain(&self.k_out_strides)
+            .chain(&self.cos_strides)
+            .chain(&self.sin_strides);
+        rot_ok
+            && (self.head_dim - self.rot_dim).is_multiple_of(8)
+            && strides.into_iter().all(|s| s.is_multiple_of(8))
+            && aligned16(&[self.q, self.k, self.cos, self.sin, self.q_out, self.k_out])
+    }
+}
+
+pub fn rotary(c: &RopeCall) -> Result<()> {
+    // Instances exist for every combination of one 16-bit dtype and float32.
+    let (i, cs, o) = c.dtypes;
+    if [i, cs, o].contains(&Dtype::Bf16) && [i, cs, o].contains(&Dtype::F16) {
+        return Err(CudaError::argument(
+            "cos: bfloat16 and float16 do not mix in one call",
+        ));
+    }
+    if !c.rot_dim.is_multiple_of(2) || c.rot_dim > c.head_dim {
+        return Err(CudaError::argument(format!(
+            "rotary_dim: expected an even number at most head_dim {}, got {}",
+            c.head_dim, c.rot_dim
+        )));
+    }
+    let positions = c.p0 * c.p1;
+    if positions == 0 || c.head_dim == 0 || c.q_heads + c.k_heads == 0 {
+        return Ok(());
+    }
+    for (n, p) in [
+        ("q", c.q),
+        ("k", c.k),
+        ("cos", c.cos),
+        ("sin", c.sin),
+        ("q_out", c.q_out),
+        ("k_out", c.k_out),
+    ] {
+        nonzero(n, p)?;
+    }
+    let grid =
+        u32::try_from(positions).map_err(|_| CudaError::argument("q: too many positions"))?;
+    let vector = c.vector_ok();
+    let (re, pe) = match (vector, c.interleaved) {
+        (true, _) => (8, 8),
+        (false, true) => (2, 1),
+        (false, false) => (1, 1),
+    };
+    let rot_chunks = if c.interleaved {
+        c.rot_dim / re
+    } else {
+        c.rot_dim / 2 / re
+    };
+    let items = (rot_chunks + (c.head_dim - c.rot_dim) / pe) * (c.q_heads + c.k_heads);
+    let block = (items.div_ceil(32) * 32).clamp(32, 256) as u32;
+    let name = format!(
+        "rope_{}_{}_{}_{}_{}",
+        i.suffix(),
+        cs.suffix(),
+        o.suffix(),
+        if vector { "v8" } else { "s" },
+        if c.interleaved { "pairs" } else { "half" }
+    );
+    let s3 = |s: [u64; 3]| s.map(|v| v as i64);
+    let s2 = |s: [u64; 2]| s.map(|v| v as i64);
+    let mut p = RopeParams {
+        q: c.q,
+        k: c.k,
+        cos: c.cos,
+        sin: c.sin,
+        q_out: c.q_out,
+        k_out: c.k_out,
+        q_stride: s3(c.q_strides),
+        k_stride: s3(c.k_strides),
+        qo_stride: s3(c.q_out_strides),
+        ko_stride: s3(c.k_out_strides),
+        cos_stride: s2(c.cos_strides),
+        sin_stride: s2(c.sin_strides),
+        p0: i32_arg("q: size", c.p0)?,
+        p1: i32_arg("q: size", c.p1)?,
+        q_heads: i32_arg("q: heads", c.q_heads)?,
+        k_heads: i32_arg("k: heads", c.k_heads)?,
+        head_dim: i32_arg("q: head_dim", c.head_dim)?,
+        rot_dim: i32_arg("rotary_dim", c.rot_dim)?,
+        transpose: c.transpose as i32,
+        pad: 0,
+    };
+    let mut guard = device::lock(c.device)?;
+    let f = guard.dev().function(&ROTARY, &name)?;
+    // SAFETY: the parameter block matches RopeParams; the strided layouts lie inside torch
+    // tensors (checked by the caller).
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid, 1, 1), block),
+            c.stream as drv_sys::CUstream,
+            &mut [arg(&mut p)],
+            "rope",
+        )
+    }
+}
+
+// ---- gated MLP product ---------------------------------------------------------------------
+
+#[repr(C)]
+struct GatedParams {
+    gate: u64,
+    up: u64,
+    dout: u64,
+    out: u64,
+    dup: u64,
+    rows: i64,
+    cols: i64,
+    ld_gate: i64,
+    ld_up: i64,
+    ld_grad: i64,
+    act: i32,
+    pad: i32,
+}
+
+/// One gated-product call: forward (`out` = act(gate) * up) or backward (`out` = dgate,
+/// plus `dout` and `dup`). gate and up have row strides `ld_gate`, `ld_up` (elements);
+/// dgate and dup `ld_grad` (`cols`, or `2 * cols` with `dup = dgate + cols` for the packed
+/// gradient of one gate_up tensor).
+#[derive(Clone, Copy, Debug)]
+pub struct GatedCall {
+    pub device: i32,
+    pub stream: u64,
+    pub dtype: Dtype,
+    pub rows: u64,
+    pub cols: u64,
+    pub ld_gate: u64,
+    pub ld_up: u64,
+    pub ld_grad: u64,
+    pub gate: u64,
+    pub up: u64,
+    pub dout: u64,
+    pub out: u64,
+    pub dup: u64,
+    pub act: i32,
+    pub backward: bool,
+}
+
+pub fn gated_act(c: &GatedCall) -> Result<()> {
+    if c.ld_gate < c.cols || c.ld_up < c.cols || (c.backward && c.ld_grad < c.cols) {
+        return Err(CudaError::argument(format!(
+            "gate: row strides (gate {}, up {}, gradients {}) below the row length {}",
+            c.ld_gate, c.ld_up, c.ld_grad, c.cols
+        )));
+    }
+    if !(0..=1).contains(&c.act) {
+        return Err(CudaError::argument(format!(
+            "activation: unknown code {}",
+            c.act
+        )));
+    }
+    let total = c.rows * c.cols;
+    if total == 0 {
+        return Ok(());
+    }
+    let mut need = vec![("gate", c.gate), ("up", c.up), ("out", c.out)];
+    if c.backward {
+        need.extend([("dout", c.dout), ("dup", c.dup)]);
+    }
+    for (n, p) in need {
+        nonzero(n, p)?;
+    }
+    // Contiguous operands: one long row (no division per element in the kernel).
+    let ld_grad = if c.backward { c.ld_grad } else { c.cols };
+    let (rows, cols, ld_gate, ld_up, ld_grad) =
+        if c.ld_gate == c.cols && c.ld_up == c.cols && ld_grad == c.cols {
+            (1, total, total, total, total)
+        } else {
+            (c.rows, c.cols, c.ld_gate, c.ld_up, ld_grad)
+        };
+    let mut ptrs = vec![c.gate, c.up, c.out];
+    if c.backward {
+        ptrs.extend([c.dout, c.dup]);
+    }
+    let vector = [cols, ld_gate, ld_up, ld_grad]
+        .iter()
+        .all(|v| v.is_multiple_of(8))
+        && aligned16(&ptrs);
+    let per_thread = if vector { 8 } else { 1 };
+    let name = format!(
+        "gated_{}_{}_{}",
+        if c.backward { "bwd" } else { "fwd" },
+        c.dtype.suffix(),
+        if vector { "v8" } else { "s" }
+    );
+    let mut p = GatedParams {
+        gate: c.gate,
+        up: c.up,
+        dout: c.dout,
+        out: c.out,
+        dup: c.dup,
+        rows: rows as i64,
+        cols: cols as i64,
+        ld_gate: ld_gate as i64,
+        ld_up: ld_up as i64,
+        ld_grad: ld_grad as i64,
+        act: c.act,
+        pad: 0,
+    };
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let f = dev.function(&GATED_ACT, &name)?;
+    let block = 256u32;
+    // SAFETY: `f` comes from GATED_ACT.
+    let resident = unsafe { dev.blocks_per_sm(&GATED_ACT, f, block, 0)? } * sms(dev);
+    let grid = (total / per_thread)
+        .div_ceil(block as u64)
+        .min(resident as u64) as u32;
+    // SAFETY: the parameter block matches GatedParams; rows x cols within each buffer.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid.max(1), 1, 1), block),
+            c.stream as drv_sys::CUstream,
+            &mut [arg(&mut p)],
+            "gated",
+        )
+    }
+}
+
+// ---- Python functions ----------------------------------------------------------------------
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cuda_rms_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_rms_norm_backward_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_rotary, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_gated_act, m)?)?;
+    Ok(())
+}
+
+fn dtypes(x: &str, w: &str, y: &str) -> Result<RmsDtypes> {
+    Ok(RmsDtypes {
+        x: Dtype::parse(x)?,
+        w: Dtype::parse(w)?,
+        y: Dtype::parse(y)?,
+    })
+}
+
+/// RMSNorm forward on torch's stream `stream` of GPU `device`; see [`RmsForward`].
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rms_norm_forward(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    x: u64,
+    weight: u64,
+    y: u64,
+    rstd: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+    eps: f32,
+    offset: f32,
+    cast_before: bool,
+) -> PyResult<()> {
+    let call = RmsForward {
+        device,
+        stream,
+        dtypes: dtypes(x_dtype, w_dtype, y_dtype)?,
+        rows,
+        hidden,
+        x,
+        w: weight,
+        y,
+        rstd,
+        eps,
+        offset,
+        cast_before,
+    };
+    py.detach(|| catch_panics(|| rms_norm_forward(&call)))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_call(
+    device: i32,
+    stream: u64,
+    dy: u64,
+    x: u64,
+    weight: u64,
+    rstd: u64,
+    dx: u64,
+    dw: u64,
+    dw_partial: u64,
+    partial_rows: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+    offset: f32,
+    cast_before: bool,
+) -> Result<RmsBackward> {
+    Ok(RmsBackward {
+        device,
+        stream,
+        dtypes: dtypes(x_dtype, w_dtype, y_dtype)?,
+        rows,
+        hidden,
+        dy,
+        x,
+        w: weight,
+        rstd,
+        dx,
+        dw,
+        dw_partial,
+        partial_rows,
+        offset,
+        cast_before,
+    })
+}
+
+/// Rows of the float32 (rows, hidden) buffer `cuda_rms_norm_backward` needs as `dw_partial`
+/// for these tensors (the alignment of their addresses picks the kernel).
+#[pyfunction]
+#[pyo3(signature = (*, device, dy, x, weight, dx, rows, hidden, x_dtype, w_dtype, y_dtype))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rms_norm_backward_parts(
+    py: Python<'_>,
+    device: i32,
+    dy: u64,
+    x: u64,
+    weight: u64,
+    dx: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+) -> PyResult<u64> {
+    let call = backward_call(
+        device, 0, dy, x, weight, 0, dx, 1, 0, 0, rows, hidden, x_dtype, w_dtype, y_dtype, 0.0,
+        true,
+    )?;
+    Ok(py.detach(|| catch_panics(|| rms_norm_backward_parts(&call)))?)
+}
+
+/// RMSNorm backward; `dw` = 0: no weight gradient (then `dw_partial` may be 0).
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, dy, x, weight, rstd, dx, dw, dw_partial, partial_rows, rows, hidden,
+    x_dtype, w_dtype, y_dtype, offset, cast_before))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rms_norm_backward(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    dy: u64,
+    x: u64,
+    weight: u64,
+    rstd: u64,
+    dx: u64,
+    dw: u64,
+    dw_partial: u64,
+    partial_rows: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+    y_dtype: &str,
+    offset: f32,
+    cast_before: bool,
+) -> PyResult<()> {
+    let call = backward_call(
+        device,
+        stream,
+        dy,
+        x,
+        weight,
+        rstd,
+        dx,
+        dw,
+        dw_partial,
+        partial_rows,
+        rows,
+        hidden,
+        x_dtype,
+        w_dtype,
+        y_dtype,
+        offset,
+        cast_before,
+    )?;
+    py.detach(|| catch_panics(|| rms_norm_backward(&call)))?;
+    Ok(())
+}
+
+/// Rotary embedding of q and k (or, with `transpose`, its backward); see [`RopeCall`].
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, q, k, cos, sin, q_out, k_out, q_strides, k_strides, cos_strides,
+    sin_strides, q_out_strides, k_out_strides, p0, p1, q_heads, k_heads, head_dim, rot_dim, interleaved,
+    transpose, in_dtype, cs_dtype, out_dtype))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rotary(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    q: u64,
+    k: u64,
+    cos: u64,
+    sin: u64,
+    q_out: u64,
+    k_out: u64,
+    q_strides: [u64; 3],
+    k_strides: [u64; 3],
+    cos_strides: [u64; 2],
+    sin_strides: [u64; 2],
+    q_out_strides: [u64; 3],
+    k_out_strides: [u64; 3],
+    p0: u64,
+    p1: u64,
+    q_heads: u64,
+    k_heads: u64,
+    head_dim: u64,
+    rot_dim: u64,
+    interleaved: bool,
+    transpose: bool,
+    in_dtype: &str,
+    cs_dtype: &str,
+    out_dtype: &str,
+) -> PyResult<()> {
+    let call = RopeCall {
+        device,
+        stream,
+        dtypes: (
+            Dtype::parse(in_dtype)?,
+            Dtype::parse(cs_dtype)?,
+            Dtype::parse(out_dtype)?,
+        ),
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        q_strides,
+        k_strides,
+        q_out_strides,
+        k_out_strides,
+        cos_strides,
+        sin_strides,
+        p0,
+        p1,
+        q_heads,
+        k_heads,
+        head_dim,
+        rot_dim,
+        interleaved,
+        transpose,
+    };
+    py.detach(|| catch_panics(|| rotary(&call)))?;
+    Ok(())
+}
+
+/// The gated product (forward: `dout` and `dup` 0; backward: `out` is dgate, with dgate
+/// and dup of row stride `ld_grad`, default `cols`); see [`GatedCall`]. `activation`:
+/// "silu" or "gelu_tanh".
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_gated_act(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    gate: u64,
+    up: u64,
+    dout: u64,
+    out: u64,
+    dup: u64,
+    rows: u64,
+    cols: u64,
+    ld_gate: u64,
+    ld_up: u64,
+    dtype: &str,
+    activation: &str,
+    backward: bool,
+    ld_grad: Option<u64>,
+) -> PyResult<()> {
+    let act = crate::cpu::fusions::Activation::parse(activation).ok_or_else(|| {
+        CudaError::argument(format!(
+            "activation: expected 'silu' or 'gelu_tanh', got {activation:?}"
+        ))
+    })?;
+    let call = GatedCall {
+        device,
+        stream,
+        dtype: Dtype::parse(dtype)?,
+        rows,
+        cols,
+        ld_gate,
+        ld_up,
+        ld_grad: ld_grad.unwrap_or(cols),
+        gate,
+        up,
+        dout,
+        out,
+        dup,
+        act: act.code(),
+        backward,
+    };
+    py.detach(|| catch_panics(|| gated_act(&call)))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_blocks_have_the_kernels_layout() {
+        // The sizes of the C structs (8-byte aligned, fields in declaration order).
+        assert_eq!(std::mem::size_of::<RmsFwdParams>(), 64);
+        assert_eq!(std::mem::size_of::<RmsBwdParams>(), 72);
+        assert_eq!(std::mem::size_of::<RopeParams>(), 208);
+        assert_eq!(std::mem::size_of::<GatedParams>(), 88);
+    }
+
+    #[test]
+    fn rms_layouts_cover_the_row() {
+        for hidden in (8..=40_000u64).step_by(8) {
+            let l = rms_layout(hidden, true);
+            if l.nv == 0 {
+                assert!(
+                    hidden > 4 * 512 * 8,
+                    "hidden {hidden} fell back to the any kernel"
+                );
+                continue;
+            }
+            assert!([1, 2, 4].contains(&l.nv));
+            assert!(
+                l.team as u64 * l.nv as u64 * 8 >= hidden,
+                "hidden {hidden}: {l:?}"
+            );
+            assert!(l.block.is_multiple_of(32) && l.block <= 512 && l.block.is_multiple_of(l.team));
+            assert!(l.team <= 32 && l.team.is_power_of_two() || l.team == l.block);
+            // The backward's shared memory for several teams per block: at most 32 KiB.
+            assert!(l.rows_per_block() == 1 || l.rows_per_block() as u64 * hidden * 4 <= 32768);
+        }
+        let q_norm = rms_layout(128, true);
+        assert_eq!(
+            (q_norm.team, q_norm.nv, q_norm.rows_per_block()),
+            (16, 1, 16)
+        );
+        assert_eq!(rms_layout(2048, true).block, 256);
+        assert_eq!(
+            rms_layout(100, true).nv,
+            0,
+            "hidden % 8 != 0: the any kernel"
+        );
+        assert_eq!(rms_layout(2048, false).nv, 0, "misaligned: the any kernel");
+        let any = rms_layout(3, true);
+        assert_eq!((any.team, any.block), (32, 32));
+    }
+
+    #[test]
+    fn dtype_combinations() {
+        let d = |x, w, y| RmsDtypes { x, w, y }.name();
+        assert_eq!(
+            d(Dtype::Bf16, Dtype::F32, Dtype::Bf16).unwrap(),
+            "bf16_f32_bf16"
+        );
+        assert!(d(Dtype::Bf16, Dtype::F16, Dtype::Bf16).is_err());
+        assert!(d(Dtype::F16, Dtype::F16, Dtype::Bf16).is_err());
+    }
+}
