@@ -1,8 +1,17 @@
 """Distributed and adapter training, stock against fused (issue 11): one command, one table.
 
-    torchrun --standalone --nproc-per-node=2 gpu/distributed.py    (two GPUs, NCCL)
-    python3 gpu/distributed.py                                       (world size 1, NCCL)
-    torchrun --standalone --nproc-per-node=2 gpu/distributed.py --smoke   (CPU, gloo)
+    torchrun --standalone --nproc_per_node 1 gpu/distributed.py --check --json out.json
+        world size 1 on one GPU (NCCL, bf16): every case, a table with each path's peak
+        memory and the fused run's peak against the stock engine run's (``vs stock``)
+    torchrun --standalone --nproc_per_node 2 gpu/distributed.py --check --json out.json
+        the same on two GPUs (the engine cases; ``none`` cases need world size 1)
+    python3 gpu/distributed.py ...                          (world size 1 without torchrun)
+    torchrun --standalone --nproc_per_node 2 gpu/distributed.py --smoke --check   (CPU, gloo)
+
+On the GPU machine through the staged folder (gpu/stage.sh): ``.gpu/gpu/run.sh
+distributed`` (world size 1; ``NPROC=2`` for two GPUs; extra arguments pass through, e.g.
+``--only fsdp2``), which writes ``$OUT/distributed.log`` and ``$OUT/distributed.json``.
+Cases whose package (peft, deepspeed) does not import there are listed as not run.
 
 Per case (an engine and layout, on one model): the model is built from the same seed on
 every rank; a **single-process stock run** of the global batch (every rank's micro-batches,
@@ -24,7 +33,8 @@ update is 2e-4 of it; 16 bits: meaningless), so it is checked loosely (1e-3 in f
 at all in 16 bits); ``fused``/``fallback``: the
 guard's decisions summed over ranks (``forward_rewrite.stats()``), ``route`` how the head
 was computed; ``step ms``: mean time of a step after the first; ``peak MiB``: the largest
-``max_memory_allocated`` over ranks during the run (CUDA only).
+``max_memory_allocated`` over ranks during the run (CUDA only); ``vs stock``: the fused
+run's peak over the stock engine run's.
 
 Engines: ``ddp``; ``fsdp2-root`` (one ``fully_shard`` unit); ``fsdp2-units`` (one unit per
 decoder layer, the head in its own unit: ``lm_head`` alone when untied, ``[embed_tokens,
@@ -46,6 +56,7 @@ import torch  # noqa: I001  (first: cudarc loads the CUDA libraries torch brough
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -164,14 +175,14 @@ def default_cases():
 
 
 class Settings:
-    def __init__(self, smoke, steps, micro, device, world, rank):
+    def __init__(self, smoke, steps, micro, device, world, rank, dtype=None):
         self.smoke = smoke
         self.steps = steps
         self.micro = micro
         self.device = device
         self.world = world
         self.rank = rank
-        self.dtype = torch.float32 if smoke else torch.bfloat16
+        self.dtype = dtype or (torch.float32 if smoke else torch.bfloat16)
         self.batch, self.seq = (2, 24) if smoke else (4, 1024)
         self.lr = 0.1 if smoke else 1e-2
         self.momentum = 0.9
@@ -442,6 +453,9 @@ def _sync(s):
 def run_engine(case, s, batches, items, stock):
     """The engine run on this rank: losses per (step, micro), the first step's gradients,
     the parameters before and after, step times, peak memory, the guard's counters."""
+    # The previous run's model (engines' hooks make reference cycles) must not count in
+    # this run's peak.
+    gc.collect()
     model = build(case, s)
     call, params_of, backward, step, accumulating = wrap(model, case, s)
     start = _params(case, params_of)
@@ -668,10 +682,19 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _ratio(res, path):
+    """The fused run's peak memory over the stock engine run's (CUDA, both ran)."""
+    if path != "fused" or "stock" not in res:
+        return "-"
+    fused, stock = res["fused"]["peak_mib"], res["stock"]["peak_mib"]
+    return "-" if not fused or not stock else f"{fused / stock:.2f}x"
+
+
 def table(results):
     head = (
         f"{'case':44} {'path':5} {'route':10} {'fused':>5} {'fallback':>16} "
-        f"{'loss':>8} {'grad':>8} {'param':>8} {'update':>8} {'step ms':>8} {'peak MiB':>9}"
+        f"{'loss':>8} {'grad':>8} {'param':>8} {'update':>8} {'step ms':>8} {'peak MiB':>9} "
+        f"{'vs stock':>8}"
     )
     lines = [head, "-" * len(head)]
     for res in results:
@@ -690,7 +713,7 @@ def table(results):
                 f"{r['fused']:>5} {fallback:>16} {r['loss_err']:8.1e} "
                 f"{r['grad_err']:8.1e} {r['param_err']:8.1e} {r['update_err']:8.1e} "
                 f"{_fmt(r['step_ms'], '8.1f')} "
-                f"{_fmt(r['peak_mib'], '9.0f')}"
+                f"{_fmt(r['peak_mib'], '9.0f')} {_ratio(res, path):>8}"
             )
     return "\n".join(lines)
 
@@ -706,6 +729,12 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     p.add_argument("--check", action="store_true", help="exit 1 on a failed check")
     p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="parameter dtype (default: float32 with --smoke, else bfloat16)",
+    )
+    p.add_argument(
         "--fused-only",
         action="store_true",
         help="skip the stock engine runs (kept for 16-bit checks)",
@@ -717,7 +746,8 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     steps = args.steps or (2 if args.smoke else 4)
-    s = Settings(args.smoke, steps, args.micro, device, world, rank)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    s = Settings(args.smoke, steps, args.micro, device, world, rank, dtype)
     cases = [
         c
         for c in default_cases()
@@ -774,7 +804,7 @@ def main(argv=None):
 def _have(name):
     try:
         __import__(name)
-    except ImportError:
+    except Exception:  # noqa: BLE001  (a package that does not import is not there)
         return False
     return True
 
