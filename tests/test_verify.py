@@ -181,3 +181,26 @@ def test_unusable_arguments_exit_with_status_2(cache, tmp_path, capsys):
         assert message in capsys.readouterr().err, args
     done = run_verify("--cache", tmp_path / "missing")
     assert done.returncode == 2 and "not a directory" in done.stderr, done.stderr
+
+
+def test_build_verify_records_the_outcome_in_the_allowlist(tmp_path):
+    """`forward-rewrite build --verify` end to end: the CLI runs this interpreter's
+    `python -m forward_rewrite.verify` on the cache it wrote and marks the entry verified,
+    and `install(cache_dir=..., verified_only=True)` then puts that patch in place."""
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [cli(), "build", str(LLAMA_DIR), "--class", "LlamaForCausalLM"]
+        + ["--out", str(out), "--verify", "--python", sys.executable],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = json.loads((out / "allowlist.json").read_text())["entries"]
+    (entry,) = [e for e in entries if e["qualname"] == "LlamaForCausalLM"]
+    assert entry["verified"] is True, entry
+    forward_rewrite.install(cache_dir=out, verified_only=True)
+    model = verify.tiny_model(transformers.LlamaForCausalLM)
+    assert forward_rewrite.audit()["summary"]["verified"] >= 1
+    loss = model(**verify.tiny_inputs(model)).loss
+    assert torch.isfinite(loss)
