@@ -314,6 +314,39 @@ def check_extras(gen):
     if e > 1e-6 or r[1] is not None:
         fail("loss-only run")
 
+    # A frozen weight (weight_grad=False): no dW at all, loss, dh and db bit for bit those
+    # of the run with dW, in both dW paths (float32 accumulator and straight into bf16), and
+    # less memory (no dW, no accumulator).
+    b = (torch.randn(w.shape[0], device=w.device) * 0.5).to(w.dtype)
+    for budget in (128 << 20, 512 << 20):
+        kwb = dict(kw, chunk_budget_bytes=budget)
+        full = _cuda.fused_ce(h, w, b, t, **kwb)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        full = _cuda.fused_ce(h, w, b, t, **kwb)
+        torch.cuda.synchronize()
+        peak_full = torch.cuda.max_memory_allocated() - base
+        del full
+        full = _cuda.fused_ce(h, w, b, t, **kwb)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        frozen = _cuda.fused_ce(h, w, b, t, weight_grad=False, **kwb)
+        torch.cuda.synchronize()
+        peak_frozen = torch.cuda.max_memory_allocated() - base
+        same = frozen[2] is None and all(
+            torch.equal(frozen[i], full[i]) for i in (0, 1, 3)
+        )
+        print(
+            f"frozen weight (budget {budget >> 20} MiB): dw None, loss/dh/db",
+            "bit-identical" if same else "DIFFERENT",
+            f"| peak {peak_frozen / 2**20:.0f} MiB vs {peak_full / 2**20:.0f} MiB with dW",
+        )
+        if not same:
+            fail(f"frozen weight (budget {budget >> 20} MiB) differs from the dW run")
+        if peak_frozen >= peak_full:
+            fail("frozen weight: no memory saved")
+
     # A target out of range: NaN loss for that row, the others fine, no crash.
     t2 = t.clone()
     t2[5] = 10**9

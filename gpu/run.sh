@@ -9,6 +9,11 @@
 #   .gpu/gpu/run.sh check_fusions    correctness of the fused decoder ops (gpu/check_fusions.py)
 #   .gpu/gpu/run.sh bench_fusions ARGS...  their speed against stock and Liger (gpu/bench_fusions.py)
 #                                    (both on the pinned transformers when it imports, as e2e)
+#   .gpu/gpu/run.sh distributed ARGS...  stock vs fused under DDP, FSDP2, DeepSpeed ZeRO, PEFT and
+#                                    gradient checkpointing (gpu/distributed.py --check ARGS) through
+#                                    torchrun on NPROC GPUs (default 1: world size 1, NCCL, bf16);
+#                                    NPROC=2 for the two-GPU run; table in $OUT/distributed.log,
+#                                    every number in $OUT/distributed.json
 # Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
 # and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
 set -uo pipefail
@@ -46,5 +51,9 @@ case "$step" in
   bench_fusions)
     pinned_transformers
     python3 "$here/bench_fusions.py" --out "$OUT/bench_fusions.json" "$@" 2>&1 | tee -a "$OUT/bench_fusions.log" ;;
+  distributed)
+    pinned_transformers
+    python3 -m torch.distributed.run --standalone --nproc-per-node="${NPROC:-1}" \
+      "$here/distributed.py" --check --json "$OUT/distributed.json" "$@" 2>&1 | tee -a "$OUT/distributed.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

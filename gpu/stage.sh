@@ -12,6 +12,16 @@ rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/gpu" "$dest/transformers"
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform any -d "$dest/wheels" \
   liger-kernel==0.8.5 unsloth-zoo==2026.10.9 cut-cross-entropy==25.1.1
+# distributed.py's adapters and DeepSpeed (best effort: a case whose package does not import
+# there is reported as such, the others run). deepspeed ships an sdist: built here (pure
+# Python); its small dependencies ride along.
+if ! python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform any -d "$dest/wheels" \
+  peft==0.21.2 accelerate hjson py-cpuinfo msgpack ninja einops \
+  || ! python -m pip wheel --quiet --no-deps --no-build-isolation -w "$dest/wheels" deepspeed==0.19.8; then
+  echo "stage: peft/accelerate/deepspeed not staged; gpu/distributed.py skips their cases" >&2
+fi
 corpus/fetch.sh >/dev/null && cp corpus/cache/wheels/transformers-5.23.0-*.whl "$dest/transformers/"
 cp gpu/*.py gpu/run.sh "$dest/gpu/"
 du -sh "$dest"

@@ -610,7 +610,7 @@ struct ScatterParams {
     const float* target_grad;
     const void* hidden;       // (N, H) with row stride ld_hidden
     const i64* row_map;       // or null
-    void* dw;                 // (V, H) input dtype
+    void* dw;                 // (V, H) input dtype, or null (a frozen weight: no dW)
     float* db;                // (V,) float32 accumulator, or null
     i64 ld_hidden;
     i64 n;
@@ -628,18 +628,20 @@ __device__ void target_scatter(const ScatterParams& p) {
     if (k > 0 && p.targets[p.order[k - 1]] == v) return;
     i64 end = k + 1;
     while (end < p.n && p.targets[p.order[end]] == v) ++end;
-    typename D::T* out = (typename D::T*)p.dw + v * (i64)p.hidden_size;
-    float* out32 = (float*)p.dw + v * (i64)p.hidden_size;
-    const typename D::T* h = (const typename D::T*)p.hidden;
-    for (int c = threadIdx.x; c < p.hidden_size; c += blockDim.x) {
-        float acc = p.dw_is_f32 ? out32[c] : D::load(out[c]);
-        for (i64 q = k; q < end; ++q) {
-            const i64 pos = p.order[q];
-            const i64 row = p.row_map ? p.row_map[pos] : pos;
-            acc += p.target_grad[pos] * D::load(h[row * p.ld_hidden + c]);
+    if (p.dw) {  // null for a frozen weight: db only
+        typename D::T* out = (typename D::T*)p.dw + v * (i64)p.hidden_size;
+        float* out32 = (float*)p.dw + v * (i64)p.hidden_size;
+        const typename D::T* h = (const typename D::T*)p.hidden;
+        for (int c = threadIdx.x; c < p.hidden_size; c += blockDim.x) {
+            float acc = p.dw_is_f32 ? out32[c] : D::load(out[c]);
+            for (i64 q = k; q < end; ++q) {
+                const i64 pos = p.order[q];
+                const i64 row = p.row_map ? p.row_map[pos] : pos;
+                acc += p.target_grad[pos] * D::load(h[row * p.ld_hidden + c]);
+            }
+            if (p.dw_is_f32) out32[c] = acc;
+            else out[c] = D::store(acc);
         }
-        if (p.dw_is_f32) out32[c] = acc;
-        else out[c] = D::store(acc);
     }
     if (p.db && threadIdx.x == 0) {
         float acc = p.db[v];

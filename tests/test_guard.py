@@ -234,3 +234,12 @@ def test_emitted_call_matches_the_stock_forward(make, num_items):
     for name, want in stock_grads.items():
         err = (grads[name] - want).abs().max() / want.abs().max()
         assert err <= 1e-4, f"{name}: {err:.3g}"
+
+
+def test_readme_lists_every_guard_reason():
+    """README's "Distributed training and adapters" table names every run-time reason."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for reason in guard._REASONS:
+        assert f"| `{reason}` |" in readme, reason

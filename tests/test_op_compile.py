@@ -79,7 +79,13 @@ def test_opcheck_validates_the_registrations():
     hidden = h.reshape(-1, 8).requires_grad_(True)
     denominator = (targets != -100).sum().clamp(min=1).float()
     op = torch.ops.forward_rewrite.fused_lm_head_loss.default
-    for eager, reduction in ((True, "mean"), (False, "none"), (False, "sum")):
+    cases = (
+        (True, "mean", True),
+        (True, "mean", False),  # a frozen head: no dW
+        (False, "none", True),
+        (False, "sum", False),
+    )
+    for eager, reduction, weight_grad in cases:
         args = (
             hidden,
             head.weight,
@@ -92,6 +98,7 @@ def test_opcheck_validates_the_registrations():
             None,
             reduction,
             eager,
+            weight_grad,
             1 << 20,
         )
         torch.library.opcheck(

@@ -5,6 +5,7 @@ ARCHITECTURE.md, contracts 1-4)."""
 
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
+from ._stats import reset_stats, stats
 from .fused_ops import gated_mlp_act, gated_mlp_act_packed, rms_norm, rotary
 from .guard import (
     LOSS_KWARGS,
@@ -29,10 +30,12 @@ __all__ = [
     "keep_logits",
     "loss_kwargs",
     "patch_model",
+    "reset_stats",
     "rms_norm",
     "rotary",
     "set_chunk_budget_bytes",
     "set_keep_logits",
+    "stats",
     "tuple_guard",
     "uninstall",
 ]

@@ -23,9 +23,11 @@ def fused_ce(
     grad_scale,
     compute_grads,
     chunk_budget_bytes,
+    weight_grad=True,
 ):
     """Per-row loss and (with ``compute_grads``) the gradients of
-    ``sum_i grad_scale_i * row_loss_i``; see ARCHITECTURE.md, contract 4."""
+    ``sum_i grad_scale_i * row_loss_i``; see ARCHITECTURE.md, contract 4. Without
+    ``weight_grad`` dW is neither computed nor allocated (None)."""
     n, h, v = check_args(
         hidden, weight, bias, targets, grad_scale, compute_grads, "cpu"
     )
@@ -33,7 +35,7 @@ def fused_ce(
     dh = dw = db = None
     if compute_grads:
         dh = torch.empty_like(hidden)
-        dw = torch.empty_like(weight)
+        dw = torch.empty_like(weight) if weight_grad else None
         db = torch.empty_like(bias) if bias is not None else None
     _native.cpu_fused_ce(
         hidden=hidden.data_ptr(),
@@ -52,7 +54,7 @@ def fused_ce(
         grad_scale=grad_scale.data_ptr() if compute_grads else None,
         grad_scale_len=grad_scale.numel() if compute_grads else 0,
         dh=dh.data_ptr() if compute_grads else None,
-        dw=dw.data_ptr() if compute_grads else None,
+        dw=dw.data_ptr() if dw is not None else None,
         db=db.data_ptr() if db is not None else None,
         chunk_budget_bytes=int(chunk_budget_bytes),
     )

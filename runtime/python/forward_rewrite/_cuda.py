@@ -88,12 +88,14 @@ def fused_ce_tuned(
     grad_scale,
     compute_grads,
     chunk_budget_bytes,
+    weight_grad=True,
     skip_ignored=None,
     tuning=None,
 ):
     """``fused_ce`` with the knobs the GPU scripts turn: ``skip_ignored`` (None: skip unless
     the stream is capturing) and ``tuning`` (dh_splits, slice_bytes, block, max_cluster,
-    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first)."""
+    pipelined, generic: kernel choices; poison: fill outputs and workspace with NaN first).
+    Without ``weight_grad`` dW is neither allocated nor computed: dw is None (contract 4)."""
     n, h, v = check_args(
         hidden,
         weight,
@@ -129,7 +131,7 @@ def fused_ce_tuned(
     dh = dw = db = None
     if compute_grads:
         dh = torch.empty((n, h), dtype=dtype, device=device)
-        dw = torch.empty_like(weight)
+        dw = torch.empty_like(weight) if weight_grad else None
         db = torch.empty_like(bias) if bias is not None else None
     if tuning.get("poison"):
         # Checks: every element the backend leaves unwritten shows up as NaN.
@@ -158,10 +160,9 @@ def fused_ce_tuned(
                 if compute_grads:
                     dh.zero_()
                 if kept == 0:
-                    if compute_grads:
-                        dw.zero_()
-                        if db is not None:
-                            db.zero_()
+                    for t in (dw, db):
+                        if t is not None:
+                            t.zero_()
                     return row_loss, dh, dw, db
                 row_map = keep
                 rows_targets = targets.index_select(0, keep)
@@ -182,6 +183,7 @@ def fused_ce_tuned(
             gathered=row_map is not None,
             chunk_budget_bytes=chunk_budget_bytes,
             dh_splits=tuning.get("dh_splits"),
+            weight_grad=bool(weight_grad),
         )
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)
         if tuning.get("poison"):
@@ -209,7 +211,7 @@ def fused_ce_tuned(
             grad_scale_stride=1 if compute_grads and rows_scale.numel() > 1 else 0,
             row_loss=row_loss.data_ptr(),
             dh=dh.data_ptr() if compute_grads else 0,
-            dw=dw.data_ptr() if compute_grads else 0,
+            dw=dw.data_ptr() if dw is not None else 0,
             db=db.data_ptr() if db is not None else 0,
             workspace=workspace.data_ptr(),
             workspace_bytes=ws_bytes,

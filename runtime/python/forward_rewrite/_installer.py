@@ -204,8 +204,12 @@ def audit():
     when not checked), and at the top ``installed`` (the import hook is active),
     ``verified_only`` and ``cache_dir``. A patch the installer would not put in place is
     reported with its reason (``source-mismatch``, ``needs-class-body``, ``name-conflict``,
-    ``source-unavailable``, ``not-verified``; README).
+    ``source-unavailable``, ``not-verified``; README). Run time: per class ``calls`` (the
+    guard's decisions so far: ``fused``, ``routes``, ``fallback`` by reason; null before
+    the first training call) and at the top ``runtime`` (``forward_rewrite.stats()``).
     """
+    from . import _stats
+
     with _state.lock:
         classes = sorted(
             (
@@ -214,6 +218,8 @@ def audit():
             ),
             key=lambda c: (c["module"], c["qualname"]),
         )
+        for c in classes:
+            c["calls"] = _stats.for_class(c["module"], c["qualname"])
         reasons = {}
         for c in classes:
             if c["reason"] is not None:
@@ -241,6 +247,7 @@ def audit():
             "cache_dir": str(cache.root) if cache is not None and cache.root else None,
             "summary": summary,
             "classes": classes,
+            "runtime": _stats.stats(),
         }
 
 

@@ -4,7 +4,9 @@
 ``head(hidden) -> model.loss_function(...)`` (or, with ``loss="cross_entropy"``, the classic
 shift + ``CrossEntropyLoss``); when it may not, the patched forward runs the original code
 (invariant 3), and the reason is logged once per class and reason on the ``forward_rewrite``
-logger. ``keep_logits()`` / ``set_keep_logits()`` let a user ask for real logits.
+logger. How a head under a distributed engine or an adapter is computed (and which are
+refused) is ``engines.head_route``; the first fused call per class and route is logged once
+at INFO, and every decision is counted (``forward_rewrite.stats()``, ``audit()``). ``keep_logits()`` / ``set_keep_logits()`` let a user ask for real logits.
 ``loss_kwargs(kwargs)`` keeps what ``ForCausalLMLoss`` reads. ``tuple_guard`` is the first
 decorator of every patched forward: a call that will return a tuple takes the stock path.
 """
@@ -15,8 +17,8 @@ import functools
 import logging
 
 import torch
-from torch import nn
 
+from . import _stats, engines
 from ._backend import SUPPORTED_DTYPES
 
 __all__ = [
@@ -42,10 +44,24 @@ _REASONS = {
         "from it and move every later element"
     ),
     "custom-loss-function": "model.loss_function is not transformers' ForCausalLMLoss",
-    "head-not-linear": "the head is not a plain nn.Linear (wrapped, quantized or replaced)",
+    "head-not-linear": (
+        "the head is not an nn.Linear, a PEFT LoRA Linear or modules_to_save wrapper "
+        "(quantized, parametrized or replaced)"
+    ),
     "head-vocab-mismatch": "the head's out_features differ from the vocabulary size",
-    "head-hooks": "the head has hooks (FSDP, DeepSpeed, PEFT or a user's): they must run",
-    "head-sharded": "the head's weight is a DTensor (tensor or sequence parallelism)",
+    "head-hooks": (
+        "the head has hooks that are not FSDP2's or DeepSpeed ZeRO-3's (a user's, PEFT's "
+        "mixed-batch hooks, accelerate's replaced forward): a hook expecting the logits "
+        "would see the loss"
+    ),
+    "head-sharded": (
+        "the head's weight is a DTensor that no hook of the head gathers (tensor "
+        "parallelism, or FSDP2 + tensor parallelism)"
+    ),
+    "head-lora-unsupported": (
+        "the PEFT LoRA head uses a variant (DoRA, ...), a bias on lora_B, fan_in_fan_out, "
+        "or adapters disabled while merged"
+    ),
     "head-dtype": "the head's weight dtype is not float32, bfloat16 or float16",
     "head-device": "the head's weight is on a device without a fused backend",
     "cuda-backend-unavailable": "the CUDA backend (forward_rewrite._cuda) is not available",
@@ -127,47 +143,61 @@ def fuses(model, head, vocab_size, loss="loss_function") -> bool:
     eval mode, inside ``keep_logits()``, in a call that returns a tuple, when the loss
     function is not transformers' own ``ForCausalLMLoss`` (``loss="loss_function"``: the
     original calls ``model.loss_function``; ``"cross_entropy"``: it computes the classic
-    shift + ``CrossEntropyLoss`` itself), or when the head is not a plain hook-free
-    ``nn.Linear`` with ``vocab_size`` outputs on a device and dtype a backend supports."""
+    shift + ``CrossEntropyLoss`` itself), or when ``engines.head_route`` cannot compute the
+    head (anything but a hook-free ``nn.Linear``, an ``nn.Linear`` whose hooks are all
+    FSDP2's or all DeepSpeed ZeRO-3's, or a vanilla PEFT LoRA / modules_to_save head), or
+    its weight is not ``vocab_size`` rows on a device and dtype a backend supports. Every
+    decision is counted per class (``forward_rewrite.stats()``)."""
     if loss not in _LOSS_STYLES:
         raise ValueError(f"loss: expected one of {_LOSS_STYLES}, got {loss!r}")
-    reason = _refusal(model, head, vocab_size, loss)
-    if reason is None:
-        return True
-    # Logging is a side effect torch.compile cannot trace; compiled calls stay silent.
+    route, reason = _decide(model, head, vocab_size, loss)
+    # Logging and counting are side effects torch.compile cannot trace; compiled calls stay
+    # silent (the op still counts its executions: stats()["op_calls"]).
     if not torch.compiler.is_compiling():
-        _log_once(type(model), reason)
-    return False
+        cls = engines.plain_class(type(model))
+        if reason is None:
+            if _stats.record_decision(cls, route=route.kind):
+                _log_fused(cls, route.kind)
+        else:
+            _stats.record_decision(cls, reason=reason)
+            _log_once(cls, reason)
+    return reason is None
 
 
 def _refusal(model, head, vocab_size, loss="loss_function"):
+    """The reason this call may not fuse, or None."""
+    return _decide(model, head, vocab_size, loss)[1]
+
+
+def _decide(model, head, vocab_size, loss="loss_function"):
+    """(route, None) when the call may fuse, else (None, reason)."""
     if _keep_logits_global or _keep_logits_depth.get() > 0:
-        return "keep-logits"
+        return None, "keep-logits"
     if not getattr(model, "training", False):
-        return "eval-mode"
+        return None, "eval-mode"
     if _tuple_call.get():
-        return "tuple-return"
+        return None, "tuple-return"
     if loss == "loss_function" and not _is_stock_causal_loss(
         getattr(model, "loss_function", None)
     ):
-        return "custom-loss-function"
-    if type(head) is not nn.Linear:
-        return "head-not-linear"
-    if head.out_features != vocab_size or head.weight.shape[0] != vocab_size:
-        return "head-vocab-mismatch"
-    if _has_hooks(head):
-        return "head-hooks"
-    weight = head.weight
-    if _is_dtensor(weight):
-        return "head-sharded"
+        return None, "custom-loss-function"
+    route, reason = engines.head_route(head)
+    if route is None:
+        return None, reason
+    linear = route.module.base_layer if route.kind == "peft-lora" else route.module
+    weight = linear.weight
+    # ZeRO-3 leaves an empty tensor outside the forward; its full shape is `ds_shape`.
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    if linear.out_features != vocab_size or shape[0] != vocab_size:
+        return None, "head-vocab-mismatch"
     if weight.dtype not in SUPPORTED_DTYPES:
-        return "head-dtype"
+        return None, "head-dtype"
     if weight.device.type == "cuda":
         if not _cuda_backend_available():
-            return "cuda-backend-unavailable"
+            return None, "cuda-backend-unavailable"
     elif weight.device.type != "cpu":
-        return "head-device"
-    return None
+        return None, "head-device"
+    return route, None
 
 
 def _is_stock_causal_loss(fn) -> bool:
@@ -184,40 +214,23 @@ def _is_stock_causal_loss(fn) -> bool:
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    own = (
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_backward_hooks",
-        "_backward_pre_hooks",
-    )
-    if any(getattr(module, name, None) for name in own):
-        return True
-    from torch.nn.modules import module as module_mod
-
-    shared = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return any(getattr(module_mod, name, None) for name in shared)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
-
-
 def _cuda_backend_available() -> bool:
     try:
         from . import _cuda  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _log_fused(cls, route):
+    """One INFO line per model class and route, the first time it fuses: the line a user
+    greps a job's log for (its absence, with a fallback line, says why not)."""
+    logger.info(
+        "forward_rewrite: %s.%s uses the fused lm_head + loss (route: %s)",
+        cls.__module__,
+        cls.__qualname__,
+        route,
+    )
 
 
 def _log_once(cls, reason):

@@ -22,6 +22,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from . import _stats, engines
 from ._backend import SUPPORTED_DTYPES
 
 __all__ = ["chunk_budget_bytes", "fused_lm_head_loss", "set_chunk_budget_bytes"]
@@ -127,10 +128,15 @@ def _fused_op(
     softcap: float | None,
     reduction: str,
     eager_grads: bool,
+    weight_grad: bool,
     chunk_budget_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, dh, dw, db). With ``eager_grads`` the gradients are those of the loss itself
-    (backward multiplies them by grad_output); otherwise they are empty."""
+    (backward multiplies them by grad_output); otherwise they are empty. Without
+    ``weight_grad`` (a frozen head) dW is never computed: dw is empty."""
+    # Counted here, at run time, so a compiled graph counts too. Without eager gradients
+    # the weight gradient (or its absence) is decided by the backward op.
+    _stats.record_op(hidden.device.type, dw_skipped=eager_grads and not weight_grad)
     if eager_grads:
         grad_scale = _grad_scale(
             torch.ones((), device=hidden.device), denominator, reduction
@@ -148,13 +154,15 @@ def _fused_op(
         softcap=softcap,
         grad_scale=grad_scale,
         compute_grads=eager_grads,
+        weight_grad=weight_grad,
         chunk_budget_bytes=chunk_budget_bytes,
     )
     loss = _reduce(row_loss, denominator, reduction)
     if not eager_grads:
         dh, dw, db = _no_grad_outputs(hidden)
-    elif db is None:
-        db = hidden.new_empty(0)
+    else:
+        dw = dw if dw is not None else hidden.new_empty(0)
+        db = db if db is not None else hidden.new_empty(0)
     return loss, dh, dw, db
 
 
@@ -171,6 +179,7 @@ def _fused_op_fake(
     softcap,
     reduction,
     eager_grads,
+    weight_grad,
     chunk_budget_bytes,
 ):
     loss_shape = (hidden.shape[0],) if reduction == "none" else ()
@@ -178,7 +187,8 @@ def _fused_op_fake(
     if not eager_grads:
         return (loss, *_no_grad_outputs(hidden))
     db = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-    return loss, torch.empty_like(hidden), torch.empty_like(weight), db
+    dw = torch.empty_like(weight) if weight_grad else hidden.new_empty(0)
+    return loss, torch.empty_like(hidden), dw, db
 
 
 @torch.library.custom_op(
@@ -194,9 +204,13 @@ def _backward_op(
     label_smoothing: float,
     scale: float,
     softcap: float | None,
+    weight_grad: bool,
     chunk_budget_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh, dw, db) of ``sum_i grad_scale_i * row_loss_i``; db is empty without a bias."""
+    """(dh, dw, db) of ``sum_i grad_scale_i * row_loss_i``; db is empty without a bias,
+    dw without ``weight_grad``."""
+    if not weight_grad:
+        _stats.record_dw_skipped()
     _, dh, dw, db = _backend(hidden.device)(
         hidden,
         weight,
@@ -208,9 +222,11 @@ def _backward_op(
         softcap=softcap,
         grad_scale=grad_scale,
         compute_grads=True,
+        weight_grad=weight_grad,
         chunk_budget_bytes=chunk_budget_bytes,
     )
-    return dh, dw, db if db is not None else hidden.new_empty(0)
+    empty = hidden.new_empty(0)
+    return dh, dw if dw is not None else empty, db if db is not None else empty.clone()
 
 
 @_backward_op.register_fake
@@ -224,10 +240,12 @@ def _backward_op_fake(
     label_smoothing,
     scale,
     softcap,
+    weight_grad,
     chunk_budget_bytes,
 ):
     db = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+    dw = torch.empty_like(weight) if weight_grad else hidden.new_empty(0)
+    return torch.empty_like(hidden), dw, db
 
 
 def _setup_context(ctx, inputs, output):
@@ -243,13 +261,15 @@ def _setup_context(ctx, inputs, output):
         softcap,
         reduction,
         eager_grads,
+        weight_grad,
         budget,
     ) = inputs
     _, dh, dw, db = output
     ctx.eager_grads = eager_grads
     ctx.has_bias = bias is not None
+    ctx.weight_grad = weight_grad
     ctx.reduction = reduction
-    ctx.options = (ignore_index, label_smoothing, scale, softcap, budget)
+    ctx.options = (ignore_index, label_smoothing, scale, softcap, weight_grad, budget)
     if eager_grads:
         ctx.save_for_backward(dh, dw, db)
     else:
@@ -265,10 +285,14 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
         # (retain_graph=True) is refused by autograd's version check instead of reusing them.
         # A 0-dim float32 factor keeps the 16-bit dtype; the product is formed in float32.
         g = grad_loss.reshape(())
-        grads = (dh.mul_(g), dw.mul_(g), db.mul_(g) if ctx.has_bias else None)
+        grads = (
+            dh.mul_(g),
+            dw.mul_(g) if ctx.weight_grad else None,
+            db.mul_(g) if ctx.has_bias else None,
+        )
     else:
         hidden, weight, bias, targets, denominator = ctx.saved_tensors
-        ignore_index, label_smoothing, scale, softcap, budget = ctx.options
+        ignore_index, label_smoothing, scale, softcap, weight_grad, budget = ctx.options
         dh, dw, db = _backward_op(
             hidden,
             weight,
@@ -279,25 +303,16 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw, _grad_db):
             label_smoothing,
             scale,
             softcap,
+            weight_grad,
             budget,
         )
-        grads = (dh, dw, db if ctx.has_bias else None)
+        grads = (dh, dw if weight_grad else None, db if ctx.has_bias else None)
     needs = ctx.needs_input_grad
     grads = tuple(g if needs[i] else None for i, g in enumerate(grads))
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, *(None,) * 10)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _head_params(head):
-    if isinstance(head, nn.Linear):
-        return head.weight, head.bias
-    if isinstance(head, torch.Tensor):
-        return head, None
-    raise TypeError(
-        f"head: expected an nn.Linear or a weight tensor, got {type(head).__name__}"
-    )
 
 
 def _optional_number(name, value, *, nonzero=False):
@@ -359,7 +374,12 @@ def fused_lm_head_loss(
     by ``logit_scale_multiply``, divided by ``logit_scale_divide`` and soft-capped
     (``cap * tanh(logits / cap)``) when those are given, in that order; computed in float32.
 
-    * ``head``: an ``nn.Linear`` (its bias is honoured) or a ``(vocab, hidden)`` weight.
+    * ``head``: an ``nn.Linear`` (its bias is honoured), a ``(vocab, hidden)`` weight, or a
+      PEFT LoRA ``lora.Linear`` / ``ModulesToSaveWrapper`` head (``engines.py``). An
+      ``nn.Linear`` with hooks (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3) is *called* with
+      its forward replaced by the fused computation, so its hooks gather the weight first
+      and see the loss as its output (``engines.call_through``). A head whose weight does
+      not require a gradient (frozen, QLoRA-style) gets no weight gradient computed.
     * ``labels`` are shifted left with ``ignore_index`` padding, unless ``shift_labels``
       (already aligned with ``hidden_states``) is given; then ``labels`` is not read.
     * ``reduction="mean"``: sum over tokens divided by ``num_items_in_batch`` when given (an
@@ -376,21 +396,10 @@ def fused_lm_head_loss(
         raise TypeError(
             f"hidden_states: expected a tensor, got {type(hidden_states).__name__}"
         )
-    weight, bias = _head_params(head)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"head: expected a 2-D weight, got shape {tuple(weight.shape)}"
-        )
-    vocab, hidden_size = weight.shape
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-            raise TypeError(
-                f"vocab_size: expected an int, got {type(vocab_size).__name__}"
-            )
-        if vocab_size != vocab:
-            raise ValueError(
-                f"vocab_size: {vocab_size} but the head has {vocab} outputs"
-            )
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+    ):
+        raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None and reduction != "mean":
@@ -419,7 +428,67 @@ def fused_lm_head_loss(
         raise ValueError(
             f"logit_scale_multiply: the logit scale must be finite and non-zero, got {scale}"
         )
+    options = {
+        "labels": labels,
+        "shift_labels": shift_labels,
+        "vocab_size": vocab_size,
+        "ignore_index": ignore_index,
+        "num_items_in_batch": num_items_in_batch,
+        "label_smoothing": float(label_smoothing),
+        "scale": scale,
+        "softcap": softcap,
+        "reduction": reduction,
+    }
 
+    if isinstance(head, torch.Tensor):
+        return _loss(hidden_states, head, None, options)
+    if not isinstance(head, nn.Module):
+        raise TypeError(
+            f"head: expected an nn.Linear or a weight tensor, got {type(head).__name__}"
+        )
+    route, reason = engines.head_route(head)
+    if route is None:
+        if not isinstance(head, nn.Linear):
+            raise TypeError(
+                f"head: {type(head).__name__} cannot be computed by the fused op ({reason})"
+            )
+        # A Linear subclass, or one with hooks of its own: run through the module if it has
+        # hooks (they run, and see the loss), else read its parameters as before.
+        if engines.hooks_of(head) == (set(), 0):
+            return _loss(hidden_states, head.weight, head.bias, options)
+        route = engines.Route("hooks", head)
+    module = route.module
+    if route.kind == "direct":
+        return _loss(hidden_states, module.weight, module.bias, options)
+    if route.kind == "peft-lora":
+        hidden, weight, bias = engines.lora_operands(module, hidden_states)
+        return _loss(hidden, weight, bias, options)
+    full_shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+
+    def compute(hidden):
+        # Inside the module's forward: the pre-hooks have gathered the parameters.
+        weight, bias = module.weight, module.bias
+        if engines._is_dtensor(weight) or tuple(weight.shape) != full_shape:
+            raise RuntimeError(
+                f"forward_rewrite: {type(module).__name__}.weight is still sharded inside "
+                f"its forward ({type(weight).__name__} of shape {tuple(weight.shape)}, "
+                f"the head is {full_shape}); refusing to compute a loss from a shard"
+            )
+        return _loss(hidden, weight, bias, options)
+
+    return engines.call_through(module, hidden_states, compute)
+
+
+def _loss(hidden_states, weight, bias, o):
+    """The op on a whole (gathered) weight; ``o``: the checked options."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        raise ValueError(f"head: expected a 2-D weight, got shape {shape}")
+    vocab, hidden_size = weight.shape
+    if o["vocab_size"] is not None and o["vocab_size"] != vocab:
+        raise ValueError(
+            f"vocab_size: {o['vocab_size']} but the head has {vocab} outputs"
+        )
     if hidden_states.dim() < 1 or hidden_states.shape[-1] != hidden_size:
         raise ValueError(
             f"hidden_states: expected last dimension {hidden_size} (the head's input size), "
@@ -454,9 +523,11 @@ def fused_lm_head_loss(
             f"head: bias dtype {bias.dtype} differs from the weight's {weight.dtype}"
         )
 
+    ignore_index = o["ignore_index"]
     hidden = hidden_states.reshape(-1, hidden_size)
     tokens = hidden.shape[0]
-    if shift_labels is None:
+    if o["shift_labels"] is None:
+        labels = o["labels"]
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels: expected a tensor, got {type(labels).__name__}")
         if labels.dim() < 1:
@@ -464,11 +535,11 @@ def fused_lm_head_loss(
         targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         name = "labels"
     else:
-        if not isinstance(shift_labels, torch.Tensor):
+        targets = o["shift_labels"]
+        if not isinstance(targets, torch.Tensor):
             raise TypeError(
-                f"shift_labels: expected a tensor, got {type(shift_labels).__name__}"
+                f"shift_labels: expected a tensor, got {type(targets).__name__}"
             )
-        targets = shift_labels
         name = "shift_labels"
     if (
         targets.dtype.is_floating_point
@@ -488,12 +559,15 @@ def fused_lm_head_loss(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
 
+    reduction = o["reduction"]
     denominator = None
     if reduction == "mean":
         denominator = _denominator(
-            targets, ignore_index, num_items_in_batch, hidden.device
+            targets, ignore_index, o["num_items_in_batch"], hidden.device
         )
-    wants_grad = torch.is_grad_enabled() and (
+    grad_enabled = torch.is_grad_enabled()
+    weight_grad = grad_enabled and weight.requires_grad
+    wants_grad = grad_enabled and (
         hidden.requires_grad
         or weight.requires_grad
         or (bias is not None and bias.requires_grad)
@@ -509,11 +583,12 @@ def fused_lm_head_loss(
         targets,
         denominator,
         ignore_index,
-        float(label_smoothing),
-        scale,
-        softcap,
+        o["label_smoothing"],
+        o["scale"],
+        o["softcap"],
         reduction,
         eager_grads,
+        weight_grad,
         chunk_budget_bytes(hidden.device.type),
     )
     return loss

@@ -8,8 +8,9 @@
 //!    (max, sum of exponentials, sum of logits) for every row;
 //! 3. merge the partials (in float64) into each row's log-sum-exp and loss;
 //! 4. with gradients: turn the logits into `dlogits` in place, then
-//!    `dW_t += dlogits_t h` and `db_t += sum dlogits_t` per tile, and
-//!    `dh = dlogits^T W` per block of rows; scatter `dh` to its rows.
+//!    `dW_t += dlogits_t h` (unless the weight gradient is not asked for: a frozen head)
+//!    and `db_t += sum dlogits_t` per tile, and `dh = dlogits^T W` per block of rows;
+//!    scatter `dh` to its rows.
 //!
 //! When the vocabulary is cut into several blocks, step 2 runs once per block for the
 //! statistics and again in step 4 (the logits are recomputed rather than kept).
@@ -69,8 +70,8 @@ pub struct Gradients<'a, T> {
     pub grad_scale: GradScale<'a>,
     /// `(n, h)`
     pub dh: &'a mut [T],
-    /// `(v, h)`
-    pub dw: &'a mut [T],
+    /// `(v, h)`; None: the weight gradient is not computed (a frozen head).
+    pub dw: Option<&'a mut [T]>,
     /// `(v,)`, present exactly when the bias is.
     pub db: Option<&'a mut [T]>,
 }
@@ -220,9 +221,10 @@ fn compute<T: Element>(
     if let Some(g) = grads.as_mut() {
         g.dh.par_chunks_mut(p.h.max(1))
             .for_each(|r| r.fill(T::from_f32(0.0)));
-        match T::as_f32_mut(g.dw) {
-            Some(dw) => dw.par_iter_mut().for_each(|x| *x = 0.0),
-            None => dw_owned = vec![0.0; p.v * p.h],
+        match g.dw.as_deref_mut().map(T::as_f32_mut) {
+            Some(Some(dw)) => dw.par_iter_mut().for_each(|x| *x = 0.0),
+            Some(None) => dw_owned = vec![0.0; p.v * p.h],
+            None => {}
         }
         if g.db.is_some() {
             db_acc = vec![0.0; p.v];
@@ -234,9 +236,10 @@ fn compute<T: Element>(
         let grad_step = grads.as_mut().map(|g| GradStep {
             grad_scale: g.grad_scale,
             dh: &mut *g.dh,
-            dw: match T::as_f32_mut(&mut *g.dw) {
-                Some(dw) => dw,
-                None => &mut dw_owned[..],
+            dw: match g.dw.as_deref_mut().map(T::as_f32_mut) {
+                Some(Some(dw)) => Some(dw),
+                Some(None) => Some(&mut dw_owned[..]),
+                None => None,
             },
             db: if db_acc.is_empty() {
                 None
@@ -248,8 +251,10 @@ fn compute<T: Element>(
     }
 
     if let Some(g) = grads {
-        if T::as_f32(g.dw).is_none() {
-            g.dw.par_chunks_mut(p.h)
+        if let Some(dw) = g.dw
+            && T::as_f32(dw).is_none()
+        {
+            dw.par_chunks_mut(p.h)
                 .zip(dw_owned.par_chunks(p.h))
                 .for_each(|(out, acc)| T::store(acc, out));
         }
@@ -311,7 +316,9 @@ fn validate<T: Element>(
     }
     if let Some(g) = grads {
         check_len("dh", g.dh.len(), nh)?;
-        check_len("dw", g.dw.len(), vh)?;
+        if let Some(dw) = &g.dw {
+            check_len("dw", dw.len(), vh)?;
+        }
         match (&g.db, p.bias) {
             (Some(db), Some(_)) => check_len("db", db.len(), p.v)?,
             (None, None) => {}
@@ -420,7 +427,7 @@ impl Scratch {
 struct GradStep<'a, T> {
     grad_scale: GradScale<'a>,
     dh: &'a mut [T],
-    dw: &'a mut [f32],
+    dw: Option<&'a mut [f32]>,
     db: Option<&'a mut [f32]>,
 }
 
@@ -477,7 +484,7 @@ fn process_chunk<T: Element>(
         s.lse[i] = lse as f32;
     }
 
-    let Some(g) = grads else { return };
+    let Some(mut g) = grads else { return };
     for (i, &r) in chunk.iter().enumerate() {
         s.grad_scale[i] = g.grad_scale.get(r);
     }
@@ -504,7 +511,7 @@ fn process_chunk<T: Element>(
             vb,
             logits_t,
             &rowstats,
-            &mut g.dw[v0 * h..(v0 + vb) * h],
+            g.dw.as_deref_mut().map(|d| &mut d[v0 * h..(v0 + vb) * h]),
             db.as_deref_mut().map(|d| &mut d[v0..v0 + vb]),
         );
         dh_block(ctx, rows, v0, vb, logits_t, dh);
@@ -632,7 +639,7 @@ struct RowStats<'a> {
 
 /// Turns the block's logits into dlogits in place (gradient of
 /// `sum_i grad_scale_i * loss_i` with respect to the pre-transform logits), then
-/// accumulates `dw` (`vb x h`) and `db` (`vb`) tile by tile.
+/// accumulates `dw` (`vb x h`, when asked for) and `db` (`vb`) tile by tile.
 #[allow(clippy::too_many_arguments)]
 fn grad_block<T: Element>(
     ctx: &Ctx<'_, T>,
@@ -642,7 +649,7 @@ fn grad_block<T: Element>(
     vb: usize,
     logits_t: &mut [f32],
     st: &RowStats<'_>,
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
 ) {
     let tile = ctx.plan.tile;
@@ -651,7 +658,7 @@ fn grad_block<T: Element>(
     let hit = 1.0 - ctx.eps;
     let tf = ctx.transform;
     let hidden_view = View::rows(hidden, rows, h);
-    let work = |ti: usize, z: &mut [f32], dw_t: &mut [f32], db_t: Option<&mut [f32]>| {
+    let work = |ti: usize, z: &mut [f32], dw_t: Option<&mut [f32]>, db_t: Option<&mut [f32]>| {
         let t0 = v0 + ti * tile;
         let tl = z.len() / rows;
         for zrow in z.chunks_mut(rows) {
@@ -666,24 +673,34 @@ fn grad_block<T: Element>(
                 z[(y - t0) * rows + i] -= st.grad_scale[i] * hit * tf.derivative(st.z_target[i]);
             }
         }
-        gemm(View::rows(z, tl, rows), hidden_view, 1.0, dw_t, h);
+        if let Some(dw_t) = dw_t {
+            gemm(View::rows(z, tl, rows), hidden_view, 1.0, dw_t, h);
+        }
         if let Some(db_t) = db_t {
             for (d, zrow) in db_t.iter_mut().zip(z.chunks(rows)) {
                 *d += zrow.iter().sum::<f32>();
             }
         }
     };
-    debug_assert_eq!(dw.len(), vb * h);
-    let tiles = logits_t
+    // Tiles of dW and db alongside the logits' tiles; an absent output is a run of Nones.
+    let tiles = logits_t.len().div_ceil(tile * rows);
+    let dw_tiles: Vec<Option<&mut [f32]>> = match dw {
+        Some(dw) => {
+            debug_assert_eq!(dw.len(), vb * h);
+            dw.chunks_mut(tile * h).map(Some).collect()
+        }
+        None => (0..tiles).map(|_| None).collect(),
+    };
+    let db_tiles: Vec<Option<&mut [f32]>> = match db {
+        Some(db) => db.chunks_mut(tile).map(Some).collect(),
+        None => (0..tiles).map(|_| None).collect(),
+    };
+    logits_t
         .par_chunks_mut(tile * rows)
-        .zip(dw.par_chunks_mut(tile * h))
-        .enumerate();
-    match db {
-        Some(db) => tiles
-            .zip(db.par_chunks_mut(tile))
-            .for_each(|((ti, (z, dw_t)), db_t)| work(ti, z, dw_t, Some(db_t))),
-        None => tiles.for_each(|(ti, (z, dw_t))| work(ti, z, dw_t, None)),
-    }
+        .zip(dw_tiles)
+        .zip(db_tiles)
+        .enumerate()
+        .for_each(|(ti, ((z, dw_t), db_t))| work(ti, z, dw_t, db_t));
 }
 
 /// `dh += dlogits^T W[v0 .. v0 + vb]` for the chunk, in blocks of rows.

@@ -34,12 +34,13 @@ struct GradPtrs {
     grad_scale: usize,
     grad_scale_len: usize,
     dh: usize,
-    dw: usize,
+    dw: Option<usize>,
     db: Option<usize>,
 }
 
-/// Computes per-row losses (and, when `dh` and `dw` are given, the gradients of
-/// `sum_i grad_scale[i] * row_loss[i]`) for `z = softcap(scale * (hidden @ weight.T + bias))`.
+/// Computes per-row losses (and, when `grad_scale` and `dh` are given, the gradients of
+/// `sum_i grad_scale[i] * row_loss[i]`; the weight's only when `dw` is given too) for
+/// `z = softcap(scale * (hidden @ weight.T + bias))`.
 ///
 /// Pointers are `Tensor.data_ptr()` values of contiguous CPU tensors: `hidden` (n, h),
 /// `weight` (v, h), `bias` (v,) of dtype `dtype` ("float32", "float16" or "bfloat16");
@@ -78,8 +79,8 @@ pub fn cpu_fused_ce(
             "dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype:?}"
         ))
     })?;
-    let grads = match (grad_scale, dh, dw) {
-        (Some(grad_scale), Some(dh), Some(dw)) => {
+    let grads = match (grad_scale, dh) {
+        (Some(grad_scale), Some(dh)) => {
             if grad_scale_len != 1 && grad_scale_len != n {
                 return Err(PyValueError::new_err(format!(
                     "grad_scale: expected 1 or n = {n} elements, got {grad_scale_len}"
@@ -93,10 +94,11 @@ pub fn cpu_fused_ce(
                 db,
             })
         }
-        (None, None, None) if db.is_none() => None,
+        (None, None) if dw.is_none() && db.is_none() => None,
         _ => {
             return Err(PyValueError::new_err(
-                "grad_scale, dh, dw: give all three (gradients) or none (loss only)",
+                "grad_scale, dh: give both (gradients; dw optional) or none of grad_scale, \
+                 dh, dw, db (loss only)",
             ));
         }
     };
@@ -178,7 +180,9 @@ fn check_regions(c: &Call) -> PyResult<()> {
             false,
         ));
         regions.push(region("dh", g.dh, nh, el, true));
-        regions.push(region("dw", g.dw, vh, el, true));
+        if let Some(dw) = g.dw {
+            regions.push(region("dw", dw, vh, el, true));
+        }
         match (g.db, c.bias) {
             (Some(db), Some(_)) => regions.push(region("db", db, c.v, el, true)),
             (None, None) => {}
@@ -267,7 +271,7 @@ fn run<T: Element>(c: &Call) -> Result<(), super::fused::FusedCeError> {
                 GradScale::Uniform(slice::<f32>(g.grad_scale, 1)[0])
             },
             dh: slice_mut::<T>(g.dh, c.n * c.h),
-            dw: slice_mut::<T>(g.dw, c.v * c.h),
+            dw: g.dw.map(|dw| slice_mut::<T>(dw, c.v * c.h)),
             db: g.db.map(|db| slice_mut::<T>(db, c.v)),
         });
         fused_ce(&problem, &c.options, row_loss, grads)

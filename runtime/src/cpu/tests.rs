@@ -166,7 +166,7 @@ fn run<T: Element>(
             GradScale::Uniform(gs32.first().copied().unwrap_or(0.37))
         },
         dh: &mut got.dh,
-        dw: &mut got.dw,
+        dw: Some(&mut got.dw),
         db: if c.bias { Some(&mut got.db) } else { None },
     });
     let o = options(c, budget);
@@ -365,6 +365,55 @@ fn all_rows_ignored_gives_zero_loss_and_zero_gradients() {
     }
 }
 
+/// A frozen head: without `dw` the call computes no weight gradient, and everything else
+/// (losses, dh, db) is bit for bit what the call with `dw` gives, through several vocabulary
+/// blocks and chunks, in float32 and bfloat16.
+fn frozen_weight_case<T: Element + PartialEq + std::fmt::Debug>() {
+    let c = Case {
+        softcap: Some(4.0),
+        bias: true,
+        grads: Some(true),
+        ..Case::basic(90, 6, 200)
+    };
+    let d = data::<T>(&c);
+    let with_dw = run::<T>(&c, &d, None, 40_000).unwrap();
+    let to_t = |x: &[f64]| x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<T>>();
+    let (hidden, weight, bias) = (
+        to_t(&d.hidden),
+        to_t(&d.weight),
+        to_t(d.bias.as_ref().unwrap()),
+    );
+    let problem = Problem {
+        hidden: &hidden,
+        weight: &weight,
+        bias: Some(&bias),
+        targets: &d.targets,
+        n: c.n,
+        h: c.h,
+        v: c.v,
+    };
+    let gs: Vec<f32> = d.grad_scale.iter().map(|&g| g as f32).collect();
+    let mut row_loss = vec![f32::NAN; c.n];
+    let mut dh = vec![T::from_f32(f32::NAN); c.n * c.h];
+    let mut db = vec![T::from_f32(f32::NAN); c.v];
+    let grads = Gradients {
+        grad_scale: GradScale::PerRow(&gs),
+        dh: &mut dh,
+        dw: None,
+        db: Some(&mut db),
+    };
+    fused_ce(&problem, &options(&c, 40_000), &mut row_loss, Some(grads)).unwrap();
+    assert_eq!(row_loss, with_dw.row_loss);
+    assert_eq!(dh, with_dw.dh);
+    assert_eq!(db, with_dw.db);
+}
+
+#[test]
+fn frozen_weight_skips_dw_and_changes_nothing_else() {
+    frozen_weight_case::<f32>();
+    frozen_weight_case::<bf16>();
+}
+
 #[test]
 fn no_rows_at_all() {
     let c = Case {
@@ -467,7 +516,7 @@ fn wrong_arguments_are_errors_naming_them() {
     let grads = Gradients {
         grad_scale: GradScale::PerRow(&gs),
         dh: &mut dh,
-        dw: &mut dw,
+        dw: Some(&mut dw),
         db: None,
     };
     assert!(msg(fused_ce(&problem(4), &o, &mut loss, Some(grads))).starts_with("dh:"));

@@ -82,6 +82,7 @@ impl Call {
             elem_bytes: self.dtype.bytes(),
             has_bias: self.bias != 0,
             compute_grads: self.compute_grads,
+            weight_grad: self.dw != 0,
             gathered: self.row_map != 0,
             dh_splits: self
                 .tuning
@@ -280,11 +281,9 @@ fn check(call: &Call, plan: &Plan) -> Result<()> {
             call.workspace_bytes, plan.total_bytes
         )));
     }
-    if call.compute_grads
-        && (call.dh == 0 || call.dw == 0 || call.grad_scale == 0 || call.order == 0)
-    {
+    if call.compute_grads && (call.dh == 0 || call.grad_scale == 0 || call.order == 0) {
         return Err(CudaError::argument(
-            "compute_grads needs dh, dw, grad_scale and order",
+            "compute_grads needs dh, grad_scale and order (dw: 0 for no weight gradient)",
         ));
     }
     if call.compute_grads && call.bias != 0 && call.db == 0 {
@@ -344,7 +343,13 @@ pub fn run(call: &Call) -> Result<()> {
     }
     let col_blocks = |cols: u64| (cols.div_ceil(256).min(64)) as u32;
 
-    let dw_out = plan.dw_acc.map_or(call.dw, |off| ws + off);
+    // dW's destination: the float32 accumulator or dW itself; 0 when the weight is frozen.
+    let with_dw = call.compute_grads && call.dw != 0;
+    let dw_out = if with_dw {
+        plan.dw_acc.map_or(call.dw, |off| ws + off)
+    } else {
+        0
+    };
 
     for chunk in 0..plan.chunks {
         let row0 = chunk * plan.chunk_rows;
@@ -502,21 +507,23 @@ pub fn run(call: &Call) -> Result<()> {
                 &mut [arg(&mut d)],
                 "dh_finish",
             )?;
-            blas.dw(
-                dims,
-                h_mat,
-                dlogits_mat,
-                dw_out,
-                plan.dw_acc.is_some(),
-                chunk > 0,
-            )?;
+            if with_dw {
+                blas.dw(
+                    dims,
+                    h_mat,
+                    dlogits_mat,
+                    dw_out,
+                    plan.dw_acc.is_some(),
+                    chunk > 0,
+                )?;
+            }
             if with_db {
                 blas.db(dims, dlogits_mat, ws + plan.ones, ws + plan.db_acc)?;
             }
         }
     }
 
-    if call.compute_grads {
+    if with_dw || with_db {
         let mut s = ScatterParams {
             order: call.order,
             targets: call.targets,

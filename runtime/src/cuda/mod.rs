@@ -34,7 +34,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// (workspace bytes, rows per chunk) for a call: Python allocates that many bytes with torch.
 #[pyfunction]
-#[pyo3(signature = (*, rows, hidden, vocab, dtype, has_bias, compute_grads, gathered, chunk_budget_bytes, dh_splits=None))]
+#[pyo3(signature = (*, rows, hidden, vocab, dtype, has_bias, compute_grads, gathered, chunk_budget_bytes, dh_splits=None, weight_grad=true))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_workspace_bytes(
     rows: u64,
@@ -46,6 +46,7 @@ fn cuda_workspace_bytes(
     gathered: bool,
     chunk_budget_bytes: u64,
     dh_splits: Option<u64>,
+    weight_grad: bool,
 ) -> PyResult<(u64, u64)> {
     let shape = plan::Shape {
         rows,
@@ -54,6 +55,7 @@ fn cuda_workspace_bytes(
         elem_bytes: Dtype::parse(dtype)?.bytes(),
         has_bias,
         compute_grads,
+        weight_grad,
         gathered,
         dh_splits: dh_splits.unwrap_or(fused::DEFAULT_DH_SPLITS).clamp(1, 16),
     };

@@ -26,6 +26,9 @@ pub struct Shape {
     pub elem_bytes: u64,
     pub has_bias: bool,
     pub compute_grads: bool,
+    /// With `compute_grads`: dW too (false for a frozen weight: no dW product, no
+    /// float32 accumulator).
+    pub weight_grad: bool,
     /// Rows are gathered through a row map (ignored rows skipped): needs a staging copy of h.
     pub gathered: bool,
     /// Split-K factor of the dh product (float32 partials, summed by `dh_finish`).
@@ -90,7 +93,10 @@ impl Shape {
 
     fn dw_acc_bytes(&self, budget: u64) -> Option<u64> {
         let bytes = self.vocab * self.hidden * 4;
-        (self.compute_grads && self.elem_bytes < 4 && bytes <= budget / DW_ACC_SHARE)
+        (self.compute_grads
+            && self.weight_grad
+            && self.elem_bytes < 4
+            && bytes <= budget / DW_ACC_SHARE)
             .then_some(bytes)
     }
 
@@ -185,6 +191,7 @@ mod tests {
             elem_bytes: 2,
             has_bias: false,
             compute_grads: true,
+            weight_grad: true,
             gathered: false,
             dh_splits: 1,
         }
@@ -283,6 +290,12 @@ mod tests {
             ..shape(100, 64, 1000)
         };
         assert_eq!(no_grads.plan(gib).dw_acc, None);
+        let frozen = Shape {
+            weight_grad: false,
+            ..shape(100, 64, 1000)
+        };
+        assert_eq!(frozen.plan(gib).dw_acc, None, "a frozen weight has no dW");
+        assert!(frozen.plan(gib).total_bytes < shape(100, 64, 1000).plan(gib).total_bytes);
     }
 
     #[test]
