@@ -82,7 +82,9 @@ class _Splicer:
         return self.starts[line - 1] + col
 
     def span(self, node) -> tuple[int, int]:
-        return self.off(node.lineno, node.col_offset), self.off(node.end_lineno, node.end_col_offset)
+        return self.off(node.lineno, node.col_offset), self.off(
+            node.end_lineno, node.end_col_offset
+        )
 
     def text(self, node) -> str:
         a, b = self.span(node)
@@ -103,14 +105,18 @@ def _parse_function(source: str) -> tuple[str, ast.FunctionDef]:
     tree = ast.parse(source)
     fn = tree.body[0]
     if not isinstance(fn, ast.FunctionDef):
-        raise ValueError("not a function definition")
+        raise TypeError("not a function definition")
     return source, fn
 
 
 def _drop_doc_decorators(sp: _Splicer, fn: ast.FunctionDef):
     for dec in fn.decorator_list:
         target = dec.func if isinstance(dec, ast.Call) else dec
-        name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+        name = (
+            target.attr
+            if isinstance(target, ast.Attribute)
+            else getattr(target, "id", None)
+        )
         if name in DOC_DECORATORS:
             a, b = sp.span(dec)
             a -= 1  # the '@'
@@ -121,12 +127,20 @@ def _drop_doc_decorators(sp: _Splicer, fn: ast.FunctionDef):
 
 def _check_super(fn: ast.FunctionDef):
     for node in ast.walk(fn):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "super"
+        ):
             raise Refused("uses-super", f"line {node.lineno}")
 
 
 def _names_loaded(node) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return {
+        n.id
+        for n in ast.walk(node)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+    }
 
 
 def _flatten_add(node) -> list | None:
@@ -151,7 +165,9 @@ def _is_static_test(node) -> bool:
     if isinstance(node, ast.BoolOp):
         return all(_is_static_test(v) for v in node.values)
     if isinstance(node, ast.Compare):
-        return _is_static_test(node.left) and all(_is_static_test(c) for c in node.comparators)
+        return _is_static_test(node.left) and all(
+            _is_static_test(c) for c in node.comparators
+        )
     return False
 
 
@@ -191,13 +207,26 @@ class _LayerWalker:
                     slot = s_body
                 continue
             if isinstance(st, (ast.For, ast.While, ast.AsyncFor, ast.With, ast.Try)):
-                inner = [n for n in ast.walk(st) if isinstance(n, ast.Name) and n.id in self.current]
+                inner = [
+                    n
+                    for n in ast.walk(st)
+                    if isinstance(n, ast.Name) and n.id in self.current
+                ]
                 if inner:
-                    raise Refused("residual-not-seen", f"line {st.lineno}: the stream is used inside a compound statement")
+                    raise Refused(
+                        "residual-not-seen",
+                        f"line {st.lineno}: the stream is used inside a compound statement",
+                    )
                 continue
             if isinstance(st, ast.AugAssign):
-                if isinstance(st.target, ast.Name) and st.target.id in self.current | self.stale:
-                    raise Refused("residual-not-seen", f"line {st.lineno}: in-place update of the stream")
+                if (
+                    isinstance(st.target, ast.Name)
+                    and st.target.id in self.current | self.stale
+                ):
+                    raise Refused(
+                        "residual-not-seen",
+                        f"line {st.lineno}: in-place update of the stream",
+                    )
                 self._check_reads(_names_loaded(st), st)
                 continue
             if isinstance(st, ast.Return):
@@ -211,7 +240,11 @@ class _LayerWalker:
                 single = len(targets) == 1 and isinstance(targets[0], ast.Name)
                 operands = _flatten_add(value)
                 if single and operands is not None:
-                    streams = [o for o in operands if isinstance(o, ast.Name) and o.id in self.current]
+                    streams = [
+                        o
+                        for o in operands
+                        if isinstance(o, ast.Name) and o.id in self.current
+                    ]
                     if len(streams) == 1:
                         if getattr(self, "diverged", False):
                             raise Refused(
@@ -219,7 +252,9 @@ class _LayerWalker:
                                 f"line {st.lineno}: a residual add after an `if` whose branches differ in adds",
                             )
                         branches = [o for o in operands if o is not streams[0]]
-                        self._check_reads(set().union(*(_names_loaded(b) for b in branches)), st)
+                        self._check_reads(
+                            set().union(*(_names_loaded(b) for b in branches)), st
+                        )
                         self._emit_add(st, targets[0].id, streams[0], branches, slot)
                         tree.append(("add", slot))
                         slot += 1
@@ -227,7 +262,12 @@ class _LayerWalker:
                         continue
                 reads = _names_loaded(value)
                 self._check_reads(reads, st)
-                names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+                names = [
+                    n.id
+                    for t in targets
+                    for n in ast.walk(t)
+                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+                ]
                 if single and isinstance(value, ast.Name) and value.id in self.current:
                     self.current.add(names[0])
                     self.stale.discard(names[0])
@@ -242,7 +282,10 @@ class _LayerWalker:
     def _check_reads(self, reads: set[str], st):
         bad = reads & self.stale
         if bad:
-            raise Refused("stale-residual", f"line {st.lineno}: `{sorted(bad)[0]}` read after a residual add replaced it")
+            raise Refused(
+                "stale-residual",
+                f"line {st.lineno}: `{min(bad)}` read after a residual add replaced it",
+            )
 
     def _emit_add(self, st, target: str, stream: ast.Name, branches: list, slot: int):
         sp = self.sp
@@ -250,7 +293,9 @@ class _LayerWalker:
             branch = sp.text(branches[0])
         else:
             branch = " + ".join(f"({sp.text(b)})" for b in branches)
-        call = f"forward_rewrite.attnres.add(self, {slot}, {stream.id}, {branch}, {STATE})"
+        call = (
+            f"forward_rewrite.attnres.add(self, {slot}, {stream.id}, {branch}, {STATE})"
+        )
         a, _ = sp.span(st)
         _, b = sp.span(st.value)
         sp.replace(a, b, f"{target}, {STATE} = {call}")
@@ -270,7 +315,11 @@ def count_slots(tree: list, layer) -> int:
             if test is None:
                 n += count_slots(body, layer)
             else:
-                taken = eval(compile(test, "<attnres test>", "eval"), {"__builtins__": {}}, {"self": layer})  # noqa: S307
+                taken = eval(
+                    compile(test, "<attnres test>", "eval"),
+                    {"__builtins__": {}},
+                    {"self": layer},
+                )
                 n += count_slots(body if taken else orelse, layer)
     return n
 
@@ -281,11 +330,18 @@ def emit_layer(source: str) -> LayerPlan:
     sp = _Splicer(source)
     a = fn.args
     if a.vararg is not None or a.kwonlyargs or a.posonlyargs:
-        raise Refused("layer-signature", "the layer forward has *args, keyword-only or positional-only parameters")
+        raise Refused(
+            "layer-signature",
+            "the layer forward has *args, keyword-only or positional-only parameters",
+        )
     if len(a.args) < 2:
         raise Refused("layer-signature", "the layer forward takes no stream argument")
     names = [x.arg for x in a.args]
-    for cross in ("encoder_hidden_states", "encoder_outputs", "cross_attn_hidden_states"):
+    for cross in (
+        "encoder_hidden_states",
+        "encoder_outputs",
+        "cross_attn_hidden_states",
+    ):
         if cross in names:
             raise Refused("cross-attention", f"the layer forward takes `{cross}`")
     stream = a.args[1]
@@ -300,7 +356,12 @@ def emit_layer(source: str) -> LayerPlan:
     walker = _LayerWalker(sp, stream.arg)
     body = fn.body
     first = 0
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         first = 1
     if first >= len(body):
         raise Refused("no-residual", "the layer forward has no body")
@@ -330,8 +391,13 @@ def _rewrite_returns(sp: _Splicer, fn: ast.FunctionDef, walker: _LayerWalker):
     for r in returns:
         if not isinstance(r.value, ast.Name) or r.value.id not in walker.current:
             shown = sp.text(r.value) if r.value is not None else "None"
-            raise Refused("layer-return", f"line {r.lineno}: returns `{shown}`, not the stream")
-        sp.replace(*sp.span(r.value), f"forward_rewrite.attnres.leave(self, {r.value.id}, {STATE})")
+            raise Refused(
+                "layer-return", f"line {r.lineno}: returns `{shown}`, not the stream"
+            )
+        sp.replace(
+            *sp.span(r.value),
+            f"forward_rewrite.attnres.leave(self, {r.value.id}, {STATE})",
+        )
 
 
 def _is_self_layers(node) -> bool:
@@ -388,12 +454,22 @@ def emit_model(source: str) -> str:
         and st.value.func.id == var
     ]
     if len(calls) != 1 or len(sites) != 1:
-        raise Refused("no-layer-loop", f"line {loop.lineno}: the layer is not called once as `H = {var}(H, ...)`")
+        raise Refused(
+            "no-layer-loop",
+            f"line {loop.lineno}: the layer is not called once as `H = {var}(H, ...)`",
+        )
     site = sites[0]
     h = site.targets[0].id
     call = site.value
-    if len(call.args) != 1 or not isinstance(call.args[0], ast.Name) or call.args[0].id != h:
-        raise Refused("no-layer-loop", f"line {site.lineno}: the layer call passes more than the stream positionally")
+    if (
+        len(call.args) != 1
+        or not isinstance(call.args[0], ast.Name)
+        or call.args[0].id != h
+    ):
+        raise Refused(
+            "no-layer-loop",
+            f"line {site.lineno}: the layer call passes more than the stream positionally",
+        )
     _drop_doc_decorators(sp, fn)
     # The loop's stream read elsewhere in the loop body before the call is fine; after it, too.
     indent = " " * loop.col_offset
@@ -405,7 +481,9 @@ def emit_model(source: str) -> str:
     sp.replace(ae, ae, f", *{STATE}")
     _, le = sp.span(loop)
     # After the loop: the final mix (a statement at the loop's indentation).
-    sp.replace(le, le, f"\n{indent}{h} = forward_rewrite.attnres.finish(self, {h}, {STATE})")
+    sp.replace(
+        le, le, f"\n{indent}{h} = forward_rewrite.attnres.finish(self, {h}, {STATE})"
+    )
     out = sp.result()
     ast.parse(out)
     return out

@@ -44,7 +44,9 @@ MODES = ("retrofit", "paper", "additive")
 REASONS = _emit.REASONS
 DEFAULT_BLOCKS = 8
 
-_RECURRENT = re.compile(r"Mamba|SSM|Rwkv|RWKV|Recurrent|LinearAttention|DeltaNet|LSTM|Lstm|Retention|Hyena|Mixer")
+_RECURRENT = re.compile(
+    r"Mamba|SSM|Rwkv|RWKV|Recurrent|LinearAttention|DeltaNet|LSTM|Lstm|Retention|Hyena|Mixer"
+)
 
 
 class AttnResError(ValueError):
@@ -63,7 +65,9 @@ class AttnResRefused(AttnResError):
 
 @dataclass(frozen=True)
 class _Ctx:
-    offset: int  # global index of this module's first sublayer (the final mix: the total)
+    offset: (
+        int  # global index of this module's first sublayer (the final mix: the total)
+    )
     slots: int
     block_size: int
     mode: str
@@ -84,15 +88,20 @@ class AttnResQueries(nn.Module):
 # The mix (reference in torch; the fused op is used where it applies)
 
 
-def mix_reference(sources, query, key_norm, *, eps: float, scale: float = 1.0, like=None):
+def mix_reference(
+    sources, query, key_norm, *, eps: float, scale: float = 1.0, like=None
+):
     """``scale * sum_i softmax_i(query . (key_norm * RMSNorm(v_i))) v_i`` over the list of
     sources, computed in float32 on the query's device; the result has ``like``'s dtype (the
     first source's when ``like`` is None)."""
     dev = query.device
     out_dtype = (like if like is not None else sources[0]).dtype
     vs = [s.to(device=dev, dtype=torch.float32) for s in sources]
-    q = (query.float() * key_norm.float())
-    logits = torch.stack([(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ q for v in vs], dim=-1)
+    q = query.float() * key_norm.float()
+    logits = torch.stack(
+        [(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ q for v in vs],
+        dim=-1,
+    )
     w = torch.softmax(logits, dim=-1)
     if scale != 1.0:
         w = w * scale
@@ -108,7 +117,14 @@ def _mix(sources, module: AttnResQueries, row: int, ctx: _Ctx, like):
     from . import _attnres_op
 
     if _attnres_op.usable(sources, query, like):
-        return _attnres_op.mix(list(sources), query, key_norm, eps=ctx.eps, scale=scale, out_dtype=like.dtype)
+        return _attnres_op.mix(
+            list(sources),
+            query,
+            key_norm,
+            eps=ctx.eps,
+            scale=scale,
+            out_dtype=like.dtype,
+        )
     return mix_reference(sources, query, key_norm, eps=ctx.eps, scale=scale, like=like)
 
 
@@ -157,7 +173,9 @@ def add(layer, slot: int, residual, branch, state):
     stream, *sources = state
     g = ctx.offset + slot
     if ctx.mode == "additive":
-        new_stream = residual + (branch + _additive_mix(sources, residual, ctx.alpha, branch))
+        new_stream = residual + (
+            branch + _additive_mix(sources, residual, ctx.alpha, branch)
+        )
     else:
         new_stream = stream + branch
     if g % ctx.block_size == 0:
@@ -209,7 +227,11 @@ def _subclass(cls: type, source: str, fn) -> type:
     sub = _SUBCLASSES.get(key)
     if sub is None:
         forward = _compile(source, fn, f"{cls.__module__}.{cls.__qualname__}")
-        sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "_attnres_stock": cls})
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {"forward": forward, "__module__": cls.__module__, "_attnres_stock": cls},
+        )
         sub.__qualname__ = cls.__qualname__
         _SUBCLASSES[key] = sub
     return sub
@@ -221,7 +243,7 @@ def _decoder(model):
     if callable(get):
         try:
             base = get()
-        except Exception:
+        except (AttributeError, NotImplementedError, ValueError):
             base = model
     if not isinstance(getattr(base, "layers", None), nn.ModuleList):
         base_model = getattr(model, "base_model", model)
@@ -243,22 +265,38 @@ def _plan(model):
     top = _qualname(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
-        raise AttnResRefused(top, "encoder-decoder", "config.is_encoder_decoder is true")
+        raise AttnResRefused(
+            top, "encoder-decoder", "config.is_encoder_decoder is true"
+        )
     base = _decoder(model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise AttnResRefused(top, "no-layer-loop", f"{_qualname(base)} has no `layers` ModuleList")
+        raise AttnResRefused(
+            top, "no-layer-loop", f"{_qualname(base)} has no `layers` ModuleList"
+        )
     classes = list(dict.fromkeys(type(layer) for layer in layers))
     if len(classes) > 1:
         names = ", ".join(c.__name__ for c in classes)
-        raise AttnResRefused(top, "hybrid-layers", f"{_qualname(base)}.layers holds {names}")
+        raise AttnResRefused(
+            top, "hybrid-layers", f"{_qualname(base)}.layers holds {names}"
+        )
     layer_cls = classes[0]
     for name, sub in layers[0].named_modules():
         if _RECURRENT.search(type(sub).__name__):
-            raise AttnResRefused(top, "recurrent-layer", f"{layer_cls.__name__}.{name} is a {type(sub).__name__}")
+            raise AttnResRefused(
+                top,
+                "recurrent-layer",
+                f"{layer_cls.__name__}.{name} is a {type(sub).__name__}",
+            )
     for obj in (base, *layers):
-        if "attnres" in obj._modules or "attnres" in obj._parameters or "attnres" in obj.__dict__:
-            raise AttnResRefused(top, "name-conflict", f"{_qualname(obj)} already has `attnres`")
+        if (
+            "attnres" in obj._modules
+            or "attnres" in obj._parameters
+            or "attnres" in obj.__dict__
+        ):
+            raise AttnResRefused(
+                top, "name-conflict", f"{_qualname(obj)} already has `attnres`"
+            )
     if hasattr(type(base), "_attnres_stock") or hasattr(layer_cls, "_attnres_stock"):
         raise AttnResError(f"attnres is already applied to {top}")
     layer_fn, layer_owner = _defining_function(layer_cls)
@@ -266,14 +304,20 @@ def _plan(model):
     try:
         layer_plan = _emit.emit_layer(inspect.getsource(layer_fn))
     except _emit.Refused as e:
-        raise AttnResRefused(top, e.code, f"{layer_owner.__name__}.forward: {e.detail}") from None
+        raise AttnResRefused(
+            top, e.code, f"{layer_owner.__name__}.forward: {e.detail}"
+        ) from None
     try:
         base_src = _emit.emit_model(inspect.getsource(base_fn))
     except _emit.Refused as e:
-        raise AttnResRefused(top, e.code, f"{base_owner.__name__}.forward: {e.detail}") from None
+        raise AttnResRefused(
+            top, e.code, f"{base_owner.__name__}.forward: {e.detail}"
+        ) from None
     slots = [_emit.count_slots(layer_plan.tree, layer) for layer in layers]
     if any(s == 0 for s in slots):
-        raise AttnResRefused(top, "no-residual", f"a {layer_cls.__name__} runs no residual add")
+        raise AttnResRefused(
+            top, "no-residual", f"a {layer_cls.__name__} runs no residual add"
+        )
     return base, layer_cls, layer_fn, layer_plan, type(base), base_fn, base_src, slots
 
 
@@ -288,9 +332,19 @@ def _param_like(module: nn.Module, fallback: nn.Module):
 def _check_args(block_size, mode, alpha):
     if mode not in MODES:
         raise AttnResError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise AttnResError(f"block_size must be a positive int (sublayers per block) or None; got {block_size!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+    ):
+        raise AttnResError(
+            f"block_size must be a positive int (sublayers per block) or None; got {block_size!r}"
+        )
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+    ):
         raise AttnResError(f"alpha must be a finite number; got {alpha!r}")
 
 
@@ -300,7 +354,14 @@ def applied(model) -> dict | None:
     return dict(info) if info is not None else None
 
 
-def apply(model, block_size: int | None = None, mode: str | None = None, alpha: float | None = None, *, load: bool = True):
+def apply(
+    model,
+    block_size: int | None = None,
+    mode: str | None = None,
+    alpha: float | None = None,
+    *,
+    load: bool = True,
+):
     """Turn the model's residual stream into Block AttnRes (see the module docstring).
 
     ``block_size`` counts sublayers per block (None: the sublayers split into about 8 blocks);
@@ -311,7 +372,9 @@ def apply(model, block_size: int | None = None, mode: str | None = None, alpha: 
     ``.code``) for a model the rewrite refuses and ``AttnResError`` for bad arguments or a
     model already applied; nothing is changed when it raises."""
     if getattr(model, "_attnres_applied", None) is not None:
-        raise AttnResError(f"attnres is already applied to {_qualname(model)}; call remove(model) first")
+        raise AttnResError(
+            f"attnres is already applied to {_qualname(model)}; call remove(model) first"
+        )
     saved = getattr(getattr(model, "config", None), "attnres", None)
     from_config = isinstance(saved, dict)
     if from_config:
@@ -321,12 +384,22 @@ def apply(model, block_size: int | None = None, mode: str | None = None, alpha: 
     mode = "retrofit" if mode is None else mode
     alpha = 0.0 if alpha is None else alpha
     _check_args(block_size, mode, alpha)
-    base, layer_cls, layer_fn, layer_plan, base_cls, base_fn, base_src, slots = _plan(model)
+    base, layer_cls, layer_fn, layer_plan, base_cls, base_fn, base_src, slots = _plan(
+        model
+    )
     total = sum(slots)
     if block_size is None:
         block_size = max(1, math.ceil(total / DEFAULT_BLOCKS))
-    d = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    eps = _config_eps(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config)
+    d = (
+        model.config.get_text_config().hidden_size
+        if hasattr(model.config, "get_text_config")
+        else model.config.hidden_size
+    )
+    eps = _config_eps(
+        model.config.get_text_config()
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
     layer_sub = _subclass(layer_cls, layer_plan.source, layer_fn)
     base_sub = _subclass(base_cls, base_src, base_fn)
 
@@ -385,7 +458,9 @@ def remove(model):
 
 def _load_saved(model):
     """Read the saved ``*.attnres.*`` tensors from the checkpoint the model was loaded from."""
-    path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    path = getattr(model.config, "_name_or_path", None) or getattr(
+        model, "name_or_path", None
+    )
     if not path or not os.path.isdir(path):
         return
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -402,13 +477,19 @@ def _load_saved(model):
                     continue
                 p = params.get(key)
                 if p is None:
-                    raise AttnResError(f"saved AttnRes tensor {key} has no parameter in {_qualname(model)}")
+                    raise AttnResError(
+                        f"saved AttnRes tensor {key} has no parameter in {_qualname(model)}"
+                    )
                 t = st.get_tensor(key)
                 if t.shape != p.shape:
-                    raise AttnResError(f"saved AttnRes tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    raise AttnResError(
+                        f"saved AttnRes tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                    )
                 with torch.no_grad():
                     p.copy_(t.to(device=p.device, dtype=p.dtype))
                 found += 1
     expected = sum(1 for k in params if ".attnres." in k or k.startswith("attnres."))
     if found not in (0, expected):
-        raise AttnResError(f"the checkpoint at {path} holds {found} of {expected} AttnRes tensors")
+        raise AttnResError(
+            f"the checkpoint at {path} holds {found} of {expected} AttnRes tensors"
+        )
