@@ -7,6 +7,7 @@
 //! own fields), stored under `passes.<name>` of the class's audit entry. The CLI selects them
 //! with `--pass`; adding a pass touches its folder and this registry.
 
+pub mod attnres;
 pub mod fused_loss;
 
 use crate::analyze::ParsedClass;
@@ -41,7 +42,7 @@ pub struct Pass {
 }
 
 /// Every pass beyond the fused loss, in the order they run.
-pub const PASSES: &[&Pass] = &[];
+pub const PASSES: &[&Pass] = &[&attnres::PASS];
 
 /// The registered pass with this name.
 pub fn find(name: &str) -> Option<&'static Pass> {
