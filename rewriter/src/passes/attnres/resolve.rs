@@ -11,14 +11,16 @@ use crate::passes::PassInput;
 use crate::syntax::{callee_last_name, calls_in_expr, calls_in_stmt, method, self_attribute};
 
 /// Class-name fragments of recurrent or state-space mixers.
-pub const RECURRENT: [&str; 11] = [
+pub const RECURRENT: [&str; 13] = [
     "Mamba",
     "SSM",
     "Rwkv",
     "RWKV",
     "Recurrent",
     "LinearAttention",
-    "DeltaNet",
+    "Delta",
+    "Lightning",
+    "ShortConv",
     "LSTM",
     "Lstm",
     "Retention",
