@@ -72,3 +72,16 @@ fn readme_lists_every_sync_kind() {
         );
     }
 }
+
+#[test]
+fn readme_lists_every_attnres_reason_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for (code, _) in forward_rewrite::passes::attnres::reason::REASONS {
+        let row = format!("| `{code}` |");
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
+        );
+    }
+}
