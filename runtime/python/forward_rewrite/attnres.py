@@ -21,7 +21,8 @@ The pseudo-queries and their key norms are parameters of the model (``<layer>.at
 final mix), placed on each layer's device; ``model.config.attnres`` records the settings, so
 ``save_pretrained`` writes both and ``apply(model)`` on the reloaded model restores them.
 
-The forwards come from a source-to-source rewrite (``_attnres_emit``): the AttnRes state travels
+The forwards come from the rewriter's ``attnres`` pass (``rewriter/src/passes/attnres/``, through
+``_native.rewrite_attnres_emit``): the AttnRes state travels
 as explicit positional tensors between the layers, so gradient checkpointing and
 ``torch.compile`` keep working. The emitted code calls ``begin / finish`` (base model) and
 ``enter / add / leave`` (layer) below. A model that is not applied is never touched.
@@ -30,23 +31,23 @@ as explicit positional tensors between the layers, so gradient checkpointing and
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import _attnres_emit as _emit
+from . import _native
 
 MODES = ("retrofit", "paper", "additive")
-REASONS = _emit.REASONS
+_INFO = json.loads(_native.rewrite_attnres_info())
+#: The pass's reason codes and their meanings (``rewriter/src/passes/attnres/reason.rs``).
+REASONS: dict[str, str] = dict(_INFO["reasons"])
+#: Class-name fragments of recurrent mixers (the pass's list).
+RECURRENT: tuple[str, ...] = tuple(_INFO["recurrent"])
 DEFAULT_BLOCKS = 8
-
-_RECURRENT = re.compile(
-    r"Mamba|SSM|Rwkv|RWKV|Recurrent|LinearAttention|DeltaNet|LSTM|Lstm|Retention|Hyena|Mixer"
-)
 
 
 class AttnResError(ValueError):
@@ -282,43 +283,44 @@ def _plan(model):
         )
     layer_cls = classes[0]
     for name, sub in layers[0].named_modules():
-        if _RECURRENT.search(type(sub).__name__):
-            raise AttnResRefused(
-                top,
-                "recurrent-layer",
-                f"{layer_cls.__name__}.{name} is a {type(sub).__name__}",
-            )
+        kind = type(sub).__name__
+        if any(r in kind for r in RECURRENT) and "Norm" not in kind:
+            raise AttnResRefused(top, "recurrent-layer", f"{layer_cls.__name__}.{name} is a {kind}")
     for obj in (base, *layers):
-        if (
-            "attnres" in obj._modules
-            or "attnres" in obj._parameters
-            or "attnres" in obj.__dict__
-        ):
-            raise AttnResRefused(
-                top, "name-conflict", f"{_qualname(obj)} already has `attnres`"
-            )
+        if "attnres" in obj._modules or "attnres" in obj._parameters or "attnres" in obj.__dict__:
+            raise AttnResRefused(top, "name-conflict", f"{_qualname(obj)} already has `attnres`")
     if hasattr(type(base), "_attnres_stock") or hasattr(layer_cls, "_attnres_stock"):
         raise AttnResError(f"attnres is already applied to {top}")
     layer_fn, layer_owner = _defining_function(layer_cls)
     base_fn, base_owner = _defining_function(type(base))
-    try:
-        layer_plan = _emit.emit_layer(inspect.getsource(layer_fn))
-    except _emit.Refused as e:
-        raise AttnResRefused(
-            top, e.code, f"{layer_owner.__name__}.forward: {e.detail}"
-        ) from None
-    try:
-        base_src = _emit.emit_model(inspect.getsource(base_fn))
-    except _emit.Refused as e:
-        raise AttnResRefused(
-            top, e.code, f"{base_owner.__name__}.forward: {e.detail}"
-        ) from None
-    slots = [_emit.count_slots(layer_plan.tree, layer) for layer in layers]
+    result = json.loads(_native.rewrite_attnres_emit(inspect.getsource(base_fn), inspect.getsource(layer_fn)))
+    where = f"{base_owner.__name__} / {layer_owner.__name__}"
+    if result["verdict"] == "refused":
+        raise AttnResRefused(top, result["reason"], f"{where}: {result['detail']}")
+    if result["verdict"] != "patched":
+        raise AttnResError(f"attnres failed on {top} ({where}): {result['detail']}")
+    slots = [count_slots(result["slots"], layer) for layer in layers]
     if any(s == 0 for s in slots):
-        raise AttnResRefused(
-            top, "no-residual", f"a {layer_cls.__name__} runs no residual add"
-        )
-    return base, layer_cls, layer_fn, layer_plan, type(base), base_fn, base_src, slots
+        raise AttnResRefused(top, "no-residual", f"a {layer_cls.__name__} runs no residual add")
+    return base, layer_cls, layer_fn, result["layer_forward"], type(base), base_fn, result["model_forward"], slots
+
+
+def count_slots(tree: list, layer) -> int:
+    """The residual adds a layer instance runs: the pass's slot tree, its static ``self.``
+    tests evaluated on the instance."""
+    n = 0
+    for node in tree:
+        if "add" in node:
+            n += 1
+            continue
+        branch = node["if"]
+        if branch["test"] is None:
+            n += count_slots(branch["then"], layer)
+        else:
+            code = compile(branch["test"], "<attnres test>", "eval")
+            taken = eval(code, {"__builtins__": {}}, {"self": layer})
+            n += count_slots(branch["then"] if taken else branch["orelse"], layer)
+    return n
 
 
 def _param_like(module: nn.Module, fallback: nn.Module):
@@ -384,9 +386,7 @@ def apply(
     mode = "retrofit" if mode is None else mode
     alpha = 0.0 if alpha is None else alpha
     _check_args(block_size, mode, alpha)
-    base, layer_cls, layer_fn, layer_plan, base_cls, base_fn, base_src, slots = _plan(
-        model
-    )
+    base, layer_cls, layer_fn, layer_src, base_cls, base_fn, base_src, slots = _plan(model)
     total = sum(slots)
     if block_size is None:
         block_size = max(1, math.ceil(total / DEFAULT_BLOCKS))
@@ -400,7 +400,7 @@ def apply(
         if hasattr(model.config, "get_text_config")
         else model.config
     )
-    layer_sub = _subclass(layer_cls, layer_plan.source, layer_fn)
+    layer_sub = _subclass(layer_cls, layer_src, layer_fn)
     base_sub = _subclass(base_cls, base_src, base_fn)
 
     changed: list = []

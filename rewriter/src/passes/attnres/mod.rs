@@ -118,10 +118,19 @@ impl From<Refusal> for EmitError {
 /// Rewrite a base model's forward and its decoder layer's forward (texts as `inspect.getsource`
 /// returns them). The emitted texts re-parse; they are dedented to column 0.
 pub fn emit(model_forward: &str, layer_forward: &str) -> Result<Emitted, EmitError> {
+    let within = |what: &str| {
+        let what = what.to_string();
+        move |r: Refusal| {
+            EmitError::Refused(Refusal {
+                code: r.code,
+                detail: format!("{what} forward: {}", r.detail),
+            })
+        }
+    };
     let layer_src = parse_function(layer_forward).map_err(EmitError::Failed)?;
-    let layer = layer::emit(&layer_src.text, function(&layer_src))?;
+    let layer = layer::emit(&layer_src.text, function(&layer_src)).map_err(within("layer"))?;
     let model_src = parse_function(model_forward).map_err(EmitError::Failed)?;
-    let model = model::emit(&model_src.text, function(&model_src))?;
+    let model = model::emit(&model_src.text, function(&model_src)).map_err(within("model"))?;
     for (what, text) in [("layer", &layer.source), ("model", &model)] {
         ParsedSource::parse(text.as_str()).map_err(|e| {
             EmitError::Failed(format!("the emitted {what} forward does not parse: {e}"))
