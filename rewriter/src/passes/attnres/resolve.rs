@@ -189,7 +189,7 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         }
         _ => false,
     };
-    if calls.iter().any(|c| local_callee(&c)) {
+    if calls.iter().any(local_callee) {
         return Err(Refusal::new(
             "hybrid-layers",
             format!(

@@ -209,7 +209,7 @@ fn check_ptr(name: &str, ptr: u64, align: usize) -> PyResult<()> {
     if ptr == 0 {
         return Err(PyValueError::new_err(format!("{name}: null pointer")));
     }
-    if (ptr as usize) % align != 0 {
+    if !(ptr as usize).is_multiple_of(align) {
         return Err(PyValueError::new_err(format!("{name}: misaligned pointer")));
     }
     Ok(())
