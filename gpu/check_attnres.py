@@ -29,7 +29,11 @@ import transformers
 from forward_rewrite import _attnres_op, attnres
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-REF_TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+REF_TOL = {
+    torch.float32: (2e-6, 2e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
 TWIN_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.5e-3, torch.float16: 5e-4}
 
 
@@ -40,7 +44,13 @@ def rel(a, b):
 
 def reference(sources, u, eps, scale):
     vs = [s.double() for s in sources]
-    logits = torch.stack([(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ u.double() for v in vs], -1)
+    logits = torch.stack(
+        [
+            (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ u.double()
+            for v in vs
+        ],
+        -1,
+    )
     p = torch.softmax(logits, -1) * scale
     return sum(p[..., i, None] * v for i, v in enumerate(vs))
 
@@ -55,7 +65,10 @@ def run(sources, u, grad, eps, scale):
 
 def check_case(n, tokens, hidden, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(n * 1000 + tokens)
-    sources = [(torch.randn(tokens, hidden, generator=g) * (1 + i)).to(device, dtype) for i in range(n)]
+    sources = [
+        (torch.randn(tokens, hidden, generator=g) * (1 + i)).to(device, dtype)
+        for i in range(n)
+    ]
     u = (torch.randn(hidden, generator=g) * 0.1).to(device)
     grad = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     eps, scale = 1e-6, float(n)
@@ -66,28 +79,49 @@ def check_case(n, tokens, hidden, dtype, device):
     ref.backward(grad.double())
     fwd_tol, bwd_tol = REF_TOL[dtype]
     errs = {"out": rel(out, ref)}
-    ok = torch.isfinite(out).all().item() and out.dtype == dtype and errs["out"] <= fwd_tol
+    ok = (
+        torch.isfinite(out).all().item()
+        and out.dtype == dtype
+        and errs["out"] <= fwd_tol
+    )
     for i, (a, b) in enumerate(zip(dsrc, rs)):
         errs[f"d{i}"] = rel(a, b.grad)
-        ok &= torch.isfinite(a).all().item() and a.dtype == dtype and errs[f"d{i}"] <= bwd_tol
+        ok &= (
+            torch.isfinite(a).all().item()
+            and a.dtype == dtype
+            and errs[f"d{i}"] <= bwd_tol
+        )
     errs["du"] = rel(du, ru.grad)
     ok &= errs["du"] <= bwd_tol * 10
     if device != "cpu":
-        t_out, t_dsrc, t_du = run([s.cpu() for s in sources], u.cpu(), grad.cpu(), eps, scale)
-        errs["twin"] = max(rel(out.cpu(), t_out), *(rel(a.cpu(), b) for a, b in zip(dsrc, t_dsrc)))
+        t_out, t_dsrc, t_du = run(
+            [s.cpu() for s in sources], u.cpu(), grad.cpu(), eps, scale
+        )
+        errs["twin"] = max(
+            rel(out.cpu(), t_out), *(rel(a.cpu(), b) for a, b in zip(dsrc, t_dsrc))
+        )
+        errs["twin_du"] = rel(du.cpu(), t_du)
+        ok &= errs["twin_du"] <= TWIN_TOL[dtype] * 10
         ok &= errs["twin"] <= TWIN_TOL[dtype]
         again = run(sources, u, grad, eps, scale)
-        ok &= torch.equal(again[0], out) and all(torch.equal(a, b) for a, b in zip(again[1], dsrc))
+        ok &= torch.equal(again[0], out) and all(
+            torch.equal(a, b) for a, b in zip(again[1], dsrc)
+        )
     worst = max(errs, key=errs.get)
-    print(f"{'PASS' if ok else 'FAIL'} n={n} tokens={tokens} hidden={hidden} {str(dtype)[6:]}: "
-          f"worst {worst} {errs[worst]:.2e}", flush=True)
+    print(
+        f"{'PASS' if ok else 'FAIL'} n={n} tokens={tokens} hidden={hidden} {str(dtype)[6:]}: "
+        f"worst {worst} {errs[worst]:.2e}",
+        flush=True,
+    )
     return ok
 
 
 def check_no_sync_and_graph(device):
     if device == "cpu":
         return True
-    sources = [torch.randn(64, 256, device=device, dtype=torch.bfloat16) for _ in range(5)]
+    sources = [
+        torch.randn(64, 256, device=device, dtype=torch.bfloat16) for _ in range(5)
+    ]
     u = torch.randn(256, device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -114,8 +148,15 @@ def check_retrofit(device):
     ok = True
     for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+        cfg = transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+        )
         model = transformers.LlamaForCausalLM(cfg).to(device, dtype).eval()
         ids = torch.randint(0, 512, (2, 128), device=device)
         with torch.no_grad():
@@ -125,7 +166,10 @@ def check_retrofit(device):
         err = rel(out, ref)
         good = err <= tol and out.dtype == dtype
         ok &= good
-        print(f"{'PASS' if good else 'FAIL'} retrofit Llama {str(dtype)[6:]} on {device}: {err:.2e}", flush=True)
+        print(
+            f"{'PASS' if good else 'FAIL'} retrofit Llama {str(dtype)[6:]} on {device}: {err:.2e}",
+            flush=True,
+        )
     return ok
 
 
@@ -140,7 +184,14 @@ def main():
     elif args.quick:
         cases = [(1, 7, 64), (9, 1024, 4096), (3, 100, 2048)]
     else:
-        cases = [(1, 7, 64), (2, 33, 1000), (5, 4096, 2048), (9, 16384, 4096), (17, 512, 3072), (32, 64, 8192)]
+        cases = [
+            (1, 7, 64),
+            (2, 33, 1000),
+            (5, 4096, 2048),
+            (9, 16384, 4096),
+            (17, 512, 3072),
+            (32, 64, 8192),
+        ]
     ok = True
     for n, tokens, hidden in cases:
         for dtype in DTYPES:

@@ -17,7 +17,9 @@ TOL = {
 def _reference(sources, u, eps, scale):
     vs = [s.double() for s in sources]
     u = u.double()
-    logits = torch.stack([(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ u for v in vs], -1)
+    logits = torch.stack(
+        [(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) @ u for v in vs], -1
+    )
     p = torch.softmax(logits, -1) * scale
     return sum(p[..., i, None] * v for i, v in enumerate(vs))
 
@@ -25,12 +27,16 @@ def _reference(sources, u, eps, scale):
 def _case(n, shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     sources = [(torch.randn(shape, generator=g) * (1 + i)).to(dtype) for i in range(n)]
-    u = torch.randn(shape[-1], generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    u = torch.randn(shape[-1], generator=g).to(
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
     return sources, u
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
-@pytest.mark.parametrize("n, shape", [(1, (3, 8)), (2, (2, 5, 16)), (9, (37, 64)), (4, (1, 1))])
+@pytest.mark.parametrize(
+    "n, shape", [(1, (3, 8)), (2, (2, 5, 16)), (9, (37, 64)), (4, (1, 1))]
+)
 def test_forward_and_backward_match_float64(dtype, n, shape):
     sources, u = _case(n, shape, dtype)
     scale = float(n)
@@ -42,15 +48,27 @@ def test_forward_and_backward_match_float64(dtype, n, shape):
     ru = u.double().requires_grad_(True)
     ref = _reference(rs, ru, 1e-6, scale)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
+    torch.testing.assert_close(
+        out.double(), ref, rtol=rtol, atol=atol * ref.abs().max().item()
+    )
     g = torch.Generator().manual_seed(5)
     grad = torch.randn(shape, generator=g)
     out.backward(grad.to(dtype))
     ref.backward(grad.to(dtype).double())
     for a, b in zip(leaves, rs):
         assert a.grad.dtype == dtype
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=rtol, atol=atol * (1 + b.grad.abs().max().item()))
-    torch.testing.assert_close(ul.grad.double(), ru.grad, rtol=rtol * 10, atol=atol * 10 * (1 + ru.grad.abs().max().item()))
+        torch.testing.assert_close(
+            a.grad.double(),
+            b.grad,
+            rtol=rtol,
+            atol=atol * (1 + b.grad.abs().max().item()),
+        )
+    torch.testing.assert_close(
+        ul.grad.double(),
+        ru.grad,
+        rtol=rtol * 10,
+        atol=atol * 10 * (1 + ru.grad.abs().max().item()),
+    )
 
 
 def test_gradcheck_float64():
@@ -66,7 +84,9 @@ def test_gradcheck_float64():
 
 def test_opcheck():
     sources, u = _case(3, (4, 8), torch.float32, seed=4)
-    torch.library.opcheck(_attnres_op._mix_op, ([s.requires_grad_(True) for s in sources], u, 1e-6, 3.0))
+    torch.library.opcheck(
+        _attnres_op._mix_op, ([s.requires_grad_(True) for s in sources], u, 1e-6, 3.0)
+    )
 
 
 def test_uniform_weights_give_the_scaled_mean():
@@ -87,7 +107,7 @@ def test_torch_compile():
 
 
 def test_usable():
-    sources, u = _case(2, (3, 8), torch.float32)
+    sources, _ = _case(2, (3, 8), torch.float32)
     q = torch.zeros(8)
     assert _attnres_op.usable(sources, q, sources[0])
     assert not _attnres_op.usable(sources, q, sources[0].half())
@@ -120,7 +140,9 @@ def test_runtime_uses_the_op_and_matches_the_reference(monkeypatch):
     b = batch()
     fused = model(**b).loss
     fused.backward()
-    g_fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    g_fused = {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
     assert calls
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(_attnres_op, "ENABLED", False)

@@ -32,7 +32,9 @@ CUDA_PARTS = 1024
 
 def _cuda_args(device):
     return {
-        "device": device.index if device.index is not None else torch.cuda.current_device(),
+        "device": device.index
+        if device.index is not None
+        else torch.cuda.current_device(),
         "stream": torch.cuda.current_stream(device).cuda_stream,
     }
 
@@ -79,7 +81,9 @@ def _launch_forward(sources, u, eps, scale):
     if first.device.type == "cpu":
         fn = _native.cpu_attnres_mix_forward
     else:
-        fn = functools.partial(_native.cuda_attnres_mix_forward, **_cuda_args(first.device))
+        fn = functools.partial(
+            _native.cuda_attnres_mix_forward, **_cuda_args(first.device)
+        )
     fn(
         sources=[s.data_ptr() for s in flat],
         u=u.data_ptr(),
@@ -94,7 +98,9 @@ def _launch_forward(sources, u, eps, scale):
 
 
 @torch.library.custom_op("forward_rewrite::attnres_mix", mutates_args=())
-def _mix_op(sources: list[torch.Tensor], u: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+def _mix_op(
+    sources: list[torch.Tensor], u: torch.Tensor, eps: float, scale: float
+) -> torch.Tensor:
     return _launch_forward(sources, u.contiguous(), eps, scale)
 
 
@@ -105,7 +111,11 @@ def _(sources, u, eps, scale):
 
 @torch.library.custom_op("forward_rewrite::attnres_mix_backward", mutates_args=())
 def _mix_backward_op(
-    sources: list[torch.Tensor], u: torch.Tensor, grad: torch.Tensor, eps: float, scale: float
+    sources: list[torch.Tensor],
+    u: torch.Tensor,
+    grad: torch.Tensor,
+    eps: float,
+    scale: float,
 ) -> list[torch.Tensor]:
     first = sources[0]
     hidden = first.shape[-1]
@@ -132,7 +142,10 @@ def _mix_backward_op(
         parts = max(1, min(tokens, CUDA_PARTS))
         partial = torch.empty(parts, hidden, dtype=torch.float32, device=u.device)
         _native.cuda_attnres_mix_backward(
-            du_partial=partial.data_ptr(), parts=parts, **_cuda_args(first.device), **common
+            du_partial=partial.data_ptr(),
+            parts=parts,
+            **_cuda_args(first.device),
+            **common,
         )
         du = partial.sum(0)
     return [*(d.view(first.shape) for d in dsources), du]
@@ -140,7 +153,10 @@ def _mix_backward_op(
 
 @_mix_backward_op.register_fake
 def _(sources, u, grad, eps, scale):
-    return [*(torch.empty_like(s, memory_format=torch.contiguous_format) for s in sources), torch.empty_like(u)]
+    return [
+        *(torch.empty_like(s, memory_format=torch.contiguous_format) for s in sources),
+        torch.empty_like(u),
+    ]
 
 
 def _setup(ctx, inputs, output):

@@ -285,15 +285,27 @@ def _plan(model):
     for name, sub in layers[0].named_modules():
         kind = type(sub).__name__
         if any(r in kind for r in RECURRENT) and "Norm" not in kind:
-            raise AttnResRefused(top, "recurrent-layer", f"{layer_cls.__name__}.{name} is a {kind}")
+            raise AttnResRefused(
+                top, "recurrent-layer", f"{layer_cls.__name__}.{name} is a {kind}"
+            )
     for obj in (base, *layers):
-        if "attnres" in obj._modules or "attnres" in obj._parameters or "attnres" in obj.__dict__:
-            raise AttnResRefused(top, "name-conflict", f"{_qualname(obj)} already has `attnres`")
+        if (
+            "attnres" in obj._modules
+            or "attnres" in obj._parameters
+            or "attnres" in obj.__dict__
+        ):
+            raise AttnResRefused(
+                top, "name-conflict", f"{_qualname(obj)} already has `attnres`"
+            )
     if hasattr(type(base), "_attnres_stock") or hasattr(layer_cls, "_attnres_stock"):
         raise AttnResError(f"attnres is already applied to {top}")
     layer_fn, layer_owner = _defining_function(layer_cls)
     base_fn, base_owner = _defining_function(type(base))
-    result = json.loads(_native.rewrite_attnres_emit(inspect.getsource(base_fn), inspect.getsource(layer_fn)))
+    result = json.loads(
+        _native.rewrite_attnres_emit(
+            inspect.getsource(base_fn), inspect.getsource(layer_fn)
+        )
+    )
     where = f"{base_owner.__name__} / {layer_owner.__name__}"
     if result["verdict"] == "refused":
         raise AttnResRefused(top, result["reason"], f"{where}: {result['detail']}")
@@ -301,8 +313,19 @@ def _plan(model):
         raise AttnResError(f"attnres failed on {top} ({where}): {result['detail']}")
     slots = [count_slots(result["slots"], layer) for layer in layers]
     if any(s == 0 for s in slots):
-        raise AttnResRefused(top, "no-residual", f"a {layer_cls.__name__} runs no residual add")
-    return base, layer_cls, layer_fn, result["layer_forward"], type(base), base_fn, result["model_forward"], slots
+        raise AttnResRefused(
+            top, "no-residual", f"a {layer_cls.__name__} runs no residual add"
+        )
+    return (
+        base,
+        layer_cls,
+        layer_fn,
+        result["layer_forward"],
+        type(base),
+        base_fn,
+        result["model_forward"],
+        slots,
+    )
 
 
 def count_slots(tree: list, layer) -> int:
@@ -386,7 +409,9 @@ def apply(
     mode = "retrofit" if mode is None else mode
     alpha = 0.0 if alpha is None else alpha
     _check_args(block_size, mode, alpha)
-    base, layer_cls, layer_fn, layer_src, base_cls, base_fn, base_src, slots = _plan(model)
+    base, layer_cls, layer_fn, layer_src, base_cls, base_fn, base_src, slots = _plan(
+        model
+    )
     total = sum(slots)
     if block_size is None:
         block_size = max(1, math.ceil(total / DEFAULT_BLOCKS))
