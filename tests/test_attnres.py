@@ -521,3 +521,86 @@ def test_name_conflict_refused():
     assert info.value.code == "name-conflict"
     del model.model.layers[1].attnres
     _assert_stock(model, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Any decoder-shaped nn.Module, and the pass's refusals reaching apply
+
+
+class _ToyConfig:
+    hidden_size = 16
+    rms_norm_eps = 1e-6
+
+
+class _ToyLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(16)
+        self.attn = torch.nn.Linear(16, 16)
+        self.norm2 = torch.nn.LayerNorm(16)
+        self.mlp = torch.nn.Linear(16, 16)
+
+    def forward(self, hidden_states, scale=1.0):
+        residual = hidden_states
+        hidden_states = self.attn(self.norm1(hidden_states)) * scale
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = residual + self.mlp(self.norm2(hidden_states))
+        return hidden_states
+
+
+class _InPlaceLayer(_ToyLayer):
+    def forward(self, hidden_states, scale=1.0):
+        residual = hidden_states
+        hidden_states = self.attn(self.norm1(hidden_states)) * scale
+        hidden_states += residual
+        return hidden_states
+
+
+class _TupleLayer(_ToyLayer):
+    def forward(self, hidden_states, scale=1.0):
+        residual = hidden_states
+        hidden_states = residual + self.attn(self.norm1(hidden_states))
+        return hidden_states, None
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, layer_cls, n=3):
+        super().__init__()
+        self.config = _ToyConfig()
+        self.layers = torch.nn.ModuleList([layer_cls() for _ in range(n)])
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        hidden_states = x
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, scale=0.5)
+        return self.norm(hidden_states)
+
+
+def test_any_decoder_shaped_module():
+    torch.manual_seed(0)
+    model = _Toy(_ToyLayer)
+    x = torch.randn(2, 5, 16)
+    ref = model(x)
+    attnres.apply(model, block_size=3)
+    assert model._attnres_applied["sublayers"] == 6
+    assert _rel(model(x), ref) < 1e-6
+    attnres.remove(model)
+    assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize(
+    "layer_cls, code",
+    [(_InPlaceLayer, "residual-not-seen"), (_TupleLayer, "layer-return")],
+)
+def test_pass_refusals_reach_apply(layer_cls, code):
+    torch.manual_seed(0)
+    model = _Toy(layer_cls)
+    with pytest.raises(attnres.AttnResRefused) as info:
+        attnres.apply(model)
+    assert info.value.code == code
+    assert "_Toy" in str(info.value) and layer_cls.__name__ in str(info.value)
+    assert not _attnres_modules(model)
+    assert getattr(model, "_attnres_applied", None) is None
+    assert type(model) is _Toy and all(type(m) is layer_cls for m in model.layers)

@@ -246,6 +246,17 @@ impl Walker<'_, '_> {
                     }
                 }
                 Stmt::AugAssign(s) => {
+                    // `stream += x` or `x += stream`: an in-place residual add.
+                    let adds_stream = s.op == Operator::Add
+                        && loads_expr(&s.value)
+                            .iter()
+                            .any(|n| self.current.contains(n));
+                    if adds_stream {
+                        return Err(Refusal::new(
+                            "residual-not-seen",
+                            format!("line {}: in-place add of the stream", self.line(at)),
+                        ));
+                    }
                     if let Expr::Name(n) = &*s.target
                         && (self.current.contains(n.id.as_str())
                             || self.stale.contains(n.id.as_str()))

@@ -175,6 +175,11 @@ fn reason_residual_not_seen() {
     );
     assert_eq!(refused(MODEL, &layer).0, "residual-not-seen");
     let layer = LAYER.replace(
+        "        hidden_states = residual + hidden_states\n        return",
+        "        hidden_states += residual\n        return",
+    );
+    assert_eq!(refused(MODEL, &layer).0, "residual-not-seen");
+    let layer = LAYER.replace(
         "        residual = hidden_states\n        hidden_states = self.input_layernorm",
         "        for block in self.blocks:\n            hidden_states = hidden_states + block(hidden_states)\n        residual = hidden_states\n        hidden_states = self.input_layernorm",
     );
