@@ -62,6 +62,18 @@ struct RawLint {
 
 /// The compiled-in table (parsed once; a malformed file is a build-time bug, caught by the
 /// tests below).
+/// The order in which capabilities are offered when several single out the same backends:
+/// how a backend is called (varlen kwargs, packing, paging, mask kind) before its numerics.
+const KEY_ORDER: [&str; 7] = [
+    "takes_varlen_kwargs",
+    "supports_packing",
+    "paged",
+    "mask",
+    "needs_dtype_cast",
+    "sliding_window",
+    "softcap",
+];
+
 pub fn table() -> &'static Backends {
     static TABLE: OnceLock<Backends> = OnceLock::new();
     TABLE.get_or_init(|| parse(TABLE_JSON).expect("attention_backends.json is valid"))
@@ -144,7 +156,7 @@ impl Backends {
     /// The question to ask instead of comparing a name against `set` (canonical names):
     /// the capability test whose true set is `set` exactly, else the one whose true set is
     /// the smallest that contains `set`. Positive booleans are preferred, then `mask ==`,
-    /// then negated booleans; ties go to file order. None when nothing contains the set.
+    /// then negated booleans; ties go by [`KEY_ORDER`]. None when nothing contains the set.
     pub fn capability_question(&self, set: &[&str]) -> Option<CapabilityQuestion> {
         if set.is_empty() {
             return None;
@@ -194,8 +206,15 @@ impl Backends {
                 }
             }
         }
-        // Stable: equal (size, preference) keep file order.
-        candidates.sort_by_key(|(size, preference, _)| (*size, *preference));
+        // Equal (size, preference): the capability that says most about how a backend is
+        // called comes first (the table's keys come back in alphabetical order).
+        let rank = |key: &str| {
+            KEY_ORDER
+                .iter()
+                .position(|k| *k == key)
+                .unwrap_or(KEY_ORDER.len())
+        };
+        candidates.sort_by_key(|(size, preference, q)| (*size, *preference, rank(&q.key)));
         candidates.into_iter().next().map(|(_, _, q)| q)
     }
 }

@@ -111,3 +111,16 @@ fn every_packing_code_has_a_unit_test() {
         );
     }
 }
+
+#[test]
+fn readme_lists_every_attnres_reason_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for (code, _) in forward_rewrite::passes::attnres::reason::REASONS {
+        let row = format!("| `{code}` |");
+        assert!(
+            readme.contains(&row),
+            "README.md lacks a table row starting with {row}"
+        );
+    }
+}

@@ -14,6 +14,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_is_candidate, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_pass_names, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_attnres_emit, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_attnres_info, m)?)?;
     Ok(())
 }
 
@@ -73,4 +75,21 @@ fn rewrite_is_candidate(py: Python<'_>, chain: &str, loss: &str) -> PyResult<boo
 #[pyfunction]
 fn rewrite_forward_sha256(text: &str) -> String {
     hash::forward_sha256(text)
+}
+
+/// The attnres pass on a base model's forward and its decoder layer's forward (texts as
+/// `inspect.getsource` returns them): JSON `{"verdict": "patched", "model_forward",
+/// "layer_forward", "slots"}` or `{"verdict": "refused" | "failed", "reason", "detail"}`.
+#[pyfunction]
+#[pyo3(signature = (model_forward, layer_forward))]
+fn rewrite_attnres_emit(py: Python<'_>, model_forward: &str, layer_forward: &str) -> String {
+    py.detach(|| forward_rewrite::passes::attnres::emit_json(model_forward, layer_forward))
+}
+
+/// The attnres pass's reason codes (`[[code, meaning], ...]`) and the class-name fragments
+/// it takes for recurrent mixers, as JSON `{"reasons": [...], "recurrent": [...]}`.
+#[pyfunction]
+fn rewrite_attnres_info() -> String {
+    use forward_rewrite::passes::attnres::{reason::REASONS, resolve::RECURRENT};
+    serde_json::json!({"reasons": REASONS, "recurrent": RECURRENT}).to_string()
 }

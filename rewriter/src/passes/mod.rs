@@ -7,6 +7,7 @@
 //! own fields), stored under `passes.<name>` of the class's audit entry. The CLI selects them
 //! with `--pass`; adding a pass touches its folder and this registry.
 
+pub mod attnres;
 pub mod fused_loss;
 pub mod packing;
 
@@ -54,7 +55,7 @@ pub struct Pass {
 }
 
 /// Every pass beyond the fused loss, in the order they run.
-pub const PASSES: &[&Pass] = &[&packing::PASS];
+pub const PASSES: &[&Pass] = &[&packing::PASS, &attnres::PASS];
 
 /// The registered pass with this name.
 pub fn find(name: &str) -> Option<&'static Pass> {

@@ -8,6 +8,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+pub mod attnres;
 pub mod compile;
 pub mod device;
 pub mod error;
@@ -29,6 +30,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_kernel_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
     fusions::register(m)?;
+    attnres::register(m)?;
     Ok(())
 }
 
@@ -149,7 +151,7 @@ fn cuda_fused_ce(
 }
 
 /// Compiles the embedded kernels of `module` ("fused_ce", the default, or a decoder-fusion
-/// module: "rms_norm", "rotary", "gated_act") for `target` ("sm_80", "sm_90", or
+/// module: "rms_norm", "rotary", "gated_act"; or "attnres_mix") for `target` ("sm_80", "sm_90", or
 /// "compute_90" for PTX) with the NVRTC found in the process; needs no GPU. Returns
 /// (image, NVRTC log).
 #[pyfunction]
@@ -161,11 +163,12 @@ fn cuda_compile<'py>(
 ) -> PyResult<(Bound<'py, PyBytes>, String)> {
     let (source, name) = match module {
         "fused_ce" => (compile::FUSED_CE_SOURCE, compile::FUSED_CE_NAME),
+        "attnres_mix" => (attnres::ATTNRES_MIX.source, attnres::ATTNRES_MIX.name),
         other => match fusions::module_named(other) {
             Some(m) => (m.source, m.name),
             None => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "module: expected 'fused_ce', 'rms_norm', 'rotary' or 'gated_act', got {other:?}"
+                    "module: expected 'fused_ce', 'rms_norm', 'rotary', 'gated_act' or 'attnres_mix', got {other:?}"
                 )));
             }
         },

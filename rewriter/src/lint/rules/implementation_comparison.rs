@@ -217,7 +217,7 @@ paged = config._attn_implementation.startswith("paged|")
                 "forward_rewrite.attention.capabilities(self.config._attn_implementation).takes_varlen_kwargs",
                 "forward_rewrite.attention.capabilities(cfg.attn_implementation).mask == \"dense\"",
                 "forward_rewrite.attention.capabilities(attn_impl).mask != \"block\"",
-                "forward_rewrite.attention.capabilities(attn_impl).needs_dtype_cast",
+                "forward_rewrite.attention.capabilities(attn_impl).takes_varlen_kwargs",
                 "forward_rewrite.attention.capabilities(config._attn_implementation).paged",
             ]
         );

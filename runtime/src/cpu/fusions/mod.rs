@@ -8,6 +8,7 @@
 //! gradient) add fixed-size partials in a fixed order, so results do not depend on the
 //! number of threads.
 
+pub mod attnres_mix;
 pub mod gated;
 mod python;
 pub mod rms_norm;
@@ -22,7 +23,8 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
 /// Adds the fused ops' CPU functions to `forward_rewrite._native`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    python::register(m)
+    python::register(m)?;
+    attnres_mix::register(m)
 }
 
 /// Below this many elements a call computes on the calling thread: waking rayon's workers

@@ -1,0 +1,124 @@
+"""Speed of the AttnRes mix on the GPU machine: the fused kernel (forward_rewrite::attnres_mix)
+against torch eager and torch.compile of the same formula (attnres.mix_reference), forward and
+forward + backward, with the HBM bytes floor.
+
+    python3 gpu/bench_attnres.py [--json FILE]      (gpu/run.sh bench_attnres stages it)
+
+Floor: the bytes a mix must move once: forward n sources read + 1 output written; backward
+n sources + the output gradient read + n source gradients written (u and the du partials are
+negligible), at the copy bandwidth measured here (a device-to-device copy of 1 GiB). The issue's
+target: within 1.3x of the floor for n = 9, 16k tokens, hidden 4096, bf16.
+"""
+
+import torch  # noqa: I001
+
+import argparse
+import json
+
+from forward_rewrite import _attnres_op, attnres
+
+SHAPES = [(9, 16384, 4096), (5, 16384, 4096), (3, 8192, 2048), (17, 4096, 4096)]
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = (
+        torch.cuda.Event(enable_timing=True),
+        torch.cuda.Event(enable_timing=True),
+    )
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def time_ms(fn, iters=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    start, end = (
+        torch.cuda.Event(enable_timing=True),
+        torch.cuda.Event(enable_timing=True),
+    )
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench_shape(n, tokens, hidden, bw, compiled_ref):
+    rows = []
+    dtype = torch.bfloat16
+    sources = [
+        torch.randn(tokens, hidden, device="cuda", dtype=dtype).requires_grad_(True)
+        for _ in range(n)
+    ]
+    q = (torch.randn(hidden, device="cuda") * 0.02).requires_grad_(True)
+    g = torch.ones(hidden, device="cuda").requires_grad_(True)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    elem = tokens * hidden * 2
+    floors = {
+        "fwd": (n + 1) * elem / bw * 1e3,
+        "fwd+bwd": ((n + 1) + (2 * n + 1)) * elem / bw * 1e3,
+    }
+    impls = {
+        "fused": lambda: _attnres_op.mix(
+            sources, q, g, eps=1e-6, scale=float(n), out_dtype=dtype
+        ),
+        "eager": lambda: attnres.mix_reference(sources, q, g, eps=1e-6, scale=float(n)),
+        "compile": lambda: compiled_ref(sources, q, g, eps=1e-6, scale=float(n)),
+    }
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = time_ms(fn)
+
+        def step(fn=fn):
+            out = fn()
+            torch.autograd.backward(out, grad, inputs=[*sources, q, g])
+
+        both = time_ms(step)
+        row = {
+            "n": n,
+            "tokens": tokens,
+            "hidden": hidden,
+            "impl": name,
+            "fwd_ms": fwd,
+            "fwd_floor_ms": floors["fwd"],
+            "fwd_x_floor": fwd / floors["fwd"],
+            "fwdbwd_ms": both,
+            "fwdbwd_floor_ms": floors["fwd+bwd"],
+            "fwdbwd_x_floor": both / floors["fwd+bwd"],
+        }
+        rows.append(row)
+        print(
+            f"n={n:2d} T={tokens:6d} d={hidden:5d} {name:8s} fwd {fwd:7.3f} ms ({row['fwd_x_floor']:.2f}x floor)"
+            f"  fwd+bwd {both:7.3f} ms ({row['fwdbwd_x_floor']:.2f}x floor)",
+            flush=True,
+        )
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    compiled_ref = torch.compile(attnres.mix_reference)
+    rows = []
+    for n, tokens, hidden in SHAPES:
+        rows.extend(bench_shape(n, tokens, hidden, bw, compiled_ref))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

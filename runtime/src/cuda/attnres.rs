@@ -1,0 +1,239 @@
+//! Launcher of the AttnRes mix kernels (`kernels/attnres_mix.cu`) and their Python functions
+//! `_native.cuda_attnres_mix_forward` / `cuda_attnres_mix_backward`. The parameter block
+//! [`AttnresParams`] mirrors the `.cu` struct field for field. Every buffer is a torch
+//! allocation made by `forward_rewrite/_attnres_op.py` (contiguous `tokens x hidden` sources,
+//! output and gradients of one dtype; `u` float32; `du_partial` float32 `parts x hidden`).
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys as drv_sys;
+use pyo3::prelude::*;
+
+use super::device::{self, Dims, Dtype, ModuleSource, launch};
+use super::error::{CudaError, Result, catch_panics};
+
+pub const MAX_SOURCES: usize = 32;
+const BLOCK: u32 = 256;
+
+pub const ATTNRES_MIX: ModuleSource = ModuleSource {
+    name: "attnres_mix.cu",
+    source: concat!(
+        include_str!("../../../kernels/fusion_common.cuh"),
+        include_str!("../../../kernels/attnres_mix.cu")
+    ),
+};
+
+#[repr(C)]
+struct AttnresParams {
+    src: [u64; MAX_SOURCES],
+    dsrc: [u64; MAX_SOURCES],
+    u: u64,
+    grad: u64,
+    out: u64,
+    du_partial: u64,
+    tokens: i64,
+    hidden: i64,
+    eps: f32,
+    scale: f32,
+    n: i32,
+    pad: i32,
+}
+
+/// One forward (`grad == 0`) or backward call.
+#[derive(Clone, Debug)]
+pub struct MixCall {
+    pub device: i32,
+    pub stream: u64,
+    pub dtype: Dtype,
+    pub tokens: u64,
+    pub hidden: u64,
+    pub sources: Vec<u64>,
+    pub u: u64,
+    pub eps: f32,
+    pub scale: f32,
+    /// Forward: the output.
+    pub out: u64,
+    /// Backward: the output's gradient, the sources' gradients, the partials of `du` and
+    /// their count (the grid).
+    pub grad: u64,
+    pub dsources: Vec<u64>,
+    pub du_partial: u64,
+    pub parts: u64,
+}
+
+fn nonzero(name: &str, p: u64) -> Result<()> {
+    if p == 0 {
+        Err(CudaError::argument(format!("{name}: null pointer")))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn mix(c: &MixCall) -> Result<()> {
+    let n = c.sources.len();
+    if n == 0 || n > MAX_SOURCES {
+        return Err(CudaError::argument(format!(
+            "sources: {n} given, 1 to {MAX_SOURCES} supported"
+        )));
+    }
+    let backward = c.grad != 0;
+    if backward && c.dsources.len() != n {
+        return Err(CudaError::argument("dsources: one per source".to_string()));
+    }
+    if c.tokens == 0 || c.hidden == 0 {
+        return Ok(());
+    }
+    for (i, s) in c.sources.iter().enumerate() {
+        nonzero(&format!("sources[{i}]"), *s)?;
+    }
+    nonzero("u", c.u)?;
+    let mut params = AttnresParams {
+        src: [0; MAX_SOURCES],
+        dsrc: [0; MAX_SOURCES],
+        u: c.u,
+        grad: c.grad,
+        out: c.out,
+        du_partial: c.du_partial,
+        tokens: c.tokens as i64,
+        hidden: c.hidden as i64,
+        eps: c.eps,
+        scale: c.scale,
+        n: n as i32,
+        pad: 0,
+    };
+    params.src[..n].copy_from_slice(&c.sources);
+    let grid = if backward {
+        for (i, d) in c.dsources.iter().enumerate() {
+            nonzero(&format!("dsources[{i}]"), *d)?;
+        }
+        nonzero("du_partial", c.du_partial)?;
+        if c.parts == 0 || c.parts > c.tokens.max(1) || c.parts > i32::MAX as u64 {
+            return Err(CudaError::argument(format!(
+                "parts: {} for {} tokens",
+                c.parts, c.tokens
+            )));
+        }
+        params.dsrc[..n].copy_from_slice(&c.dsources);
+        c.parts as u32
+    } else {
+        nonzero("out", c.out)?;
+        c.tokens.min(65_535 * 16) as u32
+    };
+    let name = format!(
+        "attnres_{}_{}",
+        if backward { "bwd" } else { "fwd" },
+        c.dtype.suffix()
+    );
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let f = dev.function(&ATTNRES_MIX, &name)?;
+    // SAFETY: the parameter block matches AttnresParams; every buffer holds tokens x hidden
+    // elements (du_partial: parts x hidden floats), checked by the Python caller.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid.max(1), 1, 1), BLOCK),
+            c.stream as drv_sys::CUstream,
+            &mut [&mut params as *mut AttnresParams as *mut c_void],
+            "attnres_mix",
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cuda_attnres_mix_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_attnres_mix_backward, m)?)?;
+    Ok(())
+}
+
+/// The mix forward on torch's stream `stream` of GPU `device`.
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, sources, u, out, tokens, hidden, dtype, eps, scale))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_attnres_mix_forward(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    sources: Vec<u64>,
+    u: u64,
+    out: u64,
+    tokens: u64,
+    hidden: u64,
+    dtype: &str,
+    eps: f32,
+    scale: f32,
+) -> PyResult<()> {
+    let call = MixCall {
+        device,
+        stream,
+        dtype: Dtype::parse(dtype)?,
+        tokens,
+        hidden,
+        sources,
+        u,
+        eps,
+        scale,
+        out,
+        grad: 0,
+        dsources: Vec::new(),
+        du_partial: 0,
+        parts: 0,
+    };
+    py.detach(|| catch_panics(|| mix(&call)))?;
+    Ok(())
+}
+
+/// The mix backward: the sources' gradients and `parts` partial rows of `du`.
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, sources, u, grad, dsources, du_partial, parts, tokens, hidden, dtype, eps, scale))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_attnres_mix_backward(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    sources: Vec<u64>,
+    u: u64,
+    grad: u64,
+    dsources: Vec<u64>,
+    du_partial: u64,
+    parts: u64,
+    tokens: u64,
+    hidden: u64,
+    dtype: &str,
+    eps: f32,
+    scale: f32,
+) -> PyResult<()> {
+    nonzero("grad", grad)?;
+    let call = MixCall {
+        device,
+        stream,
+        dtype: Dtype::parse(dtype)?,
+        tokens,
+        hidden,
+        sources,
+        u,
+        eps,
+        scale,
+        out: 0,
+        grad,
+        dsources,
+        du_partial,
+        parts,
+    };
+    py.detach(|| catch_panics(|| mix(&call)))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_block_has_the_kernels_layout() {
+        // 64 pointers, 4 pointers, 2 i64, 2 f32, 2 i32 (8-byte aligned C struct).
+        assert_eq!(
+            std::mem::size_of::<AttnresParams>(),
+            64 * 8 + 4 * 8 + 16 + 8 + 8
+        );
+    }
+}
