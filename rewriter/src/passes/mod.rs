@@ -8,6 +8,10 @@
 //! with `--pass`; adding a pass touches its folder and this registry.
 
 pub mod fused_loss;
+pub mod fusion_common;
+pub mod gated_mlp;
+pub mod rms_norm;
+pub mod rotary;
 
 use crate::analyze::ParsedClass;
 use crate::audit::{ClassReport, PassReport};
@@ -41,7 +45,7 @@ pub struct Pass {
 }
 
 /// Every pass beyond the fused loss, in the order they run.
-pub const PASSES: &[&Pass] = &[];
+pub const PASSES: &[&Pass] = &[&rms_norm::PASS, &rotary::PASS, &gated_mlp::PASS];
 
 /// The registered pass with this name.
 pub fn find(name: &str) -> Option<&'static Pass> {
