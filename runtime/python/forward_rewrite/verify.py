@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import _installer, _native
+from . import _installer, _native, fusion_guard
 from ._installer import audit, patch_model, uninstall
 
 __all__ = [
@@ -951,7 +951,10 @@ def _check_class(cls, device, cache_dir):
         ),
         None,
     )
-    if record is None or not record["installed"]:
+    fusions = _installed_sites(record)
+    if record is not None and fusions and not record["installed"]:
+        fused_loss = False
+    elif record is None or not record["installed"]:
         why = "not a class the installer patches"
         if record is not None:
             why = f"{record['verdict']} ({record['reason']}): {record['detail']}"
@@ -963,16 +966,24 @@ def _check_class(cls, device, cache_dir):
             "status": status,
             "reason": f"the patch was not installed: {why}",
         }
-    if cache_dir is not None and record["origin"] != "cache":
+    else:
+        fused_loss = True
+    if fused_loss and cache_dir is not None and record["origin"] != "cache":
         return {**out, "status": "skipped", "reason": "the cache's patch was not used"}
+    out["fusion_sites"] = fusions
+    taken = dict(fusion_guard.taken)
     try:
         loss, logits, grads = _run(model, inputs)
     except Exception as exc:  # noqa: BLE001  (the stock model ran: this is ours)
         return {**out, "status": "mismatch", "reason": f"patched raised {exc!r}"}
+    out["fusions_taken"] = {
+        name: fusion_guard.taken[name] - taken.get(name, 0)
+        for name in fusion_guard.taken
+    }
     out["loss_err"] = rel_err(loss, stock_loss)
     out["grad_err"], out["worst_param"] = grad_error(grads, stock_grads)
     problems = []
-    if logits is not None:
+    if fused_loss and logits is not None:
         problems.append("the fused path was not taken")
     if set(grads) != set(stock_grads):
         problems.append(
@@ -987,6 +998,18 @@ def _check_class(cls, device, cache_dir):
         "status": "mismatch" if problems else "verified",
         "reason": "; ".join(problems),
     }
+
+
+def _installed_sites(record):
+    """``pass:site`` of every decoder-fusion site the installer put in place for a class."""
+    if record is None:
+        return []
+    return [
+        f"{name}:{site['name']}"
+        for name, report in (record.get("passes") or {}).items()
+        for site in report.get("sites", [])
+        if site.get("installed")
+    ]
 
 
 # ---------------------------------------------------------- the installed transformers
@@ -1020,7 +1043,7 @@ def patched_classes():
         return [
             (c["module"], c["qualname"])
             for c in audit()["classes"]
-            if c["verdict"] == "patched"
+            if c["verdict"] == "patched" or _installed_sites(c)
         ]
     finally:
         uninstall()
