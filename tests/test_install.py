@@ -448,4 +448,16 @@ def test_install_agrees_with_the_cli_on_every_class_transformers_ships(tmp_path)
             differ.append((c["qualname"], got_key[:2], want_key[:2], c["detail"]))
         if c["verdict"] == "patched":
             assert c["installed"], c
+        # the decoder-fusion passes: the same verdicts per pass and site, and every site the
+        # CLI patches is put in place (its running source hashes as the rewriter's cut)
+        for name, report in (want.get("passes") or {}).items():
+            mine = c["passes"][name]
+            want_sites = [(s["name"], s["reason"]) for s in report["sites"]]
+            got_sites = [(s["name"], s["reason"]) for s in mine["sites"]]
+            if (mine["verdict"], mine["reason"], got_sites) != (
+                report["verdict"],
+                report["reason"],
+                want_sites,
+            ):
+                differ.append((c["qualname"], name, got_sites, want_sites))
     assert differ == []

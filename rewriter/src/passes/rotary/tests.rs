@@ -99,11 +99,7 @@ fn interleaved_float32_form_is_patched() {
 
 #[test]
 fn reason_no_rotary_call() {
-    let r = report(
-        &FULL
-            .replace("apply_rotary_pos_emb", "other_rope")
-            .to_string(),
-    );
+    let r = report(&FULL.replace("apply_rotary_pos_emb", "other_rope"));
     // The attention still calls apply_rotary_pos_emb, defined nowhere: elsewhere.
     assert_eq!(
         site_reason(&r, "apply_rotary_pos_emb").as_deref(),
@@ -167,7 +163,7 @@ fn reason_rotary_signature() {
 
 #[test]
 fn reason_rotate_half_unknown() {
-    let r = report(&FULL.to_string());
+    let r = report(FULL);
     assert_eq!(
         site_reason(&r, "apply_rotary_pos_emb").as_deref(),
         Some("rotate-half-unknown")
