@@ -235,3 +235,21 @@ def test_guards_fall_back_to_stock():
     assert not fusion_guard.rotary(q, k.double(), cos, sin, 1)
     assert not fusion_guard.rotary(q, k, cos, sin, True)
     assert not fusion_guard.rotary(q, k, torch.randn(3, 5, 8), torch.randn(3, 5, 8), 1)
+
+
+def test_a_wrong_fused_path_is_a_mismatch_even_with_the_float64_arbiter(monkeypatch):
+    """check_class lets float32 noise pass only when the patch is as close to float64 as
+    stock is: a fused path off by 0.1% is still reported."""
+    from forward_rewrite import verify
+
+    right = forward_rewrite.rms_norm
+
+    def wrong(*args, **kwargs):
+        return right(*args, **kwargs) * 1.001
+
+    monkeypatch.setattr(forward_rewrite, "rms_norm", wrong)
+    result = verify.check_class(modeling_llama.LlamaForCausalLM)
+    assert result["status"] == "mismatch", result
+    assert result["arbiter"]["patched_closer"] is False
+    monkeypatch.setattr(forward_rewrite, "rms_norm", right)
+    assert verify.check_class(modeling_llama.LlamaForCausalLM)["status"] == "verified"
