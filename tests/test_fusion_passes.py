@@ -226,9 +226,18 @@ def test_guards_fall_back_to_stock():
     assert fusion_guard.gated_act(hooked, x) is None
     assert fusion_guard.gated_act(nn.SiLU(), x.double()) is None
 
-    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, requires_grad=True)
     cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     assert fusion_guard.rotary(q, k, cos, sin, 1)
+    # inference is untouched: no autograd, nothing requiring a gradient, eval mode
+    assert not fusion_guard.rotary(q.detach(), k.detach(), cos, sin, 1)
+    with torch.no_grad():
+        assert not fusion_guard.rotary(q, k, cos, sin, 1)
+        assert not fusion_guard.rms_norm(norm, x, w, 1e-6)
+        assert fusion_guard.gated_act(nn.SiLU(), x) is None
+    assert not fusion_guard.rms_norm(norm.eval(), x, w, 1e-6)
+    assert fusion_guard.gated_act(nn.SiLU().eval(), x) is None
     assert fusion_guard.rotary(q, k, cos[..., :4], sin[..., :4], 1)  # partial
     assert not fusion_guard.rotary(q, k, cos[..., :3], sin[..., :3], 1)
     assert not fusion_guard.rotary(q[0], k[0], cos, sin, 1)

@@ -10,6 +10,11 @@ subclass), bfloat16 / float16 / float32 (float64: the stock code computes in flo
 in float64), CPU or CUDA with its backend built, and for the MLP an activation module that is
 exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``).
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
+
+The fused paths run in training steps only (invariant 2, inference is untouched): autograd
+recording (``torch.is_grad_enabled()``), and the norm / activation module in train mode, or for
+the rotary function q or k requiring a gradient. Evaluation, ``torch.no_grad()`` and
+``torch.inference_mode()`` run the stock bodies byte for byte.
 """
 
 import contextlib
@@ -79,10 +84,11 @@ def rms_norm(module, x, weight, eps):
     """Whether ``forward_rewrite.rms_norm(x, weight, eps, ...)`` may replace the norm's
     stock body: x and the 1-D weight (x's last dimension) plain tensors of a fused dtype on
     one device with a backend, eps a finite number >= 0."""
-    if _off.get() or torch.jit.is_scripting():
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return False
     ok = (
-        _tensor_ok(x)
+        module.training
+        and _tensor_ok(x)
         and x.dim() >= 1
         and x.shape[-1] > 0
         and x.numel() > 0
@@ -101,9 +107,11 @@ def rotary(q, k, cos, sin, unsqueeze_dim):
     stock body: 4-D q and k of one fused dtype and equal shapes but for the heads, cos and
     sin of one dtype and shape, unsqueezed at ``unsqueeze_dim`` broadcasting to q, an even
     rotary width within the head."""
-    if _off.get() or torch.jit.is_scripting():
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return False
     if not (_tensor_ok(q) and _tensor_ok(k, q.device)):
+        return False
+    if not (q.requires_grad or k.requires_grad):
         return False
     if not (_tensor_ok(cos, q.device) and _tensor_ok(sin, q.device)):
         return False
@@ -155,9 +163,11 @@ def gated_act(act, x):
     exactly ``nn.SiLU``, transformers' ``SiLUActivation``, ``nn.GELU(approximate="tanh")`` or
     transformers' ``GELUTanh`` on its C implementation, without hooks; x a plain tensor of a
     fused dtype on a device with a backend."""
-    if _off.get() or torch.jit.is_scripting() or not _tensor_ok(x):
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
-    if not isinstance(act, nn.Module) or not _no_hooks(act):
+    if not _tensor_ok(x):
+        return None
+    if not isinstance(act, nn.Module) or not act.training or not _no_hooks(act):
         return None
     kind = type(act)
     silu_activation, gelu_tanh = _silu_class()
