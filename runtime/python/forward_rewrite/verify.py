@@ -69,6 +69,7 @@ __all__ = [
     "patched_classes",
     "read_allowlist",
     "rel_err",
+    "sweep_targets",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
@@ -1086,17 +1087,34 @@ def import_all_modeling_modules():
 
 def patched_classes():
     """(module, qualname) of every class ``install()`` patches in the installed
-    transformers, in audit order."""
+    transformers (its fused loss, or only decoder-fusion sites it reaches), in audit
+    order."""
+    targets = sweep_targets()
+    return targets["fused_loss"] + targets["fusion_only"]
+
+
+def sweep_targets():
+    """``patched_classes()`` split: ``fused_loss`` (the class's forward is patched; its
+    decoder fusions run too) and ``fusion_only`` (the fused loss is refused, decoder-fusion
+    sites it reaches are patched)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import_all_modeling_modules()
     _installer.install()
     try:
-        return [
-            (c["module"], c["qualname"])
-            for c in audit()["classes"]
-            if c["verdict"] == "patched" or _installed_sites(c)
-        ]
+        classes = audit()["classes"]
+        return {
+            "fused_loss": [
+                (c["module"], c["qualname"])
+                for c in classes
+                if c["verdict"] == "patched"
+            ],
+            "fusion_only": [
+                (c["module"], c["qualname"])
+                for c in classes
+                if c["verdict"] != "patched" and _installed_sites(c)
+            ],
+        }
     finally:
         uninstall()
 
