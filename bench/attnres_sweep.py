@@ -28,7 +28,9 @@ def logits(model, inputs, train):
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    return (
+        (a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)
+    ).item()
 
 
 def check(module, qualname):
@@ -45,7 +47,11 @@ def check(module, qualname):
         return {"status": "refused", "reason": exc.code, "detail": exc.detail[:120]}
     out = [logits(model, inputs, t) for t in (False, True)]
     err = max(rel(a, b) for a, b in zip(out, ref))
-    return {"status": "applied", "err": err, "sublayers": model._attnres_applied["sublayers"]}
+    return {
+        "status": "applied",
+        "err": err,
+        "sublayers": model._attnres_applied["sublayers"],
+    }
 
 
 def main():

@@ -141,12 +141,14 @@ def test_inference_is_untouched_and_eval_takes_the_stock_path():
 
 def test_tuple_returns_keep_the_positions_of_stock():
     """`return_dict=False` in a training step: `to_tuple()` drops None fields, so a fused
-    step would put the cache where the logits belong; the tuple guard takes the stock path."""
+    step would put the cache where the logits belong; the tuple guard takes the stock path.
+    (The fused loss alone: the decoder fusions of a training step round otherwise than
+    stock, within float32, so the logits would not be bitwise equal.)"""
     model = build("llama").train()
     inputs = batch()
     torch.manual_seed(0)
     stock = model(**inputs, use_cache=True, return_dict=False)
-    forward_rewrite.patch_model(model)
+    forward_rewrite.patch_model(model, passes=("fused-loss",))
     assert model(**inputs).logits is None  # the fused path runs for ModelOutput returns
     torch.manual_seed(0)
     out = model(**inputs, use_cache=True, return_dict=False)
@@ -448,4 +450,16 @@ def test_install_agrees_with_the_cli_on_every_class_transformers_ships(tmp_path)
             differ.append((c["qualname"], got_key[:2], want_key[:2], c["detail"]))
         if c["verdict"] == "patched":
             assert c["installed"], c
+        # the decoder-fusion passes: the same verdicts per pass and site, and every site the
+        # CLI patches is put in place (its running source hashes as the rewriter's cut)
+        for name, report in (want.get("passes") or {}).items():
+            mine = c["passes"][name]
+            want_sites = [(s["name"], s["reason"]) for s in report["sites"]]
+            got_sites = [(s["name"], s["reason"]) for s in mine["sites"]]
+            if (mine["verdict"], mine["reason"], got_sites) != (
+                report["verdict"],
+                report["reason"],
+                want_sites,
+            ):
+                differ.append((c["qualname"], name, got_sites, want_sites))
     assert differ == []

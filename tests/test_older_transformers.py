@@ -25,7 +25,7 @@ from forward_rewrite.verify import check_class, patched_classes
 assert transformers.__version__ == sys.argv[1], transformers.__version__
 results = []
 for module, qualname in patched_classes():
-    result = check_class(module, qualname)
+    result = check_class((module, qualname))
     print(result["status"], qualname, result.get("reason") or "", file=sys.stderr)
     results.append({k: result.get(k) for k in ("qualname", "status", "reason")})
 print(json.dumps(results))

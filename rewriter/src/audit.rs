@@ -398,7 +398,22 @@ pub fn render_pass_compact(classes: &[ClassReport], pass: &str) -> String {
         let extra: Vec<String> = report
             .extra
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| match (k.as_str(), v.as_array()) {
+                // The decoder-fusion passes' sites (`passes/fusion_common`): one word each,
+                // never their patches.
+                ("sites", Some(sites)) => {
+                    let words: Vec<String> = sites
+                        .iter()
+                        .map(|s| {
+                            let name = s["name"].as_str().unwrap_or("?");
+                            let state = s["reason"].as_str().unwrap_or("patched");
+                            format!("{name}:{state}")
+                        })
+                        .collect();
+                    format!("sites=[{}]", words.join(","))
+                }
+                _ => format!("{k}={v}"),
+            })
             .collect();
         let _ = writeln!(
             out,

@@ -124,3 +124,47 @@ fn readme_lists_every_attnres_reason_code() {
         );
     }
 }
+
+#[test]
+fn readme_lists_every_pass_reason_code_with_its_meaning() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    // The decoder-fusion passes' tables: `| code | meaning |`.
+    for name in ["rms-norm", "rotary", "gated-mlp"] {
+        let pass = forward_rewrite::passes::find(name).unwrap();
+        for (code, meaning) in pass.reasons {
+            let row = format!("| `{code}` | {meaning} |");
+            assert!(
+                readme.contains(&row),
+                "README.md lacks the {} row {row}",
+                pass.name
+            );
+        }
+    }
+}
+
+#[test]
+fn every_fusion_reason_code_has_a_unit_test() {
+    use forward_rewrite::passes::{gated_mlp, rms_norm, rotary};
+    for (reasons, tests) in [
+        (
+            rms_norm::REASONS,
+            include_str!("../src/passes/rms_norm/tests.rs"),
+        ),
+        (
+            rotary::REASONS,
+            include_str!("../src/passes/rotary/tests.rs"),
+        ),
+        (
+            gated_mlp::REASONS,
+            include_str!("../src/passes/gated_mlp/tests.rs"),
+        ),
+    ] {
+        for (code, _) in reasons {
+            assert!(
+                tests.contains(&format!("\"{code}\"")),
+                "no unit test mentions the reason {code}"
+            );
+        }
+    }
+}

@@ -9,7 +9,11 @@
 
 pub mod attnres;
 pub mod fused_loss;
+pub mod fusion_common;
+pub mod gated_mlp;
 pub mod packing;
+pub mod rms_norm;
+pub mod rotary;
 
 use crate::analyze::ParsedClass;
 use crate::audit::{ClassReport, PassReport};
@@ -55,7 +59,13 @@ pub struct Pass {
 }
 
 /// Every pass beyond the fused loss, in the order they run.
-pub const PASSES: &[&Pass] = &[&packing::PASS, &attnres::PASS];
+pub const PASSES: &[&Pass] = &[
+    &rms_norm::PASS,
+    &rotary::PASS,
+    &gated_mlp::PASS,
+    &packing::PASS,
+    &attnres::PASS,
+];
 
 /// The registered pass with this name.
 pub fn find(name: &str) -> Option<&'static Pass> {

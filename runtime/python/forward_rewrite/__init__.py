@@ -3,6 +3,7 @@ model classes, the fused lm_head + causal-LM loss op, the fused decoder ops (RMS
 rotary embedding, gated MLP product), and the helpers the rewritten forwards call (see
 ARCHITECTURE.md, contracts 1-4)."""
 
+from . import fusion_guard
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
 from ._stats import reset_stats, stats
@@ -24,6 +25,7 @@ __all__ = [
     "chunk_budget_bytes",
     "fused_lm_head_loss",
     "fuses",
+    "fusion_guard",
     "gated_mlp_act",
     "gated_mlp_act_packed",
     "install",

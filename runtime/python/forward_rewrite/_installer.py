@@ -74,6 +74,17 @@ class _Record:
 
     def as_dict(self):
         entry = {k: v for k, v in self.report.items() if k != "patched_forward"}
+        if entry.get("passes"):
+            entry["passes"] = {
+                name: {
+                    **report,
+                    "sites": [
+                        {k: v for k, v in site.items() if k != "patch"}
+                        for site in report.get("sites", [])
+                    ],
+                }
+                for name, report in entry["passes"].items()
+            }
         entry["origin"] = self.origin
         entry["installed"] = self.installed
         return entry
@@ -99,6 +110,19 @@ class _State:
         self.verified_only = False
         #: (module, name, original) of the remote-code loader we wrapped
         self.wrapped_loader = None
+        #: install(passes=...): whether the fused-loss patch is installed, and the names of
+        #: the passes beyond it that run (None: every pass this build knows)
+        self.fused_loss = True
+        self.passes = None
+        #: (module name, kind, site name) -> (status, detail) of each decoder-fusion site
+        #: the installer handled: ("installed", "") or (reason, detail)
+        self.sites = {}
+        #: (module name, kind, site name) -> (holder, attribute, original value) to restore
+        self.site_originals = {}
+        #: module name -> its source text (the passes read the whole module)
+        self.module_texts = {}
+        #: site key -> the pass that installed it
+        self.site_passes = {}
 
 
 _state = _State()
@@ -107,7 +131,45 @@ _state = _State()
 # ------------------------------------------------------------------------ public API
 
 
-def install(cache_dir=None, verified_only=False):
+#: The base pass's name in ``install(passes=...)`` (the others come from ``_native``).
+FUSED_LOSS = "fused-loss"
+
+
+#: Registered passes that ``install()`` does not apply: Attention Residuals changes the
+#: model, so it is opt-in per model (``forward_rewrite.attnres.apply``).
+OPT_IN_PASSES = ("attnres",)
+
+
+def pass_names():
+    """Every pass ``install(passes=...)`` accepts: ``fused-loss`` and the registered ones
+    (``rms-norm``, ``rotary``, ``gated-mlp``, ``packing``), without the opt-in ones."""
+    return (
+        FUSED_LOSS,
+        *(n for n in _native.rewrite_pass_names() if n not in OPT_IN_PASSES),
+    )
+
+
+def _select_passes(passes):
+    known = pass_names()
+    if passes is None:
+        return True, list(known[1:])
+    if isinstance(passes, str):
+        passes = (passes,)
+    try:
+        names = list(passes)
+    except TypeError:
+        raise TypeError(
+            f"passes: expected an iterable of pass names, got {type(passes).__name__}"
+        ) from None
+    for name in names:
+        if name not in known:
+            raise ValueError(
+                f"passes: unknown pass {name!r} (known: {', '.join(known)})"
+            )
+    return FUSED_LOSS in names, [n for n in known[1:] if n in names]
+
+
+def install(cache_dir=None, verified_only=False, passes=None):
     """Patch every eligible model class, now and as modules are imported.
 
     ``cache_dir`` is a directory written by ``forward-rewrite build --out DIR``; default
@@ -115,14 +177,19 @@ def install(cache_dir=None, verified_only=False):
     (``$XDG_CACHE_HOME`` or ``~/.cache``). A missing cache is fine: classes are then
     rewritten in-process. With ``verified_only=True`` only patches that
     ``forward-rewrite build --verify`` verified are installed (every other class stays
-    stock, reported ``not-verified``). Calling ``install()`` again re-reads the cache and
-    patches what is new. Returns ``audit()``'s summary.
+    stock, reported ``not-verified``). ``passes`` names the passes to apply (``pass_names()``:
+    ``fused-loss``, ``rms-norm``, ``rotary``, ``gated-mlp``, ``packing``); default every one, e.g.
+    ``passes=("fused-loss",)`` for the fused loss alone; an unknown name is a ValueError.
+    Calling ``install()`` again re-reads the cache and patches what is new (call
+    ``uninstall()`` first to change the passes). Returns ``audit()``'s summary.
     """
     if not isinstance(verified_only, bool):
         raise TypeError(
             f"verified_only: expected a bool, got {type(verified_only).__name__}"
         )
+    fused_loss, selected = _select_passes(passes)
     with _state.lock:
+        _state.fused_loss, _state.passes = fused_loss, selected
         if not _transformers_supported():
             return audit()["summary"]
         _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
@@ -148,6 +215,16 @@ def uninstall():
             setattr(module, name, original)
             _state.wrapped_loader = None
         _state.verified_only = False
+        for holder, attribute, original in _state.site_originals.values():
+            if isinstance(holder, dict):
+                holder[attribute] = original
+            else:
+                setattr(holder, attribute, original)
+        _state.site_originals.clear()
+        _state.sites.clear()
+        _state.site_passes.clear()
+        _state.module_texts.clear()
+        _state.fused_loss, _state.passes = True, None
         for cls, original in _state.originals.items():
             if original is None:
                 if "forward" in cls.__dict__:
@@ -171,18 +248,22 @@ def uninstall():
         _state.not_candidates.clear()
 
 
-def patch_model(model, cache_dir=None):
+def patch_model(model, cache_dir=None, passes=None):
     """Patch the classes of a model that is already built; returns the model.
 
     Every candidate class (see ``install()``) in the MRO of the model and of its submodules
     is patched, whatever module defines it: transformers', remote code, or a user's own
     module whose source ``inspect`` can read (a user's subclass that does not override
     ``forward`` runs its base's patched forward). Classes are patched, not instances, as
-    ``install()`` would have done; ``uninstall()`` undoes it.
+    ``install()`` would have done; ``uninstall()`` undoes it. ``passes`` as for
+    ``install()`` (default: those of the last ``install()``, else every pass).
     """
+    selection = _select_passes(passes) if passes is not None else None
     with _state.lock:
         if not _transformers_supported():
             return model
+        if selection is not None:
+            _state.fused_loss, _state.passes = selection
         if _state.cache is None or cache_dir is not None:
             _state.cache = _CompiledCache.load(_resolve_cache_dir(cache_dir))
         for submodule in model.modules():
@@ -236,6 +317,7 @@ def audit():
             ),
             "verified": sum(c.get("verified") is True for c in classes),
             "reasons": reasons,
+            "passes": _pass_summary(classes),
         }
         cache = _state.cache
         return {
@@ -244,11 +326,36 @@ def audit():
             "transformers_version": _transformers_version(),
             "installed": _state.finder is not None,
             "verified_only": _state.verified_only,
+            "passes": [FUSED_LOSS] * _state.fused_loss
+            + list(_state.passes if _state.passes is not None else pass_names()[1:]),
             "cache_dir": str(cache.root) if cache is not None and cache.root else None,
             "summary": summary,
             "classes": classes,
             "runtime": _stats.stats(),
         }
+
+
+def _pass_summary(classes):
+    """Per pass beyond the fused loss: classes per verdict, reasons, sites installed."""
+    out = {}
+    for c in classes:
+        for name, report in (c.get("passes") or {}).items():
+            entry = out.setdefault(
+                name, {"verdicts": {}, "reasons": {}, "sites_installed": 0}
+            )
+            verdict = report.get("verdict")
+            entry["verdicts"][verdict] = entry["verdicts"].get(verdict, 0) + 1
+            if report.get("reason"):
+                entry["reasons"][report["reason"]] = (
+                    entry["reasons"].get(report["reason"], 0) + 1
+                )
+    for name, entry in out.items():
+        entry["sites_installed"] = sum(
+            1
+            for key, (status, _) in _state.sites.items()
+            if status == "installed" and _state.site_passes.get(key) == name
+        )
+    return out
 
 
 # ----------------------------------------------------------------------- import hook
@@ -369,7 +476,11 @@ def _patch_class(cls):
         )
         record = _Record(_failed_report(cls, exc), origin="rewrite")
     _state.records[cls] = record
+    _install_sites(record)
     if record.report["verdict"] != "patched":
+        return
+    if not _state.fused_loss:
+        record.refuse("pass-off", "install(passes=...) leaves the fused-loss pass off")
         return
     if _state.verified_only and record.report.get("verified") is not True:
         record.refuse(
@@ -409,20 +520,14 @@ def _analyse(cls):
         inspect.getsource(inspect.unwrap(forward))
     )
     cached = _state.cache.lookup(running_sha256, cls) if _state.cache else None
+    passes = _state.passes if _state.passes is not None else list(pass_names()[1:])
     if cached is not None:
-        return _Record(cached, origin="cache")
-    chain = _class_chain(cls)
-    loss = _loss_resolution(cls)
-    # The packing pass (issue 9) reads the defining module: the base model, its layers and
-    # their attention; classes it names from other modules make its verdict `dynamic`.
-    report = json.loads(
-        _native.rewrite_analyze_class(
-            json.dumps(chain),
-            json.dumps(loss),
-            _module_text(cls.__module__),
-            ["packing"],
-        )
-    )
+        record = _Record(cached, origin="cache")
+        if passes:
+            fresh = _analyse_with_passes(cls, passes)
+            record.report["passes"] = fresh.get("passes", {})
+        return record
+    report = _analyse_with_passes(cls, passes)
     report["verified"] = None
     if report["verdict"] == "patched":
         mismatch = _running_forward_mismatch(report, owner, running_sha256)
@@ -431,6 +536,139 @@ def _analyse(cls):
             record.refuse("source-mismatch", mismatch, verdict="failed")
             return record
     return _Record(report, origin="rewrite")
+
+
+def _analyse_with_passes(cls, passes):
+    """The rewriter's report on ``cls``, with ``passes`` run on its module's text."""
+    chain = _class_chain(cls)
+    loss = _loss_resolution(cls)
+    if not passes:
+        return json.loads(
+            _native.rewrite_analyze_class(json.dumps(chain), json.dumps(loss))
+        )
+    _module_classes(cls.__module__)
+    text = _state.module_texts.get(cls.__module__)
+    return json.loads(
+        _native.rewrite_analyze_class(
+            json.dumps(chain), json.dumps(loss), text, list(passes)
+        )
+    )
+
+
+def _install_sites(record):
+    """Put the patched sites of every pass beyond the fused loss in place (each site once
+    per module: several model classes share a norm), updating each site's report with
+    ``installed`` or the reason it was left stock; a pass none of whose sites is in place is
+    ``refused`` with the first site's reason."""
+    report = record.report
+    module_name = report.get("module")
+    module = sys.modules.get(module_name or "")
+    for pass_name, pass_report in (report.get("passes") or {}).items():
+        sites = pass_report.get("sites") or []
+        for site in sites:
+            key = (module_name, site.get("kind"), site.get("name"))
+            if site.get("verdict") != "patched":
+                site["installed"] = False
+                continue
+            if key not in _state.sites:
+                try:
+                    problem = _install_site(module, site)
+                except Exception as exc:  # noqa: BLE001 - a site that fails: keep stock
+                    problem = ("site-emit-invalid", f"{type(exc).__name__}: {exc}")
+                _state.sites[key] = ("installed", "") if problem is None else problem
+                _state.site_passes[key] = pass_name
+                if problem is not None:
+                    logger.warning(
+                        "forward_rewrite: %s.%s left stock: %s",
+                        module_name,
+                        site.get("name"),
+                        problem[1],
+                    )
+            status, detail = _state.sites[key]
+            site["installed"] = status == "installed"
+            if status != "installed":
+                site.update(verdict="refused", reason=status, detail=detail)
+                site.pop("patch", None)
+        if pass_report.get("verdict") == "patched" and not any(
+            s.get("installed") for s in sites
+        ):
+            first = next((s for s in sites if s.get("reason")), {})
+            pass_report.update(
+                verdict="refused",
+                reason=first.get("reason"),
+                detail=first.get("detail", ""),
+            )
+
+
+def _install_site(module, site):
+    """Compile one site's patch in its module and put it in place; None, or (reason,
+    detail) saying why it was left stock: the module's binding is not the function the
+    rewriter read (``site-replaced``: Liger or another tool put its own class / function
+    there; ``site-source-mismatch``: its source hashes otherwise), or the patch would need
+    the class body (``needs-class-body``) or the name ``forward_rewrite`` is taken."""
+    if module is None:
+        return ("site-source-unavailable", "the module is not imported")
+    namespace = module.__dict__
+    name = site["name"]
+    value = namespace.get(name)
+    if site["kind"] == "class":
+        if not isinstance(value, type) or value.__module__ != module.__name__:
+            return (
+                "site-replaced",
+                f"{module.__name__}.{name} is {value!r}, not the module's own class",
+            )
+        original = value.__dict__.get("forward")
+        if original is None:
+            return ("site-replaced", f"{name} does not define forward")
+        function = original
+    else:
+        if value is None or not inspect.isfunction(inspect.unwrap(value)):
+            return ("site-replaced", f"{module.__name__}.{name} is not a function")
+        if getattr(value, "__module__", None) != module.__name__:
+            return (
+                "site-replaced",
+                f"{module.__name__}.{name} comes from {getattr(value, '__module__', None)}",
+            )
+        function = value
+    running = _native.rewrite_forward_sha256(
+        inspect.getsource(inspect.unwrap(function))
+    )
+    if running != site.get("original_sha256"):
+        return (
+            "site-source-mismatch",
+            (
+                f"the running {name} hashes to {running}, the rewriter read "
+                f"{site.get('original_sha256')}"
+            ),
+        )
+    code = inspect.unwrap(function).__code__
+    if "__class__" in code.co_freevars:
+        return ("needs-class-body", f"{name} uses super() or __class__")
+    runtime = sys.modules[__package__]
+    if namespace.get(_RUNTIME_GLOBAL, runtime) is not runtime:
+        return (
+            "name-conflict",
+            f"{module.__name__} binds the name {_RUNTIME_GLOBAL!r} to something else",
+        )
+    source = site["patch"]
+    filename = f"<forward-rewrite {module.__name__}.{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    compiled = compile(source, filename, "exec")
+    if _RUNTIME_GLOBAL not in namespace:
+        namespace[_RUNTIME_GLOBAL] = runtime
+        _state.injected.add(module.__name__)
+    scope = {}
+    exec(compiled, namespace, scope)  # noqa: S102 - the rewriter's output, in the module
+    patched = next(iter(scope.values()))
+    key = (module.__name__, site["kind"], name)
+    if site["kind"] == "class":
+        patched.__qualname__ = f"{name}.forward"
+        _state.site_originals[key] = (value, "forward", original)
+        value.forward = patched
+    else:
+        _state.site_originals[key] = (namespace, name, value)
+        namespace[name] = patched
+    return None
 
 
 def _forward_owner(cls):
@@ -479,22 +717,19 @@ def _class_chain(cls):
 def _module_classes(module_name):
     classes = _state.module_classes.get(module_name)
     if classes is None:
-        text = _module_text(module_name)
-        path = _reported_path(module_name, sys.modules[module_name])
+        module = sys.modules[module_name]
+        text = "".join(
+            linecache.getlines(inspect.getsourcefile(module), module.__dict__)
+        )
+        if not text:
+            raise OSError(f"no source for {module_name}")
+        _state.module_texts[module_name] = text
+        path = _reported_path(module_name, module)
         found = json.loads(_native.rewrite_module_classes(text, module_name, path))
         # Like Python, the last definition of a name wins.
         classes = {c["qualname"]: c for c in found}
         _state.module_classes[module_name] = classes
     return classes
-
-
-def _module_text(module_name):
-    """The source text of a loaded module (as Python sees it: linecache)."""
-    module = sys.modules[module_name]
-    text = "".join(linecache.getlines(inspect.getsourcefile(module), module.__dict__))
-    if not text:
-        raise OSError(f"no source for {module_name}")
-    return text
 
 
 def _reported_path(module_name, module):
@@ -591,9 +826,12 @@ def _install_forward(cls, report):
     }
     if cls not in _state.originals:
         _state.originals[cls] = cls.__dict__.get("forward")
-    # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache.
-    static = (report.get("passes") or {}).get("packing")
-    cls.forward = packing.wrap_forward(patched, cls, static=static)
+    # Packing hook (issue 9): packed sequences stay apart whatever the backend, use_cache;
+    # the packing pass's static verdict says on which paths (or raises for every one).
+    if _state.passes is None or "packing" in _state.passes:
+        static = (report.get("passes") or {}).get("packing")
+        patched = packing.wrap_forward(patched, cls, static=static)
+    cls.forward = patched
     return None
 
 

@@ -1,0 +1,341 @@
+//! The `gated-mlp` pass: gated MLP classes rewritten so that `act(gate) * up` is one fused
+//! op (`forward_rewrite.gated_mlp_act`, which recomputes the activation in backward).
+//!
+//! Sites: the classes named `*MLP` that the model class reaches in its module. A site is
+//! patched when its `forward(self, x)` is exactly `self.<down>(self.<act>(self.<gate>(x)) *
+//! self.<up>(x))` (either factor order; returned directly or through one name) and its
+//! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
+//! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
+//! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
+
+use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
+
+use crate::audit::PassReport;
+use crate::passes::fusion_common::{
+    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
+    is_already_patched, plain_parameters,
+};
+use crate::passes::{Pass, PassInput};
+use crate::syntax::self_attribute;
+
+pub const PASS: Pass = Pass {
+    name: "gated-mlp",
+    summary: "gated MLP classes the model reaches -> forward_rewrite.gated_mlp_act (guarded)",
+    reasons: REASONS,
+    analyze,
+};
+
+pub const REASONS: &[(&str, &str)] = &[
+    (
+        "no-mlp-class",
+        "The model class reaches no `*MLP` class in its module (or the module is not known).",
+    ),
+    (
+        "mlp-forward-elsewhere",
+        "The MLP class's `forward` is not defined in the module.",
+    ),
+    (
+        "mlp-already-patched",
+        "The MLP's `forward` already calls `forward_rewrite`.",
+    ),
+    (
+        "mlp-signature",
+        "The `forward` takes other than exactly one input besides `self`.",
+    ),
+    (
+        "mlp-packed",
+        "The gate and up projections are one packed projection split with `chunk` (Phi-3): not lowered by this pass.",
+    ),
+    (
+        "mlp-form-unknown",
+        "The `forward` is not `down(act(gate(x)) * up(x))` (no gate, dropout, extra statements, a non-`self` module, ...): matched in part, never approximated.",
+    ),
+    (
+        "mlp-activation-unsupported",
+        "`__init__` assigns the activation statically to something other than SiLU or tanh-GELU (`ACT2FN[\"gelu\"]`, `nn.GELU()`, ...).",
+    ),
+    (
+        "mlp-activation-unknown",
+        "`__init__` assigns the activation in a form neither resolved statically nor guardable (`ACT2FN[...]`) or not at all.",
+    ),
+    (
+        "mlp-emit-invalid",
+        "The emitted forward does not re-parse as one patched function (a bug in this tool).",
+    ),
+];
+
+fn analyze(input: &PassInput<'_, '_>) -> PassReport {
+    let none = |detail| fusion_common::report(vec![], "no-mlp-class", detail);
+    let Some(module) = input.module else {
+        return none("the module is not known");
+    };
+    let defs = ModuleDefs::of(module);
+    let Some(start) = fusion_common::start(input, &defs) else {
+        return none("the class is not defined in the module");
+    };
+    let sites = defs
+        .reachable(start.name.as_str())
+        .into_iter()
+        .filter(|c| c.name.as_str().to_ascii_lowercase().ends_with("mlp"))
+        .map(|c| mlp_site(&defs, c))
+        .collect();
+    fusion_common::report(
+        sites,
+        "no-mlp-class",
+        "the model reaches no *MLP class in its module",
+    )
+}
+
+/// `self.<name>(<arg>)` with one positional argument: (name, arg).
+fn self_call(expr: &Expr) -> Option<(&str, &Expr)> {
+    let Expr::Call(ExprCall {
+        func, arguments, ..
+    }) = expr
+    else {
+        return None;
+    };
+    if !arguments.keywords.is_empty() || arguments.args.len() != 1 {
+        return None;
+    }
+    let arg = &arguments.args[0];
+    if matches!(arg, Expr::Starred(_)) {
+        return None;
+    }
+    Some((self_attribute(func)?, arg))
+}
+
+fn is_name(expr: &Expr, name: &str) -> bool {
+    matches!(expr, Expr::Name(n) if n.id.as_str() == name)
+}
+
+/// The attributes of `self.<down>(self.<act>(self.<gate>(x)) * self.<up>(x))`.
+struct Matched<'a> {
+    down: &'a str,
+    act: &'a str,
+    gate: &'a str,
+    up: &'a str,
+}
+
+fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {
+    let (down, product) = self_call(expr)?;
+    let Expr::BinOp(bin) = product else {
+        return None;
+    };
+    if bin.op != Operator::Mult {
+        return None;
+    }
+    let gated = |e: &'a Expr| -> Option<(&'a str, &'a str)> {
+        let (act, inner) = self_call(e)?;
+        let (gate, x) = self_call(inner)?;
+        is_name(x, param).then_some((act, gate))
+    };
+    let plain = |e: &'a Expr| -> Option<&'a str> {
+        let (up, x) = self_call(e)?;
+        is_name(x, param).then_some(up)
+    };
+    let ((act, gate), up) = match (gated(&bin.left), plain(&bin.right)) {
+        (Some(g), Some(u)) => (g, u),
+        _ => (gated(&bin.right)?, plain(&bin.left)?),
+    };
+    Some(Matched {
+        down,
+        act,
+        gate,
+        up,
+    })
+}
+
+/// How `__init__` assigns `self.<act>`: Ok(Some(activation)) static, Ok(None) guarded at
+/// run time, Err(reason) refused.
+fn activation(
+    defs: &ModuleDefs<'_>,
+    class: &StmtClassDef,
+    act: &str,
+) -> Result<Option<&'static str>, (&'static str, String)> {
+    let Some((_, init)) = defs.method_owner(class, "__init__") else {
+        return Err((
+            "mlp-activation-unknown",
+            "no __init__ in the module assigns the activation".to_string(),
+        ));
+    };
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(&init.body, &mut statements);
+    let mut values = Vec::new();
+    for stmt in statements {
+        if let Stmt::Assign(assign) = stmt
+            && assign
+                .targets
+                .iter()
+                .any(|t| self_attribute(t) == Some(act))
+        {
+            values.push(&*assign.value);
+        }
+    }
+    if values.is_empty() {
+        return Err((
+            "mlp-activation-unknown",
+            format!("__init__ does not assign self.{act}"),
+        ));
+    }
+    let mut statics = Vec::new();
+    for value in values {
+        let text = defs.source.slice(value);
+        match classify(value) {
+            Kind::Static(name) => statics.push(name),
+            Kind::Guarded => {}
+            Kind::Unsupported => {
+                return Err((
+                    "mlp-activation-unsupported",
+                    format!("self.{act} = {text} is neither SiLU nor tanh-GELU"),
+                ));
+            }
+            Kind::Unknown => {
+                return Err((
+                    "mlp-activation-unknown",
+                    format!("self.{act} = {text} is not resolved"),
+                ));
+            }
+        }
+    }
+    Ok(match statics.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    })
+}
+
+enum Kind {
+    Static(&'static str),
+    Guarded,
+    Unsupported,
+    Unknown,
+}
+
+fn classify(value: &Expr) -> Kind {
+    match value {
+        Expr::Subscript(sub) if is_name(&sub.value, "ACT2FN") => match &*sub.slice {
+            Expr::StringLiteral(s) => match s.value.to_str() {
+                "silu" | "swish" => Kind::Static("silu"),
+                "gelu_pytorch_tanh" => Kind::Static("gelu_tanh"),
+                _ => Kind::Unsupported,
+            },
+            _ => Kind::Guarded,
+        },
+        Expr::Call(call) => {
+            let name = crate::syntax::dotted_name(&call.func).unwrap_or_default();
+            match name.as_str() {
+                "nn.SiLU" | "torch.nn.SiLU" if call.arguments.is_empty() => Kind::Static("silu"),
+                "nn.GELU" | "torch.nn.GELU" => {
+                    let tanh = call.arguments.args.is_empty()
+                        && call.arguments.keywords.len() == 1
+                        && call.arguments.keywords[0]
+                            .arg
+                            .as_ref()
+                            .is_some_and(|a| a.as_str() == "approximate")
+                        && matches!(&call.arguments.keywords[0].value,
+                            Expr::StringLiteral(s) if s.value.to_str() == "tanh");
+                    if tanh {
+                        Kind::Static("gelu_tanh")
+                    } else {
+                        Kind::Unsupported
+                    }
+                }
+                "nn.ReLU" | "nn.Tanh" | "nn.Sigmoid" | "torch.nn.ReLU" => Kind::Unsupported,
+                _ => Kind::Unknown,
+            }
+        }
+        _ => Kind::Unknown,
+    }
+}
+
+/// The verdict on one MLP class.
+pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
+    let name = class.name.as_str();
+    let line = defs.line(class);
+    let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
+    let Some((owner, forward)) = defs.method_owner(class, "forward") else {
+        return refuse(
+            "mlp-forward-elsewhere",
+            format!("{name} defines no forward in this module"),
+        );
+    };
+    if owner.name.as_str() != name {
+        return refuse(
+            "mlp-forward-elsewhere",
+            format!("{name} runs {}.forward", owner.name),
+        );
+    }
+    if is_already_patched(forward) {
+        return refuse(
+            "mlp-already-patched",
+            format!("{name}.forward calls forward_rewrite"),
+        );
+    }
+    let param = match plain_parameters(forward, true).as_deref() {
+        Some([(p, false)]) => p.clone(),
+        _ => {
+            return refuse(
+                "mlp-signature",
+                format!("{name}.forward does not take exactly one input"),
+            );
+        }
+    };
+    let body = body_without_docstring(forward);
+    let returned = match body {
+        [Stmt::Return(ret)] => ret.value.as_deref(),
+        [Stmt::Assign(assign), Stmt::Return(ret)] => {
+            match (&assign.targets[..], ret.value.as_deref()) {
+                ([Expr::Name(target)], Some(Expr::Name(back))) if target.id == back.id => {
+                    Some(&*assign.value)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let Some(matched) = returned.and_then(|e| match_product(e, &param)) else {
+        let text = defs.source.slice(forward);
+        if text.contains(".chunk(") {
+            return refuse(
+                "mlp-packed",
+                format!("{name}.forward splits a packed gate_up projection"),
+            );
+        }
+        return refuse(
+            "mlp-form-unknown",
+            format!("{name}.forward is not down(act(gate(x)) * up(x))"),
+        );
+    };
+    let resolved = match activation(defs, owner, matched.act) {
+        Ok(r) => r,
+        Err((reason, detail)) => return refuse(reason, detail),
+    };
+    let (down, act, gate, up) = (matched.down, matched.act, matched.gate, matched.up);
+    let lines = [
+        format!(
+            "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{act}, {param})) is not None:"
+        ),
+        "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward"
+            .to_string(),
+        format!(
+            "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act))"
+        ),
+    ];
+    match emit_guarded(defs.source, forward, &lines) {
+        Ok(patch) => {
+            let mut site = refuse("mlp-emit-invalid", String::new());
+            site.verdict = "patched";
+            site.reason = None;
+            site.original_sha256 = Some(function_sha256(defs.source, forward));
+            site.patch = Some(patch);
+            site.lowered.insert(
+                "activation".into(),
+                resolved.map_or_else(|| format!("run-time (self.{act})"), str::to_string),
+            );
+            site
+        }
+        Err(e) => refuse("mlp-emit-invalid", e),
+    }
+}
+
+#[cfg(test)]
+mod tests;

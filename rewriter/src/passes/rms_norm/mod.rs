@@ -1,0 +1,325 @@
+//! The `rms-norm` pass: RMSNorm classes rewritten to `forward_rewrite.rms_norm`.
+//!
+//! Sites: the classes named `*RMSNorm*` that the model class reaches in its module
+//! (`fusion_common::ModuleDefs::reachable`: the decoder's input / post-attention norms, the
+//! final norm, Qwen3's per-head q/k norms, OLMo's post-norms are all uses of such classes).
+//! A site is patched only when its `forward` (and the `_norm` helper it calls) is, statement
+//! for statement, one of the forms in [`FORMS`]: the float32 upcast, the mean of squares,
+//! `rsqrt(var + eps)`, then the weight applied after the cast back (Llama) or before it
+//! (OLMo-2, Gemma's `1 + weight`). Everything else is refused with a reason of [`REASONS`].
+
+use std::sync::OnceLock;
+
+use ruff_python_ast::{Stmt, StmtClassDef};
+
+use crate::audit::PassReport;
+use crate::parse::ParsedSource;
+use crate::passes::fusion_common::{
+    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
+    is_already_patched, plain_parameters, same_statements,
+};
+use crate::passes::{Pass, PassInput};
+
+pub const PASS: Pass = Pass {
+    name: "rms-norm",
+    summary: "RMSNorm classes the model reaches -> forward_rewrite.rms_norm (guarded)",
+    reasons: REASONS,
+    analyze,
+};
+
+pub const REASONS: &[(&str, &str)] = &[
+    (
+        "no-norm-class",
+        "The model class reaches no `*RMSNorm*` class in its module (or the module is not known).",
+    ),
+    (
+        "norm-forward-elsewhere",
+        "The norm class's `forward` is not defined in the module (inherited from another module or from torch).",
+    ),
+    (
+        "norm-already-patched",
+        "The norm's `forward` already calls `forward_rewrite`.",
+    ),
+    (
+        "norm-signature",
+        "The `forward` takes other than exactly one input besides `self` (extra, default, `*args` or keyword-only parameters).",
+    ),
+    (
+        "norm-control-flow",
+        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` (Gemma 4's `with_scale`, Idefics' dtype test).",
+    ),
+    (
+        "norm-no-weight",
+        "The norm applies no `self.weight` (weightless and unit-offset-only norms).",
+    ),
+    (
+        "norm-not-rsqrt",
+        "The normaliser is not `rsqrt(mean(x**2) + eps)` (e.g. `torch.pow(..., -0.5)`, which rounds differently).",
+    ),
+    (
+        "norm-form-unknown",
+        "The statements are not one of the known forms (the weight's offset added in the weight's dtype, a reshape into groups, a gate, ...): matched in part, never approximated.",
+    ),
+    (
+        "norm-emit-invalid",
+        "The emitted forward does not re-parse as one patched function (a bug in this tool).",
+    ),
+];
+
+/// A known RMSNorm form: the forward's statements (its single input named `param`), the
+/// `_norm` helper's when the forward calls one (its input named `x`), and how the op is
+/// called.
+struct Form {
+    name: &'static str,
+    param: &'static str,
+    forward: &'static str,
+    norm_helper: Option<&'static str>,
+    eps: &'static str,
+    offset: &'static str,
+    cast_before_weight: bool,
+}
+
+const LLAMA_PREFIX: &str = "input_dtype = hidden_states.dtype
+hidden_states = hidden_states.to(torch.float32)
+variance = hidden_states.pow(2).mean(-1, keepdim=True)
+hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+";
+
+const GEMMA_NORM: &str = "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n";
+
+fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
+    static FORMS: OnceLock<Vec<(Form, ParsedSource, Option<ParsedSource>)>> = OnceLock::new();
+    FORMS.get_or_init(|| {
+        let list = [
+            Form {
+                name: "llama",
+                param: "hidden_states",
+                forward: "return self.weight * hidden_states.to(input_dtype)\n",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: true,
+            },
+            Form {
+                name: "olmo2",
+                param: "hidden_states",
+                forward: "return (self.weight * hidden_states).to(input_dtype)\n",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: false,
+            },
+            Form {
+                name: "helium",
+                param: "hidden_states",
+                forward: "return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)\n",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: false,
+            },
+            Form {
+                name: "gemma",
+                param: "x",
+                forward: "output = self._norm(x.float())
+output = output * (1.0 + self.weight.float())
+return output.type_as(x)
+",
+                norm_helper: Some(GEMMA_NORM),
+                eps: "self.eps",
+                offset: "1.0",
+                cast_before_weight: false,
+            },
+            Form {
+                name: "moshi",
+                param: "x",
+                forward: "output = self._norm(x.float())
+output = output * self.weight.float()
+return output.type_as(x)
+",
+                norm_helper: Some(GEMMA_NORM),
+                eps: "self.eps",
+                offset: "0.0",
+                cast_before_weight: false,
+            },
+            Form {
+                name: "llama4",
+                param: "x",
+                forward: "output = self._norm(x.float()).type_as(x)
+return output * self.weight
+",
+                norm_helper: Some(GEMMA_NORM),
+                eps: "self.eps",
+                offset: "0.0",
+                cast_before_weight: true,
+            },
+        ];
+        list.into_iter()
+            .map(|form| {
+                let forward = if form.param == "hidden_states" {
+                    format!("{LLAMA_PREFIX}{}", form.forward)
+                } else {
+                    form.forward.to_string()
+                };
+                let forward = fusion_common::template(&forward);
+                let helper = form.norm_helper.map(fusion_common::template);
+                (form, forward, helper)
+            })
+            .collect()
+    })
+}
+
+fn analyze(input: &PassInput<'_, '_>) -> PassReport {
+    let Some(module) = input.module else {
+        return fusion_common::report(vec![], "no-norm-class", "the module is not known");
+    };
+    let defs = ModuleDefs::of(module);
+    let Some(start) = fusion_common::start(input, &defs) else {
+        return fusion_common::report(
+            vec![],
+            "no-norm-class",
+            "the class is not defined in the module",
+        );
+    };
+    let sites = defs
+        .reachable(start.name.as_str())
+        .into_iter()
+        .filter(|c| c.name.as_str().to_ascii_lowercase().contains("rmsnorm"))
+        .map(|c| norm_site(&defs, c))
+        .collect();
+    fusion_common::report(
+        sites,
+        "no-norm-class",
+        "the model reaches no *RMSNorm* class in its module",
+    )
+}
+
+fn is_control_flow(stmt: &Stmt) -> bool {
+    matches!(
+        stmt,
+        Stmt::If(_) | Stmt::For(_) | Stmt::While(_) | Stmt::With(_) | Stmt::Try(_) | Stmt::Match(_)
+    )
+}
+
+/// The verdict on one norm class.
+pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
+    let name = class.name.as_str();
+    let line = defs.line(class);
+    let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
+    let Some((owner, forward)) = defs.method_owner(class, "forward") else {
+        return refuse(
+            "norm-forward-elsewhere",
+            format!("{name} defines no forward in this module"),
+        );
+    };
+    if owner.name.as_str() != name {
+        // The owner is a site of its own when reached; patching it covers this class.
+        return refuse(
+            "norm-forward-elsewhere",
+            format!("{name} runs {}.forward", owner.name),
+        );
+    }
+    if is_already_patched(forward) {
+        return refuse(
+            "norm-already-patched",
+            format!("{name}.forward calls forward_rewrite"),
+        );
+    }
+    let params = plain_parameters(forward, true);
+    let param = match params.as_deref() {
+        Some([(p, false)]) => p.clone(),
+        _ => {
+            return refuse(
+                "norm-signature",
+                format!("{name}.forward does not take exactly one input"),
+            );
+        }
+    };
+    let body = body_without_docstring(forward);
+    let helper = crate::syntax::method(&owner.body, "_norm");
+    let helper_body = helper.map(body_without_docstring).unwrap_or(&[]);
+    if body.iter().chain(helper_body).any(is_control_flow) {
+        return refuse(
+            "norm-control-flow",
+            format!("{name}.forward or its _norm branches or loops"),
+        );
+    }
+    let text = |stmts: &[Stmt]| -> String {
+        stmts
+            .iter()
+            .map(|s| defs.source.slice(s).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let all = format!("{}\n{}", text(body), text(helper_body));
+    if !all.contains("self.weight") {
+        return refuse("norm-no-weight", format!("{name} applies no self.weight"));
+    }
+    if !all.contains("rsqrt") {
+        return refuse(
+            "norm-not-rsqrt",
+            format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
+        );
+    }
+    let calls_helper = body.iter().any(|s| {
+        crate::syntax::calls_in_stmt(s)
+            .iter()
+            .any(|c| crate::syntax::self_attribute(&c.func) == Some("_norm"))
+    });
+    let Some((form, _, _)) = forms().iter().find(|(form, fwd, helper_t)| {
+        if form.param != param || !same_statements(body, fwd) {
+            return false;
+        }
+        match (helper_t, helper) {
+            (None, _) => !calls_helper,
+            (Some(t), Some(h)) => {
+                matches!(plain_parameters(h, true).as_deref(), Some([(p, false)]) if p == "x")
+                    && same_statements(body_without_docstring(h), t)
+            }
+            (Some(_), None) => false,
+        }
+    }) else {
+        return refuse(
+            "norm-form-unknown",
+            format!("{name}.forward is not one of the known RMSNorm forms"),
+        );
+    };
+    let lines = [
+        format!(
+            "if forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
+            form.eps
+        ),
+        format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
+        format!(
+            "    return forward_rewrite.rms_norm({param}, self.weight, {}, offset={}, cast_before_weight={})",
+            form.eps,
+            form.offset,
+            if form.cast_before_weight {
+                "True"
+            } else {
+                "False"
+            }
+        ),
+    ];
+    match emit_guarded(defs.source, forward, &lines) {
+        Ok(patch) => {
+            let mut site = refuse("norm-emit-invalid", String::new());
+            site.verdict = "patched";
+            site.reason = None;
+            site.original_sha256 = Some(function_sha256(defs.source, forward));
+            site.patch = Some(patch);
+            site.lowered.insert("form".into(), form.name.into());
+            site.lowered.insert("eps".into(), form.eps.into());
+            site.lowered.insert("offset".into(), form.offset.into());
+            site.lowered.insert(
+                "cast_before_weight".into(),
+                form.cast_before_weight.to_string(),
+            );
+            site
+        }
+        Err(e) => refuse("norm-emit-invalid", e),
+    }
+}
+
+#[cfg(test)]
+mod tests;

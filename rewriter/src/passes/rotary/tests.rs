@@ -1,0 +1,193 @@
+//! Unit tests of the rotary pass: every known form, every reason code.
+
+use crate::passes::fusion_common::testing::{run, site_patch, site_reason};
+
+const HALVES: &str = "def rotate_half(x):
+    \"\"\"Rotates half the hidden dims of the input.\"\"\"
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+";
+
+const FULL: &str = "@use_kernel_forward_from_hub(\"rotary_pos_emb\")
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    \"\"\"Applies Rotary Position Embedding.
+
+    Args:
+        q: the query.
+    \"\"\"
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+";
+
+const PARTIAL: &str = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    # Keep half or full tensor for later concatenation
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+
+    # Apply rotary embeddings on the first half or full tensor
+    q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
+
+    # Concatenate back to full shape
+    q_embed = torch.cat([q_embed, q_pass], dim=-1)
+    k_embed = torch.cat([k_embed, k_pass], dim=-1)
+    return q_embed, k_embed
+";
+
+fn report(extra: &str) -> crate::audit::PassReport {
+    run(&super::PASS, extra)
+}
+
+#[test]
+fn full_form_is_patched_decorators_and_docstring_kept() {
+    let r = report(&format!("{HALVES}\n\n{FULL}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    insta::assert_snapshot!(patch);
+    assert!(patch.starts_with("@use_kernel_forward_from_hub"));
+}
+
+#[test]
+fn partial_form_is_patched() {
+    let r = report(&format!("{HALVES}\n\n{PARTIAL}"));
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    assert!(
+        patch
+            .contains("return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)")
+    );
+}
+
+#[test]
+fn interleaved_float32_form_is_patched() {
+    let every_two = "def rotate_half(x):
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    rot_x = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return rot_x
+";
+    let cohere = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    dtype = q.dtype
+    q = q.float()
+    k = k.float()
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
+";
+    let r = report(&format!("{every_two}\n\n{cohere}"));
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    assert!(
+        patch.contains("interleaved=True, out_dtype=q.dtype"),
+        "{patch}"
+    );
+    // The same body with the halves rotation is not the interleaved form.
+    let r = report(&format!("{HALVES}\n\n{cohere}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+#[test]
+fn reason_no_rotary_call() {
+    let r = report(&FULL.replace("apply_rotary_pos_emb", "other_rope"));
+    // The attention still calls apply_rotary_pos_emb, defined nowhere: elsewhere.
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-function-elsewhere")
+    );
+    let text = crate::passes::fusion_common::testing::module("")
+        .replace("return apply_rotary_pos_emb(q, k, cos, sin)", "return q, k");
+    let parsed = crate::parse::ParsedSource::parse(text.clone()).unwrap();
+    let chain: Vec<_> = crate::analyze::module_classes(&text, "m", "m.py")
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.qualname == "ToyForCausalLM")
+        .collect();
+    let report = crate::analyze::analyze_class_with(
+        &chain,
+        &crate::analyze::LossResolution::Causal,
+        Some(&parsed),
+        None,
+        &[&super::PASS],
+    );
+    assert_eq!(
+        report.passes["rotary"].reason.as_deref(),
+        Some("no-rotary-call")
+    );
+}
+
+#[test]
+fn reason_rotary_function_elsewhere() {
+    let r = report("from ..llama.modeling_llama import apply_rotary_pos_emb\n");
+    assert_eq!(r.reason.as_deref(), Some("rotary-function-elsewhere"));
+}
+
+#[test]
+fn reason_rotary_already_patched() {
+    let r = report(&format!(
+        "{HALVES}\n\n{}",
+        FULL.replace(
+            "    cos = cos.unsqueeze(unsqueeze_dim)\n",
+            "    forward_rewrite.x\n    cos = cos.unsqueeze(unsqueeze_dim)\n"
+        )
+    ));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-already-patched")
+    );
+}
+
+#[test]
+fn reason_rotary_signature() {
+    let r = report(&format!(
+        "{HALVES}\n\n{}",
+        FULL.replace(
+            "sin, unsqueeze_dim=1)",
+            "sin, position_ids=None, unsqueeze_dim=1)"
+        )
+    ));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-signature")
+    );
+}
+
+#[test]
+fn reason_rotate_half_unknown() {
+    let r = report(FULL);
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+#[test]
+fn reason_rotary_form_unknown() {
+    // GLM's repeat-interleaved halves of cos: not a known form.
+    let r = report(&format!(
+        "{HALVES}\n\n{}",
+        FULL.replace(
+            "    q_embed = (q * cos)",
+            "    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)\n    q_embed = (q * cos)"
+        )
+    ));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-form-unknown")
+    );
+    assert!(
+        super::REASONS
+            .iter()
+            .any(|(c, _)| *c == "rotary-emit-invalid")
+    );
+}

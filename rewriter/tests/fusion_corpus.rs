@@ -1,0 +1,173 @@
+//! The decoder-fusion passes (`rms-norm`, `rotary`, `gated-mlp`) over the pinned corpus:
+//! per class and pass the verdict, reason and sites (insta snapshots under `snapshots/`),
+//! the emitted code of representative sites, and that every emitted site re-parses.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use forward_rewrite::audit::AuditDocument;
+use forward_rewrite::passes::PASSES;
+use forward_rewrite::scan::{ScanOptions, scan};
+
+const VERSIONS: [&str; 2] = ["4.57.6", "5.23.0"];
+const FUSIONS: [&str; 3] = ["rms-norm", "rotary", "gated-mlp"];
+
+fn corpus(version: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../corpus/cache")
+        .join(format!("transformers-{version}"))
+        .join("transformers");
+    assert!(
+        root.join("__init__.py").is_file(),
+        "transformers {version} is missing at {}: run corpus/fetch.sh first (scripts/test does)",
+        root.display()
+    );
+    root
+}
+
+fn audit(version: &str) -> AuditDocument {
+    let passes = FUSIONS
+        .iter()
+        .map(|n| forward_rewrite::passes::find(n).unwrap())
+        .collect();
+    scan(
+        &[corpus(version)],
+        &ScanOptions {
+            class: None,
+            passes,
+        },
+    )
+    .unwrap()
+    .document
+}
+
+fn settings() -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings
+}
+
+/// One line per class and pass: verdict, reason, class, then each site as
+/// `name:patched[form]` or `name:reason`.
+fn render(doc: &AuditDocument, pass: &str) -> String {
+    let mut out = String::new();
+    let mut sites_patched: BTreeMap<String, usize> = BTreeMap::new();
+    for class in &doc.classes {
+        let Some(report) = class.passes.get(pass) else {
+            continue;
+        };
+        let sites: Vec<String> = report.extra["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let name = s["name"].as_str().unwrap();
+                match s["reason"].as_str() {
+                    None => {
+                        let lowered = s["lowered"]
+                            .as_object()
+                            .map(|m| {
+                                m.iter()
+                                    .filter(|(k, _)| *k == "form" || *k == "activation")
+                                    .map(|(_, v)| v.as_str().unwrap().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        *sites_patched
+                            .entry(format!("{}.{name}", class.module))
+                            .or_default() += 1;
+                        format!("{name}:patched[{lowered}]")
+                    }
+                    Some(reason) => format!("{name}:{reason}"),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<8} {:<26} {}.{} {}",
+            report.verdict,
+            report.reason.as_deref().unwrap_or("-"),
+            class.module,
+            class.qualname,
+            sites.join(" ")
+        );
+    }
+    let summary = &doc.summary.passes[pass];
+    let _ = writeln!(
+        out,
+        "\n{pass}: {:?}; distinct sites patched: {}\n{:#?}",
+        summary.verdicts,
+        sites_patched.len(),
+        summary.reasons
+    );
+    out
+}
+
+#[test]
+fn fusion_pass_snapshots_and_emitted_sites() {
+    assert_eq!(
+        PASSES
+            .iter()
+            .map(|p| p.name)
+            .filter(|n| FUSIONS.contains(n))
+            .count(),
+        3
+    );
+    for version in VERSIONS {
+        let doc = audit(version);
+        for pass in FUSIONS {
+            let text = render(&doc, pass);
+            settings().bind(|| insta::assert_snapshot!(format!("fusion_{version}_{pass}"), text));
+        }
+        // Every emitted site re-parses as one function calling forward_rewrite, with its
+        // stock body kept.
+        let mut emitted = 0;
+        for class in &doc.classes {
+            for report in class.passes.values() {
+                for site in report.extra["sites"].as_array().unwrap() {
+                    if let Some(patch) = site["patch"].as_str() {
+                        let parsed = forward_rewrite::parse::ParsedSource::parse(patch).unwrap();
+                        assert_eq!(parsed.suite().len(), 1);
+                        assert!(patch.contains("forward_rewrite.fusion_guard."));
+                        emitted += 1;
+                    }
+                }
+            }
+        }
+        assert!(emitted > 100, "{version}: only {emitted} sites emitted");
+    }
+}
+
+#[test]
+fn emitted_code_of_representative_sites() {
+    let doc = audit("5.23.0");
+    for (class, pass, site) in [
+        ("LlamaForCausalLM", "rms-norm", "LlamaRMSNorm"),
+        ("LlamaForCausalLM", "rotary", "apply_rotary_pos_emb"),
+        ("LlamaForCausalLM", "gated-mlp", "LlamaMLP"),
+        ("Gemma3ForCausalLM", "rms-norm", "Gemma3RMSNorm"),
+        ("Gemma3ForCausalLM", "gated-mlp", "Gemma3MLP"),
+        ("Olmo2ForCausalLM", "rms-norm", "Olmo2RMSNorm"),
+        ("GPTNeoXForCausalLM", "rotary", "apply_rotary_pos_emb"),
+        ("CohereForCausalLM", "rotary", "apply_rotary_pos_emb"),
+    ] {
+        let report = doc
+            .classes
+            .iter()
+            .find(|c| c.qualname == class)
+            .unwrap_or_else(|| panic!("{class} not in the audit"));
+        let sites = report.passes[pass].extra["sites"].as_array().unwrap();
+        let found = sites
+            .iter()
+            .find(|s| s["name"] == site)
+            .unwrap_or_else(|| panic!("{class}: no {pass} site {site}: {sites:?}"));
+        let patch = found["patch"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{class}: {site} not patched: {found}"));
+        settings()
+            .bind(|| insta::assert_snapshot!(format!("fusion_site_5.23.0_{class}_{site}"), patch));
+    }
+}

@@ -1,0 +1,190 @@
+"""The run-time guards of the decoder-fusion passes (``rms-norm``, ``rotary``, ``gated-mlp``):
+what the patched norm / MLP forwards and ``apply_rotary_pos_emb`` call before taking the
+fused path (README, "Decoder fusion passes").
+
+Each guard answers, per call, whether the fused op computes exactly what the stock code
+would for these arguments; when it does not, the patched function runs its stock body, byte
+for byte (invariant 3). A wrong fused path corrupts training silently, a stock one only costs
+speed, so every guard errs on the side of stock: plain tensors only (no DTensor or other
+subclass), bfloat16 / float16 / float32 (float64: the stock code computes in float32, the op
+in float64), CPU or CUDA with its backend built, and for the MLP an activation module that is
+exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``).
+``disabled()`` turns every guard off for a block (real stock code everywhere).
+
+The fused paths run in training steps only (invariant 2, inference is untouched): autograd
+recording (``torch.is_grad_enabled()``), and the norm / activation module in train mode, or for
+the rotary function q or k requiring a gradient. Evaluation, ``torch.no_grad()`` and
+``torch.inference_mode()`` run the stock bodies byte for byte.
+"""
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["disabled", "gated_act", "rms_norm", "rotary"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_PLAIN = (torch.Tensor, nn.Parameter)
+_off: contextvars.ContextVar = contextvars.ContextVar(
+    "forward_rewrite_fusions_off", default=False
+)
+_cuda_backend = None
+#: How many calls each guard let through to the fused op (tests and ``audit()`` read it).
+taken = {"rms-norm": 0, "rotary": 0, "gated-mlp": 0}
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block every decoder-fusion guard fails: the stock bodies run."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
+
+
+def _device_ok(device):
+    global _cuda_backend
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    if _cuda_backend is None:
+        try:
+            from . import _fusions_cuda  # noqa: F401
+
+            _cuda_backend = True
+        except Exception:  # noqa: BLE001 - no CUDA backend: stock
+            _cuda_backend = False
+    return _cuda_backend
+
+
+def _tensor_ok(t, device=None):
+    return (
+        type(t) in _PLAIN
+        and t.dtype in _DTYPES
+        and (t.device == device if device is not None else _device_ok(t.device))
+    )
+
+
+def _real(value):
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def rms_norm(module, x, weight, eps):
+    """Whether ``forward_rewrite.rms_norm(x, weight, eps, ...)`` may replace the norm's
+    stock body: x and the 1-D weight (x's last dimension) plain tensors of a fused dtype on
+    one device with a backend, eps a finite number >= 0."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return False
+    ok = (
+        module.training
+        and _tensor_ok(x)
+        and x.dim() >= 1
+        and x.shape[-1] > 0
+        and x.numel() > 0
+        and _tensor_ok(weight, x.device)
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and _real(eps)
+    )
+    if ok:
+        taken["rms-norm"] += 1
+    return ok
+
+
+def rotary(q, k, cos, sin, unsqueeze_dim):
+    """Whether ``forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=...)`` may replace the
+    stock body: 4-D q and k of one fused dtype and equal shapes but for the heads, cos and
+    sin of one dtype and shape, unsqueezed at ``unsqueeze_dim`` broadcasting to q, an even
+    rotary width within the head."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return False
+    if not (_tensor_ok(q) and _tensor_ok(k, q.device)):
+        return False
+    if not (q.requires_grad or k.requires_grad):
+        return False
+    if not (_tensor_ok(cos, q.device) and _tensor_ok(sin, q.device)):
+        return False
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, int):
+        return False
+    if q.dtype != k.dtype or cos.dtype != sin.dtype or cos.shape != sin.shape:
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        return False
+    head = unsqueeze_dim % 4
+    if unsqueeze_dim not in (1, 2, -3, -2) or head == 3:
+        return False
+    width = cos.shape[-1]
+    head_dim = q.shape[-1]
+    if width <= 0 or width % 2 or width > head_dim or k.shape[-1] != head_dim:
+        return False
+    cos4 = cos.shape[:head] + (1,) + cos.shape[head:]
+    for d in range(3):
+        if d == head:
+            continue
+        if k.shape[d] != q.shape[d] or cos4[d] not in (1, q.shape[d]):
+            return False
+    taken["rotary"] += 1
+    return True
+
+
+def _silu_class():
+    try:
+        from transformers import activations
+    except ImportError:
+        return None, None
+    return getattr(activations, "SiLUActivation", None), getattr(
+        activations, "GELUTanh", None
+    )
+
+
+def _no_hooks(module):
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def gated_act(act, x):
+    """The activation ``forward_rewrite.gated_mlp_act`` computes for the MLP's activation
+    module ``act`` (``"silu"`` or ``"gelu_tanh"``), or None (stock): the module must be
+    exactly ``nn.SiLU``, transformers' ``SiLUActivation``, ``nn.GELU(approximate="tanh")`` or
+    transformers' ``GELUTanh`` on its C implementation, without hooks; x a plain tensor of a
+    fused dtype on a device with a backend."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    if not _tensor_ok(x):
+        return None
+    if not isinstance(act, nn.Module) or not act.training or not _no_hooks(act):
+        return None
+    kind = type(act)
+    silu_activation, gelu_tanh = _silu_class()
+    if kind is nn.SiLU or (silu_activation is not None and kind is silu_activation):
+        taken["gated-mlp"] += 1
+        return "silu"
+    if kind is nn.GELU and act.approximate == "tanh":
+        taken["gated-mlp"] += 1
+        return "gelu_tanh"
+    if gelu_tanh is not None and kind is gelu_tanh:
+        fn = getattr(act, "act", None)
+        if (
+            isinstance(fn, functools.partial)
+            and fn.func is nn.functional.gelu
+            and not fn.args
+            and fn.keywords == {"approximate": "tanh"}
+        ):
+            taken["gated-mlp"] += 1
+            return "gelu_tanh"
+    return None

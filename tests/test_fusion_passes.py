@@ -1,0 +1,264 @@
+"""The decoder-fusion passes (``rms-norm``, ``rotary``, ``gated-mlp``) through the installer:
+applied by default, chosen with ``install(passes=...)``, reported per class and pass by
+``audit()``, undone by ``uninstall()``; a module whose classes another tool (Liger) replaced
+is refused with a reason and still trains like stock; the run-time guards fall back to stock;
+and patched tiny models match stock (loss and every gradient, float32)."""
+
+import copy
+
+import forward_rewrite
+import pytest
+import torch
+from forward_rewrite import fusion_guard
+from forward_rewrite.verify import GRAD_TOL, LOSS_TOL
+from model_cases import batch, build, loss_and_grads, rel_err
+from torch import nn
+from transformers.models.gemma3 import modeling_gemma3
+from transformers.models.llama import modeling_llama
+
+FUSIONS = ("rms-norm", "rotary", "gated-mlp")
+
+
+@pytest.fixture(autouse=True)
+def stock_afterwards():
+    forward_rewrite.uninstall()
+    yield
+    forward_rewrite.uninstall()
+
+
+def entry(qualname):
+    return next(
+        c for c in forward_rewrite.audit()["classes"] if c["qualname"] == qualname
+    )
+
+
+def sites(qualname, pass_name):
+    return {s["name"]: s for s in entry(qualname)["passes"][pass_name]["sites"]}
+
+
+def stock_members():
+    return (
+        modeling_llama.LlamaRMSNorm.forward,
+        modeling_llama.LlamaMLP.forward,
+        modeling_llama.apply_rotary_pos_emb,
+    )
+
+
+def test_every_pass_is_applied_by_default_and_uninstall_restores(tmp_path):
+    stock = stock_members()
+    forward_rewrite.install(cache_dir=tmp_path)
+    assert forward_rewrite.audit()["passes"] == ["fused-loss", *FUSIONS]
+    llama = entry("LlamaForCausalLM")
+    assert llama["installed"]
+    for name, site in [
+        ("rms-norm", "LlamaRMSNorm"),
+        ("rotary", "apply_rotary_pos_emb"),
+        ("gated-mlp", "LlamaMLP"),
+    ]:
+        report = llama["passes"][name]
+        assert report["verdict"] == "patched", report
+        assert sites("LlamaForCausalLM", name)[site]["installed"]
+        assert "patch" not in sites("LlamaForCausalLM", name)[site]
+    assert "forward_rewrite.rms_norm" in _source(modeling_llama.LlamaRMSNorm.forward)
+    assert "forward_rewrite.rotary" in _source(modeling_llama.apply_rotary_pos_emb)
+    assert "gated_mlp_act" in _source(modeling_llama.LlamaMLP.forward)
+    summary = forward_rewrite.audit()["summary"]["passes"]
+    assert set(summary) == set(FUSIONS)
+    assert all(summary[p]["sites_installed"] >= 1 for p in FUSIONS)
+    forward_rewrite.uninstall()
+    assert stock_members() == stock
+    assert "forward_rewrite" not in vars(modeling_llama)
+
+
+def _source(fn):
+    import inspect
+
+    return inspect.getsource(fn)
+
+
+def test_passes_choose_what_is_installed(tmp_path):
+    stock = stock_members()
+    forward_rewrite.install(cache_dir=tmp_path, passes=("fused-loss",))
+    assert stock_members() == stock
+    assert entry("LlamaForCausalLM")["installed"]
+    assert not entry("LlamaForCausalLM").get("passes")
+    forward_rewrite.uninstall()
+
+    forward_rewrite.install(cache_dir=tmp_path, passes=["rms-norm"])
+    llama = entry("LlamaForCausalLM")
+    assert not llama["installed"] and llama["reason"] == "pass-off"
+    assert set(llama["passes"]) == {"rms-norm"}
+    assert modeling_llama.LlamaRMSNorm.forward is not stock[0]
+    assert modeling_llama.LlamaMLP.forward is stock[1]
+    assert modeling_llama.apply_rotary_pos_emb is stock[2]
+    forward_rewrite.uninstall()
+    assert stock_members() == stock
+
+    with pytest.raises(
+        ValueError, match=r"unknown pass 'rms_norm' \(known: fused-loss, "
+    ):
+        forward_rewrite.install(cache_dir=tmp_path, passes=("rms_norm",))
+    with pytest.raises(TypeError):
+        forward_rewrite.install(cache_dir=tmp_path, passes=3)
+
+
+class _OtherRMSNorm(nn.Module):
+    """Stands in for Liger's LigerRMSNorm: another class put into the module."""
+
+    def __init__(self, hidden_size, eps=1e-6, **kwargs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+def _other_rotary(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Stands in for Liger's liger_rotary_pos_emb."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (
+        q * cos + modeling_llama.rotate_half(q) * sin,
+        k * cos + modeling_llama.rotate_half(k) * sin,
+    )
+
+
+def _liger_like(monkeypatch):
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", _OtherRMSNorm)
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", _other_rotary)
+        return "simulated"
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )  # fmt: skip
+    return "liger"
+
+
+def test_classes_another_tool_replaced_are_refused_and_train_like_stock(
+    tmp_path, monkeypatch
+):
+    how = _liger_like(monkeypatch)
+    torch.manual_seed(0)
+    model = build("llama")
+    stock_model = copy.deepcopy(model)
+    inputs = batch()
+    want_loss, _, want_grads = loss_and_grads(stock_model, inputs)
+    forward_rewrite.install(cache_dir=tmp_path)
+    norm = sites("LlamaForCausalLM", "rms-norm")["LlamaRMSNorm"]
+    assert norm["verdict"] == "refused" and norm["reason"] == "site-replaced", norm
+    assert not norm["installed"]
+    rotary = sites("LlamaForCausalLM", "rotary")["apply_rotary_pos_emb"]
+    assert rotary["reason"] == "site-replaced", rotary
+    if how == "simulated":
+        # The MLP was left in place: still patched.
+        assert sites("LlamaForCausalLM", "gated-mlp")["LlamaMLP"]["installed"]
+    assert "forward_rewrite" not in _source(modeling_llama.LlamaRMSNorm.forward)
+    got_loss, _, got_grads = loss_and_grads(model, inputs)
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text"])
+def test_patched_tiny_models_match_stock_and_take_every_fused_path(case, tmp_path):
+    if case == "gemma3_text":
+        pytest.importorskip("transformers.models.gemma3")
+    torch.manual_seed(0)
+    model = _model(case)
+    stock_model = copy.deepcopy(model)
+    inputs = batch()
+    want_loss, _, want_grads = loss_and_grads(stock_model, inputs)
+    forward_rewrite.install(cache_dir=tmp_path)
+    before = dict(fusion_guard.taken)
+    got_loss, _, got_grads = loss_and_grads(model, inputs)
+    for name in FUSIONS:
+        assert fusion_guard.taken[name] > before[name], name
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
+    with fusion_guard.disabled():
+        before = dict(fusion_guard.taken)
+        loss_and_grads(model, inputs)
+        assert fusion_guard.taken == before
+
+
+def _model(case):
+    if case != "gemma3_text":
+        return build(case)
+    from forward_rewrite.verify import DECODER
+
+    config = modeling_gemma3.Gemma3TextConfig(
+        **{
+            **DECODER,
+            "head_dim": DECODER["hidden_size"] // DECODER["num_attention_heads"],
+        }
+    )
+    return modeling_gemma3.Gemma3ForCausalLM(config).float().train()
+
+
+def test_guards_fall_back_to_stock():
+    x = torch.randn(2, 3, 8)
+    w = torch.ones(8)
+    norm = modeling_llama.LlamaRMSNorm(8)
+    assert fusion_guard.rms_norm(norm, x, w, 1e-6)
+    assert not fusion_guard.rms_norm(norm, x.double(), w, 1e-6)
+    assert not fusion_guard.rms_norm(norm, x, torch.ones(4), 1e-6)
+    assert not fusion_guard.rms_norm(norm, x, w, float("nan"))
+    assert not fusion_guard.rms_norm(norm, x.to("meta"), w.to("meta"), 1e-6)
+
+    assert fusion_guard.gated_act(nn.SiLU(), x) == "silu"
+    assert fusion_guard.gated_act(nn.GELU(approximate="tanh"), x) == "gelu_tanh"
+    from transformers.activations import ACT2FN
+
+    assert fusion_guard.gated_act(ACT2FN["silu"], x) == "silu"
+    assert fusion_guard.gated_act(ACT2FN["gelu_pytorch_tanh"], x) == "gelu_tanh"
+    for act in (nn.GELU(), ACT2FN["gelu_new"], ACT2FN["gelu"], nn.ReLU()):
+        assert fusion_guard.gated_act(act, x) is None, act
+    hooked = nn.SiLU()
+    hooked.register_forward_hook(lambda *a: None)
+    assert fusion_guard.gated_act(hooked, x) is None
+    assert fusion_guard.gated_act(nn.SiLU(), x.double()) is None
+
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, requires_grad=True)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    assert fusion_guard.rotary(q, k, cos, sin, 1)
+    # inference is untouched: no autograd, nothing requiring a gradient, eval mode
+    assert not fusion_guard.rotary(q.detach(), k.detach(), cos, sin, 1)
+    with torch.no_grad():
+        assert not fusion_guard.rotary(q, k, cos, sin, 1)
+        assert not fusion_guard.rms_norm(norm, x, w, 1e-6)
+        assert fusion_guard.gated_act(nn.SiLU(), x) is None
+    assert not fusion_guard.rms_norm(norm.eval(), x, w, 1e-6)
+    assert fusion_guard.gated_act(nn.SiLU().eval(), x) is None
+    assert fusion_guard.rotary(q, k, cos[..., :4], sin[..., :4], 1)  # partial
+    assert not fusion_guard.rotary(q, k, cos[..., :3], sin[..., :3], 1)
+    assert not fusion_guard.rotary(q[0], k[0], cos, sin, 1)
+    assert not fusion_guard.rotary(q, k.double(), cos, sin, 1)
+    assert not fusion_guard.rotary(q, k, cos, sin, True)
+    assert not fusion_guard.rotary(q, k, torch.randn(3, 5, 8), torch.randn(3, 5, 8), 1)
+
+
+def test_a_wrong_fused_path_is_a_mismatch_even_with_the_float64_arbiter(monkeypatch):
+    """check_class lets float32 noise pass only when the patch is as close to float64 as
+    stock is: a fused path off by 0.1% is still reported."""
+    from forward_rewrite import verify
+
+    right = forward_rewrite.rms_norm
+
+    def wrong(*args, **kwargs):
+        return right(*args, **kwargs) * 1.001
+
+    monkeypatch.setattr(forward_rewrite, "rms_norm", wrong)
+    result = verify.check_class(modeling_llama.LlamaForCausalLM)
+    assert result["status"] == "mismatch", result
+    assert result["arbiter"]["patched_closer"] is False
+    monkeypatch.setattr(forward_rewrite, "rms_norm", right)
+    assert verify.check_class(modeling_llama.LlamaForCausalLM)["status"] == "verified"
