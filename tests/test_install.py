@@ -452,7 +452,11 @@ def test_install_agrees_with_the_cli_on_every_class_transformers_ships(tmp_path)
             assert c["installed"], c
         # the decoder-fusion passes: the same verdicts per pass and site, and every site the
         # CLI patches is put in place (its running source hashes as the rewriter's cut)
+        # (packing reads other modules in the CLI, only the class's own at install time;
+        # attnres is not an install() pass)
         for name, report in (want.get("passes") or {}).items():
+            if name not in ("rms-norm", "rotary", "gated-mlp"):
+                continue
             mine = c["passes"][name]
             want_sites = [(s["name"], s["reason"]) for s in report["sites"]]
             got_sites = [(s["name"], s["reason"]) for s in mine["sites"]]

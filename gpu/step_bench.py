@@ -1,0 +1,249 @@
+"""Training-step time and peak memory of real model shapes (issue 10's table): random
+weights, bfloat16, gradient checkpointing, sdpa, BATCH rows of SEQ tokens, AdamW; the
+median step after warm-up, per method:
+
+* ``stock``: transformers as is;
+* ``ours``: ``forward_rewrite.install()`` (every pass: fused loss, RMSNorm, rotary, gated MLP);
+* ``ours-loss``: ``install(passes=("fused-loss",))`` (the fused loss alone);
+* ``liger-loss``: Liger Kernel's fused linear cross-entropy only;
+* ``liger``: every Liger kernel for the family (RMSNorm, RoPE, SwiGLU/GeGLU, fused loss);
+* ``liger+ours``: Liger's kernels in place, then ``install()`` (our passes see Liger's
+  classes and leave those sites alone).
+
+Each (model, method) runs in its own process (Liger patches transformers' modules for the
+whole process), the methods interleaved per model. Prints a table; ``--json`` writes it.
+
+    python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
+    python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # Llama-3.2-1B
+    "llama-1b": (
+        "llama",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "vocab_size": 128256,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # Qwen3-0.6B
+    "qwen3-0.6b": (
+        "qwen3",
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        },
+    ),
+}
+METHODS = ["stock", "ours", "ours-loss", "liger-loss", "liger", "liger+ours"]
+
+
+def apply_liger(family, everything):
+    from liger_kernel import transformers as lk
+
+    apply = getattr(lk, f"apply_liger_kernel_to_{family}")
+    if everything:
+        apply()
+    else:
+        apply(
+            rope=False,
+            rms_norm=False,
+            swiglu=False,
+            cross_entropy=False,
+            fused_linear_cross_entropy=True,
+        )
+
+
+def one(model_name, method, steps, warmup, batch, seq, device, smoke):
+    """Runs in the child process: builds the model, times the steps, prints JSON."""
+    import torch
+    import transformers
+
+    family, shape = SHAPES[model_name]
+    shape = dict(shape)
+    if smoke:
+        shape.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=512,
+        )
+    if method.startswith("liger"):
+        apply_liger(family, everything=method != "liger-loss")
+    if method in ("ours", "liger+ours"):
+        import forward_rewrite
+
+        forward_rewrite.install()
+    elif method == "ours-loss":
+        import forward_rewrite
+
+        forward_rewrite.install(passes=("fused-loss",))
+    config_cls = transformers.AutoConfig.for_model(family).__class__
+    config = config_cls(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    with torch.device(device):  # random init on the device: seconds, not a minute
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=g).to(device)
+    times, losses = [], []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(warmup + steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            start.record()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        losses.append(float(out.loss))
+        if step >= warmup:
+            times.append(ms)
+    result = {
+        "model": model_name,
+        "method": method,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30
+        if device == "cuda"
+        else None,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+    if method in ("ours", "ours-loss", "liger+ours"):
+        import forward_rewrite
+        from forward_rewrite import fusion_guard
+
+        result["fused_calls"] = {
+            "loss": forward_rewrite.stats().get("fused"),
+            **fusion_guard.taken,
+        }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--timeout", type=int, default=150, help="seconds per (model, method)"
+    )
+    ap.add_argument(
+        "--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS
+    )
+    a = ap.parse_args()
+    device = "cpu" if a.smoke else "cuda"
+    if a.smoke:
+        a.batch, a.seq, a.steps, a.warmup = 2, 64, 2, 1
+    if a.one:
+        one(*a.one, a.steps, a.warmup, a.batch, a.seq, device, a.smoke)
+        return
+    rows = []
+    for model_name in a.models.split(","):
+        for method in a.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", model_name, method]
+            cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup)]
+            cmd += ["--batch", str(a.batch), "--seq", str(a.seq)]
+            cmd += ["--smoke"] if a.smoke else []
+            try:
+                done = subprocess.run(
+                    cmd,
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    env=os.environ,
+                    timeout=a.timeout,
+                )
+            except subprocess.TimeoutExpired:
+                rows.append({"model": model_name, "method": method, "error": "timeout"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            found = [
+                json.loads(line[7:])
+                for line in done.stdout.splitlines()
+                if line.startswith("RESULT ")
+            ]
+            if done.returncode != 0 or not found:
+                tail = " ".join(done.stderr.strip().splitlines()[-1:])[:200]
+                rows.append({"model": model_name, "method": method, "error": tail})
+            else:
+                rows.append(found[0])
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    print(
+        f"{a.batch} x {a.seq} tokens, bf16, gradient checkpointing, sdpa, AdamW; "
+        f"median of {a.steps} steps after {a.warmup}"
+    )
+    print("| model | method | step ms | vs stock | peak GiB | loss (first, last) |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | |")
+            continue
+        stock = next(
+            (
+                s
+                for s in rows
+                if s["model"] == r["model"]
+                and s["method"] == "stock"
+                and "error" not in s
+            ),
+            None,
+        )
+        speed = f"{stock['median_ms'] / r['median_ms']:.2f}x" if stock else ""
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+        print(
+            f"| {r['model']} | {r['method']} | {r['median_ms']:.0f} | {speed} | {peak} "
+            f"| {r['first_loss']:.3f}, {r['last_loss']:.3f} |"
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
