@@ -9,6 +9,7 @@
 #   .gpu/gpu/run.sh check_fusions    correctness of the fused decoder ops (gpu/check_fusions.py)
 #   .gpu/gpu/run.sh bench_fusions ARGS...  their speed against stock and Liger (gpu/bench_fusions.py)
 #                                    (both on the pinned transformers when it imports, as e2e)
+#   .gpu/gpu/run.sh check_attnres | bench_attnres ARGS...  the AttnRes mix op (gpu/*_attnres.py)
 #   .gpu/gpu/run.sh step_bench ARGS...  training-step time and peak memory of Llama-3.2-1B and
 #                                    Qwen3-0.6B shapes: stock, ours, Liger (gpu/step_bench.py)
 #   .gpu/gpu/run.sh distributed ARGS...  stock vs fused under DDP, FSDP2, DeepSpeed ZeRO, PEFT and
@@ -44,6 +45,9 @@ case "$step" in
   e2e)
     pinned_transformers
     python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/e2e.log" ;;
+  check_attnres|bench_attnres)
+    pinned_transformers
+    python3 "$here/$step.py" "$@" 2>&1 | tee -a "$OUT/$step.log" ;;
   step_bench)
     pinned_transformers
     python3 "$here/step_bench.py" --json "$OUT/step_bench.json" "$@" 2>&1 | tee -a "$OUT/step_bench.log" ;;
