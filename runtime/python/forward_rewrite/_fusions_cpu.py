@@ -12,7 +12,7 @@ from ._fusions_backend import (
     check_rotary,
     dtype_name,
     rms_out_dtype,
-    rotary_strides,
+    rotary_launch_args,
     rstd_dtype,
 )
 
@@ -69,29 +69,22 @@ def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, trans
     q_out = torch.empty_like(q, dtype=out_dtype)
     k_out = torch.empty_like(k, dtype=out_dtype)
     _native.cpu_rotary(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        cos=cos.data_ptr(),
-        sin=sin.data_ptr(),
-        q_out=q_out.data_ptr(),
-        k_out=k_out.data_ptr(),
-        q_strides=rotary_strides(q, pos, head_index),
-        k_strides=rotary_strides(k, pos, head_index),
-        cos_strides=rotary_strides(cos, pos, head_index)[:2],
-        sin_strides=rotary_strides(sin, pos, head_index)[:2],
-        q_out_strides=rotary_strides(q_out, pos, head_index),
-        k_out_strides=rotary_strides(k_out, pos, head_index),
-        p0=p0,
-        p1=p1,
-        q_heads=q.shape[head_index],
-        k_heads=k.shape[head_index],
-        head_dim=q.shape[-1],
-        rot_dim=rotary_dim,
-        interleaved=bool(interleaved),
-        transpose=bool(transpose),
-        in_dtype=dtype_name(q.dtype),
-        cs_dtype=dtype_name(cos.dtype),
-        out_dtype=dtype_name(out_dtype),
+        **rotary_launch_args(
+            q,
+            k,
+            cos,
+            sin,
+            q_out,
+            k_out,
+            p0,
+            p1,
+            pos,
+            rotary_dim,
+            interleaved,
+            head_index,
+            out_dtype,
+            transpose,
+        ),
     )
     return q_out, k_out
 
