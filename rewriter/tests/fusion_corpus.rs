@@ -153,6 +153,14 @@ fn emitted_code_of_representative_sites() {
         ("Olmo2ForCausalLM", "rms-norm", "Olmo2RMSNorm"),
         ("GPTNeoXForCausalLM", "rotary", "apply_rotary_pos_emb"),
         ("CohereForCausalLM", "rotary", "apply_rotary_pos_emb"),
+        ("Phi3ForCausalLM", "rotary", "apply_rotary_pos_emb"),
+        ("Phi3ForCausalLM", "gated-mlp", "Phi3MLP"),
+        ("GlmForCausalLM", "rotary", "apply_rotary_pos_emb"),
+        (
+            "GraniteMoeSharedForCausalLM",
+            "gated-mlp",
+            "GraniteMoeSharedMLP",
+        ),
     ] {
         let report = doc
             .classes

@@ -3,7 +3,9 @@
 //!
 //! Sites: the classes named `*MLP` that the model class reaches in its module. A site is
 //! patched when its `forward(self, x)` is exactly `self.<down>(self.<act>(self.<gate>(x)) *
-//! self.<up>(x))` (either factor order; returned directly or through one name) and its
+//! self.<up>(x))` (either factor order; returned directly or through one name), or the
+//! packed form of Phi-3 (`gate, up = self.<gate_up>(x).chunk(2, dim=-1)`, lowered to
+//! `forward_rewrite.gated_mlp_act_packed`; see `packed.rs`), and its
 //! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
 //! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
 //! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
@@ -44,7 +46,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-packed",
-        "The gate and up projections are one packed projection split with `chunk` (Phi-3): not lowered by this pass.",
+        "The gate and up projections are one packed projection split with `chunk`, but the forward is not `down(act(gate) * up)` with `gate, up = gate_up(x).chunk(2, dim=-1)` (the gate the second half, dropout, clamps, an adapter added, ...).",
     ),
     (
         "mlp-form-unknown",
@@ -106,6 +108,12 @@ fn self_call(expr: &Expr) -> Option<(&str, &Expr)> {
 
 fn is_name(expr: &Expr, name: &str) -> bool {
     matches!(expr, Expr::Name(n) if n.id.as_str() == name)
+}
+
+/// The two forms lowered: separate gate and up projections, or one packed projection.
+enum Lowering<'a> {
+    Split(Matched<'a>),
+    Packed(packed::PackedMatch<'a>),
 }
 
 /// The attributes of `self.<down>(self.<act>(self.<gate>(x)) * self.<up>(x))`.
@@ -292,34 +300,55 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         }
         _ => None,
     };
-    let Some(matched) = returned.and_then(|e| match_product(e, &param)) else {
-        let text = defs.source.slice(forward);
-        if text.contains(".chunk(") {
-            return refuse(
-                "mlp-packed",
-                format!("{name}.forward splits a packed gate_up projection"),
-            );
-        }
-        return refuse(
-            "mlp-form-unknown",
-            format!("{name}.forward is not down(act(gate(x)) * up(x))"),
-        );
+    let lowering = match returned.and_then(|e| match_product(e, &param)) {
+        Some(m) => Lowering::Split(m),
+        None => match packed::match_packed(body, &param) {
+            Some(m) => Lowering::Packed(m),
+            None if defs.source.slice(forward).contains("chunk(") => {
+                return refuse(
+                    "mlp-packed",
+                    format!(
+                        "{name}.forward splits a packed gate_up projection, but not as down(act(gate) * up) with gate, up = gate_up(x).chunk(2, dim=-1)"
+                    ),
+                );
+            }
+            None => {
+                return refuse(
+                    "mlp-form-unknown",
+                    format!("{name}.forward is not down(act(gate(x)) * up(x))"),
+                );
+            }
+        },
     };
-    let resolved = match activation(defs, owner, matched.act) {
+    let act = match &lowering {
+        Lowering::Split(m) => m.act,
+        Lowering::Packed(m) => m.act,
+    };
+    let resolved = match activation(defs, owner, act) {
         Ok(r) => r,
         Err((reason, detail)) => return refuse(reason, detail),
     };
-    let (down, act, gate, up) = (matched.down, matched.act, matched.gate, matched.up);
-    let lines = [
-        format!(
-            "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{act}, {param})) is not None:"
-        ),
-        "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward"
-            .to_string(),
-        format!(
-            "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act))"
-        ),
-    ];
+    let guard = format!(
+        "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{act}, {param})) is not None:"
+    );
+    let lines = match lowering {
+        Lowering::Split(Matched { down, gate, up, .. }) => [
+            guard,
+            "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward"
+                .to_string(),
+            format!(
+                "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act))"
+            ),
+        ],
+        Lowering::Packed(packed::PackedMatch { down, gate_up, .. }) => [
+            guard,
+            "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward"
+                .to_string(),
+            format!(
+                "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act))"
+            ),
+        ],
+    };
     match emit_guarded(defs.source, forward, &lines) {
         Ok(patch) => {
             let mut site = refuse("mlp-emit-invalid", String::new());
@@ -337,5 +366,6 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     }
 }
 
+mod packed;
 #[cfg(test)]
 mod tests;

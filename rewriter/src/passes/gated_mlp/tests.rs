@@ -88,13 +88,85 @@ fn reason_mlp_signature() {
     assert_eq!(site_reason(&r, "ToyMLP").as_deref(), Some("mlp-signature"));
 }
 
+const PHI3: &str = "class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        up_states = self.gate_up_proj(hidden_states)
+
+        gate, up_states = up_states.chunk(2, dim=-1)
+        up_states = up_states * self.activation_fn(gate)
+
+        return self.down_proj(up_states)
+";
+
+const PHI3_BODY: &str = "        up_states = self.gate_up_proj(hidden_states)
+
+        gate, up_states = up_states.chunk(2, dim=-1)
+        up_states = up_states * self.activation_fn(gate)
+
+        return self.down_proj(up_states)
+";
+
+#[test]
+fn packed_phi3_form_is_patched() {
+    let r = report(PHI3);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    insta::assert_snapshot!(site_patch(&r, "ToyMLP"));
+    assert_eq!(lowered(&r), "run-time (self.activation_fn)");
+}
+
+#[test]
+fn packed_forms_that_mean_the_same_are_patched() {
+    for body in [
+        // Granite MoE's shared MLP: the input rebound, the halves indexed.
+        "        hidden_states = self.gate_up_proj(hidden_states)\n        chunked = hidden_states.chunk(2, dim=-1)\n        hidden_states = self.activation_fn(chunked[0]) * chunked[1]\n        hidden_states = self.down_proj(hidden_states)\n        return hidden_states\n",
+        // One expression, torch.chunk, positional dim.
+        "        gate, up = torch.chunk(self.gate_up_proj(hidden_states), 2, -1)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        // Keyword chunks.
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(chunks=2, dim=-1)\n        return self.down_proj(up * self.activation_fn(gate))\n",
+    ] {
+        let r = report(&PHI3.replace(PHI3_BODY, body));
+        assert_eq!(r.verdict, "patched", "{body}\n{r:?}");
+        assert!(
+            site_patch(&r, "ToyMLP").contains(
+                "forward_rewrite.gated_mlp_act_packed(self.gate_up_proj(hidden_states), activation=_fr_act)"
+            ),
+            "{body}"
+        );
+    }
+}
+
 #[test]
 fn reason_mlp_packed() {
-    let r = report(&LLAMA.replace(
-        "        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n        return down_proj\n",
-        "        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)\n        return self.down_proj(up * self.act_fn(gate))\n",
-    ));
-    assert_eq!(site_reason(&r, "ToyMLP").as_deref(), Some("mlp-packed"));
+    for body in [
+        // Moonshine: the activation on the second half.
+        "        hidden_states = self.gate_up_proj(hidden_states)\n        hidden_states, gate = hidden_states.chunk(2, dim=-1)\n        hidden_states = self.activation_fn(gate) * hidden_states\n        return self.down_proj(hidden_states)\n",
+        // ModernBERT: dropout after the product.
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        return self.down_proj(self.drop(self.activation_fn(gate) * up))\n",
+        // Zamba2: an adapter added to the packed projection.
+        "        gate_up = self.gate_up_proj(hidden_states)\n        gate_up = gate_up + self.adapter(hidden_states)\n        gate, up = gate_up.chunk(2, dim=-1)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        // Another split: three chunks, the first dimension, unequal halves.
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(3, dim=-1)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=0)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        // The same half twice, and halves of two different projections.
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        return self.down_proj(self.activation_fn(gate) * gate)\n",
+        "        gate, _ = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        _, up = self.other(hidden_states).chunk(2, dim=-1)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+        // A clamp on the way (MiniMax-M3).
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        gate = gate.clamp(max=7.0)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
+    ] {
+        let r = report(&PHI3.replace(PHI3_BODY, body));
+        assert_eq!(
+            site_reason(&r, "ToyMLP").as_deref(),
+            Some("mlp-packed"),
+            "{body}"
+        );
+    }
 }
 
 #[test]

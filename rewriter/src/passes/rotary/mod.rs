@@ -6,8 +6,10 @@
 //! time, so replacing the global patches every caller of the module). It is patched only when
 //! its statements are one of [`FORMS`] and the module's `rotate_half` is the one the form
 //! needs (halves, or every two for the interleaved form): full or partial rotary
-//! (`rotary_dim = cos.shape[-1]`, the tail passing through), the cast back to q's dtype
-//! (OLMo 3), the interleaved float32 form (Cohere). Everything else is refused.
+//! (`rotary_dim = cos.shape[-1]`, the tail passing through; Phi-3's with the rotation inside
+//! the concatenation), the cast back to q's dtype (OLMo 3), the interleaved float32 form
+//! (Cohere), the interleaved partial form of GLM (the first half of each table repeated per
+//! pair, which the emitted call repeats the same way). Everything else is refused.
 
 use std::sync::OnceLock;
 
@@ -65,21 +67,47 @@ pub const REASONS: &[(&str, &str)] = &[
 struct Form {
     name: &'static str,
     body: &'static str,
-    rotate_half: &'static str,
+    /// The module's `rotate_half` must be one of these.
+    rotate_half: &'static [&'static str],
+    /// The tables `forward_rewrite.rotary` is given, from the function's `cos` and `sin`.
+    tables: &'static str,
     /// Keywords of `forward_rewrite.rotary` beyond `unsqueeze_dim`.
     keywords: &'static str,
 }
 
-const HALVES: &str = "x1 = x[..., : x.shape[-1] // 2]
+/// The tables as transformers passes them.
+const PLAIN_TABLES: &str = "cos, sin";
+
+const HALVES: &[&str] = &["x1 = x[..., : x.shape[-1] // 2]
 x2 = x[..., x.shape[-1] // 2 :]
 return torch.cat((-x2, x1), dim=-1)
-";
+"];
 
-const EVERY_TWO: &str = "x1 = x[..., ::2]
+const EVERY_TWO: &[&str] = &[
+    // Cohere
+    "x1 = x[..., ::2]
 x2 = x[..., 1::2]
 rot_x = torch.stack([-x2, x1], dim=-1).flatten(-2)
 return rot_x
-";
+",
+    // GLM
+    "x1 = x[..., 0::2]
+x2 = x[..., 1::2]
+return torch.stack((-x2, x1), dim=-1).flatten(-2)
+",
+];
+
+/// The partial forms' split and concatenation: the head's tail past `rotary_dim` passes
+/// through, as `forward_rewrite.rotary` does when the tables are narrower than the head.
+/// (A macro so that `concat!` can splice it into the forms' literals.)
+macro_rules! partial_split {
+    () => {
+        "rotary_dim = cos.shape[-1]
+q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+"
+    };
+}
 
 const FORMS: &[Form] = &[
     Form {
@@ -91,22 +119,25 @@ k_embed = (k * cos) + (rotate_half(k) * sin)
 return q_embed, k_embed
 ",
         rotate_half: HALVES,
+        tables: PLAIN_TABLES,
         keywords: "",
     },
     Form {
         name: "partial",
-        body: "cos = cos.unsqueeze(unsqueeze_dim)
+        body: concat!(
+            "cos = cos.unsqueeze(unsqueeze_dim)
 sin = sin.unsqueeze(unsqueeze_dim)
-rotary_dim = cos.shape[-1]
-q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
-k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
-q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
+",
+            partial_split!(),
+            "q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
 k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
 q_embed = torch.cat([q_embed, q_pass], dim=-1)
 k_embed = torch.cat([k_embed, k_pass], dim=-1)
 return q_embed, k_embed
-",
+"
+        ),
         rotate_half: HALVES,
+        tables: PLAIN_TABLES,
         keywords: "",
     },
     Form {
@@ -119,6 +150,7 @@ k_embed = (k * cos) + (rotate_half(k) * sin)
 return q_embed.to(q_type), k_embed.to(k_type)
 ",
         rotate_half: HALVES,
+        tables: PLAIN_TABLES,
         keywords: ", out_dtype=q.dtype",
     },
     Form {
@@ -133,11 +165,51 @@ k_embed = (k * cos) + (rotate_half(k) * sin)
 return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
 ",
         rotate_half: EVERY_TWO,
+        tables: PLAIN_TABLES,
         keywords: ", interleaved=True, out_dtype=q.dtype",
+    },
+    Form {
+        // Phi-3: the partial form with the rotation inside the concatenation.
+        name: "partial-inline",
+        body: concat!(
+            "cos = cos.unsqueeze(unsqueeze_dim)
+sin = sin.unsqueeze(unsqueeze_dim)
+",
+            partial_split!(),
+            "q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
+k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
+return q_embed, k_embed
+"
+        ),
+        rotate_half: HALVES,
+        tables: PLAIN_TABLES,
+        keywords: "",
+    },
+    Form {
+        // GLM, GLM-4: the first half of each table repeated per pair, rotated every two
+        // entries, the tail passing through.
+        name: "interleaved-partial",
+        body: concat!(
+            "cos = cos.unsqueeze(unsqueeze_dim)
+sin = sin.unsqueeze(unsqueeze_dim)
+cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+",
+            partial_split!(),
+            "q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
+k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
+q_embed = torch.cat([q_embed, q_pass], dim=-1)
+k_embed = torch.cat([k_embed, k_pass], dim=-1)
+return q_embed, k_embed
+"
+        ),
+        rotate_half: EVERY_TWO,
+        tables: "cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1), sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)",
+        keywords: ", interleaved=True",
     },
 ];
 
-type Templates = Vec<(ParsedSource, ParsedSource)>;
+type Templates = Vec<(ParsedSource, Vec<ParsedSource>)>;
 
 fn templates() -> &'static Templates {
     static T: OnceLock<Templates> = OnceLock::new();
@@ -147,7 +219,10 @@ fn templates() -> &'static Templates {
             .map(|f| {
                 (
                     fusion_common::template(f.body),
-                    fusion_common::template(f.rotate_half),
+                    f.rotate_half
+                        .iter()
+                        .map(|r| fusion_common::template(r))
+                        .collect(),
                 )
             })
             .collect()
@@ -229,7 +304,10 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
         .get("rotate_half")
         .is_some_and(|f: &&StmtFunctionDef| {
             matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x")
-                && same_statements(body_without_docstring(f), &templates()[index].1)
+                && templates()[index]
+                    .1
+                    .iter()
+                    .any(|t| same_statements(body_without_docstring(f), t))
         });
     if !rotate_ok {
         return refuse(
@@ -244,8 +322,8 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             form.name
         ),
         format!(
-            "    return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim{})",
-            form.keywords
+            "    return forward_rewrite.rotary(q, k, {}, unsqueeze_dim=unsqueeze_dim{})",
+            form.tables, form.keywords
         ),
     ];
     match emit_guarded(defs.source, function, &lines) {

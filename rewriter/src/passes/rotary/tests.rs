@@ -66,6 +66,72 @@ fn partial_form_is_patched() {
 }
 
 #[test]
+fn phi3_partial_form_with_the_rotation_inside_the_concatenation_is_patched() {
+    let phi3 = PARTIAL
+        .replace(
+            "    q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)\n    k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)\n",
+            "",
+        )
+        .replace(
+            "torch.cat([q_embed, q_pass], dim=-1)",
+            "torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)",
+        )
+        .replace(
+            "torch.cat([k_embed, k_pass], dim=-1)",
+            "torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)",
+        );
+    let r = report(&format!("{HALVES}\n\n{phi3}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    assert!(
+        patch.contains(
+            "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)\n"
+        ),
+        "{patch}"
+    );
+    // q's rotation applied to k's slice is not the form.
+    let wrong = phi3.replace(
+        "torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass]",
+        "torch.cat([(k_rot * cos) + (rotate_half(q_rot) * sin), k_pass]",
+    );
+    let r = report(&format!("{HALVES}\n\n{wrong}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-form-unknown")
+    );
+}
+
+const GLM_ROTATE: &str = "def rotate_half(x):
+    \"\"\"Rotates half the hidden dims of the input.\"\"\"
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+";
+
+#[test]
+fn glm_interleaved_partial_form_is_patched_with_the_tables_repeated_alike() {
+    let glm = PARTIAL.replace(
+        "    # Keep half",
+        "    # Interleave them instead of usual shape\n    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)\n    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)\n\n    # Keep half",
+    );
+    let r = report(&format!("{GLM_ROTATE}\n\n{glm}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    insta::assert_snapshot!(site_patch(&r, "apply_rotary_pos_emb"));
+    // The halves rotation with interleaved tables: neither rotation's form.
+    let r = report(&format!("{HALVES}\n\n{glm}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotate-half-unknown")
+    );
+    // The GLM rotation on halves tables (no repeat_interleave) is no form either.
+    let r = report(&format!("{GLM_ROTATE}\n\n{PARTIAL}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+#[test]
 fn interleaved_float32_form_is_patched() {
     let every_two = "def rotate_half(x):
     x1 = x[..., ::2]
@@ -173,7 +239,7 @@ fn reason_rotate_half_unknown() {
 
 #[test]
 fn reason_rotary_form_unknown() {
-    // GLM's repeat-interleaved halves of cos: not a known form.
+    // The repeat-interleaved halves of cos without the partial split: not a known form.
     let r = report(&format!(
         "{HALVES}\n\n{}",
         FULL.replace(
