@@ -67,6 +67,7 @@ import time
 import torch.distributed as dist
 
 import forward_rewrite
+import forward_rewrite.attnres
 
 # ------------------------------------------------------------------------ the models
 
@@ -118,9 +119,11 @@ class Case:
     """One row pair of the table: ``model`` under ``engine`` (with ``tie``d embeddings,
     ``peft`` adapters: None, "lora" (attention and MLP; the head frozen), "lora-head" (the
     head too) or "lora-save" (``modules_to_save=["lm_head"]``: a trainable copy), gradient
-    checkpointing ``gc``: None, "reentrant" or "non-reentrant")."""
+    checkpointing ``gc``: None, "reentrant" or "non-reentrant"; ``attnres``: Block AttnRes
+    applied (``forward_rewrite.attnres``, retrofit mode, blocks of 2 sublayers), in the
+    engine run and the reference alike, so its pseudo-queries train under the engine)."""
 
-    def __init__(self, model, engine, *, tie=False, peft=None, gc=None):
+    def __init__(self, model, engine, *, tie=False, peft=None, gc=None, attnres=False):
         self.model, self.engine, self.tie, self.peft, self.gc = (
             model,
             engine,
@@ -128,6 +131,7 @@ class Case:
             peft,
             gc,
         )
+        self.attnres = attnres
 
     @property
     def name(self):
@@ -136,6 +140,8 @@ class Case:
             parts.append(f"peft-{self.peft}")
         if self.gc:
             parts.append(f"gc-{self.gc}")
+        if self.attnres:
+            parts.append("attnres")
         return "/".join(parts)
 
     @property
@@ -167,6 +173,12 @@ def default_cases():
         Case("llama", "none", gc="non-reentrant"),
         Case("llama", "none", gc="reentrant"),
         Case("llama", "none", peft="lora", gc="reentrant"),
+        # AttnRes: its pseudo-queries are parameters of each layer (sharded with the layer's
+        # unit) and of the base model (the root unit); its state flows between layers as
+        # explicit tensors, so checkpointing recomputes it.
+        Case("llama", "fsdp2-units", attnres=True),
+        Case("llama", "ddp", attnres=True),
+        Case("llama", "none", gc="non-reentrant", attnres=True),
         Case("llama", "zero2"),
         Case("llama", "zero3"),
         Case("gemma3", "zero3", tie=True),
@@ -208,6 +220,8 @@ def build(case, s):
     dtype = torch.float32 if case.mixed_precision else s.dtype
     model = model.to(device=s.device, dtype=dtype).train()
     forward_rewrite.patch_model(model)
+    if case.attnres:
+        forward_rewrite.attnres.apply(model, block_size=2, mode="retrofit")
     if case.gc:
         kwargs = {"use_reentrant": case.gc == "reentrant"}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23+
@@ -501,7 +515,14 @@ def run_reference(case, s, batches, items):
     micro-batches in turn, summed gradients, the same optimizer."""
     model = build(case, s)
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum)
-    no_engine = Case(case.model, "none", tie=case.tie, peft=case.peft, gc=case.gc)
+    no_engine = Case(
+        case.model,
+        "none",
+        tie=case.tie,
+        peft=case.peft,
+        gc=case.gc,
+        attnres=case.attnres,
+    )
     start = _params(no_engine, model)
     losses, grads0 = {}, None
     with forward_rewrite.keep_logits():
@@ -549,7 +570,13 @@ def compare(run, ref):
     update = {n: run["end"][n] - run["start"][n] for n in run["end"]}
     update_ref = {n: ref["end"][n] - ref["start"][n] for n in ref["end"]}
     update_err, update_worst, _ = _worst(update, update_ref)
+    # AttnRes pseudo-queries start at zero: they moved only if they received gradients.
+    attnres_update = max(
+        (d.abs().max().item() for n, d in update.items() if ".attnres.query" in n),
+        default=None,
+    )
     return {
+        "attnres_update": attnres_update,
         "loss_err": loss_err,
         "grad_err": grad_err,
         "grad_worst": grad_worst,

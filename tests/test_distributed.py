@@ -66,6 +66,11 @@ def assert_row(result, case, calls):
     assert fused["routes"] == {expected_route(case): calls}
     # A frozen head (PEFT LoRA elsewhere) never computes its weight gradient.
     assert fused["dw_skipped"] == (calls if case.peft == "lora" else 0)
+    if case.attnres:
+        # The pseudo-queries trained under the engine (and equal the reference's: param_err).
+        assert fused["attnres_update"] > 0, fused
+    else:
+        assert fused["attnres_update"] is None, fused
     assert fused["loss_err"] <= 1e-5 or case.mixed_precision
     assert fused["grad_err"] <= 1e-4 or case.mixed_precision
 
