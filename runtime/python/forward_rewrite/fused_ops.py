@@ -26,6 +26,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from ._eager import BackwardOp, OpPair
 from ._fusions_backend import (
     ACTIVATIONS,
     FUSION_DTYPES,
@@ -112,14 +113,18 @@ def _kernel_dtype(name, dtype, base):
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("forward_rewrite::rms_norm", mutates_args=())
-def _rms_norm_op(
+def _rms_norm_impl(
     x: Tensor, weight: Tensor, eps: float, offset: float, cast_before_weight: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, rstd) for x (rows, hidden) contiguous, weight (hidden,) of x's dtype or float32."""
     return _backend(x.device).rms_norm_forward(
         x, weight, eps, offset, cast_before_weight
     )
+
+
+_rms_norm_op = torch.library.custom_op("forward_rewrite::rms_norm", mutates_args=())(
+    _rms_norm_impl
+)
 
 
 @_rms_norm_op.register_fake
@@ -130,8 +135,7 @@ def _rms_norm_fake(x, weight, eps, offset, cast_before_weight):
     return y, x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
 
 
-@torch.library.custom_op("forward_rewrite::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
+def _rms_norm_backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -145,6 +149,11 @@ def _rms_norm_backward_op(
         dy, x, weight, rstd, offset, cast_before_weight, weight_grad
     )
     return dx, dw if dw is not None else x.new_empty(0)
+
+
+_rms_norm_backward_op = torch.library.custom_op(
+    "forward_rewrite::rms_norm_backward", mutates_args=()
+)(_rms_norm_backward_impl)
 
 
 @_rms_norm_backward_op.register_fake
@@ -169,13 +178,16 @@ def _rms_backward(ctx, dy, _drstd):
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1]):
         return None, None, None, None, None
-    dx, dw = _rms_norm_backward_op(
+    dx, dw = _rms_norm_backward(
         dy.contiguous(), x, weight, rstd, offset, cast_before_weight, needs[1]
     )
     return (dx if needs[0] else None), (dw if needs[1] else None), None, None, None
 
 
-_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+_rms_norm = OpPair(
+    _rms_norm_op, _rms_norm_impl, _rms_setup, _rms_backward, nondiff=(1,)
+)
+_rms_norm_backward = BackwardOp(_rms_norm_backward_op, _rms_norm_backward_impl)
 
 
 def rms_norm(
@@ -218,15 +230,14 @@ def rms_norm(
     cast_before_weight = _bool("cast_before_weight", cast_before_weight)
     w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
     x2 = x.contiguous().view(-1, x.shape[-1])
-    y, _ = _rms_norm_op(x2, w.contiguous(), eps, offset, cast_before_weight)
+    y, _ = _rms_norm(x2, w.contiguous(), eps, offset, cast_before_weight)
     return y.view(x.shape)
 
 
 # ---- rotary -----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("forward_rewrite::rotary", mutates_args=())
-def _rotary_op(
+def _rotary_impl(
     q: Tensor,
     k: Tensor,
     cos: Tensor,
@@ -242,13 +253,17 @@ def _rotary_op(
     )
 
 
+_rotary_op = torch.library.custom_op("forward_rewrite::rotary", mutates_args=())(
+    _rotary_impl
+)
+
+
 @_rotary_op.register_fake
 def _rotary_fake(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype):
     return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
 
 
-@torch.library.custom_op("forward_rewrite::rotary_backward", mutates_args=())
-def _rotary_backward_op(
+def _rotary_backward_impl(
     dq_out: Tensor,
     dk_out: Tensor,
     cos: Tensor,
@@ -262,6 +277,11 @@ def _rotary_backward_op(
     return _backend(dq_out.device).rotary(
         dq_out, dk_out, cos, sin, rotary_dim, interleaved, head_index, grad_dtype, True
     )
+
+
+_rotary_backward_op = torch.library.custom_op(
+    "forward_rewrite::rotary_backward", mutates_args=()
+)(_rotary_backward_impl)
 
 
 @_rotary_backward_op.register_fake
@@ -298,7 +318,7 @@ def _rotary_backward(ctx, dq_out, dk_out):
     needs = ctx.needs_input_grad
     dq = dk = dcos = dsin = None
     if needs[0] or needs[1]:
-        dq, dk = _rotary_backward_op(
+        dq, dk = _rotary_backward_call(
             _unit_last_stride(dq_out),
             _unit_last_stride(dk_out),
             cos,
@@ -334,7 +354,8 @@ def _rotary_backward(ctx, dq_out, dk_out):
     )
 
 
-_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+_rotary = OpPair(_rotary_op, _rotary_impl, _rotary_setup, _rotary_backward)
+_rotary_backward_call = BackwardOp(_rotary_backward_op, _rotary_backward_impl)
 
 
 def rotary(
@@ -449,7 +470,7 @@ def rotary(
     cos4 = _unit_last_stride(cos4.to(cs_dtype)).reshape((1,) * pad + tuple(cos4.shape))
     sin4 = _unit_last_stride(sin4.to(cs_dtype)).reshape((1,) * pad + tuple(sin4.shape))
     rotary_dims(head + pad)  # validates the index
-    q_out, k_out = _rotary_op(
+    q_out, k_out = _rotary(
         q4, k4, cos4, sin4, rotary_dim, interleaved, head + pad, out_dtype
     )
     return q_out.reshape(q.shape), k_out.reshape(k.shape)
@@ -458,10 +479,14 @@ def rotary(
 # ---- gated MLP product --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("forward_rewrite::gated_act", mutates_args=())
-def _gated_op(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+def _gated_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous."""
     return _backend(gate.device).gated_act(gate, up, activation)
+
+
+_gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=())(
+    _gated_impl
+)
 
 
 @_gated_op.register_fake
@@ -469,12 +494,16 @@ def _gated_fake(gate, up, activation):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("forward_rewrite::gated_act_backward", mutates_args=())
-def _gated_backward_op(
+def _gated_backward_impl(
     dout: Tensor, gate: Tensor, up: Tensor, activation: str
 ) -> tuple[Tensor, Tensor]:
     """(dgate, dup), contiguous."""
     return _backend(gate.device).gated_act_backward(dout, gate, up, activation)
+
+
+_gated_backward_op = torch.library.custom_op(
+    "forward_rewrite::gated_act_backward", mutates_args=()
+)(_gated_backward_impl)
 
 
 @_gated_backward_op.register_fake
@@ -493,11 +522,12 @@ def _gated_backward(ctx, dout):
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1]):
         return None, None, None
-    dgate, dup = _gated_backward_op(dout.contiguous(), gate, up, ctx.activation)
+    dgate, dup = _gated_backward_call(dout.contiguous(), gate, up, ctx.activation)
     return (dgate if needs[0] else None), (dup if needs[1] else None), None
 
 
-_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+_gated = OpPair(_gated_op, _gated_impl, _gated_setup, _gated_backward)
+_gated_backward_call = BackwardOp(_gated_backward_op, _gated_backward_impl)
 
 
 def _rows_view(t):
@@ -542,15 +572,14 @@ def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tens
         raise ValueError(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
-    out = _gated_op(_rows_view(gate), _rows_view(up), activation)
+    out = _gated(_rows_view(gate), _rows_view(up), activation)
     return out.view(gate.shape)
 
 
 # ---- gated MLP product on one gate_up tensor ------------------------------------------------
 
 
-@torch.library.custom_op("forward_rewrite::gated_act_packed", mutates_args=())
-def _gated_packed_op(gate_up: Tensor, activation: str) -> Tensor:
+def _gated_packed_impl(gate_up: Tensor, activation: str) -> Tensor:
     """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
     cols = gate_up.shape[1] // 2
     return _backend(gate_up.device).gated_act(
@@ -558,15 +587,26 @@ def _gated_packed_op(gate_up: Tensor, activation: str) -> Tensor:
     )
 
 
+_gated_packed_op = torch.library.custom_op(
+    "forward_rewrite::gated_act_packed", mutates_args=()
+)(_gated_packed_impl)
+
+
 @_gated_packed_op.register_fake
 def _gated_packed_fake(gate_up, activation):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
-@torch.library.custom_op("forward_rewrite::gated_act_packed_backward", mutates_args=())
-def _gated_packed_backward_op(dout: Tensor, gate_up: Tensor, activation: str) -> Tensor:
+def _gated_packed_backward_impl(
+    dout: Tensor, gate_up: Tensor, activation: str
+) -> Tensor:
     """The gradient of gate_up, contiguous (rows, 2c): [dgate | dup] per row."""
     return _backend(gate_up.device).gated_act_backward_packed(dout, gate_up, activation)
+
+
+_gated_packed_backward_op = torch.library.custom_op(
+    "forward_rewrite::gated_act_packed_backward", mutates_args=()
+)(_gated_packed_backward_impl)
 
 
 @_gated_packed_backward_op.register_fake
@@ -584,11 +624,14 @@ def _gated_packed_backward(ctx, dout):
     (gate_up,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None
-    return _gated_packed_backward_op(dout.contiguous(), gate_up, ctx.activation), None
+    return _gated_packed_backward_call(dout.contiguous(), gate_up, ctx.activation), None
 
 
-_gated_packed_op.register_autograd(
-    _gated_packed_backward, setup_context=_gated_packed_setup
+_gated_packed = OpPair(
+    _gated_packed_op, _gated_packed_impl, _gated_packed_setup, _gated_packed_backward
+)
+_gated_packed_backward_call = BackwardOp(
+    _gated_packed_backward_op, _gated_packed_backward_impl
 )
 
 
@@ -615,5 +658,5 @@ def gated_mlp_act_packed(gate_up: Tensor, *, activation: str = "silu") -> Tensor
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
     cols = gate_up.shape[-1] // 2
-    out = _gated_packed_op(_rows_view(gate_up), activation)
+    out = _gated_packed(_rows_view(gate_up), activation)
     return out.view(*gate_up.shape[:-1], cols)
