@@ -38,21 +38,27 @@ from ._fusions_backend import (
 __all__ = ["gated_mlp_act", "gated_mlp_act_packed", "rms_norm", "rotary"]
 
 
-def _backend(device: torch.device):
-    if device.type == "cpu":
-        from . import _fusions_cpu
+_BACKENDS = {}
 
-        return _fusions_cpu
-    if device.type == "cuda":
+
+def _backend(device: torch.device):
+    backend = _BACKENDS.get(device.type)  # looked up on every call: kept once loaded
+    if backend is not None:
+        return backend
+    if device.type == "cpu":
+        from . import _fusions_cpu as backend
+    elif device.type == "cuda":
         try:
-            from . import _fusions_cuda
+            from . import _fusions_cuda as backend
         except ImportError as e:
             raise RuntimeError(
                 "forward_rewrite: the CUDA backend (forward_rewrite._fusions_cuda) is not "
                 f"available in this build ({e})"
             ) from e
-        return _fusions_cuda
-    raise ValueError(f"device {device} is not supported (cpu or cuda)")
+    else:
+        raise ValueError(f"device {device} is not supported (cpu or cuda)")
+    _BACKENDS[device.type] = backend
+    return backend
 
 
 # ---- argument checks of the public functions ------------------------------------------------
