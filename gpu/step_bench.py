@@ -1,5 +1,5 @@
 """Training-step time and peak memory of real model shapes (issue 10's table): random
-weights, bfloat16, gradient checkpointing, sdpa, BATCH rows of SEQ tokens, AdamW; the
+weights, bfloat16, gradient checkpointing, sdpa (eager for Gemma 2), BATCH rows of SEQ tokens, AdamW; the
 median step after warm-up, per method:
 
 * ``stock``: transformers as is;
@@ -14,6 +14,7 @@ Each (model, method) runs in its own process (Liger patches transformers' module
 whole process), the methods interleaved per model. Prints a table; ``--json`` writes it.
 
     python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
+    python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -55,7 +56,85 @@ SHAPES = {
             "tie_word_embeddings": True,
         },
     ),
+    # Gemma-2-2B (logit soft-capping, sandwich norms, GELU-tanh gated MLP)
+    "gemma2-2b": (
+        "gemma2",
+        {
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "vocab_size": 256000,
+            "tie_word_embeddings": True,
+            # transformers refuses sdpa for Gemma 2 (its soft-capped attention scores)
+            "attn_implementation": "eager",
+        },
+    ),
+    # Mistral-7B-v0.3 at half depth (16 of 32 layers: one session's device time)
+    "mistral-7b-16l": (
+        "mistral",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 32768,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Phi-3-mini (packed gate_up MLP, partial-form rotary)
+    "phi3-mini": (
+        "phi3",
+        {
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32064,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Qwen3-MoE (Qwen3-30B-A3B's layer shapes, 12 layers of 32 experts, 8 active)
+    "qwen3-moe-12l": (
+        "qwen3_moe",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+            "num_experts": 32,
+            "num_experts_per_tok": 8,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # GLM-4-9B's shapes at 12 of 40 layers (interleaved partial rotary, packed gate_up):
+    # a family Liger has no patch for
+    "glm-9b-12l": (
+        "glm",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 13696,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 2,
+            "head_dim": 128,
+            "partial_rotary_factor": 0.5,
+            "vocab_size": 151552,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
+#: The models of issue 10's first table (the default); the others by --models.
+DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]
 METHODS = ["stock", "ours", "ours-loss", "liger-loss", "liger", "liger+ours"]
 
 
@@ -92,6 +171,10 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
             head_dim=16,
             vocab_size=512,
         )
+        if "num_experts" in shape:
+            shape.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        # Token ids within the tiny vocabulary (Phi-3's and GLM's defaults are not).
+        shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if method.startswith("liger"):
         apply_liger(family, everything=method != "liger-loss")
     if method in ("ours", "liger+ours"):
@@ -103,7 +186,8 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
 
         forward_rewrite.install(passes=("fused-loss",))
     config_cls = transformers.AutoConfig.for_model(family).__class__
-    config = config_cls(**shape, attn_implementation="sdpa")
+    attn = shape.pop("attn_implementation", "sdpa")
+    config = config_cls(**shape, attn_implementation=attn)
     torch.manual_seed(0)
     dtype = torch.float32 if smoke else torch.bfloat16
     with torch.device(device):  # random init on the device: seconds, not a minute
@@ -161,7 +245,11 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, of: {', '.join(SHAPES)}",
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
