@@ -44,6 +44,8 @@ CASES = {
         {"use_parallel_residual": False},
     ),
     "cohere": ("CohereForCausalLM", "CohereConfig", {}),
+    # Layers under `self.h` (`for h in self.h:`), the stream parameter named `x`.
+    "ctrl": ("CTRLLMHeadModel", "CTRLConfig", {"dff": 64, "n_positions": 64}),
 }
 #: residual adds per layer
 SLOTS = {"gpt_neox_parallel": 1, "cohere": 1}
@@ -86,13 +88,18 @@ def test_retrofit_reproduces_stock(case, train):
     cls, cfg, extra = CASES[case]
     model = _build(cls, cfg, **extra)
     model.train(train)
+    # The same seed for each run: CTRL's dropouts draw the same masks in train mode.
+    torch.manual_seed(0)
     ref = _logits(model)
     attnres.apply(model, block_size=2)
     assert model._attnres_applied["sublayers"] == LAYERS * SLOTS.get(case, 2)
+    assert model._attnres_applied["layers"] == ("h" if case == "ctrl" else "layers")
+    torch.manual_seed(0)
     out = _logits(model)
     assert out.dtype == ref.dtype
     assert _rel(out, ref) < 1e-6
     attnres.remove(model)
+    torch.manual_seed(0)
     assert torch.equal(_logits(model), ref)
 
 
@@ -464,12 +471,102 @@ def _mamba():
     return transformers.MambaForCausalLM(cfg)
 
 
+def _tiny(cls_name, cfg_name, **kw):
+    def build():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cfg_name)(vocab_size=160, **kw)
+        cfg._attn_implementation = "eager"
+        return getattr(transformers, cls_name)(cfg)
+
+    build.__name__ = cls_name
+    return build
+
+
+# Decoders holding their layers under `self.h`: the layer list is found, and each is refused
+# for what its block does.
+_H_REFUSED = [
+    # The block takes `encoder_hidden_states` (its cross-attention branch).
+    (
+        _tiny(
+            "GPT2LMHeadModel",
+            "GPT2Config",
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+        ),
+        "cross-attention",
+        "GPT2LMHeadModel",
+    ),
+    # The blocks return `(hidden_states, attn_weights)`.
+    (
+        _tiny(
+            "GPTJForCausalLM",
+            "GPTJConfig",
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=4,
+            n_positions=64,
+        ),
+        "layer-return",
+        "GPTJForCausalLM",
+    ),
+    (
+        _tiny(
+            "GPTNeoForCausalLM",
+            "GPTNeoConfig",
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            max_position_embeddings=64,
+        ),
+        "layer-return",
+        "GPTNeoForCausalLM",
+    ),
+    (
+        _tiny(
+            "CodeGenForCausalLM",
+            "CodeGenConfig",
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=4,
+            n_positions=64,
+        ),
+        "layer-return",
+        "CodeGenForCausalLM",
+    ),
+    # The residual adds are `dropout_add(...)` calls, `residual` the stream on one branch.
+    (
+        _tiny(
+            "FalconForCausalLM",
+            "FalconConfig",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        "residual-not-seen",
+        "FalconForCausalLM",
+    ),
+    # `residual` is the stream or the normed stream (`apply_residual_connection_post_layernorm`)
+    # and the adds happen inside the attention and the MLP.
+    (
+        _tiny("BloomForCausalLM", "BloomConfig", hidden_size=32, n_layer=2, n_head=4),
+        "residual-not-seen",
+        "BloomForCausalLM",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     "build, code, name",
     [
         (_jamba, "hybrid-layers", "JambaForCausalLM"),
         (_bart, "encoder-decoder", "BartForConditionalGeneration"),
         (_mamba, "recurrent-layer", "MambaForCausalLM"),
+        *_H_REFUSED,
     ],
 )
 def test_refused_classes(build, code, name):
@@ -576,6 +673,63 @@ class _Toy(torch.nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, scale=0.5)
         return self.norm(hidden_states)
+
+
+class _ToyH(torch.nn.Module):
+    """GPT-2's naming: the layers under `self.h`, looped with `enumerate`; a second
+    ModuleList the forward does not loop over."""
+
+    def __init__(self, layer_cls, n=3):
+        super().__init__()
+        self.config = _ToyConfig()
+        self.h = torch.nn.ModuleList([layer_cls() for _ in range(n)])
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(16, 16)])
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        hidden_states = x
+        for i, block in enumerate(self.h):
+            hidden_states = block(hidden_states, scale=0.5)
+        return self.heads[0](self.norm(hidden_states))
+
+
+class _ToyTwoLoops(_ToyH):
+    def forward(self, x):
+        hidden_states = x
+        for block in self.h:
+            hidden_states = block(hidden_states, scale=0.5)
+        for head in self.heads:
+            hidden_states = head(hidden_states)
+        return self.norm(hidden_states)
+
+
+def test_layers_under_another_name():
+    torch.manual_seed(0)
+    model = _ToyH(_ToyLayer)
+    x = torch.randn(2, 5, 16)
+    ref = model(x)
+    for block_size in (1, 3):
+        attnres.apply(model, block_size=block_size)
+        assert attnres.applied(model)["layers"] == "h"
+        assert model._attnres_applied["sublayers"] == 6
+        assert [type(b).__name__ for b in model.h] == ["_ToyLayer"] * 3
+        assert all(hasattr(b, "attnres") for b in model.h)
+        assert not hasattr(model.heads[0], "attnres")
+        assert _rel(model(x), ref) < 1e-6
+        attnres.remove(model)
+        assert type(model) is _ToyH and all(type(b) is _ToyLayer for b in model.h)
+        assert not _attnres_modules(model)
+        assert torch.equal(model(x), ref)
+
+
+def test_layers_under_another_name_ambiguous_is_refused():
+    model = _ToyTwoLoops(_ToyLayer)
+    with pytest.raises(attnres.AttnResRefused) as info:
+        attnres.apply(model)
+    assert info.value.code == "no-layer-loop"
+    assert "h, heads" in info.value.detail
+    assert not _attnres_modules(model)
+    assert type(model) is _ToyTwoLoops
 
 
 def test_any_decoder_shaped_module():

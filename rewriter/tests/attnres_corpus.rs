@@ -69,6 +69,15 @@ fn attnres_audit_snapshot() {
             Some("encoder-decoder"),
         ),
         ("BartForCausalLM", "refused", Some("cross-attention")),
+        // Layers under `self.h`.
+        ("CTRLLMHeadModel", "patched", None),
+        ("GPT2LMHeadModel", "refused", Some("cross-attention")),
+        ("GPTJForCausalLM", "refused", Some("layer-return")),
+        ("GPTNeoForCausalLM", "refused", Some("layer-return")),
+        ("CodeGenForCausalLM", "refused", Some("layer-return")),
+        ("FalconForCausalLM", "refused", Some("residual-not-seen")),
+        ("BloomForCausalLM", "refused", Some("residual-not-seen")),
+        ("xLSTMForCausalLM", "refused", Some("recurrent-layer")),
     ] {
         let class = doc
             .classes
@@ -115,30 +124,39 @@ fn diff(original: &str, emitted: &str, name: &str) -> String {
 
 #[test]
 fn attnres_diff_snapshots() {
-    for (file, base, layer) in [
-        ("llama/modeling_llama.py", "LlamaModel", "LlamaDecoderLayer"),
+    for (file, base, layer, layers) in [
+        (
+            "llama/modeling_llama.py",
+            "LlamaModel",
+            "LlamaDecoderLayer",
+            "layers",
+        ),
         (
             "gemma3/modeling_gemma3.py",
             "Gemma3TextModel",
             "Gemma3DecoderLayer",
+            "layers",
         ),
         (
             "gpt_neox/modeling_gpt_neox.py",
             "GPTNeoXModel",
             "GPTNeoXLayer",
+            "layers",
         ),
         (
             "cohere/modeling_cohere.py",
             "CohereModel",
             "CohereDecoderLayer",
+            "layers",
         ),
+        ("ctrl/modeling_ctrl.py", "CTRLModel", "EncoderLayer", "h"),
     ] {
         let text = std::fs::read_to_string(corpus().join("models").join(file)).unwrap();
         let module = ParsedSource::parse(text).unwrap();
         let model_src = forward_of(&module, base);
         let layer_src = forward_of(&module, layer);
-        let emitted =
-            attnres::emit(&model_src, &layer_src).unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        let emitted = attnres::emit(&model_src, &layer_src, layers)
+            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
         let text = format!(
             "{}\n{}\nslots: {}\n",
             diff(&model_src, &emitted.model_forward, base),

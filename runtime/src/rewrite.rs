@@ -16,6 +16,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_emit, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_info, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_attnres_loops, m)?)?;
     Ok(())
 }
 
@@ -78,12 +79,25 @@ fn rewrite_forward_sha256(text: &str) -> String {
 }
 
 /// The attnres pass on a base model's forward and its decoder layer's forward (texts as
-/// `inspect.getsource` returns them): JSON `{"verdict": "patched", "model_forward",
-/// "layer_forward", "slots"}` or `{"verdict": "refused" | "failed", "reason", "detail"}`.
+/// `inspect.getsource` returns them), the layers held under `self.<layers>`: JSON
+/// `{"verdict": "patched", "model_forward", "layer_forward", "slots"}` or
+/// `{"verdict": "refused" | "failed", "reason", "detail"}`.
 #[pyfunction]
-#[pyo3(signature = (model_forward, layer_forward))]
-fn rewrite_attnres_emit(py: Python<'_>, model_forward: &str, layer_forward: &str) -> String {
-    py.detach(|| forward_rewrite::passes::attnres::emit_json(model_forward, layer_forward))
+#[pyo3(signature = (model_forward, layer_forward, layers = "layers"))]
+fn rewrite_attnres_emit(
+    py: Python<'_>,
+    model_forward: &str,
+    layer_forward: &str,
+    layers: &str,
+) -> String {
+    py.detach(|| forward_rewrite::passes::attnres::emit_json(model_forward, layer_forward, layers))
+}
+
+/// The attributes `self.<attr>` a base model's forward loops over with `for`, as JSON (a
+/// list, or `{"error": ...}`): where the attnres runtime looks for the layer list.
+#[pyfunction]
+fn rewrite_attnres_loops(py: Python<'_>, model_forward: &str) -> String {
+    py.detach(|| forward_rewrite::passes::attnres::loops_json(model_forward))
 }
 
 /// The attnres pass's reason codes (`[[code, meaning], ...]`) and the class-name fragments

@@ -238,6 +238,15 @@ def _subclass(cls: type, source: str, fn) -> type:
     return sub
 
 
+def _module_lists(module) -> dict[str, nn.ModuleList]:
+    """The module's non-empty ``ModuleList`` children by attribute name (``layers``, ``h``, ...)."""
+    return {
+        name: child
+        for name, child in module.named_children()
+        if isinstance(child, nn.ModuleList) and len(child) > 0
+    }
+
+
 def _decoder(model):
     get = getattr(model, "get_decoder", None)
     base = model
@@ -246,11 +255,48 @@ def _decoder(model):
             base = get()
         except (AttributeError, NotImplementedError, ValueError):
             base = model
-    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
+    if not _module_lists(base):
         base_model = getattr(model, "base_model", model)
-        if isinstance(getattr(base_model, "layers", None), nn.ModuleList):
+        if _module_lists(base_model):
             base = base_model
     return base
+
+
+def _layer_list(top: str, base, base_fn) -> str:
+    """The attribute the base model holds its layers under: ``layers`` when it is a
+    ``ModuleList``, else the one non-empty ``ModuleList`` child its forward loops over
+    (GPT-2's ``h``; the pass reads the loops, ``_native.rewrite_attnres_loops``)."""
+    lists = _module_lists(base)
+    if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        if "layers" not in lists:
+            raise AttnResRefused(
+                top, "no-layer-loop", f"{_qualname(base)}.layers is empty"
+            )
+        return "layers"
+    looped = json.loads(_native.rewrite_attnres_loops(inspect.getsource(base_fn)))
+    if isinstance(looped, dict):
+        raise AttnResError(
+            f"attnres failed on {top} ({_qualname(base)}.forward): {looped['error']}"
+        )
+    names = [n for n in lists if n in looped]
+    if len(names) != 1:
+        raise AttnResRefused(
+            top,
+            "no-layer-loop",
+            f"{_qualname(base)} has no `layers` ModuleList and its forward loops over "
+            + (
+                f"{len(names)} of its ModuleLists ({', '.join(names)})"
+                if names
+                else "none of its ModuleLists"
+            ),
+        )
+    return names[0]
+
+
+def _layers(model):
+    """The base model and its layer list of an applied model."""
+    base = _decoder(model)
+    return base, getattr(base, model._attnres_applied["layers"])
 
 
 def _config_eps(config) -> float:
@@ -270,16 +316,14 @@ def _plan(model):
             top, "encoder-decoder", "config.is_encoder_decoder is true"
         )
     base = _decoder(model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise AttnResRefused(
-            top, "no-layer-loop", f"{_qualname(base)} has no `layers` ModuleList"
-        )
+    base_fn, base_owner = _defining_function(type(base))
+    attr = _layer_list(top, base, base_fn)
+    layers = getattr(base, attr)
     classes = list(dict.fromkeys(type(layer) for layer in layers))
     if len(classes) > 1:
         names = ", ".join(c.__name__ for c in classes)
         raise AttnResRefused(
-            top, "hybrid-layers", f"{_qualname(base)}.layers holds {names}"
+            top, "hybrid-layers", f"{_qualname(base)}.{attr} holds {names}"
         )
     layer_cls = classes[0]
     for name, sub in layers[0].named_modules():
@@ -300,10 +344,9 @@ def _plan(model):
     if hasattr(type(base), "_attnres_stock") or hasattr(layer_cls, "_attnres_stock"):
         raise AttnResError(f"attnres is already applied to {top}")
     layer_fn, layer_owner = _defining_function(layer_cls)
-    base_fn, base_owner = _defining_function(type(base))
     result = json.loads(
         _native.rewrite_attnres_emit(
-            inspect.getsource(base_fn), inspect.getsource(layer_fn)
+            inspect.getsource(base_fn), inspect.getsource(layer_fn), attr
         )
     )
     where = f"{base_owner.__name__} / {layer_owner.__name__}"
@@ -318,6 +361,7 @@ def _plan(model):
         )
     return (
         base,
+        attr,
         layer_cls,
         layer_fn,
         result["layer_forward"],
@@ -409,9 +453,17 @@ def apply(
     mode = "retrofit" if mode is None else mode
     alpha = 0.0 if alpha is None else alpha
     _check_args(block_size, mode, alpha)
-    base, layer_cls, layer_fn, layer_src, base_cls, base_fn, base_src, slots = _plan(
-        model
-    )
+    (
+        base,
+        attr,
+        layer_cls,
+        layer_fn,
+        layer_src,
+        base_cls,
+        base_fn,
+        base_src,
+        slots,
+    ) = _plan(model)
     total = sum(slots)
     if block_size is None:
         block_size = max(1, math.ceil(total / DEFAULT_BLOCKS))
@@ -431,7 +483,7 @@ def apply(
     changed: list = []
     try:
         offset = 0
-        for layer, n in zip(base.layers, slots):
+        for layer, n in zip(getattr(base, attr), slots):
             ctx = _Ctx(offset, n, block_size, mode, float(alpha), eps)
             offset += n
             if mode != "additive":
@@ -447,7 +499,9 @@ def apply(
         changed.append((base, type(base)))
         base.__class__ = base_sub
         settings = {"block_size": block_size, "mode": mode, "alpha": float(alpha)}
-        model._attnres_applied = dict(settings, sublayers=total, base=_qualname(base))
+        model._attnres_applied = dict(
+            settings, sublayers=total, base=_qualname(base), layers=attr
+        )
         model.config.attnres = settings
         if from_config and load and mode != "additive":
             _load_saved(model)
@@ -473,8 +527,8 @@ def remove(model):
     """Restore the stock forwards and drop the AttnRes parameters and ``config.attnres``."""
     if getattr(model, "_attnres_applied", None) is None:
         raise AttnResError(f"attnres is not applied to {_qualname(model)}")
-    base = _decoder(model)
-    changed = [(layer, type(layer)) for layer in base.layers] + [(base, type(base))]
+    base, layers = _layers(model)
+    changed = [(layer, type(layer)) for layer in layers] + [(base, type(base))]
     _undo(model, changed)
     if hasattr(model.config, "attnres"):
         del model.config.attnres

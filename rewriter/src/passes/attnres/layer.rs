@@ -78,6 +78,9 @@ struct Walker<'s, 't> {
     sp: &'s mut Splicer<'t>,
     current: BTreeSet<String>,
     stale: BTreeSet<String>,
+    /// Names that hold the stream on some branches of an `if` and not on others (also in
+    /// `stale`, so that every use is refused; reads are reported as `residual-not-seen`).
+    maybe: BTreeSet<String>,
     adds: u32,
     diverged: bool,
 }
@@ -136,6 +139,15 @@ impl Walker<'_, '_> {
     }
 
     fn check_reads(&self, reads: &BTreeSet<String>, at: usize) -> Result<(), Refusal> {
+        if let Some(name) = reads.intersection(&self.maybe).next() {
+            return Err(Refusal::new(
+                "residual-not-seen",
+                format!(
+                    "line {}: `{name}` holds the stream on some branches of an `if` only",
+                    self.line(at)
+                ),
+            ));
+        }
         if let Some(name) = reads.intersection(&self.stale).next() {
             return Err(Refusal::new(
                 "stale-residual",
@@ -166,28 +178,52 @@ impl Walker<'_, '_> {
                             self.check_reads(&loads_expr(test), at)?;
                         }
                     }
-                    let saved = (self.current.clone(), self.stale.clone());
+                    let saved = (self.current.clone(), self.stale.clone(), self.maybe.clone());
                     let mut results = Vec::new();
                     for (_, body) in &branches {
                         self.current = saved.0.clone();
                         self.stale = saved.1.clone();
+                        self.maybe = saved.2.clone();
                         let (after, t) = self.walk(body, slot)?;
-                        results.push((after, t, self.current.clone(), self.stale.clone()));
+                        results.push((
+                            after,
+                            t,
+                            self.current.clone(),
+                            self.stale.clone(),
+                            self.maybe.clone(),
+                        ));
                     }
                     if !has_else {
-                        results.push((slot, Vec::new(), saved.0.clone(), saved.1.clone()));
+                        results.push((
+                            slot,
+                            Vec::new(),
+                            saved.0.clone(),
+                            saved.1.clone(),
+                            saved.2.clone(),
+                        ));
                     }
                     let mut current = results[0].2.clone();
                     let mut union = BTreeSet::new();
                     let mut stale = BTreeSet::new();
+                    let mut maybe = BTreeSet::new();
                     for r in &results {
                         current = current.intersection(&r.2).cloned().collect();
                         union.extend(r.2.iter().cloned());
                         stale.extend(r.3.iter().cloned());
+                        maybe.extend(r.4.iter().cloned());
                     }
+                    // The stream on some branches only, and stale on none: not replaced by
+                    // an add, just not followed.
+                    maybe.extend(
+                        union
+                            .difference(&current)
+                            .filter(|n| !stale.contains(*n))
+                            .cloned(),
+                    );
                     stale.extend(union.difference(&current).cloned());
                     self.current = current;
                     self.stale = stale;
+                    self.maybe = maybe;
                     let counts: BTreeSet<u32> = results.iter().map(|r| r.0).collect();
                     let diverges = counts.len() > 1;
                     if diverges && !(results.len() == 2 && is_static_test(&s.test)) {
@@ -323,6 +359,7 @@ impl Walker<'_, '_> {
                     if alias {
                         let t = single.clone().unwrap_or_default();
                         self.stale.remove(&t);
+                        self.maybe.remove(&t);
                         self.current.insert(t);
                     } else {
                         for t in &targets {
@@ -330,6 +367,7 @@ impl Walker<'_, '_> {
                                 if n.ctx == ExprContext::Store {
                                     self.current.remove(n.id.as_str());
                                     self.stale.remove(n.id.as_str());
+                                    self.maybe.remove(n.id.as_str());
                                 }
                             }
                         }
@@ -373,6 +411,8 @@ impl Walker<'_, '_> {
             .collect();
         self.stale.append(&mut stale);
         self.stale.remove(target);
+        // What held the stream on some branches is stale now on those (and in `stale`).
+        self.maybe.clear();
         self.current = BTreeSet::from([target.to_string()]);
     }
 }
@@ -435,6 +475,7 @@ pub fn emit(text: &str, func: &StmtFunctionDef) -> Result<LayerEmit, Refusal> {
         sp: &mut sp,
         current: BTreeSet::from([h.clone()]),
         stale: BTreeSet::new(),
+        maybe: BTreeSet::new(),
         adds: 0,
         diverged: false,
     };

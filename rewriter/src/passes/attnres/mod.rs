@@ -1,7 +1,7 @@
 //! The attnres pass: Block Attention Residuals (arXiv:2603.15031) retrofitted to a decoder.
 //!
-//! It finds the base model a class builds (`resolve`), the loop over its `self.layers`
-//! (`model`) and the residual adds of its decoder layer (`layer`), and emits forwards that
+//! It finds the base model a class builds (`resolve`), the loop over its layer list
+//! (`model`: `self.layers`, or the `ModuleList` attribute it loops over, GPT-2's `self.h`) and the residual adds of its decoder layer (`layer`), and emits forwards that
 //! carry the AttnRes state as explicit positional tensors between the layers, for
 //! `forward_rewrite.attnres.apply` (the runtime's `begin / finish / enter / add / leave`).
 //! Anything it does not understand is refused with a code of [`reason::REASONS`].
@@ -116,8 +116,9 @@ impl From<Refusal> for EmitError {
 }
 
 /// Rewrite a base model's forward and its decoder layer's forward (texts as `inspect.getsource`
-/// returns them). The emitted texts re-parse; they are dedented to column 0.
-pub fn emit(model_forward: &str, layer_forward: &str) -> Result<Emitted, EmitError> {
+/// returns them); `layers` is the attribute the base model holds its layers under (`"layers"`,
+/// GPT-2's `"h"`). The emitted texts re-parse; they are dedented to column 0.
+pub fn emit(model_forward: &str, layer_forward: &str, layers: &str) -> Result<Emitted, EmitError> {
     let within = |what: &str| {
         let what = what.to_string();
         move |r: Refusal| {
@@ -130,7 +131,8 @@ pub fn emit(model_forward: &str, layer_forward: &str) -> Result<Emitted, EmitErr
     let layer_src = parse_function(layer_forward).map_err(EmitError::Failed)?;
     let layer = layer::emit(&layer_src.text, function(&layer_src)).map_err(within("layer"))?;
     let model_src = parse_function(model_forward).map_err(EmitError::Failed)?;
-    let model = model::emit(&model_src.text, function(&model_src)).map_err(within("model"))?;
+    let model =
+        model::emit(&model_src.text, function(&model_src), layers).map_err(within("model"))?;
     for (what, text) in [("layer", &layer.source), ("model", &model)] {
         ParsedSource::parse(text.as_str()).map_err(|e| {
             EmitError::Failed(format!("the emitted {what} forward does not parse: {e}"))
@@ -145,8 +147,8 @@ pub fn emit(model_forward: &str, layer_forward: &str) -> Result<Emitted, EmitErr
 
 /// [`emit`] as JSON for the binding: `{"verdict": "patched", "model_forward", "layer_forward",
 /// "slots"}` or `{"verdict": "refused" | "failed", "reason", "detail"}`.
-pub fn emit_json(model_forward: &str, layer_forward: &str) -> String {
-    let value = match emit(model_forward, layer_forward) {
+pub fn emit_json(model_forward: &str, layer_forward: &str, layers: &str) -> String {
+    let value = match emit(model_forward, layer_forward, layers) {
         Ok(e) => serde_json::json!({
             "verdict": "patched",
             "reason": null,
@@ -165,12 +167,26 @@ pub fn emit_json(model_forward: &str, layer_forward: &str) -> String {
     value.to_string()
 }
 
+/// The attributes `self.<attr>` a base model's forward (text as `inspect.getsource` returns it)
+/// loops over with `for`, as a JSON list (the runtime picks the layer list among the
+/// instance's `ModuleList`s with it); `{"error": ...}` when the text does not parse.
+pub fn loops_json(model_forward: &str) -> String {
+    match parse_function(model_forward) {
+        Ok(parsed) => serde_json::json!(model::loop_attributes(function(&parsed))).to_string(),
+        Err(m) => serde_json::json!({ "error": m }).to_string(),
+    }
+}
+
 fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     let resolved = match resolve::resolve(input) {
         Ok(r) => r,
         Err(r) => return PassReport::new("refused", Some(r.code), r.detail),
     };
-    let mut report = match emit(&resolved.model_forward, &resolved.layer_forward) {
+    let mut report = match emit(
+        &resolved.model_forward,
+        &resolved.layer_forward,
+        &resolved.layers,
+    ) {
         Ok(e) => {
             let mut report = PassReport::new("patched", None, "");
             report
@@ -183,5 +199,9 @@ fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     };
     report.extra.insert("base".into(), resolved.base.into());
     report.extra.insert("layer".into(), resolved.layer.into());
+    if resolved.layers != "layers" {
+        // Only where it is not `self.layers` (GPT-2's `h`).
+        report.extra.insert("layers".into(), resolved.layers.into());
+    }
     report
 }

@@ -1,4 +1,5 @@
-//! The base model's forward: the one loop over `self.layers`.
+//! The base model's forward: the one loop over its layer list (`self.layers`, or the
+//! attribute the base model holds its layers under: GPT-2's `self.h`, `self.layer`, ...).
 //!
 //! `for L in self.layers[...]:` (or `for i, L in enumerate(self.layers[...])`) whose body
 //! calls `L` once, as `H = L(H, kw=...)` with only the stream positional, becomes
@@ -10,6 +11,8 @@
 //! H = forward_rewrite.attnres.finish(self, H, attnres_sources)
 //! ```
 
+use std::collections::BTreeSet;
+
 use ruff_python_ast::{Expr, Stmt, StmtFunctionDef};
 
 use super::reason::Refusal;
@@ -17,25 +20,27 @@ use super::splice::Splicer;
 use super::{STATE, check_super, drop_doc_decorators};
 use crate::syntax::{calls_in_stmt, walk_statements};
 
-fn is_self_layers(mut expr: &Expr) -> bool {
+/// `self.<attr>`, possibly sliced (`self.layers[: n]`): the attribute.
+fn self_list(mut expr: &Expr) -> Option<&str> {
     while let Expr::Subscript(s) = expr {
         expr = &s.value;
     }
-    crate::syntax::self_attribute(expr) == Some("layers")
+    crate::syntax::self_attribute(expr)
 }
 
-/// The loop variable of a loop over `self.layers`.
-fn layer_var(stmt: &Stmt) -> Option<&str> {
+/// The attribute and the loop variable of `for L in self.<attr>[...]` or
+/// `for i, L in enumerate(self.<attr>[...])`.
+fn list_loop(stmt: &Stmt) -> Option<(&str, &str)> {
     let Stmt::For(f) = stmt else { return None };
     match (&*f.iter, &*f.target) {
-        (iter, Expr::Name(n)) if is_self_layers(iter) => Some(n.id.as_str()),
+        (iter, Expr::Name(n)) => self_list(iter).map(|a| (a, n.id.as_str())),
         (Expr::Call(c), Expr::Tuple(t))
             if crate::syntax::dotted_name(&c.func).as_deref() == Some("enumerate")
-                && c.arguments.args.first().is_some_and(is_self_layers)
                 && t.elts.len() == 2 =>
         {
+            let attr = c.arguments.args.first().and_then(self_list)?;
             match &t.elts[1] {
-                Expr::Name(n) => Some(n.id.as_str()),
+                Expr::Name(n) => Some((attr, n.id.as_str())),
                 _ => None,
             }
         }
@@ -43,19 +48,34 @@ fn layer_var(stmt: &Stmt) -> Option<&str> {
     }
 }
 
-pub fn emit(text: &str, func: &StmtFunctionDef) -> Result<String, Refusal> {
+/// The attributes `self.<attr>` that a forward loops over with `for` (in the shapes
+/// [`emit`] reads): where a base model may hold its layers.
+pub fn loop_attributes(func: &StmtFunctionDef) -> BTreeSet<String> {
+    let mut statements = Vec::new();
+    walk_statements(&func.body, &mut statements);
+    statements
+        .iter()
+        .filter_map(|s| list_loop(s).map(|(a, _)| a.to_string()))
+        .collect()
+}
+
+/// Rewrite the base model's forward around its one loop over `self.<layers>`.
+pub fn emit(text: &str, func: &StmtFunctionDef, layers: &str) -> Result<String, Refusal> {
     check_super(text, func)?;
     let mut sp = Splicer::new(text);
     let mut statements = Vec::new();
     walk_statements(&func.body, &mut statements);
     let loops: Vec<(&Stmt, &str)> = statements
         .iter()
-        .filter_map(|s| layer_var(s).map(|v| (*s, v)))
+        .filter_map(|s| match list_loop(s) {
+            Some((attr, var)) if attr == layers => Some((*s, var)),
+            _ => None,
+        })
         .collect();
     let [(stmt, var)] = loops.as_slice() else {
         return Err(Refusal::new(
             "no-layer-loop",
-            format!("{} loops over `self.layers` in the forward", loops.len()),
+            format!("{} loops over `self.{layers}` in the forward", loops.len()),
         ));
     };
     let Stmt::For(lp) = stmt else { unreachable!() };

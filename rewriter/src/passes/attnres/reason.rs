@@ -29,11 +29,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "no-base-model",
-        "the class builds no model class of its module that holds a `self.layers` ModuleList (a decoder built by `AutoModel`, or none)",
+        "the class builds no model class of its module that holds a layer list: `self.layers`, or the one ModuleList its forward loops over (`self.h`, ...); a decoder built by `AutoModel`, or none",
     ),
     (
         "no-layer-loop",
-        "no single `for` loop over `self.layers` calling each layer as `H = layer(H, kw=...)` in the base model's forward",
+        "no single `for` loop over the layer list (`self.layers`, `self.h`, ...) calling each layer as `H = layer(H, kw=...)` in the base model's forward",
     ),
     (
         "hybrid-layers",
@@ -57,7 +57,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "residual-not-seen",
-        "the stream is used in a way the pass does not follow (in-place add, add inside a loop, `with` or `try`)",
+        "the stream is used in a way the pass does not follow (in-place add, add inside a loop, `with` or `try`, a name read that holds the stream on some branches of an `if` only)",
     ),
     (
         "stale-residual",

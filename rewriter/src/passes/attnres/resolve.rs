@@ -30,6 +30,8 @@ pub const RECURRENT: [&str; 13] = [
 pub struct Resolved {
     pub base: String,
     pub layer: String,
+    /// The attribute the base model holds its layers under (`layers`, GPT-2's `h`).
+    pub layers: String,
     pub model_forward: String,
     pub layer_forward: String,
 }
@@ -73,6 +75,31 @@ fn builds<'m>(class: &StmtClassDef, classes: &BTreeMap<&'m str, &'m StmtClassDef
     out
 }
 
+fn is_module_list(value: &Expr) -> bool {
+    matches!(value, Expr::Call(c) if callee_last_name(&c.func) == Some("ModuleList"))
+}
+
+/// Where a class holds its layers: `self.layers` (whatever builds it), else the one attribute
+/// that `__init__` assigns once, a `ModuleList(...)`, and that the class's forward loops over
+/// with `for` (GPT-2's `self.h`, `self.layer`, `self.blocks`). The name and its value.
+fn layer_list(class: &StmtClassDef) -> Option<(&str, &Expr)> {
+    let assigns = self_assignments(class);
+    if let Some(&(name, value)) = assigns.iter().find(|(n, _)| *n == "layers") {
+        return Some((name, value));
+    }
+    let looped = super::model::loop_attributes(method(&class.body, "forward")?);
+    let once = |name: &str| assigns.iter().filter(|(n, _)| *n == name).count() == 1;
+    let lists: Vec<(&str, &Expr)> = assigns
+        .iter()
+        .copied()
+        .filter(|(n, v)| is_module_list(v) && looped.contains(*n) && once(n))
+        .collect();
+    match lists.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
 fn forward_text(module: &ParsedSource, class: &StmtClassDef) -> Option<String> {
     let def = method(&class.body, "forward")?;
     let start = module.line_start(def.range.start().to_usize());
@@ -101,16 +128,11 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
             format!("{top_name} is not a top-level class of its module"),
         ));
     }
-    fn layered(c: &StmtClassDef) -> Option<&Expr> {
-        self_assignments(c)
-            .into_iter()
-            .find(|(n, _)| *n == "layers")
-            .map(|(_, v)| v)
-    }
     // Breadth-first over what the class builds, three levels deep.
     let mut seen: BTreeSet<&str> = BTreeSet::from([top_name]);
     let mut frontier = vec![top_name];
-    let mut found: Vec<&str> = Vec::new();
+    // The classes holding a layer list, and whether it is `self.layers`.
+    let mut found: Vec<(&str, bool)> = Vec::new();
     for _ in 0..3 {
         let mut next = Vec::new();
         for name in frontier {
@@ -122,8 +144,10 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
                     format!("{name} builds `self.encoder` and `self.decoder`"),
                 ));
             }
-            if layered(class).is_some() && name != top_name {
-                found.push(name);
+            if let Some((attr, _)) = layer_list(class)
+                && name != top_name
+            {
+                found.push((name, attr == "layers"));
             }
             for b in builds(class, &classes) {
                 if seen.insert(b) {
@@ -133,6 +157,18 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         }
         frontier = next;
     }
+    // Classes with `self.layers` first (what the pass always followed); a list under another
+    // name counts only where there is none, and never in a vision tower (the decoder a
+    // language-model head reads is not one; the runtime resolves it from the instance).
+    let mut found: Vec<&str> = if found.iter().any(|(_, layers)| *layers) {
+        found.iter().filter(|(_, l)| *l).map(|(n, _)| *n).collect()
+    } else {
+        found
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| !n.contains("Vision"))
+            .collect()
+    };
     if found.len() > 1 {
         found.retain(|n| !n.contains("Encoder") && !n.contains("Vision"));
     }
@@ -140,14 +176,16 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         return Err(Refusal::new(
             "no-base-model",
             if found.is_empty() {
-                format!("{top_name} builds no class of its module with a `self.layers` ModuleList")
+                format!(
+                    "{top_name} builds no class of its module with a layer list (`self.layers`, or a ModuleList its forward loops over)"
+                )
             } else {
                 format!("{top_name} builds several: {}", found.join(", "))
             },
         ));
     };
     let base = classes[base_name];
-    let value = layered(base).expect("found by layered");
+    let (layers, value) = layer_list(base).expect("found by layer_list");
     let mut calls = calls_in_expr(value);
     // `self.layers = nn.ModuleList(layers)`: the calls of the statements that build `layers`.
     let built_from: Vec<&str> = match value {
@@ -189,11 +227,24 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         }
         _ => false,
     };
+    // A layer class the module defines out of reach (under `if is_xlstm_available():`) but
+    // whose name says it is recurrent (xLSTM's `xLSTMBlock`).
+    if let Some(n) = calls
+        .iter()
+        .filter(|c| local_callee(c))
+        .filter_map(|c| callee_last_name(&c.func))
+        .find(|n| RECURRENT.iter().any(|r| n.contains(r)) && !n.contains("Norm"))
+    {
+        return Err(Refusal::new(
+            "recurrent-layer",
+            format!("{base_name}.{layers} holds a {n}"),
+        ));
+    }
     if calls.iter().any(local_callee) {
         return Err(Refusal::new(
             "hybrid-layers",
             format!(
-                "{base_name}.layers picks its layer classes at run time (a table or a variable)"
+                "{base_name}.{layers} picks its layer classes at run time (a table or a variable)"
             ),
         ));
     }
@@ -207,14 +258,14 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         0 => {
             return Err(Refusal::new(
                 "no-base-model",
-                format!("{base_name}.layers is built from no class of the module"),
+                format!("{base_name}.{layers} is built from no class of the module"),
             ));
         }
         _ => {
             return Err(Refusal::new(
                 "hybrid-layers",
                 format!(
-                    "{base_name}.layers holds {}",
+                    "{base_name}.{layers} holds {}",
                     layer_names.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             ));
@@ -249,6 +300,7 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
     Ok(Resolved {
         base: base_name.to_string(),
         layer: layer_name.to_string(),
+        layers: layers.to_string(),
         model_forward,
         layer_forward,
     })

@@ -45,7 +45,7 @@ const LAYER: &str = r#"
 "#;
 
 fn refused(model: &str, layer: &str) -> (&'static str, String) {
-    match emit(model, layer) {
+    match emit(model, layer, "layers") {
         Err(EmitError::Refused(r)) => (r.code, r.detail),
         Ok(e) => panic!("emitted:\n{}\n{}", e.model_forward, e.layer_forward),
         Err(EmitError::Failed(m)) => panic!("failed: {m}"),
@@ -54,7 +54,7 @@ fn refused(model: &str, layer: &str) -> (&'static str, String) {
 
 #[test]
 fn llama_shape_is_emitted() {
-    let e = emit(MODEL, LAYER).unwrap();
+    let e = emit(MODEL, LAYER, "layers").unwrap();
     assert_eq!(e.slots, vec![SlotNode::Add(0), SlotNode::Add(1)]);
     let m = &e.model_forward;
     assert!(
@@ -106,7 +106,7 @@ def forward(self, hidden_states, attention_mask=None, **kwargs):
         hidden_states = mlp_output + attn_output
     return hidden_states
 "#;
-    let e = emit(&model, layer).unwrap();
+    let e = emit(&model, layer, "layers").unwrap();
     assert_eq!(
         e.slots,
         vec![SlotNode::If {
@@ -136,7 +136,7 @@ def forward(self, hidden_states, **kwargs):
     hidden_states = residual + attn + mlp
     return hidden_states
 "#;
-    let e = emit(MODEL, layer).unwrap();
+    let e = emit(MODEL, layer, "layers").unwrap();
     assert_eq!(e.slots, vec![SlotNode::Add(0)]);
     assert!(
         e.layer_forward
@@ -195,6 +195,40 @@ fn reason_stale_residual() {
     let (code, detail) = refused(MODEL, &layer);
     assert_eq!(code, "stale-residual");
     assert!(detail.contains("`residual`"), "{detail}");
+}
+
+#[test]
+fn stream_on_some_branches_only() {
+    // Bloom's block: `residual` is the stream or the normed stream, then handed to a sublayer
+    // that adds it inside: not a residual add the pass sees.
+    let layer = r#"
+def forward(self, hidden_states, alibi, attention_mask, **kwargs):
+    layernorm_output = self.input_layernorm(hidden_states)
+    if self.apply_residual_connection_post_layernorm:
+        residual = layernorm_output
+    else:
+        residual = hidden_states
+    attention_output, attn_weights = self.self_attention(layernorm_output, residual, alibi=alibi)
+    return attention_output
+"#;
+    let (code, detail) = refused(MODEL, layer);
+    assert_eq!(code, "residual-not-seen");
+    assert!(
+        detail.contains("`residual` holds the stream on some branches of an `if` only"),
+        "{detail}"
+    );
+    // After a residual add it is an old stream value like any other.
+    let layer = r#"
+def forward(self, hidden_states, **kwargs):
+    if self.flag:
+        residual = hidden_states
+    else:
+        residual = self.norm(hidden_states)
+    hidden_states = hidden_states + self.attn(hidden_states)
+    hidden_states = self.mlp(residual)
+    return hidden_states
+"#;
+    assert_eq!(refused(MODEL, layer).0, "stale-residual");
 }
 
 #[test]
@@ -284,15 +318,22 @@ class ToyForCausalLM(ToyPreTrainedModel):
 "#;
 
 fn scan_module(text: &str) -> crate::audit::PassReport {
-    let text = text
-        .replace("LAYER_FORWARD", &indent(LAYER.trim_start_matches('\n')))
-        .replace("MODEL_FORWARD", &indent(MODEL.trim_start_matches('\n')));
-    let classes = module_classes(&text, "toy", "toy.py").unwrap();
+    scan_text(&module_text(text))
+}
+
+/// The module with the forwards in place.
+fn module_text(text: &str) -> String {
+    text.replace("LAYER_FORWARD", &indent(LAYER.trim_start_matches('\n')))
+        .replace("MODEL_FORWARD", &indent(MODEL.trim_start_matches('\n')))
+}
+
+fn scan_text(text: &str) -> crate::audit::PassReport {
+    let classes = module_classes(text, "toy", "toy.py").unwrap();
     let chain: Vec<_> = classes
         .into_iter()
         .filter(|c| c.qualname == "ToyForCausalLM")
         .collect();
-    let parsed = ParsedSource::parse(text.as_str()).unwrap();
+    let parsed = ParsedSource::parse(text).unwrap();
     let report = analyze_class_with(
         &chain,
         &LossResolution::Causal,
@@ -325,6 +366,134 @@ fn scan_reports_base_layer_and_adds() {
     assert_eq!(report.extra["base"], "ToyModel");
     assert_eq!(report.extra["layer"], "ToyDecoderLayer");
     assert_eq!(report.extra["adds"], "2");
+    assert!(!report.extra.contains_key("layers"), "{report:?}");
+}
+
+/// The toy module with its layers under `self.h` (GPT-2's name), looped over as GPT-2 does.
+fn module_h() -> String {
+    let text = module_text(MODULE)
+        .replace(
+            "        self.layers = nn.ModuleList(",
+            "        self.h = nn.ModuleList(",
+        )
+        .replace(
+            "for decoder_layer in self.layers[: self.config.num_hidden_layers]:",
+            "for i, decoder_layer in enumerate(self.h):",
+        );
+    assert!(text.contains("self.h = nn.ModuleList(") && text.contains("enumerate(self.h)"));
+    assert!(!text.contains("self.layers"));
+    text
+}
+
+const MODEL_H: &str = r#"
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden_states = self.wte(input_ids)
+        for i, block in enumerate(self.h):
+            hidden_states = block(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+"#;
+
+#[test]
+fn layers_under_another_name() {
+    let report = scan_text(&module_h());
+    assert_eq!(report.verdict, "patched", "{report:?}");
+    assert_eq!(report.extra["base"], "ToyModel");
+    assert_eq!(report.extra["layer"], "ToyDecoderLayer");
+    assert_eq!(report.extra["layers"], "h");
+    assert_eq!(report.extra["adds"], "2");
+    let e = emit(MODEL_H, LAYER, "h").unwrap();
+    assert!(
+        e.model_forward.contains(
+            "    attnres_sources = forward_rewrite.attnres.begin(self, hidden_states)\n    for i, block in enumerate(self.h):\n        hidden_states, *attnres_sources = block(hidden_states, *attnres_sources, attention_mask=attention_mask, **kwargs)\n    hidden_states = forward_rewrite.attnres.finish(self, hidden_states, attnres_sources)\n    hidden_states = self.ln_f(hidden_states)\n"
+        ),
+        "{}",
+        e.model_forward
+    );
+    // The layer is emitted as it is under `self.layers`.
+    assert_eq!(
+        e.layer_forward,
+        emit(MODEL, LAYER, "layers").unwrap().layer_forward
+    );
+    // The emitter follows the name it is given, not any loop over `self.<attr>`.
+    let detail = match emit(MODEL_H, LAYER, "layers") {
+        Err(EmitError::Refused(r)) if r.code == "no-layer-loop" => r.detail,
+        other => panic!("{other:?}"),
+    };
+    assert!(detail.contains("0 loops over `self.layers`"), "{detail}");
+    assert!(matches!(
+        emit(MODEL, LAYER, "h"),
+        Err(EmitError::Refused(r)) if r.code == "no-layer-loop"
+    ));
+}
+
+#[test]
+fn loop_attributes_of_a_forward() {
+    let parsed =
+        ParsedSource::parse(crate::hash::dedent(MODEL_H.trim_start_matches('\n'))).unwrap();
+    let Some(ruff_python_ast::Stmt::FunctionDef(f)) = parsed.suite().first() else {
+        panic!("not a function")
+    };
+    let attrs: Vec<String> = super::model::loop_attributes(f).into_iter().collect();
+    assert_eq!(attrs, vec!["h".to_string()]);
+    assert_eq!(super::loops_json(MODEL), r#"["layers"]"#);
+    assert!(super::loops_json("x = 1").contains("error"));
+}
+
+#[test]
+fn layer_list_rules_under_another_name() {
+    // A ModuleList the forward does not loop over is no layer list.
+    let text = module_h().replace(
+        "for i, decoder_layer in enumerate(self.h):",
+        "for i, decoder_layer in enumerate(self.blocks):",
+    );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-base-model"));
+    // Two ModuleLists the forward loops over: which one holds the layers is not decided.
+    let text = module_h()
+        .replace(
+            "        self.h = nn.ModuleList(",
+            "        self.extra = nn.ModuleList([ToyDecoderLayer(config, 0)])\n        self.h = nn.ModuleList(",
+        )
+        .replace(
+            "        hidden_states = self.norm(hidden_states)\n",
+            "        for e in self.extra:\n            hidden_states = e(hidden_states)\n        hidden_states = self.norm(hidden_states)\n",
+        );
+    let report = scan_text(&text);
+    assert_eq!(
+        report.reason.as_deref(),
+        Some("no-base-model"),
+        "{report:?}"
+    );
+    // Assigned twice (in two branches): not one list.
+    let text = module_h().replace(
+        "        self.h = nn.ModuleList([ToyDecoderLayer(config, i) for i in range(config.num_hidden_layers)])\n",
+        "        if config.flag:\n            self.h = nn.ModuleList([ToyDecoderLayer(config, i) for i in range(2)])\n        else:\n            self.h = nn.ModuleList([ToyOtherLayer(config, i) for i in range(2)])\n",
+    );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-base-model"));
+    // Not a ModuleList call: not followed under another name.
+    let text = module_h().replace(
+        "        self.h = nn.ModuleList(",
+        "        self.h = make_list(",
+    );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-base-model"));
+    // Every refusal still applies under another name: two loops over `self.h`.
+    let text = module_h().replace(
+        "        hidden_states = self.norm(hidden_states)\n",
+        "        for block in self.h:\n            block.reset()\n        hidden_states = self.norm(hidden_states)\n",
+    );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-layer-loop"));
+    // ... and several layer classes.
+    let text = module_h().replace(
+        "[ToyDecoderLayer(config, i) for i in range(config.num_hidden_layers)]",
+        "[ToyDecoderLayer(config, i) if i % 2 else ToyMambaLayer(config, i) for i in range(4)]",
+    ) + "\nclass ToyMambaLayer:\n    pass\n";
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("hybrid-layers"));
+    // ... and cross-attention (GPT-2's block).
+    let text = module_h().replace(
+        "attention_mask: torch.Tensor | None = None,\n",
+        "attention_mask: torch.Tensor | None = None,\n        encoder_hidden_states=None,\n",
+    );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("cross-attention"));
 }
 
 #[test]
@@ -371,6 +540,26 @@ fn reason_hybrid_layers() {
 }
 
 #[test]
+fn layer_lists_are_not_vision_towers_and_layers_come_first() {
+    // A vision tower's `self.layer` is not the decoder.
+    let text = module_h()
+        .replace("class ToyModel(", "class ToyVisionModel(")
+        .replace(
+            "self.model = ToyModel(config)",
+            "self.model = ToyVisionModel(config)",
+        );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-base-model"));
+    // A class with `self.layers` is followed as before, another's list notwithstanding.
+    let text = module_text(MODULE).replace(
+        "        self.lm_head = nn.Linear(",
+        "        self.extra = ToyExtra(config)\n        self.lm_head = nn.Linear(",
+    ) + "\nclass ToyExtra:\n    def __init__(self, config):\n        self.blocks = nn.ModuleList([ToyDecoderLayer(config, 0)])\n\n    def forward(self, x):\n        for b in self.blocks:\n            x = b(x)\n        return x\n";
+    let report = scan_text(&text);
+    assert_eq!(report.verdict, "patched", "{report:?}");
+    assert_eq!(report.extra["base"], "ToyModel");
+}
+
+#[test]
 fn reason_recurrent_layer() {
     let text = MODULE.replace(
         "        self.self_attn = ToyAttention(config)\n",
@@ -379,6 +568,23 @@ fn reason_recurrent_layer() {
     let report = scan_module(&text);
     assert_eq!(report.reason.as_deref(), Some("recurrent-layer"));
     assert!(report.detail.contains("ToyMambaMixer"), "{}", report.detail);
+    // xLSTM: the block class is defined under `if is_xlstm_available():`, out of the
+    // module's top-level classes; its name says what it is.
+    let text = module_h().replace(
+        "[ToyDecoderLayer(config, i) for i in range(config.num_hidden_layers)]",
+        "[xLSTMBlock(config) for _ in range(config.num_blocks)]",
+    );
+    let report = scan_text(&text);
+    assert_eq!(
+        report.reason.as_deref(),
+        Some("recurrent-layer"),
+        "{report:?}"
+    );
+    assert!(
+        report.detail.contains("ToyModel.h holds a xLSTMBlock"),
+        "{}",
+        report.detail
+    );
 }
 
 #[test]
