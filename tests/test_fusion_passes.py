@@ -262,3 +262,63 @@ def test_a_wrong_fused_path_is_a_mismatch_even_with_the_float64_arbiter(monkeypa
     assert result["arbiter"]["patched_closer"] is False
     monkeypatch.setattr(forward_rewrite, "rms_norm", right)
     assert verify.check_class(modeling_llama.LlamaForCausalLM)["status"] == "verified"
+
+
+def _moe():
+    from transformers.integrations import moe
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    return moe, modeling_qwen3_moe.Qwen3MoeExperts
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_moe_experts_gate_is_fused_under_grouped_mm_and_matches_stock(
+    implementation, tmp_path
+):
+    moe, experts = _moe()
+    torch.manual_seed(0)
+    model = build("qwen3_moe")
+    model.config._experts_implementation = implementation
+    stock_model = copy.deepcopy(model)
+    inputs = batch()
+    want_loss, _, want_grads = loss_and_grads(stock_model, inputs)
+    forward_rewrite.install(cache_dir=tmp_path)
+    site = sites("Qwen3MoeForCausalLM", "gated-mlp")["Qwen3MoeExperts"]
+    assert site["kind"] == "experts-gate" and site["installed"], site
+    assert experts._apply_gate is not moe._default_apply_gate
+    before = fusion_guard.taken["gated-mlp"]
+    got_loss, _, got_grads = loss_and_grads(model, inputs)
+    # The eager implementation computes the product inline: nothing of ours runs there.
+    ran = fusion_guard.taken["gated-mlp"] - before
+    assert (ran > 0) == (implementation == "grouped_mm"), ran
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
+    forward_rewrite.uninstall()
+    assert experts.__dict__["_apply_gate"] is moe._default_apply_gate
+
+
+def test_moe_experts_gate_other_than_the_checked_default_is_left_alone(
+    monkeypatch, tmp_path
+):
+    moe, experts = _moe()
+
+    def clamped(self, gate_up_out):
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate.clamp(max=7.0)) * up
+
+    # Another tool (or a later transformers) put its own gate on the class.
+    monkeypatch.setattr(experts, "_apply_gate", clamped)
+    forward_rewrite.install(cache_dir=tmp_path)
+    site = sites("Qwen3MoeForCausalLM", "gated-mlp")["Qwen3MoeExperts"]
+    assert site["reason"] == "site-replaced" and not site["installed"], site
+    assert experts._apply_gate is clamped
+    forward_rewrite.uninstall()
+    # transformers' default itself changed: its running source is checked, not its name.
+    monkeypatch.setattr(moe, "_default_apply_gate", clamped)
+    monkeypatch.setattr(experts, "_apply_gate", clamped)
+    forward_rewrite.install(cache_dir=tmp_path)
+    site = sites("Qwen3MoeForCausalLM", "gated-mlp")["Qwen3MoeExperts"]
+    assert site["reason"] == "site-source-mismatch" and not site["installed"], site
+    assert experts._apply_gate is clamped

@@ -14,6 +14,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_is_candidate, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_pass_names, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_gate_function_ok, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_emit, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_info, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_loops, m)?)?;
@@ -76,6 +77,15 @@ fn rewrite_is_candidate(py: Python<'_>, chain: &str, loss: &str) -> PyResult<boo
 #[pyfunction]
 fn rewrite_forward_sha256(text: &str) -> String {
     hash::forward_sha256(text)
+}
+
+/// Whether an MoE experts gate function's source (transformers'
+/// `integrations.moe._default_apply_gate`, as `inspect.getsource` returns it) has the form the
+/// gated-mlp pass's `experts-gate` sites fall back to: the installer's check before it
+/// replaces a class's `_apply_gate`.
+#[pyfunction]
+fn rewrite_gate_function_ok(text: &str) -> bool {
+    forward_rewrite::passes::gated_mlp::experts::gate_function_ok(text)
 }
 
 /// The attnres pass on a base model's forward and its decoder layer's forward (texts as

@@ -611,39 +611,53 @@ def _install_site(module, site):
     namespace = module.__dict__
     name = site["name"]
     value = namespace.get(name)
-    if site["kind"] == "class":
-        if not isinstance(value, type) or value.__module__ != module.__name__:
-            return (
-                "site-replaced",
-                f"{module.__name__}.{name} is {value!r}, not the module's own class",
-            )
-        original = value.__dict__.get("forward")
-        if original is None:
-            return ("site-replaced", f"{name} does not define forward")
-        function = original
-    else:
-        if value is None or not inspect.isfunction(inspect.unwrap(value)):
-            return ("site-replaced", f"{module.__name__}.{name} is not a function")
-        if getattr(value, "__module__", None) != module.__name__:
-            return (
-                "site-replaced",
-                f"{module.__name__}.{name} comes from {getattr(value, '__module__', None)}",
-            )
-        function = value
-    running = _native.rewrite_forward_sha256(
-        inspect.getsource(inspect.unwrap(function))
-    )
-    if running != site.get("original_sha256"):
+    if site["kind"] in ("class", "experts-gate") and (
+        not isinstance(value, type) or value.__module__ != module.__name__
+    ):
         return (
-            "site-source-mismatch",
-            (
-                f"the running {name} hashes to {running}, the rewriter read "
-                f"{site.get('original_sha256')}"
-            ),
+            "site-replaced",
+            f"{module.__name__}.{name} is {value!r}, not the module's own class",
         )
-    code = inspect.unwrap(function).__code__
-    if "__class__" in code.co_freevars:
-        return ("needs-class-body", f"{name} uses super() or __class__")
+    if site["kind"] == "experts-gate":
+        attribute = "_apply_gate"
+        original = value.__dict__.get(attribute)
+        problem = _default_gate_problem(name, original)
+        if problem is not None:
+            return problem
+        holder = value
+    else:
+        if site["kind"] == "class":
+            attribute = "forward"
+            original = value.__dict__.get("forward")
+            if original is None:
+                return ("site-replaced", f"{name} does not define forward")
+            holder = value
+        else:
+            if value is None or not inspect.isfunction(inspect.unwrap(value)):
+                return ("site-replaced", f"{module.__name__}.{name} is not a function")
+            if getattr(value, "__module__", None) != module.__name__:
+                return (
+                    "site-replaced",
+                    (
+                        f"{module.__name__}.{name} comes from "
+                        f"{getattr(value, '__module__', None)}"
+                    ),
+                )
+            attribute, original, holder = name, value, namespace
+        running = _native.rewrite_forward_sha256(
+            inspect.getsource(inspect.unwrap(original))
+        )
+        if running != site.get("original_sha256"):
+            return (
+                "site-source-mismatch",
+                (
+                    f"the running {name} hashes to {running}, the rewriter read "
+                    f"{site.get('original_sha256')}"
+                ),
+            )
+        code = inspect.unwrap(original).__code__
+        if "__class__" in code.co_freevars:
+            return ("needs-class-body", f"{name} uses super() or __class__")
     runtime = sys.modules[__package__]
     if namespace.get(_RUNTIME_GLOBAL, runtime) is not runtime:
         return (
@@ -660,14 +674,48 @@ def _install_site(module, site):
     scope = {}
     exec(compiled, namespace, scope)  # noqa: S102 - the rewriter's output, in the module
     patched = next(iter(scope.values()))
+    if holder is not namespace:
+        patched.__qualname__ = f"{name}.{attribute}"
     key = (module.__name__, site["kind"], name)
-    if site["kind"] == "class":
-        patched.__qualname__ = f"{name}.forward"
-        _state.site_originals[key] = (value, "forward", original)
-        value.forward = patched
-    else:
-        _state.site_originals[key] = (namespace, name, value)
+    _state.site_originals[key] = (holder, attribute, original)
+    if holder is namespace:
         namespace[name] = patched
+    else:
+        setattr(holder, attribute, patched)
+    return None
+
+
+def _default_gate_problem(name, gate):
+    """Why an MoE experts class's ``_apply_gate`` must stay (an ``experts-gate`` site), or
+    None: it must be transformers' ``integrations.moe._default_apply_gate``, which
+    ``@use_experts_implementation`` put on the class, with the running source in the form
+    the patch falls back to (the rewriter's check, ``experts.rs``)."""
+    try:
+        from transformers.integrations import moe
+
+        default = moe._default_apply_gate
+    except (ImportError, AttributeError):
+        return (
+            "site-source-unavailable",
+            "transformers.integrations.moe._default_apply_gate does not exist",
+        )
+    if gate is not default:
+        return (
+            "site-replaced",
+            f"{name}._apply_gate is {gate!r}, not transformers' default gate",
+        )
+    try:
+        source = inspect.getsource(default)
+    except (OSError, TypeError) as exc:
+        return ("site-source-unavailable", f"_default_apply_gate: {exc}")
+    if not _native.rewrite_gate_function_ok(source):
+        return (
+            "site-source-mismatch",
+            (
+                "transformers' _default_apply_gate is not the gated product "
+                "act_fn(gate) * up of gate_up's halves"
+            ),
+        )
     return None
 
 

@@ -9,6 +9,11 @@
 //! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
 //! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
 //! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
+//!
+//! MoE experts classes (`@use_experts_implementation`) the model reaches are sites too: their
+//! gate (`_apply_gate`, transformers' default unless the class defines one) becomes the packed
+//! fused product under the `grouped_mm` / `batched_mm` experts implementations; see
+//! `experts.rs`.
 
 use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
 
@@ -30,7 +35,15 @@ pub const PASS: Pass = Pass {
 pub const REASONS: &[(&str, &str)] = &[
     (
         "no-mlp-class",
-        "The model class reaches no `*MLP` class in its module (or the module is not known).",
+        "The model class reaches no `*MLP` class nor `@use_experts_implementation` experts class in its module (or the module is not known).",
+    ),
+    (
+        "experts-options",
+        "The experts class's `@use_experts_implementation(...)` sets `has_gate=False`, `is_concatenated=False` (gate and up interleaved), another experts interface, or a non-literal option.",
+    ),
+    (
+        "experts-gate-custom",
+        "The experts class defines its own `_apply_gate` (clamped SwiGLU, float32 upcast, a two-argument activation, ...): not the default gate this pass lowers.",
     ),
     (
         "mlp-forward-elsewhere",
@@ -78,13 +91,20 @@ fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     let sites = defs
         .reachable(start.name.as_str())
         .into_iter()
-        .filter(|c| c.name.as_str().to_ascii_lowercase().ends_with("mlp"))
-        .map(|c| mlp_site(&defs, c))
+        .filter_map(|c| {
+            if experts::is_experts_class(c) {
+                Some(experts::experts_site(&defs, c))
+            } else if c.name.as_str().to_ascii_lowercase().ends_with("mlp") {
+                Some(mlp_site(&defs, c))
+            } else {
+                None
+            }
+        })
         .collect();
     fusion_common::report(
         sites,
         "no-mlp-class",
-        "the model reaches no *MLP class in its module",
+        "the model reaches no *MLP class nor MoE experts class in its module",
     )
 }
 
@@ -155,7 +175,7 @@ fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {
 
 /// How `__init__` assigns `self.<act>`: Ok(Some(activation)) static, Ok(None) guarded at
 /// run time, Err(reason) refused.
-fn activation(
+pub(super) fn activation(
     defs: &ModuleDefs<'_>,
     class: &StmtClassDef,
     act: &str,
@@ -366,6 +386,7 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     }
 }
 
+pub mod experts;
 mod packed;
 #[cfg(test)]
 mod tests;

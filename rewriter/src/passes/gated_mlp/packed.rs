@@ -35,7 +35,7 @@ pub(super) struct PackedMatch<'a> {
 enum Value<'a> {
     /// The forward's input.
     Input,
-    /// `self.<gate_up>(input)`.
+    /// `self.<gate_up>(input)` (`""`: the input itself, for a gate function).
     Packed(&'a str),
     /// `Packed(gate_up).chunk(2, dim=-1)`: the pair of halves.
     Halves(&'a str),
@@ -59,8 +59,31 @@ struct PackedFields<'a> {
 /// Matches the forward's body (docstring removed) against the packed form; `param` is the
 /// forward's one input.
 pub(super) fn match_packed<'a>(body: &'a [Stmt], param: &str) -> Option<PackedMatch<'a>> {
+    match interpret(body, param, Value::Input)? {
+        Value::Out(fields) => Some(PackedMatch {
+            down: fields.down,
+            act: fields.act,
+            gate_up: fields.gate_up,
+        }),
+        _ => None,
+    }
+}
+
+/// Matches a gate function's body (`_default_apply_gate(self, gate_up_out)` of transformers'
+/// MoE experts) whose input `param` is the packed tensor itself: `gate, up =
+/// param.chunk(2, dim=-1)`, then `return self.<act>(gate) * up`. The activation's attribute.
+pub(super) fn match_gate<'a>(body: &'a [Stmt], param: &str) -> Option<&'a str> {
+    match interpret(body, param, Value::Packed(""))? {
+        Value::Gated(act, "") => Some(act),
+        _ => None,
+    }
+}
+
+/// The value the body returns, its input `param` holding `start`: assignments only, then
+/// one `return`.
+fn interpret<'a>(body: &'a [Stmt], param: &str, start: Value<'a>) -> Option<Value<'a>> {
     let mut names: HashMap<&'a str, Value<'a>> = HashMap::new();
-    let input = |name: &str| (name == param).then_some(Value::Input);
+    let input = |name: &str| (name == param).then_some(start);
     let (last, rest) = body.split_last()?;
     for stmt in rest {
         let Stmt::Assign(assign) = stmt else {
@@ -93,14 +116,7 @@ pub(super) fn match_packed<'a>(body: &'a [Stmt], param: &str) -> Option<PackedMa
     let Stmt::Return(ret) = last else {
         return None;
     };
-    match eval(ret.value.as_deref()?, &names, &input)? {
-        Value::Out(fields) => Some(PackedMatch {
-            down: fields.down,
-            act: fields.act,
-            gate_up: fields.gate_up,
-        }),
-        _ => None,
-    }
+    eval(ret.value.as_deref()?, &names, &input)
 }
 
 fn eval<'a>(

@@ -222,3 +222,125 @@ fn reason_mlp_activation_unknown() {
     }
     assert!(super::REASONS.iter().any(|(c, _)| *c == "mlp-emit-invalid"));
 }
+
+const EXPERTS: &str = "@use_experts_implementation
+class ToyExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(4, 2 * config.moe_intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(4, config.hidden_size, config.moe_intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return hidden_states
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.experts = ToyExperts(config)
+
+    def forward(self, hidden_states):
+        return self.experts(hidden_states, None, None)
+";
+
+#[test]
+fn experts_default_gate_is_patched_with_the_stock_gate_as_fallback() {
+    let r = report(EXPERTS);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyExperts");
+    insta::assert_snapshot!(patch);
+    // The emitted fallback is the form the installer checks the running default against.
+    let fallback = patch
+        .lines()
+        .filter(|l| !l.contains("_fr_act") && !l.contains("# forward-rewrite"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(super::experts::gate_function_ok(&fallback), "{fallback}");
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    let experts = sites.iter().find(|s| s["name"] == "ToyExperts").unwrap();
+    assert_eq!(experts["kind"], "experts-gate");
+    assert_eq!(
+        site_reason(&r, "ToyMLP").as_deref(),
+        Some("mlp-form-unknown")
+    );
+    // With arguments that keep the default gate's layout.
+    let r = report(&EXPERTS.replace(
+        "@use_experts_implementation\n",
+        "@use_experts_implementation(is_transposed=True, has_bias=True)\n",
+    ));
+    assert!(site_patch(&r, "ToyExperts").contains("gated_mlp_act_packed(gate_up_out"));
+}
+
+#[test]
+fn reason_experts_options() {
+    for options in [
+        "has_gate=False",
+        "is_concatenated=False, is_transposed=True, has_bias=True",
+        "experts_interface=MY_INTERFACE",
+        "has_bias=config.bias",
+    ] {
+        let r = report(&EXPERTS.replace(
+            "@use_experts_implementation\n",
+            &format!("@use_experts_implementation({options})\n"),
+        ));
+        assert_eq!(
+            site_reason(&r, "ToyExperts").as_deref(),
+            Some("experts-options"),
+            "{options}"
+        );
+    }
+}
+
+#[test]
+fn reason_experts_gate_custom_and_activation() {
+    let custom = EXPERTS.replace(
+        "    def forward(self, hidden_states, top_k_index",
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.limit)\n        return self.act_fn(gate) * up\n\n    def forward(self, hidden_states, top_k_index",
+    );
+    let r = report(&custom);
+    assert_eq!(
+        site_reason(&r, "ToyExperts").as_deref(),
+        Some("experts-gate-custom")
+    );
+    let r = report(&EXPERTS.replace("ACT2FN[config.hidden_act]", "ACT2FN[\"relu\"]"));
+    assert_eq!(
+        site_reason(&r, "ToyExperts").as_deref(),
+        Some("mlp-activation-unsupported")
+    );
+}
+
+#[test]
+fn the_installers_check_of_the_running_default_gate() {
+    use super::experts::gate_function_ok;
+    // transformers 5.23's integrations.moe._default_apply_gate, docstring and all.
+    let default = "def _default_apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+    \"\"\"
+    Default gating mechanism.
+    \"\"\"
+    gate, up = gate_up_out.chunk(2, dim=-1)  # (S, intermediate_dim)
+    return self.act_fn(gate) * up  # (S, intermediate_dim)
+";
+    assert!(gate_function_ok(default));
+    for wrong in [
+        // The halves swapped.
+        default.replace("gate, up = gate_up_out", "up, gate = gate_up_out"),
+        // Upcast to float32 and back (Beam): another rounding.
+        default.replace(
+            "return self.act_fn(gate) * up",
+            "return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)",
+        ),
+        // A clamp on the gate.
+        default.replace(
+            "    return self.act_fn",
+            "    gate = gate.clamp(max=7.0)\n    return self.act_fn",
+        ),
+        // Another activation attribute, an extra parameter, a decorator.
+        default.replace("self.act_fn(gate)", "self.other(gate)"),
+        default.replace("gate_up_out: torch.Tensor)", "gate_up_out, limit=None)"),
+        format!("@torch.compile\n{default}"),
+        "not python (".to_string(),
+    ] {
+        assert!(!gate_function_ok(&wrong), "{wrong}");
+    }
+}
