@@ -75,6 +75,12 @@ fn builds<'m>(class: &StmtClassDef, classes: &BTreeMap<&'m str, &'m StmtClassDef
     out
 }
 
+/// A vision encoder's class (`HunYuanVLVisionTransformer`, `SiglipVisionModel`), not a
+/// language decoder that happens to serve a vision-language model.
+fn is_vision_tower(name: &str) -> bool {
+    name.contains("Vision") && !name.contains("Text")
+}
+
 fn is_module_list(value: &Expr) -> bool {
     matches!(value, Expr::Call(c) if callee_last_name(&c.func) == Some("ModuleList"))
 }
@@ -157,20 +163,18 @@ pub fn resolve(input: &PassInput<'_, '_>) -> Result<Resolved, Refusal> {
         }
         frontier = next;
     }
+    // A vision tower is never the decoder a language-model head reads (HunYuanVL builds its
+    // text model where this search does not see it: its vision transformer is no answer).
+    found.retain(|(n, _)| !is_vision_tower(n));
     // Classes with `self.layers` first (what the pass always followed); a list under another
-    // name counts only where there is none, and never in a vision tower (the decoder a
-    // language-model head reads is not one; the runtime resolves it from the instance).
+    // name counts only where there is none.
     let mut found: Vec<&str> = if found.iter().any(|(_, layers)| *layers) {
         found.iter().filter(|(_, l)| *l).map(|(n, _)| *n).collect()
     } else {
-        found
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| !n.contains("Vision"))
-            .collect()
+        found.iter().map(|(n, _)| *n).collect()
     };
     if found.len() > 1 {
-        found.retain(|n| !n.contains("Encoder") && !n.contains("Vision"));
+        found.retain(|n| !n.contains("Encoder"));
     }
     let [base_name] = found.as_slice() else {
         return Err(Refusal::new(

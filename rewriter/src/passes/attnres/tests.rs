@@ -557,6 +557,15 @@ fn layer_lists_are_not_vision_towers_and_layers_come_first() {
     let report = scan_text(&text);
     assert_eq!(report.verdict, "patched", "{report:?}");
     assert_eq!(report.extra["base"], "ToyModel");
+    // Nor a vision tower's `self.layers` when it is the only list found (HunYuanVL: its text
+    // model is built where the search does not see it).
+    let text = module_text(MODULE)
+        .replace("class ToyModel(", "class ToyVisionTransformer(")
+        .replace(
+            "self.model = ToyModel(config)",
+            "self.model = ToyVisionTransformer(config)",
+        );
+    assert_eq!(scan_text(&text).reason.as_deref(), Some("no-base-model"));
 }
 
 #[test]
