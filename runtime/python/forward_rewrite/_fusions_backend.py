@@ -217,49 +217,57 @@ def rotary_strides(t, pos, head_index):
     return [stride[d] if shape[d] > 1 else 0 for d in (*pos, head_index)]
 
 
-def rotary_launch_args(
+def rotary_launch(
     q,
     k,
     cos,
     sin,
-    q_out,
-    k_out,
-    p0,
-    p1,
-    pos,
     rotary_dim,
     interleaved,
     head_index,
     out_dtype,
     transpose,
+    device_type,
+    empty_like,
 ):
-    """The keyword arguments both backends' ``rotary`` launchers take (pointers, strides in
-    elements, sizes, dtype names), from the checked operands."""
-    return {
-        "q": q.data_ptr(),
-        "k": k.data_ptr(),
-        "cos": cos.data_ptr(),
-        "sin": sin.data_ptr(),
-        "q_out": q_out.data_ptr(),
-        "k_out": k_out.data_ptr(),
-        "q_strides": rotary_strides(q, pos, head_index),
-        "k_strides": rotary_strides(k, pos, head_index),
-        "cos_strides": rotary_strides(cos, pos, head_index)[:2],
-        "sin_strides": rotary_strides(sin, pos, head_index)[:2],
-        "q_out_strides": rotary_strides(q_out, pos, head_index),
-        "k_out_strides": rotary_strides(k_out, pos, head_index),
-        "p0": p0,
-        "p1": p1,
-        "q_heads": q.shape[head_index],
-        "k_heads": k.shape[head_index],
-        "head_dim": q.shape[-1],
-        "rot_dim": rotary_dim,
-        "interleaved": bool(interleaved),
-        "transpose": bool(transpose),
-        "in_dtype": dtype_name(q.dtype),
-        "cs_dtype": dtype_name(cos.dtype),
-        "out_dtype": dtype_name(out_dtype),
-    }
+    """What both backends' ``rotary`` do before their launch: check the operands, allocate
+    the outputs with the backend's ``empty_like``, and build the keyword arguments the
+    launchers take (pointers, strides in elements, sizes, dtype names). (q_out, k_out,
+    kwargs)."""
+    p0, p1, pos = check_rotary(
+        q, k, cos, sin, rotary_dim, head_index, out_dtype, device_type
+    )
+    q_out = empty_like(q, dtype=out_dtype)
+    k_out = empty_like(k, dtype=out_dtype)
+    return (
+        q_out,
+        k_out,
+        {
+            "q": q.data_ptr(),
+            "k": k.data_ptr(),
+            "cos": cos.data_ptr(),
+            "sin": sin.data_ptr(),
+            "q_out": q_out.data_ptr(),
+            "k_out": k_out.data_ptr(),
+            "q_strides": rotary_strides(q, pos, head_index),
+            "k_strides": rotary_strides(k, pos, head_index),
+            "cos_strides": rotary_strides(cos, pos, head_index)[:2],
+            "sin_strides": rotary_strides(sin, pos, head_index)[:2],
+            "q_out_strides": rotary_strides(q_out, pos, head_index),
+            "k_out_strides": rotary_strides(k_out, pos, head_index),
+            "p0": p0,
+            "p1": p1,
+            "q_heads": q.shape[head_index],
+            "k_heads": k.shape[head_index],
+            "head_dim": q.shape[-1],
+            "rot_dim": rotary_dim,
+            "interleaved": bool(interleaved),
+            "transpose": bool(transpose),
+            "in_dtype": dtype_name(q.dtype),
+            "cs_dtype": dtype_name(cos.dtype),
+            "out_dtype": dtype_name(out_dtype),
+        },
+    )
 
 
 def check_gated(gate, up, activation, device_type, *, dout=None):

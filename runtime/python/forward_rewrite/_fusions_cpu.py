@@ -9,10 +9,9 @@ from ._fusions_backend import (
     check_gated,
     check_gated_packed,
     check_rms,
-    check_rotary,
     dtype_name,
     rms_out_dtype,
-    rotary_launch_args,
+    rotary_launch,
     rstd_dtype,
 )
 
@@ -65,27 +64,20 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
 
 
 def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
-    p0, p1, pos = check_rotary(q, k, cos, sin, rotary_dim, head_index, out_dtype, "cpu")
-    q_out = torch.empty_like(q, dtype=out_dtype)
-    k_out = torch.empty_like(k, dtype=out_dtype)
-    _native.cpu_rotary(
-        **rotary_launch_args(
-            q,
-            k,
-            cos,
-            sin,
-            q_out,
-            k_out,
-            p0,
-            p1,
-            pos,
-            rotary_dim,
-            interleaved,
-            head_index,
-            out_dtype,
-            transpose,
-        ),
+    q_out, k_out, args = rotary_launch(
+        q,
+        k,
+        cos,
+        sin,
+        rotary_dim,
+        interleaved,
+        head_index,
+        out_dtype,
+        transpose,
+        "cpu",
+        torch.empty_like,
     )
+    _native.cpu_rotary(**args)
     return q_out, k_out
 
 

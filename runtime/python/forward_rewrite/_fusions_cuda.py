@@ -16,10 +16,9 @@ from ._fusions_backend import (
     check_gated,
     check_gated_packed,
     check_rms,
-    check_rotary,
     dtype_name,
     rms_out_dtype,
-    rotary_launch_args,
+    rotary_launch,
     rstd_dtype,
 )
 
@@ -131,34 +130,23 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
 
 
 def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
-    p0, p1, pos = check_rotary(
-        q, k, cos, sin, rotary_dim, head_index, out_dtype, "cuda"
+    q_out, k_out, args = rotary_launch(
+        q,
+        k,
+        cos,
+        sin,
+        rotary_dim,
+        interleaved,
+        head_index,
+        out_dtype,
+        transpose,
+        "cuda",
+        _empty_like,
     )
-    q_out = _empty_like(q, dtype=out_dtype)
-    k_out = _empty_like(k, dtype=out_dtype)
     load_nvrtc()
     with torch.cuda.device(q.device):
         device, stream = _where(q)
-        _native.cuda_rotary(
-            device=device,
-            stream=stream,
-            **rotary_launch_args(
-                q,
-                k,
-                cos,
-                sin,
-                q_out,
-                k_out,
-                p0,
-                p1,
-                pos,
-                rotary_dim,
-                interleaved,
-                head_index,
-                out_dtype,
-                transpose,
-            ),
-        )
+        _native.cuda_rotary(device=device, stream=stream, **args)
     return q_out, k_out
 
 
