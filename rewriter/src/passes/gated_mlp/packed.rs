@@ -23,7 +23,7 @@ use crate::syntax::{dotted_name, self_attribute};
 
 /// What `self.<down>(self.<act>(gate) * up)` was built from, with `gate, up =
 /// self.<gate_up>(x).chunk(2, dim=-1)`.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct PackedMatch<'a> {
     pub down: &'a str,
     pub act: &'a str,
@@ -46,25 +46,14 @@ enum Value<'a> {
     /// `Activated(act, gate_up) * Half(gate_up, 1)`, either factor order.
     Gated(&'a str, &'a str),
     /// `self.<down>(Gated(act, gate_up))`.
-    Out(PackedFields<'a>),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PackedFields<'a> {
-    down: &'a str,
-    act: &'a str,
-    gate_up: &'a str,
+    Out(PackedMatch<'a>),
 }
 
 /// Matches the forward's body (docstring removed) against the packed form; `param` is the
 /// forward's one input.
 pub(super) fn match_packed<'a>(body: &'a [Stmt], param: &str) -> Option<PackedMatch<'a>> {
     match interpret(body, param, Value::Input)? {
-        Value::Out(fields) => Some(PackedMatch {
-            down: fields.down,
-            act: fields.act,
-            gate_up: fields.gate_up,
-        }),
+        Value::Out(matched) => Some(matched),
         _ => None,
     }
 }
@@ -169,7 +158,7 @@ fn eval_call<'a>(
         return match eval(arg, names, input)? {
             Value::Input => Some(Value::Packed(attr)),
             Value::Half(gate_up, 0) => Some(Value::Activated(attr, gate_up)),
-            Value::Gated(act, gate_up) => Some(Value::Out(PackedFields {
+            Value::Gated(act, gate_up) => Some(Value::Out(PackedMatch {
                 down: attr,
                 act,
                 gate_up,
