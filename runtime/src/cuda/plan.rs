@@ -117,7 +117,14 @@ impl Shape {
     pub fn plan(&self, budget: u64) -> Plan {
         let ld = ld_logits(self.vocab);
         let per_row = self.per_row_bytes(ld);
-        let room = budget.saturating_sub(self.fixed_bytes(budget));
+        // Rows per chunk are sized as if dW were wanted, so a frozen weight gets the same
+        // chunks (cuBLAS picks its algorithms by shape, db sums chunk by chunk): loss, dh
+        // and db bit for bit those of the run with dW; it saves only dW and its accumulator.
+        let as_if_dw = Shape {
+            weight_grad: true,
+            ..*self
+        };
+        let room = budget.saturating_sub(as_if_dw.fixed_bytes(budget));
         let mut max_rows = (room / per_row) / ROW_QUANTUM * ROW_QUANTUM;
         max_rows = max_rows.clamp(ROW_QUANTUM, MAX_CHUNK_ROWS);
         let rows = self.rows.max(1);
@@ -296,6 +303,23 @@ mod tests {
         };
         assert_eq!(frozen.plan(gib).dw_acc, None, "a frozen weight has no dW");
         assert!(frozen.plan(gib).total_bytes < shape(100, 64, 1000).plan(gib).total_bytes);
+    }
+
+    #[test]
+    fn frozen_weight_chunks_like_the_dw_run() {
+        // A budget where the float32 dW accumulator is reserved: without the reservation the
+        // frozen plan would take larger chunks and round differently (seen on the H200).
+        let with_dw = shape(16384, 1024, 4096);
+        let frozen = Shape {
+            weight_grad: false,
+            ..with_dw
+        };
+        for budget in [128u64 << 20, 512 << 20, 1 << 30] {
+            let (a, b) = (with_dw.plan(budget), frozen.plan(budget));
+            assert_eq!((a.chunk_rows, a.chunks), (b.chunk_rows, b.chunks), "{budget}");
+            assert!(b.total_bytes <= a.total_bytes);
+        }
+        assert!(with_dw.plan(512 << 20).dw_acc.is_some());
     }
 
     #[test]
