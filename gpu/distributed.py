@@ -800,6 +800,11 @@ def main(argv=None):
             if result["problems"]:
                 failed.append((case.name, result["problems"]))
             results.append(result)
+            # Each case's rows as it ends, the JSON rewritten: a run cut short by a time
+            # limit keeps what it measured.
+            print("\n".join(table([result]).splitlines()[2:]), flush=True)
+            if args.json:
+                _write_json(args.json, world, device, s, steps, results)
         dist.barrier()
     if rank == 0:
         print(
@@ -809,23 +814,25 @@ def main(argv=None):
         print(table(results))
         for name, problems in failed:
             print(f"FAIL {name}: {'; '.join(problems)}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(
-                    {
-                        "world": world,
-                        "device": device.type,
-                        "dtype": str(s.dtype),
-                        "steps": steps,
-                        "micro": s.micro,
-                        "results": results,
-                    },
-                    f,
-                    indent=1,
-                    default=str,
-                )
     dist.destroy_process_group()
     return 1 if (args.check and failed) else 0
+
+
+def _write_json(path, world, device, s, steps, results):
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "world": world,
+                "device": device.type,
+                "dtype": str(s.dtype),
+                "steps": steps,
+                "micro": s.micro,
+                "results": results,
+            },
+            f,
+            indent=1,
+            default=str,
+        )
 
 
 def _have(name):
