@@ -15,6 +15,7 @@ whole process), the methods interleaved per model. Prints a table; ``--json`` wr
 
     python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
     python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
+    python3 gpu/step_bench.py --models llama-1b --methods ours,liger --profile 15
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -154,7 +155,7 @@ def apply_liger(family, everything):
         )
 
 
-def one(model_name, method, steps, warmup, batch, seq, device, smoke):
+def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
     """Runs in the child process: builds the model, times the steps, prints JSON."""
     import torch
     import transformers
@@ -200,27 +201,35 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=g).to(device)
-    times, losses = [], []
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup + steps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-            start.record()
-        t0 = time.perf_counter()
+
+    def step():
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    times, host, losses = [], [], []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            start.record()
+        t0 = time.perf_counter()
+        loss = step()
+        # the host's time to issue the step: near the step time, the GPU waits on Python
+        issued = (time.perf_counter() - t0) * 1e3
         if device == "cuda":
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end)
         else:
             ms = (time.perf_counter() - t0) * 1e3
-        losses.append(float(out.loss))
-        if step >= warmup:
+        losses.append(float(loss))
+        if i >= warmup:
             times.append(ms)
+            host.append(issued)
     result = {
         "model": model_name,
         "method": method,
@@ -229,9 +238,12 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30
         if device == "cuda"
         else None,
+        "host_ms": statistics.median(host),
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
+    if top:
+        result["profile"] = profile_step(step, device, top)
     if method in ("ours", "ours-loss", "liger+ours"):
         import forward_rewrite
         from forward_rewrite import fusion_guard
@@ -241,6 +253,33 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke):
             **fusion_guard.taken,
         }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def profile_step(step, device, top):
+    """One more step under torch.profiler: the ``top`` operators and kernels by their own
+    device time (CPU time on the CPU), as [name, total ms, calls]."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def own_time(e):
+        if device != "cuda":
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
+
+    events = sorted(prof.key_averages(), key=own_time, reverse=True)
+    return [
+        [e.key[:90], round(own_time(e) / 1e3, 3), e.count]
+        for e in events[:top]
+        if own_time(e) > 0
+    ]
 
 
 def main():
@@ -258,6 +297,13 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, profile one more and list its N costliest kernels",
+    )
+    ap.add_argument(
         "--timeout", type=int, default=150, help="seconds per (model, method)"
     )
     ap.add_argument(
@@ -268,7 +314,7 @@ def main():
     if a.smoke:
         a.batch, a.seq, a.steps, a.warmup = 2, 64, 2, 1
     if a.one:
-        one(*a.one, a.steps, a.warmup, a.batch, a.seq, device, a.smoke)
+        one(*a.one, a.steps, a.warmup, a.batch, a.seq, device, a.smoke, a.profile)
         return
     rows = []
     for model_name in a.models.split(","):
@@ -277,6 +323,7 @@ def main():
             cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup)]
             cmd += ["--batch", str(a.batch), "--seq", str(a.seq)]
             cmd += ["--smoke"] if a.smoke else []
+            cmd += ["--profile", str(a.profile)] if a.profile else []
             try:
                 done = subprocess.run(
                     cmd,
@@ -306,11 +353,14 @@ def main():
         f"{a.batch} x {a.seq} tokens, bf16, gradient checkpointing, sdpa, AdamW; "
         f"median of {a.steps} steps after {a.warmup}"
     )
-    print("| model | method | step ms | vs stock | peak GiB | loss (first, last) |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+    print(
+        "| model | method | step ms | vs stock | host ms to issue | peak GiB "
+        "| loss (first, last) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | |")
+            print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | |")
             continue
         stock = next(
             (
@@ -325,9 +375,15 @@ def main():
         speed = f"{stock['median_ms'] / r['median_ms']:.2f}x" if stock else ""
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
         print(
-            f"| {r['model']} | {r['method']} | {r['median_ms']:.0f} | {speed} | {peak} "
-            f"| {r['first_loss']:.3f}, {r['last_loss']:.3f} |"
+            f"| {r['model']} | {r['method']} | {r['median_ms']:.0f} | {speed} "
+            f"| {r['host_ms']:.0f} | {peak} | {r['first_loss']:.3f}, {r['last_loss']:.3f} |"
         )
+    for r in rows:
+        if r.get("profile"):
+            print(f"\n{r['model']} / {r['method']}: one step's costliest kernels")
+            print("| kernel or operator | ms | calls |\n| --- | ---: | ---: |")
+            for name, ms, calls in r["profile"]:
+                print(f"| `{name}` | {ms:.2f} | {calls} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
