@@ -714,6 +714,65 @@ def check_extras():
         print("torch.compile: FAILED", e, flush=True)
 
 
+def check_overwrite():
+    """overwrite_inputs (what the patched MLPs pass): gradients written over the
+    projections' outputs by the kernel itself, bit for bit the allocated ones, the inputs'
+    versions moved, and a lower peak in backward."""
+    g = gen()
+    tokens, hidden, inter = (4096, 1024, 2816) if DEVICE == "cuda" else (64, 32, 48)
+    x0 = randn(tokens, hidden, g=g, dtype=torch.bfloat16)
+    w0 = randn(2 * inter, hidden, g=g, dtype=torch.bfloat16) * 0.03
+    for packed in (False, True):
+        for activation in ("silu", "gelu_tanh"):
+            runs = {}
+            for overwrite in (False, True):
+                x = x0.clone().requires_grad_(True)
+                w = w0.clone().requires_grad_(True)
+                if packed:
+                    inputs = (x @ w.t(),)
+                    out = forward_rewrite.gated_mlp_act_packed(
+                        *inputs, activation=activation, overwrite_inputs=overwrite
+                    )
+                else:
+                    inputs = (x @ w[:inter].t(), x @ w[inter:].t())
+                    out = forward_rewrite.gated_mlp_act(
+                        *inputs, activation=activation, overwrite_inputs=overwrite
+                    )
+                for t in inputs:
+                    t.retain_grad()
+                versions = [t._version for t in inputs]
+                loss = out.float().square().sum()
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                loss.backward()
+                peak = (
+                    torch.cuda.max_memory_allocated() - base if DEVICE == "cuda" else 0
+                )
+                runs[overwrite] = (x.grad, w.grad, inputs, versions, peak)
+            (xa, wa, kept, _, peak_a), (xb, wb, over, vers, peak_b) = (
+                runs[False],
+                runs[True],
+            )
+            same = torch.equal(xa, xb) and torch.equal(wa, wb)
+            written = all(torch.equal(o, k.grad) for o, k in zip(over, kept))
+            moved = all(t._version > v for t, v in zip(over, vers))
+            name = (
+                f"overwrite_inputs {'packed' if packed else 'two-tensor'} {activation}"
+            )
+            print(
+                f"{name}: grads {'bit-identical' if same else 'DIFFERENT'}, inputs hold "
+                f"their gradients: {written}, versions moved: {moved} | backward peak "
+                f"{peak_b / 2**20:.0f} MiB vs {peak_a / 2**20:.0f} MiB allocating",
+                flush=True,
+            )
+            if not (same and written and moved):
+                fail(f"{name}: wrong gradients or inputs")
+            if DEVICE == "cuda" and peak_b >= peak_a:
+                fail(f"{name}: no memory saved")
+
+
 def check_errors():
     x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(64, device=DEVICE, dtype=torch.bfloat16)
@@ -860,6 +919,7 @@ def main():
             run(name, dtype, make)
     if not ARGS.quick:
         check_extras()
+        check_overwrite()
         check_errors()
     print(f"\n{len(FAILURES)} failed" if FAILURES else "\nall checks passed")
     for f in FAILURES:

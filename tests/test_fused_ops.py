@@ -592,6 +592,125 @@ def test_gated_product_saves_only_its_inputs():
     assert {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
 
 
+# ---- gated product: gradients written over its inputs --------------------------------------
+
+
+def _mlp_inputs(packed, dtype, seed=5):
+    """x and the projection weights of a tiny MLP: gate and up as outputs of linear layers,
+    temporaries as the patched MLPs pass them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 16, generator=g, dtype=dtype).requires_grad_(True)
+    w = torch.randn(48 if packed else 24, 16, generator=g, dtype=dtype) * 0.3
+    return x, w.requires_grad_(True)
+
+
+def _gated_step(packed, activation, overwrite, dtype, keep=None, **backward):
+    """Runs forward and backward; returns (x.grad, w.grad) and, through ``keep``, the
+    projection output(s) the op received."""
+    x, w = _mlp_inputs(packed, dtype)
+    if packed:
+        gate_up = x @ w.t()
+        args = (gate_up,)
+        out = forward_rewrite.gated_mlp_act_packed(
+            gate_up, activation=activation, overwrite_inputs=overwrite
+        )
+    else:
+        gate, up = x @ w[:12].t(), x @ w[12:].t()
+        args = (gate, up)
+        out = forward_rewrite.gated_mlp_act(
+            gate, up, activation=activation, overwrite_inputs=overwrite
+        )
+    if keep is not None:
+        keep.extend(args)
+        for t in args:
+            t.retain_grad()
+    out.pow(2).sum().backward(**backward)
+    return x.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", _fusions_backend.ACTIVATIONS)
+@pytest.mark.parametrize("packed", [False, True], ids=["two-tensor", "packed"])
+def test_overwrite_inputs_writes_the_same_gradients_over_them(
+    packed, activation, dtype
+):
+    stock_kept, kept = [], []
+    reference = _gated_step(packed, activation, False, dtype, keep=stock_kept)
+    got = _gated_step(packed, activation, True, dtype, keep=kept)
+    assert all(torch.equal(a, b) for a, b in zip(reference, got))
+    for stock, ours in zip(stock_kept, kept):
+        # the op's inputs now hold their own gradients, bit for bit the allocated ones
+        assert torch.equal(ours, stock.grad)
+        assert ours._version > stock._version
+        assert not torch.equal(stock, stock.grad)
+
+
+def test_overwrite_inputs_is_ignored_where_the_promise_cannot_hold():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def untouched(**backward):
+        kept = []
+        grads = _gated_step(False, "silu", True, torch.float32, keep=kept, **backward)
+        return grads, all(not torch.equal(t, t.grad) for t in kept)
+
+    reference = _gated_step(False, "silu", False, torch.float32)
+    # retain_graph: the graph may run again, and its saved inputs with it
+    grads, kept_intact = untouched(retain_graph=True)
+    assert kept_intact and all(torch.equal(a, b) for a, b in zip(reference, grads))
+    # create_graph: the backward itself is differentiated
+    grads, kept_intact = untouched(create_graph=True)
+    assert kept_intact and all(torch.allclose(a, b) for a, b in zip(reference, grads))
+    # a dispatch mode (the custom op runs): it may hold the tensors
+    with Passthrough():
+        grads, kept_intact = untouched()
+    assert kept_intact and all(torch.equal(a, b) for a, b in zip(reference, grads))
+    # strided views of one projection, as Phi-3's chunks: allocated
+    x, w = _mlp_inputs(True, torch.float32)
+    gate, up = (x @ w.t()).chunk(2, dim=-1)
+    for t in (gate, up):
+        t.retain_grad()
+    forward_rewrite.gated_mlp_act(gate, up, overwrite_inputs=True).sum().backward()
+    assert not torch.equal(gate, gate.grad) and not torch.equal(up, up.grad)
+
+
+def test_an_autograd_node_that_saved_an_overwritten_input_raises():
+    # gate * gate saved gate before the fused op; the op's backward runs first and writes
+    # over it: the version check turns a silently wrong gradient into an error
+    x, w = _mlp_inputs(False, torch.float32)
+    gate, up = x @ w[:12].t(), x @ w[12:].t()
+    square = gate * gate
+    out = forward_rewrite.gated_mlp_act(gate, up, overwrite_inputs=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + square.sum()).backward()
+
+
+def test_overwrite_inputs_under_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    x, w = _mlp_inputs(False, torch.float32)
+
+    def mlp(x, overwrite):
+        return forward_rewrite.gated_mlp_act(
+            x @ w[:12].t(), x @ w[12:].t(), overwrite_inputs=overwrite
+        )
+
+    grads = {}
+    for overwrite in (False, True):
+        for reentrant in (False, True):
+            x.grad = w.grad = None
+            checkpoint(mlp, x, overwrite, use_reentrant=reentrant).pow(
+                2
+            ).sum().backward()
+            grads[overwrite, reentrant] = (x.grad.clone(), w.grad.clone())
+    reference = grads[False, False]
+    for got in grads.values():
+        assert all(torch.equal(a, b) for a, b in zip(reference, got))
+
+
 # ---- torch.compile, gradcheck, opcheck ------------------------------------------------------
 
 
@@ -732,7 +851,7 @@ def test_opcheck_validates_the_registrations():
     gate = torch.randn(2, 48)[:, :24].requires_grad_(True)
     up = torch.randn(2, 24, requires_grad=True)
     torch.library.opcheck(
-        ops.gated_act.default, (gate, up, "gelu_tanh"), test_utils=tests
+        ops.gated_act.default, (gate, up, "gelu_tanh", True), test_utils=tests
     )
     torch.library.opcheck(
         ops.gated_act_backward.default,
@@ -740,7 +859,7 @@ def test_opcheck_validates_the_registrations():
     )
     gate_up = torch.randn(3, 64)[:, 8:56].requires_grad_(True)
     torch.library.opcheck(
-        ops.gated_act_packed.default, (gate_up, "silu"), test_utils=tests
+        ops.gated_act_packed.default, (gate_up, "silu", True), test_utils=tests
     )
     torch.library.opcheck(
         ops.gated_act_packed_backward.default,
@@ -867,6 +986,16 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
         (lambda: forward_rewrite.gated_mlp_act(X, "up"), TypeError, "up"),
         (lambda: forward_rewrite.gated_mlp_act_packed(X[:, :7]), ValueError, "gate_up"),
         (lambda: forward_rewrite.gated_mlp_act_packed(X.int()), TypeError, "gate_up"),
+        (
+            lambda: forward_rewrite.gated_mlp_act(X, X, overwrite_inputs=1),
+            TypeError,
+            "overwrite_inputs",
+        ),
+        (
+            lambda: _fusions_cpu.gated_act_backward(X, X, X[:, :8], "silu", True),
+            ValueError,
+            "up",
+        ),
         (
             lambda: forward_rewrite.gated_mlp_act_packed(X, activation="x"),
             ValueError,

@@ -38,7 +38,8 @@ def eager_ok(args) -> bool:
 class OpPair:
     """A forward custom op with its eager twin. ``impl`` is the function the custom op was
     made from; ``setup`` / ``backward`` the functions registered as its autograd formula;
-    ``nondiff``: indices of outputs that carry no gradient (saved statistics)."""
+    ``nondiff``: indices of outputs that carry no gradient (saved statistics). A backward
+    can tell the two apart: ``ctx.eager`` is True when the forward ran on the fast path."""
 
     def __init__(self, op, impl, setup, backward, nondiff=()):
         self.op = op
@@ -48,6 +49,7 @@ class OpPair:
         def forward(ctx, *inputs):
             output = impl(*inputs)
             setup(ctx, inputs, output)
+            ctx.eager = True
             if nondiff:
                 ctx.mark_non_differentiable(*(output[i] for i in nondiff))
             return output

@@ -9,8 +9,8 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
     gated_act(gate, up, activation) -> out
-    gated_act_backward(dout, gate, up, activation) -> (dgate, dup)
-    gated_act_backward_packed(dout, gate_up, activation) -> dgate_up
+    gated_act_backward(dout, gate, up, activation, into_inputs) -> (dgate, dup)
+    gated_act_backward_packed(dout, gate_up, activation, into_inputs) -> dgate_up
 
 on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder ops"):
 
@@ -25,11 +25,16 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
 * gated product: gate and up (rows, cols) with unit stride along cols and a row stride of at
   least cols (Phi-3's chunks of one projection); outputs contiguous. The packed backward
   takes gate_up (rows, 2 * cols) (gate its first half, up its second, row stride at least
-  2 * cols) and returns its gradient as one contiguous (rows, 2 * cols) tensor.
+  2 * cols) and returns its gradient as one contiguous (rows, 2 * cols) tensor. With
+  ``into_inputs`` the backward writes the gradients over its inputs and returns them (gate
+  and up contiguous and apart, gate_up contiguous; :func:`check_into_inputs`): each element
+  is read before it is overwritten, by the same thread, so nothing else is allocated.
 
 A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
 argument before any pointer reaches native code.
 """
+
+import itertools
 
 import torch
 
@@ -311,6 +316,21 @@ def check_gated(gate, up, activation, device_type, *, dout=None):
         _on("dout", dout, gate, device_type)
         _contiguous("dout", dout)
     return rows, cols, lds[0], lds[1]
+
+
+def check_into_inputs(*inputs):
+    """Raises unless the tensors can take their gradients in place: contiguous, and no two
+    of them overlapping in memory."""
+    spans = []
+    for name, t in inputs:
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: into_inputs needs a contiguous tensor")
+        start = t.data_ptr()
+        spans.append((start, start + t.numel() * t.element_size(), name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise ValueError(f"{second}: into_inputs needs it apart from {first}")
 
 
 def check_gated_packed(dout, gate_up, activation, device_type):

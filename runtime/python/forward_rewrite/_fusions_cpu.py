@@ -8,6 +8,7 @@ from . import _native
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
+    check_into_inputs,
     check_rms,
     dtype_name,
     rms_out_dtype,
@@ -98,8 +99,10 @@ def gated_act(gate, up, activation):
     return out
 
 
-def gated_act_backward(dout, gate, up, activation):
+def gated_act_backward(dout, gate, up, activation, into_inputs=False):
     rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu", dout=dout)
+    if into_inputs:
+        check_into_inputs(("gate", gate), ("up", up))
     dgate = torch.empty((rows, cols), dtype=gate.dtype)
     dup = torch.empty((rows, cols), dtype=gate.dtype)
     _native.cpu_gated_act_backward(
@@ -115,11 +118,17 @@ def gated_act_backward(dout, gate, up, activation):
         dtype=dtype_name(gate.dtype),
         activation=activation,
     )
+    if into_inputs:
+        # Rust's slices may not alias, so the CPU twin writes apart and copies: the same
+        # numbers and the same contract (host memory is not what this saves on the GPU).
+        return gate.copy_(dgate), up.copy_(dup)
     return dgate, dup
 
 
-def gated_act_backward_packed(dout, gate_up, activation):
+def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
     rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cpu")
+    if into_inputs:
+        check_into_inputs(("gate_up", gate_up))
     dgate_up = torch.empty((rows, 2 * cols), dtype=gate_up.dtype)
     _native.cpu_gated_act_backward(
         dout=dout.data_ptr(),
@@ -135,4 +144,4 @@ def gated_act_backward_packed(dout, gate_up, activation):
         activation=activation,
         packed=True,
     )
-    return dgate_up
+    return gate_up.copy_(dgate_up) if into_inputs else dgate_up

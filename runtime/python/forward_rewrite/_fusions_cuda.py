@@ -15,6 +15,7 @@ from ._cuda import load_nvrtc
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
+    check_into_inputs,
     check_rms,
     dtype_name,
     rms_out_dtype,
@@ -150,14 +151,20 @@ def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, trans
     return q_out, k_out
 
 
-def _gated(gate, up, activation, dout):
+def _gated(gate, up, activation, dout, into_inputs=False):
     rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cuda", dout=dout)
-    out = _empty((rows, cols), dtype=gate.dtype, device=gate.device)
-    dup = (
-        _empty((rows, cols), dtype=gate.dtype, device=gate.device)
-        if dout is not None
-        else None
-    )
+    if into_inputs:
+        # backward over its inputs: each thread reads its entries of gate and up, then
+        # writes their gradients there (gated_act.cu)
+        check_into_inputs(("gate", gate), ("up", up))
+        out, dup = gate, up
+    else:
+        out = _empty((rows, cols), dtype=gate.dtype, device=gate.device)
+        dup = (
+            _empty((rows, cols), dtype=gate.dtype, device=gate.device)
+            if dout is not None
+            else None
+        )
     load_nvrtc()
     with torch.cuda.device(gate.device):
         device, stream = _where(gate)
@@ -184,13 +191,17 @@ def gated_act(gate, up, activation):
     return _gated(gate, up, activation, None)[0]
 
 
-def gated_act_backward(dout, gate, up, activation):
-    return _gated(gate, up, activation, dout)
+def gated_act_backward(dout, gate, up, activation, into_inputs=False):
+    return _gated(gate, up, activation, dout, into_inputs)
 
 
-def gated_act_backward_packed(dout, gate_up, activation):
+def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
     rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cuda")
-    dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
+    if into_inputs:
+        check_into_inputs(("gate_up", gate_up))
+        dgate_up = gate_up
+    else:
+        dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
     es = gate_up.element_size()
     load_nvrtc()
     with torch.cuda.device(gate_up.device):

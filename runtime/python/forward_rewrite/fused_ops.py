@@ -26,7 +26,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ._eager import BackwardOp, OpPair
+from ._eager import BackwardOp, OpPair, eager_ok
 from ._fusions_backend import (
     ACTIVATIONS,
     FUSION_DTYPES,
@@ -485,8 +485,9 @@ def rotary(
 # ---- gated MLP product --------------------------------------------------------------------------
 
 
-def _gated_impl(gate: Tensor, up: Tensor, activation: str) -> Tensor:
-    """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous."""
+def _gated_impl(gate: Tensor, up: Tensor, activation: str, overwrite: bool) -> Tensor:
+    """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous.
+    ``overwrite`` is for the backward (see :func:`gated_mlp_act`)."""
     return _backend(gate.device).gated_act(gate, up, activation)
 
 
@@ -496,7 +497,7 @@ _gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=(
 
 
 @_gated_op.register_fake
-def _gated_fake(gate, up, activation):
+def _gated_fake(gate, up, activation, overwrite):
     return gate.new_empty(gate.shape)
 
 
@@ -518,18 +519,57 @@ def _gated_backward_fake(dout, gate, up, activation):
 
 
 def _gated_setup(ctx, inputs, output):
-    gate, up, activation = inputs
+    gate, up, activation, overwrite = inputs
     ctx.activation = activation
+    ctx.overwrite = overwrite
     ctx.save_for_backward(gate, up)
+
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _may_overwrite(ctx, *saved: Tensor) -> bool:
+    """Whether a backward whose caller promised that nothing else reads its saved inputs
+    may write their gradients over them: on the eager path only, forward and backward (a
+    traced graph would not see the writes; a dispatch mode such as selective checkpointing
+    may hold the tensors), not when the graph is kept for another backward
+    (``retain_graph``) or differentiated again (``create_graph``), and for contiguous
+    tensors of distinct storages."""
+    if not (ctx.overwrite and getattr(ctx, "eager", False)):
+        return False
+    if _keep_graph is None or torch.is_grad_enabled() or not eager_ok(saved):
+        return False
+    try:
+        if _keep_graph():
+            return False
+    except RuntimeError:  # not inside the autograd engine: someone called us directly
+        return False
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    return len(storages) == len(saved) and all(t.is_contiguous() for t in saved)
+
+
+def _overwritten(*grads: Tensor):
+    """Gradients written over saved inputs: their version counters move, so an autograd
+    node that saved the same tensors raises instead of reading gradients."""
+    for g in grads:
+        torch.autograd.graph.increment_version(g)
+    return grads
 
 
 def _gated_backward(ctx, dout):
     gate, up = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1]):
-        return None, None, None
-    dgate, dup = _gated_backward_call(dout.contiguous(), gate, up, ctx.activation)
-    return (dgate if needs[0] else None), (dup if needs[1] else None), None
+        return None, None, None, None
+    dout = dout.contiguous()
+    if needs[0] and needs[1] and _may_overwrite(ctx, gate, up):
+        backend = _backend(gate.device)
+        dgate, dup = _overwritten(
+            *backend.gated_act_backward(dout, gate, up, ctx.activation, True)
+        )
+    else:
+        dgate, dup = _gated_backward_call(dout, gate, up, ctx.activation)
+    return (dgate if needs[0] else None), (dup if needs[1] else None), None, None
 
 
 _gated = OpPair(_gated_op, _gated_impl, _gated_setup, _gated_backward)
@@ -549,7 +589,13 @@ def _rows_view(t):
     return t2
 
 
-def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tensor:
+def gated_mlp_act(
+    gate: Tensor,
+    up: Tensor,
+    *,
+    activation: str = "silu",
+    overwrite_inputs: bool = False,
+) -> Tensor:
     """``act(gate) * up`` as a gated MLP computes it between its projections
     (``LlamaMLP``: ``self.act_fn(self.gate_proj(x)) * self.up_proj(x)``).
 
@@ -559,6 +605,15 @@ def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tens
     backward recomputes the activation from gate and up (nothing else is saved) in float32.
     gate and up may be strided views (Phi-3's ``gate_up.chunk(2, dim=-1)``); the result is
     contiguous, of their shape and dtype.
+
+    ``overwrite_inputs=True`` is the caller's promise that nothing reads gate and up after
+    this call (they are temporaries, as in the MLPs the gated-mlp pass patches): the
+    backward then writes their gradients over them instead of allocating two more
+    (rows, cols) tensors at the peak of the MLP's backward (Liger's SwiGLU does the same).
+    The writes move the inputs' version counters, so an autograd node that saved them
+    raises rather than read gradients. Ignored (the gradients allocated) where the promise
+    cannot hold or would not be seen: when compiling or under dispatch modes, with
+    ``retain_graph`` or ``create_graph``, for strided or shared-storage inputs.
     """
     _tensor("gate", gate)
     _tensor("up", up)
@@ -578,14 +633,15 @@ def gated_mlp_act(gate: Tensor, up: Tensor, *, activation: str = "silu") -> Tens
         raise ValueError(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
-    out = _gated(_rows_view(gate), _rows_view(up), activation)
+    _bool("overwrite_inputs", overwrite_inputs)
+    out = _gated(_rows_view(gate), _rows_view(up), activation, overwrite_inputs)
     return out.view(gate.shape)
 
 
 # ---- gated MLP product on one gate_up tensor ------------------------------------------------
 
 
-def _gated_packed_impl(gate_up: Tensor, activation: str) -> Tensor:
+def _gated_packed_impl(gate_up: Tensor, activation: str, overwrite: bool) -> Tensor:
     """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
     cols = gate_up.shape[1] // 2
     return _backend(gate_up.device).gated_act(
@@ -599,7 +655,7 @@ _gated_packed_op = torch.library.custom_op(
 
 
 @_gated_packed_op.register_fake
-def _gated_packed_fake(gate_up, activation):
+def _gated_packed_fake(gate_up, activation, overwrite):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
@@ -621,16 +677,25 @@ def _gated_packed_backward_fake(dout, gate_up, activation):
 
 
 def _gated_packed_setup(ctx, inputs, output):
-    gate_up, activation = inputs
+    gate_up, activation, overwrite = inputs
     ctx.activation = activation
+    ctx.overwrite = overwrite
     ctx.save_for_backward(gate_up)
 
 
 def _gated_packed_backward(ctx, dout):
     (gate_up,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None, None
-    return _gated_packed_backward_call(dout.contiguous(), gate_up, ctx.activation), None
+        return None, None, None
+    dout = dout.contiguous()
+    if _may_overwrite(ctx, gate_up):
+        backend = _backend(gate_up.device)
+        (dgate_up,) = _overwritten(
+            backend.gated_act_backward_packed(dout, gate_up, ctx.activation, True)
+        )
+    else:
+        dgate_up = _gated_packed_backward_call(dout, gate_up, ctx.activation)
+    return dgate_up, None, None
 
 
 _gated_packed = OpPair(
@@ -641,12 +706,15 @@ _gated_packed_backward_call = BackwardOp(
 )
 
 
-def gated_mlp_act_packed(gate_up: Tensor, *, activation: str = "silu") -> Tensor:
+def gated_mlp_act_packed(
+    gate_up: Tensor, *, activation: str = "silu", overwrite_inputs: bool = False
+) -> Tensor:
     """``act(gate) * up`` with ``gate, up = gate_up.chunk(2, dim=-1)``, as ``Phi3MLP`` (``up *
     act(gate)``, the same product) and the MoE experts' ``linear(...).chunk(2, dim=-1)``
     compute it: the numerics of :func:`gated_mlp_act`, and the gradient of ``gate_up``
     written as one tensor (the chunk's backward would concatenate two). ``gate_up`` may be a
-    strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``."""
+    strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``.
+    ``overwrite_inputs``: as :func:`gated_mlp_act`'s, for ``gate_up``."""
     _tensor("gate_up", gate_up)
     _dtype("gate_up", gate_up)
     if gate_up.device.type not in ("cpu", "cuda"):
@@ -663,6 +731,7 @@ def gated_mlp_act_packed(gate_up: Tensor, *, activation: str = "silu") -> Tensor
         raise ValueError(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
+    _bool("overwrite_inputs", overwrite_inputs)
     cols = gate_up.shape[-1] // 2
-    out = _gated_packed(_rows_view(gate_up), activation)
+    out = _gated_packed(_rows_view(gate_up), activation, overwrite_inputs)
     return out.view(*gate_up.shape[:-1], cols)

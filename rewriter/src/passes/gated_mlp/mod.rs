@@ -9,6 +9,9 @@
 //! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
 //! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
 //! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
+//! The emitted call passes the projections' outputs as call expressions, temporaries that
+//! nothing else reads, so it also passes `overwrite_inputs=True` (the backward writes the
+//! gradients over them: one activation-sized allocation less at the MLP's backward peak).
 //!
 //! MoE experts classes (`@use_experts_implementation`) the model reaches are sites too: their
 //! gate (`_apply_gate`, transformers' default unless the class defines one) becomes the packed
@@ -354,18 +357,18 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     let lines = match lowering {
         Lowering::Split(Matched { down, gate, up, .. }) => [
             guard,
-            "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward"
+            "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward; the projections' outputs are temporaries, so backward writes their gradients over them"
                 .to_string(),
             format!(
-                "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act))"
+                "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act, overwrite_inputs=True))"
             ),
         ],
         Lowering::Packed(packed::PackedMatch { down, gate_up, .. }) => [
             guard,
-            "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward"
+            "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)"
                 .to_string(),
             format!(
-                "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act))"
+                "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act, overwrite_inputs=True))"
             ),
         ],
     };

@@ -134,7 +134,7 @@ fn packed_forms_that_mean_the_same_are_patched() {
         assert_eq!(r.verdict, "patched", "{body}\n{r:?}");
         assert!(
             site_patch(&r, "ToyMLP").contains(
-                "forward_rewrite.gated_mlp_act_packed(self.gate_up_proj(hidden_states), activation=_fr_act)"
+                "forward_rewrite.gated_mlp_act_packed(self.gate_up_proj(hidden_states), activation=_fr_act, overwrite_inputs=True)"
             ),
             "{body}"
         );
