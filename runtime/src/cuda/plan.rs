@@ -316,7 +316,11 @@ mod tests {
         };
         for budget in [128u64 << 20, 512 << 20, 1 << 30] {
             let (a, b) = (with_dw.plan(budget), frozen.plan(budget));
-            assert_eq!((a.chunk_rows, a.chunks), (b.chunk_rows, b.chunks), "{budget}");
+            assert_eq!(
+                (a.chunk_rows, a.chunks),
+                (b.chunk_rows, b.chunks),
+                "{budget}"
+            );
             assert!(b.total_bytes <= a.total_bytes);
         }
         assert!(with_dw.plan(512 << 20).dw_acc.is_some());
