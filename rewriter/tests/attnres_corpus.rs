@@ -2,8 +2,11 @@
 //! per-class audit of the pass and diffs of the emitted base-model and layer forwards
 //! (insta snapshots under `snapshots/`).
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::PathBuf;
+
+use common::snapshot_settings as settings;
 use forward_rewrite::audit::{AuditDocument, render_pass_compact};
 use forward_rewrite::parse::ParsedSource;
 use forward_rewrite::passes::attnres::{self, resolve::RECURRENT};
@@ -11,21 +14,7 @@ use forward_rewrite::scan::{ScanOptions, scan};
 use ruff_python_ast::Stmt;
 
 fn corpus() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../corpus/cache/transformers-5.23.0/transformers");
-    assert!(
-        root.join("__init__.py").is_file(),
-        "transformers 5.23.0 is missing at {}: run corpus/fetch.sh first",
-        root.display()
-    );
-    root
-}
-
-fn settings() -> insta::Settings {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
-    settings
+    common::corpus("5.23.0")
 }
 
 fn audit() -> AuditDocument {

@@ -3,9 +3,11 @@
 //! rewritten forwards and refusals (insta snapshots under `snapshots/`), idempotence, and
 //! the forward hash against CPython's `inspect` + `textwrap`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::OnceLock;
 
+use common::{corpus, snapshot_settings as settings};
 use forward_rewrite::audit::{AuditDocument, ClassReport, Verdict, render_compact};
 use forward_rewrite::index::FileIndex;
 use forward_rewrite::parse::ParsedSource;
@@ -15,20 +17,6 @@ use forward_rewrite::{ClassSource, LossResolution, Reason, analyze_class, forwar
 /// The pinned releases: 4.45.2 is the last before `self.loss_function` (every model in the
 /// classic style), 4.57.6 the last 4.x, 5.23.0 the newest.
 const VERSIONS: [&str; 3] = ["4.45.2", "4.57.6", "5.23.0"];
-
-fn corpus(version: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("corpus/cache")
-        .join(format!("transformers-{version}"))
-        .join("transformers");
-    assert!(
-        root.join("__init__.py").is_file(),
-        "transformers {version} is missing at {}: run corpus/fetch.sh first (scripts/test does)",
-        root.display()
-    );
-    root
-}
 
 fn audit(version: &str) -> &'static AuditDocument {
     static AUDITS: [OnceLock<AuditDocument>; 3] =
@@ -46,13 +34,6 @@ fn class<'a>(doc: &'a AuditDocument, qualname: &str) -> &'a ClassReport {
         .iter()
         .find(|c| c.qualname == qualname)
         .unwrap_or_else(|| panic!("{qualname} not in the audit"))
-}
-
-fn settings() -> insta::Settings {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
-    settings
 }
 
 /// The owner class of a report's forward, as a one-class chain read from the corpus file.

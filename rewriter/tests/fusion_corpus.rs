@@ -2,29 +2,18 @@
 //! per class and pass the verdict, reason and sites (insta snapshots under `snapshots/`),
 //! the emitted code of representative sites, and that every emitted site re-parses.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
+use common::{corpus, snapshot_settings as settings};
 use forward_rewrite::audit::AuditDocument;
 use forward_rewrite::passes::PASSES;
 use forward_rewrite::scan::{ScanOptions, scan};
 
 const VERSIONS: [&str; 2] = ["4.57.6", "5.23.0"];
 const FUSIONS: [&str; 3] = ["rms-norm", "rotary", "gated-mlp"];
-
-fn corpus(version: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../corpus/cache")
-        .join(format!("transformers-{version}"))
-        .join("transformers");
-    assert!(
-        root.join("__init__.py").is_file(),
-        "transformers {version} is missing at {}: run corpus/fetch.sh first (scripts/test does)",
-        root.display()
-    );
-    root
-}
 
 fn audit(version: &str) -> AuditDocument {
     let passes = FUSIONS
@@ -40,13 +29,6 @@ fn audit(version: &str) -> AuditDocument {
     )
     .unwrap()
     .document
-}
-
-fn settings() -> insta::Settings {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
-    settings
 }
 
 /// One line per class and pass: verdict, reason, class, then each site as

@@ -4,6 +4,8 @@
 //! insta snapshots under `snapshots/`; the migration shows as fewer legacy-switch findings.
 //! Skipped, with a message, when the releases have not been fetched.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use forward_rewrite::lint::{LintDocument, lint_paths, render_summary};
@@ -68,9 +70,7 @@ fn axolotl_before_and_after_its_attn_implementation_migration() {
     for (release, package) in RELEASES.iter().zip(&packages) {
         let document = lint_paths(std::slice::from_ref(package)).unwrap();
         assert_eq!(document.summary.failed_files, 0, "{:?}", document.failed);
-        let mut settings = insta::Settings::clone_current();
-        settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-        settings.set_prepend_module_to_snapshot(false);
+        let settings = common::snapshot_settings();
         settings.bind(|| {
             insta::assert_snapshot!(format!("lint_{release}"), render(&document, package))
         });

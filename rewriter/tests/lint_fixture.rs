@@ -1,7 +1,7 @@
 //! `lint` on a fixture script holding one instance of every rule and the look-alikes it must
 //! leave alone: the text output as an insta snapshot under `snapshots/`.
 
-use std::path::Path;
+mod common;
 
 use forward_rewrite::lint::{Rule, lint_source};
 
@@ -16,9 +16,7 @@ fn every_rule_on_a_training_script() {
             f.path, f.line, f.column, f.code, f.message, f.replacement
         ));
     }
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
+    let settings = common::snapshot_settings();
     settings.bind(|| insta::assert_snapshot!("lint_fixture_train", out));
     // Every rule fires, and nothing fires in `fine` (from line 31 on).
     for rule in Rule::ALL {

@@ -3,26 +3,14 @@
 //! run time: every patched class built tiny, packed input, eager and sdpa, `use_cache` at its
 //! default; a copy in `fixtures/packing_sweep_5.23.0.json`), and snapshotted per version.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::corpus;
 use forward_rewrite::audit::{AuditDocument, Verdict, render_pass_compact};
 use forward_rewrite::passes::packing::PASS;
 use forward_rewrite::scan::{ScanOptions, scan};
-
-fn corpus(version: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("corpus/cache")
-        .join(format!("transformers-{version}"))
-        .join("transformers");
-    assert!(
-        root.join("__init__.py").is_file(),
-        "transformers {version} is missing at {}: run corpus/fetch.sh first (scripts/test does)",
-        root.display()
-    );
-    root
-}
 
 fn audit(version: &str) -> AuditDocument {
     let options = ScanOptions {
@@ -149,9 +137,7 @@ fn packing_snapshots() {
         for (reason, count) in &summary.reasons {
             text.push_str(&format!("  {reason}: {count}\n"));
         }
-        let mut settings = insta::Settings::clone_current();
-        settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-        settings.set_prepend_module_to_snapshot(false);
+        let settings = common::snapshot_settings();
         settings.bind(|| insta::assert_snapshot!(format!("audit_packing_{version}"), text));
     }
 }

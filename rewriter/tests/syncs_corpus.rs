@@ -3,7 +3,9 @@
 //! facts the packing work relies on (the flash path's per-layer metadata syncs, which the
 //! declared patch moves to the forward). Skipped, with a message, when the corpus is absent.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use forward_rewrite::audit::Verdict;
 use forward_rewrite::backends::table;
@@ -18,17 +20,11 @@ const CLASSES: [&str; 4] = [
 ];
 
 fn corpus() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../corpus/cache/transformers-5.23.0/transformers");
-    if root.join("__init__.py").is_file() {
-        Some(root)
-    } else {
-        eprintln!(
-            "skipped: transformers 5.23.0 is not in {}; run corpus/fetch.sh",
-            root.display()
-        );
-        None
+    let root = common::corpus_if_fetched("5.23.0");
+    if root.is_none() {
+        eprintln!("skipped: transformers 5.23.0 is not fetched; run corpus/fetch.sh");
     }
+    root
 }
 
 fn per_layer(syncs: &ClassSyncs, backend: &str, patched: bool) -> Vec<String> {
@@ -65,9 +61,7 @@ fn sync_reports_of_representative_classes() {
         .retain(|c| CLASSES.contains(&c.qualname.as_str()));
     assert_eq!(document.classes.len(), CLASSES.len());
     let reports = analyze(&paths, &document).unwrap();
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
+    let settings = common::snapshot_settings();
     for class in &document.classes {
         assert_eq!(class.verdict, Verdict::Patched, "{}", class.qualname);
         let syncs = &reports[&(class.module.clone(), class.qualname.clone())];
