@@ -4,31 +4,53 @@ use ruff_python_ast::visitor::{self, Visitor};
 use ruff_python_ast::{Expr, ExprContext, ExprName, Stmt, StmtFunctionDef};
 use ruff_text_size::{Ranged, TextRange};
 
-/// Every `Name` node inside an expression or statement (loads and stores), in source order.
-pub fn names_in_expr(expr: &Expr) -> Vec<&ExprName> {
-    let mut collector = NameCollector::default();
-    collector.visit_expr(expr);
-    collector.names
+/// The nodes `pick` selects among every expression below a statement or an expression
+/// (itself included), in source order: the one visitor behind the `*_in_*` queries.
+struct Collect<'a, T, F> {
+    pick: F,
+    found: Vec<&'a T>,
 }
 
-pub fn names_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
-    let mut collector = NameCollector::default();
-    collector.visit_stmt(stmt);
-    collector.names
-}
-
-#[derive(Default)]
-struct NameCollector<'a> {
-    names: Vec<&'a ExprName>,
-}
-
-impl<'a> Visitor<'a> for NameCollector<'a> {
+impl<'a, T, F: FnMut(&'a Expr) -> Option<&'a T>> Visitor<'a> for Collect<'a, T, F> {
     fn visit_expr(&mut self, expr: &'a Expr) {
-        if let Expr::Name(name) = expr {
-            self.names.push(name);
+        if let Some(node) = (self.pick)(expr) {
+            self.found.push(node);
         }
         visitor::walk_expr(self, expr);
     }
+}
+
+fn collect_in_stmt<'a, T>(
+    stmt: &'a Stmt,
+    pick: impl FnMut(&'a Expr) -> Option<&'a T>,
+) -> Vec<&'a T> {
+    let mut c = Collect {
+        pick,
+        found: Vec::new(),
+    };
+    c.visit_stmt(stmt);
+    c.found
+}
+
+fn collect_in_expr<'a, T>(
+    expr: &'a Expr,
+    pick: impl FnMut(&'a Expr) -> Option<&'a T>,
+) -> Vec<&'a T> {
+    let mut c = Collect {
+        pick,
+        found: Vec::new(),
+    };
+    c.visit_expr(expr);
+    c.found
+}
+
+/// Every `Name` node inside an expression or statement (loads and stores), in source order.
+pub fn names_in_expr(expr: &Expr) -> Vec<&ExprName> {
+    collect_in_expr(expr, Expr::as_name_expr)
+}
+
+pub fn names_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
+    collect_in_stmt(stmt, Expr::as_name_expr)
 }
 
 /// Whether `expr` mentions the name `name` anywhere.
@@ -172,40 +194,12 @@ pub fn walk_statements<'a>(body: &'a [Stmt], out: &mut Vec<&'a Stmt>) {
 
 /// All calls in an expression/statement, for finding `self.loss_function(...)` and friends.
 pub fn calls_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprCall> {
-    #[derive(Default)]
-    struct Calls<'a> {
-        calls: Vec<&'a ruff_python_ast::ExprCall>,
-    }
-    impl<'a> Visitor<'a> for Calls<'a> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Call(call) = expr {
-                self.calls.push(call);
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut calls = Calls::default();
-    calls.visit_stmt(stmt);
-    calls.calls
+    collect_in_stmt(stmt, Expr::as_call_expr)
 }
 
 /// All attribute accesses in a statement.
 pub fn attributes_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprAttribute> {
-    #[derive(Default)]
-    struct Attrs<'a> {
-        attrs: Vec<&'a ruff_python_ast::ExprAttribute>,
-    }
-    impl<'a> Visitor<'a> for Attrs<'a> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Attribute(attr) = expr {
-                self.attrs.push(attr);
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut attrs = Attrs::default();
-    attrs.visit_stmt(stmt);
-    attrs.attrs
+    collect_in_stmt(stmt, Expr::as_attribute_expr)
 }
 
 /// Call `f` on every subscript expression in a statement.
@@ -213,35 +207,12 @@ pub fn for_each_subscript<'a>(
     stmt: &'a Stmt,
     f: &mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
 ) {
-    struct Subs<'f, 'a> {
-        f: &'f mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
-    }
-    impl<'a> Visitor<'a> for Subs<'_, 'a> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Subscript(sub) = expr {
-                (self.f)(sub);
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    Subs { f }.visit_stmt(stmt);
+    collect_in_stmt(stmt, Expr::as_subscript_expr)
+        .into_iter()
+        .for_each(f);
 }
 
 /// All calls inside an expression.
 pub fn calls_in_expr(expr: &Expr) -> Vec<&ruff_python_ast::ExprCall> {
-    #[derive(Default)]
-    struct Calls<'a> {
-        calls: Vec<&'a ruff_python_ast::ExprCall>,
-    }
-    impl<'a> Visitor<'a> for Calls<'a> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Call(call) = expr {
-                self.calls.push(call);
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut calls = Calls::default();
-    calls.visit_expr(expr);
-    calls.calls
+    collect_in_expr(expr, Expr::as_call_expr)
 }
