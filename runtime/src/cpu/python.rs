@@ -12,6 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::element::{DType, Element};
 use super::fused::{GradScale, Gradients, Options, Problem, fused_ce};
+use super::{slice, slice_mut};
 
 /// Plain numbers only, so the computation can move to a GIL-free closure.
 #[derive(Clone, Copy)]
@@ -229,25 +230,6 @@ fn region(name: &'static str, start: usize, len: usize, el: usize, output: bool)
         align: el,
         output,
     })
-}
-
-/// # Safety (upheld by `check_regions` and the Python wrapper)
-/// `ptr` is null only when `len == 0`, else points to `len` initialised, aligned elements
-/// that live for the call and that no other slice of this call may write to.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
-    if len == 0 {
-        return &[];
-    }
-    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
-}
-
-/// # Safety
-/// As [`slice`], and nothing else of this call reads or writes the region.
-unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
-    if len == 0 {
-        return &mut [];
-    }
-    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
 }
 
 fn run<T: Element>(c: &Call) -> Result<(), super::fused::FusedCeError> {

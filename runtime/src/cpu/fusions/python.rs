@@ -15,6 +15,7 @@ use super::gated::{self, Gated};
 use super::rms_norm::{self, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
 use super::{Activation, FDtype, Real, Storage};
+use crate::cpu::{slice, slice_mut};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_rms_norm_forward, m)?)?;
@@ -107,25 +108,6 @@ fn run(py: Python<'_>, what: &str, f: impl FnOnce() + Send) -> PyResult<()> {
             )))
         }
     }
-}
-
-/// # Safety
-/// `ptr` is null only when `len == 0`, else points to `len` initialised, aligned elements
-/// that live for the call and that nothing else of this call writes.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
-    if len == 0 {
-        return &[];
-    }
-    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
-}
-
-/// # Safety
-/// As [`slice`], and nothing else of this call reads or writes the region.
-unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
-    if len == 0 {
-        return &mut [];
-    }
-    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
 }
 
 // ---- RMSNorm -------------------------------------------------------------------------------
