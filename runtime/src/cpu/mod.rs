@@ -12,6 +12,7 @@ mod plan;
 mod python;
 #[cfg(test)]
 mod reference;
+mod regions;
 #[cfg(test)]
 mod tests;
 
@@ -20,29 +21,6 @@ pub use fused::{FusedCeError, GradScale, Gradients, Options, Problem, fused_ce};
 pub use plan::{MIN_ROWS, Plan, Shape};
 
 use pyo3::prelude::*;
-
-/// A tensor's memory as a slice, for the Python entry points (`python.rs`,
-/// `fusions/python.rs`), which receive raw `data_ptr()` addresses.
-///
-/// # Safety
-/// `ptr` is null only when `len == 0`, else points to `len` initialised, aligned elements
-/// that live for the call and that nothing else of this call writes (the Python wrappers
-/// and the entry points' region checks uphold it).
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> &'a [T] {
-    if len == 0 {
-        return &[];
-    }
-    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
-}
-
-/// # Safety
-/// As [`slice`], and nothing else of this call reads or writes the region.
-unsafe fn slice_mut<'a, T>(ptr: usize, len: usize) -> &'a mut [T] {
-    if len == 0 {
-        return &mut [];
-    }
-    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
-}
 
 /// Adds this backend's functions to `forward_rewrite._native`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

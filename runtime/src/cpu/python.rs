@@ -12,7 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::element::{DType, Element};
 use super::fused::{GradScale, Gradients, Options, Problem, fused_ce};
-use super::{slice, slice_mut};
+use super::regions::{Region, check, slice, slice_mut};
 
 /// Plain numbers only, so the computation can move to a GIL-free closure.
 #[derive(Clone, Copy)]
@@ -146,15 +146,6 @@ pub fn cpu_fused_ce(
     }
 }
 
-/// One memory region an argument points to.
-struct Region {
-    name: &'static str,
-    start: usize,
-    bytes: usize,
-    align: usize,
-    output: bool,
-}
-
 /// Null, misaligned, overflowing and overlapping pointers are errors (an output may not
 /// overlap anything else).
 fn check_regions(c: &Call) -> PyResult<()> {
@@ -164,72 +155,33 @@ fn check_regions(c: &Call) -> PyResult<()> {
         return err(format!("hidden: shape ({}, {}) overflows", c.n, c.h));
     };
     let mut regions = vec![
-        region("hidden", c.hidden, nh, el, false),
-        region("weight", c.weight, vh, el, false),
-        region("targets", c.targets, c.n, 8, false),
-        region("row_loss", c.row_loss, c.n, 4, true),
+        Region::new("hidden", c.hidden, nh, el, false),
+        Region::new("weight", c.weight, vh, el, false),
+        Region::new("targets", c.targets, c.n, 8, false),
+        Region::new("row_loss", c.row_loss, c.n, 4, true),
     ];
     if let Some(b) = c.bias {
-        regions.push(region("bias", b, c.v, el, false));
+        regions.push(Region::new("bias", b, c.v, el, false));
     }
     if let Some(g) = c.grads {
-        regions.push(region(
+        regions.push(Region::new(
             "grad_scale",
             g.grad_scale,
             g.grad_scale_len,
             4,
             false,
         ));
-        regions.push(region("dh", g.dh, nh, el, true));
+        regions.push(Region::new("dh", g.dh, nh, el, true));
         if let Some(dw) = g.dw {
-            regions.push(region("dw", dw, vh, el, true));
+            regions.push(Region::new("dw", dw, vh, el, true));
         }
         match (g.db, c.bias) {
-            (Some(db), Some(_)) => regions.push(region("db", db, c.v, el, true)),
+            (Some(db), Some(_)) => regions.push(Region::new("db", db, c.v, el, true)),
             (None, None) => {}
             _ => return err("db: must be given exactly when bias is (with gradients)".into()),
         }
     }
-    for r in &regions {
-        let Some(r) = r else {
-            return err("a region's size overflows".into());
-        };
-        if r.bytes == 0 {
-            continue;
-        }
-        if r.start == 0 {
-            return err(format!("{}: null pointer", r.name));
-        }
-        if r.start % r.align != 0 {
-            return err(format!(
-                "{}: pointer not aligned to {} bytes",
-                r.name, r.align
-            ));
-        }
-        if r.start.checked_add(r.bytes).is_none() {
-            return err(format!("{}: region wraps around", r.name));
-        }
-    }
-    let regions: Vec<&Region> = regions.iter().flatten().filter(|r| r.bytes > 0).collect();
-    for (i, a) in regions.iter().enumerate() {
-        for b in &regions[i + 1..] {
-            let overlap = a.start < b.start + b.bytes && b.start < a.start + a.bytes;
-            if overlap && (a.output || b.output) {
-                return err(format!("{} and {} overlap in memory", a.name, b.name));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn region(name: &'static str, start: usize, len: usize, el: usize, output: bool) -> Option<Region> {
-    Some(Region {
-        name,
-        start,
-        bytes: len.checked_mul(el)?,
-        align: el,
-        output,
-    })
+    check(&regions)
 }
 
 fn run<T: Element>(c: &Call) -> Result<(), super::fused::FusedCeError> {

@@ -15,7 +15,7 @@ use super::gated::{self, Gated};
 use super::rms_norm::{self, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
 use super::{Activation, FDtype, Real, Storage};
-use crate::cpu::{slice, slice_mut};
+use crate::cpu::regions::{Region, check as check_regions, slice, slice_mut};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_rms_norm_forward, m)?)?;
@@ -38,59 +38,9 @@ fn dtype(name: &str, value: &str) -> PyResult<FDtype> {
     })
 }
 
-/// One memory region an argument points to.
-struct Region {
-    name: &'static str,
-    start: usize,
-    bytes: usize,
-    align: usize,
-    output: bool,
-}
-
-impl Region {
-    fn new(name: &'static str, start: usize, elems: usize, dt: FDtype, output: bool) -> Region {
-        Region {
-            name,
-            start,
-            bytes: elems.saturating_mul(dt.size()),
-            align: dt.size(),
-            output,
-        }
-    }
-}
-
-/// Null, misaligned and wrapping pointers are errors, and an output may overlap nothing.
-fn check_regions(regions: &[Region]) -> PyResult<()> {
-    for r in regions {
-        if r.bytes == 0 {
-            continue;
-        }
-        if r.bytes == usize::MAX {
-            return value_error(format!("{}: size overflows", r.name));
-        }
-        if r.start == 0 {
-            return value_error(format!("{}: null pointer", r.name));
-        }
-        if r.start % r.align != 0 {
-            return value_error(format!(
-                "{}: pointer not aligned to {} bytes",
-                r.name, r.align
-            ));
-        }
-        if r.start.checked_add(r.bytes).is_none() {
-            return value_error(format!("{}: region wraps around", r.name));
-        }
-    }
-    let live: Vec<&Region> = regions.iter().filter(|r| r.bytes > 0).collect();
-    for (i, a) in live.iter().enumerate() {
-        for b in &live[i + 1..] {
-            let overlap = a.start < b.start + b.bytes && b.start < a.start + a.bytes;
-            if overlap && (a.output || b.output) {
-                return value_error(format!("{} and {} overlap in memory", a.name, b.name));
-            }
-        }
-    }
-    Ok(())
+/// The region of `elems` elements of `dt` at `start`.
+fn region(name: &'static str, start: usize, elems: usize, dt: FDtype, output: bool) -> Region {
+    Region::new(name, start, elems, dt.size(), output)
 }
 
 /// Runs `f` without the GIL; a panic becomes a RuntimeError.
@@ -243,10 +193,10 @@ fn cpu_rms_norm_forward(
     let p = rms_problem(rows, hidden, eps, offset, cast_before)?;
     let n = rows * hidden;
     check_regions(&[
-        Region::new("x", x, n, xd, false),
-        Region::new("weight", weight, hidden, wd, false),
-        Region::new("y", y, n, yd, true),
-        Region::new("rstd", rstd, rows, rstd_dtype(xd), true),
+        region("x", x, n, xd, false),
+        region("weight", weight, hidden, wd, false),
+        region("y", y, n, yd, true),
+        region("rstd", rstd, rows, rstd_dtype(xd), true),
     ])?;
     let call = RmsCall {
         p,
@@ -303,14 +253,14 @@ fn cpu_rms_norm_backward(
     let p = rms_problem(rows, hidden, 0.0, offset, cast_before)?;
     let n = rows * hidden;
     let mut regions = vec![
-        Region::new("dy", dy, n, yd, false),
-        Region::new("x", x, n, xd, false),
-        Region::new("weight", weight, hidden, wd, false),
-        Region::new("rstd", rstd, rows, rstd_dtype(xd), false),
-        Region::new("dx", dx, n, xd, true),
+        region("dy", dy, n, yd, false),
+        region("x", x, n, xd, false),
+        region("weight", weight, hidden, wd, false),
+        region("rstd", rstd, rows, rstd_dtype(xd), false),
+        region("dx", dx, n, xd, true),
     ];
     if let Some(dw) = dw {
-        regions.push(Region::new("dw", dw, hidden, wd, true));
+        regions.push(region("dw", dw, hidden, wd, true));
     }
     check_regions(&regions)?;
     let call = RmsCall {
@@ -474,12 +424,12 @@ fn cpu_rotary(
         }
     }
     check_regions(&[
-        Region::new("q", q, extent(&qs, &four(q_strides)), id, false),
-        Region::new("k", k, extent(&ks, &four(k_strides)), id, false),
-        Region::new("cos", cos, extent(&cs, &three(cos_strides)), cd, false),
-        Region::new("sin", sin, extent(&cs, &three(sin_strides)), cd, false),
-        Region::new("q_out", q_out, extent(&qs, &four(q_out_strides)), od, true),
-        Region::new("k_out", k_out, extent(&ks, &four(k_out_strides)), od, true),
+        region("q", q, extent(&qs, &four(q_strides)), id, false),
+        region("k", k, extent(&ks, &four(k_strides)), id, false),
+        region("cos", cos, extent(&cs, &three(cos_strides)), cd, false),
+        region("sin", sin, extent(&cs, &three(sin_strides)), cd, false),
+        region("q_out", q_out, extent(&qs, &four(q_out_strides)), od, true),
+        region("k_out", k_out, extent(&ks, &four(k_out_strides)), od, true),
     ])?;
     let call = RopeCall {
         r: Rotary {
@@ -577,21 +527,21 @@ fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyR
         }
     };
     let mut regions = vec![
-        Region::new("gate", c.gate, span(g.ld_gate), dt, false),
-        Region::new("up", c.up, span(g.ld_up), dt, false),
+        region("gate", c.gate, span(g.ld_gate), dt, false),
+        region("up", c.up, span(g.ld_up), dt, false),
     ];
     if c.backward && c.packed {
         if c.dup != 0 {
             return value_error("dup: must be None with packed (dgate holds both)".into());
         }
-        regions.push(Region::new("dout", c.dout, n, dt, false));
-        regions.push(Region::new("dgate", c.out, 2 * n, dt, true));
+        regions.push(region("dout", c.dout, n, dt, false));
+        regions.push(region("dgate", c.out, 2 * n, dt, true));
     } else if c.backward {
-        regions.push(Region::new("dout", c.dout, n, dt, false));
-        regions.push(Region::new("dgate", c.out, n, dt, true));
-        regions.push(Region::new("dup", c.dup, n, dt, true));
+        regions.push(region("dout", c.dout, n, dt, false));
+        regions.push(region("dgate", c.out, n, dt, true));
+        regions.push(region("dup", c.dup, n, dt, true));
     } else {
-        regions.push(Region::new("out", c.out, n, dt, true));
+        regions.push(region("out", c.out, n, dt, true));
     }
     check_regions(&regions)?;
     let job = match dt {
