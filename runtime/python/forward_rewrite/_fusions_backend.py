@@ -27,7 +27,7 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   takes gate_up (rows, 2 * cols) (gate its first half, up its second, row stride at least
   2 * cols) and returns its gradient as one contiguous (rows, 2 * cols) tensor. With
   ``into_inputs`` the backward writes the gradients over its inputs and returns them (gate
-  and up contiguous and apart, gate_up contiguous; :func:`check_into_inputs`): each element
+  and up contiguous and apart, gate_up contiguous; the ``check_gated*`` say so): each element
   is read before it is overwritten, by the same thread, so nothing else is allocated.
 
 A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
@@ -222,62 +222,56 @@ def rotary_strides(t, pos, head_index):
     return [stride[d] if shape[d] > 1 else 0 for d in (*pos, head_index)]
 
 
-def rotary_launch(
-    q,
-    k,
-    cos,
-    sin,
-    rotary_dim,
-    interleaved,
-    head_index,
-    out_dtype,
-    transpose,
-    device_type,
-    empty_like,
-):
-    """What both backends' ``rotary`` do before their launch: check the operands, allocate
-    the outputs with the backend's ``empty_like``, and build the keyword arguments the
-    launchers take (pointers, strides in elements, sizes, dtype names). (q_out, k_out,
-    kwargs)."""
-    p0, p1, pos = check_rotary(
-        q, k, cos, sin, rotary_dim, head_index, out_dtype, device_type
-    )
-    q_out = empty_like(q, dtype=out_dtype)
-    k_out = empty_like(k, dtype=out_dtype)
-    return (
-        q_out,
-        k_out,
-        {
-            "q": q.data_ptr(),
-            "k": k.data_ptr(),
-            "cos": cos.data_ptr(),
-            "sin": sin.data_ptr(),
-            "q_out": q_out.data_ptr(),
-            "k_out": k_out.data_ptr(),
-            "q_strides": rotary_strides(q, pos, head_index),
-            "k_strides": rotary_strides(k, pos, head_index),
-            "cos_strides": rotary_strides(cos, pos, head_index)[:2],
-            "sin_strides": rotary_strides(sin, pos, head_index)[:2],
-            "q_out_strides": rotary_strides(q_out, pos, head_index),
-            "k_out_strides": rotary_strides(k_out, pos, head_index),
-            "p0": p0,
-            "p1": p1,
-            "q_heads": q.shape[head_index],
-            "k_heads": k.shape[head_index],
-            "head_dim": q.shape[-1],
-            "rot_dim": rotary_dim,
-            "interleaved": bool(interleaved),
-            "transpose": bool(transpose),
-            "in_dtype": dtype_name(q.dtype),
-            "cs_dtype": dtype_name(cos.dtype),
-            "out_dtype": dtype_name(out_dtype),
-        },
-    )
+def make_rotary(device_type, empty_like, launch):
+    """A backend's ``rotary`` (the contract's signature): check the operands, allocate the
+    outputs with the backend's ``empty_like``, build the keyword arguments its launcher
+    takes (pointers, strides in elements, sizes, dtype names) and hand them to
+    ``launch(q, kwargs)``; (q_out, k_out)."""
+
+    def rotary(
+        q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose
+    ):
+        p0, p1, pos = check_rotary(
+            q, k, cos, sin, rotary_dim, head_index, out_dtype, device_type
+        )
+        q_out = empty_like(q, dtype=out_dtype)
+        k_out = empty_like(k, dtype=out_dtype)
+        launch(
+            q,
+            {
+                "q": q.data_ptr(),
+                "k": k.data_ptr(),
+                "cos": cos.data_ptr(),
+                "sin": sin.data_ptr(),
+                "q_out": q_out.data_ptr(),
+                "k_out": k_out.data_ptr(),
+                "q_strides": rotary_strides(q, pos, head_index),
+                "k_strides": rotary_strides(k, pos, head_index),
+                "cos_strides": rotary_strides(cos, pos, head_index)[:2],
+                "sin_strides": rotary_strides(sin, pos, head_index)[:2],
+                "q_out_strides": rotary_strides(q_out, pos, head_index),
+                "k_out_strides": rotary_strides(k_out, pos, head_index),
+                "p0": p0,
+                "p1": p1,
+                "q_heads": q.shape[head_index],
+                "k_heads": k.shape[head_index],
+                "head_dim": q.shape[-1],
+                "rot_dim": rotary_dim,
+                "interleaved": bool(interleaved),
+                "transpose": bool(transpose),
+                "in_dtype": dtype_name(q.dtype),
+                "cs_dtype": dtype_name(cos.dtype),
+                "out_dtype": dtype_name(out_dtype),
+            },
+        )
+        return q_out, k_out
+
+    return rotary
 
 
-def check_gated(gate, up, activation, device_type, *, dout=None):
-    """Raises naming the first argument that breaks the gated-product contract; returns
-    (rows, cols, ld_gate, ld_up)."""
+def check_gated(gate, up, activation, device_type, *, dout=None, into_inputs=False):
+    """Raises naming the first argument that breaks the gated-product contract (with
+    ``into_inputs``, the backward's over its inputs); returns (rows, cols, ld_gate, ld_up)."""
     _tensor("gate", gate)
     _tensor("up", up)
     if activation not in ACTIVATIONS:
@@ -315,10 +309,12 @@ def check_gated(gate, up, activation, device_type, *, dout=None):
             )
         _on("dout", dout, gate, device_type)
         _contiguous("dout", dout)
+    if into_inputs:
+        _into_inputs(("gate", gate), ("up", up))
     return rows, cols, lds[0], lds[1]
 
 
-def check_into_inputs(*inputs):
+def _into_inputs(*inputs):
     """Raises unless the tensors can take their gradients in place: contiguous, and no two
     of them overlapping in memory."""
     spans = []
@@ -333,7 +329,7 @@ def check_into_inputs(*inputs):
             raise ValueError(f"{second}: into_inputs needs it apart from {first}")
 
 
-def check_gated_packed(dout, gate_up, activation, device_type):
+def check_gated_packed(dout, gate_up, activation, device_type, *, into_inputs=False):
     """Raises naming the first argument that breaks the packed backward's contract; returns
     (rows, cols, ld) with cols half of gate_up's last dimension."""
     _tensor("gate_up", gate_up)
@@ -345,4 +341,6 @@ def check_gated_packed(dout, gate_up, activation, device_type):
     _, _, ld, _ = check_gated(
         gate_up[:, :cols], gate_up[:, cols:], activation, device_type, dout=dout
     )
+    if into_inputs:
+        _into_inputs(("gate_up", gate_up))
     return rows, cols, ld

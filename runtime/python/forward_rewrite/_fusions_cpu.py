@@ -8,11 +8,10 @@ from . import _native
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
-    check_into_inputs,
     check_rms,
     dtype_name,
+    make_rotary,
     rms_out_dtype,
-    rotary_launch,
     rstd_dtype,
 )
 
@@ -64,22 +63,9 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
     return dx, dw
 
 
-def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
-    q_out, k_out, args = rotary_launch(
-        q,
-        k,
-        cos,
-        sin,
-        rotary_dim,
-        interleaved,
-        head_index,
-        out_dtype,
-        transpose,
-        "cpu",
-        torch.empty_like,
-    )
-    _native.cpu_rotary(**args)
-    return q_out, k_out
+rotary = make_rotary(
+    "cpu", torch.empty_like, lambda q, args: _native.cpu_rotary(**args)
+)
 
 
 def gated_act(gate, up, activation):
@@ -100,9 +86,9 @@ def gated_act(gate, up, activation):
 
 
 def gated_act_backward(dout, gate, up, activation, into_inputs=False):
-    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu", dout=dout)
-    if into_inputs:
-        check_into_inputs(("gate", gate), ("up", up))
+    rows, cols, ld_gate, ld_up = check_gated(
+        gate, up, activation, "cpu", dout=dout, into_inputs=into_inputs
+    )
     dgate = torch.empty((rows, cols), dtype=gate.dtype)
     dup = torch.empty((rows, cols), dtype=gate.dtype)
     _native.cpu_gated_act_backward(
@@ -126,9 +112,9 @@ def gated_act_backward(dout, gate, up, activation, into_inputs=False):
 
 
 def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
-    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cpu")
-    if into_inputs:
-        check_into_inputs(("gate_up", gate_up))
+    rows, cols, ld = check_gated_packed(
+        dout, gate_up, activation, "cpu", into_inputs=into_inputs
+    )
     dgate_up = torch.empty((rows, 2 * cols), dtype=gate_up.dtype)
     _native.cpu_gated_act_backward(
         dout=dout.data_ptr(),

@@ -15,11 +15,10 @@ from ._cuda import load_nvrtc
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
-    check_into_inputs,
     check_rms,
     dtype_name,
+    make_rotary,
     rms_out_dtype,
-    rotary_launch,
     rstd_dtype,
 )
 
@@ -130,33 +129,23 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
     return dx, dw
 
 
-def rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose):
-    q_out, k_out, args = rotary_launch(
-        q,
-        k,
-        cos,
-        sin,
-        rotary_dim,
-        interleaved,
-        head_index,
-        out_dtype,
-        transpose,
-        "cuda",
-        _empty_like,
-    )
+def _launch_rotary(q, args):
     load_nvrtc()
     with torch.cuda.device(q.device):
         device, stream = _where(q)
         _native.cuda_rotary(device=device, stream=stream, **args)
-    return q_out, k_out
+
+
+rotary = make_rotary("cuda", _empty_like, _launch_rotary)
 
 
 def _gated(gate, up, activation, dout, into_inputs=False):
-    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cuda", dout=dout)
+    rows, cols, ld_gate, ld_up = check_gated(
+        gate, up, activation, "cuda", dout=dout, into_inputs=into_inputs
+    )
     if into_inputs:
         # backward over its inputs: each thread reads its entries of gate and up, then
         # writes their gradients there (gated_act.cu)
-        check_into_inputs(("gate", gate), ("up", up))
         out, dup = gate, up
     else:
         out = _empty((rows, cols), dtype=gate.dtype, device=gate.device)
@@ -196,9 +185,10 @@ def gated_act_backward(dout, gate, up, activation, into_inputs=False):
 
 
 def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
-    rows, cols, ld = check_gated_packed(dout, gate_up, activation, "cuda")
+    rows, cols, ld = check_gated_packed(
+        dout, gate_up, activation, "cuda", into_inputs=into_inputs
+    )
     if into_inputs:
-        check_into_inputs(("gate_up", gate_up))
         dgate_up = gate_up
     else:
         dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
