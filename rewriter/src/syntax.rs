@@ -20,37 +20,46 @@ impl<'a, T, F: FnMut(&'a Expr) -> Option<&'a T>> Visitor<'a> for Collect<'a, T, 
     }
 }
 
-fn collect_in_stmt<'a, T>(
-    stmt: &'a Stmt,
-    pick: impl FnMut(&'a Expr) -> Option<&'a T>,
-) -> Vec<&'a T> {
-    let mut c = Collect {
-        pick,
-        found: Vec::new(),
-    };
-    c.visit_stmt(stmt);
-    c.found
+/// Where a query starts: a statement or an expression.
+enum Root<'a> {
+    Stmt(&'a Stmt),
+    Expr(&'a Expr),
 }
 
-fn collect_in_expr<'a, T>(
-    expr: &'a Expr,
+impl<'a> From<&'a Stmt> for Root<'a> {
+    fn from(stmt: &'a Stmt) -> Self {
+        Root::Stmt(stmt)
+    }
+}
+
+impl<'a> From<&'a Expr> for Root<'a> {
+    fn from(expr: &'a Expr) -> Self {
+        Root::Expr(expr)
+    }
+}
+
+fn collect<'a, T>(
+    root: impl Into<Root<'a>>,
     pick: impl FnMut(&'a Expr) -> Option<&'a T>,
 ) -> Vec<&'a T> {
     let mut c = Collect {
         pick,
         found: Vec::new(),
     };
-    c.visit_expr(expr);
+    match root.into() {
+        Root::Stmt(stmt) => c.visit_stmt(stmt),
+        Root::Expr(expr) => c.visit_expr(expr),
+    }
     c.found
 }
 
 /// Every `Name` node inside an expression or statement (loads and stores), in source order.
 pub fn names_in_expr(expr: &Expr) -> Vec<&ExprName> {
-    collect_in_expr(expr, Expr::as_name_expr)
+    collect(expr, Expr::as_name_expr)
 }
 
 pub fn names_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
-    collect_in_stmt(stmt, Expr::as_name_expr)
+    collect(stmt, Expr::as_name_expr)
 }
 
 /// Whether `expr` mentions the name `name` anywhere.
@@ -194,12 +203,12 @@ pub fn walk_statements<'a>(body: &'a [Stmt], out: &mut Vec<&'a Stmt>) {
 
 /// All calls in an expression/statement, for finding `self.loss_function(...)` and friends.
 pub fn calls_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprCall> {
-    collect_in_stmt(stmt, Expr::as_call_expr)
+    collect(stmt, Expr::as_call_expr)
 }
 
 /// All attribute accesses in a statement.
 pub fn attributes_in_stmt(stmt: &Stmt) -> Vec<&ruff_python_ast::ExprAttribute> {
-    collect_in_stmt(stmt, Expr::as_attribute_expr)
+    collect(stmt, Expr::as_attribute_expr)
 }
 
 /// Call `f` on every subscript expression in a statement.
@@ -207,12 +216,12 @@ pub fn for_each_subscript<'a>(
     stmt: &'a Stmt,
     f: &mut dyn FnMut(&'a ruff_python_ast::ExprSubscript),
 ) {
-    collect_in_stmt(stmt, Expr::as_subscript_expr)
+    collect(stmt, Expr::as_subscript_expr)
         .into_iter()
         .for_each(f);
 }
 
 /// All calls inside an expression.
 pub fn calls_in_expr(expr: &Expr) -> Vec<&ruff_python_ast::ExprCall> {
-    collect_in_expr(expr, Expr::as_call_expr)
+    collect(expr, Expr::as_call_expr)
 }
