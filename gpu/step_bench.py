@@ -243,7 +243,10 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
         "last_loss": losses[-1],
     }
     if top:
-        result["profile"] = profile_step(step, device, top)
+        try:
+            result["profile"] = profile_step(step, device, top)
+        except Exception as e:  # noqa: BLE001  (the timed steps stand without it)
+            result["profile_error"] = f"{type(e).__name__}: {e}"
     if method in ("ours", "ours-loss", "liger+ours"):
         import forward_rewrite
         from forward_rewrite import fusion_guard
@@ -272,7 +275,11 @@ def profile_step(step, device, top):
     def own_time(e):
         if device != "cuda":
             return e.self_cpu_time_total
-        return getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
+        # torch >= 2.4 names it self_device_time_total; older ones self_cuda_time_total
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, name):
+                return getattr(e, name)
+        return 0
 
     events = sorted(prof.key_averages(), key=own_time, reverse=True)
     return [
@@ -379,6 +386,10 @@ def main():
             f"| {r['host_ms']:.0f} | {peak} | {r['first_loss']:.3f}, {r['last_loss']:.3f} |"
         )
     for r in rows:
+        if r.get("profile_error"):
+            print(
+                f"\n{r['model']} / {r['method']}: profiling failed: {r['profile_error']}"
+            )
         if r.get("profile"):
             print(f"\n{r['model']} / {r['method']}: one step's costliest kernels")
             print("| kernel or operator | ms | calls |\n| --- | ---: | ---: |")
