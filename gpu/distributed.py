@@ -784,11 +784,11 @@ def main(argv=None):
     ]
     results, failed = [], []
     for case in cases:
-        if case.engine.startswith("zero") and not _have("deepspeed"):
-            results.append({"case": case.name, "error": "deepspeed is not installed"})
-            continue
-        if case.peft and not _have("peft"):
-            results.append({"case": case.name, "error": "peft is not installed"})
+        needs = ["deepspeed"] if case.engine.startswith("zero") else []
+        needs += ["peft"] if case.peft else []
+        missing = [why for why in map(_import_error, needs) if why]
+        if missing:
+            results.append({"case": case.name, "error": "; ".join(missing)})
             continue
         if rank == 0:
             print(f"running {case.name}", file=sys.stderr, flush=True)
@@ -835,12 +835,14 @@ def _write_json(path, world, device, s, steps, results):
         )
 
 
-def _have(name):
+def _import_error(name):
+    """Why the package ``name`` does not import here (None when it does): the case that
+    needs it is listed with this instead of run."""
     try:
         __import__(name)
-    except Exception:  # noqa: BLE001  (a package that does not import is not there)
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001  (any failure: the package is not usable here)
+        return f"{name} does not import: {type(e).__name__}: {e}"
+    return None
 
 
 if __name__ == "__main__":

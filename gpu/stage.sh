@@ -14,11 +14,15 @@ python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.
   liger-kernel==0.8.5 unsloth-zoo==2026.10.9 cut-cross-entropy==25.1.1
 # distributed.py's adapters and DeepSpeed (best effort: a case whose package does not import
 # there is reported as such, the others run). deepspeed ships an sdist: built here (pure
-# Python); its small dependencies ride along.
+# Python); its small dependencies ride along (pydantic with its resolved dependencies: the
+# device's Python lacks it, and deepspeed's config classes need it).
 if ! python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d "$dest/wheels" \
   peft==0.21.2 accelerate hjson py-cpuinfo msgpack ninja einops \
+  || ! python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform any -d "$dest/wheels" pydantic psutil tqdm \
   || ! python -m pip wheel --quiet --no-deps --no-build-isolation -w "$dest/wheels" deepspeed==0.19.8; then
   echo "stage: peft/accelerate/deepspeed not staged; gpu/distributed.py skips their cases" >&2
 fi
