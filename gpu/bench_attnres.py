@@ -2,7 +2,8 @@
 against torch eager and torch.compile of the same formula (attnres.mix_reference), forward and
 forward + backward, with the HBM bytes floor.
 
-    python3 gpu/bench_attnres.py [--json FILE]      (gpu/run.sh bench_attnres stages it)
+    python3 gpu/bench_attnres.py [--json FILE] [--shapes 9:16384:4096,...] [--impls fused,compile]
+    (gpu/run.sh bench_attnres stages it; defaults: the four shapes below, all three impls)
 
 Floor: the bytes a mix must move once: forward n sources read + 1 output written; backward
 n sources + the output gradient read + n source gradients written (u and the du partials are
@@ -53,7 +54,7 @@ def time_ms(fn, iters=20, warmup=5):
     return start.elapsed_time(end) / iters
 
 
-def bench_shape(n, tokens, hidden, bw, compiled_ref):
+def bench_shape(n, tokens, hidden, bw, compiled_ref, only):
     rows = []
     dtype = torch.bfloat16
     sources = [
@@ -76,6 +77,8 @@ def bench_shape(n, tokens, hidden, bw, compiled_ref):
         "compile": lambda: compiled_ref(sources, q, g, eps=1e-6, scale=float(n)),
     }
     for name, fn in impls.items():
+        if name not in only:
+            continue
         with torch.no_grad():
             fwd = time_ms(fn)
 
@@ -108,13 +111,25 @@ def bench_shape(n, tokens, hidden, bw, compiled_ref):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument(
+        "--shapes",
+        type=lambda text: [tuple(map(int, s.split(":"))) for s in text.split(",")],
+        default=SHAPES,
+        help="sources:tokens:hidden, comma-separated (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--impls",
+        type=lambda text: text.split(","),
+        default=["fused", "eager", "compile"],
+        help="which of fused, eager, compile to time (default: all)",
+    )
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     compiled_ref = torch.compile(attnres.mix_reference)
     rows = []
-    for n, tokens, hidden in SHAPES:
-        rows.extend(bench_shape(n, tokens, hidden, bw, compiled_ref))
+    for n, tokens, hidden in args.shapes:
+        rows.extend(bench_shape(n, tokens, hidden, bw, compiled_ref, args.impls))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
