@@ -11,9 +11,11 @@
 //   dv_ij = w_i g_j + ds_i r_i u_j - ds_i dot_i r_i^3 v_ij / hidden,
 //   du_partial[b, j] = sum over the rows of block b of sum_i ds_i r_i v_ij
 //   (the caller adds the partials: a fixed grid, so the sum does not depend on timing).
-// One block per row (grid-stride over rows). Each pass reads a row of every source twice:
-// once for the statistics, once for the output; the second read hits L2 (a row of 9 sources
-// at hidden 4096 in bf16 is 72 KiB), so HBM sees each source about once.
+// One block per row (grid-stride over rows). The general kernels (any dtype and shape) read a
+// row of every source twice: once for the statistics, once for the output, the second read
+// meant for L2 (a row of 9 sources at hidden 4096 in bf16 is 72 KiB, and a few blocks per SM
+// make that more than L2 holds). The register-cached kernels below (16-bit, hidden % 8 == 0
+// and <= 8192, up to 16 / 12 / 6 sources by width) read it once.
 
 #define ATTNRES_MAX_SOURCES 32
 #define ATTNRES_BLOCK 256
@@ -158,6 +160,237 @@ __device__ void mix_backward(const AttnresParams& p) {
     }
 }
 
+// ---- register-cached path (16-bit sources, hidden % 8 == 0, 16-byte aligned rows) ----------
+//
+// Thread tid owns the 8-element vectors k * ATTNRES_BLOCK + tid, k < VPT, of every row, so a
+// row of all n <= NMAX sources is read from HBM once and kept in registers (raw 128-bit
+// words) between the statistics and the output: HBM sees each source once, not once plus an
+// L2 miss (the L2 cannot hold a row of every resident block at n = 9, hidden 4096). The n
+// per-source sums go through one block reduction per row (one barrier pair, not n); u and,
+// in the backward, the du partial stay in registers for the whole grid-stride loop.
+
+template <class D, int VPT>
+__device__ __forceinline__ void vec_cols(bool (&valid)[VPT], i64 (&col)[VPT], i64 h) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        col[k] = ((i64)k * ATTNRES_BLOCK + threadIdx.x) * 8;
+        valid[k] = col[k] < h;
+    }
+}
+
+template <class D>
+__device__ __forceinline__ void unpack8(const uint4& w, float (&v)[8]) {
+    union {
+        uint4 u;
+        typename D::T e[8];
+    } pack;
+    pack.u = w;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = D::load(pack.e[i]);
+}
+
+// Per-source partial sums (K of them per source, n sources) reduced over the block; the
+// totals land in `red` (K * NMAX x WARPS floats), read by every thread after the barrier.
+template <int K, int NMAX>
+__device__ __forceinline__ void reduce_sources(float (&part)[K][NMAX], int n, float (*red)[ATTNRES_BLOCK / 32]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        if (i < n) {
+#pragma unroll
+            for (int q = 0; q < K; ++q) {
+                const float s = warp_sum(part[q][i]);
+                if (lane == 0) red[q * NMAX + i][warp] = s;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float reduced(const float (*red)[ATTNRES_BLOCK / 32], int row) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < ATTNRES_BLOCK / 32; ++w) s += red[row][w];
+    return s;
+}
+
+// p_i = softmax(s)_i in place over the first n entries, every thread alike.
+template <int NMAX>
+__device__ __forceinline__ void softmax_regs(float (&s)[NMAX], int n) {
+    float m = s[0];
+#pragma unroll
+    for (int i = 1; i < NMAX; ++i)
+        if (i < n) m = fmaxf(m, s[i]);
+    float z = 0.f;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i)
+        if (i < n) z += __expf(s[i] - m);
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i)
+        if (i < n) s[i] = __expf(s[i] - m) / z;
+}
+
+template <class D, int VPT, int NMAX>
+__device__ void mix_forward_reg(const AttnresParams& p) {
+    typedef typename D::T T;
+    __shared__ float red[2 * NMAX][ATTNRES_BLOCK / 32];
+    const i64 h = p.hidden;
+    const int n = p.n;
+    bool valid[VPT];
+    i64 col[VPT];
+    vec_cols<D, VPT>(valid, col, h);
+    float u[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        if (valid[k]) {
+            load_vec<F32, 8>(p.u + col[k], u[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
+        }
+    }
+    for (i64 t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+        uint4 cache[NMAX][VPT];
+        float part[2][NMAX];
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            part[0][i] = part[1][i] = 0.f;
+            if (i < n) {
+                const T* row = static_cast<const T*>(p.src[i]) + t * h;
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        cache[i][k] = __ldg(reinterpret_cast<const uint4*>(row + col[k]));
+                        float v[8];
+                        unpack8<D>(cache[i][k], v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            part[0][i] += v[e] * v[e];
+                            part[1][i] += v[e] * u[k][e];
+                        }
+                    }
+                }
+            }
+        }
+        reduce_sources<2, NMAX>(part, n, red);
+        float w[NMAX];
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i)
+            if (i < n) w[i] = rsqrtf(reduced(red, i) / (float)h + p.eps) * reduced(red, NMAX + i);
+        __syncthreads();  // `red` is written again by the next row
+        softmax_regs<NMAX>(w, n);
+        T* out = static_cast<T*>(p.out) + t * h;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            if (!valid[k]) continue;
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < NMAX; ++i) {
+                if (i < n) {
+                    float v[8];
+                    unpack8<D>(cache[i][k], v);
+                    const float wi = p.scale * w[i];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[e] += wi * v[e];
+                }
+            }
+            store_vec<D, 8>(out + col[k], acc);
+        }
+    }
+}
+
+template <class D, int VPT, int NMAX>
+__device__ void mix_backward_reg(const AttnresParams& p) {
+    typedef typename D::T T;
+    __shared__ float red[3 * NMAX][ATTNRES_BLOCK / 32];
+    const i64 h = p.hidden;
+    const int n = p.n;
+    bool valid[VPT];
+    i64 col[VPT];
+    vec_cols<D, VPT>(valid, col, h);
+    float u[VPT][8], du[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[k][e] = du[k][e] = 0.f;
+        if (valid[k]) load_vec<F32, 8>(p.u + col[k], u[k]);
+    }
+    const float inv_h = 1.f / (float)h;
+    for (i64 t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+        const T* grow = static_cast<const T*>(p.grad) + t * h;
+        uint4 cache[NMAX][VPT], gcache[VPT];
+        float part[3][NMAX];
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+            if (valid[k]) gcache[k] = __ldg(reinterpret_cast<const uint4*>(grow + col[k]));
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            part[0][i] = part[1][i] = part[2][i] = 0.f;
+            if (i < n) {
+                const T* row = static_cast<const T*>(p.src[i]) + t * h;
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        cache[i][k] = __ldg(reinterpret_cast<const uint4*>(row + col[k]));
+                        float v[8], g[8];
+                        unpack8<D>(cache[i][k], v);
+                        unpack8<D>(gcache[k], g);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            part[0][i] += v[e] * v[e];
+                            part[1][i] += v[e] * u[k][e];
+                            part[2][i] += v[e] * g[e];
+                        }
+                    }
+                }
+            }
+        }
+        reduce_sources<3, NMAX>(part, n, red);
+        float prob[NMAX], rs[NMAX], dots[NMAX], dps[NMAX];
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i < n) {
+                rs[i] = rsqrtf(reduced(red, i) / (float)h + p.eps);
+                dots[i] = reduced(red, NMAX + i);
+                prob[i] = rs[i] * dots[i];
+                dps[i] = p.scale * reduced(red, 2 * NMAX + i);
+            }
+        }
+        __syncthreads();  // `red` is written again by the next row
+        softmax_regs<NMAX>(prob, n);
+        float pdp = 0.f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i)
+            if (i < n) pdp += prob[i] * dps[i];
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i >= n) continue;
+            T* drow = static_cast<T*>(p.dsrc[i]) + t * h;
+            const float w = p.scale * prob[i];
+            const float ds = prob[i] * (dps[i] - pdp);
+            const float c1 = ds * rs[i];
+            const float c2 = ds * dots[i] * rs[i] * rs[i] * rs[i] * inv_h;
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                if (!valid[k]) continue;
+                float v[8], g[8], dv[8];
+                unpack8<D>(cache[i][k], v);
+                unpack8<D>(gcache[k], g);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    dv[e] = w * g[e] + c1 * u[k][e] - c2 * v[e];
+                    du[k][e] += c1 * v[e];
+                }
+                store_vec<D, 8>(drow + col[k], dv);
+            }
+        }
+    }
+    float* dup = p.du_partial + (i64)blockIdx.x * h;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k)
+        if (valid[k]) store_vec<F32, 8>(dup + col[k], du[k]);
+}
+
 #define ATTNRES_INSTANCES(NAME, D)                                                            \
     extern "C" __global__ void __launch_bounds__(ATTNRES_BLOCK)                               \
         attnres_fwd_##NAME(const AttnresParams p) { mix_forward<D>(p); }                      \
@@ -167,3 +400,18 @@ __device__ void mix_backward(const AttnresParams& p) {
 ATTNRES_INSTANCES(bf16, Bf16)
 ATTNRES_INSTANCES(f16, F16)
 ATTNRES_INSTANCES(f32, F32)
+
+// Register-cached instances: _r{VPT}: VPT vectors of 8 per thread (hidden <= VPT * 2048),
+// up to NMAX sources (sized so that the backward fits 255 registers without spilling).
+#define ATTNRES_REG_INSTANCES(NAME, D, VPT, NMAX)                                               \
+    extern "C" __global__ void __launch_bounds__(ATTNRES_BLOCK)                               \
+        attnres_fwd_##NAME##_r##VPT(const AttnresParams p) { mix_forward_reg<D, VPT, NMAX>(p); } \
+    extern "C" __global__ void __launch_bounds__(ATTNRES_BLOCK)                               \
+        attnres_bwd_##NAME##_r##VPT(const AttnresParams p) { mix_backward_reg<D, VPT, NMAX>(p); }
+
+ATTNRES_REG_INSTANCES(bf16, Bf16, 1, 16)
+ATTNRES_REG_INSTANCES(bf16, Bf16, 2, 12)
+ATTNRES_REG_INSTANCES(bf16, Bf16, 4, 6)
+ATTNRES_REG_INSTANCES(f16, F16, 1, 16)
+ATTNRES_REG_INSTANCES(f16, F16, 2, 12)
+ATTNRES_REG_INSTANCES(f16, F16, 4, 6)

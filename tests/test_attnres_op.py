@@ -168,3 +168,7 @@ def test_cuda_kernel_compiles(target):
     for kind in ("fwd", "bwd"):
         for suffix in ("bf16", "f16", "f32"):
             assert f"attnres_{kind}_{suffix}".encode() in image
+        # the register-cached instances runtime/src/cuda/attnres.rs picks
+        for suffix in ("bf16", "f16"):
+            for vpt in (1, 2, 4):
+                assert f"attnres_{kind}_{suffix}_r{vpt}".encode() in image

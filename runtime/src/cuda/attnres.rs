@@ -120,9 +120,10 @@ pub fn mix(c: &MixCall) -> Result<()> {
         c.tokens.min(65_535 * 16) as u32
     };
     let name = format!(
-        "attnres_{}_{}",
+        "attnres_{}_{}{}",
         if backward { "bwd" } else { "fwd" },
-        c.dtype.suffix()
+        c.dtype.suffix(),
+        register_suffix(c, n)
     );
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
@@ -138,6 +139,27 @@ pub fn mix(c: &MixCall) -> Result<()> {
             "attnres_mix",
         )
     }
+}
+
+/// `_r{VPT}` when the register-cached kernels take the call (kernels/attnres_mix.cu): 16-bit
+/// sources, `hidden % 8 == 0` and at most 8192, 16-byte aligned buffers, and no more sources
+/// than the instance caches (16 up to 2048 columns, 12 up to 4096, 6 up to 8192); "" (the two-read kernels)
+/// otherwise.
+fn register_suffix(c: &MixCall, n: usize) -> &'static str {
+    let (suffix, max_sources) = match c.hidden.div_ceil(8 * BLOCK as u64) {
+        1 => ("_r1", 16),
+        2 => ("_r2", 12),
+        3 | 4 => ("_r4", 6),
+        _ => return "",
+    };
+    let mut ptrs = c.sources.clone();
+    ptrs.extend([c.u, c.out, c.grad, c.du_partial]);
+    ptrs.extend(&c.dsources);
+    let aligned = ptrs.iter().all(|p| p % 16 == 0);
+    if c.dtype == Dtype::F32 || !c.hidden.is_multiple_of(8) || n > max_sources || !aligned {
+        return "";
+    }
+    suffix
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -234,6 +256,50 @@ mod tests {
         assert_eq!(
             std::mem::size_of::<AttnresParams>(),
             64 * 8 + 4 * 8 + 16 + 8 + 8
+        );
+    }
+
+    fn call(dtype: Dtype, hidden: u64, n: usize, base: u64) -> MixCall {
+        MixCall {
+            device: 0,
+            stream: 0,
+            dtype,
+            tokens: 16,
+            hidden,
+            sources: (0..n as u64).map(|i| base + i * (1 << 20)).collect(),
+            u: 1 << 30,
+            eps: 1e-6,
+            scale: 1.0,
+            out: 1 << 31,
+            grad: 0,
+            dsources: vec![],
+            du_partial: 0,
+            parts: 0,
+        }
+    }
+
+    #[test]
+    fn register_kernels_take_the_shapes_they_cache() {
+        let base = 1 << 32;
+        assert_eq!(
+            register_suffix(&call(Dtype::Bf16, 2048, 16, base), 16),
+            "_r1"
+        );
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 4096, 9, base), 9), "_r2");
+        assert_eq!(
+            register_suffix(&call(Dtype::F16, 3072, 12, base), 12),
+            "_r2"
+        );
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 8192, 6, base), 6), "_r4");
+        // more sources than the instance caches, float32, ragged or too wide rows, misaligned
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 4096, 13, base), 13), "");
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 8192, 9, base), 9), "");
+        assert_eq!(register_suffix(&call(Dtype::F32, 4096, 9, base), 9), "");
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 4100, 9, base), 9), "");
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 16384, 2, base), 2), "");
+        assert_eq!(
+            register_suffix(&call(Dtype::Bf16, 4096, 9, base + 8), 9),
+            ""
         );
     }
 }
