@@ -142,14 +142,14 @@ pub fn mix(c: &MixCall) -> Result<()> {
 }
 
 /// `_r{VPT}` when the register-cached kernels take the call (kernels/attnres_mix.cu): 16-bit
-/// sources, `hidden % 8 == 0` and at most 8192, 16-byte aligned buffers, and no more sources
-/// than the instance caches (16 up to 2048 columns, 12 up to 4096, 6 up to 8192); "" (the two-read kernels)
-/// otherwise.
+/// sources, `hidden % 8 == 0` and at most 4096, 16-byte aligned buffers, and no more sources
+/// than the instance caches (16 up to 2048 columns, 12 up to 4096); "" (the two-read kernels)
+/// otherwise. Wider rows (a VPT-4 instance caching 6 sources would fit) stay on the two-read
+/// kernels until such an instance has been checked on a GPU.
 fn register_suffix(c: &MixCall, n: usize) -> &'static str {
     let (suffix, max_sources) = match c.hidden.div_ceil(8 * BLOCK as u64) {
         1 => ("_r1", 16),
         2 => ("_r2", 12),
-        3 | 4 => ("_r4", 6),
         _ => return "",
     };
     let mut ptrs = c.sources.clone();
@@ -290,7 +290,7 @@ mod tests {
             register_suffix(&call(Dtype::F16, 3072, 12, base), 12),
             "_r2"
         );
-        assert_eq!(register_suffix(&call(Dtype::Bf16, 8192, 6, base), 6), "_r4");
+        assert_eq!(register_suffix(&call(Dtype::Bf16, 8192, 6, base), 6), "");
         // more sources than the instance caches, float32, ragged or too wide rows, misaligned
         assert_eq!(register_suffix(&call(Dtype::Bf16, 4096, 13, base), 13), "");
         assert_eq!(register_suffix(&call(Dtype::Bf16, 8192, 9, base), 9), "");
