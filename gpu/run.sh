@@ -13,7 +13,8 @@
 #   .gpu/gpu/run.sh step_bench ARGS...  training-step time and peak memory of Llama-3.2-1B and
 #                                    Qwen3-0.6B shapes: stock, ours, Liger (gpu/step_bench.py;
 #                                    --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
-#                                    for the rest of issue 10's table)
+#                                    for the rest of issue 10's table; --methods stock,ours,attnres,ours+attnres
+#                                    for issue 12's training run with Attention Residuals on)
 #   .gpu/gpu/run.sh distributed ARGS...  stock vs fused under DDP, FSDP2, DeepSpeed ZeRO, PEFT and
 #                                    gradient checkpointing (gpu/distributed.py --check ARGS) through
 #                                    torchrun on NPROC GPUs (default 1: world size 1, NCCL, bf16);

@@ -8,7 +8,10 @@ median step after warm-up, per method:
 * ``liger-loss``: Liger Kernel's fused linear cross-entropy only;
 * ``liger``: every Liger kernel for the family (RMSNorm, RoPE, SwiGLU/GeGLU, fused loss);
 * ``liger+ours``: Liger's kernels in place, then ``install()`` (our passes see Liger's
-  classes and leave those sites alone).
+  classes and leave those sites alone);
+* ``attnres`` / ``ours+attnres``: ``forward_rewrite.attnres.apply(model)`` (Block AttnRes,
+  retrofit mode, default blocks) on stock transformers / after ``install()``: the cost of
+  training with Attention Residuals on (issue 12; not in the default methods).
 
 Each (model, method) runs in its own process (Liger patches transformers' modules for the
 whole process), the methods interleaved per model. Prints a table; ``--json`` writes it.
@@ -137,6 +140,7 @@ SHAPES = {
 #: The models of issue 10's first table (the default); the others by --models.
 DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]
 METHODS = ["stock", "ours", "ours-loss", "liger-loss", "liger", "liger+ours"]
+ATTNRES_METHODS = ["attnres", "ours+attnres"]
 
 
 def apply_liger(family, everything):
@@ -178,7 +182,7 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
         shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if method.startswith("liger"):
         apply_liger(family, everything=method != "liger-loss")
-    if method in ("ours", "liger+ours"):
+    if method in ("ours", "liger+ours", "ours+attnres"):
         import forward_rewrite
 
         forward_rewrite.install()
@@ -193,6 +197,10 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
     dtype = torch.float32 if smoke else torch.bfloat16
     with torch.device(device):  # random init on the device: seconds, not a minute
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if method.endswith("attnres"):
+        from forward_rewrite import attnres
+
+        attnres.apply(model)  # before the optimizer: it trains the pseudo-queries too
     model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False}
     )
@@ -247,7 +255,7 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
             result["profile"] = profile_step(step, device, top)
         except Exception as e:  # noqa: BLE001  (the timed steps stand without it)
             result["profile_error"] = f"{type(e).__name__}: {e}"
-    if method in ("ours", "ours-loss", "liger+ours"):
+    if method in ("ours", "ours-loss", "liger+ours", "ours+attnres"):
         import forward_rewrite
         from forward_rewrite import fusion_guard
 
@@ -296,7 +304,11 @@ def main():
         default=",".join(DEFAULT_MODELS),
         help=f"comma-separated, of: {', '.join(SHAPES)}",
     )
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, of {', '.join(METHODS + ATTNRES_METHODS)} (default: %(default)s)",
+    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
@@ -317,6 +329,11 @@ def main():
         "--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS
     )
     a = ap.parse_args()
+    unknown = [
+        m for m in a.methods.split(",") if m not in METHODS + ATTNRES_METHODS
+    ] + [m for m in a.models.split(",") if m not in SHAPES]
+    if unknown and not a.one:
+        ap.error(f"unknown model or method: {', '.join(unknown)}")
     device = "cpu" if a.smoke else "cuda"
     if a.smoke:
         a.batch, a.seq, a.steps, a.warmup = 2, 64, 2, 1

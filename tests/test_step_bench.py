@@ -1,0 +1,55 @@
+"""gpu/step_bench.py on the CPU (``--smoke``: tiny shapes), so the script the GPU machine runs
+does not rot between device sessions: every method it times on issue 12's AttnRes run builds,
+trains and reports, with the fused paths taken, and a profiled step does not lose the row."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_step_bench(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "runtime" / "python"), env.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "gpu" / "step_bench.py"), "--smoke", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")
+    ]
+    return {r["method"]: r for r in rows}, done.stdout
+
+
+def test_attnres_methods_train_with_every_fused_path():
+    rows, table = run_step_bench(
+        "--models", "llama-1b", "--methods", "stock,ours+attnres", "--profile", "3"
+    )
+    stock, ours = rows["stock"], rows["ours+attnres"]
+    assert "error" not in stock and "error" not in ours, table
+    # retrofit AttnRes is exact at initialisation: the first loss is stock's
+    assert abs(ours["first_loss"] - stock["first_loss"]) < 1e-5
+    calls = ours["fused_calls"]
+    assert calls["loss"] > 0 and calls["rms-norm"] > 0 and calls["gated-mlp"] > 0
+    assert ours["profile"] and "profile_error" not in ours
+    assert "| llama-1b | ours+attnres |" in table
+
+
+def test_unknown_method_is_a_usage_error():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "gpu" / "step_bench.py"), "--methods", "bogus"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "unknown model or method: bogus" in done.stderr
