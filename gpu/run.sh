@@ -20,17 +20,28 @@
 #                                    torchrun on NPROC GPUs (default 1: world size 1, NCCL, bf16);
 #                                    NPROC=2 for the two-GPU run; table in $OUT/distributed.log,
 #                                    every number in $OUT/distributed.json
+#   VARIANT=NAME .gpu/gpu/run.sh STEP ARGS...  the same step with the wheel gpu/stage-variant.sh
+#                                    staged as NAME (a branch's kernels) instead of main's, in its
+#                                    own site folder and kernel cache; logs named NAME-STEP.log
 # Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
 # and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-if [[ ! -d /tmp/site/forward_rewrite ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$here"/../wheels/*.whl || exit 1
+variant="${VARIANT:-}"
+site="/tmp/site${variant:+-$variant}"
+tag="${variant:+$variant-}"
+if [[ ! -d "$site/forward_rewrite" ]]; then
+  wheels=("$here"/../wheels/*.whl)
+  if [[ -n "$variant" ]]; then
+    # the competitors' wheels as staged, ours from the variant's folder
+    wheels=($(printf '%s\n' "${wheels[@]}" | grep -v '/forward_rewrite-') "$here"/../variants/"$variant"/*.whl)
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" || exit 1
 fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-export FORWARD_REWRITE_KERNEL_CACHE=/tmp/forward-rewrite-kernels
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+export FORWARD_REWRITE_KERNEL_CACHE="/tmp/forward-rewrite-kernels${variant:+-$variant}"
 if [[ -d "$here/../transformers" && ! -d /tmp/site-tf/transformers ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tf "$here"/../transformers/*.whl
 fi
@@ -43,29 +54,29 @@ pinned_transformers() {
 step="$1"
 shift
 case "$step" in
-  check) python3 "$here/check.py" "$@" 2>&1 | tee -a "$OUT/check.log" ;;
-  bench) python3 "$here/bench.py" --out "$OUT/bench.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
+  check) python3 "$here/check.py" "$@" 2>&1 | tee -a "$OUT/${tag}check.log" ;;
+  bench) python3 "$here/bench.py" --out "$OUT/${tag}bench.json" "$@" 2>&1 | tee -a "$OUT/${tag}bench.log" ;;
   e2e)
     pinned_transformers
-    python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/e2e.log" ;;
+    python3 "$here/e2e.py" "$@" 2>&1 | tee -a "$OUT/${tag}e2e.log" ;;
   check_attnres|bench_attnres)
     pinned_transformers
-    python3 "$here/$step.py" "$@" 2>&1 | tee -a "$OUT/$step.log" ;;
+    python3 "$here/$step.py" "$@" 2>&1 | tee -a "$OUT/${tag}$step.log" ;;
   step_bench)
     pinned_transformers
-    python3 "$here/step_bench.py" --json "$OUT/step_bench.json" "$@" 2>&1 | tee -a "$OUT/step_bench.log" ;;
+    python3 "$here/step_bench.py" --json "$OUT/${tag}step_bench.json" "$@" 2>&1 | tee -a "$OUT/${tag}step_bench.log" ;;
   packing)
     pinned_transformers
-    python3 "$here/packing.py" "$@" 2>&1 | tee -a "$OUT/packing.log" ;;
+    python3 "$here/packing.py" "$@" 2>&1 | tee -a "$OUT/${tag}packing.log" ;;
   check_fusions)
     pinned_transformers
-    python3 "$here/check_fusions.py" "$@" 2>&1 | tee -a "$OUT/check_fusions.log" ;;
+    python3 "$here/check_fusions.py" "$@" 2>&1 | tee -a "$OUT/${tag}check_fusions.log" ;;
   bench_fusions)
     pinned_transformers
-    python3 "$here/bench_fusions.py" --out "$OUT/bench_fusions.json" "$@" 2>&1 | tee -a "$OUT/bench_fusions.log" ;;
+    python3 "$here/bench_fusions.py" --out "$OUT/${tag}bench_fusions.json" "$@" 2>&1 | tee -a "$OUT/${tag}bench_fusions.log" ;;
   distributed)
     pinned_transformers
     python3 -m torch.distributed.run --standalone --nproc-per-node="${NPROC:-1}" \
-      "$here/distributed.py" --check --json "$OUT/distributed.json" "$@" 2>&1 | tee -a "$OUT/distributed.log" ;;
+      "$here/distributed.py" --check --json "$OUT/${tag}distributed.json" "$@" 2>&1 | tee -a "$OUT/${tag}distributed.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
