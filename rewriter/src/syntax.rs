@@ -221,6 +221,28 @@ pub fn for_each_subscript<'a>(
         .for_each(f);
 }
 
+/// Every expression below a statement (itself included), in source order.
+pub fn exprs_in_stmt(stmt: &Stmt) -> Vec<&Expr> {
+    collect(stmt, Some)
+}
+
+/// Whether an expression inside the statement binds a name or opens a scope of its own
+/// (a walrus, a lambda, a comprehension): where a name read there may not be the one bound
+/// outside the statement.
+pub fn binds_or_scopes_inside(stmt: &Stmt) -> bool {
+    exprs_in_stmt(stmt).iter().any(|e| {
+        matches!(
+            e,
+            Expr::Named(_)
+                | Expr::Lambda(_)
+                | Expr::ListComp(_)
+                | Expr::SetComp(_)
+                | Expr::DictComp(_)
+                | Expr::Generator(_)
+        )
+    })
+}
+
 /// All calls inside an expression.
 pub fn calls_in_expr(expr: &Expr) -> Vec<&ruff_python_ast::ExprCall> {
     collect(expr, Expr::as_call_expr)

@@ -5,7 +5,12 @@
 //! patched when its `forward(self, x)` is exactly `self.<down>(self.<act>(self.<gate>(x)) *
 //! self.<up>(x))` (either factor order; returned directly or through one name), or the
 //! packed form of Phi-3 (`gate, up = self.<gate_up>(x).chunk(2, dim=-1)`, lowered to
-//! `forward_rewrite.gated_mlp_act_packed`; see `packed.rs`), and its
+//! `forward_rewrite.gated_mlp_act_packed`; see `packed.rs`), or, in any other forward, when
+//! the product `self.<act>(self.<gate>(x)) * self.<up>(x)` occurs once in the forward's first
+//! statement (an assignment or a return, binding nothing inside: `x` there is the input), with
+//! whatever follows (dropout, a scale, the down projection later): that product alone is
+//! replaced, in place, by a guarded conditional expression (`fused if guard else product`),
+//! and the rest of the forward is left as it is. And its
 //! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
 //! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
 //! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
@@ -66,7 +71,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-form-unknown",
-        "The `forward` is not `down(act(gate(x)) * up(x))` (no gate, dropout, extra statements, a non-`self` module, ...): matched in part, never approximated.",
+        "The `forward` is not `down(act(gate(x)) * up(x))`, and its first statement does not hold that product once (no gate, the product after a statement that may rebind `x`, a non-`self` module, ...): matched in part, never approximated.",
     ),
     (
         "mlp-activation-unsupported",
@@ -133,15 +138,22 @@ fn is_name(expr: &Expr, name: &str) -> bool {
     matches!(expr, Expr::Name(n) if n.id.as_str() == name)
 }
 
-/// The two forms lowered: separate gate and up projections, or one packed projection.
+/// The forms lowered: the whole forward with separate gate and up projections or one packed
+/// projection, or the product alone inside the forward's first statement.
 enum Lowering<'a> {
     Split(Matched<'a>),
     Packed(packed::PackedMatch<'a>),
+    Inline(&'a Expr, Product<'a>),
 }
 
 /// The attributes of `self.<down>(self.<act>(self.<gate>(x)) * self.<up>(x))`.
 struct Matched<'a> {
     down: &'a str,
+    product: Product<'a>,
+}
+
+/// The attributes of `self.<act>(self.<gate>(x)) * self.<up>(x)` (either factor order).
+struct Product<'a> {
     act: &'a str,
     gate: &'a str,
     up: &'a str,
@@ -149,6 +161,32 @@ struct Matched<'a> {
 
 fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {
     let (down, product) = self_call(expr)?;
+    Some(Matched {
+        down,
+        product: match_gated(product, param)?,
+    })
+}
+
+/// The one gated product in the forward's first statement, when that statement is an
+/// assignment or a return that binds no name inside and opens no scope (so `x` at the
+/// product is the forward's input, the value the guard inspects): (the product, its parts).
+fn match_inline<'a>(body: &'a [Stmt], param: &str) -> Option<(&'a Expr, Product<'a>)> {
+    let first = body.first()?;
+    let simple = matches!(
+        first,
+        Stmt::Assign(_) | Stmt::AnnAssign(_) | Stmt::Return(_)
+    );
+    if !simple || crate::syntax::binds_or_scopes_inside(first) {
+        return None;
+    }
+    let mut found = crate::syntax::exprs_in_stmt(first)
+        .into_iter()
+        .filter_map(|e| Some((e, match_gated(e, param)?)));
+    let one = found.next()?;
+    found.next().is_none().then_some(one)
+}
+
+fn match_gated<'a>(product: &'a Expr, param: &str) -> Option<Product<'a>> {
     let Expr::BinOp(bin) = product else {
         return None;
     };
@@ -168,12 +206,7 @@ fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {
         (Some(g), Some(u)) => (g, u),
         _ => (gated(&bin.right)?, plain(&bin.left)?),
     };
-    Some(Matched {
-        down,
-        act,
-        gate,
-        up,
-    })
+    Some(Product { act, gate, up })
 }
 
 /// How `__init__` assigns `self.<act>`: Ok(Some(activation)) static, Ok(None) guarded at
@@ -327,6 +360,9 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         Some(m) => Lowering::Split(m),
         None => match packed::match_packed(body, &param) {
             Some(m) => Lowering::Packed(m),
+            None if let Some((expr, product)) = match_inline(body, &param) => {
+                Lowering::Inline(expr, product)
+            }
             None if defs.source.slice(forward).contains("chunk(") => {
                 return refuse(
                     "mlp-packed",
@@ -344,8 +380,9 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         },
     };
     let act = match &lowering {
-        Lowering::Split(m) => m.act,
+        Lowering::Split(m) => m.product.act,
         Lowering::Packed(m) => m.act,
+        Lowering::Inline(_, p) => p.act,
     };
     let resolved = match activation(defs, owner, act) {
         Ok(r) => r,
@@ -354,25 +391,35 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     let guard = format!(
         "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{act}, {param})) is not None:"
     );
-    let lines = match lowering {
-        Lowering::Split(Matched { down, gate, up, .. }) => [
-            guard,
-            "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward; the projections' outputs are temporaries, so backward writes their gradients over them"
-                .to_string(),
-            format!(
-                "    return self.{down}(forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act, overwrite_inputs=True))"
-            ),
-        ],
-        Lowering::Packed(packed::PackedMatch { down, gate_up, .. }) => [
-            guard,
-            "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)"
-                .to_string(),
-            format!(
-                "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act, overwrite_inputs=True))"
-            ),
-        ],
+    let emitted = match &lowering {
+        Lowering::Inline(expr, product) => emit_inline(defs, forward, expr, product, &param),
+        Lowering::Split(Matched { down, product }) => emit_guarded(
+            defs.source,
+            forward,
+            &[
+                guard,
+                "    # forward-rewrite: fused act(gate) * up, the activation recomputed in backward; the projections' outputs are temporaries, so backward writes their gradients over them"
+                    .to_string(),
+                format!(
+                    "    return self.{down}({})",
+                    fused_call(product, &param)
+                ),
+            ],
+        ),
+        Lowering::Packed(packed::PackedMatch { down, gate_up, .. }) => emit_guarded(
+            defs.source,
+            forward,
+            &[
+                guard,
+                "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)"
+                    .to_string(),
+                format!(
+                    "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act, overwrite_inputs=True))"
+                ),
+            ],
+        ),
     };
-    match emit_guarded(defs.source, forward, &lines) {
+    match emitted {
         Ok(patch) => {
             let mut site = refuse("mlp-emit-invalid", String::new());
             site.verdict = "patched";
@@ -387,6 +434,57 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         }
         Err(e) => refuse("mlp-emit-invalid", e),
     }
+}
+
+/// The fused product of a matched `self.<act>(self.<gate>(x)) * self.<up>(x)`, with the
+/// activation the guard bound to `_fr_act`. Its inputs are the projections' outputs, call
+/// temporaries nothing else reads, so the backward may write their gradients over them.
+fn fused_call(product: &Product<'_>, param: &str) -> String {
+    let Product { gate, up, .. } = product;
+    format!(
+        "forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act, overwrite_inputs=True)"
+    )
+}
+
+/// The forward with its one product (in the first statement) replaced by `(fused if guard
+/// else product)`: the guard reads `self.<act>` and the input before either branch runs, the
+/// original product is the fallback word for word, and nothing else in the forward changes.
+/// Spliced into the module's text and re-parsed, then emitted like the guarded forms (with a
+/// comment line in front of the body) so the patch is the function alone, dedented.
+fn emit_inline(
+    defs: &ModuleDefs<'_>,
+    forward: &ruff_python_ast::StmtFunctionDef,
+    product_expr: &Expr,
+    product: &Product<'_>,
+    param: &str,
+) -> Result<String, String> {
+    use ruff_text_size::Ranged;
+    let text = &defs.source.text;
+    let range = product_expr.range();
+    let (start, end) = (range.start().to_usize(), range.end().to_usize());
+    let conditional = format!(
+        "({} if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{}, {param})) is not None else {})",
+        fused_call(product, param),
+        product.act,
+        &text[start..end],
+    );
+    let spliced = format!("{}{conditional}{}", &text[..start], &text[end..]);
+    let module = crate::parse::ParsedSource::parse(spliced).map_err(|e| e.message)?;
+    // The forward starts where it did (the splice is inside it): a method of a class of the
+    // module's top level.
+    let patched = module
+        .suite()
+        .iter()
+        .filter_map(|s| s.as_class_def_stmt())
+        .flat_map(|class| class.body.iter())
+        .filter_map(|s| s.as_function_def_stmt())
+        .find(|f| f.start() == forward.start())
+        .ok_or("the spliced forward is not found at its place")?;
+    emit_guarded(
+        &module,
+        patched,
+        &["# forward-rewrite: act(gate(x)) * up(x) below is fused when the guard allows (the activation recomputed in backward, the gradients written over the projections' outputs), else runs as written".to_string()],
+    )
 }
 
 pub mod experts;

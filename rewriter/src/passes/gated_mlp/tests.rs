@@ -169,17 +169,63 @@ fn reason_mlp_packed() {
     }
 }
 
+const LLAMA_BODY: &str = "        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n        return down_proj\n";
+
+#[test]
+fn product_in_the_first_statement_is_replaced_in_place() {
+    // Inkling: a scale after the down projection (the snapshot).
+    let inkling = LLAMA.replace(
+        LLAMA_BODY,
+        "        x = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n        return x * self.global_scale\n",
+    );
+    let r = report(&inkling);
+    assert_eq!(site_reason(&r, "ToyMLP"), None, "{r:?}");
+    insta::assert_snapshot!(site_patch(&r, "ToyMLP"));
+    for body in [
+        // T5Gemma: dropout between the product and the down projection.
+        "        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)\n        h = self.dropout(h)\n        return self.down_proj(h)\n",
+        // Seed-OSS: dropout after the down projection, inside the return.
+        "        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))\n",
+        // BitNet: a norm between the product and the down projection; swapped factors.
+        "        return self.down_proj(self.sub_norm(self.up_proj(x) * self.act_fn(self.gate_proj(x))))\n",
+    ] {
+        let r = report(&LLAMA.replace(LLAMA_BODY, body));
+        let patch = site_patch(&r, "ToyMLP");
+        assert!(
+            patch.contains(
+                "(forward_rewrite.gated_mlp_act(self.gate_proj(x), self.up_proj(x), activation=_fr_act, overwrite_inputs=True) if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.act_fn, x)) is not None else "
+            ),
+            "{body}\n{patch}"
+        );
+        // the rest of the forward is kept word for word
+        let kept = body.lines().skip(1).map(str::trim).collect::<Vec<_>>();
+        assert!(
+            kept.iter().all(|line| patch.contains(line)),
+            "{body}\n{patch}"
+        );
+    }
+}
+
 #[test]
 fn reason_mlp_form_unknown() {
     for body in [
         // Not gated.
         "        return self.down_proj(self.act_fn(self.up_proj(x)))\n",
-        // Dropout after the product.
-        "        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))\n",
         // The up projection of another input.
         "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x + 1))\n",
-        // An extra statement.
+        // The product after another statement (x may be rebound there).
         "        y = x\n        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n",
+        "        x = self.norm(x)\n        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n",
+        // Twice in the first statement.
+        "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) + self.act_fn(self.gate_proj(x)) * self.up_proj(x)\n",
+        // A comprehension's own x, a walrus, a lambda in the first statement.
+        "        return [self.act_fn(self.gate_proj(x)) * self.up_proj(x) for x in self.chunks]\n",
+        "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) + (y := 1)\n",
+        "        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) + (lambda: x)()\n",
+        // A compound first statement.
+        "        if self.training:\n            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n        return x\n",
+        // Only the activation's input from the gate projection.
+        "        g = self.gate_proj(x)\n        return self.down_proj(self.act_fn(g) * self.up_proj(x))\n",
     ] {
         let r = report(&LLAMA.replace(
             "        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n        return down_proj\n",
