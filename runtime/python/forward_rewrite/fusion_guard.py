@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["disabled", "gated_act", "rms_norm", "rotary"]
+__all__ = ["disabled", "gated_act", "gated_function", "rms_norm", "rotary"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -155,6 +155,21 @@ def _no_hooks(module):
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
     )
+
+
+def gated_function(module, activation, x):
+    """``activation`` (``"silu"``) or None (stock) for an MLP whose source calls torch's
+    functional activation directly (``F.silu(self.w1(x)) * self.w3(x)``, LFM2): there is no
+    activation module to inspect (the rewriter checked the name is torch's), so the MLP module
+    itself must be in train mode; x as for ``gated_act``."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    if not _tensor_ok(x) or not isinstance(module, nn.Module) or not module.training:
+        return None
+    if activation != "silu":
+        return None
+    taken["gated-mlp"] += 1
+    return activation
 
 
 def gated_act(act, x):

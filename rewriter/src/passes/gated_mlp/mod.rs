@@ -10,7 +10,9 @@
 //! statement (an assignment or a return, binding nothing inside: `x` there is the input), with
 //! whatever follows (dropout, a scale, the down projection later): that product alone is
 //! replaced, in place, by a guarded conditional expression (`fused if guard else product`),
-//! and the rest of the forward is left as it is. And its
+//! and the rest of the forward is left as it is. The activation is torch's functional SiLU
+//! called in place (`F.silu(...)`, LFM2's form: the alias checked against the module's
+//! imports, guarded by `fusion_guard.gated_function`), or `self.<act>`, and its
 //! `__init__` assigns `self.<act>` a SiLU or tanh-GELU: statically (`ACT2FN["silu"]`,
 //! `nn.SiLU()`, ...) or `ACT2FN[config.hidden_act]`, which the run-time guard resolves on
 //! the module object on every call (`fusion_guard.gated_act`: anything else runs stock).
@@ -79,7 +81,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-activation-unknown",
-        "`__init__` assigns the activation in a form neither resolved statically nor guardable (`ACT2FN[...]`) or not at all.",
+        "`__init__` assigns the activation in a form neither resolved statically nor guardable (`ACT2FN[...]`) or not at all, or the forward calls a `.silu` not known to be torch.nn.functional.silu (its alias not imported as such, or bound otherwise too).",
     ),
     (
         "mlp-emit-invalid",
@@ -152,11 +154,97 @@ struct Matched<'a> {
     product: Product<'a>,
 }
 
-/// The attributes of `self.<act>(self.<gate>(x)) * self.<up>(x)` (either factor order).
+/// The attributes of `act(self.<gate>(x)) * self.<up>(x)` (either factor order).
 struct Product<'a> {
-    act: &'a str,
+    act: Act<'a>,
     gate: &'a str,
     up: &'a str,
+}
+
+/// The activation of a matched product: a module attribute, `self.<act>(...)`, resolved from
+/// `__init__` and checked at run time; or torch's functional SiLU called directly
+/// (`F.silu(...)`, LFM2's form), given as the callee's dotted name and checked against the
+/// module's imports.
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    Module(&'a str),
+    Function(&'a Expr),
+}
+
+/// `<callee>(<arg>)` with one positional argument, the callee a dotted name ending in `.silu`.
+fn silu_call(expr: &Expr) -> Option<(&Expr, &Expr)> {
+    let Expr::Call(ExprCall {
+        func, arguments, ..
+    }) = expr
+    else {
+        return None;
+    };
+    let plain = arguments.keywords.is_empty() && arguments.args.len() == 1;
+    let named = crate::syntax::dotted_name(func).is_some_and(|n| n.ends_with(".silu"));
+    (plain && named && !matches!(arguments.args[0], Expr::Starred(_)))
+        .then_some((&**func, &arguments.args[0]))
+}
+
+/// Whether the dotted callee `F.silu` (any alias) or `torch.nn.functional.silu` is torch's:
+/// the alias bound at the module's top level only by `import torch.nn.functional as F` or
+/// `from torch.nn import functional as F`, and by nothing else there.
+fn is_torch_silu(defs: &ModuleDefs<'_>, callee: &Expr) -> bool {
+    let Some(name) = crate::syntax::dotted_name(callee) else {
+        return false;
+    };
+    let Some(alias) = name.strip_suffix(".silu") else {
+        return false;
+    };
+    if alias == "torch.nn.functional" {
+        return true;
+    }
+    if alias.contains('.') {
+        return false;
+    }
+    let mut torch_functional = 0;
+    let mut other = 0;
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
+    for stmt in statements {
+        match stmt {
+            Stmt::Import(import) => {
+                for a in &import.names {
+                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == alias {
+                        if a.name.as_str() == "torch.nn.functional" && a.asname.is_some() {
+                            torch_functional += 1;
+                        } else {
+                            other += 1;
+                        }
+                    }
+                }
+            }
+            Stmt::ImportFrom(import) => {
+                for a in &import.names {
+                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == alias {
+                        let from_nn = import.level == 0
+                            && import
+                                .module
+                                .as_ref()
+                                .is_some_and(|m| m.as_str() == "torch.nn");
+                        if from_nn && a.name.as_str() == "functional" {
+                            torch_functional += 1;
+                        } else {
+                            other += 1;
+                        }
+                    }
+                }
+            }
+            Stmt::FunctionDef(f) if f.name.as_str() == alias => other += 1,
+            Stmt::ClassDef(c) if c.name.as_str() == alias => other += 1,
+            _ => {
+                other += crate::syntax::stores_in_stmt(stmt)
+                    .iter()
+                    .filter(|n| n.id.as_str() == alias)
+                    .count();
+            }
+        }
+    }
+    torch_functional == 1 && other == 0
 }
 
 fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {
@@ -193,8 +281,14 @@ fn match_gated<'a>(product: &'a Expr, param: &str) -> Option<Product<'a>> {
     if bin.op != Operator::Mult {
         return None;
     }
-    let gated = |e: &'a Expr| -> Option<(&'a str, &'a str)> {
-        let (act, inner) = self_call(e)?;
+    let gated = |e: &'a Expr| -> Option<(Act<'a>, &'a str)> {
+        let (act, inner) = match self_call(e) {
+            Some((act, inner)) => (Act::Module(act), inner),
+            None => {
+                let (callee, inner) = silu_call(e)?;
+                (Act::Function(callee), inner)
+            }
+        };
         let (gate, x) = self_call(inner)?;
         is_name(x, param).then_some((act, gate))
     };
@@ -381,18 +475,36 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     };
     let act = match &lowering {
         Lowering::Split(m) => m.product.act,
-        Lowering::Packed(m) => m.act,
+        Lowering::Packed(m) => Act::Module(m.act),
         Lowering::Inline(_, p) => p.act,
     };
-    let resolved = match activation(defs, owner, act) {
-        Ok(r) => r,
-        Err((reason, detail)) => return refuse(reason, detail),
+    // The guard expression binding `_fr_act` (the activation, or None: run stock), and what the
+    // audit reports as lowered.
+    let (guard_call, lowered) = match act {
+        Act::Module(act) => match activation(defs, owner, act) {
+            Ok(resolved) => (
+                format!("forward_rewrite.fusion_guard.gated_act(self.{act}, {param})"),
+                resolved.map_or_else(|| format!("run-time (self.{act})"), str::to_string),
+            ),
+            Err((reason, detail)) => return refuse(reason, detail),
+        },
+        Act::Function(callee) if is_torch_silu(defs, callee) => (
+            format!("forward_rewrite.fusion_guard.gated_function(self, \"silu\", {param})"),
+            "silu".to_string(),
+        ),
+        Act::Function(callee) => {
+            return refuse(
+                "mlp-activation-unknown",
+                format!(
+                    "{} is not known to be torch.nn.functional.silu (the module binds its name otherwise or more than once)",
+                    defs.source.slice(callee)
+                ),
+            );
+        }
     };
-    let guard = format!(
-        "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{act}, {param})) is not None:"
-    );
+    let guard = format!("if (_fr_act := {guard_call}) is not None:");
     let emitted = match &lowering {
-        Lowering::Inline(expr, product) => emit_inline(defs, forward, expr, product, &param),
+        Lowering::Inline(expr, product) => emit_inline(defs, forward, expr, product, &guard_call),
         Lowering::Split(Matched { down, product }) => emit_guarded(
             defs.source,
             forward,
@@ -426,10 +538,7 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             site.reason = None;
             site.original_sha256 = Some(function_sha256(defs.source, forward));
             site.patch = Some(patch);
-            site.lowered.insert(
-                "activation".into(),
-                resolved.map_or_else(|| format!("run-time (self.{act})"), str::to_string),
-            );
+            site.lowered.insert("activation".into(), lowered);
             site
         }
         Err(e) => refuse("mlp-emit-invalid", e),
@@ -456,16 +565,18 @@ fn emit_inline(
     forward: &ruff_python_ast::StmtFunctionDef,
     product_expr: &Expr,
     product: &Product<'_>,
-    param: &str,
+    guard_call: &str,
 ) -> Result<String, String> {
     use ruff_text_size::Ranged;
+    let param = plain_parameters(forward, true)
+        .and_then(|p| p.first().map(|(name, _)| name.clone()))
+        .ok_or("the forward's input is not a plain parameter")?;
     let text = &defs.source.text;
     let range = product_expr.range();
     let (start, end) = (range.start().to_usize(), range.end().to_usize());
     let conditional = format!(
-        "({} if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.{}, {param})) is not None else {})",
-        fused_call(product, param),
-        product.act,
+        "({} if (_fr_act := {guard_call}) is not None else {})",
+        fused_call(product, &param),
         &text[start..end],
     );
     let spliced = format!("{}{conditional}{}", &text[..start], &text[end..]);

@@ -256,6 +256,77 @@ fn reason_mlp_activation_unsupported() {
     }
 }
 
+const LFM2: &str = "class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+";
+
+#[test]
+fn functional_silu_of_torch_is_patched_with_the_module_guard() {
+    for import in [
+        "import torch.nn.functional as F\n",
+        "from torch.nn import functional as F\n",
+    ] {
+        let r = report(&format!("{import}\n{LFM2}"));
+        assert_eq!(site_reason(&r, "ToyMLP"), None, "{import}{r:?}");
+        assert_eq!(lowered(&r), "silu");
+        let patch = site_patch(&r, "ToyMLP");
+        assert!(
+            patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, \"silu\", x)) is not None:")
+                && patch.contains("forward_rewrite.gated_mlp_act(self.w1(x), self.w3(x), activation=_fr_act, overwrite_inputs=True)"),
+            "{patch}"
+        );
+    }
+    let spelled = LFM2.replace("F.silu(", "torch.nn.functional.silu(");
+    assert_eq!(site_reason(&report(&spelled), "ToyMLP"), None);
+    // in place, inside a first statement
+    let inline = LFM2.replace(
+        "        return self.w2(F.silu(self.w1(x)) * self.w3(x))\n",
+        "        h = self.w2(F.silu(self.w1(x)) * self.w3(x))\n        return self.dropout(h)\n",
+    );
+    let patch = site_patch(
+        &report(&format!("import torch.nn.functional as F\n\n{inline}")),
+        "ToyMLP",
+    );
+    assert!(patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, \"silu\", x)) is not None else F.silu(self.w1(x)) * self.w3(x))"), "{patch}");
+}
+
+#[test]
+fn functional_silu_not_known_to_be_torchs_is_refused() {
+    for module in [
+        // no import of F at all
+        LFM2.to_string(),
+        // F is something else
+        format!("from .utils import functional as F\n\n{LFM2}"),
+        format!("import torch.nn.functional as F\nF = MyFunctions()\n\n{LFM2}"),
+        format!("import torch.nn.functional as F\n\n\ndef F():\n    pass\n\n{LFM2}"),
+        // another module's silu
+        LFM2.replace("F.silu(", "my.ops.silu("),
+    ] {
+        let r = report(&module);
+        assert_eq!(
+            site_reason(&r, "ToyMLP").as_deref(),
+            Some("mlp-activation-unknown"),
+            "{module}"
+        );
+    }
+    // silu with keywords (inplace=...) is not the form
+    let r = report(&format!(
+        "import torch.nn.functional as F\n\n{}",
+        LFM2.replace("F.silu(self.w1(x))", "F.silu(self.w1(x), inplace=False)")
+    ));
+    assert_eq!(
+        site_reason(&r, "ToyMLP").as_deref(),
+        Some("mlp-form-unknown")
+    );
+}
+
 #[test]
 fn reason_mlp_activation_unknown() {
     for act in ["get_activation(config.hidden_act)", "config.act"] {
