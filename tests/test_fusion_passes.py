@@ -226,14 +226,16 @@ def test_guards_fall_back_to_stock():
     assert fusion_guard.gated_act(hooked, x) is None
     assert fusion_guard.gated_act(nn.SiLU(), x.double()) is None
     # torch's functional SiLU called in the source (LFM2): the MLP module's mode decides
+    silu = nn.functional.silu
     mlp = nn.Linear(8, 8).train()
-    assert fusion_guard.gated_function(mlp, "silu", x) == "silu"
-    assert fusion_guard.gated_function(mlp, "gelu", x) is None
-    assert fusion_guard.gated_function(mlp, "silu", x.double()) is None
-    assert fusion_guard.gated_function(mlp.eval(), "silu", x) is None
+    assert fusion_guard.gated_function(mlp, silu, x) == "silu"
+    assert fusion_guard.gated_function(mlp, nn.functional.gelu, x) is None
+    assert fusion_guard.gated_function(mlp, lambda t: silu(t), x) is None
+    assert fusion_guard.gated_function(mlp, silu, x.double()) is None
+    assert fusion_guard.gated_function(mlp.eval(), silu, x) is None
     mlp.train()
     with fusion_guard.disabled():
-        assert fusion_guard.gated_function(mlp, "silu", x) is None
+        assert fusion_guard.gated_function(mlp, silu, x) is None
 
     q = torch.randn(2, 4, 5, 8, requires_grad=True)
     k = torch.randn(2, 2, 5, 8, requires_grad=True)
@@ -245,7 +247,7 @@ def test_guards_fall_back_to_stock():
         assert not fusion_guard.rotary(q, k, cos, sin, 1)
         assert not fusion_guard.rms_norm(norm, x, w, 1e-6)
         assert fusion_guard.gated_act(nn.SiLU(), x) is None
-        assert fusion_guard.gated_function(mlp, "silu", x) is None
+        assert fusion_guard.gated_function(mlp, silu, x) is None
     assert not fusion_guard.rms_norm(norm.eval(), x, w, 1e-6)
     assert fusion_guard.gated_act(nn.SiLU().eval(), x) is None
     assert fusion_guard.rotary(q, k, cos[..., :4], sin[..., :4], 1)  # partial

@@ -157,19 +157,21 @@ def _no_hooks(module):
     )
 
 
-def gated_function(module, activation, x):
-    """``activation`` (``"silu"``) or None (stock) for an MLP whose source calls torch's
-    functional activation directly (``F.silu(self.w1(x)) * self.w3(x)``, LFM2): there is no
-    activation module to inspect (the rewriter checked the name is torch's), so the MLP module
-    itself must be in train mode; x as for ``gated_act``."""
+def gated_function(module, fn, x):
+    """``"silu"`` or None (stock) for an MLP or experts module whose source applies torch's
+    functional SiLU itself: called in place (``F.silu(self.w1(x)) * self.w3(x)``, LFM2) or held
+    as an attribute (``self.act_fn = F.silu``, LFM2-MoE's experts). ``fn`` must be
+    ``torch.nn.functional.silu`` itself when the call runs (the rewriter checked the name's
+    import; a rebinding since then runs stock), and with no activation module to inspect the
+    module itself must be in train mode; x as for ``gated_act``."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     if not _tensor_ok(x) or not isinstance(module, nn.Module) or not module.training:
         return None
-    if activation != "silu":
+    if fn is not nn.functional.silu:
         return None
     taken["gated-mlp"] += 1
-    return activation
+    return "silu"
 
 
 def gated_act(act, x):

@@ -105,8 +105,10 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
         unreachable!("DEFAULT_GATE is one function")
     };
     let lines = [
-        "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.act_fn, gate_up_out)) is not None:"
-            .to_string(),
+        format!(
+            "if (_fr_act := {}) is not None:",
+            resolved.guard("act_fn", "gate_up_out")
+        ),
         "    # forward-rewrite: the experts' fused act(gate) * up on the packed gate_up, recomputed in backward"
             .to_string(),
         "    return forward_rewrite.gated_mlp_act_packed(gate_up_out, activation=_fr_act)"
@@ -124,10 +126,7 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
             original_sha256: None,
             patch: Some(patch),
             lowered: [
-                (
-                    "activation".to_string(),
-                    resolved.map_or_else(|| "run-time (self.act_fn)".into(), str::to_string),
-                ),
+                ("activation".to_string(), resolved.lowered("act_fn")),
                 (
                     "gate".to_string(),
                     "transformers.integrations.moe._default_apply_gate (checked at install)"

@@ -303,13 +303,48 @@ fn match_gated<'a>(product: &'a Expr, param: &str) -> Option<Product<'a>> {
     Some(Product { act, gate, up })
 }
 
-/// How `__init__` assigns `self.<act>`: Ok(Some(activation)) static, Ok(None) guarded at
-/// run time, Err(reason) refused.
+/// How `__init__` assigns `self.<act>`.
+#[derive(Clone, Copy)]
+pub(super) enum Resolution {
+    /// An activation module known statically (`ACT2FN["silu"]`, `nn.SiLU()`, ...).
+    Static(&'static str),
+    /// `ACT2FN[config.hidden_act]`: the guard resolves the module on every call.
+    Guarded,
+    /// torch's functional SiLU held as an attribute (`self.act_fn = F.silu`, LFM2-MoE's
+    /// experts): the guard checks its identity on every call.
+    Function,
+}
+
+impl Resolution {
+    /// The guard expression for `self.<act>` applied to `x`, binding nothing: the
+    /// activation's name, or None (stock).
+    pub(super) fn guard(self, act: &str, x: &str) -> String {
+        match self {
+            Resolution::Function => {
+                format!("forward_rewrite.fusion_guard.gated_function(self, self.{act}, {x})")
+            }
+            Resolution::Static(_) | Resolution::Guarded => {
+                format!("forward_rewrite.fusion_guard.gated_act(self.{act}, {x})")
+            }
+        }
+    }
+
+    /// What the audit reports as lowered.
+    pub(super) fn lowered(self, act: &str) -> String {
+        match self {
+            Resolution::Static(name) => name.to_string(),
+            Resolution::Guarded => format!("run-time (self.{act})"),
+            Resolution::Function => format!("silu (self.{act} = torch.nn.functional.silu)"),
+        }
+    }
+}
+
+/// How `__init__` assigns `self.<act>`, or Err(reason) refused.
 pub(super) fn activation(
     defs: &ModuleDefs<'_>,
     class: &StmtClassDef,
     act: &str,
-) -> Result<Option<&'static str>, (&'static str, String)> {
+) -> Result<Resolution, (&'static str, String)> {
     let Some((_, init)) = defs.method_owner(class, "__init__") else {
         return Err((
             "mlp-activation-unknown",
@@ -336,18 +371,20 @@ pub(super) fn activation(
         ));
     }
     let mut statics = Vec::new();
-    for value in values {
+    let mut functions = 0;
+    for value in values.iter().copied() {
         let text = defs.source.slice(value);
         match classify(value) {
             Kind::Static(name) => statics.push(name),
             Kind::Guarded => {}
+            Kind::Function if is_torch_silu(defs, value) => functions += 1,
             Kind::Unsupported => {
                 return Err((
                     "mlp-activation-unsupported",
                     format!("self.{act} = {text} is neither SiLU nor tanh-GELU"),
                 ));
             }
-            Kind::Unknown => {
+            Kind::Function | Kind::Unknown => {
                 return Err((
                     "mlp-activation-unknown",
                     format!("self.{act} = {text} is not resolved"),
@@ -355,15 +392,28 @@ pub(super) fn activation(
             }
         }
     }
+    if functions > 0 {
+        // A function and a module in different branches need different guards.
+        return if functions == values.len() {
+            Ok(Resolution::Function)
+        } else {
+            Err((
+                "mlp-activation-unknown",
+                format!("self.{act} is assigned both torch.nn.functional.silu and a module"),
+            ))
+        };
+    }
     Ok(match statics.as_slice() {
-        [one] => Some(*one),
-        _ => None,
+        [one] => Resolution::Static(one),
+        _ => Resolution::Guarded,
     })
 }
 
 enum Kind {
     Static(&'static str),
     Guarded,
+    /// `<alias>.silu` (not called): a functional SiLU, if the alias is torch's.
+    Function,
     Unsupported,
     Unknown,
 }
@@ -400,6 +450,11 @@ fn classify(value: &Expr) -> Kind {
                 "nn.ReLU" | "nn.Tanh" | "nn.Sigmoid" | "torch.nn.ReLU" => Kind::Unsupported,
                 _ => Kind::Unknown,
             }
+        }
+        Expr::Attribute(_)
+            if crate::syntax::dotted_name(value).is_some_and(|n| n.ends_with(".silu")) =>
+        {
+            Kind::Function
         }
         _ => Kind::Unknown,
     }
@@ -482,14 +537,14 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     // audit reports as lowered.
     let (guard_call, lowered) = match act {
         Act::Module(act) => match activation(defs, owner, act) {
-            Ok(resolved) => (
-                format!("forward_rewrite.fusion_guard.gated_act(self.{act}, {param})"),
-                resolved.map_or_else(|| format!("run-time (self.{act})"), str::to_string),
-            ),
+            Ok(resolved) => (resolved.guard(act, &param), resolved.lowered(act)),
             Err((reason, detail)) => return refuse(reason, detail),
         },
         Act::Function(callee) if is_torch_silu(defs, callee) => (
-            format!("forward_rewrite.fusion_guard.gated_function(self, \"silu\", {param})"),
+            format!(
+                "forward_rewrite.fusion_guard.gated_function(self, {}, {param})",
+                defs.source.slice(callee)
+            ),
             "silu".to_string(),
         ),
         Act::Function(callee) => {

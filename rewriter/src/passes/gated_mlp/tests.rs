@@ -278,7 +278,7 @@ fn functional_silu_of_torch_is_patched_with_the_module_guard() {
         assert_eq!(lowered(&r), "silu");
         let patch = site_patch(&r, "ToyMLP");
         assert!(
-            patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, \"silu\", x)) is not None:")
+            patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, F.silu, x)) is not None:")
                 && patch.contains("forward_rewrite.gated_mlp_act(self.w1(x), self.w3(x), activation=_fr_act, overwrite_inputs=True)"),
             "{patch}"
         );
@@ -294,7 +294,7 @@ fn functional_silu_of_torch_is_patched_with_the_module_guard() {
         &report(&format!("import torch.nn.functional as F\n\n{inline}")),
         "ToyMLP",
     );
-    assert!(patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, \"silu\", x)) is not None else F.silu(self.w1(x)) * self.w3(x))"), "{patch}");
+    assert!(patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, F.silu, x)) is not None else F.silu(self.w1(x)) * self.w3(x))"), "{patch}");
 }
 
 #[test]
@@ -324,6 +324,46 @@ fn functional_silu_not_known_to_be_torchs_is_refused() {
     assert_eq!(
         site_reason(&r, "ToyMLP").as_deref(),
         Some("mlp-form-unknown")
+    );
+}
+
+#[test]
+fn functional_silu_held_as_the_activation_attribute() {
+    let import = "import torch.nn.functional as F\n\n";
+    // LFM2-MoE's experts: `self.act_fn = F.silu`, the identity checked at run time
+    let experts = EXPERTS.replace("ACT2FN[config.hidden_act]", "F.silu");
+    let r = report(&format!("{import}{experts}"));
+    let patch = site_patch(&r, "ToyExperts");
+    assert!(
+        patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_function(self, self.act_fn, gate_up_out)) is not None:"),
+        "{patch}"
+    );
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    let site = sites.iter().find(|s| s["name"] == "ToyExperts").unwrap();
+    assert_eq!(
+        site["lowered"]["activation"],
+        "silu (self.act_fn = torch.nn.functional.silu)"
+    );
+    assert_eq!(
+        site_reason(&report(&experts), "ToyExperts").as_deref(),
+        Some("mlp-activation-unknown"),
+        "F not imported"
+    );
+    // an MLP alike
+    let mlp = LLAMA.replace("ACT2FN[config.hidden_act]", "F.silu");
+    let patch = site_patch(&report(&format!("{import}{mlp}")), "ToyMLP");
+    assert!(
+        patch.contains("gated_function(self, self.act_fn, x)) is not None:"),
+        "{patch}"
+    );
+    // a function in one branch and a module in another need two guards: refused
+    let mixed = LLAMA.replace(
+        "        self.act_fn = ACT2FN[config.hidden_act]\n",
+        "        if config.fast:\n            self.act_fn = F.silu\n        else:\n            self.act_fn = nn.SiLU()\n",
+    );
+    assert_eq!(
+        site_reason(&report(&format!("{import}{mixed}")), "ToyMLP").as_deref(),
+        Some("mlp-activation-unknown")
     );
 }
 
