@@ -236,6 +236,8 @@ fn is_torch_silu(defs: &ModuleDefs<'_>, callee: &Expr) -> bool {
             }
             Stmt::FunctionDef(f) if f.name.as_str() == alias => other += 1,
             Stmt::ClassDef(c) if c.name.as_str() == alias => other += 1,
+            // their bodies are scopes of their own
+            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {}
             _ => {
                 other += crate::syntax::stores_in_stmt(stmt)
                     .iter()
@@ -523,7 +525,9 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             None => {
                 return refuse(
                     "mlp-form-unknown",
-                    format!("{name}.forward is not down(act(gate(x)) * up(x))"),
+                    format!(
+                        "{name}.forward is not down(act(gate(x)) * up(x)), nor does its first statement hold act(gate(x)) * up(x) once"
+                    ),
                 );
             }
         },
@@ -559,7 +563,9 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     };
     let guard = format!("if (_fr_act := {guard_call}) is not None:");
     let emitted = match &lowering {
-        Lowering::Inline(expr, product) => emit_inline(defs, forward, expr, product, &guard_call),
+        Lowering::Inline(expr, product) => {
+            emit_inline(defs, forward, expr, product, &param, &guard_call)
+        }
         Lowering::Split(Matched { down, product }) => emit_guarded(
             defs.source,
             forward,
@@ -620,18 +626,16 @@ fn emit_inline(
     forward: &ruff_python_ast::StmtFunctionDef,
     product_expr: &Expr,
     product: &Product<'_>,
+    param: &str,
     guard_call: &str,
 ) -> Result<String, String> {
     use ruff_text_size::Ranged;
-    let param = plain_parameters(forward, true)
-        .and_then(|p| p.first().map(|(name, _)| name.clone()))
-        .ok_or("the forward's input is not a plain parameter")?;
     let text = &defs.source.text;
     let range = product_expr.range();
     let (start, end) = (range.start().to_usize(), range.end().to_usize());
     let conditional = format!(
         "({} if (_fr_act := {guard_call}) is not None else {})",
-        fused_call(product, &param),
+        fused_call(product, param),
         &text[start..end],
     );
     let spliced = format!("{}{conditional}{}", &text[..start], &text[end..]);
