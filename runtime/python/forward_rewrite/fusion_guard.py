@@ -8,7 +8,8 @@ for byte (invariant 3). A wrong fused path corrupts training silently, a stock o
 speed, so every guard errs on the side of stock: plain tensors only (no DTensor or other
 subclass), bfloat16 / float16 / float32 (float64: the stock code computes in float32, the op
 in float64), CPU or CUDA with its backend built, and for the MLP an activation module that is
-exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``).
+exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``), or
+torch's functional SiLU itself where the source applies the function (``gated_function``).
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
 
 The fused paths run in training steps only (invariant 2, inference is untouched): autograd
