@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_step_bench(*args):
+    # The script (and the process per method it starts) imports the forward_rewrite this
+    # test imports: the installed wheel, not the source folder (which has no _native).
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "runtime" / "python"), env.get("PYTHONPATH", "")]
-    )
+    env.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run(
         [sys.executable, str(ROOT / "gpu" / "step_bench.py"), "--smoke", *args],
         check=False,
