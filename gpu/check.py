@@ -51,6 +51,14 @@ def make(case, gen):
         else None
     )
     t = torch.randint(0, v, (n,), device=dev, generator=gen)
+    if case.get("bias_neg_inf"):
+        # Columns masked with a -inf bias (column 0 among them: the first value the
+        # generic kernel's online pass sees), the targets among the others.
+        masked = torch.rand(v, device=dev, generator=gen) < case["bias_neg_inf"]
+        masked[0] = True
+        b[masked] = float("-inf")
+        allowed = (~masked).nonzero().squeeze(1)
+        t = allowed[torch.randint(0, allowed.numel(), (n,), device=dev, generator=gen)]
     frac = case.get("ignored", 0.0)
     if frac:
         t[torch.rand(n, device=dev, generator=gen) < frac] = -100
@@ -249,6 +257,21 @@ CASES = {
         "smoothing": 0.1,
     },
     "v5 tiny": {"n": 3, "h": 8, "v": 5},
+    "v50257 generic kernel -inf bias": {
+        "n": 300,
+        "h": 256,
+        "v": 50257,
+        "bias": True,
+        "bias_neg_inf": 0.01,
+        "tuning": {"generic": True},
+    },
+    "v128256 -inf bias": {
+        "n": 300,
+        "h": 256,
+        "v": 128256,
+        "bias": True,
+        "bias_neg_inf": 0.01,
+    },
 }
 QUICK = [
     "v32000 n1000 bf16",

@@ -211,7 +211,9 @@ __device__ void ce_rows(const CeParams& p) {
     float m = -INFINITY, s = 0.f, sum_z = 0.f, zt = 0.f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         float z = transform<D>(p, row[j], j);
-        if (z > m) { s = s * __expf(m - z) + 1.f; m = z; } else { s += __expf(z - m); }
+        // A -inf logit (a -inf bias entry) adds exp(-inf) = 0, also while m is still -inf,
+        // where z - m would be NaN; a NaN logit still propagates.
+        if (z > m) { s = s * __expf(m - z) + 1.f; m = z; } else if (z != -INFINITY) { s += __expf(z - m); }
         sum_z += z;
         if (j == tgt) zt = z;
     }

@@ -48,6 +48,22 @@ def test_float32_matches_for_causal_lm_loss(bias, loss_kw):
     )
 
 
+def test_a_masked_vocabulary_matches_stock():
+    """A -inf bias on some columns (a masked vocabulary; the first column among them, where
+    an online softmax starts): stock's loss and gradients, no NaN (the CUDA twin of this is
+    gpu/check.py's "-inf bias" cases)."""
+    h, head, labels = problem(2, 13, 16, 50, bias=True)
+    masked = torch.zeros(50, dtype=torch.bool)
+    masked[[0, 1, 7, 31]] = True
+    with torch.no_grad():
+        head.bias[masked] = float("-inf")
+    labels[(labels >= 0) & masked[labels.clamp_min(0)]] = 2
+    got = fused(h, head, labels)
+    loss, grads = got
+    assert all(torch.isfinite(t).all() for t in [loss, *grads])
+    assert_errors(got, stock(h, head, labels), 1e-5, 1e-4)
+
+
 def test_shift_labels_are_used_as_given():
     h, head, labels = problem(2, 11, 16, 40)
     shift = torch.roll(labels, 3, dims=1)  # any alignment: not re-shifted
