@@ -118,21 +118,23 @@ fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     )
 }
 
-/// `self.<name>(<arg>)` with one positional argument: (name, arg).
-fn self_call(expr: &Expr) -> Option<(&str, &Expr)> {
+/// `<callee>(<arg>)` with exactly one positional, unstarred argument: (callee, arg).
+fn one_arg_call(expr: &Expr) -> Option<(&Expr, &Expr)> {
     let Expr::Call(ExprCall {
         func, arguments, ..
     }) = expr
     else {
         return None;
     };
-    if !arguments.keywords.is_empty() || arguments.args.len() != 1 {
-        return None;
+    match (&arguments.args[..], arguments.keywords.is_empty()) {
+        ([arg], true) if !matches!(arg, Expr::Starred(_)) => Some((&**func, arg)),
+        _ => None,
     }
-    let arg = &arguments.args[0];
-    if matches!(arg, Expr::Starred(_)) {
-        return None;
-    }
+}
+
+/// `self.<name>(<arg>)` with one positional argument: (name, arg).
+fn self_call(expr: &Expr) -> Option<(&str, &Expr)> {
+    let (func, arg) = one_arg_call(expr)?;
     Some((self_attribute(func)?, arg))
 }
 
@@ -173,16 +175,15 @@ enum Act<'a> {
 
 /// `<callee>(<arg>)` with one positional argument, the callee a dotted name ending in `.silu`.
 fn silu_call(expr: &Expr) -> Option<(&Expr, &Expr)> {
-    let Expr::Call(ExprCall {
-        func, arguments, ..
-    }) = expr
-    else {
-        return None;
-    };
-    let plain = arguments.keywords.is_empty() && arguments.args.len() == 1;
-    let named = crate::syntax::dotted_name(func).is_some_and(|n| n.ends_with(".silu"));
-    (plain && named && !matches!(arguments.args[0], Expr::Starred(_)))
-        .then_some((&**func, &arguments.args[0]))
+    let (func, arg) = one_arg_call(expr)?;
+    crate::syntax::dotted_name(func)
+        .is_some_and(|n| n.ends_with(".silu"))
+        .then_some((func, arg))
+}
+
+/// The guard for torch's functional SiLU given as `function` (source text), applied to `x`.
+fn function_guard(function: &str, x: &str) -> String {
+    format!("forward_rewrite.fusion_guard.gated_function(self, {function}, {x})")
 }
 
 /// Whether the dotted callee `F.silu` (any alias) or `torch.nn.functional.silu` is torch's:
@@ -322,9 +323,7 @@ impl Resolution {
     /// activation's name, or None (stock).
     pub(super) fn guard(self, act: &str, x: &str) -> String {
         match self {
-            Resolution::Function => {
-                format!("forward_rewrite.fusion_guard.gated_function(self, self.{act}, {x})")
-            }
+            Resolution::Function => function_guard(&format!("self.{act}"), x),
             Resolution::Static(_) | Resolution::Guarded => {
                 format!("forward_rewrite.fusion_guard.gated_act(self.{act}, {x})")
             }
@@ -545,10 +544,7 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             Err((reason, detail)) => return refuse(reason, detail),
         },
         Act::Function(callee) if is_torch_silu(defs, callee) => (
-            format!(
-                "forward_rewrite.fusion_guard.gated_function(self, {}, {param})",
-                defs.source.slice(callee)
-            ),
+            function_guard(defs.source.slice(callee), &param),
             "silu".to_string(),
         ),
         Act::Function(callee) => {
