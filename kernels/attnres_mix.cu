@@ -205,6 +205,28 @@ __device__ __forceinline__ void load_row_sources(const AttnresParams& p, i64 t, 
     }
 }
 
+// Starts moving `bytes` (a multiple of 16) at `row` from HBM into L2, for a row this block
+// handles next: while it reduces and writes the current row (one block per SM at these
+// register counts, so nothing else on the SM overlaps those phases), the next row's loads
+// then wait for L2, not HBM. sm_90: one bulk prefetch by thread `who`; earlier GPUs: one
+// prefetch per thread per 128-byte line.
+__device__ __forceinline__ void prefetch_l2(const void* row, i64 bytes, int who) {
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x == who)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"((unsigned)bytes) : "memory");
+#else
+    for (i64 o = (i64)threadIdx.x * 128; o < bytes; o += (i64)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(row) + o));
+#endif
+}
+
+// prefetch_l2 of row t of every source, source i by thread i (sm_90).
+template <class T>
+__device__ __forceinline__ void prefetch_row_sources(const AttnresParams& p, i64 t) {
+    for (int i = 0; i < p.n; ++i)
+        prefetch_l2(static_cast<const T*>(p.src[i]) + t * p.hidden, p.hidden * (i64)sizeof(T), i);
+}
+
 // Per-source partial sums (K of them per source, n sources) reduced over the block; the
 // totals land in `red` (K * NMAX x WARPS floats), read by every thread after the barrier.
 template <int K, int NMAX>
@@ -268,6 +290,7 @@ __device__ void mix_forward_reg(const AttnresParams& p) {
     for (i64 t = blockIdx.x; t < p.tokens; t += gridDim.x) {
         uint4 cache[NMAX][VPT];
         load_row_sources<T, VPT, NMAX>(p, t, valid, col, cache);
+        if (t + gridDim.x < p.tokens) prefetch_row_sources<T>(p, t + gridDim.x);
         float part[2][NMAX];
 #pragma unroll
         for (int i = 0; i < NMAX; ++i) {
@@ -338,6 +361,10 @@ __device__ void mix_backward_reg(const AttnresParams& p) {
         for (int k = 0; k < VPT; ++k)
             if (valid[k]) gcache[k] = __ldg(reinterpret_cast<const uint4*>(grow + col[k]));
         load_row_sources<T, VPT, NMAX>(p, t, valid, col, cache);
+        if (t + gridDim.x < p.tokens) {
+            prefetch_row_sources<T>(p, t + gridDim.x);
+            prefetch_l2(grow + gridDim.x * h, h * (i64)sizeof(T), n);
+        }
         float part[3][NMAX];
 #pragma unroll
         for (int i = 0; i < NMAX; ++i) {

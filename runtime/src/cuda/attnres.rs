@@ -117,7 +117,7 @@ pub fn mix(c: &MixCall) -> Result<()> {
         c.parts as u32
     } else {
         nonzero("out", c.out)?;
-        c.tokens.min(65_535 * 16) as u32
+        0 // the resident grid, below: it needs the kernel
     };
     let name = format!(
         "attnres_{}_{}{}",
@@ -128,6 +128,17 @@ pub fn mix(c: &MixCall) -> Result<()> {
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
     let f = dev.function(&ATTNRES_MIX, &name)?;
+    // The forward's blocks loop over rows, each prefetching its next row into L2 while it
+    // works on the current one: as many blocks as are resident, no more (a block of a later
+    // wave would start on a row nobody prefetched).
+    let grid = if backward {
+        grid
+    } else {
+        // SAFETY: `f` comes from ATTNRES_MIX.
+        let resident =
+            unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, BLOCK, 0)? } * dev.sm_count.max(1) as u32;
+        c.tokens.min(resident as u64) as u32
+    };
     // SAFETY: the parameter block matches AttnresParams; every buffer holds tokens x hidden
     // elements (du_partial: parts x hidden floats), checked by the Python caller.
     unsafe {
