@@ -102,7 +102,7 @@ pub fn mix(c: &MixCall) -> Result<()> {
         pad: 0,
     };
     params.src[..n].copy_from_slice(&c.sources);
-    let grid = if backward {
+    if backward {
         for (i, d) in c.dsources.iter().enumerate() {
             nonzero(&format!("dsources[{i}]"), *d)?;
         }
@@ -114,11 +114,9 @@ pub fn mix(c: &MixCall) -> Result<()> {
             )));
         }
         params.dsrc[..n].copy_from_slice(&c.dsources);
-        c.parts as u32
     } else {
         nonzero("out", c.out)?;
-        0 // the resident grid, below: it needs the kernel
-    };
+    }
     let name = format!(
         "attnres_{}_{}{}",
         if backward { "bwd" } else { "fwd" },
@@ -132,7 +130,7 @@ pub fn mix(c: &MixCall) -> Result<()> {
     // works on the current one: as many blocks as are resident, no more (a block of a later
     // wave would start on a row nobody prefetched).
     let grid = if backward {
-        grid
+        c.parts as u32 // one float32 du partial row per block
     } else {
         // SAFETY: `f` comes from ATTNRES_MIX.
         let resident =
