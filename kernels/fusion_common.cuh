@@ -53,26 +53,57 @@ __device__ __forceinline__ float round_to(float x) {
 // accesses, so p must then be 16-byte aligned (the launchers check it and otherwise pick the
 // E = 1 instance). Loads of inputs go through the read-only path.
 
+// The raw bytes of E elements, loaded now and converted later (`unpack`): a load can be
+// issued long before its value is needed while holding half the registers of the float32
+// values (16-bit types). 16-byte words when E elements fill them, else E scalars.
+template <class D, int E, bool WIDE = (E * sizeof(typename D::T)) % 16 == 0>
+struct RawVec {
+    typename D::T e[E];
+};
+
 template <class D, int E>
-__device__ __forceinline__ void load_vec(const typename D::T* __restrict__ p, float (&v)[E]) {
+struct RawVec<D, E, true> {
+    uint4 w[E * sizeof(typename D::T) / 16];
+};
+
+template <class D, int E>
+__device__ __forceinline__ void load_raw(const typename D::T* __restrict__ p, RawVec<D, E>& r) {
+    if constexpr ((E * sizeof(typename D::T)) % 16 == 0) {
+#pragma unroll
+        for (int c = 0; c < (int)(E * sizeof(typename D::T) / 16); ++c)
+            r.w[c] = __ldg(reinterpret_cast<const uint4*>(p) + c);
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) r.e[i] = __ldg(p + i);
+    }
+}
+
+template <class D, int E>
+__device__ __forceinline__ void unpack(const RawVec<D, E>& r, float (&v)[E]) {
     typedef typename D::T T;
-    constexpr int BYTES = E * (int)sizeof(T);
-    if constexpr (BYTES % 16 == 0) {
+    if constexpr ((E * sizeof(T)) % 16 == 0) {
         constexpr int PER = 16 / (int)sizeof(T);
 #pragma unroll
-        for (int c = 0; c < BYTES / 16; ++c) {
+        for (int c = 0; c < E / PER; ++c) {
             union {
                 uint4 u;
                 T e[PER];
             } pack;
-            pack.u = __ldg(reinterpret_cast<const uint4*>(p) + c);
+            pack.u = r.w[c];
 #pragma unroll
             for (int i = 0; i < PER; ++i) v[c * PER + i] = D::load(pack.e[i]);
         }
     } else {
 #pragma unroll
-        for (int i = 0; i < E; ++i) v[i] = D::load(p[i]);
+        for (int i = 0; i < E; ++i) v[i] = D::load(r.e[i]);
     }
+}
+
+template <class D, int E>
+__device__ __forceinline__ void load_vec(const typename D::T* __restrict__ p, float (&v)[E]) {
+    RawVec<D, E> r;
+    load_raw<D, E>(p, r);
+    unpack<D, E>(r, v);
 }
 
 template <class D, int E>

@@ -70,12 +70,14 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     const bool active = row < p.rows;
     const typename X::T* xr = (const typename X::T*)p.x + (active ? row : 0) * p.hidden;
     float xv[NV][8];
+    RawVec<W, 8> wv[NV];  // loaded now, so its latency hides behind the reduction
     float ss = 0.f;
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
         const int col = (v * team + lane) * 8;
         if (active && col < p.hidden) {
             load_vec<X, 8>(xr + col, xv[v]);
+            load_raw<W, 8>((const typename W::T*)p.w + col, wv[v]);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) xv[v][i] = 0.f;
@@ -92,10 +94,10 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     for (int v = 0; v < NV; ++v) {
         const int col = (v * team + lane) * 8;
         if (col < p.hidden) {
-            float wv[8], out[8];
-            load_vec<W, 8>((const typename W::T*)p.w + col, wv);
+            float w[8], out[8];
+            unpack<W, 8>(wv[v], w);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) out[i] = rms_out<X>(p, xv[v][i], r, wv[i]);
+            for (int i = 0; i < 8; ++i) out[i] = rms_out<X>(p, xv[v][i], r, w[i]);
             store_vec<O, 8>(yr + col, out);
         }
     }

@@ -36,9 +36,16 @@ pub struct Tuning {
 /// H100 at all three benchmark shapes, and at (8192, 2304, 256000) cuBLAS then picked an
 /// sm_75 kernel that took 91 ms instead of 13.
 pub const DEFAULT_DH_SPLITS: u64 = 1;
-/// Shared memory per block of the cluster loss kernel: two blocks fit on an H100 SM.
-const DEFAULT_SLICE_BYTES: u32 = 100 * 1024;
-const DEFAULT_BLOCK: u32 = 512;
+/// Shared memory per block of the cluster loss kernel and its threads: three blocks of 384
+/// threads fit an SM. Measured on the H200 (`gpu/bench.py --variants --profile`, the loss
+/// kernel's time per call of the three benchmark shapes): 6.3 / 7.0 / 8.6 ms against 6.7 /
+/// 8.4 / 8.8 with the former two blocks of 512 threads and ~100 KB slices (end to end 77.1 /
+/// 48.1 / 49.3 against 80.2 / 51.7 / 50.7 ms). On the H100 (2026-11-27, an older kernel) the
+/// same change was mixed: 6.9 / 7.2 / 9.4 against 6.5 / 8.3 / 9.1 ms.
+const DEFAULT_SLICE_BYTES: u32 = 64 * 1024;
+const DEFAULT_CLUSTER_BLOCK: u32 = 384;
+/// Threads of the one-block-per-row loss kernel (GPUs before sm_90, `Tuning::generic`).
+const DEFAULT_ROWS_BLOCK: u32 = 512;
 
 /// One call, as `_cuda.py` passes it: raw device addresses (0 = absent) owned by torch.
 #[derive(Clone, Debug)]
@@ -202,15 +209,19 @@ pub fn loss_launch(
     vocab: u64,
     tuning: &Tuning,
 ) -> Result<LossLaunch> {
-    let block = tuning.block.unwrap_or(DEFAULT_BLOCK).clamp(64, 1024) / 32 * 32;
+    let threads = |default: u32| tuning.block.unwrap_or(default).clamp(64, 1024) / 32 * 32;
+    let rows = LossLaunch::Rows {
+        block: threads(DEFAULT_ROWS_BLOCK),
+    };
     if dev.compute_capability < 90 || tuning.generic {
-        return Ok(LossLaunch::Rows { block });
+        return Ok(rows);
     }
+    let block = threads(DEFAULT_CLUSTER_BLOCK);
     let limit = (dev.max_smem_optin - 2048).max(4096) as u64;
     if tuning.pipelined == Some(true) {
         // The smallest power-of-two cluster whose two slices fit one block's shared memory:
         // one block per SM, and clusters of 1 to 8 pack the GPCs' SMs well.
-        let pipe_block = tuning.block.unwrap_or(1024).clamp(64, 1024) / 32 * 32;
+        let pipe_block = threads(1024);
         for cluster in [1u64, 2, 4, 8] {
             let slice = vocab.div_ceil(cluster).div_ceil(4) * 4;
             if 2 * slice * 4 > limit {
@@ -238,7 +249,7 @@ pub fn loss_launch(
         // Fewer, larger slices (fewer blocks per SM) rather than an oversized cluster.
         cluster = max_cluster;
         if (vocab.div_ceil(cluster) + 4) * 4 > limit {
-            return Ok(LossLaunch::Rows { block });
+            return Ok(rows);
         }
     }
     let slice = vocab.div_ceil(cluster).div_ceil(4) * 4;
@@ -252,7 +263,7 @@ pub fn loss_launch(
             block,
         }
     } else {
-        LossLaunch::Rows { block }
+        rows
     })
 }
 

@@ -682,11 +682,13 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
     let dev = guard.dev();
     let f = dev.function(&GATED_ACT, &name)?;
     let block = 256u32;
-    // SAFETY: `f` comes from GATED_ACT.
-    let resident = unsafe { dev.blocks_per_sm(&GATED_ACT, f, block, 0)? } * sms(dev);
-    let grid = (total / per_thread)
-        .div_ceil(block as u64)
-        .min(resident as u64) as u32;
+    // One vector per thread over the whole tensor (the kernel's grid-stride loop then runs
+    // once). Measured on the H200 at Llama-3.2-1B's MLP (32768 x 8192 bf16): forward 371
+    // against 419 us and backward 622 against 681 us with a resident grid looping over the
+    // tensor, and slower still (448 / 786 us) with 4 vectors in flight per thread at 128
+    // registers: many short-lived blocks keep more loads in flight than fewer long ones.
+    let grid = u32::try_from((total / per_thread).div_ceil(block as u64))
+        .map_err(|_| CudaError::argument("gate: too many elements"))?;
     // SAFETY: the parameter block matches GatedParams; rows x cols within each buffer.
     unsafe {
         launch(
