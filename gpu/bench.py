@@ -202,6 +202,12 @@ VARIANTS = {
     "ours, pipelined clusters": {"pipelined": True},
     "ours, one block per row": {"generic": True},
     "ours, dh_splits=2": {"dh_splits": 2},
+    # the loss kernel's launch shape (defaults: 512 threads, ~100 KB slices, two blocks per SM)
+    "ours, loss blocks of 256": {"block": 256},
+    "ours, loss blocks of 1024": {"block": 1024},
+    "ours, 64 KB slices, blocks of 384": {"slice_bytes": 64 * 1024, "block": 384},
+    "ours, 72 KB slices": {"slice_bytes": 72 * 1024},
+    "ours, 200 KB slices": {"slice_bytes": 200 * 1024},
 }
 
 
@@ -377,6 +383,11 @@ def bench_shape(key, todo, gen, args):
             print(f"[{key}] per-kernel device ms of one call of ours:")
             for k, (cnt, tot) in profile_ours(h, w, t, None)[:14]:
                 print(f"    {tot:8.2f} ms  x{cnt:<4d} {k}")
+            if args.variants:  # the loss kernel under each tuning variant
+                for name, tuning in VARIANTS.items():
+                    for k, (cnt, tot) in profile_ours(h, w, t, tuning):
+                        if k.startswith("ce_rows"):
+                            print(f"    {tot:8.2f} ms  x{cnt:<4d} {k}  ({name})")
         except Exception as e:  # noqa: BLE001  (the profile is optional)
             print(f"[{key}] profile failed: {type(e).__name__}: {e}")
     return results
