@@ -6,7 +6,8 @@
 //! A site is patched only when its `forward` (and the `_norm` helper it calls) is, statement
 //! for statement, one of the forms in [`FORMS`]: the float32 upcast, the mean of squares,
 //! `rsqrt(var + eps)`, then the weight applied after the cast back (Llama) or before it
-//! (OLMo-2, Gemma's `1 + weight`). Everything else is refused with a reason of [`REASONS`].
+//! (OLMo-2, Gemma's `1 + weight`; Gemma 4's `with_scale` branch, whose instances without a
+//! weight keep the stock body). Everything else is refused with a reason of [`REASONS`].
 
 use std::sync::OnceLock;
 
@@ -46,7 +47,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-control-flow",
-        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` (Gemma 4's `with_scale`, Idefics' dtype test).",
+        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` other than Gemma 4's `if self.with_scale:` form (Idefics' dtype test).",
     ),
     (
         "norm-no-weight",
@@ -54,7 +55,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-not-rsqrt",
-        "The normaliser is not `rsqrt(mean(x**2) + eps)` (e.g. `torch.pow(..., -0.5)`, which rounds differently).",
+        "The normaliser is not `rsqrt(mean(x**2) + eps)` (nor `torch.pow(mean(x**2) + eps, -0.5)`, which torch computes with rsqrt).",
     ),
     (
         "norm-form-unknown",
@@ -66,17 +67,21 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// A known RMSNorm form: the forward's statements (its single input named `param`), the
-/// `_norm` helper's when the forward calls one (its input named `x`), and how the op is
-/// called.
+/// A known RMSNorm form: the forward's statements (its single input named `param`; the
+/// Llama forms' shared first statements, [`LLAMA_PREFIX`], are put in front when
+/// `llama_prefix`), the `_norm` helper's when the forward calls one (its input named
+/// `helper_param`), how the op is called, and the condition (an attribute of the module)
+/// under which the weighted path runs, when the form branches on one.
 struct Form {
     name: &'static str,
     param: &'static str,
+    llama_prefix: bool,
     forward: &'static str,
-    norm_helper: Option<&'static str>,
+    norm_helper: Option<(&'static str, &'static str)>,
     eps: &'static str,
     offset: &'static str,
     cast_before_weight: bool,
+    condition: Option<&'static str>,
 }
 
 const LLAMA_PREFIX: &str = "input_dtype = hidden_states.dtype
@@ -85,7 +90,19 @@ variance = hidden_states.pow(2).mean(-1, keepdim=True)
 hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
 ";
 
-const GEMMA_NORM: &str = "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n";
+const GEMMA_NORM: (&str, &str) = (
+    "x",
+    "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n",
+);
+
+/// Gemma 4's: `torch.pow(v, -0.5)` is computed by torch with `rsqrt` (the scalar-exponent
+/// fast path), the value the other forms' `torch.rsqrt(v)` gives.
+const GEMMA4_NORM: (&str, &str) = (
+    "hidden_states",
+    "mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+return hidden_states * torch.pow(mean_squared, -0.5)
+",
+);
 
 fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
     static FORMS: OnceLock<Vec<(Form, ParsedSource, Option<ParsedSource>)>> = OnceLock::new();
@@ -94,33 +111,40 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
             Form {
                 name: "llama",
                 param: "hidden_states",
+                llama_prefix: true,
                 forward: "return self.weight * hidden_states.to(input_dtype)\n",
                 norm_helper: None,
                 eps: "self.variance_epsilon",
                 offset: "0.0",
                 cast_before_weight: true,
+                condition: None,
             },
             Form {
                 name: "olmo2",
                 param: "hidden_states",
+                llama_prefix: true,
                 forward: "return (self.weight * hidden_states).to(input_dtype)\n",
                 norm_helper: None,
                 eps: "self.variance_epsilon",
                 offset: "0.0",
                 cast_before_weight: false,
+                condition: None,
             },
             Form {
                 name: "helium",
                 param: "hidden_states",
+                llama_prefix: true,
                 forward: "return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)\n",
                 norm_helper: None,
                 eps: "self.variance_epsilon",
                 offset: "0.0",
                 cast_before_weight: false,
+                condition: None,
             },
             Form {
                 name: "gemma",
                 param: "x",
+                llama_prefix: false,
                 forward: "output = self._norm(x.float())
 output = output * (1.0 + self.weight.float())
 return output.type_as(x)
@@ -129,10 +153,12 @@ return output.type_as(x)
                 eps: "self.eps",
                 offset: "1.0",
                 cast_before_weight: false,
+                condition: None,
             },
             Form {
                 name: "moshi",
                 param: "x",
+                llama_prefix: false,
                 forward: "output = self._norm(x.float())
 output = output * self.weight.float()
 return output.type_as(x)
@@ -141,10 +167,12 @@ return output.type_as(x)
                 eps: "self.eps",
                 offset: "0.0",
                 cast_before_weight: false,
+                condition: None,
             },
             Form {
                 name: "llama4",
                 param: "x",
+                llama_prefix: false,
                 forward: "output = self._norm(x.float()).type_as(x)
 return output * self.weight
 ",
@@ -152,17 +180,35 @@ return output * self.weight
                 eps: "self.eps",
                 offset: "0.0",
                 cast_before_weight: true,
+                condition: None,
+            },
+            Form {
+                name: "gemma4",
+                param: "hidden_states",
+                llama_prefix: false,
+                forward: "normed_output = self._norm(hidden_states.float())
+if self.with_scale:
+    normed_output = normed_output * self.weight.float()
+return normed_output.type_as(hidden_states)
+",
+                norm_helper: Some(GEMMA4_NORM),
+                eps: "self.eps",
+                offset: "0.0",
+                cast_before_weight: false,
+                condition: Some("self.with_scale"),
             },
         ];
         list.into_iter()
             .map(|form| {
-                let forward = if form.param == "hidden_states" {
+                let forward = if form.llama_prefix {
                     format!("{LLAMA_PREFIX}{}", form.forward)
                 } else {
                     form.forward.to_string()
                 };
                 let forward = fusion_common::template(&forward);
-                let helper = form.norm_helper.map(fusion_common::template);
+                let helper = form
+                    .norm_helper
+                    .map(|(_, body)| fusion_common::template(body));
                 (form, forward, helper)
             })
             .collect()
@@ -238,55 +284,35 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     let body = body_without_docstring(forward);
     let helper = crate::syntax::method(&owner.body, "_norm");
     let helper_body = helper.map(body_without_docstring).unwrap_or(&[]);
-    if body.iter().chain(helper_body).any(is_control_flow) {
-        return refuse(
-            "norm-control-flow",
-            format!("{name}.forward or its _norm branches or loops"),
-        );
-    }
-    let text = |stmts: &[Stmt]| -> String {
-        stmts
-            .iter()
-            .map(|s| defs.source.slice(s).to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let all = format!("{}\n{}", text(body), text(helper_body));
-    if !all.contains("self.weight") {
-        return refuse("norm-no-weight", format!("{name} applies no self.weight"));
-    }
-    if !all.contains("rsqrt") {
-        return refuse(
-            "norm-not-rsqrt",
-            format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
-        );
-    }
     let calls_helper = body.iter().any(|s| {
         crate::syntax::calls_in_stmt(s)
             .iter()
             .any(|c| crate::syntax::self_attribute(&c.func) == Some("_norm"))
     });
-    let Some((form, _, _)) = forms().iter().find(|(form, fwd, helper_t)| {
+    let matched = forms().iter().find(|(form, fwd, helper_t)| {
         if form.param != param || !same_statements(body, fwd) {
             return false;
         }
-        match (helper_t, helper) {
-            (None, _) => !calls_helper,
-            (Some(t), Some(h)) => {
-                matches!(plain_parameters(h, true).as_deref(), Some([(p, false)]) if p == "x")
+        match (helper_t, helper, form.norm_helper) {
+            (None, _, _) => !calls_helper,
+            (Some(t), Some(h), Some((helper_param, _))) => {
+                matches!(plain_parameters(h, true).as_deref(), Some([(p, false)]) if p == helper_param)
                     && same_statements(body_without_docstring(h), t)
             }
-            (Some(_), None) => false,
+            _ => false,
         }
-    }) else {
-        return refuse(
-            "norm-form-unknown",
-            format!("{name}.forward is not one of the known RMSNorm forms"),
-        );
+    });
+    // Matched in full: the forms' own branches are known. Otherwise the most telling reason.
+    let Some((form, _, _)) = matched else {
+        return refuse_unmatched(defs, name, line, body, helper_body);
     };
+    let condition = form
+        .condition
+        .map(|c| format!("{c} and "))
+        .unwrap_or_default();
     let lines = [
         format!(
-            "if forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
+            "if {condition}forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
             form.eps
         ),
         format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
@@ -315,10 +341,52 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                 "cast_before_weight".into(),
                 form.cast_before_weight.to_string(),
             );
+            if let Some(c) = form.condition {
+                site.lowered.insert("fused only when".into(), c.into());
+            }
             site
         }
         Err(e) => refuse("norm-emit-invalid", e),
     }
+}
+
+/// The refusal of a norm no form matches: control flow, no weight, another normaliser, or
+/// an unknown arrangement of known parts, in that order.
+fn refuse_unmatched(
+    defs: &ModuleDefs<'_>,
+    name: &str,
+    line: u32,
+    body: &[Stmt],
+    helper_body: &[Stmt],
+) -> Site {
+    let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
+    if body.iter().chain(helper_body).any(is_control_flow) {
+        return refuse(
+            "norm-control-flow",
+            format!("{name}.forward or its _norm branches or loops"),
+        );
+    }
+    let text = |stmts: &[Stmt]| -> String {
+        stmts
+            .iter()
+            .map(|s| defs.source.slice(s).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let all = format!("{}\n{}", text(body), text(helper_body));
+    if !all.contains("self.weight") {
+        return refuse("norm-no-weight", format!("{name} applies no self.weight"));
+    }
+    if !all.contains("rsqrt") && !all.contains("-0.5)") {
+        return refuse(
+            "norm-not-rsqrt",
+            format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
+        );
+    }
+    refuse(
+        "norm-form-unknown",
+        format!("{name}.forward is not one of the known RMSNorm forms"),
+    )
 }
 
 #[cfg(test)]

@@ -33,6 +33,26 @@ const GEMMA: &str = "class ToyRMSNorm(nn.Module):
         return output.type_as(x)
 ";
 
+const GEMMA4: &str = "class ToyRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.with_scale = with_scale
+        if self.with_scale:
+            self.weight = nn.Parameter(torch.ones(dim), requires_grad=True)
+
+    def _norm(self, hidden_states: torch.Tensor):
+        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+        # Use torch.pow() (over torch.sqrt() or torch.rsqrt()) to address compiler differences
+        return hidden_states * torch.pow(mean_squared, -0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed_output = self._norm(hidden_states.float())
+        if self.with_scale:
+            normed_output = normed_output * self.weight.float()
+        return normed_output.type_as(hidden_states)
+";
+
 fn report(extra: &str) -> crate::audit::PassReport {
     run(&super::PASS, extra)
 }
@@ -121,6 +141,47 @@ fn reason_norm_signature() {
 }
 
 #[test]
+fn gemma4_form_fuses_only_the_weighted_instances() {
+    let r = report(GEMMA4);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNorm");
+    insta::assert_snapshot!(patch);
+    // `self.weight` exists only with `with_scale`: the guard is not evaluated without it,
+    // and those instances run the stock body below.
+    assert!(patch.contains("if self.with_scale and forward_rewrite.fusion_guard.rms_norm(self, hidden_states, self.weight, self.eps):"), "{patch}");
+    assert!(
+        patch.contains("offset=0.0, cast_before_weight=False)"),
+        "{patch}"
+    );
+}
+
+#[test]
+fn gemma4_form_needs_its_helper_and_its_branch_exactly() {
+    for (from, to) in [
+        // another exponent
+        (
+            "torch.pow(mean_squared, -0.5)",
+            "torch.pow(mean_squared, -0.25)",
+        ),
+        // another condition
+        (
+            "        if self.with_scale:\n",
+            "        if self.training:\n",
+        ),
+        // work in the branch's else
+        (
+            "            normed_output = normed_output * self.weight.float()\n",
+            "            normed_output = normed_output * self.weight.float()\n        else:\n            normed_output = -normed_output\n",
+        ),
+    ] {
+        let source = GEMMA4.replace(from, to);
+        assert_ne!(source, GEMMA4, "{from}");
+        let r = report(&source);
+        assert_eq!(r.verdict, "refused", "{to}: {r:?}");
+    }
+}
+
+#[test]
 fn reason_norm_control_flow() {
     let r = report(&GEMMA.replace(
         "        output = output * (1.0 + self.weight.float())\n",
@@ -148,7 +209,7 @@ fn reason_norm_no_weight() {
 fn reason_norm_not_rsqrt() {
     let r = report(&GEMMA.replace(
         "x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",
-        "x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)",
+        "x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",
     ));
     assert_eq!(
         site_reason(&r, "ToyRMSNorm").as_deref(),
