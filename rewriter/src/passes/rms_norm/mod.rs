@@ -77,7 +77,7 @@ struct Form {
     param: &'static str,
     llama_prefix: bool,
     forward: &'static str,
-    norm_helper: Option<(&'static str, &'static str)>,
+    norm_helper: Option<NormHelper>,
     eps: &'static str,
     offset: &'static str,
     cast_before_weight: bool,
@@ -90,19 +90,26 @@ variance = hidden_states.pow(2).mean(-1, keepdim=True)
 hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
 ";
 
-const GEMMA_NORM: (&str, &str) = (
-    "x",
-    "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n",
-);
+/// A form's `_norm(self, <param>)` helper: its input's name and its statements.
+#[derive(Clone, Copy)]
+struct NormHelper {
+    param: &'static str,
+    body: &'static str,
+}
+
+const GEMMA_NORM: NormHelper = NormHelper {
+    param: "x",
+    body: "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n",
+};
 
 /// Gemma 4's: `torch.pow(v, -0.5)` is computed by torch with `rsqrt` (the scalar-exponent
 /// fast path), the value the other forms' `torch.rsqrt(v)` gives.
-const GEMMA4_NORM: (&str, &str) = (
-    "hidden_states",
-    "mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+const GEMMA4_NORM: NormHelper = NormHelper {
+    param: "hidden_states",
+    body: "mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
 return hidden_states * torch.pow(mean_squared, -0.5)
 ",
-);
+};
 
 fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
     static FORMS: OnceLock<Vec<(Form, ParsedSource, Option<ParsedSource>)>> = OnceLock::new();
@@ -206,9 +213,7 @@ return normed_output.type_as(hidden_states)
                     form.forward.to_string()
                 };
                 let forward = fusion_common::template(&forward);
-                let helper = form
-                    .norm_helper
-                    .map(|(_, body)| fusion_common::template(body));
+                let helper = form.norm_helper.map(|h| fusion_common::template(h.body));
                 (form, forward, helper)
             })
             .collect()
@@ -295,8 +300,8 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         }
         match (helper_t, helper, form.norm_helper) {
             (None, _, _) => !calls_helper,
-            (Some(t), Some(h), Some((helper_param, _))) => {
-                matches!(plain_parameters(h, true).as_deref(), Some([(p, false)]) if p == helper_param)
+            (Some(t), Some(h), Some(expected)) => {
+                matches!(plain_parameters(h, true).as_deref(), Some([(p, false)]) if p == expected.param)
                     && same_statements(body_without_docstring(h), t)
             }
             _ => false,
@@ -377,7 +382,8 @@ fn refuse_unmatched(
     if !all.contains("self.weight") {
         return refuse("norm-no-weight", format!("{name} applies no self.weight"));
     }
-    if !all.contains("rsqrt") && !all.contains("-0.5)") {
+    // rsqrt, or Gemma 4's torch.pow(v, -0.5): a known normaliser in an unknown arrangement
+    if !all.contains("rsqrt") && !all.contains(", -0.5)") {
         return refuse(
             "norm-not-rsqrt",
             format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
