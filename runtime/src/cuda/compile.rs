@@ -5,6 +5,11 @@
 //! stale image. The directory is `$FORWARD_REWRITE_KERNEL_CACHE`, else
 //! `$XDG_CACHE_HOME/forward-rewrite/kernels`, else `~/.cache/forward-rewrite/kernels`; a cache
 //! that cannot be read or written only costs a compile.
+//!
+//! For kernel development, `$FORWARD_REWRITE_KERNEL_DIR` names a folder laid out like
+//! `kernels/`: its files are compiled instead of the copies built into the binary, so an edited
+//! kernel (same names and parameter blocks) is checked and timed on a GPU without rebuilding
+//! the wheel, and several edits can be compared in one run.
 
 use std::ffi::{CString, c_char, c_int};
 use std::path::PathBuf;
@@ -35,6 +40,39 @@ pub const GATED_ACT_SOURCE: &str = concat!(
 );
 
 const OPTIONS: &[&str] = &["--std=c++17"];
+
+/// The folder whose kernel files replace the built-in ones (module docs).
+pub const KERNEL_DIR_VAR: &str = "FORWARD_REWRITE_KERNEL_DIR";
+
+/// The files a module is built from, in order: every module but the loss's starts with the
+/// shared header (the `concat!`s above).
+fn module_files(name: &str) -> Vec<&str> {
+    if name == FUSED_CE_NAME {
+        vec![name]
+    } else {
+        vec!["fusion_common.cuh", name]
+    }
+}
+
+/// The text of module `name`: `built_in`, or its files read from `$FORWARD_REWRITE_KERNEL_DIR`
+/// when that is set.
+fn module_text<'a>(built_in: &'a str, name: &str) -> Result<std::borrow::Cow<'a, str>> {
+    let Some(dir) = std::env::var_os(KERNEL_DIR_VAR).filter(|d| !d.is_empty()) else {
+        return Ok(built_in.into());
+    };
+    let mut text = String::new();
+    for file in module_files(name) {
+        let path = PathBuf::from(&dir).join(file);
+        let part = std::fs::read_to_string(&path).map_err(|e| {
+            CudaError::runtime(format!(
+                "${KERNEL_DIR_VAR}: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        text.push_str(&part);
+    }
+    Ok(text.into())
+}
 
 /// A compiled module: a cubin for the exact architecture, or PTX for the driver to JIT.
 pub struct Image {
@@ -172,9 +210,11 @@ pub fn cache_key(source: &str, target: &str, nvrtc: (i32, i32)) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The image of `source` for `target`, from the disk cache or freshly compiled (and then
-/// stored, atomically: written to a temporary name, then renamed).
+/// The image of `source` (or of its files in `$FORWARD_REWRITE_KERNEL_DIR`) for `target`,
+/// from the disk cache or freshly compiled (and then stored, atomically: written to a
+/// temporary name, then renamed).
 pub fn cached(source: &str, name: &str, target: &str) -> Result<Image> {
+    let source = &*module_text(source, name)?;
     let key = cache_key(source, target, nvrtc_version()?);
     let ext = if target.starts_with("sm_") {
         "cubin"
@@ -222,6 +262,24 @@ mod tests {
         assert_ne!(base, cache_key("src2", "sm_90", (13, 0)));
         assert_ne!(base, cache_key("src", "sm_80", (13, 0)));
         assert_ne!(base, cache_key("src", "sm_90", (13, 2)));
+    }
+
+    #[test]
+    fn built_in_modules_are_their_files_in_order() {
+        let kernels = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernels/");
+        for (name, built_in) in [
+            (FUSED_CE_NAME, FUSED_CE_SOURCE),
+            ("rms_norm.cu", RMS_NORM_SOURCE),
+            ("rotary.cu", ROTARY_SOURCE),
+            ("gated_act.cu", GATED_ACT_SOURCE),
+            ("attnres_mix.cu", crate::cuda::attnres::ATTNRES_MIX.source),
+        ] {
+            let files: String = module_files(name)
+                .iter()
+                .map(|f| std::fs::read_to_string(format!("{kernels}{f}")).unwrap())
+                .collect();
+            assert_eq!(files, built_in, "{name}");
+        }
     }
 
     #[test]
