@@ -23,6 +23,10 @@
 #   VARIANT=NAME .gpu/gpu/run.sh STEP ARGS...  the same step with the wheel gpu/stage-variant.sh
 #                                    staged as NAME (a branch's kernels) instead of main's, in its
 #                                    own site folder and kernel cache; logs named NAME-STEP.log
+#   KERNELS=NAME .gpu/gpu/run.sh STEP ARGS...  the same step with the kernel files of
+#                                    .gpu/kvar/NAME/ (a copy of kernels/ with edits: same kernel
+#                                    names and parameter blocks) compiled in place of the wheel's
+#                                    (FORWARD_REWRITE_KERNEL_DIR); logs named kNAME-STEP.log
 # Expects the layout that gpu/stage.sh makes: .gpu/wheels/*.whl (ours and the competitors')
 # and .gpu/gpu/ (these scripts). Logs go to $OUT (the device tool's output folder).
 set -uo pipefail
@@ -31,7 +35,11 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 variant="${VARIANT:-}"
 site="/tmp/site${variant:+-$variant}"
-tag="${variant:+$variant-}"
+tag="${variant:+$variant-}${KERNELS:+k$KERNELS-}"
+if [[ -n "${KERNELS:-}" ]]; then
+  export FORWARD_REWRITE_KERNEL_DIR="$here/../kvar/$KERNELS"
+  [[ -d "$FORWARD_REWRITE_KERNEL_DIR" ]] || { echo "no kernel folder $FORWARD_REWRITE_KERNEL_DIR" >&2; exit 2; }
+fi
 if [[ ! -d "$site/forward_rewrite" ]]; then
   wheels=("$here"/../wheels/*.whl)
   if [[ -n "$variant" ]]; then
