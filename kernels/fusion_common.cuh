@@ -10,12 +10,26 @@
 typedef unsigned short u16_t;
 typedef long long i64;
 
+// 16-bit types also convert two values at once (`pack2`: `lo` into the low half, as they lie
+// in memory, rounded as `store` rounds each) and multiply packed pairs (`mul2`: the product
+// rounded once, which for two 16-bit inputs, exact in float32, equals rounding their float32
+// product).
 struct Bf16 {
     typedef u16_t T;
     static __device__ __forceinline__ float load(T x) { return __uint_as_float(((unsigned)x) << 16); }
     static __device__ __forceinline__ T store(float x) {
         T r;
         asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+        return r;
+    }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ unsigned mul2(unsigned a, unsigned b) {
+        unsigned r;  // a * b + (-0): fma is sm_80's packed bf16 product
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
         return r;
     }
 };
@@ -32,12 +46,31 @@ struct F16 {
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
         return r;
     }
+    static __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ unsigned mul2(unsigned a, unsigned b) {
+        unsigned r;
+        asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+        return r;
+    }
 };
 
 struct F32 {
     typedef float T;
     static __device__ __forceinline__ float load(T x) { return x; }
     static __device__ __forceinline__ T store(float x) { return x; }
+};
+
+template <class A, class B>
+struct same_type {
+    static constexpr bool value = false;
+};
+template <class A>
+struct same_type<A, A> {
+    static constexpr bool value = true;
 };
 
 // Rounds a float32 to the storage type D and back: what `tensor.to(dtype)` does to a value.
@@ -110,7 +143,14 @@ template <class D, int E>
 __device__ __forceinline__ void store_vec(typename D::T* __restrict__ p, const float (&v)[E]) {
     typedef typename D::T T;
     constexpr int BYTES = E * (int)sizeof(T);
-    if constexpr (BYTES % 16 == 0) {
+    if constexpr (BYTES % 16 == 0 && sizeof(T) == 2) {
+#pragma unroll
+        for (int c = 0; c < BYTES / 16; ++c) {
+            const float* f = v + 8 * c;
+            reinterpret_cast<uint4*>(p)[c] = make_uint4(D::pack2(f[0], f[1]), D::pack2(f[2], f[3]),
+                                                        D::pack2(f[4], f[5]), D::pack2(f[6], f[7]));
+        }
+    } else if constexpr (BYTES % 16 == 0) {
         constexpr int PER = 16 / (int)sizeof(T);
 #pragma unroll
         for (int c = 0; c < BYTES / 16; ++c) {
@@ -140,6 +180,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 // sum. A team is a power of two up to 32 (several teams per warp: shuffles only) or the whole
 // block (blockDim.x a multiple of 32: shuffles, then `scratch` (32 floats) across warps).
 // The order of the additions depends only on the team size, so results are reproducible.
+// team_sum for a block's only reduction: `scratch` has no earlier reader to wait for.
+__device__ __forceinline__ float team_sum_once(float v, int team, float* scratch) {
+    if (team <= 32) {
+        for (int o = team >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        return v;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = lane < nwarps ? scratch[lane] : 0.f;
+    return warp_sum(r);
+}
+
 __device__ __forceinline__ float team_sum(float v, int team, float* scratch) {
     if (team <= 32) {
         for (int o = team >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

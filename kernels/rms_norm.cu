@@ -15,7 +15,11 @@
 //
 // A "team" of threads owns a row: a power of two up to 32 (several rows per warp, for short
 // rows such as Qwen3's per-head q/k norms) or the whole block (one row per block, at most
-// 512 threads: the kernels are built for 128 registers per thread). The `_v`
+// 512 threads: the kernels are built for 128 registers per thread). The forward is bound by
+// its instruction count more than by bandwidth (ncu, H200: 84% SM throughput at 52% of DRAM),
+// so it computes no index by division, reduces with one barrier, and in Llama's order with a
+// 16-bit weight and no offset rounds and multiplies packed pairs (`pack2` / `mul2`, exactly
+// the float32 formula's result). The `_v`
 // kernels keep the row in registers (NV vectors of 8 elements per thread: one read of x in
 // the forward, one of x and dy in the backward; needs hidden % 8 == 0 and 16-byte aligned
 // rows); the `_any` kernels take any shape and read the row twice.
@@ -64,9 +68,13 @@ __device__ __forceinline__ float rms_rstd(float sum_sq, int hidden, float eps) {
 template <class X, class W, class O, int NV>
 __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     __shared__ float scratch[32];
+    // A team is the whole block or a power of two up to 32 (rms_layout): no integer division
+    // before the loads, which start each short-lived block.
     const int team = p.team;
-    const int lane = threadIdx.x % team;
-    const i64 row = (i64)blockIdx.x * (blockDim.x / team) + threadIdx.x / team;
+    const bool whole = team == (int)blockDim.x;
+    const int lane = whole ? threadIdx.x : threadIdx.x & (team - 1);
+    const i64 row = whole ? (i64)blockIdx.x
+                          : ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> (__ffs(team) - 1);
     const bool active = row < p.rows;
     const typename X::T* xr = (const typename X::T*)p.x + (active ? row : 0) * p.hidden;
     float xv[NV][8];
@@ -85,11 +93,29 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) ss += xv[v][i] * xv[v][i];
     }
-    ss = team_sum(ss, team, scratch);
+    ss = team_sum_once(ss, team, scratch);
     if (!active) return;  // no reduction follows
     const float r = rms_rstd(ss, p.hidden, p.eps);
     if (lane == 0) p.rstd[row] = r;
     typename O::T* yr = (typename O::T*)p.y + row * p.hidden;
+    if constexpr (sizeof(typename X::T) == 2 && same_type<X, W>::value && same_type<X, O>::value) {
+        // Llama's order, no offset: y = w * round_X(xn), one packed multiply per pair (mul2).
+        if (p.cast_before && p.offset == 0.f) {
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+                const int col = (v * team + lane) * 8;
+                if (col < p.hidden) {
+                    const uint4 w = wv[v].w[0];
+                    unsigned xn[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) xn[i] = X::pack2(xv[v][2 * i] * r, xv[v][2 * i + 1] * r);
+                    reinterpret_cast<uint4*>(yr + col)[0] =
+                        make_uint4(X::mul2(xn[0], w.x), X::mul2(xn[1], w.y), X::mul2(xn[2], w.z), X::mul2(xn[3], w.w));
+                }
+            }
+            return;
+        }
+    }
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
         const int col = (v * team + lane) * 8;
@@ -273,13 +299,13 @@ __device__ void rms_dw_finish(const float* __restrict__ partial, int parts, int 
 }
 
 #define RMS_INSTANTIATE(NAME, X, W, O)                                                               \
-    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v1(const RmsFwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512, 4) rms_fwd_##NAME##_v1(const RmsFwdParams p) { \
         rms_fwd_vec<X, W, O, 1>(p);                                                                  \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v2(const RmsFwdParams p) {  \
         rms_fwd_vec<X, W, O, 2>(p);                                                                  \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_v4(const RmsFwdParams p) {  \
+    extern "C" __global__ void __launch_bounds__(512, 1) rms_fwd_##NAME##_v4(const RmsFwdParams p) { \
         rms_fwd_vec<X, W, O, 4>(p);                                                                  \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_any(const RmsFwdParams p) { \
