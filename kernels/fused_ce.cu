@@ -282,8 +282,14 @@ __device__ __forceinline__ float ld_peer(const float* local, unsigned rank) {
 }
 #endif
 
-template <class D>
-__device__ void ce_rows_cluster(const CeParams& p) {
+// PLAIN (the kernel `ce_rows_cluster_plain`, which the launcher picks for it): no bias, scale 1,
+// no soft-capping, no label smoothing, the common case; its own kernel, so that the general
+// case's registers do not lower its occupancy. Then the transformed logit is the raw
+// one, the exp pass keeps e = exp(z - m_b) in shared memory so the gradient pass multiplies
+// instead of exponentiating again, sum_z is not needed, and the target column is read from
+// shared memory and zeroed after the gradient loop instead of tested at every element.
+template <class D, bool PLAIN>
+__device__ void ce_rows_cluster_impl(const CeParams& p) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ float4 smem4[];
     float* zs = (float*)smem4;                // slice of transformed logits
@@ -302,6 +308,12 @@ __device__ void ce_rows_cluster(const CeParams& p) {
         return;
     }
     const bool tgt_ok = tgt >= 0 && tgt < V;
+    // PLAIN: the one thread that loads the target column's element (its float4, or the tail)
+    // publishes it before overwriting it with its exp, and zeroes its gradient at the end.
+    const int kt = (int)(tgt - begin);
+    const int n4t = (n >> 2) << 2;
+    const bool tgt_owner = tgt >= begin && tgt < end &&
+                           (kt < n4t ? (kt >> 2) : kt - n4t) % (int)blockDim.x == (int)threadIdx.x;
     const float* row = p.logits + (i64)r * p.ld_logits + begin;
 
     // Load: 16-byte loads (begin and ld_logits are multiples of 4), LOADS of them in flight
@@ -324,34 +336,52 @@ __device__ void ce_rows_cluster(const CeParams& p) {
             if (i >= n4) break;
             const int j = begin + 4 * i;
             float4 z = v[u];
-            z.x = transform<D>(p, z.x, j);
-            z.y = transform<D>(p, z.y, j + 1);
-            z.z = transform<D>(p, z.z, j + 2);
-            z.w = transform<D>(p, z.w, j + 3);
+            if (!PLAIN) {
+                z.x = transform<D>(p, z.x, j);
+                z.y = transform<D>(p, z.y, j + 1);
+                z.z = transform<D>(p, z.z, j + 2);
+                z.w = transform<D>(p, z.w, j + 3);
+                sum_z += (z.x + z.y) + (z.z + z.w);
+                if (tgt >= j && tgt < j + 4) zt = tgt == j ? z.x : tgt == j + 1 ? z.y : tgt == j + 2 ? z.z : z.w;
+            }
             smem4[i] = z;
             m = fmaxf(m, fmaxf(fmaxf(z.x, z.y), fmaxf(z.z, z.w)));
-            sum_z += (z.x + z.y) + (z.z + z.w);
-            if (tgt >= j && tgt < j + 4) zt = tgt == j ? z.x : tgt == j + 1 ? z.y : tgt == j + 2 ? z.z : z.w;
         }
     }
     for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
-        float z = transform<D>(p, row[i], begin + i);
+        float z = PLAIN ? row[i] : transform<D>(p, row[i], begin + i);
         zs[i] = z;
         m = fmaxf(m, z);
-        sum_z += z;
-        if (begin + i == tgt) zt = z;
+        if (!PLAIN) {
+            sum_z += z;
+            if (begin + i == tgt) zt = z;
+        }
     }
-    const float m_b = block_reduce<true>(m, scratch);
+    const float m_b = block_reduce<true>(m, scratch);  // its barriers order the smem stores
+    if (PLAIN && tgt_owner) stats[3] = zs[kt];  // before this thread overwrites it below
     float s = 0.f;
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 z = smem4[i];
-        s += (__expf(z.x - m_b) + __expf(z.y - m_b)) + (__expf(z.z - m_b) + __expf(z.w - m_b));
+        float4 z = smem4[i];
+        z.x = __expf(z.x - m_b), z.y = __expf(z.y - m_b), z.z = __expf(z.z - m_b), z.w = __expf(z.w - m_b);
+        if (PLAIN) smem4[i] = z;  // read back by this thread only
+        s += (z.x + z.y) + (z.z + z.w);
     }
-    for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) s += __expf(zs[i] - m_b);
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
+        const float e = __expf(zs[i] - m_b);
+        if (PLAIN) zs[i] = e;
+        s += e;
+    }
     s = block_reduce<false>(s, scratch);
-    sum_z = block_reduce<false>(sum_z, scratch);
-    zt = block_reduce<false>(zt, scratch);
-    if (threadIdx.x == 0) { stats[0] = m_b; stats[1] = s; stats[2] = sum_z; stats[3] = zt; }
+    if (!PLAIN) {
+        sum_z = block_reduce<false>(sum_z, scratch);
+        zt = block_reduce<false>(zt, scratch);
+    }
+    if (threadIdx.x == 0) {
+        stats[0] = m_b;
+        stats[1] = s;
+        stats[2] = sum_z;
+        if (!PLAIN || !(tgt >= begin && tgt < end)) stats[3] = zt;  // PLAIN: 0 unless the owner's
+    }
     cluster_arrive();  // (A) every CTA has read its slice of the row and published stats
     cluster_wait();
     if (threadIdx.x < 32) {
@@ -359,14 +389,14 @@ __device__ void ce_rows_cluster(const CeParams& p) {
         if (threadIdx.x < cs) {
             pm = ld_peer(&stats[0], threadIdx.x);
             ps = ld_peer(&stats[1], threadIdx.x);
-            psz = ld_peer(&stats[2], threadIdx.x);
+            if (!PLAIN) psz = ld_peer(&stats[2], threadIdx.x);
             pzt = ld_peer(&stats[3], threadIdx.x);
         }
         for (int o = 16; o > 0; o >>= 1) {
             float m2 = __shfl_xor_sync(0xffffffffu, pm, o), s2 = __shfl_xor_sync(0xffffffffu, ps, o);
             lse_merge(pm, ps, m2, s2);
         }
-        psz = warp_sum(psz);
+        if (!PLAIN) psz = warp_sum(psz);
         pzt = warp_sum(pzt);
         if (threadIdx.x == 0) { merged[0] = pm + logf(ps); merged[1] = psz; merged[2] = pzt; }
     }
@@ -383,20 +413,28 @@ __device__ void ce_rows_cluster(const CeParams& p) {
             p.target_grad[pos] = tgt_ok ? g * target_grad_value(p, zt, lse) : QUIET_NAN;
         }
         typename D::T* drow = (typename D::T*)(p.logits + (i64)r * p.ld_logits) + begin;
+        // PLAIN: d = g exp(z - lse) = e * (g exp(m_b - lse)).
+        const float c = PLAIN ? g * expf(m_b - lse) : 0.f;
         for (int i = threadIdx.x; i < n4; i += blockDim.x) {  // 4 elements, one store
             const float4 z = smem4[i];
-            const int j = begin + 4 * i;
-            float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
-            float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
-            if (tgt == j) d0 = 0.f;
-            if (tgt == j + 1) d1 = 0.f;
-            if (tgt == j + 2) d2 = 0.f;
-            if (tgt == j + 3) d3 = 0.f;
-            D::store4(drow + 4 * i, d0, d1, d2, d3);
+            if (PLAIN) {
+                D::store4(drow + 4 * i, c * z.x, c * z.y, c * z.z, c * z.w);
+            } else {
+                const int j = begin + 4 * i;
+                float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
+                float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
+                if (tgt == j) d0 = 0.f;
+                if (tgt == j + 1) d1 = 0.f;
+                if (tgt == j + 2) d2 = 0.f;
+                if (tgt == j + 3) d3 = 0.f;
+                D::store4(drow + 4 * i, d0, d1, d2, d3);
+            }
         }
         for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
-            drow[i] = D::store(begin + i == tgt ? 0.f : g * dense_grad(p, zs[i], lse));
+            drow[i] = D::store(begin + i == tgt ? 0.f : PLAIN ? c * zs[i] : g * dense_grad(p, zs[i], lse));
         }
+        // The target column's entry, zeroed by the thread that wrote it (program order).
+        if (PLAIN && tgt_owner) drow[kt] = D::store(0.f);
     }
     cluster_wait();
 #else
@@ -678,7 +716,10 @@ __device__ void fill(void* dst, i64 n, float value) {
 #define INSTANTIATE(SUFFIX, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(1024) ce_rows_##SUFFIX(const CeParams p) { ce_rows<D>(p); } \
     extern "C" __global__ void __launch_bounds__(1024) ce_rows_cluster_##SUFFIX(const CeParams p) {    \
-        ce_rows_cluster<D>(p);                                                                          \
+        ce_rows_cluster_impl<D, false>(p);                                                              \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024) ce_rows_cluster_plain_##SUFFIX(const CeParams p) { \
+        ce_rows_cluster_impl<D, true>(p);                                                               \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(1024, 1) ce_rows_pipelined_##SUFFIX(const CeParams p,  \
                                                                                    int rows) {          \

@@ -61,6 +61,9 @@ impl Dtype {
 pub struct Kernels {
     pub ce_rows: drv_sys::CUfunction,
     pub ce_rows_cluster: drv_sys::CUfunction,
+    /// The cluster kernel specialised for no bias, scale 1, no soft-capping and no label
+    /// smoothing ([`crate::cuda::fused::plain_loss`]); the launcher picks it.
+    pub ce_rows_cluster_plain: drv_sys::CUfunction,
     pub ce_rows_pipelined: drv_sys::CUfunction,
     pub dh_finish: drv_sys::CUfunction,
     pub target_scatter: drv_sys::CUfunction,
@@ -162,6 +165,7 @@ impl Device {
             let k = Kernels {
                 ce_rows: f("ce_rows")?,
                 ce_rows_cluster: f("ce_rows_cluster")?,
+                ce_rows_cluster_plain: f("ce_rows_cluster_plain")?,
                 ce_rows_pipelined: f("ce_rows_pipelined")?,
                 dh_finish: f("dh_finish")?,
                 target_scatter: f("target_scatter")?,
@@ -171,7 +175,11 @@ impl Device {
             };
             if cc >= 90 {
                 use drv_sys::CUfunction_attribute::*;
-                for f in [k.ce_rows_cluster, k.ce_rows_pipelined] {
+                for f in [
+                    k.ce_rows_cluster,
+                    k.ce_rows_cluster_plain,
+                    k.ce_rows_pipelined,
+                ] {
                     unsafe {
                         drv::function::set_function_attribute(
                             f,

@@ -267,6 +267,14 @@ pub fn loss_launch(
     })
 }
 
+/// Whether the loss has no bias, scale 1, no soft-capping and no label smoothing: then the
+/// cluster kernel's `PLAIN` instance computes it (`kernels/fused_ce.cu`), which skips the
+/// transforms and exponentiates each logit once.
+pub fn plain_loss(has_bias: bool, scale: f32, softcap: f32, smoothing: f32) -> bool {
+    let capped = softcap > 0.0; // as the kernels read it
+    !has_bias && scale == 1.0 && !capped && smoothing == 0.0
+}
+
 fn check(call: &Call, plan: &Plan) -> Result<()> {
     let i32_max = i32::MAX as u64;
     if call.hidden == 0 || call.vocab == 0 {
@@ -466,9 +474,14 @@ pub fn run(call: &Call) -> Result<()> {
                 block,
             } => {
                 p.slice = slice as i32;
+                let f = if plain_loss(call.bias != 0, call.scale, call.softcap, call.smoothing) {
+                    k.ce_rows_cluster_plain
+                } else {
+                    k.ce_rows_cluster
+                };
                 unsafe {
                     launch(
-                        k.ce_rows_cluster,
+                        f,
                         Launch {
                             grid: (rows as u32 * cluster, 1, 1),
                             block,
@@ -581,4 +594,20 @@ pub fn run(call: &Call) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_loss;
+
+    #[test]
+    fn only_the_untransformed_loss_is_plain() {
+        assert!(plain_loss(false, 1.0, 0.0, 0.0));
+        assert!(plain_loss(false, 1.0, -1.0, 0.0)); // a non-positive cap means none
+        assert!(!plain_loss(true, 1.0, 0.0, 0.0));
+        assert!(!plain_loss(false, 0.5, 0.0, 0.0));
+        assert!(!plain_loss(false, 1.0, 30.0, 0.0));
+        assert!(!plain_loss(false, 1.0, 0.0, 0.1));
+        assert!(!plain_loss(false, f32::NAN, 0.0, 0.0));
+    }
 }
