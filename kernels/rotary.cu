@@ -44,7 +44,9 @@ struct RopeParams {
 
 template <class I, class C, class O, int RE, int PE, bool PAIRS>
 __device__ void rope(const RopeParams& p) {
-    const i64 pos = blockIdx.x;
+    // 32-bit division (a grid has fewer than 2^31 blocks): a 64-bit one costs more
+    // instructions than the rest of a short block's prologue.
+    const int pos = blockIdx.x;
     const i64 a = pos / p.p1, b = pos % p.p1;
     const int half = p.rot_dim / 2;
     const int rot_chunks = PAIRS ? p.rot_dim / RE : half / RE;
@@ -53,8 +55,8 @@ __device__ void rope(const RopeParams& p) {
     const typename C::T* cs = (const typename C::T*)p.cos + a * p.cos_stride[0] + b * p.cos_stride[1];
     const typename C::T* sn = (const typename C::T*)p.sin + a * p.sin_stride[0] + b * p.sin_stride[1];
     for (int item = threadIdx.x; item < chunks * heads; item += blockDim.x) {
-        const int chunk = item % chunks;
         const int h = item / chunks;
+        const int chunk = item - h * chunks;
         const bool is_q = h < p.q_heads;
         const int hh = is_q ? h : h - p.q_heads;
         const i64* is = is_q ? p.q_stride : p.k_stride;
