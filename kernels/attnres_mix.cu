@@ -451,9 +451,10 @@ __device__ void mix_backward_reg(const AttnresParams& p) {
 // waits for phase parity (k / stages) & 1 of the stage's mbarrier.
 //
 // Thread tid owns the 8-element vectors k * BLOCK + tid, k < VPT, of every row. The 2n (3n)
-// per-source sums go through one warp reduce-scatter (K - 1 shuffles for K padded values,
-// not 5 per value) and one barrier per token; lane i of every warp then finishes source i
-// (softmax across the lanes) and the coefficients reach the other lanes by shuffles.
+// per-source sums, padded to K = 32 (64), go through one warp reduce-scatter (31 (62)
+// shuffles per warp, not 5 per sum) and one barrier per token; lane i of every warp then
+// finishes source i (softmax across the lanes) and the coefficients reach the other lanes by
+// shuffles.
 //
 // Which tokens a block takes: token groups ("parts") g = block, block + gridDim.x, ...,
 // g < p.parts, and within group g the tokens g, g + parts, g + 2 parts, ... The forward has
@@ -561,19 +562,14 @@ __device__ __forceinline__ void stage_token(const AttnresParams& p, i64 t, unsig
 // stage.
 extern __shared__ uint4 attnres_staged_smem[];
 
-// Sums over the warps of entry `e` of the reduction (every lane may ask for any entry).
-template <int WARPS>
+// The reduction holds, per warp, that warp's K sums (warp w's entry e at red[w * K + e]): lane
+// L adds up entry `e` = L (+ 32 c) of every warp: consecutive lanes, consecutive words, no
+// bank conflicts; the warps in a fixed order.
+template <int WARPS, int K>
 __device__ __forceinline__ float staged_total(const float* red, int e) {
-    const float4* r = reinterpret_cast<const float4*>(red + e * WARPS);
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS / 4; ++w) {
-        const float4 q = r[w];
-        s += q.x;
-        s += q.y;
-        s += q.z;
-        s += q.w;
-    }
+    for (int w = 0; w < WARPS; ++w) s += red[w * K + e];
     return s;
 }
 
@@ -582,6 +578,7 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
 #if __CUDA_ARCH__ >= 900
     typedef typename D::T T;
     constexpr int NMAX = ATTNRES_STAGED_NMAX, WARPS = BLOCK / 32, K = 2 * NMAX, M = K / 32;
+    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i and 16 + i");
     const int n = p.n, stages = p.stages;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const i64 h = p.hidden, hv = h / 8;
@@ -643,14 +640,15 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
         }
         warp_reduce_scatter<K>(x);
 #pragma unroll
-        for (int j = 0; j < M; ++j)
-            red[(lane * M + j) * WARPS + warp] = x[j];
+        for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
         __syncthreads();
-        // Lane i < n: source i's logit, then its weight (softmax across the lanes).
-        const int src = lane & (NMAX - 1);
+        // Lane i < n: source i's logit (its sum of squares is entry i, its dot entry NMAX + i,
+        // added up by lane NMAX + i), then its weight (softmax across the lanes).
+        const float total = staged_total<WARPS, K>(red, lane);
+        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
         const bool mine = lane < n;
-        const float r = rsqrtf(staged_total<WARPS>(red, src) * inv_h + p.eps);
-        const float logit = mine ? r * staged_total<WARPS>(red, NMAX + src) : __int_as_float(0xff800000);  // -inf
+        const float r = rsqrtf(total * inv_h + p.eps);
+        const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
         float mx = logit;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -701,6 +699,7 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
     typedef typename D::T T;
     // K: ss, dot and g.v per source, padded to a multiple of 32.
     constexpr int NMAX = ATTNRES_STAGED_NMAX, WARPS = BLOCK / 32, K = 4 * NMAX, M = K / 32;
+    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i, 16 + i and 32 + i");
     const int n = p.n, stages = p.stages;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const i64 h = p.hidden, hv = h / 8;
@@ -769,15 +768,15 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
         }
         warp_reduce_scatter<K>(x);
 #pragma unroll
-        for (int j = 0; j < M; ++j)
-            red[(lane * M + j) * WARPS + warp] = x[j];
+        for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
         __syncthreads();
-        // Lane i < n: source i's statistics and coefficients (softmax across the lanes).
-        const int src = lane & (NMAX - 1);
+        // Lane i < n: source i's statistics (entries i, NMAX + i and 2 NMAX + i; lane L adds up
+        // entries L and 32 + L) and coefficients (softmax across the lanes).
+        const float total = staged_total<WARPS, K>(red, lane);
+        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
+        const float dp = p.scale * staged_total<WARPS, K>(red, 32 + lane);
         const bool mine = lane < n;
-        const float r = rsqrtf(staged_total<WARPS>(red, src) * inv_h + p.eps);
-        const float dot = staged_total<WARPS>(red, NMAX + src);
-        const float dp = p.scale * staged_total<WARPS>(red, 2 * NMAX + src);
+        const float r = rsqrtf(total * inv_h + p.eps);
         const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
         float mx = logit;
 #pragma unroll
