@@ -9,8 +9,10 @@
 // Backward from g = d out (tokens x hidden, the sources' dtype):
 //   dp_i = scale (g . v_i), ds_i = p_i (dp_i - sum_k p_k dp_k),
 //   dv_ij = w_i g_j + ds_i r_i u_j - ds_i dot_i r_i^3 v_ij / hidden,
-//   du_partial[b, j] = sum over the rows of block b of sum_i ds_i r_i v_ij
-//   (the caller adds the partials: a fixed grid, so the sum does not depend on timing).
+//   du_partial[b, j] = sum over the rows t = b, b + parts, b + 2 parts, ... of sum_i ds_i r_i v_ij
+//   (parts: the grid, except for the staged kernels, whose fewer blocks each own whole
+//   groups b; the caller adds the partials: a fixed count, so the sum does not depend on
+//   timing or on the grid).
 // One block per row (grid-stride over rows). The general kernels (any dtype and shape) read a
 // row of every source twice: once for the statistics, once for the output, the second read
 // meant for L2 (a row of 9 sources at hidden 4096 in bf16 is 72 KiB, and a few blocks per SM
@@ -18,7 +20,8 @@
 // and <= 4096, up to 16 / 12 sources by width) read it once. On sm_90 the staged kernels
 // (16-bit, hidden % 8 == 0 and 1024 to 8192, up to 16 sources) take over where their ring
 // fits in shared memory: persistent blocks that bulk-copy the rows of their next tokens into
-// shared memory while they work on the current one.
+// shared memory while they work on the current one: HBM's latency hides behind the work,
+// not behind other blocks.
 
 #define ATTNRES_MAX_SOURCES 32
 #define ATTNRES_BLOCK 256
@@ -29,7 +32,7 @@ struct AttnresParams {
     const float* u;
     const void* grad;                  // backward only
     void* out;                         // forward only
-    float* du_partial;                 // backward only: (gridDim.x, hidden)
+    float* du_partial;                 // backward only: (parts, hidden)
     i64 tokens;
     i64 hidden;
     float eps;
