@@ -138,8 +138,8 @@ pub fn mix(c: &MixCall) -> Result<()> {
         // SAFETY: `f` comes from ATTNRES_MIX.
         let resident = unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, plan.block, plan.smem)? }
             * dev.sm_count.max(1) as u32;
-        // Persistent blocks, as many as are resident (one per SM: the ring fills its shared
-        // memory). The backward's blocks share out the caller's `parts` token groups, each
+        // Persistent blocks, as many as are resident (one per SM where the ring fills the
+        // shared memory). The backward's blocks share out the caller's `parts` token groups, each
         // writing the du partial rows of its groups, so the partials do not depend on the grid.
         let (grid, parts) = if backward {
             let grid = c.parts.min(resident as u64);
@@ -225,14 +225,16 @@ struct Staged {
 
 /// Sources the staged kernels take (ATTNRES_STAGED_NMAX).
 const STAGED_MAX_SOURCES: usize = 16;
-/// Stages the ring never exceeds: three tokens in flight while one is worked on keep well
-/// over the bytes an SM needs in flight; more would only delay the first token.
+/// Stages the ring never exceeds: three tokens in flight while one is worked on are, by the
+/// bytes-in-flight estimate, already more than an SM needs (not yet measured); more stages
+/// would only take shared memory that smaller rows could give to a second block.
 const STAGED_MAX_STAGES: u64 = 4;
 
 /// The staged kernels' plan for a call, or None where they do not apply: they need sm_90
 /// (bulk copies and mbarrier transaction counts; `arch` is the architecture the module is
 /// compiled for), 16-bit sources, `hidden % 8 == 0` between 1024 and 8192 columns (narrower
-/// rows: the per-token barriers outweigh the copy; wider: no instance), 16-byte aligned
+/// rows stay on the register kernels, where a token's barriers weigh more against its bytes:
+/// not measured; wider: no instance), 16-byte aligned
 /// buffers (every row is then 16-byte aligned, as a bulk copy needs), at most 16 sources and
 /// at least two stages (n source rows, plus the output gradient's in the backward) in the
 /// `smem_optin` bytes a block may opt into.
