@@ -9,13 +9,19 @@
 // Backward from g = d out (tokens x hidden, the sources' dtype):
 //   dp_i = scale (g . v_i), ds_i = p_i (dp_i - sum_k p_k dp_k),
 //   dv_ij = w_i g_j + ds_i r_i u_j - ds_i dot_i r_i^3 v_ij / hidden,
-//   du_partial[b, j] = sum over the rows of block b of sum_i ds_i r_i v_ij
-//   (the caller adds the partials: a fixed grid, so the sum does not depend on timing).
+//   du_partial[b, j] = sum over the rows t = b, b + parts, b + 2 parts, ... of sum_i ds_i r_i v_ij
+//   (parts: the grid, except for the staged kernels, whose fewer blocks each own whole
+//   groups b; the caller adds the partials: a fixed count, so the sum does not depend on
+//   timing or on the grid).
 // One block per row (grid-stride over rows). The general kernels (any dtype and shape) read a
 // row of every source twice: once for the statistics, once for the output, the second read
 // meant for L2 (a row of 9 sources at hidden 4096 in bf16 is 72 KiB, and a few blocks per SM
 // make that more than L2 holds). The register-cached kernels below (16-bit, hidden % 8 == 0
-// and <= 4096, up to 16 / 12 sources by width) read it once.
+// and <= 4096, up to 16 / 12 sources by width) read it once. On sm_90 the staged kernels
+// (16-bit, hidden % 8 == 0 and 1024 to 8192, up to 16 sources) take over where their ring
+// fits in shared memory: persistent blocks that bulk-copy the rows of their next tokens into
+// shared memory while they work on the current one: HBM's latency hides behind the work,
+// not behind other blocks.
 
 #define ATTNRES_MAX_SOURCES 32
 #define ATTNRES_BLOCK 256
@@ -26,13 +32,14 @@ struct AttnresParams {
     const float* u;
     const void* grad;                  // backward only
     void* out;                         // forward only
-    float* du_partial;                 // backward only: (gridDim.x, hidden)
+    float* du_partial;                 // backward only: (parts, hidden)
     i64 tokens;
     i64 hidden;
     float eps;
     float scale;
     int n;
-    int pad_;
+    int stages;                        // staged kernels: stages of the shared-memory ring
+    i64 parts;                         // staged kernels: token groups (see there)
 };
 
 // warp_sum: fusion_common.cuh.
@@ -432,6 +439,404 @@ __device__ void mix_backward_reg(const AttnresParams& p) {
         if (valid[k]) store_vec<F32, 8>(dup + col[k], du[k]);
 }
 
+// ---- staged path (sm_90: 16-bit sources, hidden % 8 == 0, 1024..8192, up to 16 sources) ----
+//
+// The register kernels load a row, reduce it (barriers), then compute and store: the load
+// latency is exposed once per row, and their registers keep one block per SM, so nothing
+// else hides it. Here a persistent block (one per SM: the ring below takes most of the
+// shared memory) loops over its tokens and keeps the rows of the next `stages - 1` tokens
+// in flight while it works on the current one: thread 0 bulk-copies (1D TMA) every row of a
+// token (forward: the n sources; backward: the n sources and g) into one stage of a ring in
+// shared memory, and the stage's mbarrier completes when all those bytes have landed. The
+// block reads the stage twice from shared memory (statistics, then output), so HBM sees each
+// row once. A stage is refilled only after the barrier that ends its token (every thread has
+// read it); stage s serves this block's tokens k = s, s + stages, ..., so the k-th token
+// waits for phase parity (k / stages) & 1 of the stage's mbarrier.
+//
+// Thread tid owns the 8-element vectors k * BLOCK + tid, k < VPT, of every row. The 2n (3n)
+// per-source sums, padded to K = 32 (64), go through one warp reduce-scatter (31 (62)
+// shuffles per warp, not 5 per sum) and one barrier per token; lane i of every warp then
+// finishes source i (softmax across the lanes) and the coefficients reach the other lanes by
+// shuffles.
+//
+// Which tokens a block takes: token groups ("parts") g = block, block + gridDim.x, ...,
+// g < p.parts, and within group g the tokens g, g + parts, g + 2 parts, ... The forward has
+// parts = gridDim.x (a grid stride). The backward keeps the caller's parts (its du partial
+// rows: du_partial[g] sums group g's tokens in token order), with fewer resident blocks than
+// parts: each block owns whole groups, so the partials do not depend on the grid.
+
+#define ATTNRES_STAGED_NMAX 16
+
+// One step: lanes with bit `OFF` set keep the upper HALF of x[0 .. 2 HALF), the others the
+// lower, each adding its partner's copy (template steps: x stays in registers only if every
+// index is a compile-time constant).
+template <int OFF, int HALF, int K>
+__device__ __forceinline__ void reduce_scatter_step(float (&x)[K]) {
+    const bool upper = (threadIdx.x & OFF) != 0;
+#pragma unroll
+    for (int j = 0; j < HALF; ++j) {
+        const float send = upper ? x[j] : x[j + HALF];
+        const float keep = upper ? x[j + HALF] : x[j];
+        x[j] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+    }
+}
+
+// Lane values x[0..K) (K a multiple of 32) summed over the warp, scattered: afterwards lane
+// L holds the totals of entries L * (K / 32) .. + K / 32 in x[0 .. K / 32). Each step halves
+// the values a lane keeps: K - K / 32 shuffles in all.
+template <int K>
+__device__ __forceinline__ void warp_reduce_scatter(float (&x)[K]) {
+    static_assert(K % 32 == 0, "K: a multiple of 32");
+    reduce_scatter_step<16, K / 2>(x);
+    reduce_scatter_step<8, K / 4>(x);
+    reduce_scatter_step<4, K / 8>(x);
+    reduce_scatter_step<2, K / 16>(x);
+    reduce_scatter_step<1, K / 32>(x);
+}
+
+__device__ __forceinline__ unsigned attnres_smem_addr(const void* ptr) {
+    unsigned r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(ptr));
+    return r;
+}
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+// One arrival (the barrier's only expected one) that also announces `bytes` to come.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` to shared
+// `dst`, counted against the mbarrier `bar` when they land.
+__device__ __forceinline__ void bulk_copy_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+#endif
+
+// The next token of this block after (group, t): the next token of the group, else the
+// first of the block's next group; g >= parts when there is none.
+__device__ __forceinline__ void next_token(i64& g, i64& t, i64 tokens, i64 parts) {
+    t += parts;
+    if (t >= tokens) {
+        g += gridDim.x;
+        t = g;
+    }
+}
+
+// By thread 0: the rows of token t into stage `s` (rows 0..n-1: the sources; row n: g when
+// `grad` is set), completing mbarrier `bar` when they have all landed. Sources by constant
+// index (a kernel parameter array indexed at run time is copied to local memory).
+#if __CUDA_ARCH__ >= 900
+template <class T>
+__device__ __forceinline__ void stage_token(const AttnresParams& p, i64 t, unsigned dst, unsigned bar, bool grad) {
+    const unsigned row_bytes = (unsigned)(p.hidden * (i64)sizeof(T));
+    // The stage was last read through the generic proxy (ordered before this by the block
+    // barrier); the copy writes it through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_arrive_expect_tx(bar, row_bytes * (unsigned)(p.n + (grad ? 1 : 0)));
+#pragma unroll
+    for (int i = 0; i < ATTNRES_STAGED_NMAX; ++i)
+        if (i < p.n)
+            bulk_copy_g2s(dst + i * row_bytes, static_cast<const T*>(p.src[i]) + t * p.hidden, row_bytes, bar);
+    if (grad)
+        bulk_copy_g2s(dst + p.n * row_bytes, static_cast<const T*>(p.grad) + t * p.hidden, row_bytes, bar);
+}
+#endif
+
+// Shared memory of a staged kernel (dynamic; the launcher computes the same size): `stages`
+// stages of (n + grad) rows, then the reduction (K x WARPS floats), then one mbarrier per
+// stage.
+extern __shared__ uint4 attnres_staged_smem[];
+
+// The reduction holds, per warp, that warp's K sums (warp w's entry e at red[w * K + e]): lane
+// L adds up entry `e` = L (+ 32 c) of every warp: consecutive lanes, consecutive words, no
+// bank conflicts; the warps in a fixed order.
+template <int WARPS, int K>
+__device__ __forceinline__ float staged_total(const float* red, int e) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += red[w * K + e];
+    return s;
+}
+
+template <class D, int BLOCK, int VPT>
+__device__ void mix_forward_staged(const AttnresParams& p) {
+#if __CUDA_ARCH__ >= 900
+    typedef typename D::T T;
+    constexpr int NMAX = ATTNRES_STAGED_NMAX, WARPS = BLOCK / 32, K = 2 * NMAX, M = K / 32;
+    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i and 16 + i");
+    const int n = p.n, stages = p.stages;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 h = p.hidden, hv = h / 8;
+    const i64 stage_vecs = (i64)n * hv;
+    float* red = reinterpret_cast<float*>(attnres_staged_smem + stages * stage_vecs);
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(red + K * WARPS);
+    const unsigned smem0 = attnres_smem_addr(attnres_staged_smem);
+    const unsigned bar0 = attnres_smem_addr(bar);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    // The producer's position (thread 0 only uses it): `stages` tokens ahead of the block.
+    i64 pg = blockIdx.x, pt = blockIdx.x;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages && pg < p.parts; ++s) {
+            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, false);
+            next_token(pg, pt, p.tokens, p.parts);
+        }
+    }
+    i64 col[VPT];
+    bool valid[VPT];
+    float u[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        col[k] = (i64)k * BLOCK + threadIdx.x;
+        valid[k] = col[k] < hv;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
+        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
+    }
+    const float inv_h = 1.f / (float)h;
+    i64 g = blockIdx.x, t = blockIdx.x;
+    for (unsigned it = 0; g < p.parts; ++it) {
+        const int s = (int)(it % (unsigned)stages);
+        mbar_wait(bar0 + 8 * s, (it / (unsigned)stages) & 1u);
+        const uint4* st = attnres_staged_smem + s * stage_vecs;
+        float x[K];
+#pragma unroll
+        for (int j = 0; j < K; ++j) x[j] = 0.f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i < n) {
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        float v[8];
+                        unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            x[i] += v[e] * v[e];
+                            x[NMAX + i] += v[e] * u[k][e];
+                        }
+                    }
+                }
+            }
+        }
+        warp_reduce_scatter<K>(x);
+#pragma unroll
+        for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
+        __syncthreads();
+        // Lane i < n: source i's logit (its sum of squares is entry i, its dot entry NMAX + i,
+        // added up by lane NMAX + i), then its weight (softmax across the lanes).
+        const float total = staged_total<WARPS, K>(red, lane);
+        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
+        const bool mine = lane < n;
+        const float r = rsqrtf(total * inv_h + p.eps);
+        const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
+        float mx = logit;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float ex = mine ? __expf(logit - mx) : 0.f;
+        const float z = warp_sum(ex);
+        const float w = p.scale * (ex / z);
+        float acc[VPT][8];
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i < n) {
+                const float wi = __shfl_sync(0xffffffffu, w, i);
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        float v[8];
+                        unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[k][e] += wi * v[e];
+                    }
+                }
+            }
+        }
+        T* out = static_cast<T*>(p.out) + t * h;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+            if (valid[k]) store_vec<D, 8>(out + col[k] * 8, acc[k]);
+        // Every thread is done with stage s and with `red`: refill s with the token
+        // `stages` ahead.
+        __syncthreads();
+        if (threadIdx.x == 0 && pg < p.parts) {
+            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, false);
+            next_token(pg, pt, p.tokens, p.parts);
+        }
+        next_token(g, t, p.tokens, p.parts);
+    }
+#else
+    __trap();
+#endif
+}
+
+template <class D, int BLOCK, int VPT>
+__device__ void mix_backward_staged(const AttnresParams& p) {
+#if __CUDA_ARCH__ >= 900
+    typedef typename D::T T;
+    // K: ss, dot and g.v per source, padded to a multiple of 32.
+    constexpr int NMAX = ATTNRES_STAGED_NMAX, WARPS = BLOCK / 32, K = 4 * NMAX, M = K / 32;
+    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i, 16 + i and 32 + i");
+    const int n = p.n, stages = p.stages;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 h = p.hidden, hv = h / 8;
+    const i64 stage_vecs = (i64)(n + 1) * hv;
+    float* red = reinterpret_cast<float*>(attnres_staged_smem + stages * stage_vecs);
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(red + K * WARPS);
+    const unsigned smem0 = attnres_smem_addr(attnres_staged_smem);
+    const unsigned bar0 = attnres_smem_addr(bar);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    i64 pg = blockIdx.x, pt = blockIdx.x;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages && pg < p.parts; ++s) {
+            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, true);
+            next_token(pg, pt, p.tokens, p.parts);
+        }
+    }
+    i64 col[VPT];
+    bool valid[VPT];
+    float u[VPT][8], du[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        col[k] = (i64)k * BLOCK + threadIdx.x;
+        valid[k] = col[k] < hv;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[k][e] = du[k][e] = 0.f;
+        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
+    }
+    const float inv_h = 1.f / (float)h;
+    i64 g = blockIdx.x, t = blockIdx.x;
+    for (unsigned it = 0; g < p.parts; ++it) {
+        const int s = (int)(it % (unsigned)stages);
+        mbar_wait(bar0 + 8 * s, (it / (unsigned)stages) & 1u);
+        const uint4* st = attnres_staged_smem + s * stage_vecs;
+        float gr[VPT][8];
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) gr[k][e] = 0.f;
+            if (valid[k]) unpack8<D>(st[n * hv + col[k]], gr[k]);
+        }
+        float x[K];
+#pragma unroll
+        for (int j = 0; j < K; ++j) x[j] = 0.f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i < n) {
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        float v[8];
+                        unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            x[i] += v[e] * v[e];
+                            x[NMAX + i] += v[e] * u[k][e];
+                            x[2 * NMAX + i] += v[e] * gr[k][e];
+                        }
+                    }
+                }
+            }
+        }
+        warp_reduce_scatter<K>(x);
+#pragma unroll
+        for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
+        __syncthreads();
+        // Lane i < n: source i's statistics (entries i, NMAX + i and 2 NMAX + i; lane L adds up
+        // entries L and 32 + L) and coefficients (softmax across the lanes).
+        const float total = staged_total<WARPS, K>(red, lane);
+        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
+        const float dp = p.scale * staged_total<WARPS, K>(red, 32 + lane);
+        const bool mine = lane < n;
+        const float r = rsqrtf(total * inv_h + p.eps);
+        const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
+        float mx = logit;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float ex = mine ? __expf(logit - mx) : 0.f;
+        const float z = warp_sum(ex);
+        const float prob = ex / z;
+        const float pdp = warp_sum(mine ? prob * dp : 0.f);
+        const float ds = prob * (dp - pdp);
+        const float w = p.scale * prob;
+        const float c1 = ds * r;
+        const float c2 = ds * dot * r * r * r * inv_h;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (i < n) {
+                const float wi = __shfl_sync(0xffffffffu, w, i);
+                const float c1i = __shfl_sync(0xffffffffu, c1, i);
+                const float c2i = __shfl_sync(0xffffffffu, c2, i);
+                T* drow = static_cast<T*>(p.dsrc[i]) + t * h;
+#pragma unroll
+                for (int k = 0; k < VPT; ++k) {
+                    if (valid[k]) {
+                        float v[8], dv[8];
+                        unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            dv[e] = wi * gr[k][e] + c1i * u[k][e] - c2i * v[e];
+                            du[k][e] += c1i * v[e];
+                        }
+                        store_vec<D, 8>(drow + col[k] * 8, dv);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0 && pg < p.parts) {
+            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, true);
+            next_token(pg, pt, p.tokens, p.parts);
+        }
+        const i64 done = g;
+        next_token(g, t, p.tokens, p.parts);
+        if (g != done) {
+            // Group `done` is complete: its du partial row, then a fresh sum for the next.
+            float* dup = p.du_partial + done * h;
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                if (valid[k]) store_vec<F32, 8>(dup + col[k] * 8, du[k]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) du[k][e] = 0.f;
+            }
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
 #define ATTNRES_INSTANCES(NAME, D)                                                            \
     extern "C" __global__ void __launch_bounds__(ATTNRES_BLOCK)                               \
         attnres_fwd_##NAME(const AttnresParams p) { mix_forward<D>(p); }                      \
@@ -454,3 +859,19 @@ ATTNRES_REG_INSTANCES(bf16, Bf16, 1, 16)
 ATTNRES_REG_INSTANCES(bf16, Bf16, 2, 12)
 ATTNRES_REG_INSTANCES(f16, F16, 1, 16)
 ATTNRES_REG_INSTANCES(f16, F16, 2, 12)
+
+// Staged instances (sm_90; elsewhere they trap, and the launcher never picks them):
+// _s1: 256 threads, hidden <= 2048; _s2: 512 threads, hidden <= 4096; _s4: 512 threads, two
+// vectors per thread, hidden <= 8192. Up to ATTNRES_STAGED_NMAX sources.
+#define ATTNRES_STAGED_INSTANCES(NAME, D, SUFFIX, BLOCK, VPT)                                      \
+    extern "C" __global__ void __launch_bounds__(BLOCK, 1)                                         \
+        attnres_fwd_##NAME##SUFFIX(const AttnresParams p) { mix_forward_staged<D, BLOCK, VPT>(p); } \
+    extern "C" __global__ void __launch_bounds__(BLOCK, 1)                                         \
+        attnres_bwd_##NAME##SUFFIX(const AttnresParams p) { mix_backward_staged<D, BLOCK, VPT>(p); }
+
+ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s1, 256, 1)
+ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s2, 512, 1)
+ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s4, 512, 2)
+ATTNRES_STAGED_INSTANCES(f16, F16, _s1, 256, 1)
+ATTNRES_STAGED_INSTANCES(f16, F16, _s2, 512, 1)
+ATTNRES_STAGED_INSTANCES(f16, F16, _s4, 512, 2)
