@@ -560,6 +560,30 @@ __device__ __forceinline__ void stage_token(const AttnresParams& p, i64 t, unsig
 }
 #endif
 
+// Opens a block's ring: thread 0 initialises one mbarrier per stage and starts copying the
+// block's first `stages` tokens; (pg, pt), the producer's position, end up `stages` tokens
+// ahead of the block. Every thread returns after the barrier that publishes the mbarriers.
+#if __CUDA_ARCH__ >= 900
+template <class T>
+__device__ __forceinline__ void ring_open(const AttnresParams& p, i64 stage_vecs, unsigned smem0, unsigned bar0,
+                                          bool grad, i64& pg, i64& pt) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < p.stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    pg = blockIdx.x;
+    pt = blockIdx.x;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < p.stages && pg < p.parts; ++s) {
+            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, grad);
+            next_token(pg, pt, p.tokens, p.parts);
+        }
+    }
+}
+#endif
+
 // Shared memory of a staged kernel (dynamic; the launcher computes the same size): `stages`
 // stages of (n + grad) rows, then the reduction (K x WARPS floats), then one mbarrier per
 // stage.
@@ -590,20 +614,8 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(red + K * WARPS);
     const unsigned smem0 = attnres_smem_addr(attnres_staged_smem);
     const unsigned bar0 = attnres_smem_addr(bar);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    }
-    __syncthreads();
-    // The producer's position (thread 0 only uses it): `stages` tokens ahead of the block.
-    i64 pg = blockIdx.x, pt = blockIdx.x;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages && pg < p.parts; ++s) {
-            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, false);
-            next_token(pg, pt, p.tokens, p.parts);
-        }
-    }
+    i64 pg, pt;  // the producer's position (thread 0 only uses it)
+    ring_open<T>(p, stage_vecs, smem0, bar0, false, pg, pt);
     i64 col[VPT];
     bool valid[VPT];
     float u[VPT][8];
@@ -711,19 +723,8 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(red + K * WARPS);
     const unsigned smem0 = attnres_smem_addr(attnres_staged_smem);
     const unsigned bar0 = attnres_smem_addr(bar);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    }
-    __syncthreads();
-    i64 pg = blockIdx.x, pt = blockIdx.x;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages && pg < p.parts; ++s) {
-            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, true);
-            next_token(pg, pt, p.tokens, p.parts);
-        }
-    }
+    i64 pg, pt;  // the producer's position (thread 0 only uses it)
+    ring_open<T>(p, stage_vecs, smem0, bar0, true, pg, pt);
     i64 col[VPT];
     bool valid[VPT];
     float u[VPT][8], du[VPT][8];
