@@ -57,7 +57,16 @@ fn module_files(name: &str) -> Vec<&str> {
 /// The text of module `name`: `built_in`, or its files read from `$FORWARD_REWRITE_KERNEL_DIR`
 /// when that is set.
 fn module_text<'a>(built_in: &'a str, name: &str) -> Result<std::borrow::Cow<'a, str>> {
-    let Some(dir) = std::env::var_os(KERNEL_DIR_VAR).filter(|d| !d.is_empty()) else {
+    let dir = std::env::var_os(KERNEL_DIR_VAR).filter(|d| !d.is_empty());
+    module_text_in(built_in, name, dir.as_deref())
+}
+
+fn module_text_in<'a>(
+    built_in: &'a str,
+    name: &str,
+    dir: Option<&std::ffi::OsStr>,
+) -> Result<std::borrow::Cow<'a, str>> {
+    let Some(dir) = dir else {
         return Ok(built_in.into());
     };
     let mut text = String::new();
@@ -280,6 +289,28 @@ mod tests {
                 .collect();
             assert_eq!(files, built_in, "{name}");
         }
+    }
+
+    #[test]
+    fn a_kernel_folder_replaces_the_built_in_files() {
+        let dir = std::env::temp_dir().join(format!("fr-kernel-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("fusion_common.cuh"), "// common\n").unwrap();
+        std::fs::write(dir.join("rms_norm.cu"), "// edited\n").unwrap();
+        std::fs::write(dir.join(FUSED_CE_NAME), "// loss\n").unwrap();
+        let text = |name| module_text_in("built-in", name, Some(dir.as_os_str()));
+        assert_eq!(text("rms_norm.cu").unwrap(), "// common\n// edited\n");
+        assert_eq!(text(FUSED_CE_NAME).unwrap(), "// loss\n");
+        let missing = text("rotary.cu").unwrap_err().to_string();
+        assert!(
+            missing.contains(KERNEL_DIR_VAR) && missing.contains("rotary.cu"),
+            "{missing}"
+        );
+        assert_eq!(
+            module_text_in("built-in", "rotary.cu", None).unwrap(),
+            "built-in"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
