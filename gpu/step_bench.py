@@ -19,6 +19,8 @@ whole process), the methods interleaved per model. Prints a table; ``--json`` wr
     python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
     python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --profile 15
+        (one more step profiled: its 15 costliest kernels, and on a GPU the time the device
+        ran work against the step's span, with the longest idle stretches between kernels)
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -252,7 +254,7 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
     }
     if top:
         try:
-            result["profile"] = profile_step(step, device, top)
+            result["profile"], result["device_time"] = profile_step(step, device, top)
         except Exception as e:  # noqa: BLE001  (the timed steps stand without it)
             result["profile_error"] = f"{type(e).__name__}: {e}"
     if method in ("ours", "ours-loss", "liger+ours", "ours+attnres"):
@@ -266,9 +268,38 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def device_time(spans, gaps=5):
+    """Where the device waits, from the (start, end, name) of every kernel, copy and memset of
+    a step (microseconds): the span from the first start to the last end, the time some
+    work ran (the union of the intervals: kernels of several streams may overlap), the idle
+    rest, and the ``gaps`` longest idle stretches as [ms, the work before, the work after]."""
+    spans = sorted(spans)
+    if not spans:
+        return None
+    busy, found = 0.0, []
+    start, end, last = spans[0][0], spans[0][1], spans[0][2]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            found.append((s - end, last, name))
+            start, end, last = s, e, name
+        elif e > end:
+            end, last = e, name
+    busy += end - start
+    span = end - spans[0][0]
+    found.sort(key=lambda g: -g[0])
+    return {
+        "span_ms": round(span / 1e3, 3),
+        "busy_ms": round(busy / 1e3, 3),
+        "idle_ms": round((span - busy) / 1e3, 3),
+        "gaps": [[round(g / 1e3, 3), a[:60], b[:60]] for g, a, b in found[:gaps]],
+    }
+
+
 def profile_step(step, device, top):
     """One more step under torch.profiler: the ``top`` operators and kernels by their own
-    device time (CPU time on the CPU), as [name, total ms, calls]."""
+    device time (CPU time on the CPU), as [name, total ms, calls], and on a GPU the step's
+    device busy and idle time (``device_time``; None on the CPU)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -290,11 +321,17 @@ def profile_step(step, device, top):
         return 0
 
     events = sorted(prof.key_averages(), key=own_time, reverse=True)
-    return [
+    costliest = [
         [e.key[:90], round(own_time(e) / 1e3, 3), e.count]
         for e in events[:top]
         if own_time(e) > 0
     ]
+    on_device = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    return costliest, device_time(on_device)
 
 
 def main():
@@ -320,7 +357,8 @@ def main():
         type=int,
         default=0,
         metavar="N",
-        help="after the timed steps, profile one more and list its N costliest kernels",
+        help="after the timed steps, profile one more: its N costliest kernels, and on a GPU "
+        "its device busy and idle time with the longest idle stretches",
     )
     ap.add_argument(
         "--timeout", type=int, default=150, help="seconds per (model, method)"
@@ -407,6 +445,18 @@ def main():
             print(
                 f"\n{r['model']} / {r['method']}: profiling failed: {r['profile_error']}"
             )
+        busy = r.get("device_time")
+        if busy:
+            print(
+                f"\n{r['model']} / {r['method']}: the profiled step's device work ran "
+                f"{busy['busy_ms']:.1f} of {busy['span_ms']:.1f} ms (idle {busy['idle_ms']:.1f} ms); "
+                "longest idle stretches:"
+            )
+            print(
+                "| idle ms | the work before the gap | the work after it |\n| ---: | --- | --- |"
+            )
+            for ms, before, after in busy["gaps"]:
+                print(f"| {ms:.2f} | `{before}` | `{after}` |")
         if r.get("profile"):
             print(f"\n{r['model']} / {r['method']}: one step's costliest kernels")
             print("| kernel or operator | ms | calls |\n| --- | ---: | ---: |")

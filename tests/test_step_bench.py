@@ -45,6 +45,33 @@ def test_attnres_methods_train_with_every_fused_path():
     assert "| llama-1b | ours+attnres |" in table
 
 
+def load_step_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "step_bench", ROOT / "gpu" / "step_bench.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_time_finds_the_idle_stretches():
+    device_time = load_step_bench().device_time
+    # Two streams overlap (b inside a's end), then a 3 ms gap, then a 1 ms gap.
+    spans = [
+        (0.0, 1000.0, "a"),
+        (500.0, 1500.0, "b"),
+        (4500.0, 5000.0, "c"),
+        (6000.0, 6500.0, "d"),
+    ]
+    t = device_time(spans, gaps=1)
+    assert t["span_ms"] == 6.5 and t["busy_ms"] == 2.5 and t["idle_ms"] == 4.0
+    assert t["gaps"] == [[3.0, "b", "c"]]
+    assert device_time([], gaps=3) is None
+    assert device_time([(0.0, 2.0, "x"), (1.0, 1.5, "y")])["idle_ms"] == 0.0
+
+
 def test_unknown_method_is_a_usage_error():
     done = subprocess.run(
         [sys.executable, str(ROOT / "gpu" / "step_bench.py"), "--methods", "bogus"],
