@@ -600,6 +600,36 @@ __device__ __forceinline__ float staged_total(const float* red, int e) {
     return s;
 }
 
+// Lane i < n holds source i's sum of squares in `total` and lane NMAX + i its dot with u:
+// every lane i < n gets its source's r = rsqrt(mean square + eps), dot and softmax probability
+// across the lanes (0 on the other lanes).
+template <int NMAX>
+__device__ __forceinline__ float staged_softmax(float total, int n, float inv_h, float eps, float& r, float& dot) {
+    const int lane = threadIdx.x & 31;
+    dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
+    const bool mine = lane < n;
+    r = rsqrtf(total * inv_h + eps);
+    const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
+    float mx = logit;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float ex = mine ? __expf(logit - mx) : 0.f;
+    return ex / warp_sum(ex);
+}
+
+// After the block barrier that ends every thread's use of stage s: thread 0 refills it with
+// the producer's next token, `stages` ahead of the block.
+#if __CUDA_ARCH__ >= 900
+template <class T>
+__device__ __forceinline__ void ring_refill(const AttnresParams& p, int s, i64 stage_vecs, unsigned smem0,
+                                            unsigned bar0, bool grad, i64& pg, i64& pt) {
+    if (threadIdx.x == 0 && pg < p.parts) {
+        stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, grad);
+        next_token(pg, pt, p.tokens, p.parts);
+    }
+}
+#endif
+
 template <class D, int BLOCK, int VPT>
 __device__ void mix_forward_staged(const AttnresParams& p) {
 #if __CUDA_ARCH__ >= 900
@@ -659,17 +689,8 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
         __syncthreads();
         // Lane i < n: source i's logit (its sum of squares is entry i, its dot entry NMAX + i,
         // added up by lane NMAX + i), then its weight (softmax across the lanes).
-        const float total = staged_total<WARPS, K>(red, lane);
-        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
-        const bool mine = lane < n;
-        const float r = rsqrtf(total * inv_h + p.eps);
-        const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
-        float mx = logit;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        const float ex = mine ? __expf(logit - mx) : 0.f;
-        const float z = warp_sum(ex);
-        const float w = p.scale * (ex / z);
+        float r, dot;
+        const float w = p.scale * staged_softmax<NMAX>(staged_total<WARPS, K>(red, lane), n, inv_h, p.eps, r, dot);
         float acc[VPT][8];
 #pragma unroll
         for (int k = 0; k < VPT; ++k)
@@ -697,10 +718,7 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
         // Every thread is done with stage s and with `red`: refill s with the token
         // `stages` ahead.
         __syncthreads();
-        if (threadIdx.x == 0 && pg < p.parts) {
-            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, false);
-            next_token(pg, pt, p.tokens, p.parts);
-        }
+        ring_refill<T>(p, s, stage_vecs, smem0, bar0, false, pg, pt);
         next_token(g, t, p.tokens, p.parts);
     }
 #else
@@ -776,19 +794,10 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
         __syncthreads();
         // Lane i < n: source i's statistics (entries i, NMAX + i and 2 NMAX + i; lane L adds up
         // entries L and 32 + L) and coefficients (softmax across the lanes).
-        const float total = staged_total<WARPS, K>(red, lane);
-        const float dot = __shfl_sync(0xffffffffu, total, (lane + NMAX) & 31);
         const float dp = p.scale * staged_total<WARPS, K>(red, 32 + lane);
-        const bool mine = lane < n;
-        const float r = rsqrtf(total * inv_h + p.eps);
-        const float logit = mine ? r * dot : __int_as_float(0xff800000);  // -inf
-        float mx = logit;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        const float ex = mine ? __expf(logit - mx) : 0.f;
-        const float z = warp_sum(ex);
-        const float prob = ex / z;
-        const float pdp = warp_sum(mine ? prob * dp : 0.f);
+        float r, dot;
+        const float prob = staged_softmax<NMAX>(staged_total<WARPS, K>(red, lane), n, inv_h, p.eps, r, dot);
+        const float pdp = warp_sum(lane < n ? prob * dp : 0.f);
         const float ds = prob * (dp - pdp);
         const float w = p.scale * prob;
         const float c1 = ds * r;
@@ -816,10 +825,7 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
             }
         }
         __syncthreads();
-        if (threadIdx.x == 0 && pg < p.parts) {
-            stage_token<T>(p, pt, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, true);
-            next_token(pg, pt, p.tokens, p.parts);
-        }
+        ring_refill<T>(p, s, stage_vecs, smem0, bar0, true, pg, pt);
         const i64 done = g;
         next_token(g, t, p.tokens, p.parts);
         if (g != done) {

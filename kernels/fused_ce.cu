@@ -121,6 +121,20 @@ __device__ __forceinline__ float target_grad_value(const CeParams& p, float zt, 
     return d;
 }
 
+// The gradients (times g) of the 4 transformed logits z at columns j .. j + 3, 0 at the target
+// column (its exact gradient goes to target_grad), as one 4-element store to dst.
+template <class D>
+__device__ __forceinline__ void store_dense_grad4(const CeParams& p, typename D::T* dst, float4 z, int j, i64 tgt,
+                                                  float lse, float g) {
+    float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
+    float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
+    if (tgt == j) d0 = 0.f;
+    if (tgt == j + 1) d1 = 0.f;
+    if (tgt == j + 2) d2 = 0.f;
+    if (tgt == j + 3) d3 = 0.f;
+    D::store4(dst, d0, d1, d2, d3);
+}
+
 __device__ __forceinline__ float row_loss_value(const CeParams& p, float lse, float zt, float sum_z) {
     return (1.f - p.smoothing) * (lse - zt) + p.smoothing * (lse - sum_z / (float)p.vocab);
 }
@@ -420,14 +434,7 @@ __device__ void ce_rows_cluster_impl(const CeParams& p) {
             if (PLAIN) {
                 D::store4(drow + 4 * i, c * z.x, c * z.y, c * z.z, c * z.w);
             } else {
-                const int j = begin + 4 * i;
-                float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
-                float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
-                if (tgt == j) d0 = 0.f;
-                if (tgt == j + 1) d1 = 0.f;
-                if (tgt == j + 2) d2 = 0.f;
-                if (tgt == j + 3) d3 = 0.f;
-                D::store4(drow + 4 * i, d0, d1, d2, d3);
+                store_dense_grad4<D>(p, drow + 4 * i, z, begin + 4 * i, tgt, lse, g);
             }
         }
         for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
@@ -578,15 +585,7 @@ __device__ void ce_rows_pipelined(const CeParams& p, int rows) {
                 }
                 typename D::T* drow = (typename D::T*)(p.logits + (i64)r * p.ld_logits) + begin;
                 for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-                    const float4 z = z4[i];
-                    const int j = begin + 4 * i;
-                    float d0 = g * dense_grad(p, z.x, lse), d1 = g * dense_grad(p, z.y, lse);
-                    float d2 = g * dense_grad(p, z.z, lse), d3 = g * dense_grad(p, z.w, lse);
-                    if (tgt == j) d0 = 0.f;
-                    if (tgt == j + 1) d1 = 0.f;
-                    if (tgt == j + 2) d2 = 0.f;
-                    if (tgt == j + 3) d3 = 0.f;
-                    D::store4(drow + 4 * i, d0, d1, d2, d3);
+                    store_dense_grad4<D>(p, drow + 4 * i, z4[i], begin + 4 * i, tgt, lse, g);
                 }
                 for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) {
                     drow[i] = D::store(begin + i == tgt ? 0.f : g * dense_grad(p, zs[i], lse));

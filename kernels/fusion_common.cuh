@@ -180,20 +180,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 // sum. A team is a power of two up to 32 (several teams per warp: shuffles only) or the whole
 // block (blockDim.x a multiple of 32: shuffles, then `scratch` (32 floats) across warps).
 // The order of the additions depends only on the team size, so results are reproducible.
-// team_sum for a block's only reduction: `scratch` has no earlier reader to wait for.
-__device__ __forceinline__ float team_sum_once(float v, int team, float* scratch) {
-    if (team <= 32) {
-        for (int o = team >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        return v;
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float r = lane < nwarps ? scratch[lane] : 0.f;
-    return warp_sum(r);
-}
-
+// ONLY: the block's only reduction, so `scratch` has no earlier reader to wait for.
+template <bool ONLY = false>
 __device__ __forceinline__ float team_sum(float v, int team, float* scratch) {
     if (team <= 32) {
         for (int o = team >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -201,7 +189,7 @@ __device__ __forceinline__ float team_sum(float v, int team, float* scratch) {
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     v = warp_sum(v);
-    __syncthreads();  // scratch may still be read by the previous reduction
+    if (!ONLY) __syncthreads();  // scratch may still be read by the previous reduction
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     float r = lane < nwarps ? scratch[lane] : 0.f;

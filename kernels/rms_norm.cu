@@ -93,7 +93,7 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) ss += xv[v][i] * xv[v][i];
     }
-    ss = team_sum_once(ss, team, scratch);
+    ss = team_sum<true>(ss, team, scratch);
     if (!active) return;  // no reduction follows
     const float r = rms_rstd(ss, p.hidden, p.eps);
     if (lane == 0) p.rstd[row] = r;
