@@ -4,15 +4,13 @@
 //! allocation made by `forward_rewrite/_attnres_op.py` (contiguous `tokens x hidden` sources,
 //! output and gradients of one dtype; `u` float32; `du_partial` float32 `parts x hidden`).
 
-use std::collections::HashSet;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
 
-use cudarc::driver::{result as drv, sys as drv_sys};
+use cudarc::driver::sys as drv_sys;
 use pyo3::prelude::*;
 
 use super::device::{self, Dims, Dtype, ModuleSource, launch};
-use super::error::{Context, CudaError, Result, catch_panics};
+use super::error::{CudaError, Result, catch_panics};
 
 pub const MAX_SOURCES: usize = 32;
 const BLOCK: u32 = 256;
@@ -133,8 +131,7 @@ pub fn mix(c: &MixCall) -> Result<()> {
         dev.max_smem_optin.max(0) as u32,
     ) {
         let name = format!("attnres_{direction}_{}{}", c.dtype.suffix(), plan.suffix);
-        let f = dev.function(&ATTNRES_MIX, &name)?;
-        raise_smem_limit(f, dev.max_smem_optin)?;
+        let f = dev.function_with_max_smem(&ATTNRES_MIX, &name)?;
         // SAFETY: `f` comes from ATTNRES_MIX.
         let resident = unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, plan.block, plan.smem)? }
             * dev.sm_count.max(1) as u32;
@@ -291,30 +288,6 @@ fn aligned(c: &MixCall) -> bool {
     ptrs.extend([c.u, c.out, c.grad, c.du_partial]);
     ptrs.extend(&c.dsources);
     ptrs.iter().all(|p| p % 16 == 0)
-}
-
-/// Lets kernel `f` take up to `max_smem_optin` bytes of dynamic shared memory (the staged
-/// kernels' ring), once per function.
-fn raise_smem_limit(f: drv_sys::CUfunction, max_smem_optin: i32) -> Result<()> {
-    static RAISED: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
-    let mut raised = RAISED
-        .get_or_init(|| Mutex::new(HashSet::new()))
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if raised.contains(&(f as usize)) {
-        return Ok(());
-    }
-    // SAFETY: a kernel of a loaded module; the staged kernels have no static shared memory.
-    unsafe {
-        drv::function::set_function_attribute(
-            f,
-            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            max_smem_optin,
-        )
-    }
-    .context("raising the staged AttnRes kernels' shared memory limit")?;
-    raised.insert(f as usize);
-    Ok(())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

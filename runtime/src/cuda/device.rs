@@ -4,7 +4,7 @@
 //! Built on first use of a device and kept for the life of the process. Every call takes
 //! the state's lock for the time it enqueues work (the cuBLAS handle is not thread-safe).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, c_void};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -102,6 +102,8 @@ struct LoadedModule {
     functions: HashMap<String, drv_sys::CUfunction>,
     /// Blocks per SM by (function, block size, dynamic shared memory), measured once.
     occupancy: HashMap<(usize, u32, u32), i32>,
+    /// Functions allowed all the opt-in dynamic shared memory ([`Device::function_with_max_smem`]).
+    max_smem: HashSet<usize>,
 }
 
 /// Loads a compiled image into the current context.
@@ -222,6 +224,7 @@ impl Device {
                     module,
                     functions: HashMap::new(),
                     occupancy: HashMap::new(),
+                    max_smem: HashSet::new(),
                 },
             );
         }
@@ -240,6 +243,31 @@ impl Device {
         let f = unsafe { drv::module::get_function(m.module, cname) }
             .context(&format!("finding kernel {name} in {}", src.name))?;
         m.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+
+    /// Kernel `name` of module `src`, allowed to take all the dynamic shared memory a block may
+    /// opt into (`max_smem_optin`; the kernel has no static shared memory): set once.
+    pub fn function_with_max_smem(
+        &mut self,
+        src: &ModuleSource,
+        name: &str,
+    ) -> Result<drv_sys::CUfunction> {
+        let f = self.function(src, name)?;
+        let limit = self.max_smem_optin;
+        let m = self.loaded(src)?;
+        if !m.max_smem.contains(&(f as usize)) {
+            // SAFETY: a kernel of a loaded module.
+            unsafe {
+                drv::function::set_function_attribute(
+                    f,
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    limit,
+                )
+            }
+            .context(&format!("raising {name}'s shared memory limit"))?;
+            m.max_smem.insert(f as usize);
+        }
         Ok(f)
     }
 

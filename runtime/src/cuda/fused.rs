@@ -323,6 +323,11 @@ pub fn run(call: &Call) -> Result<()> {
     let dev = guard.dev();
     let launch_kind = loss_launch(dev, call.dtype, call.vocab, &call.tuning)?;
     let k = dev.kernels(call.dtype);
+    let cluster_kernel = if plain_loss(call.bias != 0, call.scale, call.softcap, call.smoothing) {
+        k.ce_rows_cluster_plain
+    } else {
+        k.ce_rows_cluster
+    };
     let stream = call.stream as drv_sys::CUstream;
     let ws = call.workspace;
     let es = call.dtype.bytes();
@@ -474,14 +479,9 @@ pub fn run(call: &Call) -> Result<()> {
                 block,
             } => {
                 p.slice = slice as i32;
-                let f = if plain_loss(call.bias != 0, call.scale, call.softcap, call.smoothing) {
-                    k.ce_rows_cluster_plain
-                } else {
-                    k.ce_rows_cluster
-                };
                 unsafe {
                     launch(
-                        f,
+                        cluster_kernel,
                         Launch {
                             grid: (rows as u32 * cluster, 1, 1),
                             block,
