@@ -384,6 +384,48 @@ def check_extras(gen):
     torch.cuda.synchronize()
 
 
+def check_scale(gen):
+    """The backward's in-place gradient scaling (``_cuda.scale_in_place``, kernel
+    ``scale_by``): bit-identical to the float32 product rounded once, for every dtype, factor
+    and alignment (torch's ``mul_`` by a 0-dim float32 tensor rounds the factor to a 16-bit
+    dtype first), the same bits at factor 1; and through the public op,
+    ``(k * loss).backward()`` gives k times the gradients."""
+    from forward_rewrite import ops
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n, offset in ((4097 * 33, 0), (37, 1), (8, 0)):
+            base = torch.randn(n + offset, device="cuda", generator=gen).to(dtype)
+            for k in (1.0, 0.37, -2.5, 1e-30):
+                factor = torch.tensor(k, device="cuda")
+                ours = base.clone()[offset:]
+                want = (base[offset:].float() * k).to(dtype)
+                if not _cuda.scale_in_place(ours, factor):
+                    fail(f"scale_in_place {dtype} n={n}: not taken")
+                elif not torch.equal(ours.view(torch.uint8), want.view(torch.uint8)):
+                    bad = (ours != want).sum().item()
+                    fail(
+                        f"scale_in_place {dtype} n={n} offset={offset} k={k}: {bad} differ"
+                    )
+    strided = torch.randn(64, 8, device="cuda").t()
+    if _cuda.scale_in_place(strided, torch.tensor(2.0, device="cuda")):
+        fail("scale_in_place took a non-contiguous tensor")
+    h = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t = torch.randint(0, 1000, (300,), device="cuda", generator=gen)
+    grads = []
+    for k in (1.0, 3.0):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        (k * ops.fused_lm_head_loss(hh, ww, t)).backward()
+        grads.append((hh.grad.float(), ww.grad.float()))
+    for name, one, three in zip(("dh", "dW"), grads[0], grads[1]):
+        err = ((three - 3 * one).abs().max() / (3 * one).abs().max()).item()
+        if err > 1e-2:
+            fail(f"(3 * loss).backward(): {name} is not 3x ({err:.1e})")
+    print(
+        "in-place gradient scaling: bit-identical to the float32 product; 3 * loss scales dh, dW"
+    )
+
+
 def check_errors():
     h = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(10, 8, device="cuda", dtype=torch.bfloat16)
@@ -445,6 +487,7 @@ def main():
             run_case(name, case, gen)
         except Exception as e:  # noqa: BLE001  (a failed case is reported, the rest still run)
             fail(f"{name}: {type(e).__name__}: {e}")
+    check_scale(gen)
     if not quick:
         check_extras(gen)
         check_errors()

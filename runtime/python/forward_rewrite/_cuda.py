@@ -231,5 +231,37 @@ def fused_ce_tuned(
     return row_loss, dh, dw, db
 
 
+def scale_in_place(t, factor) -> bool:
+    """``t *= factor`` by our kernel (``scale_by``: the float32 product rounded once to t's
+    dtype), which skips the pass when the factor is exactly 1, with no host sync; False (nothing done) where the kernel does not apply: a
+    non-contiguous or CPU tensor, another dtype, a factor that is not one float32 on t's
+    device, or a wheel without the kernel."""
+    if not (
+        t.is_cuda
+        and t.dtype in _DTYPES
+        and t.is_contiguous()
+        and factor.device == t.device
+        and factor.dtype == torch.float32
+        and factor.numel() == 1
+        and hasattr(_native, "cuda_scale_in_place")
+    ):
+        return False
+    if t.numel():
+        factor = factor.contiguous()
+        load_nvrtc()
+        with torch.cuda.device(t.device):
+            _native.cuda_scale_in_place(
+                device=t.device.index
+                if t.device.index is not None
+                else torch.cuda.current_device(),
+                stream=torch.cuda.current_stream(t.device).cuda_stream,
+                dtype=_DTYPES[t.dtype],
+                data=t.data_ptr(),
+                count=t.numel(),
+                factor=factor.data_ptr(),
+            )
+    return True
+
+
 #: The backend function of contract 4 (the tuning knobs keep their defaults).
 fused_ce = fused_ce_tuned

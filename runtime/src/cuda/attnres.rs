@@ -133,8 +133,8 @@ pub fn mix(c: &MixCall) -> Result<()> {
         let name = format!("attnres_{direction}_{}{}", c.dtype.suffix(), plan.suffix);
         let f = dev.function_with_max_smem(&ATTNRES_MIX, &name)?;
         // SAFETY: `f` comes from ATTNRES_MIX.
-        let resident = unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, plan.block, plan.smem)? }
-            * dev.sm_count.max(1) as u32;
+        let resident =
+            unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, plan.block, plan.smem)? } * dev.sms();
         // Persistent blocks, as many as are resident (one per SM where the ring fills the
         // shared memory). The backward's blocks share out the caller's `parts` token groups, each
         // writing the du partial rows of its groups, so the partials do not depend on the grid.
@@ -175,8 +175,7 @@ pub fn mix(c: &MixCall) -> Result<()> {
         c.parts as u32 // one float32 du partial row per block
     } else {
         // SAFETY: `f` comes from ATTNRES_MIX.
-        let resident =
-            unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, BLOCK, 0)? } * dev.sm_count.max(1) as u32;
+        let resident = unsafe { dev.blocks_per_sm(&ATTNRES_MIX, f, BLOCK, 0)? } * dev.sms();
         c.tokens.min(resident as u64) as u32
     };
     // SAFETY: the parameter block matches AttnresParams; every buffer holds tokens x hidden

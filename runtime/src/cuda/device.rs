@@ -70,6 +70,7 @@ pub struct Kernels {
     pub gather_rows: drv_sys::CUfunction,
     pub cast_from_f32: drv_sys::CUfunction,
     pub fill: drv_sys::CUfunction,
+    pub scale_by: drv_sys::CUfunction,
 }
 
 pub struct Device {
@@ -121,6 +122,11 @@ fn load_image(image: compile::Image) -> Result<drv_sys::CUmodule> {
 unsafe impl Send for Device {}
 
 impl Device {
+    /// Its multiprocessors (at least 1): the blocks a resident grid fills.
+    pub fn sms(&self) -> u32 {
+        self.sm_count.max(1) as u32
+    }
+
     pub fn kernels(&self, dtype: Dtype) -> &Kernels {
         &self.kernels[&dtype]
     }
@@ -174,6 +180,7 @@ impl Device {
                 gather_rows: f("gather_rows")?,
                 cast_from_f32: f("cast_from_f32")?,
                 fill: f("fill")?,
+                scale_by: f("scale_by")?,
             };
             if cc >= 90 {
                 use drv_sys::CUfunction_attribute::*;

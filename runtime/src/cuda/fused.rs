@@ -596,6 +596,41 @@ pub fn run(call: &Call) -> Result<()> {
     Ok(())
 }
 
+/// `count` elements of `dtype` at `data` multiplied in place by the float32 at `factor`, on
+/// torch's stream `stream` of GPU `device`; the kernel leaves them untouched when the factor
+/// is exactly 1 (`scale_by` in kernels/fused_ce.cu). The loss's backward scales the gradients
+/// it computed in the forward by the incoming gradient with this.
+pub fn scale_in_place(
+    device: i32,
+    stream: u64,
+    dtype: Dtype,
+    data: u64,
+    count: u64,
+    factor: u64,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    if data == 0 || factor == 0 {
+        return Err(CudaError::argument("scale_in_place: a null address"));
+    }
+    let mut guard = device::lock(device)?;
+    let dev = guard.dev();
+    let f = dev.kernels(dtype).scale_by;
+    let vectors = count.div_ceil(16 / dtype.bytes());
+    let blocks = vectors.div_ceil(256).min(u64::from(dev.sms()) * 8).max(1) as u32;
+    let (mut data, mut count, mut factor) = (data, count as i64, factor);
+    unsafe {
+        launch(
+            f,
+            Launch::new((blocks, 1, 1), 256),
+            stream as drv_sys::CUstream,
+            &mut [arg(&mut data), arg(&mut count), arg(&mut factor)],
+            "scale_by",
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::plain_loss;

@@ -58,11 +58,6 @@ fn nonzero(name: &str, p: u64) -> Result<()> {
     }
 }
 
-/// The SMs to fill, and the state to launch with.
-fn sms(dev: &Device) -> u32 {
-    dev.sm_count.max(1) as u32
-}
-
 // ---- RMSNorm -------------------------------------------------------------------------------
 
 #[repr(C)]
@@ -311,7 +306,7 @@ fn rms_backward_plan(dev: &mut Device, c: &RmsBackward) -> Result<BwdPlan> {
         0
     };
     // SAFETY: `kernel` comes from RMS_NORM.
-    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * sms(dev);
+    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * dev.sms();
     let needed = c.rows.div_ceil(teams as u64).max(1);
     let grid = needed.min(resident as u64) as u32;
     Ok(BwdPlan {

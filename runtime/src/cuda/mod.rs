@@ -26,6 +26,7 @@ use fused::{Call, Tuning};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_fused_ce, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_scale_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_kernel_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
@@ -147,6 +148,26 @@ fn cuda_fused_ce(
         },
     };
     py.detach(|| catch_panics(|| fused::run(&call)))?;
+    Ok(())
+}
+
+/// `data` (`count` elements of `dtype`) multiplied in place by the float32 at `factor`, on
+/// torch's stream; untouched when the factor is 1. No host sync.
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, dtype, data, count, factor))]
+fn cuda_scale_in_place(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    dtype: &str,
+    data: u64,
+    count: u64,
+    factor: u64,
+) -> PyResult<()> {
+    let dtype = Dtype::parse(dtype)?;
+    py.detach(|| {
+        catch_panics(|| fused::scale_in_place(device, stream, dtype, data, count, factor))
+    })?;
     Ok(())
 }
 
