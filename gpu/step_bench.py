@@ -21,6 +21,8 @@ whole process), the methods interleaved per model. Prints a table; ``--json`` wr
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --profile 15
         (one more step profiled: its 15 costliest kernels, and on a GPU the time the device
         ran work against the step's span, with the longest idle stretches between kernels)
+    python3 gpu/step_bench.py --models llama-1b --methods ours,liger --rounds 4
+        (each method 4 times, in the order ours, liger, liger, ours, ours, liger, ...)
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -334,6 +336,33 @@ def profile_step(step, device, top):
     return costliest, device_time(on_device)
 
 
+def merge_rounds(rows):
+    """One row per (model, method) from its rounds, in first-run order: the first round's
+    row (its losses and profile), with median_ms the median of the rounds' medians, min_ms
+    the least, peak_gib the most, and round_ms every round's median in run order. A method
+    with a failed round reports the failure."""
+    merged = {}
+    for r in rows:
+        key = (r["model"], r["method"])
+        if key not in merged:
+            merged[key] = dict(r)
+            if "error" not in r:
+                merged[key]["round_ms"] = [r["median_ms"]]
+            continue
+        m = merged[key]
+        if "error" in m:
+            continue
+        if "error" in r:
+            merged[key] = dict(r)
+            continue
+        m["round_ms"].append(r["median_ms"])
+        m["median_ms"] = statistics.median(m["round_ms"])
+        m["min_ms"] = min(m["min_ms"], r["min_ms"])
+        if r.get("peak_gib") is not None:
+            m["peak_gib"] = max(m.get("peak_gib") or 0.0, r["peak_gib"])
+    return list(merged.values())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -361,6 +390,16 @@ def main():
         "its device busy and idle time with the longest idle stretches",
     )
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the methods N times per model, the order reversed every other round "
+        "(ours, liger, liger, ours, ...), so neither method always runs on the warmer or "
+        "cooler GPU; a method's step time is then the median of its rounds' medians "
+        "(each round's in the JSON as round_ms); --profile profiles the first round only",
+    )
+    ap.add_argument(
         "--timeout", type=int, default=150, help="seconds per (model, method)"
     )
     ap.add_argument(
@@ -380,12 +419,16 @@ def main():
         return
     rows = []
     for model_name in a.models.split(","):
-        for method in a.methods.split(","):
+        runs = []
+        for k in range(max(1, a.rounds)):
+            order = a.methods.split(",")
+            runs += [(m, k) for m in (order[::-1] if k % 2 else order)]
+        for method, k in runs:
             cmd = [sys.executable, __file__, "--one", model_name, method]
             cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup)]
             cmd += ["--batch", str(a.batch), "--seq", str(a.seq)]
             cmd += ["--smoke"] if a.smoke else []
-            cmd += ["--profile", str(a.profile)] if a.profile else []
+            cmd += ["--profile", str(a.profile)] if a.profile and k == 0 else []
             try:
                 done = subprocess.run(
                     cmd,
@@ -410,10 +453,16 @@ def main():
             else:
                 rows.append(found[0])
             print(json.dumps(rows[-1]), flush=True)
+    rows = merge_rounds(rows)
     print()
     print(
         f"{a.batch} x {a.seq} tokens, bf16, gradient checkpointing, sdpa, AdamW; "
         f"median of {a.steps} steps after {a.warmup}"
+        + (
+            f"; median of {a.rounds} rounds, the method order reversed every other round"
+            if a.rounds > 1
+            else ""
+        )
     )
     print(
         "| model | method | step ms | vs stock | host ms to issue | peak GiB "

@@ -80,3 +80,55 @@ def test_unknown_method_is_a_usage_error():
         text=True,
     )
     assert done.returncode == 2 and "unknown model or method: bogus" in done.stderr
+
+
+def test_rounds_merge_into_one_row_per_method():
+    merge_rounds = load_step_bench().merge_rounds
+    row = {"model": "m", "first_loss": 1.0, "profile": [["k", 1.0, 1]]}
+    rows = [
+        dict(row, method="ours", median_ms=10.0, min_ms=9.0, peak_gib=1.0),
+        dict(row, method="liger", median_ms=11.0, min_ms=10.5, peak_gib=2.0),
+        dict(row, method="liger", median_ms=13.0, min_ms=12.0, peak_gib=2.5),
+        dict(row, method="ours", median_ms=12.0, min_ms=8.0, peak_gib=1.0),
+        dict(row, method="ours", median_ms=11.0, min_ms=10.0, peak_gib=1.5),
+        {"model": "m", "method": "liger", "error": "timeout"},
+    ]
+    ours, liger = merge_rounds(rows)
+    assert ours["method"] == "ours" and ours["round_ms"] == [10.0, 12.0, 11.0]
+    assert (
+        ours["median_ms"] == 11.0 and ours["min_ms"] == 8.0 and ours["peak_gib"] == 1.5
+    )
+    assert ours["profile"] == row["profile"]  # the first round's
+    assert liger == {"model": "m", "method": "liger", "error": "timeout"}
+
+
+def test_rounds_alternate_the_method_order():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "gpu" / "step_bench.py"),
+            "--smoke",
+            "--models",
+            "llama-1b",
+            "--methods",
+            "stock,ours",
+            "--rounds",
+            "2",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+        ),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [
+        json.loads(line)["method"]
+        for line in done.stdout.splitlines()
+        if line.startswith("{")
+    ]
+    assert runs == ["stock", "ours", "ours", "stock"]
+    assert "median of 2 rounds" in done.stdout
