@@ -103,32 +103,11 @@ def test_rounds_merge_into_one_row_per_method():
 
 
 def test_rounds_alternate_the_method_order():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "gpu" / "step_bench.py"),
-            "--smoke",
-            "--models",
-            "llama-1b",
-            "--methods",
-            "stock,ours",
-            "--rounds",
-            "2",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-        ),
-        timeout=600,
+    _, out = run_step_bench(
+        "--models", "llama-1b", "--methods", "stock,ours", "--rounds", "2"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
     runs = [
-        json.loads(line)["method"]
-        for line in done.stdout.splitlines()
-        if line.startswith("{")
+        json.loads(line)["method"] for line in out.splitlines() if line.startswith("{")
     ]
     assert runs == ["stock", "ours", "ours", "stock"]
-    assert "median of 2 rounds" in done.stdout
+    assert "median of 2 rounds" in out
