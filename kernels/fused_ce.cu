@@ -713,8 +713,8 @@ __device__ void fill(void* dst, i64 n, float value) {
 }
 
 // dst *= *factor in place (n elements; factor a float32 on the device, read here: no host
-// sync), in float32 with one rounding, as torch's `mul_` by a 0-dim float32 tensor. Nothing
-// to do when the factor is exactly 1, the usual incoming gradient of a mean loss: the product
+// sync): the float32 product rounded once (torch's `mul_` by a 0-dim float32 tensor would
+// round the factor to a 16-bit dst's dtype first). Nothing to do when the factor is exactly 1, the usual incoming gradient of a mean loss: the product
 // is then exact, and the pass would read and write all of dW (0.5 GB at V = 128k, H = 2048)
 // for no change. 16-byte accesses when dst is 16-byte aligned.
 template <class D>

@@ -233,9 +233,10 @@ def fused_ce_tuned(
 
 def scale_in_place(t, factor) -> bool:
     """``t *= factor`` by our kernel (``scale_by``: the float32 product rounded once to t's
-    dtype), which skips the pass when the factor is exactly 1, with no host sync; False (nothing done) where the kernel does not apply: a
-    non-contiguous or CPU tensor, another dtype, a factor that is not one float32 on t's
-    device, or a wheel without the kernel."""
+    dtype), which skips the pass when the factor is exactly 1, with no host sync. Returns
+    False, having done nothing, where the kernel does not apply: a non-contiguous or CPU
+    tensor, another dtype, a factor that is not one float32 on t's device, or a wheel
+    without the kernel."""
     if not (
         t.is_cuda
         and t.dtype in _DTYPES

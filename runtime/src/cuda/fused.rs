@@ -620,6 +620,8 @@ pub fn scale_in_place(
     let vectors = count.div_ceil(16 / dtype.bytes());
     let blocks = vectors.div_ceil(256).min(u64::from(dev.sms()) * 8).max(1) as u32;
     let (mut data, mut count, mut factor) = (data, count as i64, factor);
+    // SAFETY: the parameters match scale_by's list; `data` holds `count` elements of `dtype`
+    // and `factor` one float32, both torch allocations on this device (checked by the caller).
     unsafe {
         launch(
             f,
