@@ -630,14 +630,82 @@ __device__ __forceinline__ void ring_refill(const AttnresParams& p, int s, i64 s
 }
 #endif
 
+// One token of the staged forward, from its rows in stage `st` to row t of the output: the
+// per-source sums, one warp reduce-scatter into `red` (WARPS warps x K floats), `sync()` (the
+// barrier of the threads that share `red`: the block's, or a team's), the softmax, and the
+// weighted sum. Each thread owns the 8-element vectors col[k] of every row; `warp` is its
+// warp among the WARPS.
+template <class D, int WARPS, int VPT, class Sync>
+__device__ __forceinline__ void staged_forward_token(const AttnresParams& p, const uint4* st, i64 hv, i64 t,
+                                                     const i64 (&col)[VPT], const bool (&valid)[VPT],
+                                                     const float (&u)[VPT][8], float* red, int warp,
+                                                     float inv_h, Sync sync) {
+    typedef typename D::T T;
+    constexpr int NMAX = ATTNRES_STAGED_NMAX, K = 2 * NMAX, M = K / 32;
+    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i and 16 + i");
+    const int n = p.n;
+    const int lane = threadIdx.x & 31;
+    float x[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) x[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        if (i < n) {
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                if (valid[k]) {
+                    float v[8];
+                    unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        x[i] += v[e] * v[e];
+                        x[NMAX + i] += v[e] * u[k][e];
+                    }
+                }
+            }
+        }
+    }
+    warp_reduce_scatter<K>(x);
+#pragma unroll
+    for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
+    sync();
+    // Lane i < n: source i's logit (its sum of squares is entry i, its dot entry NMAX + i,
+    // added up by lane NMAX + i over the WARPS warps), then its weight (softmax across the lanes).
+    float r, dot;
+    const float w = p.scale * staged_softmax<NMAX>(staged_total<WARPS, K>(red, lane), n, inv_h, p.eps, r, dot);
+    float acc[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        if (i < n) {
+            const float wi = __shfl_sync(0xffffffffu, w, i);
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                if (valid[k]) {
+                    float v[8];
+                    unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[k][e] += wi * v[e];
+                }
+            }
+        }
+    }
+    T* out = static_cast<T*>(p.out) + t * p.hidden;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k)
+        if (valid[k]) store_vec<D, 8>(out + col[k] * 8, acc[k]);
+}
+
 template <class D, int BLOCK, int VPT>
 __device__ void mix_forward_staged(const AttnresParams& p) {
 #if __CUDA_ARCH__ >= 900
     typedef typename D::T T;
-    constexpr int NMAX = ATTNRES_STAGED_NMAX, WARPS = BLOCK / 32, K = 2 * NMAX, M = K / 32;
-    static_assert(NMAX == 16, "lane i < 16 finishes source i from entries i and 16 + i");
+    constexpr int WARPS = BLOCK / 32, K = 2 * ATTNRES_STAGED_NMAX;  // K: staged_forward_token's
     const int n = p.n, stages = p.stages;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5;
     const i64 h = p.hidden, hv = h / 8;
     const i64 stage_vecs = (i64)n * hv;
     float* red = reinterpret_cast<float*>(attnres_staged_smem + stages * stage_vecs);
@@ -662,64 +730,175 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
     for (unsigned it = 0; g < p.parts; ++it) {
         const int s = (int)(it % (unsigned)stages);
         mbar_wait(bar0 + 8 * s, (it / (unsigned)stages) & 1u);
-        const uint4* st = attnres_staged_smem + s * stage_vecs;
-        float x[K];
-#pragma unroll
-        for (int j = 0; j < K; ++j) x[j] = 0.f;
-#pragma unroll
-        for (int i = 0; i < NMAX; ++i) {
-            if (i < n) {
-#pragma unroll
-                for (int k = 0; k < VPT; ++k) {
-                    if (valid[k]) {
-                        float v[8];
-                        unpack8<D>(st[i * hv + col[k]], v);
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) {
-                            x[i] += v[e] * v[e];
-                            x[NMAX + i] += v[e] * u[k][e];
-                        }
-                    }
-                }
-            }
-        }
-        warp_reduce_scatter<K>(x);
-#pragma unroll
-        for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
-        __syncthreads();
-        // Lane i < n: source i's logit (its sum of squares is entry i, its dot entry NMAX + i,
-        // added up by lane NMAX + i), then its weight (softmax across the lanes).
-        float r, dot;
-        const float w = p.scale * staged_softmax<NMAX>(staged_total<WARPS, K>(red, lane), n, inv_h, p.eps, r, dot);
-        float acc[VPT][8];
-#pragma unroll
-        for (int k = 0; k < VPT; ++k)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
-#pragma unroll
-        for (int i = 0; i < NMAX; ++i) {
-            if (i < n) {
-                const float wi = __shfl_sync(0xffffffffu, w, i);
-#pragma unroll
-                for (int k = 0; k < VPT; ++k) {
-                    if (valid[k]) {
-                        float v[8];
-                        unpack8<D>(st[i * hv + col[k]], v);
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[k][e] += wi * v[e];
-                    }
-                }
-            }
-        }
-        T* out = static_cast<T*>(p.out) + t * h;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k)
-            if (valid[k]) store_vec<D, 8>(out + col[k] * 8, acc[k]);
+        staged_forward_token<D, WARPS, VPT>(p, attnres_staged_smem + s * stage_vecs, hv, t, col, valid, u, red,
+                                            warp, inv_h, [] { __syncthreads(); });
         // Every thread is done with stage s and with `red`: refill s with the token
         // `stages` ahead.
         __syncthreads();
         ring_refill<T>(p, s, stage_vecs, smem0, bar0, false, pg, pt);
         next_token(g, t, p.tokens, p.parts);
+    }
+#else
+    __trap();
+#endif
+}
+
+// ---- two teams sharing the ring (the _s2 forward: 512 threads, hidden 2049..4096) ----------
+//
+// Why: ncu of mix_forward_staged at n = 9, 16384 tokens x 4096 (bf16, H200): 0.459 ms, 1.45x
+// the HBM bytes floor, and not memory-bound: DRAM at 46%, 0.62 instructions issued per
+// scheduler (4 warps each: one 512-thread block per SM), stalls mostly "wait", "short
+// scoreboard", "barrier" and "selected"/"not selected", almost no "long scoreboard". The
+// ring hides HBM; what is exposed is each token's serial chain (sums, reduce-scatter,
+// barrier, softmax, weighted sum, barrier), with no other token's work on the SM to overlap
+// it. Here the block's 512 threads form two teams of 256 (team = threadIdx.x / 256, 8 warps
+// each) that work on two tokens at once: team j takes the block's iterations it = j, j + 2,
+// j + 4, ... (token blockIdx.x + it * gridDim.x; the forward's launch has parts = gridDim.x)
+// from the same ring (iteration it uses stage it % stages, its use it / stages of that stage,
+// as in mix_forward_staged), so one team's barriers and softmax overlap the other team's
+// loads and arithmetic. Each thread owns the 8-element vectors k * 256 + (threadIdx.x % 256),
+// k < VPT (VPT = 2: hidden up to 4096) of every row. Per token everything is as in
+// mix_forward_staged, except that the barriers are the team's own named barrier (1 + team,
+// 256 threads; barrier 0 stays __syncthreads), each team reduces into its own half of the
+// reduction area (8 warps x K floats each: the launcher's area is 16 warps x K), and the
+// team's leader (thread team * 256) refills the stage its team has just finished.
+//
+// THE HAZARD. Stage s serves uses k = 0, 1, 2, ... (iterations s + k * stages), and use k
+// waits for parity k & 1 of the stage's mbarrier; mbarrier.try_wait.parity(P) succeeds as
+// soon as the barrier's current phase has the other parity, so a wait for use k is right only
+// if phase k - 1 has completed (use k - 1's bytes landed) when it starts: then the current
+// phase is k, and it cannot complete before use k's refill arrives (the phase's one expected
+// arrival is that refill's arrive.expect_tx); nor can it be k + 2 (that needs use k + 1's
+// refill, issued only after use k has been read). With an even number of stages, uses k - 1
+// and k of a stage belong to the same team (iterations stages apart), which waited for
+// use k - 1 earlier in its own program order: fine. With an odd number (3 at n = 9, hidden
+// 4096) they belong to different teams, and nothing else orders them: team B, at use k, may
+// run ahead of team A still waiting for use k - 1's copy; its wait for parity k & 1 would then
+// succeed at once (phase k - 1 in progress) and B would read stale rows.
+//
+// The fix (odd stages only): a named-barrier handshake per stage. After its mbar_wait for
+// use k - 1 returns, warp 0 of the consuming team does bar.arrive on the handshake barrier of
+// (stage s, use k), with 32 + 256 threads, and all 256 threads of use k's team do bar.sync
+// on it before their mbar_wait for use k. A barrier.arrive synchronizes with the
+// barrier.sync that completes the same barrier (PTX memory model: release / acquire at CTA
+// scope), so the arriving warp's successful try_wait (it observed phase k - 1 complete) happens
+// before the waiting team's try_wait, which (coherence of the one mbarrier object) then sees a
+// phase >= k. Handshakes are used only where both sides exist: the arrive only if use k
+// exists (its token < tokens), the sync only for k >= 1; both sides compute the same
+// condition, so every arrive meets its sync, none is left pending at exit, and a team that
+// runs out of tokens just leaves (its team barrier is its own; nothing waits on it).
+// Barrier ids: the hardware counts arrivals, not whose they are, so two handshakes must
+// never be open on one id at once. With one id per stage they could be: team Y, the consumer
+// of use k - 2, arrives on (s, k - 1) and, as the consumer of use k, syncs on (s, k); nothing
+// orders that sync after the other team's sync on (s, k - 1), and Y's 32 + 256 arrivals would
+// complete the barrier without it. Hence two ids per stage, by the parity of k: handshake
+// (s, k) on id 3 + 2 s + (k & 1). On one id, handshakes (s, k), (s, k + 2), ... each pair an
+// arrive by team P (consumer of uses k - 1, k + 1) with a sync by team Q (consumer of uses k,
+// k + 2); P's arrive on (s, k + 2) comes after its wait for use k + 1, after its sync on
+// (s, k + 1), which completes only after Q's arrive on (s, k + 1), after Q's wait for use k,
+// after Q's sync on (s, k) completed; Q's sync on (s, k + 2) follows its sync on (s, k) in
+// program order: one handshake at a time per id, made of exactly P's warp 0 and Q's 8 warps.
+// Ids up to 3 + 2 stages - 1 <= 15: odd stages <= 6 (the launcher takes at most 4, so 3).
+// No deadlock: a sync at iteration i waits for an arrive at iteration i - stages; a wait at
+// iteration i for the refill issued after iteration i - stages; a team barrier for the
+// team's own threads at the same iteration: every dependency points to an earlier iteration.
+// (No flags in shared memory: the launcher raises the kernel's dynamic shared memory limit to
+// the device's opt-in maximum, which fails if the kernel has static shared memory, and the
+// dynamic layout has no spare bytes.)
+//
+// The refill: after the team barrier that ends the token (every thread of the team, the only
+// readers of this use of the stage, has read it; bar.sync orders those generic-proxy reads
+// before the leader's next instructions), the leader issues stage_token, whose
+// fence.proxy.async orders them before the bulk copies' async-proxy writes. The stage's
+// mbarrier is then in phase k + 1 (the leader's own wait for use k returned), so the refill's
+// arrive.expect_tx is the phase's one arrival.
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void named_sync(unsigned id, unsigned threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_arrive(unsigned id, unsigned threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+#endif
+
+template <class D, int VPT>
+__device__ void mix_forward_teams(const AttnresParams& p) {
+#if __CUDA_ARCH__ >= 900
+    typedef typename D::T T;
+    constexpr int TEAM = 256, TEAM_WARPS = TEAM / 32, BLOCK_WARPS = 2 * TEAM_WARPS;
+    constexpr int K = 2 * ATTNRES_STAGED_NMAX;  // staged_forward_token's reduction entries
+    const int n = p.n, stages = p.stages;
+    const int team = threadIdx.x / TEAM, tt = threadIdx.x % TEAM;
+    const int warp = tt >> 5;  // within the team
+    const i64 h = p.hidden, hv = h / 8;
+    const i64 stage_vecs = (i64)n * hv;
+    const i64 stride = gridDim.x;
+    // The layout of mix_forward_staged with BLOCK = 512: the ring, K x 16 warps floats, the
+    // mbarriers. Team j's reduction: warps 8 j .. 8 j + 7 of it.
+    float* red_all = reinterpret_cast<float*>(attnres_staged_smem + stages * stage_vecs);
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(red_all + K * BLOCK_WARPS);
+    float* red = red_all + team * (K * TEAM_WARPS);
+    const unsigned smem0 = attnres_smem_addr(attnres_staged_smem);
+    const unsigned bar0 = attnres_smem_addr(bar);
+    const bool cross = (stages & 1) != 0;  // uses k - 1 and k of a stage: different teams
+    if (cross && stages > 6) __trap();     // handshake ids 3 + 2 s + (k & 1) must stay <= 15
+    // The ring opens as in ring_open: thread 0 initialises the mbarriers, the block barrier
+    // publishes them, then thread 0 starts the first `stages` iterations' copies (use 0 of
+    // every stage).
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            const i64 t0 = blockIdx.x + (i64)s * stride;
+            if (t0 >= p.tokens) break;
+            stage_token<T>(p, t0, smem0 + (unsigned)(s * stage_vecs * 16), bar0 + 8 * s, false);
+        }
+    }
+    i64 col[VPT];
+    bool valid[VPT];
+    float u[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        col[k] = (i64)k * TEAM + tt;
+        valid[k] = col[k] < hv;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
+        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
+    }
+    const float inv_h = 1.f / (float)h;
+    const unsigned team_bar = 1 + team;
+    for (unsigned it = team;; it += 2) {
+        const i64 t = blockIdx.x + (i64)it * stride;
+        if (t >= p.tokens) break;
+        const int s = (int)(it % (unsigned)stages);
+        const unsigned use = it / (unsigned)stages;
+        const unsigned sbar = bar0 + 8 * s;
+        // This stage's next use (iteration it + stages) exists: refill it, and (odd stages)
+        // hand use + 1's team the news that use `use` has landed.
+        const bool next_use = t + (i64)stages * stride < p.tokens;
+        // (bar.sync / bar.arrive are .aligned: the __syncwarp()s reconverge each warp after
+        // the leader's refill branch and the try_wait loop before it reaches them.)
+        if (cross && use > 0) {
+            __syncwarp();
+            named_sync(3 + 2 * s + (use & 1u), TEAM + 32);
+        }
+        mbar_wait(sbar, use & 1u);
+        if (cross && next_use && warp == 0) {
+            __syncwarp();
+            named_arrive(3 + 2 * s + ((use + 1) & 1u), TEAM + 32);
+        }
+        staged_forward_token<D, TEAM_WARPS, VPT>(p, attnres_staged_smem + s * stage_vecs, hv, t, col, valid, u,
+                                                 red, warp, inv_h, [team_bar] { named_sync(team_bar, TEAM); });
+        // Every thread of the team is done with stage s (no other team reads this use of it)
+        // and with the team's `red`: the leader refills s with iteration it + stages.
+        named_sync(team_bar, TEAM);
+        if (tt == 0 && next_use)
+            stage_token<T>(p, t + (i64)stages * stride, smem0 + (unsigned)(s * stage_vecs * 16), sbar, false);
     }
 #else
     __trap();
@@ -868,17 +1047,26 @@ ATTNRES_REG_INSTANCES(f16, F16, 1, 16)
 ATTNRES_REG_INSTANCES(f16, F16, 2, 12)
 
 // Staged instances (sm_90; elsewhere they trap, and the launcher never picks them):
-// _s1: 256 threads, hidden <= 2048; _s2: 512 threads, hidden <= 4096; _s4: 512 threads, two
-// vectors per thread, hidden <= 8192. Up to ATTNRES_STAGED_NMAX sources.
+// _s1: 256 threads, hidden <= 2048; _s2: 512 threads, hidden <= 4096 (its forward: two teams
+// of 256, mix_forward_teams); _s4: 512 threads, two vectors per thread, hidden <= 8192. Up to
+// ATTNRES_STAGED_NMAX sources.
 #define ATTNRES_STAGED_INSTANCES(NAME, D, SUFFIX, BLOCK, VPT)                                      \
     extern "C" __global__ void __launch_bounds__(BLOCK, 1)                                         \
         attnres_fwd_##NAME##SUFFIX(const AttnresParams p) { mix_forward_staged<D, BLOCK, VPT>(p); } \
     extern "C" __global__ void __launch_bounds__(BLOCK, 1)                                         \
         attnres_bwd_##NAME##SUFFIX(const AttnresParams p) { mix_backward_staged<D, BLOCK, VPT>(p); }
 
+// _s2's forward: mix_forward_teams (two teams of 256 threads sharing the ring; same launch,
+// same shared-memory layout); its backward: mix_backward_staged.
+#define ATTNRES_TEAMS_INSTANCES(NAME, D)                                                           \
+    extern "C" __global__ void __launch_bounds__(512, 1)                                           \
+        attnres_fwd_##NAME##_s2(const AttnresParams p) { mix_forward_teams<D, 2>(p); }             \
+    extern "C" __global__ void __launch_bounds__(512, 1)                                           \
+        attnres_bwd_##NAME##_s2(const AttnresParams p) { mix_backward_staged<D, 512, 1>(p); }
+
 ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s1, 256, 1)
-ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s2, 512, 1)
+ATTNRES_TEAMS_INSTANCES(bf16, Bf16)
 ATTNRES_STAGED_INSTANCES(bf16, Bf16, _s4, 512, 2)
 ATTNRES_STAGED_INSTANCES(f16, F16, _s1, 256, 1)
-ATTNRES_STAGED_INSTANCES(f16, F16, _s2, 512, 1)
+ATTNRES_TEAMS_INSTANCES(f16, F16)
 ATTNRES_STAGED_INSTANCES(f16, F16, _s4, 512, 2)
