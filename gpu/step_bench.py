@@ -14,7 +14,10 @@ median step after warm-up, per method:
   training with Attention Residuals on (issue 12; not in the default methods).
 
 Each (model, method) runs in its own process (Liger patches transformers' modules for the
-whole process), the methods interleaved per model. Prints a table; ``--json`` writes it.
+whole process), the methods interleaved per model. Prints a table; ``--json`` writes it. On a
+GPU each row also has the timed steps' median SM clock and power draw (nvidia-smi sampled
+every 50 ms beside them): the same cuBLAS kernels can run slower under one method if the GPU
+clocks down at its power limit.
 
     python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
     python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
@@ -222,26 +225,32 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
         return out.loss
 
     times, host, losses = [], [], []
+    sampler = None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-            start.record()
-        t0 = time.perf_counter()
-        loss = step()
-        # the host's time to issue the step: near the step time, the GPU waits on Python
-        issued = (time.perf_counter() - t0) * 1e3
-        if device == "cuda":
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            ms = (time.perf_counter() - t0) * 1e3
-        losses.append(float(loss))
-        if i >= warmup:
-            times.append(ms)
-            host.append(issued)
+    try:
+        for i in range(warmup + steps):
+            if i == warmup and device == "cuda":
+                sampler = start_clock_sampler(torch.cuda.current_device())
+            if device == "cuda":
+                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+                start.record()
+            t0 = time.perf_counter()
+            loss = step()
+            # the host's time to issue the step: near the step time, the GPU waits on Python
+            issued = (time.perf_counter() - t0) * 1e3
+            if device == "cuda":
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+            losses.append(float(loss))
+            if i >= warmup:
+                times.append(ms)
+                host.append(issued)
+    finally:  # the sampler must not outlive a failed step
+        clocks = stop_clock_sampler(sampler)
     result = {
         "model": model_name,
         "method": method,
@@ -253,6 +262,8 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
         "host_ms": statistics.median(host),
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        # the timed steps' median SM clock and power draw (None without nvidia-smi)
+        "clocks": clocks,
     }
     if top:
         try:
@@ -268,6 +279,74 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
             **fusion_guard.taken,
         }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def start_clock_sampler(device_index):
+    """Samples the GPU's SM clock and power draw every 50 ms with nvidia-smi, in its own
+    process, while the timed steps run (a question the step tables left open: do the same
+    cuBLAS kernels run slower under one method because the GPU clocks down at its power
+    limit?). None where nvidia-smi is missing or fails."""
+    import shutil
+
+    import torch
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(device_index), "uuid", None)
+    target = f"GPU-{uuid}" if uuid is not None else str(device_index)
+    try:
+        return subprocess.Popen(
+            [
+                "nvidia-smi",
+                "-i",
+                target,
+                "--query-gpu=clocks.sm,power.draw",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "50",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+    except OSError:
+        return None
+
+
+def stop_clock_sampler(sampler):
+    """The samples' summary (``clock_summary``) once the sampler is stopped; None without one."""
+    if sampler is None:
+        return None
+    sampler.terminate()
+    try:
+        out, _ = sampler.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        sampler.kill()
+        out, _ = sampler.communicate()
+    return clock_summary(out)
+
+
+def clock_summary(text):
+    """Median SM clock (MHz) and power draw (W) of nvidia-smi's "clock, power" lines; lines
+    that do not parse (a value "[N/A]", a cut-off last line) are skipped. None if none parse."""
+    clocks, power = [], []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            continue
+        try:
+            c, w = float(parts[0]), float(parts[1])
+        except ValueError:
+            continue
+        clocks.append(c)
+        power.append(w)
+    if not clocks:
+        return None
+    return {
+        "sm_clock_mhz": statistics.median(clocks),
+        "power_w": statistics.median(power),
+        "samples": len(clocks),
+    }
 
 
 def device_time(spans, gaps=5):
@@ -466,12 +545,12 @@ def main():
     )
     print(
         "| model | method | step ms | vs stock | host ms to issue | peak GiB "
-        "| loss (first, last) |"
+        "| loss (first, last) | SM MHz, W |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | |")
+            print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | | |")
             continue
         stock = next(
             (
@@ -485,9 +564,12 @@ def main():
         )
         speed = f"{stock['median_ms'] / r['median_ms']:.2f}x" if stock else ""
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+        c = r.get("clocks")
+        clocks = f"{c['sm_clock_mhz']:.0f}, {c['power_w']:.0f}" if c else ""
         print(
             f"| {r['model']} | {r['method']} | {r['median_ms']:.0f} | {speed} "
-            f"| {r['host_ms']:.0f} | {peak} | {r['first_loss']:.3f}, {r['last_loss']:.3f} |"
+            f"| {r['host_ms']:.0f} | {peak} | {r['first_loss']:.3f}, {r['last_loss']:.3f} "
+            f"| {clocks} |"
         )
     for r in rows:
         if r.get("profile_error"):

@@ -111,3 +111,42 @@ def test_rounds_alternate_the_method_order():
     ]
     assert runs == ["stock", "ours", "ours", "stock"]
     assert "median of 2 rounds" in out
+
+
+def test_clock_summary_takes_the_medians_of_the_lines_that_parse():
+    clock_summary = load_step_bench().clock_summary
+    text = "1980, 650.5\n1755, 700.0\n[N/A], 690.0\n1830, 699.9\n19"
+    assert clock_summary(text) == {
+        "sm_clock_mhz": 1830.0,
+        "power_w": 699.9,
+        "samples": 3,
+    }
+    assert clock_summary("") is None and clock_summary("[N/A], [N/A]\n") is None
+
+
+def test_clock_sampler_runs_nvidia_smi_and_stops_it(tmp_path, monkeypatch):
+    # A stand-in nvidia-smi that prints two samples and then keeps running, as `-lms` does.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho '1700, 600.0'\necho '1900, 650.0'\nexec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    step_bench = load_step_bench()
+    import subprocess as sp
+    import time
+
+    class Props:
+        uuid = "1234"
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    sampler = step_bench.start_clock_sampler(0)
+    assert isinstance(sampler, sp.Popen)
+    assert sampler.args[:3] == ["nvidia-smi", "-i", "GPU-1234"]
+    time.sleep(0.5)
+    summary = step_bench.stop_clock_sampler(sampler)
+    assert sampler.poll() is not None  # stopped
+    assert summary == {"sm_clock_mhz": 1800.0, "power_w": 625.0, "samples": 2}
+    assert step_bench.stop_clock_sampler(None) is None
