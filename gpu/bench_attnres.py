@@ -23,6 +23,7 @@ import argparse
 import json
 
 from forward_rewrite import _attnres_op, attnres
+from step_bench import device_time
 
 SHAPES = [(9, 16384, 4096), (5, 16384, 4096), (3, 8192, 2048), (17, 4096, 4096)]
 
@@ -62,7 +63,7 @@ def time_ms(fn, iters=20, warmup=5):
 
 def device_ms(fn, iters=5):
     """GPU busy time per call of ``fn``: the union of its kernels' intervals over ``iters``
-    calls (torch.profiler), divided by ``iters``."""
+    calls (torch.profiler; step_bench.device_time), divided by ``iters``."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -71,17 +72,14 @@ def device_ms(fn, iters=5):
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
+    busy = device_time(
+        [
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        ]
     )
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    return busy / 1e3 / iters
+    return busy["busy_ms"] / iters if busy else 0.0
 
 
 def bench_shape(n, tokens, hidden, bw, compiled_ref, only):

@@ -630,6 +630,51 @@ __device__ __forceinline__ void ring_refill(const AttnresParams& p, int s, i64 s
 }
 #endif
 
+// Thread `tid`'s columns among THREADS threads (the 8-element vectors k * THREADS + tid,
+// k < VPT, valid below hv) and its part of u (zero past the row). (Tid: threadIdx.x's
+// unsigned or a team's int index, each widened as the kernels always did.)
+template <int THREADS, int VPT, class Tid>
+__device__ __forceinline__ void staged_columns(const AttnresParams& p, Tid tid, i64 hv, i64 (&col)[VPT],
+                                               bool (&valid)[VPT], float (&u)[VPT][8]) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        col[k] = (i64)k * THREADS + tid;
+        valid[k] = col[k] < hv;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
+        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
+    }
+}
+
+// A thread's per-source sums over its vectors of the n source rows of stage `st`, into x
+// (zeroed first): x[i] = v_i . v_i, x[NMAX + i] = v_i . u and, in the backward (G), also
+// x[2 NMAX + i] = v_i . g.
+template <class D, int NMAX, int K, int VPT, bool G>
+__device__ __forceinline__ void staged_sums(const uint4* st, i64 hv, int n, const i64 (&col)[VPT],
+                                            const bool (&valid)[VPT], const float (&u)[VPT][8],
+                                            const float (&gr)[VPT][8], float (&x)[K]) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) x[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        if (i < n) {
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                if (valid[k]) {
+                    float v[8];
+                    unpack8<D>(st[i * hv + col[k]], v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        x[i] += v[e] * v[e];
+                        x[NMAX + i] += v[e] * u[k][e];
+                        if (G) x[2 * NMAX + i] += v[e] * gr[k][e];
+                    }
+                }
+            }
+        }
+    }
+}
+
 // One token of the staged forward, from its rows in stage `st` to row t of the output: the
 // per-source sums, one warp reduce-scatter into `red` (WARPS warps x K floats), `sync()` (the
 // barrier of the threads that share `red`: the block's, or a team's), the softmax, and the
@@ -646,25 +691,7 @@ __device__ __forceinline__ void staged_forward_token(const AttnresParams& p, con
     const int n = p.n;
     const int lane = threadIdx.x & 31;
     float x[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) x[j] = 0.f;
-#pragma unroll
-    for (int i = 0; i < NMAX; ++i) {
-        if (i < n) {
-#pragma unroll
-            for (int k = 0; k < VPT; ++k) {
-                if (valid[k]) {
-                    float v[8];
-                    unpack8<D>(st[i * hv + col[k]], v);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        x[i] += v[e] * v[e];
-                        x[NMAX + i] += v[e] * u[k][e];
-                    }
-                }
-            }
-        }
-    }
+    staged_sums<D, NMAX, K, VPT, false>(st, hv, n, col, valid, u, u, x);
     warp_reduce_scatter<K>(x);
 #pragma unroll
     for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];
@@ -717,14 +744,7 @@ __device__ void mix_forward_staged(const AttnresParams& p) {
     i64 col[VPT];
     bool valid[VPT];
     float u[VPT][8];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-        col[k] = (i64)k * BLOCK + threadIdx.x;
-        valid[k] = col[k] < hv;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
-        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
-    }
+    staged_columns<BLOCK, VPT>(p, threadIdx.x, hv, col, valid, u);
     const float inv_h = 1.f / (float)h;
     i64 g = blockIdx.x, t = blockIdx.x;
     for (unsigned it = 0; g < p.parts; ++it) {
@@ -862,14 +882,7 @@ __device__ void mix_forward_teams(const AttnresParams& p) {
     i64 col[VPT];
     bool valid[VPT];
     float u[VPT][8];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-        col[k] = (i64)k * TEAM + tt;
-        valid[k] = col[k] < hv;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) u[k][e] = 0.f;
-        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
-    }
+    staged_columns<TEAM, VPT>(p, tt, hv, col, valid, u);
     const float inv_h = 1.f / (float)h;
     const unsigned team_bar = 1 + team;
     for (unsigned it = team;; it += 2) {
@@ -925,14 +938,11 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
     i64 col[VPT];
     bool valid[VPT];
     float u[VPT][8], du[VPT][8];
+    staged_columns<BLOCK, VPT>(p, threadIdx.x, hv, col, valid, u);
 #pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-        col[k] = (i64)k * BLOCK + threadIdx.x;
-        valid[k] = col[k] < hv;
+    for (int k = 0; k < VPT; ++k)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) u[k][e] = du[k][e] = 0.f;
-        if (valid[k]) load_vec<F32, 8>(p.u + col[k] * 8, u[k]);
-    }
+        for (int e = 0; e < 8; ++e) du[k][e] = 0.f;
     const float inv_h = 1.f / (float)h;
     i64 g = blockIdx.x, t = blockIdx.x;
     for (unsigned it = 0; g < p.parts; ++it) {
@@ -947,26 +957,7 @@ __device__ void mix_backward_staged(const AttnresParams& p) {
             if (valid[k]) unpack8<D>(st[n * hv + col[k]], gr[k]);
         }
         float x[K];
-#pragma unroll
-        for (int j = 0; j < K; ++j) x[j] = 0.f;
-#pragma unroll
-        for (int i = 0; i < NMAX; ++i) {
-            if (i < n) {
-#pragma unroll
-                for (int k = 0; k < VPT; ++k) {
-                    if (valid[k]) {
-                        float v[8];
-                        unpack8<D>(st[i * hv + col[k]], v);
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) {
-                            x[i] += v[e] * v[e];
-                            x[NMAX + i] += v[e] * u[k][e];
-                            x[2 * NMAX + i] += v[e] * gr[k][e];
-                        }
-                    }
-                }
-            }
-        }
+        staged_sums<D, NMAX, K, VPT, true>(st, hv, n, col, valid, u, gr, x);
         warp_reduce_scatter<K>(x);
 #pragma unroll
         for (int j = 0; j < M; ++j) red[warp * K + lane * M + j] = x[j];

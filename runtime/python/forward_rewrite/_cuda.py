@@ -248,7 +248,6 @@ def scale_in_place(t, factor) -> bool:
     ):
         return False
     if t.numel():
-        factor = factor.contiguous()
         load_nvrtc()
         with torch.cuda.device(t.device):
             _native.cuda_scale_in_place(
