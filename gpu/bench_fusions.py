@@ -53,6 +53,8 @@ MODELS = {
     "Qwen3-0.6B": (1024, 16, 8, 128, 3072, "llama", "silu", 1e-6),
     "Gemma-2-2B": (2304, 8, 4, 256, 9216, "gemma", "gelu_tanh", 1e-6),
     "Phi-3-mini": (3072, 32, 32, 96, 8192, "llama", "silu", 1e-5),
+    # hidden 4096, head_dim 128: the shapes of most 7-9B models (Llama-3-8B, Qwen2.5-7B, GLM-4)
+    "Mistral-7B": (4096, 32, 8, 128, 14336, "llama", "silu", 1e-5),
 }
 
 

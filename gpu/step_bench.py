@@ -95,6 +95,9 @@ SHAPES = {
             "head_dim": 128,
             "vocab_size": 32768,
             "tie_word_embeddings": False,
+            # v0.3 has no sliding window (MistralConfig's default is v0.1's 4096, which makes
+            # transformers build a 4D mask and repeat the kv heads for sdpa)
+            "sliding_window": None,
         },
     ),
     # Phi-3-mini (packed gate_up MLP, partial-form rotary)
