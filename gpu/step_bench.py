@@ -32,6 +32,7 @@ clocks down at its power limit.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -380,10 +381,44 @@ def device_time(spans, gaps=5):
     }
 
 
+#: Device work by what could make it faster, matched on kernel names (first match wins).
+#: Matrix products, attention and the optimizer are what no element-wise fusion removes:
+#: their sum bounds the step time any fusion of the rest can reach ("fusion ceiling").
+KERNEL_CLASSES = [
+    (
+        "matmul",
+        re.compile(r"nvjet|gemm|cutlass|xmma|splitKreduce|cublas", re.IGNORECASE),
+    ),
+    ("attention", re.compile(r"sdpa|flash|fmha|cudnn", re.IGNORECASE)),
+    ("optimizer", re.compile(r"multi_tensor_apply")),
+    (
+        "forward-rewrite",
+        re.compile(
+            r"^(rms_(fwd|bwd|dw_finish)|rope|gated_(fwd|bwd)|ce_rows|dh_finish|gather_rows"
+            r"|target_scatter|scale_by|cast_from_f32|fill|attnres_(fwd|bwd))_"
+        ),
+    ),
+    ("triton", re.compile(r"^_|liger|triton", re.IGNORECASE)),
+    ("other", re.compile(r"")),
+]
+#: The classes no fusion of element-wise work removes.
+UNFUSABLE = ("matmul", "attention", "optimizer")
+
+
+def kernel_classes(spans):
+    """Device ms per class of KERNEL_CLASSES, from (start, end, name) in microseconds."""
+    out = {name: 0.0 for name, _ in KERNEL_CLASSES}
+    for start, end, kernel in spans:
+        name = next(c for c, pattern in KERNEL_CLASSES if pattern.search(kernel))
+        out[name] += (end - start) / 1e3
+    return {name: round(ms, 3) for name, ms in out.items()}
+
+
 def profile_step(step, device, top):
     """One more step under torch.profiler: the ``top`` operators and kernels by their own
     device time (CPU time on the CPU), as [name, total ms, calls], and on a GPU the step's
-    device busy and idle time (``device_time``; None on the CPU)."""
+    device busy and idle time (``device_time``, with ``classes``: ms per kernel class; None
+    on the CPU)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -415,7 +450,41 @@ def profile_step(step, device, top):
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
-    return costliest, device_time(on_device)
+    busy = device_time(on_device)
+    if busy:
+        busy["classes"] = kernel_classes(on_device)
+    return costliest, busy
+
+
+def print_classes(rows):
+    """The profiled steps' device time per kernel class, and each one's fusion ceiling."""
+    profiled = [r for r in rows if (r.get("device_time") or {}).get("classes")]
+    if not profiled:
+        return
+    names = [name for name, _ in KERNEL_CLASSES]
+    print(
+        "\nOne profiled step's device ms per kernel class; ceiling: stock's step over this "
+        "row's matmul + attention + optimizer, the speed-up over stock if all other work "
+        "took no time"
+    )
+    print(f"| model | method | {' | '.join(names)} | ceiling |")
+    print("| --- | --- |" + " ---: |" * (len(names) + 1))
+    for r in profiled:
+        classes = r["device_time"]["classes"]
+        stock = next(
+            (
+                s["median_ms"]
+                for s in rows
+                if s["model"] == r["model"]
+                and s["method"] == "stock"
+                and "error" not in s
+            ),
+            None,
+        )
+        floor = sum(classes[c] for c in UNFUSABLE)
+        ceiling = f"{stock / floor:.2f}x" if stock and floor else ""
+        cells = " | ".join(f"{classes[c]:.1f}" for c in names)
+        print(f"| {r['model']} | {r['method']} | {cells} | {ceiling} |")
 
 
 def merge_rounds(rows):
@@ -574,6 +643,7 @@ def main():
             f"| {r['host_ms']:.0f} | {peak} | {r['first_loss']:.3f}, {r['last_loss']:.3f} "
             f"| {clocks} |"
         )
+    print_classes(rows)
     for r in rows:
         if r.get("profile_error"):
             print(

@@ -150,3 +150,62 @@ def test_clock_sampler_runs_nvidia_smi_and_stops_it(tmp_path, monkeypatch):
     assert sampler.poll() is not None  # stopped
     assert summary == {"sm_clock_mhz": 1800.0, "power_w": 625.0, "samples": 2}
     assert step_bench.stop_clock_sampler(None) is None
+
+
+def test_kernels_fall_into_their_classes():
+    kernel_classes = load_step_bench().kernel_classes
+    spans = [
+        (0.0, 1000.0, "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN"),
+        (0.0, 500.0, "void cublasLt::splitKreduce_kernel<32, 16, int, float>"),
+        (0.0, 2000.0, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16"),
+        (0.0, 300.0, "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>"),
+        (
+            0.0,
+            100.0,
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<",
+        ),
+        (0.0, 40.0, "rms_fwd_bf16_bf16_bf16_v1"),
+        (0.0, 20.0, "ce_rows_cluster_plain_bf16"),
+        (0.0, 10.0, "_rms_norm_forward_kernel"),
+        (0.0, 5.0, "liger_cross_entropy_kernel"),
+        (
+            0.0,
+            7.0,
+            "void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>",
+        ),
+        (0.0, 1.0, "Memset (Device)"),
+    ]
+    assert kernel_classes(spans) == {
+        "matmul": 1.5,
+        "attention": 2.3,
+        "optimizer": 0.1,
+        "forward-rewrite": 0.06,
+        "triton": 0.015,
+        "other": 0.008,
+    }
+
+
+def test_the_ceiling_is_stock_over_the_unfusable_work(capsys):
+    print_classes = load_step_bench().print_classes
+    classes = {
+        "matmul": 50.0,
+        "attention": 20.0,
+        "optimizer": 10.0,
+        "forward-rewrite": 5.0,
+        "triton": 0.0,
+        "other": 15.0,
+    }
+    rows = [
+        {"model": "m", "method": "stock", "median_ms": 120.0},
+        {
+            "model": "m",
+            "method": "ours",
+            "median_ms": 101.0,
+            "device_time": {"classes": classes},
+        },
+    ]
+    print_classes(rows)
+    out = capsys.readouterr().out
+    assert "| m | ours | 50.0 | 20.0 | 10.0 | 5.0 | 0.0 | 15.0 | 1.50x |" in out
+    print_classes([{"model": "m", "method": "stock", "median_ms": 1.0}])
+    assert capsys.readouterr().out == ""  # nothing profiled, no table
