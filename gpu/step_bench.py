@@ -23,7 +23,10 @@ clocks down at its power limit.
     python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --profile 15
         (one more step profiled: its 15 costliest kernels, and on a GPU the time the device
-        ran work against the step's span, with the longest idle stretches between kernels)
+        ran work against the step's span, with the longest idle stretches between kernels,
+        and its device time per kernel class: matrix products, attention and the optimizer,
+        which no element-wise fusion removes, against the rest; stock's step over the former
+        is the "ceiling", the most any fusion of the rest could gain)
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --rounds 4
         (each method 4 times, in the order ours, liger, liger, ours, ours, liger, ...)
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
