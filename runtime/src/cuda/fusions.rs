@@ -187,21 +187,26 @@ pub fn rms_layout(hidden: u64, vector_ok: bool) -> RmsLayout {
     any
 }
 
-/// The forward's layout: the backward's ([`rms_layout`]), except for rows of 33 to 128
-/// vectors (264 to 1024 16-bit elements, Qwen3-0.6B's hidden size), which the backward gives
-/// to one warp with 2 or 4 vectors per thread: the forward runs them one row per block, one
-/// vector per thread, as it does longer rows (H200, 32768 x 1024 bf16: 45.9 -> 36.0 us).
-/// Two vectors per thread for longer rows measured slower (Phi-3's 3072: 114 -> 119 us).
+/// The forward's layout: rows of more than 32 vectors one per block (the backward gives rows
+/// of 33 to 128 vectors, 264 to 1024 16-bit elements, to one warp with 2 or 4 vectors per
+/// thread; one per block measured faster, H200, 32768 x 1024 bf16: 45.9 -> 36.0 us), one
+/// vector per thread up to 256 vectors, two from 257 to 1024: the kernel is bound by
+/// instruction issue, and two vectors a thread halve the threads of a row and so its
+/// per-thread prologue, reduction and rstd (hidden 4096: 256 threads, not 512). Longer rows
+/// and the `_any` fallback: the backward's.
 pub fn rms_forward_layout(hidden: u64, vector_ok: bool) -> RmsLayout {
     let backward = rms_layout(hidden, vector_ok);
     let vpr = hidden / 8;
-    if backward.nv == 0 || !(33..=128).contains(&vpr) {
-        return backward;
-    }
-    let team = (vpr.div_ceil(32) * 32) as u32;
+    let nv = match vpr {
+        _ if backward.nv == 0 => return backward,
+        33..=256 => 1,
+        257..=1024 => 2,
+        _ => return backward,
+    };
+    let team = (vpr.div_ceil(nv).div_ceil(32) * 32) as u32;
     RmsLayout {
         team,
-        nv: 1,
+        nv: nv as u32,
         block: team,
     }
 }
@@ -1078,8 +1083,10 @@ mod tests {
         );
         assert_eq!(shape(1024), (128, 1, 1));
         assert_eq!(shape(2048), (256, 1, 1));
-        assert_eq!(shape(3072), (384, 1, 1));
-        assert_eq!(shape(4096), (512, 1, 1));
+        assert_eq!(shape(3072), (192, 2, 1));
+        assert_eq!(shape(4096), (256, 2, 1));
+        assert_eq!(shape(5120), (320, 2, 1));
+        assert_eq!(shape(8192), (512, 2, 1));
         assert_eq!(shape(16384), (512, 4, 1));
         assert_eq!(
             rms_forward_layout(2048, false).nv,
