@@ -529,6 +529,12 @@ def cases(tokens):
             ),
             "rms_norm hidden 20480 (any kernel)": case_rms((64, 20480), 1e-6, "gemma"),
             "rms_norm hidden 8 (team of 1)": case_rms((small, 8), 1e-6, "llama"),
+            # Mistral-7B / Llama-3-8B: several vectors per thread, and with `tokens` rows
+            # more rows than a persistent grid's blocks.
+            "rms_norm hidden 4096": case_rms((batch, seq, 4096), 1e-5, "llama"),
+            "rms_norm hidden 8200 (1025 vectors)": case_rms(
+                (small, 8200), 1e-6, "gemma"
+            ),
             "rms_norm hidden 1000 (warp, 4 vectors)": case_rms(
                 (small, 1000), 1e-6, "gemma"
             ),
@@ -566,7 +572,14 @@ def cases(tokens):
     return out
 
 
-QUICK = ("Llama-3.2-1B", "Qwen3-0.6B q_norm", "mixed", "rotary GLM", "gated cols")
+QUICK = (
+    "Llama-3.2-1B",
+    "Qwen3-0.6B q_norm",
+    "mixed",
+    "rms_norm hidden 4096",
+    "rotary GLM",
+    "gated cols",
+)
 
 
 # ---- the checks beyond accuracy -------------------------------------------------------------
