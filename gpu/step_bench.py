@@ -459,6 +459,18 @@ def profile_step(step, device, top):
     return costliest, busy
 
 
+def stock_ms(rows, model):
+    """The model's stock step time among the rows, or None when stock did not run."""
+    return next(
+        (
+            s["median_ms"]
+            for s in rows
+            if s["model"] == model and s["method"] == "stock" and "error" not in s
+        ),
+        None,
+    )
+
+
 def print_classes(rows):
     """The profiled steps' device time per kernel class, and each one's fusion ceiling."""
     profiled = [r for r in rows if (r.get("device_time") or {}).get("classes")]
@@ -474,16 +486,7 @@ def print_classes(rows):
     print("| --- | --- |" + " ---: |" * (len(names) + 1))
     for r in profiled:
         classes = r["device_time"]["classes"]
-        stock = next(
-            (
-                s["median_ms"]
-                for s in rows
-                if s["model"] == r["model"]
-                and s["method"] == "stock"
-                and "error" not in s
-            ),
-            None,
-        )
+        stock = stock_ms(rows, r["model"])
         floor = sum(classes[c] for c in UNFUSABLE)
         ceiling = f"{stock / floor:.2f}x" if stock and floor else ""
         cells = " | ".join(f"{classes[c]:.1f}" for c in names)
@@ -627,17 +630,8 @@ def main():
         if "error" in r:
             print(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | | |")
             continue
-        stock = next(
-            (
-                s
-                for s in rows
-                if s["model"] == r["model"]
-                and s["method"] == "stock"
-                and "error" not in s
-            ),
-            None,
-        )
-        speed = f"{stock['median_ms'] / r['median_ms']:.2f}x" if stock else ""
+        stock = stock_ms(rows, r["model"])
+        speed = f"{stock / r['median_ms']:.2f}x" if stock else ""
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
         c = r.get("clocks")
         clocks = f"{c['sm_clock_mhz']:.0f}, {c['power_w']:.0f}" if c else ""
