@@ -8,8 +8,8 @@ bytes floor; prints a markdown table.
 
 Shapes: the decoder layers of Llama-3.2-1B, Qwen3-0.6B (plus its per-head q/k norms),
 Gemma-2-2B (Gemma's (1 + w) norm, GELU-tanh), Phi-3-mini (gate/up as chunks of one
-projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), bf16, 8 sequences of 4096 tokens (the batch of issue 10's table). Per op, the
-forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
+projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), bf16, 8 sequences
+of 4096 tokens (the batch of issue 10's table). Per op, the forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
 
 Methods: ours (Phi-3: gated_mlp_act_packed on the gate_up tensor); stock (the transformers
 module or function, eager); liger (Liger Kernel's LigerRMSNormFunction with in_place=False,

@@ -529,8 +529,7 @@ def cases(tokens):
             ),
             "rms_norm hidden 20480 (any kernel)": case_rms((64, 20480), 1e-6, "gemma"),
             "rms_norm hidden 8 (team of 1)": case_rms((small, 8), 1e-6, "llama"),
-            # Mistral-7B / Llama-3-8B: several vectors per thread, and with `tokens` rows
-            # more rows than a persistent grid's blocks.
+            # Mistral-7B / Llama-3-8B: two vectors per thread in the forward.
             "rms_norm hidden 4096": case_rms((batch, seq, 4096), 1e-5, "llama"),
             "rms_norm hidden 8200 (1025 vectors)": case_rms(
                 (small, 8200), 1e-6, "gemma"
