@@ -29,6 +29,9 @@ clocks down at its power limit.
         is the "ceiling", the most any fusion of the rest could gain)
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --rounds 4
         (each method 4 times, in the order ours, liger, liger, ours, ours, liger, ...)
+    python3 gpu/step_bench.py --models qwen3-moe-12l --methods ours,liger --memory 12
+        (one more step with the allocator's history recorded: the tensors alive at its peak
+        memory, summed by the line of Python that allocated them, the 12 largest)
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -173,7 +176,7 @@ def apply_liger(family, everything):
         )
 
 
-def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
+def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0, memory=0):
     """Runs in the child process: builds the model, times the steps, prints JSON."""
     import torch
     import transformers
@@ -277,6 +280,8 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0):
             result["profile"], result["device_time"] = profile_step(step, device, top)
         except Exception as e:  # noqa: BLE001  (the timed steps stand without it)
             result["profile_error"] = f"{type(e).__name__}: {e}"
+    if memory and device == "cuda":
+        result["peak_tensors"] = memory_step(step, memory)
     if method in ("ours", "ours-loss", "liger+ours", "ours+attnres"):
         import forward_rewrite
         from forward_rewrite import fusion_guard
@@ -459,6 +464,70 @@ def profile_step(step, device, top):
     return costliest, busy
 
 
+def memory_step(step, top):
+    """One more step with the CUDA allocator's history recorded: ``peak_tensors`` of it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    traces = snapshot.get("device_traces") or [[]]
+    return peak_tensors(traces[torch.cuda.current_device()], top)
+
+
+#: Frames skipped when naming who allocated a tensor: the framework's own code.
+_FRAMEWORK = re.compile(r"/torch/|/contextlib\.py$|^<|/functools\.py$")
+
+
+def allocation_site(frames):
+    """The innermost frame outside torch itself, as "file.py:line function" (the path cut
+    after its package directory); "(no Python frame)" for allocations made where no Python
+    runs, such as autograd's backward of a built-in operator."""
+    for f in frames or []:
+        name = f.get("filename", "")
+        if not _FRAMEWORK.search(name):
+            short = "/".join(name.split("/")[-2:])
+            return f"{short}:{f.get('line')} {f.get('name')}"
+    return "(no Python frame)"
+
+
+def peak_tensors(trace, top):
+    """The tensors alive when a recorded stretch of allocator events (``device_traces`` of
+    ``torch.cuda.memory._snapshot()``, oldest first) reached its most memory, summed by
+    ``allocation_site``: {"peak_gib": the rise over the memory at the start, "sites":
+    [[site, GiB, tensors], ...] the ``top`` largest}. Tensors allocated before the
+    recording are not seen, but their frees count against the rise."""
+    rise, peak, peak_at = 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            rise += e["size"]
+            if rise > peak:
+                peak, peak_at = rise, i
+        elif e["action"] == "free_requested":
+            rise -= e["size"]
+    live = {}
+    for e in trace[: peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    sites = {}
+    for e in live.values():
+        site = sites.setdefault(allocation_site(e.get("frames")), [0, 0])
+        site[0] += e["size"]
+        site[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    return {
+        "peak_gib": round(peak / 2**30, 3),
+        "sites": [[s, round(b / 2**30, 3), n] for s, (b, n) in ranked],
+    }
+
+
 def stock_ms(rows, model):
     """The model's stock step time among the rows, or None when stock did not run."""
     return next(
@@ -547,6 +616,15 @@ def main():
         "its device busy and idle time with the longest idle stretches",
     )
     ap.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps (GPU only), record one more step's allocations: the "
+        "tensors alive at its peak memory, summed by the Python line that allocated them, "
+        "the N largest",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -572,7 +650,17 @@ def main():
     if a.smoke:
         a.batch, a.seq, a.steps, a.warmup = 2, 64, 2, 1
     if a.one:
-        one(*a.one, a.steps, a.warmup, a.batch, a.seq, device, a.smoke, a.profile)
+        one(
+            *a.one,
+            a.steps,
+            a.warmup,
+            a.batch,
+            a.seq,
+            device,
+            a.smoke,
+            a.profile,
+            a.memory,
+        )
         return
     rows = []
     for model_name in a.models.split(","):
@@ -586,6 +674,7 @@ def main():
             cmd += ["--batch", str(a.batch), "--seq", str(a.seq)]
             cmd += ["--smoke"] if a.smoke else []
             cmd += ["--profile", str(a.profile)] if a.profile and k == 0 else []
+            cmd += ["--memory", str(a.memory)] if a.memory and k == 0 else []
             try:
                 done = subprocess.run(
                     cmd,
@@ -658,6 +747,15 @@ def main():
             )
             for ms, before, after in busy["gaps"]:
                 print(f"| {ms:.2f} | `{before}` | `{after}` |")
+        peak = r.get("peak_tensors")
+        if peak:
+            print(
+                f"\n{r['model']} / {r['method']}: the tensors alive at one step's peak "
+                f"({peak['peak_gib']:.2f} GiB over the step's start), by where they were allocated"
+            )
+            print("| allocated at | GiB | tensors |\n| --- | ---: | ---: |")
+            for site, gib, n in peak["sites"]:
+                print(f"| `{site}` | {gib:.3f} | {n} |")
         if r.get("profile"):
             print(f"\n{r['model']} / {r['method']}: one step's costliest kernels")
             print("| kernel or operator | ms | calls |\n| --- | ---: | ---: |")

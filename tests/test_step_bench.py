@@ -209,3 +209,48 @@ def test_the_ceiling_is_stock_over_the_unfusable_work(capsys):
     assert "| m | ours | 50.0 | 20.0 | 10.0 | 5.0 | 0.0 | 15.0 | 1.50x |" in out
     print_classes([{"model": "m", "method": "stock", "median_ms": 1.0}])
     assert capsys.readouterr().out == ""  # nothing profiled, no table
+
+
+def test_peak_tensors_are_those_alive_at_the_most_memory():
+    step_bench = load_step_bench()
+    gib = 2**30
+
+    def frames(*where):
+        return [{"filename": f, "line": n, "name": fn} for f, n, fn in where]
+
+    mlp = frames(
+        ("/site/torch/nn/modules/linear.py", 125, "forward"),
+        ("/site/transformers/models/llama/modeling_llama.py", 160, "forward"),
+        ("/site/torch/utils/checkpoint.py", 500, "recompute"),
+    )
+    ours = frames(("/site/forward_rewrite/fused_ops.py", 640, "gated_mlp_act"))
+    trace = [
+        # a tensor from before the recording, freed: the rise counts it
+        {"action": "free_requested", "addr": 9, "size": 1 * gib},
+        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": mlp},
+        {"action": "alloc", "addr": 2, "size": 1 * gib, "frames": mlp},
+        {"action": "free_completed", "addr": 9, "size": 1 * gib},  # not a second free
+        {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": ours},
+        {
+            "action": "alloc",
+            "addr": 4,
+            "size": 3 * gib,
+            "frames": [],
+        },  # the peak: 6 GiB
+        {"action": "free_requested", "addr": 4, "size": 3 * gib},
+        {"action": "free_requested", "addr": 2, "size": 1 * gib},
+        {
+            "action": "alloc",
+            "addr": 5,
+            "size": 3 * gib,
+            "frames": ours,
+        },  # 5 GiB: no peak
+    ]
+    assert step_bench.peak_tensors(trace, top=2) == {
+        "peak_gib": 6.0,
+        "sites": [
+            ["(no Python frame)", 3.0, 1],
+            ["llama/modeling_llama.py:160 forward", 3.0, 2],
+        ],
+    }
+    assert step_bench.peak_tensors([], top=3) == {"peak_gib": 0.0, "sites": []}
