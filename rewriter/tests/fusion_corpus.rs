@@ -1,4 +1,5 @@
-//! The decoder-fusion passes (`rms-norm`, `rotary`, `gated-mlp`) over the pinned corpus:
+//! The decoder-fusion passes (`rms-norm`, `residual-norm`, `rotary`, `gated-mlp`) over the
+//! pinned corpus:
 //! per class and pass the verdict, reason and sites (insta snapshots under `snapshots/`),
 //! the emitted code of representative sites, and that every emitted site re-parses.
 
@@ -13,7 +14,7 @@ use forward_rewrite::passes::PASSES;
 use forward_rewrite::scan::{ScanOptions, scan};
 
 const VERSIONS: [&str; 2] = ["4.57.6", "5.23.0"];
-const FUSIONS: [&str; 3] = ["rms-norm", "rotary", "gated-mlp"];
+const FUSIONS: [&str; 4] = ["rms-norm", "residual-norm", "rotary", "gated-mlp"];
 
 fn audit(version: &str) -> AuditDocument {
     let passes = FUSIONS
@@ -52,7 +53,9 @@ fn render(doc: &AuditDocument, pass: &str) -> String {
                             .as_object()
                             .map(|m| {
                                 m.iter()
-                                    .filter(|(k, _)| *k == "form" || *k == "activation")
+                                    .filter(|(k, _)| {
+                                        *k == "form" || *k == "activation" || *k == "norms"
+                                    })
                                     .map(|(_, v)| v.as_str().unwrap().to_string())
                                     .collect::<Vec<_>>()
                                     .join(",")
@@ -96,7 +99,7 @@ fn fusion_pass_snapshots_and_emitted_sites() {
             .map(|p| p.name)
             .filter(|n| FUSIONS.contains(n))
             .count(),
-        3
+        FUSIONS.len()
     );
     for version in VERSIONS {
         let doc = audit(version);
@@ -130,6 +133,8 @@ fn emitted_code_of_representative_sites() {
         ("LlamaForCausalLM", "rms-norm", "LlamaRMSNorm"),
         ("LlamaForCausalLM", "rotary", "apply_rotary_pos_emb"),
         ("LlamaForCausalLM", "gated-mlp", "LlamaMLP"),
+        ("LlamaForCausalLM", "residual-norm", "LlamaDecoderLayer"),
+        ("Gemma2ForCausalLM", "residual-norm", "Gemma2DecoderLayer"),
         ("Gemma3ForCausalLM", "rms-norm", "Gemma3RMSNorm"),
         ("Gemma3ForCausalLM", "gated-mlp", "Gemma3MLP"),
         ("Olmo2ForCausalLM", "rms-norm", "Olmo2RMSNorm"),

@@ -12,6 +12,7 @@ pub mod fused_loss;
 pub mod fusion_common;
 pub mod gated_mlp;
 pub mod packing;
+pub mod residual_norm;
 pub mod rms_norm;
 pub mod rotary;
 
@@ -61,6 +62,7 @@ pub struct Pass {
 /// Every pass beyond the fused loss, in the order they run.
 pub const PASSES: &[&Pass] = &[
     &rms_norm::PASS,
+    &residual_norm::PASS,
     &rotary::PASS,
     &gated_mlp::PASS,
     &packing::PASS,

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ruff_python_ast::comparable::ComparableStmt;
 use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
-use ruff_text_size::Ranged;
+use ruff_text_size::{Ranged, TextRange};
 use serde::Serialize;
 
 use crate::audit::PassReport;
@@ -253,16 +253,78 @@ pub fn emit_guarded(
     def: &StmtFunctionDef,
     lines: &[String],
 ) -> Result<String, String> {
-    let range = function_range(src, def);
-    let body = body_without_docstring(def);
-    let Some(first) = body.first() else {
+    let Some(first) = body_without_docstring(def).first() else {
         return Err("the function has no body besides its docstring".to_string());
     };
-    let first_start = first.start().to_usize();
-    let insert_at = src.line_start(first_start);
-    let body_indent = src.indentation_at(first_start).to_string();
+    emit_edited(src, def, first.start().to_usize(), |at| {
+        (at == src.line_start(first.start().to_usize())).then(|| Edit {
+            lines: lines.to_vec(),
+            indent_until: None,
+        })
+    })
+}
+
+/// A run of a function body's top-level statements to put behind a guard.
+pub struct Branch {
+    /// The run's first and last statement (the range from the one's start to the other's
+    /// end; the run must own its lines: nothing else starts on its first line).
+    pub range: TextRange,
+    /// `if <guard>:` and the fused statements, relative to the run's indentation.
+    pub fused: Vec<String>,
+}
+
+/// The function dedented to column 0 with each branch's statements moved under `else:`
+/// behind its fused lines (`if <guard>:` / the fused statements / `else:` / the stock
+/// statements, one level in, byte for byte otherwise). Errors as [`emit_guarded`], and when a
+/// run shares its first line with another statement.
+pub fn emit_branched(
+    src: &ParsedSource,
+    def: &StmtFunctionDef,
+    branches: &[Branch],
+) -> Result<String, String> {
+    let Some(first) = body_without_docstring(def).first() else {
+        return Err("the function has no body besides its docstring".to_string());
+    };
+    for b in branches {
+        let start = b.range.start().to_usize();
+        if src.text[src.line_start(start)..start].trim() != "" {
+            return Err("a guarded statement shares its line".to_string());
+        }
+    }
+    emit_edited(src, def, first.start().to_usize(), |at| {
+        let b = branches
+            .iter()
+            .find(|b| src.line_start(b.range.start().to_usize()) == at)?;
+        let mut lines = b.fused.clone();
+        lines.push("else:".to_string());
+        Some(Edit {
+            lines,
+            indent_until: Some(b.range.end().to_usize()),
+        })
+    })
+}
+
+/// What [`emit_edited`] puts at a line of the function.
+struct Edit {
+    /// Lines inserted before it, relative to the body's indentation.
+    lines: Vec<String>,
+    /// Indent it and the following lines one level more, through the one holding this offset.
+    indent_until: Option<usize>,
+}
+
+/// The function dedented to column 0, with `edit(line start)`'s lines inserted before a line
+/// and runs of lines indented one more level; re-parsed to check it is one patched function.
+/// `body_start` is the offset of a body statement (its indentation is the body's).
+fn emit_edited(
+    src: &ParsedSource,
+    def: &StmtFunctionDef,
+    body_start: usize,
+    edit: impl Fn(usize) -> Option<Edit>,
+) -> Result<String, String> {
+    let range = function_range(src, def);
+    let body_indent = src.indentation_at(body_start).to_string();
     let margin = src.indentation_at(range.start).to_string();
-    if src.text[insert_at..first_start].trim() != ""
+    if src.text[src.line_start(body_start)..body_start].trim() != ""
         || body_indent.contains('\t')
         || margin.contains('\t')
         || !body_indent.starts_with(&margin)
@@ -272,26 +334,32 @@ pub fn emit_guarded(
     let inner = &body_indent[margin.len()..];
     let mut out = String::with_capacity(range.len() + 512);
     let mut offset = range.start;
+    let mut indent_until = None;
     while offset < range.end {
-        if offset == insert_at {
-            for line in lines {
-                if line.is_empty() {
-                    out.push('\n');
-                } else {
+        if let Some(e) = edit(offset) {
+            for line in &e.lines {
+                if !line.is_empty() {
                     out.push_str(inner);
                     out.push_str(line);
-                    out.push('\n');
                 }
+                out.push('\n');
             }
+            indent_until = e.indent_until;
         }
         let line_end = src.line_end(offset).min(range.end);
         let line = &src.text[offset..line_end];
+        let extra = match indent_until {
+            Some(until) if offset <= until => inner,
+            _ => "",
+        };
         if src.in_string(offset) {
             out.push_str(line);
         } else if line.trim().is_empty() {
         } else if let Some(rest) = line.strip_prefix(margin.as_str()) {
+            out.push_str(extra);
             out.push_str(rest);
         } else {
+            out.push_str(extra);
             out.push_str(line.trim_start());
         }
         out.push('\n');
@@ -402,7 +470,12 @@ class ToyForCausalLM(ToyPreTrainedModel):
 
     /// The pass's report on `ToyForCausalLM` in `module(extra)`.
     pub fn run(pass: &Pass, extra: &str) -> PassReport {
-        let text = module(extra);
+        run_module(pass, &module(extra))
+    }
+
+    /// The pass's report on `ToyForCausalLM` in a module of this text.
+    pub fn run_module(pass: &Pass, text: &str) -> PassReport {
+        let text = text.to_string();
         let parsed = ParsedSource::parse(text.clone()).unwrap();
         let classes = crate::analyze::module_classes(&text, "m", "m.py").unwrap();
         let chain: Vec<ClassSource> = classes
