@@ -13,6 +13,12 @@
 //        per block into a float32 partial row (fixed order), then `rms_dw_finish` adds the
 //        partial rows in order and rounds once to W. Deterministic for a given launch shape.
 //
+// With the decoder layer's residual add fused in front (`rms_fwd_add_*`, `residual` and
+// `sum_out` set): s = round_X(x + residual) (torch's add of two X tensors: a float32 sum
+// rounded once) is written to `sum_out` and normalised in place of x. Its backward is the
+// norm's on s, with `dres` (the gradient reaching s from elsewhere, X, or null) added in
+// float32 before dx's one rounding: dx = round_X(r * (g - xn * c) + dres).
+//
 // A "team" of threads owns a row: a power of two up to 32 (several rows per warp, for short
 // rows such as Qwen3's per-head q/k norms) or the whole block (one row per block, at most
 // 512 threads: the kernels are built for 128 registers per thread). The forward is bound by
@@ -36,6 +42,8 @@ struct RmsFwdParams {
     float offset;      // added to the weight in float32
     int cast_before;   // 1: Llama order, 0: Gemma order
     int pad_;
+    const void* residual; // (rows, hidden) X: the rms_fwd_add_ kernels only
+    void* sum_out;        // (rows, hidden) X: x + residual, rounded to X
 };
 
 struct RmsBwdParams {
@@ -50,6 +58,7 @@ struct RmsBwdParams {
     int team;
     float offset;
     int cast_before;
+    const void* dres;  // (rows, hidden) X added to dx, or null
 };
 
 template <class X>
@@ -82,7 +91,37 @@ __device__ __forceinline__ void unpack8(const RawVec<D, 8>& r, float (&v)[8]) {
     }
 }
 
-template <class X, class W, class O, int NV>
+// a := round_X(a + b) on the raw bytes of 8 elements (what torch's add of two X tensors
+// gives: the float32 sum rounded to X). 16-bit types: one packed instruction per pair, which
+// rounds the exact sum once to X; the same value, since float32's 24 bits are at least
+// 2p + 2 for p-bit inputs (p = 8, 11), where rounding twice is innocuous for a sum. bf16 as
+// fma(a, 1, b): sm_80 has no bf16x2 add.
+template <class X>
+__device__ __forceinline__ void add_raw8(RawVec<X, 8>& a, const RawVec<X, 8>& b) {
+    if constexpr (same_type<X, F32>::value) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            a.w[c] = make_uint4(__float_as_uint(__uint_as_float(a.w[c].x) + __uint_as_float(b.w[c].x)),
+                                __float_as_uint(__uint_as_float(a.w[c].y) + __uint_as_float(b.w[c].y)),
+                                __float_as_uint(__uint_as_float(a.w[c].z) + __uint_as_float(b.w[c].z)),
+                                __float_as_uint(__uint_as_float(a.w[c].w) + __uint_as_float(b.w[c].w)));
+        }
+    } else {
+        unsigned* u = &a.w[0].x;
+        const unsigned* v = &b.w[0].x;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (same_type<X, Bf16>::value)
+                asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(u[i]) : "r"(u[i]), "r"(0x3f803f80u), "r"(v[i]));
+            else
+                asm("add.rn.f16x2 %0, %1, %2;" : "=r"(u[i]) : "r"(u[i]), "r"(v[i]));
+        }
+    }
+}
+
+// ADD: the residual add in front (rms_fwd_add_*): the residual's raw vectors load with x's,
+// their rounded sums are stored to sum_out as they are and normalised in place of x.
+template <class X, class W, class O, int NV, bool ADD>
 __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     __shared__ float scratch[32];
     // A team is the whole block or a power of two up to 32 (rms_layout): no integer division
@@ -93,33 +132,69 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     const i64 row = whole ? (i64)blockIdx.x
                           : ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> (__ffs(team) - 1);
     const bool active = row < p.rows;
-    const typename X::T* xr = (const typename X::T*)p.x + (active ? row : 0) * p.hidden;
+    const i64 base = (active ? row : 0) * p.hidden;
+    const typename X::T* xr = (const typename X::T*)p.x + base;
     // Every load (x as raw bytes, and w, whose latency then hides behind the reduction) is
     // issued before any value is used: one memory round trip per row, not NV (the compiler
     // does not move a vector's load above the use of the previous one, each behind its own
-    // bounds test).
+    // bounds test). ADD: the residual's loads go with x's, and w's wait for the reduction
+    // (below): x, residual and w in registers at once spill in _v1 (32 registers, float32)
+    // and _v2 (40, 16-bit weight).
     RawVec<X, 8> xraw[NV];
+    RawVec<X, 8> rraw[ADD ? NV : 1];
     RawVec<W, 8> wv[NV];
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
         const int col = (v * team + lane) * 8;
         if (active && col < p.hidden) {
             load_raw<X, 8>(xr + col, xraw[v]);
-            load_raw<W, 8>((const typename W::T*)p.w + col, wv[v]);
+            if constexpr (ADD)
+                load_raw<X, 8>((const typename X::T*)p.residual + base + col, rraw[v]);
+            else
+                load_raw<W, 8>((const typename W::T*)p.w + col, wv[v]);
         } else {
             xraw[v] = RawVec<X, 8>{};  // zero bits: 0.0 in every storage type
+            if constexpr (ADD) rraw[v] = RawVec<X, 8>{};
         }
     }
     float xv[NV][8];
     float ss = 0.f;
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
+        if constexpr (ADD) {
+            const int col = (v * team + lane) * 8;
+            add_raw8<X>(xraw[v], rraw[v]);  // x := s = round_X(x + residual)
+            if (active && col < p.hidden) {
+                uint4* sv = reinterpret_cast<uint4*>((typename X::T*)p.sum_out + base + col);
+#pragma unroll
+                for (int c = 0; c < (int)(8 * sizeof(typename X::T) / 16); ++c) sv[c] = xraw[v].w[c];
+            }
+        }
         unpack8<X>(xraw[v], xv[v]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) ss += xv[v][i] * xv[v][i];
     }
     ss = team_sum<true>(ss, team, scratch);
     if (!active) return;  // no reduction follows
+    if constexpr (ADD) {
+        // s crossed the reduction as raw bytes (16-bit: half the registers of its float32
+        // values; the empty asm keeps the compiler from holding the first unpack's instead)
+        // and is unpacked again. w loads now, through plain loads, which the assembler leaves
+        // below the reduction (read-only ones it hoisted back above it, and spilled).
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int col = (v * team + lane) * 8;
+            if constexpr (sizeof(typename X::T) == 2) {
+                asm("" : "+r"(xraw[v].w[0].x), "+r"(xraw[v].w[0].y), "+r"(xraw[v].w[0].z), "+r"(xraw[v].w[0].w));
+                unpack8<X>(xraw[v], xv[v]);
+            }
+            if (col < p.hidden) {
+                const uint4* wp = reinterpret_cast<const uint4*>((const typename W::T*)p.w + col);
+#pragma unroll
+                for (int c = 0; c < (int)(8 * sizeof(typename W::T) / 16); ++c) wv[v].w[c] = wp[c];
+            }
+        }
+    }
     const float r = rms_rstd(ss, p.hidden, p.eps);
     if (lane == 0) p.rstd[row] = r;
     typename O::T* yr = (typename O::T*)p.y + row * p.hidden;
@@ -154,18 +229,26 @@ __device__ void rms_fwd_vec(const RmsFwdParams& p) {
     }
 }
 
-// One row per block (team = blockDim.x), any hidden size and alignment.
-template <class X, class W, class O>
+// One row per block (team = blockDim.x), any hidden size and alignment. ADD: the first pass
+// writes s to sum_out and the second reads it back (each thread its own columns).
+template <class X, class W, class O, bool ADD>
 __device__ void rms_fwd_any(const RmsFwdParams& p) {
     __shared__ float scratch[32];
     const i64 row = blockIdx.x;
     const typename X::T* xr = (const typename X::T*)p.x + row * p.hidden;
     const typename W::T* w = (const typename W::T*)p.w;
+    const typename X::T* rr = (const typename X::T*)p.residual + row * p.hidden;  // ADD
+    typename X::T* sr = (typename X::T*)p.sum_out + row * p.hidden;                // ADD
     float ss = 0.f;
     for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
-        const float x = X::load(xr[c]);
+        float x = X::load(xr[c]);
+        if constexpr (ADD) {
+            sr[c] = X::store(x + X::load(rr[c]));
+            x = X::load(sr[c]);
+        }
         ss += x * x;
     }
+    if constexpr (ADD) xr = sr;
     ss = team_sum(ss, blockDim.x, scratch);
     const float r = rms_rstd(ss, p.hidden, p.eps);
     if (threadIdx.x == 0) p.rstd[row] = r;
@@ -194,8 +277,9 @@ __device__ void rms_bwd_vec(const RmsBwdParams& p) {
     const bool want_dw = p.dw_partial != nullptr;
     // x (as xn), dy and the dw sums stay in registers; the weight is re-read per row from
     // L1 (hidden elements, shared by every row), which keeps the kernel within 128
-    // registers per thread at NV = 4.
+    // registers per thread at NV = 4. So is dres, read only where it is added.
     const typename W::T* w = (const typename W::T*)p.w;
+    const typename X::T* dres = (const typename X::T*)p.dres;
     float dw[NV][8];
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
@@ -242,6 +326,12 @@ __device__ void rms_bwd_vec(const RmsBwdParams& p) {
                     out[i] = r * (dy[v][i] * (p.offset + we[i]) - xn[v][i] * c);
                     if (want_dw) dw[v][i] += dy[v][i] * (p.cast_before ? round_to<X>(xn[v][i]) : xn[v][i]);
                 }
+                if (dres) {
+                    float d[8];
+                    load_vec<X, 8>(dres + base + col, d);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) out[i] += d[i];
+                }
                 store_vec<X, 8>(dxr + col, out);
             }
         }
@@ -280,6 +370,7 @@ __device__ void rms_bwd_any(const RmsBwdParams& p) {
     __shared__ float scratch[32];
     const typename W::T* w = (const typename W::T*)p.w;
     float* part = p.dw_partial ? p.dw_partial + (i64)blockIdx.x * p.hidden : nullptr;
+    const typename X::T* dres = (const typename X::T*)p.dres;
     for (i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const i64 base = row * p.hidden;
         const typename X::T* xr = (const typename X::T*)p.x + base;
@@ -294,7 +385,9 @@ __device__ void rms_bwd_any(const RmsBwdParams& p) {
         for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
             const float dy = O::load(dyr[c]);
             const float xn = X::load(xr[c]) * r;
-            dxr[c] = X::store(r * (dy * (p.offset + W::load(w[c])) - xn * k));
+            float dx = r * (dy * (p.offset + W::load(w[c])) - xn * k);
+            if (dres) dx += X::load(dres[base + c]);
+            dxr[c] = X::store(dx);
             if (part) {
                 const float contrib = dy * (p.cast_before ? round_to<X>(xn) : xn);
                 part[c] = row == (i64)blockIdx.x ? contrib : part[c] + contrib;
@@ -328,30 +421,37 @@ __device__ void rms_dw_finish(const float* __restrict__ partial, int parts, int 
 // weight (8 registers a vector) would spill there.
 #define RMS_FWD_V2_BLOCKS(W) (sizeof(W::T) == 2 ? 3 : 1)
 
-#define RMS_INSTANTIATE(NAME, X, W, O)                                                               \
-    extern "C" __global__ void __launch_bounds__(512, 4) rms_fwd_##NAME##_v1(const RmsFwdParams p) { \
-        rms_fwd_vec<X, W, O, 1>(p);                                                                  \
-    }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(512, RMS_FWD_V2_BLOCKS(W)) rms_fwd_##NAME##_v2(const RmsFwdParams p) {\
-        rms_fwd_vec<X, W, O, 2>(p);                                                                  \
-    }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(512, 1) rms_fwd_##NAME##_v4(const RmsFwdParams p) { \
-        rms_fwd_vec<X, W, O, 4>(p);                                                                  \
-    }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(512) rms_fwd_##NAME##_any(const RmsFwdParams p) { \
-        rms_fwd_any<X, W, O>(p);                                                                     \
-    }                                                                                                \
+// The four forward kernels of a dtype combination: rms_fwd_NAME_* (KIND fwd, ADD false) or
+// rms_fwd_add_NAME_* (KIND fwd_add, ADD true: the residual add in front), same bounds.
+#define RMS_FWD(KIND, NAME, X, W, O, ADD)                                                                 \
+    extern "C" __global__ void __launch_bounds__(512, 4) rms_##KIND##_##NAME##_v1(const RmsFwdParams p) { \
+        rms_fwd_vec<X, W, O, 1, ADD>(p);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(512, RMS_FWD_V2_BLOCKS(W))                               \
+        rms_##KIND##_##NAME##_v2(const RmsFwdParams p) {                                                  \
+        rms_fwd_vec<X, W, O, 2, ADD>(p);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(512, 1) rms_##KIND##_##NAME##_v4(const RmsFwdParams p) { \
+        rms_fwd_vec<X, W, O, 4, ADD>(p);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) rms_##KIND##_##NAME##_any(const RmsFwdParams p) {   \
+        rms_fwd_any<X, W, O, ADD>(p);                                                                     \
+    }
+
+#define RMS_INSTANTIATE(NAME, X, W, O)                                                             \
+    RMS_FWD(fwd, NAME, X, W, O, false)                                                             \
+    RMS_FWD(fwd_add, NAME, X, W, O, true)                                                          \
     extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v1(const RmsBwdParams p) {  \
-        rms_bwd_vec<X, W, O, 1>(p);                                                                  \
-    }                                                                                                \
+        rms_bwd_vec<X, W, O, 1>(p);                                                                \
+    }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v2(const RmsBwdParams p) {  \
-        rms_bwd_vec<X, W, O, 2>(p);                                                                  \
-    }                                                                                                \
+        rms_bwd_vec<X, W, O, 2>(p);                                                                \
+    }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_v4(const RmsBwdParams p) {  \
-        rms_bwd_vec<X, W, O, 4>(p);                                                                  \
-    }                                                                                                \
+        rms_bwd_vec<X, W, O, 4>(p);                                                                \
+    }                                                                                              \
     extern "C" __global__ void __launch_bounds__(512) rms_bwd_##NAME##_any(const RmsBwdParams p) { \
-        rms_bwd_any<X, W, O>(p);                                                                     \
+        rms_bwd_any<X, W, O>(p);                                                                   \
     }
 
 // (x, weight, output) dtypes: the weight is the input's dtype or float32 (the Python side

@@ -3,9 +3,10 @@
 A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
 ``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with six functions::
 
-    rms_norm_forward(x, weight, eps, offset, cast_before_weight) -> (y, rstd)
-    rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad)
-        -> (dx, dw or None)
+    rms_norm_forward(x, weight, eps, offset, cast_before_weight, residual=None)
+        -> (y, rstd), or (y, rstd, s) with a residual
+    rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad,
+        dres=None) -> (dx, dw or None)
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
     gated_act(gate, up, activation) -> out
@@ -16,7 +17,13 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
 
 * RMSNorm: ``x`` (rows, hidden) contiguous; ``weight`` (hidden,) of x's dtype or float32;
   ``y`` of the output dtype (:func:`rms_out_dtype`); ``rstd`` (rows,) float32 (float64 for
-  float64 inputs); ``dy`` (rows, hidden) of y's dtype.
+  float64 inputs); ``dy`` (rows, hidden) of y's dtype. With ``residual`` (x's shape, dtype
+  and device, contiguous) the decoder layer's residual add runs in front: ``s = residual +
+  x`` as torch adds two tensors of x's dtype (float32 sum rounded once; float64 on the CPU in
+  float64) is returned as a new contiguous tensor and normalised in place of x (y and rstd
+  are those of s, bit for bit). Its backward takes ``x = s`` and ``dres`` (x's shape, dtype
+  and device, contiguous), the gradient reaching s from elsewhere, added to dx in float32
+  before dx's one rounding: ``dx = round(norm's dx + dres)``; dw is unchanged.
 * rotary: q, k, cos, sin 4-D, unit stride along the last dimension, any other strides;
   ``head_index`` (0, 1 or 2) is the dimension cos and sin are broadcast over (size 1 there);
   on the two other leading dimensions cos/sin have q's size or 1. Outputs have q's and k's
@@ -100,7 +107,17 @@ def rstd_dtype(x_dtype):
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def check_rms(x, weight, device_type, *, dy=None, rstd=None, cast_before_weight=True):
+def check_rms(
+    x,
+    weight,
+    device_type,
+    *,
+    dy=None,
+    rstd=None,
+    cast_before_weight=True,
+    residual=None,
+    dres=None,
+):
     """Raises naming the first argument that breaks the RMSNorm contract; returns
     (rows, hidden)."""
     _tensor("x", x)
@@ -136,6 +153,17 @@ def check_rms(x, weight, device_type, *, dy=None, rstd=None, cast_before_weight=
                 f"got {rstd.dtype} {tuple(rstd.shape)}"
             )
         named.append(("rstd", rstd))
+    for name, t in (("residual", residual), ("dres", dres)):
+        if t is None:
+            continue
+        _tensor(name, t)
+        if t.shape != x.shape:
+            raise ValueError(
+                f"{name}: expected x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype}, expected x's {x.dtype}")
+        named.append((name, t))
     for name, t in named:
         _on(name, t, x, device_type)
         _contiguous(name, t)

@@ -16,12 +16,13 @@ from ._fusions_backend import (
 )
 
 
-def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
-    rows, hidden = check_rms(x, weight, "cpu")
+def rms_norm_forward(x, weight, eps, offset, cast_before_weight, residual=None):
+    rows, hidden = check_rms(x, weight, "cpu", residual=residual)
     y = torch.empty_like(
         x, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
     )
     rstd = torch.empty(rows, dtype=rstd_dtype(x.dtype))
+    s = torch.empty_like(x) if residual is not None else None
     _native.cpu_rms_norm_forward(
         x=x.data_ptr(),
         weight=weight.data_ptr(),
@@ -35,13 +36,23 @@ def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
         eps=float(eps),
         offset=float(offset),
         cast_before=bool(cast_before_weight),
+        residual=residual.data_ptr() if s is not None else None,
+        sum_out=s.data_ptr() if s is not None else None,
     )
-    return y, rstd
+    return (y, rstd) if s is None else (y, rstd, s)
 
 
-def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad):
+def rms_norm_backward(
+    dy, x, weight, rstd, offset, cast_before_weight, weight_grad, dres=None
+):
     rows, hidden = check_rms(
-        x, weight, "cpu", dy=dy, rstd=rstd, cast_before_weight=cast_before_weight
+        x,
+        weight,
+        "cpu",
+        dy=dy,
+        rstd=rstd,
+        cast_before_weight=cast_before_weight,
+        dres=dres,
     )
     dx = torch.empty_like(x)
     dw = torch.empty_like(weight) if weight_grad else None
@@ -59,6 +70,7 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
         y_dtype=dtype_name(dy.dtype),
         offset=float(offset),
         cast_before=bool(cast_before_weight),
+        dres=dres.data_ptr() if dres is not None else None,
     )
     return dx, dw
 

@@ -54,10 +54,15 @@ def _where(t):
     return index, torch.cuda.current_stream(t.device).cuda_stream
 
 
-def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
-    rows, hidden = check_rms(x, weight, "cuda")
+def rms_norm_forward(x, weight, eps, offset, cast_before_weight, residual=None):
+    rows, hidden = check_rms(x, weight, "cuda", residual=residual)
     y = _empty_like(x, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight))
     rstd = _empty(rows, dtype=rstd_dtype(x.dtype), device=x.device)
+    # x is contiguous (checked), so is its empty_like: the sum's (rows, hidden) layout
+    s = _empty_like(x) if residual is not None else None
+    add = {}
+    if s is not None:
+        add = {"residual": residual.data_ptr(), "sum_out": s.data_ptr()}
     load_nvrtc()
     with torch.cuda.device(x.device):
         device, stream = _where(x)
@@ -76,13 +81,22 @@ def rms_norm_forward(x, weight, eps, offset, cast_before_weight):
             eps=float(eps),
             offset=float(offset),
             cast_before=bool(cast_before_weight),
+            **add,
         )
-    return y, rstd
+    return (y, rstd) if s is None else (y, rstd, s)
 
 
-def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad):
+def rms_norm_backward(
+    dy, x, weight, rstd, offset, cast_before_weight, weight_grad, dres=None
+):
     rows, hidden = check_rms(
-        x, weight, "cuda", dy=dy, rstd=rstd, cast_before_weight=cast_before_weight
+        x,
+        weight,
+        "cuda",
+        dy=dy,
+        rstd=rstd,
+        cast_before_weight=cast_before_weight,
+        dres=dres,
     )
     dx = _empty_like(x)
     dw = _empty_like(weight) if weight_grad else None
@@ -93,6 +107,8 @@ def rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_gr
             "x_dtype": dtype_name(x.dtype),
             "w_dtype": dtype_name(weight.dtype),
             "y_dtype": dtype_name(dy.dtype),
+            # dres's address also picks the kernel (alignment): the same for both calls
+            "dres": dres.data_ptr() if dres is not None else 0,
         }
         partial = None
         if weight_grad:

@@ -73,6 +73,8 @@ struct RmsFwdParams {
     offset: f32,
     cast_before: i32,
     pad: i32,
+    residual: u64,
+    sum_out: u64,
 }
 
 #[repr(C)]
@@ -88,6 +90,7 @@ struct RmsBwdParams {
     team: i32,
     offset: f32,
     cast_before: i32,
+    dres: u64,
 }
 
 /// Dtypes of an RMSNorm call: input x, weight w, output y (the backward: dy of y's dtype,
@@ -211,7 +214,9 @@ pub fn rms_forward_layout(hidden: u64, vector_ok: bool) -> RmsLayout {
     }
 }
 
-/// One RMSNorm forward, as `_fusions_cuda.py` passes it (raw device addresses).
+/// One RMSNorm forward, as `_fusions_cuda.py` passes it (raw device addresses). With
+/// `residual` and `sum_out` (both 0: none) the residual add runs in front: `sum_out` (x's
+/// dtype and shape) receives `round_X(x + residual)`, which is normalised in place of x.
 #[derive(Clone, Copy, Debug)]
 pub struct RmsForward {
     pub device: i32,
@@ -223,29 +228,67 @@ pub struct RmsForward {
     pub w: u64,
     pub y: u64,
     pub rstd: u64,
+    pub residual: u64,
+    pub sum_out: u64,
     pub eps: f32,
     pub offset: f32,
     pub cast_before: bool,
 }
 
+impl RmsForward {
+    /// Whether the residual add runs: `residual` and `sum_out` both set (both 0: no add).
+    fn adds(&self) -> Result<bool> {
+        match (self.residual, self.sum_out) {
+            (0, 0) => Ok(false),
+            (r, s) if r != 0 && s != 0 => Ok(true),
+            _ => Err(CudaError::argument(format!(
+                "residual, sum_out: both or neither must be given (residual {:#x}, sum_out {:#x})",
+                self.residual, self.sum_out
+            ))),
+        }
+    }
+
+    /// The forward kernel's name: `rms_fwd_[add_]<dtypes>_<layout>`.
+    fn kernel(&self, layout: RmsLayout) -> Result<String> {
+        let kind = if self.adds()? { "fwd_add" } else { "fwd" };
+        Ok(format!(
+            "rms_{kind}_{}_{}",
+            self.dtypes.name()?,
+            layout.suffix()
+        ))
+    }
+
+    /// The layout: the vector kernels need every row pointer 16-byte aligned (those of the
+    /// residual add's too).
+    fn layout(&self) -> RmsLayout {
+        rms_forward_layout(
+            self.hidden,
+            aligned16(&[self.x, self.w, self.y, self.residual, self.sum_out]),
+        )
+    }
+}
+
 pub fn rms_norm_forward(c: &RmsForward) -> Result<()> {
-    let name = c.dtypes.name()?;
+    c.dtypes.name()?; // a dtype error before any other
     let hidden = i32_arg("x: hidden size", c.hidden)?;
     if hidden == 0 {
         return Err(CudaError::argument("x: the normalised dimension is empty"));
     }
     if c.rows == 0 {
+        // Nothing to write (an empty tensor's address may be 0, so the residual pair is
+        // not checked either).
         return Ok(());
     }
     for (n, p) in [("x", c.x), ("weight", c.w), ("y", c.y), ("rstd", c.rstd)] {
         nonzero(n, p)?;
     }
-    let layout = rms_forward_layout(c.hidden, aligned16(&[c.x, c.w, c.y]));
+    let layout = c.layout();
+    let kernel = c.kernel(layout)?;
     let blocks = c.rows.div_ceil(layout.rows_per_block() as u64);
     let grid = u32::try_from(blocks).map_err(|_| CudaError::argument("x: too many rows"))?;
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
-    let f = dev.function(&RMS_NORM, &format!("rms_fwd_{name}_{}", layout.suffix()))?;
+    let f = dev.function(&RMS_NORM, &kernel)?;
     let mut p = RmsFwdParams {
         x: c.x,
         w: c.w,
@@ -258,6 +301,8 @@ pub fn rms_norm_forward(c: &RmsForward) -> Result<()> {
         offset: c.offset,
         cast_before: c.cast_before as i32,
         pad: 0,
+        residual: c.residual,
+        sum_out: c.sum_out,
     };
     // SAFETY: the parameter block matches RmsFwdParams; the addresses are torch tensors of
     // the sizes the caller checked.
@@ -273,7 +318,9 @@ pub fn rms_norm_forward(c: &RmsForward) -> Result<()> {
 }
 
 /// One RMSNorm backward. `dw_partial` holds `partial_rows` float32 rows of `hidden` (at
-/// least [`rms_norm_backward_parts`]); with `dw` = 0 no weight gradient is computed.
+/// least [`rms_norm_backward_parts`]); with `dw` = 0 no weight gradient is computed. `dres`
+/// (x's dtype and shape, 0: none) is added to dx before its rounding: the gradient that
+/// reaches the residual add's sum from elsewhere.
 #[derive(Clone, Copy, Debug)]
 pub struct RmsBackward {
     pub device: i32,
@@ -289,8 +336,19 @@ pub struct RmsBackward {
     pub dw: u64,
     pub dw_partial: u64,
     pub partial_rows: u64,
+    pub dres: u64,
     pub offset: f32,
     pub cast_before: bool,
+}
+
+impl RmsBackward {
+    /// The layout: the vector kernels need every row pointer 16-byte aligned (dres's too).
+    fn layout(&self) -> RmsLayout {
+        rms_layout(
+            self.hidden,
+            aligned16(&[self.dy, self.x, self.w, self.dx, self.dres]),
+        )
+    }
 }
 
 struct BwdPlan {
@@ -302,7 +360,7 @@ struct BwdPlan {
 
 fn rms_backward_plan(dev: &mut Device, c: &RmsBackward) -> Result<BwdPlan> {
     let name = c.dtypes.name()?;
-    let layout = rms_layout(c.hidden, aligned16(&[c.dy, c.x, c.w, c.dx]));
+    let layout = c.layout();
     let kernel = dev.function(&RMS_NORM, &format!("rms_bwd_{name}_{}", layout.suffix()))?;
     let teams = layout.rows_per_block();
     let smem = if c.dw != 0 && layout.nv > 0 && teams > 1 {
@@ -376,6 +434,7 @@ pub fn rms_norm_backward(c: &RmsBackward) -> Result<()> {
         team: plan.layout.team as i32,
         offset: c.offset,
         cast_before: c.cast_before as i32,
+        dres: c.dres,
     };
     // SAFETY: as in the forward; dw_partial holds at least grid rows (checked above).
     unsafe {
@@ -741,7 +800,8 @@ fn dtypes(x: &str, w: &str, y: &str) -> Result<RmsDtypes> {
 
 /// RMSNorm forward on torch's stream `stream` of GPU `device`; see [`RmsForward`].
 #[pyfunction]
-#[pyo3(signature = (*, device, stream, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before))]
+#[pyo3(signature = (*, device, stream, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before,
+    residual=0, sum_out=0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_rms_norm_forward(
     py: Python<'_>,
@@ -759,6 +819,8 @@ fn cuda_rms_norm_forward(
     eps: f32,
     offset: f32,
     cast_before: bool,
+    residual: u64,
+    sum_out: u64,
 ) -> PyResult<()> {
     let call = RmsForward {
         device,
@@ -770,6 +832,8 @@ fn cuda_rms_norm_forward(
         w: weight,
         y,
         rstd,
+        residual,
+        sum_out,
         eps,
         offset,
         cast_before,
@@ -790,6 +854,7 @@ fn backward_call(
     dw: u64,
     dw_partial: u64,
     partial_rows: u64,
+    dres: u64,
     rows: u64,
     hidden: u64,
     x_dtype: &str,
@@ -812,15 +877,16 @@ fn backward_call(
         dw,
         dw_partial,
         partial_rows,
+        dres,
         offset,
         cast_before,
     })
 }
 
 /// Rows of the float32 (rows, hidden) buffer `cuda_rms_norm_backward` needs as `dw_partial`
-/// for these tensors (the alignment of their addresses picks the kernel).
+/// for these tensors (the alignment of their addresses picks the kernel: pass the same `dres`).
 #[pyfunction]
-#[pyo3(signature = (*, device, dy, x, weight, dx, rows, hidden, x_dtype, w_dtype, y_dtype))]
+#[pyo3(signature = (*, device, dy, x, weight, dx, rows, hidden, x_dtype, w_dtype, y_dtype, dres=0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_rms_norm_backward_parts(
     py: Python<'_>,
@@ -834,18 +900,20 @@ fn cuda_rms_norm_backward_parts(
     x_dtype: &str,
     w_dtype: &str,
     y_dtype: &str,
+    dres: u64,
 ) -> PyResult<u64> {
     let call = backward_call(
-        device, 0, dy, x, weight, 0, dx, 1, 0, 0, rows, hidden, x_dtype, w_dtype, y_dtype, 0.0,
-        true,
+        device, 0, dy, x, weight, 0, dx, 1, 0, 0, dres, rows, hidden, x_dtype, w_dtype, y_dtype,
+        0.0, true,
     )?;
     Ok(py.detach(|| catch_panics(|| rms_norm_backward_parts(&call)))?)
 }
 
-/// RMSNorm backward; `dw` = 0: no weight gradient (then `dw_partial` may be 0).
+/// RMSNorm backward; `dw` = 0: no weight gradient (then `dw_partial` may be 0); `dres` (0:
+/// none) is added to dx before its rounding.
 #[pyfunction]
 #[pyo3(signature = (*, device, stream, dy, x, weight, rstd, dx, dw, dw_partial, partial_rows, rows, hidden,
-    x_dtype, w_dtype, y_dtype, offset, cast_before))]
+    x_dtype, w_dtype, y_dtype, offset, cast_before, dres=0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_rms_norm_backward(
     py: Python<'_>,
@@ -866,6 +934,7 @@ fn cuda_rms_norm_backward(
     y_dtype: &str,
     offset: f32,
     cast_before: bool,
+    dres: u64,
 ) -> PyResult<()> {
     let call = backward_call(
         device,
@@ -878,6 +947,7 @@ fn cuda_rms_norm_backward(
         dw,
         dw_partial,
         partial_rows,
+        dres,
         rows,
         hidden,
         x_dtype,
@@ -1014,8 +1084,14 @@ mod tests {
     #[test]
     fn parameter_blocks_have_the_kernels_layout() {
         // The sizes of the C structs (8-byte aligned, fields in declaration order).
-        assert_eq!(std::mem::size_of::<RmsFwdParams>(), 64);
-        assert_eq!(std::mem::size_of::<RmsBwdParams>(), 72);
+        assert_eq!(std::mem::size_of::<RmsFwdParams>(), 80);
+        assert_eq!(std::mem::size_of::<RmsBwdParams>(), 80);
+        // The residual add's pointers follow the old fields, where rms_norm.cu has them.
+        assert_eq!(std::mem::offset_of!(RmsFwdParams, pad), 60);
+        assert_eq!(std::mem::offset_of!(RmsFwdParams, residual), 64);
+        assert_eq!(std::mem::offset_of!(RmsFwdParams, sum_out), 72);
+        assert_eq!(std::mem::offset_of!(RmsBwdParams, cast_before), 68);
+        assert_eq!(std::mem::offset_of!(RmsBwdParams, dres), 72);
         assert_eq!(std::mem::size_of::<RopeParams>(), 208);
         assert_eq!(std::mem::size_of::<GatedParams>(), 88);
     }
@@ -1092,6 +1168,91 @@ mod tests {
             rms_forward_layout(2048, false).nv,
             0,
             "misaligned: the any kernel"
+        );
+    }
+
+    fn forward_call(hidden: u64, residual: u64, sum_out: u64) -> RmsForward {
+        RmsForward {
+            device: 0,
+            stream: 0,
+            dtypes: RmsDtypes {
+                x: Dtype::Bf16,
+                w: Dtype::Bf16,
+                y: Dtype::Bf16,
+            },
+            rows: 4,
+            hidden,
+            x: 0x1000,
+            w: 0x2000,
+            y: 0x3000,
+            rstd: 0x4000,
+            residual,
+            sum_out,
+            eps: 1e-6,
+            offset: 0.0,
+            cast_before: true,
+        }
+    }
+
+    #[test]
+    fn rms_forward_residual_add_picks_its_kernels() {
+        let plain = forward_call(4096, 0, 0);
+        assert_eq!(
+            plain.kernel(plain.layout()).unwrap(),
+            "rms_fwd_bf16_bf16_bf16_v2"
+        );
+        let add = forward_call(4096, 0x5000, 0x6000);
+        assert_eq!(add.layout(), plain.layout());
+        assert_eq!(
+            add.kernel(add.layout()).unwrap(),
+            "rms_fwd_add_bf16_bf16_bf16_v2"
+        );
+        // A misaligned residual or sum: the any kernel, as for a misaligned x.
+        for (r, s) in [(0x5002, 0x6000), (0x5000, 0x6008)] {
+            let c = forward_call(4096, r, s);
+            assert_eq!(c.layout().nv, 0);
+            assert_eq!(
+                c.kernel(c.layout()).unwrap(),
+                "rms_fwd_add_bf16_bf16_bf16_any"
+            );
+        }
+        for (r, s) in [(0x5000, 0), (0, 0x6000)] {
+            let c = forward_call(4096, r, s);
+            let e = c.kernel(c.layout()).unwrap_err().to_string();
+            assert!(e.contains("residual") && e.contains("sum_out"), "{e}");
+        }
+    }
+
+    #[test]
+    fn rms_backward_layout_takes_dres_alignment() {
+        let call = |dres| RmsBackward {
+            device: 0,
+            stream: 0,
+            dtypes: RmsDtypes {
+                x: Dtype::F16,
+                w: Dtype::F32,
+                y: Dtype::F16,
+            },
+            rows: 4,
+            hidden: 2048,
+            dy: 0x1000,
+            x: 0x2000,
+            w: 0x3000,
+            rstd: 0x4000,
+            dx: 0x5000,
+            dw: 0x6000,
+            dw_partial: 0x7000,
+            partial_rows: 1,
+            dres,
+            offset: 0.0,
+            cast_before: true,
+        };
+        assert_eq!(call(0).layout(), rms_layout(2048, true), "no dres");
+        assert_eq!(call(0x8000).layout(), rms_layout(2048, true));
+        assert_eq!(
+            call(0x8004).layout().nv,
+            0,
+            "misaligned dres: the any kernel"
         );
     }
 

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::gated::{self, Gated};
-use super::rms_norm::{self, RmsNorm};
+use super::rms_norm::{self, Residual, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
 use super::{Activation, FDtype, Real, Storage};
 use crate::cpu::regions::{Region, check as check_regions, slice, slice_mut};
@@ -73,6 +73,10 @@ struct RmsCall {
     dy: usize,
     dx: usize,
     dw: Option<usize>,
+    /// The forward's residual add: (residual, sum_out).
+    add: Option<(usize, usize)>,
+    /// The backward's gradient added to dx.
+    dres: Option<usize>,
 }
 
 /// The (x, weight, output) dtype combinations the kernels are built for (weight: x's dtype
@@ -103,9 +107,13 @@ fn rms_forward_typed<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(c: Rm
     let n = c.p.rows * c.p.hidden;
     // SAFETY: regions checked by the caller (non-null, aligned, outputs disjoint).
     unsafe {
-        rms_norm::forward::<A, X, W, O>(
+        rms_norm::forward_add::<A, X, W, O>(
             &c.p,
             slice::<X>(c.x, n),
+            c.add.map(|(residual, sum)| Residual {
+                residual: slice::<X>(residual, n),
+                sum: slice_mut::<X>(sum, n),
+            }),
             slice::<W>(c.w, c.p.hidden),
             slice_mut::<O>(c.y, n),
             slice_mut::<A>(c.rstd, c.p.rows),
@@ -117,7 +125,7 @@ fn rms_backward_typed<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(c: R
     let n = c.p.rows * c.p.hidden;
     // SAFETY: as above.
     unsafe {
-        rms_norm::backward::<A, X, W, O>(
+        rms_norm::backward_dres::<A, X, W, O>(
             &c.p,
             slice::<O>(c.dy, n),
             slice::<X>(c.x, n),
@@ -125,6 +133,7 @@ fn rms_backward_typed<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(c: R
             slice::<A>(c.rstd, c.p.rows),
             slice_mut::<X>(c.dx, n),
             c.dw.map(|p| slice_mut::<W>(p, c.p.hidden)),
+            c.dres.map(|p| slice::<X>(p, n)),
         )
     }
 }
@@ -166,9 +175,12 @@ fn rms_problem(
 }
 
 /// RMSNorm forward: `y` (rows, hidden) of `y_dtype` and `rstd` (rows,) float32 (float64
-/// for float64 inputs) from contiguous `x` (rows, hidden) and `weight` (hidden,).
+/// for float64 inputs) from contiguous `x` (rows, hidden) and `weight` (hidden,). With
+/// `residual` and `sum_out` (both or neither; x's dtype and shape) the residual add runs in
+/// front: `sum_out` receives `round_X(x + residual)`, which is normalised in place of x.
 #[pyfunction]
-#[pyo3(signature = (*, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before))]
+#[pyo3(signature = (*, x, weight, y, rstd, rows, hidden, x_dtype, w_dtype, y_dtype, eps, offset, cast_before,
+    residual=None, sum_out=None))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_rms_norm_forward(
     py: Python<'_>,
@@ -184,6 +196,8 @@ fn cpu_rms_norm_forward(
     eps: f64,
     offset: f64,
     cast_before: bool,
+    residual: Option<usize>,
+    sum_out: Option<usize>,
 ) -> PyResult<()> {
     let (xd, wd, yd) = (
         dtype("x", x_dtype)?,
@@ -192,12 +206,27 @@ fn cpu_rms_norm_forward(
     );
     let p = rms_problem(rows, hidden, eps, offset, cast_before)?;
     let n = rows * hidden;
-    check_regions(&[
+    let add = match (residual, sum_out) {
+        (None, None) => None,
+        (Some(r), Some(s)) => Some((r, s)),
+        _ => {
+            return value_error(
+                "residual, sum_out: both or neither must be given (the sum is written to sum_out)"
+                    .into(),
+            );
+        }
+    };
+    let mut regions = vec![
         region("x", x, n, xd, false),
         region("weight", weight, hidden, wd, false),
         region("y", y, n, yd, true),
         region("rstd", rstd, rows, rstd_dtype(xd), true),
-    ])?;
+    ];
+    if let Some((r, s)) = add {
+        regions.push(region("residual", r, n, xd, false));
+        regions.push(region("sum_out", s, n, xd, true));
+    }
+    check_regions(&regions)?;
     let call = RmsCall {
         p,
         x,
@@ -207,6 +236,8 @@ fn cpu_rms_norm_forward(
         dy: 0,
         dx: 0,
         dw: None,
+        add,
+        dres: None,
     };
     let job = rms_dispatch!(xd, wd, yd, rms_forward_job, call);
     run(py, "cpu_rms_norm_forward", job)
@@ -225,9 +256,11 @@ fn rms_backward_job<A: Real, X: Storage<A>, W: Storage<A>, O: Storage<A>>(
 }
 
 /// RMSNorm backward: `dx` (x's dtype) and, when given, `dw` (weight's dtype) from `dy`
-/// (y_dtype), `x`, `weight` and the forward's `rstd`.
+/// (y_dtype), `x`, `weight` and the forward's `rstd`; `dres` (x's dtype and shape), when
+/// given, is added to dx before its rounding.
 #[pyfunction]
-#[pyo3(signature = (*, dy, x, weight, rstd, dx, dw, rows, hidden, x_dtype, w_dtype, y_dtype, offset, cast_before))]
+#[pyo3(signature = (*, dy, x, weight, rstd, dx, dw, rows, hidden, x_dtype, w_dtype, y_dtype, offset, cast_before,
+    dres=None))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_rms_norm_backward(
     py: Python<'_>,
@@ -244,6 +277,7 @@ fn cpu_rms_norm_backward(
     y_dtype: &str,
     offset: f64,
     cast_before: bool,
+    dres: Option<usize>,
 ) -> PyResult<()> {
     let (xd, wd, yd) = (
         dtype("x", x_dtype)?,
@@ -262,6 +296,9 @@ fn cpu_rms_norm_backward(
     if let Some(dw) = dw {
         regions.push(region("dw", dw, hidden, wd, true));
     }
+    if let Some(dres) = dres {
+        regions.push(region("dres", dres, n, xd, false));
+    }
     check_regions(&regions)?;
     let call = RmsCall {
         p,
@@ -272,6 +309,8 @@ fn cpu_rms_norm_backward(
         dy,
         dx,
         dw,
+        add: None,
+        dres,
     };
     let job = rms_dispatch!(xd, wd, yd, rms_backward_job, call);
     run(py, "cpu_rms_norm_backward", job)
