@@ -1,5 +1,5 @@
-"""Speed of the fused decoder ops (forward_rewrite.rms_norm, rotary, gated_mlp_act) on the GPU
-machine, interleaved with stock torch and with Liger Kernel's equivalents, against the HBM
+"""Speed of the fused decoder ops (forward_rewrite.rms_norm, add_rms_norm, rotary, gated_mlp_act)
+on the GPU machine, interleaved with stock torch and with Liger Kernel's equivalents, against the HBM
 bytes floor; prints a markdown table.
 
     python3 gpu/bench_fusions.py [--models Llama-3.2-1B,...] [--tokens 32768]
@@ -12,7 +12,9 @@ projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), bf16, 
 of 4096 tokens (the batch of issue 10's table). Per op, the forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
 
 Methods: ours (Phi-3: gated_mlp_act_packed on the gate_up tensor); stock (the transformers
-module or function, eager); liger (Liger Kernel's LigerRMSNormFunction with in_place=False,
+module or function, eager; add_rms_norm: torch's add, then the norm module); ours-unfused
+(add_rms_norm only: torch's add, then our rms_norm); liger (Liger Kernel's
+LigerFusedAddRMSNormFunction and LigerRMSNormFunction with in_place=False,
 LigerRopeFunction, LigerSiLUMulFunction / LigerGELUMulFunction on the chunks, as its Phi-3
 patch calls it; skipped when liger_kernel is not importable; its rotary works in place on q
 and k); compiled (torch.compile of the stock code, inductor; opt-in, it compiles for
@@ -66,6 +68,7 @@ def size(t):
 
 
 def liger_ops():
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
     from liger_kernel.ops.geglu import LigerGELUMulFunction
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.rope import LigerRopeFunction
@@ -74,6 +77,9 @@ def liger_ops():
     return {
         "rms_norm": lambda x, w, eps, style: LigerRMSNormFunction.apply(
             x, w, eps, 1.0 if style == "gemma" else 0.0, style, False
+        ),
+        "add_rms_norm": lambda r, x, w, eps, style: LigerFusedAddRMSNormFunction.apply(
+            x, r, w, eps, 1.0 if style == "gemma" else 0.0, style, False
         ),
         "rotary": lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos, sin),
         "silu": LigerSiLUMulFunction.apply,
@@ -100,6 +106,39 @@ def rms_fns(style, eps, hidden, liger, compiled):
     }
     if liger:
         fns["liger"] = lambda x, w: liger["rms_norm"](x, w, eps, style)
+    if compiled:
+        fns["compiled"] = torch.compile(stock, fullgraph=True)
+    return fns
+
+
+def add_rms_fns(style, eps, hidden, liger, compiled):
+    """A decoder layer's ``h = r + h; r = h; h = norm(h)``: (normed, sum). ``ours-unfused``
+    is the add in torch and our RMSNorm, what the step ran before the residual-norm pass."""
+    cls = Gemma2RMSNorm if style == "gemma" else LlamaRMSNorm
+    module = cls(hidden, eps=eps).to(device=DEVICE, dtype=DTYPE)
+    offset = 1.0 if style == "gemma" else 0.0
+    cast_before = style != "gemma"
+
+    def stock(r, x, w):
+        total = r + x
+        return torch.func.functional_call(module, {"weight": w}, (total,)), total
+
+    def unfused(r, x, w):
+        total = r + x
+        y = forward_rewrite.rms_norm(
+            total, w, eps, offset=offset, cast_before_weight=cast_before
+        )
+        return y, total
+
+    fns = {
+        "ours": lambda r, x, w: forward_rewrite.add_rms_norm(
+            r, x, w, eps, offset=offset, cast_before_weight=cast_before
+        ),
+        "stock": stock,
+        "ours-unfused": unfused,
+    }
+    if liger:
+        fns["liger"] = lambda r, x, w: liger["add_rms_norm"](r, x, w, eps, style)
     if compiled:
         fns["compiled"] = torch.compile(stock, fullgraph=True)
     return fns
@@ -163,6 +202,18 @@ def make_cases(model, tokens, seq, liger, compiled):
             [x, w],
             [],
             (size(x) * 2 + size(w) + n * 4, size(x) * 3 + size(w) * 2 + n * 4),
+        )
+    )
+    r = randn(batch, seq, hid, scale=3.0)
+    cases.append(
+        (
+            "add_rms_norm",
+            add_rms_fns(style, eps, hid, liger, compiled),
+            [r, x, w],
+            [],
+            # forward: r, x, w in; y, sum, 1/rms out. backward: dy, dsum, sum, w, 1/rms in;
+            # dx (one tensor for r and x), dw out
+            (size(x) * 4 + size(w) + n * 4, size(x) * 4 + size(w) * 2 + n * 4),
         )
     )
     if model == "Qwen3-0.6B":
@@ -365,7 +416,8 @@ def main():
             model, args.tokens, args.seq, liger, compiled
         ):
             err = accuracy(fns, inputs, consts)  # against stock, timed or not
-            fns = {m: f for m, f in fns.items() if m in methods}
+            # ours-unfused rides with ours (it is ours' baseline, not a method of its own)
+            fns = {m: f for m, f in fns.items() if m.split("-")[0] in methods}
             steps = steps_for(fns, inputs, consts)
             fns = {m: f for m, f in fns.items() if (m, "fwd") in steps}
             times = interleaved(steps, args.iters, args.warmup)

@@ -1,5 +1,5 @@
-"""Correctness of the fused decoder ops' CUDA kernels (forward_rewrite.rms_norm, rotary,
-gated_mlp_act) on the GPU machine, at the shapes of Llama-3.2-1B, Qwen3-0.6B, Gemma-2-2B and
+"""Correctness of the fused decoder ops' CUDA kernels (forward_rewrite.rms_norm, add_rms_norm,
+rotary, gated_mlp_act) on the GPU machine, at the shapes of Llama-3.2-1B, Qwen3-0.6B, Gemma-2-2B and
 Phi-3-mini, plus the layouts and fallbacks the models and the launchers produce.
 
     python3 gpu/check_fusions.py [--quick] [--tokens N]   (gpu/run.sh check_fusions stages it)
@@ -11,7 +11,7 @@ gradient (x and weight; q and k; gate and up) of
 
   ours   the public op and its autograd (CUDA kernels),
   stock  the transformers module or function the rewriter replaces (LlamaRMSNorm,
-         Gemma2RMSNorm, Qwen3RMSNorm over heads, apply_rotary_pos_emb of Llama / Phi / GLM /
+         Gemma2RMSNorm, a residual add and one of them, Qwen3RMSNorm over heads, apply_rotary_pos_emb of Llama / Phi / GLM /
          Cohere, ACT2FN[act](gate) * up, Phi3MLP's chunked gate_up),
   ref    the same formula in float64 (on the GPU),
   twin   ours on the CPU (the Rust code CI tests) from the same inputs,
@@ -224,6 +224,51 @@ def case_rms(shape, eps, style, w_dtype=None, *, shift=False, cls=None):
             stock,
             lambda x, w: ref(x, w, eps),
             names=["y", "dx", "dw"],
+        )
+
+    return make
+
+
+def case_add_rms(shape, eps, style, w_dtype=None, *, shift=False):
+    """A decoder layer's ``h = r + h; r = h; h = norm(h)`` (both outputs feed the loss: the
+    sum through the next residual) against forward_rewrite.add_rms_norm; style as case_rms."""
+
+    def make(name, dtype):
+        g = gen()
+        offset = 1.0 if style == "gemma" else 0.0
+        wd = w_dtype or dtype
+        r = randn(*shape, g=g, dtype=dtype, scale=3.0)
+        x = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        w = (randn(shape[-1], g=g) * 0.2 + 1.0 - offset).to(wd)
+        klass = Gemma2RMSNorm if style == "gemma" else LlamaRMSNorm
+        module = klass(shape[-1], eps=eps).to(device=DEVICE, dtype=wd)
+
+        def stock(r, x, w):
+            total = r + x
+            return torch.func.functional_call(module, {"weight": w}, (total,)), total
+
+        def ours(r, x, w):
+            if shift:
+                r = misaligned(r)
+                assert r.data_ptr() % 16 != 0
+            return forward_rewrite.add_rms_norm(
+                r, x, w, eps, offset=offset, cast_before_weight=style == "llama"
+            )
+
+        norm = rms_ref(offset)
+
+        def ref(r, x, w):
+            total = r + x
+            return norm(total, w, eps), total
+
+        evaluate(
+            name,
+            dtype,
+            [r, x, w],
+            ours,
+            stock,
+            ref,
+            names=["y", "sum", "dr", "dx", "dw"],
         )
 
     return make
@@ -496,6 +541,9 @@ def cases(tokens):
         out[f"{model} rms_norm ({tokens}, {hid})"] = case_rms(
             (batch, seq, hid), eps, norm
         )
+        out[f"{model} add_rms_norm ({tokens}, {hid})"] = case_add_rms(
+            (batch, seq, hid), eps, norm
+        )
         if model == "Qwen3-0.6B":
             out[f"{model} q_norm ({tokens}, {heads}, {hd})"] = case_rms(
                 (batch, seq, heads, hd), eps, "llama", cls=Qwen3RMSNorm
@@ -537,6 +585,25 @@ def cases(tokens):
             "rms_norm hidden 1000 (warp, 4 vectors)": case_rms(
                 (small, 1000), 1e-6, "gemma"
             ),
+            "add_rms_norm hidden 4096": case_add_rms((batch, seq, 4096), 1e-5, "llama"),
+            "add_rms_norm mixed fp32 weight": case_add_rms(
+                (small, 2048), 1e-5, "llama", torch.float32
+            ),
+            "add_rms_norm misaligned residual (any kernel)": case_add_rms(
+                (small, 512), 1e-6, "llama", shift=True
+            ),
+            "add_rms_norm hidden 100 (any kernel)": case_add_rms(
+                (small, 100), 1e-6, "gemma"
+            ),
+            "add_rms_norm hidden 8 (team of 1)": case_add_rms(
+                (small, 8), 1e-6, "llama"
+            ),
+            "add_rms_norm hidden 1000 (warp, 4 vectors)": case_add_rms(
+                (small, 1000), 1e-6, "gemma"
+            ),
+            "add_rms_norm hidden 8200 (1025 vectors)": case_add_rms(
+                (small, 8200), 1e-6, "llama"
+            ),
             "rotary cos batch 2 (per-sequence positions)": case_rope(
                 sb, ss, 8, 2, 128, cos_batch=sb
             ),
@@ -573,6 +640,7 @@ def cases(tokens):
 
 QUICK = (
     "Llama-3.2-1B",
+    "add_rms_norm",
     "Qwen3-0.6B q_norm",
     "mixed",
     "rms_norm hidden 4096",
@@ -592,6 +660,7 @@ def small_block(g, dtype=torch.bfloat16):
 
     def step():
         h = forward_rewrite.rms_norm(x, w, 1e-6)
+        h, _ = forward_rewrite.add_rms_norm(x, h, w, 1e-6)
         q = h.view(2, 64, 4, 64).transpose(1, 2)
         k = h[..., :128].reshape(2, 64, 2, 64).transpose(1, 2)
         q, k = forward_rewrite.rotary(q, k, cos, sin)
@@ -847,6 +916,18 @@ def check_errors():
         "rotary_dim (odd)": (
             lambda: forward_rewrite.rotary(q, k, cos, cos, rotary_dim=63),
             "rotary_dim",
+        ),
+        "residual (on the CPU)": (
+            lambda: forward_rewrite.add_rms_norm(x.cpu(), x, w),
+            "residual",
+        ),
+        "residual (dtype)": (
+            lambda: forward_rewrite.add_rms_norm(x.float(), x, w),
+            "residual",
+        ),
+        "residual (shape)": (
+            lambda: forward_rewrite.add_rms_norm(x[:2], x, w),
+            "residual",
         ),
         "up (dtype)": (lambda: forward_rewrite.gated_mlp_act(x, x.float()), "up"),
         "activation": (

@@ -145,6 +145,77 @@ def test_rms_norm_matches_the_stock_module(family, dtype):
         assert same >= 0.99, f"{family}: only {same:.1%} of the outputs equal stock's"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "gemma3", "olmo2"])
+def test_add_rms_norm_matches_the_stock_statements(family, dtype):
+    """``h = r + h; r = h; h = norm(h)`` of a decoder layer against add_rms_norm: the sum
+    bit for bit, the norm as the module's, and the gradients of r, h and the weight when both
+    outputs feed the loss (the sum through the next residual)."""
+    cls, offset, cast_before = STOCK_NORMS[family]
+    shape = (3, 17, 320)
+    x, w, dy = rms_case(shape, dtype, dtype, offset, seed=5)
+    g = gen(6)
+    r = (torch.randn(shape, generator=g) * 3).to(dtype)
+    dsum = torch.randn(shape, generator=g)
+    eps = 1e-6
+    module = cls(shape[-1], eps=eps).to(dtype)
+
+    def stock(r, x, w):
+        with torch.no_grad():
+            module.weight.copy_(w)
+        total = r + x
+        return module(total), total
+
+    def ours(r, x, w):
+        return forward_rewrite.add_rms_norm(
+            r, x, w, eps, offset=offset, cast_before_weight=cast_before
+        )
+
+    out_grads = [dy.to(dtype), dsum.to(dtype)]
+    ours_out, ours_g = grads(ours, [r, x, w], out_grads)
+    # Stock gradients: the weight's through the module's parameter.
+    rs, xs = (t.detach().clone().requires_grad_(True) for t in (r, x))
+    module.weight.grad = None
+    stock_y, stock_sum = stock(rs, xs, w)
+    torch.autograd.backward([stock_y, stock_sum], out_grads)
+    assert torch.equal(ours_out[1], stock_sum.detach()), "the sum rounds as torch's add"
+    rr, xr, wr = (t.double().requires_grad_(True) for t in (r, x, w))
+    ref_sum = rr + xr
+    ref_y = rms_reference(ref_sum, wr, eps, offset)
+    torch.autograd.backward([ref_y, ref_sum], [dy.double(), dsum.double()])
+    check_against(
+        [ours_out[0], ours_g[0], ours_g[2]],
+        [stock_y.detach(), rs.grad, module.weight.grad],
+        [ref_y.detach(), rr.grad, wr.grad],
+        dtype,
+        family,
+    )
+    assert torch.equal(ours_g[0], ours_g[1]), "both inputs of the add get one gradient"
+    # the norm of the rounded sum: exactly rms_norm's on it
+    alone = forward_rewrite.rms_norm(
+        stock_sum.detach(), w, eps, offset=offset, cast_before_weight=cast_before
+    )
+    assert torch.equal(ours_out[0], alone)
+
+
+def test_add_rms_norm_when_one_output_is_unused():
+    x, w, dy = rms_case((4, 64), torch.float32, torch.float32, 0.0, seed=7)
+    r = torch.randn(4, 64, generator=gen(8))
+    for pick in (0, 1):
+        a = [t.clone().requires_grad_(True) for t in (r, x, w)]
+        forward_rewrite.add_rms_norm(*a, 1e-6)[pick].mul(dy).sum().backward()
+        b = [t.clone().requires_grad_(True) for t in (r, x, w)]
+        total = b[0] + b[1]
+        (rms_reference(total, b[2], 1e-6, 0.0).float(), total)[pick].mul(
+            dy
+        ).sum().backward()
+        for got, want in zip(a, b, strict=True):
+            if want.grad is None:
+                assert got.grad is None or not got.grad.any()
+            else:
+                assert rel(got.grad, want.grad) <= 2e-5
+
+
 @pytest.mark.parametrize(
     "cast_before", [True, False], ids=["llama_order", "gemma_order"]
 )
@@ -730,6 +801,16 @@ def _compile_cases(dtype=torch.float32):
             ),
             [x, w],
         ),
+        "add_rms_norm": (
+            lambda r, x, w: forward_rewrite.add_rms_norm(r, x, w, 1e-6),
+            [x * 0.5 + 1, x, w],
+        ),
+        "add_rms_norm_gemma": (
+            lambda r, x, w: forward_rewrite.add_rms_norm(
+                r, x, w, 1e-6, offset=1.0, cast_before_weight=False
+            ),
+            [x * -0.3 + 0.5, x, w],
+        ),
         "rotary": (lambda a, b: forward_rewrite.rotary(a, b, cos, sin), [q, k]),
         "rotary_partial_interleaved": (
             lambda a, b: forward_rewrite.rotary(
@@ -817,6 +898,26 @@ def test_opcheck_validates_the_registrations():
     torch.library.opcheck(
         ops.rms_norm.default, (x, w, 1e-6, 1.0, False), test_utils=tests
     )
+    r = torch.randn(6, 32, requires_grad=True)
+    torch.library.opcheck(
+        ops.add_rms_norm.default, (r, x, w, 1e-6, 0.0, True), test_utils=tests
+    )
+    _, total, rstd = ops.add_rms_norm(
+        r.detach(), x.detach(), w.detach(), 1e-6, 0.0, True
+    )
+    torch.library.opcheck(
+        ops.add_rms_norm_backward.default,
+        (
+            torch.randn(6, 32),
+            torch.randn(6, 32),
+            total,
+            w.detach(),
+            rstd,
+            1.0,
+            False,
+            True,
+        ),
+    )
     _, rstd = ops.rms_norm(x.detach(), w.detach(), 1e-6, 0.0, True)
     torch.library.opcheck(
         ops.rms_norm_backward.default,
@@ -902,6 +1003,16 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             "x",
         ),
         (lambda: forward_rewrite.rms_norm(X, W.to("meta")), ValueError, "weight"),
+        (lambda: forward_rewrite.add_rms_norm(X.tolist(), X, W), TypeError, "residual"),
+        (lambda: forward_rewrite.add_rms_norm(X.half(), X, W), TypeError, "residual"),
+        (lambda: forward_rewrite.add_rms_norm(X[:2], X, W), ValueError, "residual"),
+        (lambda: forward_rewrite.add_rms_norm(X, X, W[:7]), ValueError, "weight"),
+        (lambda: forward_rewrite.add_rms_norm(X, X, W, -1.0), ValueError, "eps"),
+        (
+            lambda: forward_rewrite.add_rms_norm(X.to("meta"), X, W),
+            ValueError,
+            "residual",
+        ),
         (lambda: forward_rewrite.rotary(Q, K.half(), COS, SIN), TypeError, "k"),
         (lambda: forward_rewrite.rotary(Q, K, COS, SIN.half()), TypeError, "sin"),
         (lambda: forward_rewrite.rotary(Q, K, COS, SIN[..., :6]), ValueError, "sin"),
@@ -1200,7 +1311,13 @@ def test_native_rejects_bad_pointers():
 
 
 def test_public_api_is_exported():
-    for name in ("rms_norm", "rotary", "gated_mlp_act", "gated_mlp_act_packed"):
+    for name in (
+        "add_rms_norm",
+        "rms_norm",
+        "rotary",
+        "gated_mlp_act",
+        "gated_mlp_act_packed",
+    ):
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)
     assert _fusions_backend.ACTIVATIONS == ("silu", "gelu_tanh")

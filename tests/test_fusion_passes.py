@@ -16,7 +16,7 @@ from torch import nn
 from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama import modeling_llama
 
-FUSIONS = ("rms-norm", "rotary", "gated-mlp")
+FUSIONS = ("rms-norm", "residual-norm", "rotary", "gated-mlp")
 
 
 @pytest.fixture(autouse=True)
@@ -334,3 +334,86 @@ def test_moe_experts_gate_other_than_the_checked_default_is_left_alone(
     site = sites("Qwen3MoeForCausalLM", "gated-mlp")["Qwen3MoeExperts"]
     assert site["reason"] == "site-source-mismatch" and not site["installed"], site
     assert experts._apply_gate is clamped
+
+
+def test_residual_norm_fuses_only_into_installed_norms(tmp_path):
+    x = torch.randn(2, 3, 8)
+    r = torch.randn(2, 3, 8)
+    norm = modeling_llama.LlamaRMSNorm(8)
+    # nothing installed: the norm's class runs its stock forward
+    assert fusion_guard.residual_norm(norm, r, x) is None
+    forward_rewrite.install(cache_dir=tmp_path)
+    form = fusion_guard.residual_norm(norm, r, x)
+    assert form == {
+        "weight": norm.weight,
+        "eps": norm.variance_epsilon,
+        "offset": 0.0,
+        "cast_before_weight": True,
+    }
+    gemma = modeling_gemma3.Gemma3RMSNorm(8)
+    assert fusion_guard.residual_norm(gemma, r, x)["offset"] == 1.0
+    assert not fusion_guard.residual_norm(gemma, r, x)["cast_before_weight"]
+    # the stock body wherever the fused op might not be what the statements compute
+    assert fusion_guard.residual_norm(norm, r.double(), x) is None
+    assert fusion_guard.residual_norm(norm, r[:1], x) is None
+    assert fusion_guard.residual_norm(norm, r, x.double()) is None
+    assert fusion_guard.residual_norm(norm, r, torch.randn(2, 3, 4)) is None
+    assert fusion_guard.residual_norm(norm.eval(), r, x) is None
+    norm.train()
+    with torch.no_grad():
+        assert fusion_guard.residual_norm(norm, r, x) is None
+    with fusion_guard.disabled():
+        assert fusion_guard.residual_norm(norm, r, x) is None
+    hooked = modeling_llama.LlamaRMSNorm(8)
+    hooked.register_forward_pre_hook(lambda *a: None)
+    assert fusion_guard.residual_norm(hooked, r, x) is None
+    backward_hooked = modeling_llama.LlamaRMSNorm(8)
+    backward_hooked.register_full_backward_hook(lambda *a: None)
+    assert fusion_guard.residual_norm(backward_hooked, r, x) is None
+    own = modeling_llama.LlamaRMSNorm(8)
+    own.forward = lambda h: h
+    assert fusion_guard.residual_norm(own, r, x) is None
+
+    class Sub(modeling_llama.LlamaRMSNorm):
+        def forward(self, h):
+            return h
+
+    assert fusion_guard.residual_norm(Sub(8), r, x) is None
+    forward_rewrite.uninstall()
+    assert fusion_guard.norm_forms == {}
+    assert fusion_guard.residual_norm(norm, r, x) is None
+    # without the rms-norm pass the layer's patch is in place but never fuses
+    forward_rewrite.install(cache_dir=tmp_path, passes=("residual-norm",))
+    assert "add_rms_norm" in _source(modeling_llama.LlamaDecoderLayer.forward)
+    assert fusion_guard.residual_norm(norm, r, x) is None
+
+
+def test_residual_norm_patched_layer_matches_stock_and_attnres_reads_the_stock_forward(
+    tmp_path,
+):
+    from forward_rewrite import attnres
+
+    torch.manual_seed(0)
+    model = build("llama")
+    stock_model = copy.deepcopy(model)
+    inputs = batch()
+    want_loss, _, want_grads = loss_and_grads(stock_model, inputs)
+    forward_rewrite.install(cache_dir=tmp_path, passes=("rms-norm", "residual-norm"))
+    layer = sites("LlamaForCausalLM", "residual-norm")["LlamaDecoderLayer"]
+    assert layer["installed"], layer
+    assert layer["lowered"]["norms"] == "post_attention_layernorm (LlamaRMSNorm)"
+    before = fusion_guard.taken["residual-norm"]
+    got_loss, _, got_grads = loss_and_grads(model, inputs)
+    layers = model.config.num_hidden_layers
+    assert fusion_guard.taken["residual-norm"] - before == layers
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
+    # AttnRes rewrites the layer's stock forward (its adds become mixes), not the patch
+    attnres.apply(model)
+    import inspect
+
+    patched = inspect.unwrap(type(model.model.layers[0]).__dict__["forward"])
+    assert "attnres" in patched.__code__.co_filename
+    assert "add_rms_norm" not in patched.__code__.co_names
+    loss_and_grads(model, inputs)

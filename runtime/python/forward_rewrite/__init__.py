@@ -7,7 +7,13 @@ from . import fusion_guard
 from ._installer import audit, install, patch_model, uninstall
 from ._native import __version__
 from ._stats import reset_stats, stats
-from .fused_ops import gated_mlp_act, gated_mlp_act_packed, rms_norm, rotary
+from .fused_ops import (
+    add_rms_norm,
+    gated_mlp_act,
+    gated_mlp_act_packed,
+    rms_norm,
+    rotary,
+)
 from .guard import (
     LOSS_KWARGS,
     fuses,
@@ -21,6 +27,7 @@ from .ops import chunk_budget_bytes, fused_lm_head_loss, set_chunk_budget_bytes
 __all__ = [
     "LOSS_KWARGS",
     "__version__",
+    "add_rms_norm",
     "audit",
     "chunk_budget_bytes",
     "fused_lm_head_loss",

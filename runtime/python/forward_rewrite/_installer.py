@@ -34,7 +34,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import _native, packing
+from . import _native, fusion_guard, packing
 
 __all__ = ["audit", "install", "patch_model", "uninstall"]
 
@@ -142,7 +142,8 @@ OPT_IN_PASSES = ("attnres",)
 
 def pass_names():
     """Every pass ``install(passes=...)`` accepts: ``fused-loss`` and the registered ones
-    (``rms-norm``, ``rotary``, ``gated-mlp``, ``packing``), without the opt-in ones."""
+    (``rms-norm``, ``residual-norm``, ``rotary``, ``gated-mlp``, ``packing``), without the
+    opt-in ones."""
     return (
         FUSED_LOSS,
         *(n for n in _native.rewrite_pass_names() if n not in OPT_IN_PASSES),
@@ -178,7 +179,8 @@ def install(cache_dir=None, verified_only=False, passes=None):
     rewritten in-process. With ``verified_only=True`` only patches that
     ``forward-rewrite build --verify`` verified are installed (every other class stays
     stock, reported ``not-verified``). ``passes`` names the passes to apply (``pass_names()``:
-    ``fused-loss``, ``rms-norm``, ``rotary``, ``gated-mlp``, ``packing``); default every one, e.g.
+    ``fused-loss``, ``rms-norm``, ``residual-norm`` (fuses only into norms ``rms-norm`` put in
+    place), ``rotary``, ``gated-mlp``, ``packing``); default every one, e.g.
     ``passes=("fused-loss",)`` for the fused loss alone; an unknown name is a ValueError.
     Calling ``install()`` again re-reads the cache and patches what is new (call
     ``uninstall()`` first to change the passes). Returns ``audit()``'s summary.
@@ -221,6 +223,7 @@ def uninstall():
             else:
                 setattr(holder, attribute, original)
         _state.site_originals.clear()
+        fusion_guard.forget_norms()
         _state.sites.clear()
         _state.site_passes.clear()
         _state.module_texts.clear()
@@ -577,6 +580,8 @@ def _install_sites(record):
                     problem = ("site-emit-invalid", f"{type(exc).__name__}: {exc}")
                 _state.sites[key] = ("installed", "") if problem is None else problem
                 _state.site_passes[key] = pass_name
+                if problem is None and pass_name == "rms-norm":
+                    _register_norm(module, site)
                 if problem is not None:
                     logger.warning(
                         "forward_rewrite: %s.%s left stock: %s",
@@ -598,6 +603,34 @@ def _install_sites(record):
                 reason=first.get("reason"),
                 detail=first.get("detail", ""),
             )
+
+
+def stock_function(function):
+    """The stock function a site patch replaced, when ``function`` is one this installer put
+    in place (``attnres`` rewrites the stock layer forward, not the fused one); else
+    ``function``."""
+    for holder, attribute, original in _state.site_originals.values():
+        where = holder if isinstance(holder, dict) else holder.__dict__
+        if where.get(attribute) is function:
+            return original
+    return function
+
+
+def _register_norm(module, site):
+    """Tell the residual-norm guard that this norm class now runs its fused form (unless the
+    form applies its weight under a condition: those stay out of the fused add)."""
+    lowered = site.get("lowered") or {}
+    eps = lowered.get("eps", "")
+    if "fused only when" in lowered or not eps.startswith("self."):
+        return
+    cls = module.__dict__[site["name"]]
+    fusion_guard.register_norm(
+        cls,
+        cls.__dict__["forward"],
+        eps[len("self.") :],
+        float(lowered["offset"]),
+        lowered["cast_before_weight"] == "true",
+    )
 
 
 def _install_site(module, site):

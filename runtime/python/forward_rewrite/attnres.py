@@ -207,9 +207,13 @@ def _qualname(obj) -> str:
 
 
 def _defining_function(cls: type):
+    """The stock forward ``cls`` runs and its class: under ``install()`` a layer's forward may
+    be the residual-norm pass's patch, whose adds AttnRes replaces anyway."""
+    from ._installer import stock_function
+
     for klass in cls.__mro__:
         if "forward" in klass.__dict__:
-            return inspect.unwrap(klass.__dict__["forward"]), klass
+            return inspect.unwrap(stock_function(klass.__dict__["forward"])), klass
     raise TypeError(f"{cls.__name__} has no forward")
 
 

@@ -11,6 +11,9 @@ node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._f
 * :func:`rms_norm` -- ``LlamaRMSNorm`` (``cast_before_weight=True``), ``Gemma3RMSNorm``
   (``offset=1.0, cast_before_weight=False``), ``Olmo2RMSNorm`` (``cast_before_weight=False``),
   Qwen3's per-head q/k norms (any leading shape). Saves one float per row (``1 / rms``).
+* :func:`add_rms_norm` -- a decoder layer's residual add and the RMSNorm after it, one
+  kernel each way (the sum and its norm out; in backward the sum's own gradient joins the
+  norm's input gradient).
 * :func:`rotary` -- ``apply_rotary_pos_emb`` for q and k in one launch, out of place; partial
   rotary (the tail of each head passes through), the interleaved layout
   (``rotate_every_two``). Saves nothing but cos and sin.
@@ -35,7 +38,13 @@ from ._fusions_backend import (
     rstd_dtype,
 )
 
-__all__ = ["gated_mlp_act", "gated_mlp_act_packed", "rms_norm", "rotary"]
+__all__ = [
+    "add_rms_norm",
+    "gated_mlp_act",
+    "gated_mlp_act_packed",
+    "rms_norm",
+    "rotary",
+]
 
 
 _BACKENDS = {}
@@ -238,6 +247,178 @@ def rms_norm(
     x2 = x.contiguous().view(-1, x.shape[-1])
     y, _ = _rms_norm(x2, w.contiguous(), eps, offset, cast_before_weight)
     return y.view(x.shape)
+
+
+# ---- residual add + RMSNorm -------------------------------------------------------------------
+
+
+def _add_rms_norm_impl(
+    residual: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, sum, rstd) for residual and x (rows, hidden) contiguous of one dtype."""
+    y, rstd, total = _backend(x.device).rms_norm_forward(
+        x, weight, eps, offset, cast_before_weight, residual=residual
+    )
+    return y, total, rstd
+
+
+_add_rms_norm_op = torch.library.custom_op(
+    "forward_rewrite::add_rms_norm", mutates_args=()
+)(_add_rms_norm_impl)
+
+
+@_add_rms_norm_op.register_fake
+def _add_rms_norm_fake(residual, x, weight, eps, offset, cast_before_weight):
+    y = x.new_empty(
+        x.shape, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
+    )
+    return y, torch.empty_like(x), x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
+
+
+def _add_rms_norm_backward_impl(
+    dy: Tensor,
+    dsum: Tensor,
+    total: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    offset: float,
+    cast_before_weight: bool,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dsum + the norm's input gradient, dw); dw is empty when ``weight_grad`` is false."""
+    dx, dw = _backend(total.device).rms_norm_backward(
+        dy, total, weight, rstd, offset, cast_before_weight, weight_grad, dres=dsum
+    )
+    return dx, dw if dw is not None else total.new_empty(0)
+
+
+_add_rms_norm_backward_op = torch.library.custom_op(
+    "forward_rewrite::add_rms_norm_backward", mutates_args=()
+)(_add_rms_norm_backward_impl)
+
+
+@_add_rms_norm_backward_op.register_fake
+def _add_rms_norm_backward_fake(
+    dy, dsum, total, weight, rstd, offset, cast_before_weight, weight_grad
+):
+    return torch.empty_like(total), torch.empty_like(
+        weight
+    ) if weight_grad else total.new_empty(0)
+
+
+def _add_rms_setup(ctx, inputs, output):
+    _residual, _x, weight, _eps, offset, cast_before_weight = inputs
+    _, total, rstd = output
+    ctx.save_for_backward(total, weight, rstd)
+    ctx.options = (offset, cast_before_weight)
+
+
+def _add_rms_backward(ctx, dy, dsum, _drstd):
+    total, weight, rstd = ctx.saved_tensors
+    offset, cast_before_weight = ctx.options
+    needs = ctx.needs_input_grad
+    if not (needs[0] or needs[1] or needs[2]):
+        return None, None, None, None, None, None
+    if dy is None:  # only the sum is used: its gradient passes through the add
+        dy = torch.zeros_like(
+            total, dtype=rms_out_dtype(total.dtype, weight.dtype, cast_before_weight)
+        )
+    if dsum is None:
+        dsum = torch.zeros_like(total)
+    dx, dw = _add_rms_norm_backward(
+        dy.contiguous(),
+        dsum.contiguous(),
+        total,
+        weight,
+        rstd,
+        offset,
+        cast_before_weight,
+        needs[2],
+    )
+    # The add's two inputs get the same gradient (as torch's AddBackward gives them).
+    return (
+        dx if needs[0] else None,
+        dx if needs[1] else None,
+        dw if needs[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_add_rms_norm = OpPair(
+    _add_rms_norm_op,
+    _add_rms_norm_impl,
+    _add_rms_setup,
+    _add_rms_backward,
+    nondiff=(2,),
+)
+_add_rms_norm_backward = BackwardOp(
+    _add_rms_norm_backward_op, _add_rms_norm_backward_impl
+)
+
+
+def add_rms_norm(
+    residual: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(s, weight, eps, ...), s)`` with ``s = residual + x``: a decoder layer's
+    residual add and the RMSNorm after it (``hidden = residual + hidden; residual = hidden;
+    hidden = norm(hidden)``) in one kernel.
+
+    ``s`` is rounded to the inputs' dtype as torch's add rounds it, and normalised from that
+    rounded value, so both results equal the stock statements'. In backward the gradient
+    that reaches ``s`` directly (through the next residual) is added to the norm's input
+    gradient in float32 before one rounding (stock rounds the norm's gradient, then adds):
+    residual and x get that one gradient, as an add's inputs do. ``offset`` and
+    ``cast_before_weight`` as :func:`rms_norm`'s. residual and x: one shape, dtype and device.
+    """
+    _tensor("residual", residual)
+    _tensor("x", x)
+    _tensor("weight", weight)
+    _dtype("x", x)
+    _dtype("weight", weight)
+    _device("residual", residual, x, "x")
+    _device("weight", weight, x, "x")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual: dtype {residual.dtype} differs from x's {x.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}"
+        )
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(
+            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
+        )
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight: expected shape ({x.shape[-1]},) (x's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
+    eps = _real("eps", eps, minimum=0.0)
+    offset = _real("offset", offset)
+    cast_before_weight = _bool("cast_before_weight", cast_before_weight)
+    w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
+    hidden = x.shape[-1]
+    y, total, _ = _add_rms_norm(
+        residual.contiguous().view(-1, hidden),
+        x.contiguous().view(-1, hidden),
+        w.contiguous(),
+        eps,
+        offset,
+        cast_before_weight,
+    )
+    return y.view(x.shape), total.view(x.shape)
 
 
 # ---- rotary -----------------------------------------------------------------------------------

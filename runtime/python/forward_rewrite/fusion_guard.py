@@ -12,6 +12,11 @@ exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``
 torch's functional SiLU itself where the source applies the function (``gated_function``).
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
 
+``residual_norm`` (the ``residual-norm`` pass) fuses a layer's residual add into the norm
+after it only when that norm's class runs its fused ``rms-norm`` forward (``norm_forms``,
+filled by the installer) and the module has no hooks: the fused path reads the norm's
+weight and eps itself instead of calling it.
+
 The fused paths run in training steps only (invariant 2, inference is untouched): autograd
 recording (``torch.is_grad_enabled()``), and the norm / activation module in train mode, or for
 the rotary function q or k requiring a gradient. Evaluation, ``torch.no_grad()`` and
@@ -26,7 +31,14 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["disabled", "gated_act", "gated_function", "rms_norm", "rotary"]
+__all__ = [
+    "disabled",
+    "gated_act",
+    "gated_function",
+    "residual_norm",
+    "rms_norm",
+    "rotary",
+]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -35,7 +47,11 @@ _off: contextvars.ContextVar = contextvars.ContextVar(
 )
 _cuda_backend = None
 #: How many calls each guard let through to the fused op (tests and ``audit()`` read it).
-taken = {"rms-norm": 0, "rotary": 0, "gated-mlp": 0}
+taken = {"rms-norm": 0, "residual-norm": 0, "rotary": 0, "gated-mlp": 0}
+#: The norm classes whose fused ``rms-norm`` forward is in place, by class: (that forward,
+#: the eps attribute, offset, cast_before_weight). The installer fills it; ``residual_norm``
+#: fuses a layer's add into a norm only through it.
+norm_forms = {}
 
 
 @contextlib.contextmanager
@@ -103,6 +119,59 @@ def rms_norm(module, x, weight, eps):
     return ok
 
 
+def register_norm(cls, forward, eps_attribute, offset, cast_before_weight):
+    """Record that ``cls.forward`` is now ``forward``, the fused rms-norm form with these
+    parameters (the installer calls it; ``forget_norms`` undoes it)."""
+    norm_forms[cls] = (forward, eps_attribute, float(offset), bool(cast_before_weight))
+
+
+def forget_norms():
+    norm_forms.clear()
+
+
+def residual_norm(norm, residual, x):
+    """The keyword arguments of ``forward_rewrite.add_rms_norm`` that compute ``h = residual
+    + x; norm(h)`` as the stock statements do (weight, eps, offset, cast_before_weight), or
+    None (stock). The norm module must be of a class whose installed fused forward is the
+    one running (``norm_forms``: a Liger or other replacement, a subclass with its own forward
+    or an instance's own ``forward`` runs stock), without hooks (the fused path does not
+    call the module); residual and x plain tensors of one shape, dtype and device, and the
+    norm's own guard (``rms_norm``) passing for the sum."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    form = norm_forms.get(type(norm))
+    if form is None:
+        return None
+    forward, eps_attribute, offset, cast_before_weight = form
+    if type(norm).forward is not forward or "forward" in norm.__dict__:
+        return None
+    if not _no_hooks(norm) or not norm.training:
+        return None
+    if not (_tensor_ok(x) and _tensor_ok(residual, x.device)):
+        return None
+    if residual.dtype != x.dtype or residual.shape != x.shape:
+        return None
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, eps_attribute, None)
+    if not isinstance(weight, torch.Tensor) or not (
+        x.dim() >= 1
+        and x.shape[-1] > 0
+        and x.numel() > 0
+        and _tensor_ok(weight, x.device)
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and _real(eps)
+    ):
+        return None
+    taken["residual-norm"] += 1
+    return {
+        "weight": weight,
+        "eps": eps,
+        "offset": offset,
+        "cast_before_weight": cast_before_weight,
+    }
+
+
 def rotary(q, k, cos, sin, unsqueeze_dim):
     """Whether ``forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=...)`` may replace the
     stock body: 4-D q and k of one fused dtype and equal shapes but for the heads, cos and
@@ -150,11 +219,18 @@ def _silu_class():
 
 
 def _no_hooks(module):
+    """Whether calling the module would run nothing but its forward: no forward or backward
+    hooks of its own nor global ones (a fused path that skips ``__call__`` skips them)."""
+    m = nn.modules.module
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
     )
 
 
