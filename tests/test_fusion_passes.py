@@ -417,3 +417,34 @@ def test_residual_norm_patched_layer_matches_stock_and_attnres_reads_the_stock_f
     assert "attnres" in patched.__code__.co_filename
     assert "add_rms_norm" not in patched.__code__.co_names
     loss_and_grads(model, inputs)
+
+
+def test_a_patched_decoder_layer_still_checkpoints(tmp_path):
+    """transformers 5 wraps a GradientCheckpointingLayer's forward at class creation; the
+    patched forward gets the same wrapper, so gradient checkpointing still recomputes the
+    layer in backward (the fused add runs twice per layer and step) and keeps no more
+    activations than stock."""
+    import inspect
+
+    from transformers import modeling_layers
+
+    if not hasattr(modeling_layers.GradientCheckpointingLayer, "__init_subclass__"):
+        pytest.skip("this transformers checkpoints in __call__")
+    layer_cls = modeling_llama.LlamaDecoderLayer
+    stock = layer_cls.__dict__["forward"]
+    forward_rewrite.install(cache_dir=tmp_path)
+    patched = layer_cls.__dict__["forward"]
+    assert patched is not stock
+    assert patched.__code__.co_name == stock.__code__.co_name
+    assert "add_rms_norm" in inspect.unwrap(patched).__code__.co_names
+    torch.manual_seed(0)
+    model = build("llama")
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    before = fusion_guard.taken["residual-norm"]
+    loss_and_grads(model, batch())
+    layers = model.config.num_hidden_layers
+    assert fusion_guard.taken["residual-norm"] - before == 2 * layers
+    forward_rewrite.uninstall()
+    assert layer_cls.__dict__["forward"] is stock

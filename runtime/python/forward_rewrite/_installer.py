@@ -710,12 +710,60 @@ def _install_site(module, site):
     if holder is not namespace:
         patched.__qualname__ = f"{name}.{attribute}"
     key = (module.__name__, site["kind"], name)
-    _state.site_originals[key] = (holder, attribute, original)
     if holder is namespace:
         namespace[name] = patched
     else:
         setattr(holder, attribute, patched)
+        problem = _rewrap(holder, attribute, original)
+        if problem is not None:
+            setattr(holder, attribute, original)
+            return problem
+    _state.site_originals[key] = (holder, attribute, original)
     return None
+
+
+def _wrap_depth(fn):
+    depth = 0
+    while hasattr(fn, "__wrapped__"):
+        fn, depth = fn.__wrapped__, depth + 1
+    return depth
+
+
+def _rewrap(cls, attribute, original):
+    """Give the patched method the wrappers the class put around the stock one when it was
+    created, beyond the decorators the patch's source re-applies: transformers'
+    ``GradientCheckpointingLayer`` wraps every subclass's ``forward`` in
+    ``forward_with_checkpointing`` (5.x), which is how a decoder layer checkpoints; a patch
+    without it would train without gradient checkpointing. The wrapper is re-made by the
+    layer base's own ``__init_subclass__``. None, or ``site-wrapped`` (another wrapper this
+    installer does not know: left stock)."""
+    patched = cls.__dict__[attribute]
+    if _wrap_depth(patched) == _wrap_depth(original):
+        return None
+    code = getattr(original, "__code__", None)
+    base = next(
+        (
+            b
+            for b in cls.__mro__[1:]
+            if b.__name__ == "GradientCheckpointingLayer"
+            and "__init_subclass__" in b.__dict__
+        ),
+        None,
+    )
+    if (
+        attribute == "forward"
+        and base is not None
+        and code is not None
+        and code.co_name == "forward_with_checkpointing"
+    ):
+        base.__dict__["__init_subclass__"].__func__(cls)
+        if _wrap_depth(cls.__dict__[attribute]) == _wrap_depth(original):
+            return None
+    return (
+        "site-wrapped",
+        f"{cls.__name__}.{attribute} is wrapped by {getattr(code, 'co_name', original)!r}, "
+        "which the patch would drop",
+    )
 
 
 def _default_gate_problem(name, gate):
