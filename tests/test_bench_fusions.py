@@ -37,8 +37,10 @@ def test_ours_alone_is_timed_and_checked_against_stock(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert {r["method"] for r in rows} == {"ours"}
+    # ours-unfused (the add in torch, then our norm) is ours' baseline for add_rms_norm
+    assert {r["method"] for r in rows} == {"ours", "ours-unfused"}
+    assert {r["op"] for r in rows if r["method"] == "ours-unfused"} == {"add_rms_norm"}
     ops = {r["op"] for r in rows}
-    assert {"rms_norm", "rotary", "gated silu"} <= ops, ops
+    assert {"rms_norm", "add_rms_norm", "rotary", "gated silu"} <= ops, ops
     # bf16 on the CPU: stock's rotary rounds after each of its ops, ours once
-    assert all(r["err_vs_stock"] < 1e-2 for r in rows), rows
+    assert all(r["err_vs_stock"] < 1e-2 for r in rows if r["method"] == "ours"), rows
