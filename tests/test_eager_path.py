@@ -24,6 +24,11 @@ def _cases():
             (r(2, 6, 16), r(16)),
             (),
         ),
+        "add_rms_norm": (
+            lambda res, x, w: forward_rewrite.add_rms_norm(res, x, w, 1e-6),
+            (r(2, 6, 16), r(2, 6, 16), r(16)),
+            (),
+        ),
         "rotary": (
             lambda q, k, cos, sin: forward_rewrite.rotary(q, k, cos, sin),
             (r(2, 4, 6, 12), r(2, 2, 6, 12)),
