@@ -9,15 +9,6 @@
 //! site puts a guarded `_apply_gate` on the class that lowers it to
 //! `forward_rewrite.gated_mlp_act_packed`, its stock fallback being [`DEFAULT_GATE`]'s body.
 //!
-//! Every caller of the gate passes a temporary: transformers' `grouped_mm` and `batched_mm`
-//! experts functions the grouped projection's output (`proj_out = self._apply_gate(proj_out)`,
-//! read by nothing else; the grouped product's backward needs its inputs, not its output), the
-//! eager loops of the models that call it a `F.linear(...)` or a name bound to one just before.
-//! So the patch passes `overwrite_inputs=True`: the backward writes the gradient of gate_up over
-//! it (one (routed tokens, 2 x intermediate) tensor less at the experts' backward peak: 0.75
-//! GiB a layer at Qwen3-30B-A3B's shapes and 32k tokens). A caller that kept the tensor for its
-//! own autograd node would raise (the write moves its version counter), never read gradients.
-//!
 //! The default lives in another module, so its binding is checked where it runs: the
 //! installer replaces the class's `_apply_gate` only when it is transformers'
 //! `_default_apply_gate` and its running source matches [`DEFAULT_GATE`]'s form
@@ -118,9 +109,9 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
             "if (_fr_act := {}) is not None:",
             resolved.guard("act_fn", "gate_up_out")
         ),
-        "    # forward-rewrite: the experts' fused act(gate) * up on the packed gate_up, recomputed in backward; its gradient written over gate_up_out"
+        "    # forward-rewrite: the experts' fused act(gate) * up on the packed gate_up, recomputed in backward"
             .to_string(),
-        "    return forward_rewrite.gated_mlp_act_packed(gate_up_out, activation=_fr_act, overwrite_inputs=True)"
+        "    return forward_rewrite.gated_mlp_act_packed(gate_up_out, activation=_fr_act)"
             .to_string(),
     ];
     match emit_guarded(&template, def, &lines) {
