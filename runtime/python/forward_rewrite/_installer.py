@@ -759,10 +759,10 @@ def _rewrap(cls, attribute, original):
         base.__dict__["__init_subclass__"].__func__(cls)
         if _wrap_depth(cls.__dict__[attribute]) == _wrap_depth(original):
             return None
+    wrapper = getattr(code, "co_name", original)
     return (
         "site-wrapped",
-        f"{cls.__name__}.{attribute} is wrapped by {getattr(code, 'co_name', original)!r}, "
-        "which the patch would drop",
+        f"{cls.__name__}.{attribute} is wrapped by {wrapper!r}, which the patch would drop",
     )
 
 
