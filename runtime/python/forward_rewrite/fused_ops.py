@@ -128,6 +128,30 @@ def _kernel_dtype(name, dtype, base):
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 
+def _rms_arguments(x, weight, eps, offset, cast_before_weight):
+    """The checked arguments of the public RMSNorm ops: (the weight in the kernels' dtype,
+    eps, offset, cast_before_weight); errors name the argument."""
+    _tensor("x", x)
+    _tensor("weight", weight)
+    _dtype("x", x)
+    _dtype("weight", weight)
+    _device("weight", weight, x, "x")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(
+            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
+        )
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight: expected shape ({x.shape[-1]},) (x's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
+    eps = _real("eps", eps, minimum=0.0)
+    offset = _real("offset", offset)
+    cast_before_weight = _bool("cast_before_weight", cast_before_weight)
+    w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
+    return w, eps, offset, cast_before_weight
+
+
 def _rms_norm_impl(
     x: Tensor, weight: Tensor, eps: float, offset: float, cast_before_weight: bool
 ) -> tuple[Tensor, Tensor]:
@@ -226,24 +250,9 @@ def rms_norm(
     accumulation of the weight gradient over all rows, one rounding to weight's dtype);
     only ``1 / rms`` per row is saved besides the inputs.
     """
-    _tensor("x", x)
-    _tensor("weight", weight)
-    _dtype("x", x)
-    _dtype("weight", weight)
-    _device("weight", weight, x, "x")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(
-            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
-        )
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(
-            f"weight: expected shape ({x.shape[-1]},) (x's last dimension), "
-            f"got {tuple(weight.shape)}"
-        )
-    eps = _real("eps", eps, minimum=0.0)
-    offset = _real("offset", offset)
-    cast_before_weight = _bool("cast_before_weight", cast_before_weight)
-    w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
+    w, eps, offset, cast_before_weight = _rms_arguments(
+        x, weight, eps, offset, cast_before_weight
+    )
     x2 = x.contiguous().view(-1, x.shape[-1])
     y, _ = _rms_norm(x2, w.contiguous(), eps, offset, cast_before_weight)
     return y.view(x.shape)
@@ -384,31 +393,16 @@ def add_rms_norm(
     ``cast_before_weight`` as :func:`rms_norm`'s. residual and x: one shape, dtype and device.
     """
     _tensor("residual", residual)
-    _tensor("x", x)
-    _tensor("weight", weight)
-    _dtype("x", x)
-    _dtype("weight", weight)
+    w, eps, offset, cast_before_weight = _rms_arguments(
+        x, weight, eps, offset, cast_before_weight
+    )
     _device("residual", residual, x, "x")
-    _device("weight", weight, x, "x")
     if residual.dtype != x.dtype:
         raise TypeError(f"residual: dtype {residual.dtype} differs from x's {x.dtype}")
     if residual.shape != x.shape:
         raise ValueError(
             f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}"
         )
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(
-            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
-        )
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(
-            f"weight: expected shape ({x.shape[-1]},) (x's last dimension), "
-            f"got {tuple(weight.shape)}"
-        )
-    eps = _real("eps", eps, minimum=0.0)
-    offset = _real("offset", offset)
-    cast_before_weight = _bool("cast_before_weight", cast_before_weight)
-    w = weight.to(_kernel_dtype("weight", weight.dtype, x.dtype))
     hidden = x.shape[-1]
     y, total, _ = _add_rms_norm(
         residual.contiguous().view(-1, hidden),

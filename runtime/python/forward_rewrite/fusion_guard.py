@@ -103,20 +103,24 @@ def rms_norm(module, x, weight, eps):
     one device with a backend, eps a finite number >= 0."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return False
-    ok = (
-        module.training
-        and _tensor_ok(x)
+    ok = module.training and _norm_operands_ok(x, weight, eps)
+    if ok:
+        taken["rms-norm"] += 1
+    return ok
+
+
+def _norm_operands_ok(x, weight, eps):
+    return (
+        _tensor_ok(x)
         and x.dim() >= 1
         and x.shape[-1] > 0
         and x.numel() > 0
+        and isinstance(weight, torch.Tensor)
         and _tensor_ok(weight, x.device)
         and weight.dim() == 1
         and weight.shape[0] == x.shape[-1]
         and _real(eps)
     )
-    if ok:
-        taken["rms-norm"] += 1
-    return ok
 
 
 def register_norm(cls, forward, eps_attribute, offset, cast_before_weight):
@@ -147,20 +151,13 @@ def residual_norm(norm, residual, x):
         return None
     if not _no_hooks(norm) or not norm.training:
         return None
-    if not (_tensor_ok(x) and _tensor_ok(residual, x.device)):
-        return None
-    if residual.dtype != x.dtype or residual.shape != x.shape:
-        return None
     weight = getattr(norm, "weight", None)
     eps = getattr(norm, eps_attribute, None)
-    if not isinstance(weight, torch.Tensor) or not (
-        x.dim() >= 1
-        and x.shape[-1] > 0
-        and x.numel() > 0
-        and _tensor_ok(weight, x.device)
-        and weight.dim() == 1
-        and weight.shape[0] == x.shape[-1]
-        and _real(eps)
+    if not (
+        _norm_operands_ok(x, weight, eps)
+        and _tensor_ok(residual, x.device)
+        and residual.dtype == x.dtype
+        and residual.shape == x.shape
     ):
         return None
     taken["residual-norm"] += 1
