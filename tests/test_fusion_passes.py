@@ -159,7 +159,12 @@ def test_classes_another_tool_replaced_are_refused_and_train_like_stock(
         # The MLP was left in place: still patched.
         assert sites("LlamaForCausalLM", "gated-mlp")["LlamaMLP"]["installed"]
     assert "forward_rewrite" not in _source(modeling_llama.LlamaRMSNorm.forward)
+    # the layer's residual add is patched, but never fuses into the other tool's norm
+    layer = sites("LlamaForCausalLM", "residual-norm")["LlamaDecoderLayer"]
+    assert layer["installed"], layer
+    fused_adds = fusion_guard.taken["residual-norm"]
     got_loss, _, got_grads = loss_and_grads(model, inputs)
+    assert fusion_guard.taken["residual-norm"] == fused_adds
     assert rel_err(got_loss, want_loss) <= LOSS_TOL
     for name, grad in want_grads.items():
         assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
