@@ -283,10 +283,8 @@ _add_rms_norm_op = torch.library.custom_op(
 
 @_add_rms_norm_op.register_fake
 def _add_rms_norm_fake(residual, x, weight, eps, offset, cast_before_weight):
-    y = x.new_empty(
-        x.shape, dtype=rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
-    )
-    return y, torch.empty_like(x), x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
+    y, rstd = _rms_norm_fake(x, weight, eps, offset, cast_before_weight)
+    return y, torch.empty_like(x), rstd
 
 
 def _add_rms_norm_backward_impl(
@@ -315,9 +313,9 @@ _add_rms_norm_backward_op = torch.library.custom_op(
 def _add_rms_norm_backward_fake(
     dy, dsum, total, weight, rstd, offset, cast_before_weight, weight_grad
 ):
-    return torch.empty_like(total), torch.empty_like(
-        weight
-    ) if weight_grad else total.new_empty(0)
+    return _rms_norm_backward_fake(
+        dy, total, weight, rstd, offset, cast_before_weight, weight_grad
+    )
 
 
 def _add_rms_setup(ctx, inputs, output):

@@ -209,9 +209,14 @@ fn built_class<'m>(
 fn layer_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Option<Site> {
     let name = class.name.as_str();
     let forward = crate::syntax::method(&class.body, "forward")?;
-    let found: Vec<Run<'_>> = runs(forward)
+    // Each run with the class its norm is built from (resolved once), norms only.
+    let found: Vec<_> = runs(forward)
         .into_iter()
-        .filter(|run| is_norm_run(defs, class, run))
+        .map(|run| {
+            let built = built_class(defs, class, run.norm);
+            (run, built)
+        })
+        .filter(|(run, built)| is_norm_run(run, built))
         .collect();
     if found.is_empty() {
         return None;
@@ -227,8 +232,8 @@ fn layer_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Option<Site> {
     let mut branches = Vec::new();
     let mut norms = Vec::new();
     let mut first_refusal = None;
-    for run in &found {
-        match norm_class(defs, class, run.norm) {
+    for (run, built) in &found {
+        match norm_class(defs, run.norm, built) {
             Ok(norm) => {
                 branches.push(Branch {
                     range: run.range,
@@ -268,9 +273,9 @@ fn layer_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Option<Site> {
 
 /// Whether the run's module is a norm at all (`h = r + h; r = h; h = self.mlp(h)` is not a
 /// site): its class's name, or when that is not resolved the attribute's, says "norm".
-fn is_norm_run(defs: &ModuleDefs<'_>, class: &StmtClassDef, run: &Run<'_>) -> bool {
+fn is_norm_run(run: &Run<'_>, built: &Result<&StmtClassDef, String>) -> bool {
     let says_norm = |name: &str| name.to_ascii_lowercase().contains("norm");
-    match built_class(defs, class, run.norm) {
+    match built {
         Ok(norm) => says_norm(norm.name.as_str()),
         Err(_) => says_norm(run.norm),
     }
@@ -279,10 +284,12 @@ fn is_norm_run(defs: &ModuleDefs<'_>, class: &StmtClassDef, run: &Run<'_>) -> bo
 /// The norm's class name when the rms-norm pass patches it unconditionally, or the refusal.
 fn norm_class<'m>(
     defs: &ModuleDefs<'m>,
-    class: &'m StmtClassDef,
     attr: &str,
+    built: &Result<&'m StmtClassDef, String>,
 ) -> Result<&'m str, (&'static str, String)> {
-    let norm = built_class(defs, class, attr).map_err(|d| ("residual-norm-unresolved", d))?;
+    let norm = built
+        .as_ref()
+        .map_err(|d| ("residual-norm-unresolved", d.clone()))?;
     let site = crate::passes::rms_norm::norm_site(defs, norm);
     let norm_name = norm.name.as_str();
     if site.verdict != "patched" {
