@@ -46,7 +46,13 @@ fn render(doc: &AuditDocument, pass: &str) -> String {
             .unwrap()
             .iter()
             .map(|s| {
-                let name = s["name"].as_str().unwrap();
+                let name = match s["kind"].as_str() {
+                    // The second site of an experts class: its `grouped_mm` implementation.
+                    Some("experts-forward") => {
+                        format!("{}(grouped_mm)", s["name"].as_str().unwrap())
+                    }
+                    _ => s["name"].as_str().unwrap().to_string(),
+                };
                 match s["reason"].as_str() {
                     None => {
                         let lowered = s["lowered"]
@@ -165,4 +171,30 @@ fn emitted_code_of_representative_sites() {
         settings()
             .bind(|| insta::assert_snapshot!(format!("fusion_site_5.23.0_{class}_{site}"), patch));
     }
+}
+
+/// The `experts-forward` sites' binding: the pinned 5.x transformers' `grouped_mm` experts
+/// implementation is, function by function, the one `forward_rewrite.moe_experts` reproduces.
+#[test]
+fn pinned_grouped_mm_experts_functions_are_the_ones_read() {
+    use forward_rewrite::passes::gated_mlp::experts::{EXPERTS_FUNCTIONS, experts_function_ok};
+    use ruff_python_ast::Stmt;
+    use ruff_text_size::Ranged;
+    let path = corpus("5.23.0").join("integrations/moe.py");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let parsed = forward_rewrite::parse::ParsedSource::parse(text.clone()).unwrap();
+    let mut checked = 0;
+    for stmt in parsed.suite() {
+        if let Stmt::FunctionDef(def) = stmt {
+            let wanted = EXPERTS_FUNCTIONS
+                .iter()
+                .any(|t| t.starts_with(&format!("def {}(", def.name)));
+            if wanted {
+                let source = &text[def.range().start().to_usize()..def.range().end().to_usize()];
+                assert_eq!(experts_function_ok(source), Ok(()), "{}", def.name);
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, EXPERTS_FUNCTIONS.len());
 }

@@ -15,6 +15,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite_pass_names, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_forward_sha256, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_gate_function_ok, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite_experts_function_ok, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_emit, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_info, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite_attnres_loops, m)?)?;
@@ -86,6 +87,15 @@ fn rewrite_forward_sha256(text: &str) -> String {
 #[pyfunction]
 fn rewrite_gate_function_ok(text: &str) -> bool {
     forward_rewrite::passes::gated_mlp::experts::gate_function_ok(text)
+}
+
+/// Whether one of the functions transformers' `grouped_mm` experts implementation is made of
+/// (`grouped_mm_experts_forward`, `_grouped_linear`, `_grouped_mm`; source as
+/// `inspect.getsource` returns it) is the one `forward_rewrite.moe_experts` reproduces: None,
+/// or what differs. The installer's check before an `experts-forward` site runs.
+#[pyfunction]
+fn rewrite_experts_function_ok(text: &str) -> Option<String> {
+    forward_rewrite::passes::gated_mlp::experts::experts_function_ok(text).err()
 }
 
 /// The attnres pass on a base model's forward and its decoder layer's forward (texts as

@@ -15,8 +15,21 @@
 //! (`_native.rewrite_gate_function_ok`, the same abstract interpretation as the packed MLP
 //! form); anything else stays stock. The `eager` experts implementation (a Python loop with the
 //! product inline) is left stock.
+//!
+//! Each experts class whose gate site is patched gets a second site, `experts-forward`: the
+//! `grouped_mm` experts implementation itself (`integrations.moe.grouped_mm_experts_forward`)
+//! replaced, for that class, by `forward_rewrite.moe_experts`, whose backward keeps only
+//! `gate_up` of the routed rows (the stock autograd keeps the gathered input and the down
+//! projection's output too). No source of the model's module changes: the installer puts a
+//! dispatcher in transformers' experts interface under `grouped_mm` that runs the op for the
+//! classes it installed this site for, when `fusion_guard.moe_experts` passes, and the stock
+//! function otherwise. The stock function lives in transformers, so its binding is checked
+//! where it runs: the running `grouped_mm_experts_forward` and the two helpers it computes
+//! with must equal [`EXPERTS_FUNCTIONS`] statement for statement (comments, docstrings,
+//! annotations and formatting aside; `_native.rewrite_experts_function_ok`).
 
-use ruff_python_ast::{Expr, Stmt, StmtClassDef};
+use ruff_python_ast::comparable::{ComparableExpr, ComparableStmt};
+use ruff_python_ast::{Expr, ParameterWithDefault, Stmt, StmtClassDef, StmtFunctionDef};
 
 use super::packed;
 use crate::parse::ParsedSource;
@@ -33,6 +46,139 @@ pub const DEFAULT_GATE: &str = "def _apply_gate(self, gate_up_out):
     gate, up = gate_up_out.chunk(2, dim=-1)
     return self.act_fn(gate) * up
 ";
+
+/// transformers' `grouped_mm` experts implementation and the helpers it computes with, as
+/// `forward_rewrite.moe_experts` reproduces them (transformers 5.x, read from 5.23.0): the
+/// installer's `experts-forward` sites run only when the running functions equal these.
+pub const EXPERTS_FUNCTIONS: &[&str] = &[
+    "def grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    device = hidden_states.device
+    num_top_k = top_k_index.size(-1)
+    num_tokens = hidden_states.size(0)
+    hidden_dim = hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected_hidden_states_g = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    histc_input = expert_ids_g.float() if device.type in ('cpu', 'mps') else expert_ids_g.int()
+    tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    sentinel_mask = None
+    if self._is_expert_parallel:
+        sentinel_mask = (expert_ids_g >= self.num_experts).unsqueeze(-1)
+        expert_ids_g.clamp_(max=self.num_experts - 1)
+    if self.has_gate:
+        selected_weights = self.gate_up_proj
+        selected_biases = self.gate_up_proj_bias[expert_ids_g] if self.has_bias else None
+    else:
+        selected_weights = self.up_proj
+        selected_biases = self.up_proj_bias[expert_ids_g] if self.has_bias else None
+    if sentinel_mask is not None:
+        selected_hidden_states_g.masked_fill_(sentinel_mask, 0.0)
+    proj_out = _grouped_linear(selected_hidden_states_g, selected_weights, offsets, bias=selected_biases, is_transposed=self.is_transposed)
+    if sentinel_mask is not None:
+        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    if self.has_gate:
+        proj_out = self._apply_gate(proj_out)
+    else:
+        proj_out = self.act_fn(proj_out)
+    selected_weights = self.down_proj
+    selected_biases = self.down_proj_bias[expert_ids_g] if self.has_bias else None
+    proj_out = _grouped_linear(proj_out, selected_weights, offsets, bias=selected_biases, is_transposed=self.is_transposed)
+    if sentinel_mask is not None:
+        proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    if self.has_post_expert_norm:
+        proj_out = self.post_expert_norm(proj_out)
+    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=device)
+    weighted_out = weighted_out[inv_perm]
+    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final_hidden_states.to(hidden_states.dtype)
+",
+    "def _grouped_linear(input, weight, offs, bias=None, is_transposed=False):
+    if is_transposed:
+        out = _grouped_mm(input, weight, offs=offs)
+    else:
+        out = _grouped_mm(input, weight.transpose(-2, -1), offs=offs)
+    if bias is not None:
+        out.add_(bias)
+    return out
+",
+    "def _grouped_mm(input, weight, offs):
+    if _can_use_grouped_mm(input, weight, offs):
+        if hasattr(torch.nn.functional, 'grouped_mm'):
+            return torch.nn.functional.grouped_mm(input.to(weight.dtype), weight, offs=offs)
+        elif hasattr(torch, '_grouped_mm'):
+            return torch._grouped_mm(input.to(weight.dtype), weight, offs=offs)
+    return torch.ops.transformers.grouped_mm_fallback(input.to(weight.dtype), weight, offs=offs)
+",
+];
+
+/// Whether a running function's source (as `inspect.getsource` gives it) is the one of
+/// [`EXPERTS_FUNCTIONS`] of its name: the same parameters and defaults, no decorators, and the
+/// same statements past the docstring. `Err` says what differs.
+pub fn experts_function_ok(text: &str) -> Result<(), String> {
+    let parsed = ParsedSource::parse(crate::hash::dedent(text))
+        .map_err(|e| format!("the source does not parse: {e}"))?;
+    let [Stmt::FunctionDef(def)] = &parsed.suite()[..] else {
+        return Err("the source is not one function".to_string());
+    };
+    let name = def.name.as_str();
+    let template = EXPERTS_FUNCTIONS
+        .iter()
+        .map(|t| ParsedSource::parse(*t).expect("the experts templates parse"))
+        .find(
+            |t| matches!(t.suite().first(), Some(Stmt::FunctionDef(f)) if f.name.as_str() == name),
+        )
+        .ok_or_else(|| format!("{name} is not a function this check knows"))?;
+    let Some(Stmt::FunctionDef(expected)) = template.suite().first() else {
+        unreachable!("each template is one function")
+    };
+    if !def.decorator_list.is_empty() || !same_parameters(def, expected) {
+        return Err(format!("{name}'s signature differs from the one read"));
+    }
+    let body = body_without_docstring(def);
+    let expected = body_without_docstring(expected);
+    match body
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| ComparableStmt::from(a) != ComparableStmt::from(b))
+    {
+        None if body.len() == expected.len() => Ok(()),
+        None => Err(format!(
+            "{name} has {} statements, the one read {}",
+            body.len(),
+            expected.len()
+        )),
+        Some(i) => Err(format!(
+            "{name}'s statement {} differs from the one read",
+            i + 1
+        )),
+    }
+}
+
+/// The same parameter names, kinds and defaults (annotations aside).
+fn same_parameters(a: &StmtFunctionDef, b: &StmtFunctionDef) -> bool {
+    fn plain(ps: &[ParameterWithDefault]) -> Vec<(&str, Option<ComparableExpr<'_>>)> {
+        ps.iter()
+            .map(|q| {
+                (
+                    q.parameter.name.as_str(),
+                    q.default.as_deref().map(ComparableExpr::from),
+                )
+            })
+            .collect()
+    }
+    let (p, q) = (&a.parameters, &b.parameters);
+    let name = |v: &Option<Box<ruff_python_ast::Parameter>>| v.as_ref().map(|v| v.name.to_string());
+    plain(&p.posonlyargs) == plain(&q.posonlyargs)
+        && plain(&p.args) == plain(&q.args)
+        && plain(&p.kwonlyargs) == plain(&q.kwonlyargs)
+        && name(&p.vararg) == name(&q.vararg)
+        && name(&p.kwarg) == name(&q.kwarg)
+}
 
 /// The `@use_experts_implementation` decorator of the class: `Some(None)` bare, `Some(Some(call))`
 /// with arguments, `None` when the class is not an experts class.
@@ -136,6 +282,57 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
             .into(),
         },
         Err(e) => refuse("mlp-emit-invalid", e),
+    }
+}
+
+/// The `experts-forward` site of an experts class whose gate site is `gate`: patched when the
+/// gate is (the op computes the gate's fused product) and the decorator leaves out the bias
+/// and the post-expert norm that `forward_rewrite.moe_experts` does not compute.
+pub(super) fn forward_site(class: &StmtClassDef, gate: &Site) -> Site {
+    let name = class.name.as_str();
+    let refuse =
+        |reason, detail: String| Site::refused("experts-forward", name, gate.line, reason, detail);
+    if gate.verdict != "patched" {
+        return refuse(
+            "experts-forward-gate",
+            format!(
+                "{name}: the gate site is refused ({})",
+                gate.reason.unwrap_or_default()
+            ),
+        );
+    }
+    let call = decorator(class).flatten();
+    for option in ["has_bias", "has_post_expert_norm"] {
+        let set = call.is_some_and(|c| {
+            c.arguments.keywords.iter().any(|k| {
+                k.arg.as_ref().is_some_and(|a| a.as_str() == option)
+                    && matches!(&k.value, Expr::BooleanLiteral(b) if b.value)
+            })
+        });
+        if set {
+            return refuse(
+                "experts-forward-options",
+                format!(
+                    "{name}: {option}=True, which forward_rewrite.moe_experts does not compute"
+                ),
+            );
+        }
+    }
+    let mut lowered = gate.lowered.clone();
+    lowered.insert(
+        "experts".to_string(),
+        "transformers.integrations.moe.grouped_mm_experts_forward (checked at install) -> forward_rewrite.moe_experts".to_string(),
+    );
+    Site {
+        kind: "experts-forward",
+        name: name.to_string(),
+        line: gate.line,
+        verdict: "patched",
+        reason: None,
+        detail: String::new(),
+        original_sha256: None,
+        patch: None,
+        lowered,
     }
 }
 

@@ -56,6 +56,14 @@ pub const REASONS: &[(&str, &str)] = &[
         "The experts class defines its own `_apply_gate` (clamped SwiGLU, float32 upcast, a two-argument activation, ...): not the default gate this pass lowers.",
     ),
     (
+        "experts-forward-gate",
+        "An `experts-forward` site (the experts' `grouped_mm` implementation replaced by `forward_rewrite.moe_experts`) whose experts class's gate site is refused: the op computes the gate's fused product, so it goes only where that product is patched.",
+    ),
+    (
+        "experts-forward-options",
+        "The experts class's `@use_experts_implementation(...)` sets `has_bias=True` or `has_post_expert_norm=True`, which `forward_rewrite.moe_experts` does not compute (its gate site may still be patched).",
+    ),
+    (
         "mlp-forward-elsewhere",
         "The MLP class's `forward` is not defined in the module.",
     ),
@@ -101,13 +109,15 @@ fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     let sites = defs
         .reachable(start.name.as_str())
         .into_iter()
-        .filter_map(|c| {
+        .flat_map(|c| {
             if experts::is_experts_class(c) {
-                Some(experts::experts_site(&defs, c))
+                let gate = experts::experts_site(&defs, c);
+                let forward = experts::forward_site(c, &gate);
+                vec![gate, forward]
             } else if c.name.as_str().to_ascii_lowercase().ends_with("mlp") {
-                Some(mlp_site(&defs, c))
+                vec![mlp_site(&defs, c)]
             } else {
-                None
+                vec![]
             }
         })
         .collect();

@@ -417,6 +417,19 @@ fn experts_default_gate_is_patched_with_the_stock_gate_as_fallback() {
     let sites = crate::passes::fusion_common::testing::sites(&r);
     let experts = sites.iter().find(|s| s["name"] == "ToyExperts").unwrap();
     assert_eq!(experts["kind"], "experts-gate");
+    // The experts implementation itself is the second site of the class, checked at install.
+    let forward = sites
+        .iter()
+        .find(|s| s["name"] == "ToyExperts" && s["kind"] == "experts-forward")
+        .unwrap();
+    assert_eq!(forward["verdict"], "patched", "{forward}");
+    assert!(forward.get("patch").is_none(), "{forward}");
+    assert!(
+        forward["lowered"]["experts"]
+            .as_str()
+            .unwrap()
+            .contains("forward_rewrite.moe_experts")
+    );
     assert_eq!(
         site_reason(&r, "ToyMLP").as_deref(),
         Some("mlp-form-unknown")
@@ -500,4 +513,85 @@ fn the_installers_check_of_the_running_default_gate() {
     ] {
         assert!(!gate_function_ok(&wrong), "{wrong}");
     }
+}
+
+fn forward_site_reason(r: &crate::audit::PassReport) -> Option<String> {
+    crate::passes::fusion_common::testing::sites(r)
+        .into_iter()
+        .find(|s| s["kind"] == "experts-forward")
+        .and_then(|s| s["reason"].as_str().map(str::to_string))
+}
+
+#[test]
+fn reason_experts_forward_options_and_gate() {
+    for options in [
+        "has_bias=True",
+        "has_post_expert_norm=True, is_transposed=True",
+    ] {
+        let r = report(&EXPERTS.replace(
+            "@use_experts_implementation\n",
+            &format!("@use_experts_implementation({options})\n"),
+        ));
+        // The gate still fuses; the experts implementation stays stock.
+        assert_eq!(site_reason(&r, "ToyExperts"), None, "{options}");
+        assert_eq!(
+            forward_site_reason(&r).as_deref(),
+            Some("experts-forward-options"),
+            "{options}"
+        );
+    }
+    let r = report(&EXPERTS.replace(
+        "@use_experts_implementation\n",
+        "@use_experts_implementation(has_bias=False, is_transposed=True)\n",
+    ));
+    assert_eq!(forward_site_reason(&r), None);
+    let r = report(&EXPERTS.replace(
+        "@use_experts_implementation\n",
+        "@use_experts_implementation(has_gate=False)\n",
+    ));
+    assert_eq!(
+        forward_site_reason(&r).as_deref(),
+        Some("experts-forward-gate")
+    );
+}
+
+#[test]
+fn experts_functions_are_checked_statement_by_statement() {
+    use super::experts::{EXPERTS_FUNCTIONS, experts_function_ok};
+    for text in EXPERTS_FUNCTIONS {
+        assert_eq!(experts_function_ok(text), Ok(()), "{text}");
+        // Comments, a docstring, annotations and indentation (a method's) change nothing.
+        let dressed = text
+            .replacen(
+                "):\n",
+                ") -> 'torch.Tensor':\n    \"\"\"Doc.\"\"\"\n    # why\n",
+                1,
+            )
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>();
+        assert_eq!(experts_function_ok(&dressed), Ok(()), "{dressed}");
+    }
+    let forward = EXPERTS_FUNCTIONS[0];
+    for (from, to) in [
+        // Another rounding point, another reduction, another routing product: refused.
+        (".sum(dim=1)", ".sum(dim=1, dtype=torch.float32)"),
+        (
+            "proj_out * sample_weights_g",
+            "proj_out.float() * sample_weights_g",
+        ),
+        (
+            "    if self.has_post_expert_norm:\n        proj_out = self.post_expert_norm(proj_out)\n",
+            "",
+        ),
+        ("top_k_weights):", "top_k_weights, scale=1.0):"),
+    ] {
+        let changed = forward.replace(from, to);
+        assert_ne!(changed, forward, "{from}");
+        assert!(experts_function_ok(&changed).is_err(), "{to}");
+    }
+    let linear = EXPERTS_FUNCTIONS[1].replace("is_transposed=False", "is_transposed=True");
+    assert!(experts_function_ok(&linear).is_err());
+    assert!(experts_function_ok("def other(x):\n    return x\n").is_err());
+    assert!(experts_function_ok("def broken(:\n").is_err());
 }
