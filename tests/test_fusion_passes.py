@@ -32,8 +32,15 @@ def entry(qualname):
     )
 
 
-def sites(qualname, pass_name):
-    return {s["name"]: s for s in entry(qualname)["passes"][pass_name]["sites"]}
+def sites(qualname, pass_name, kind=None):
+    """A pass's sites of the class by name (of one ``kind`` when given: an experts class
+    has two sites, ``experts-gate`` and ``experts-forward``)."""
+    return {
+        s["name"]: s
+        for s in entry(qualname)["passes"][pass_name]["sites"]
+        if s["kind"] != "experts-forward" or kind == "experts-forward"
+        if kind is None or s["kind"] == kind
+    }
 
 
 def stock_members():
@@ -303,17 +310,23 @@ def test_moe_experts_gate_is_fused_under_grouped_mm_and_matches_stock(
     site = sites("Qwen3MoeForCausalLM", "gated-mlp")["Qwen3MoeExperts"]
     assert site["kind"] == "experts-gate" and site["installed"], site
     assert experts._apply_gate is not moe._default_apply_gate
-    before = fusion_guard.taken["gated-mlp"]
+    forward = sites("Qwen3MoeForCausalLM", "gated-mlp", "experts-forward")
+    assert forward["Qwen3MoeExperts"]["installed"], forward
+    before = dict(fusion_guard.taken)
     got_loss, _, got_grads = loss_and_grads(model, inputs)
     # The eager implementation computes the product inline: nothing of ours runs there.
-    ran = fusion_guard.taken["gated-mlp"] - before
-    assert (ran > 0) == (implementation == "grouped_mm"), ran
+    # Under grouped_mm the whole experts forward is the fused op (which fuses the gate).
+    for name in ("gated-mlp", "experts-forward"):
+        ran = fusion_guard.taken[name] - before[name]
+        assert (ran > 0) == (implementation == "grouped_mm"), (name, ran)
     assert rel_err(got_loss, want_loss) <= LOSS_TOL
     assert set(got_grads) == set(want_grads)
     for name, grad in want_grads.items():
         assert rel_err(got_grads[name], grad) <= GRAD_TOL, name
     forward_rewrite.uninstall()
     assert experts.__dict__["_apply_gate"] is moe._default_apply_gate
+    assert moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"] is moe.grouped_mm_experts_forward
+    assert "grouped_mm" not in moe.ALL_EXPERTS_FUNCTIONS._local_mapping
 
 
 def test_moe_experts_gate_other_than_the_checked_default_is_left_alone(

@@ -5,6 +5,7 @@ ARCHITECTURE.md, contracts 1-4)."""
 
 from . import fusion_guard
 from ._installer import audit, install, patch_model, uninstall
+from ._moe_op import moe_experts
 from ._native import __version__
 from ._stats import reset_stats, stats
 from .fused_ops import (
@@ -38,6 +39,7 @@ __all__ = [
     "install",
     "keep_logits",
     "loss_kwargs",
+    "moe_experts",
     "patch_model",
     "reset_stats",
     "rms_norm",

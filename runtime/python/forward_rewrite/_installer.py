@@ -34,7 +34,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import _native, fusion_guard, packing
+from . import _experts_forward, _native, fusion_guard, packing
 
 __all__ = ["audit", "install", "patch_model", "uninstall"]
 
@@ -224,6 +224,7 @@ def uninstall():
                 setattr(holder, attribute, original)
         _state.site_originals.clear()
         fusion_guard.forget_norms()
+        _experts_forward.uninstall()
         _state.sites.clear()
         _state.site_passes.clear()
         _state.module_texts.clear()
@@ -644,13 +645,24 @@ def _install_site(module, site):
     namespace = module.__dict__
     name = site["name"]
     value = namespace.get(name)
-    if site["kind"] in ("class", "experts-gate") and (
+    if site["kind"] in ("class", "experts-gate", "experts-forward") and (
         not isinstance(value, type) or value.__module__ != module.__name__
     ):
         return (
             "site-replaced",
             f"{module.__name__}.{name} is {value!r}, not the module's own class",
         )
+    if site["kind"] == "experts-forward":
+        # No source of the module changes: the class's experts go through the fused op
+        # behind transformers' experts interface, with the fused gate its experts-gate site
+        # (installed just before it) put in place.
+        gate_key = (module.__name__, "experts-gate", name)
+        gate = (
+            value.__dict__.get("_apply_gate")
+            if gate_key in _state.site_originals
+            else None
+        )
+        return _experts_forward.install_class(value, gate)
     if site["kind"] == "experts-gate":
         attribute = "_apply_gate"
         original = value.__dict__.get(attribute)

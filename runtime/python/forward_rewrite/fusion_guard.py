@@ -10,6 +10,10 @@ subclass), bfloat16 / float16 / float32 (float64: the stock code computes in flo
 in float64), CPU or CUDA with its backend built, and for the MLP an activation module that is
 exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``), or
 torch's functional SiLU itself where the source applies the function (``gated_function``).
+``moe_experts`` (the ``experts-forward`` sites) runs ``forward_rewrite.moe_experts`` for an
+experts class the installer registered (``experts_forms``), with its fused gate in place,
+transformers' flags as the op computes them (gated, concatenated, no bias, no post-expert
+norm, no expert parallelism), and the weights torch's grouped GEMM takes as stock does.
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
 
 ``residual_norm`` (the ``residual-norm`` pass) fuses a layer's residual add into the norm
@@ -35,6 +39,7 @@ __all__ = [
     "disabled",
     "gated_act",
     "gated_function",
+    "moe_experts",
     "residual_norm",
     "rms_norm",
     "rotary",
@@ -47,11 +52,20 @@ _off: contextvars.ContextVar = contextvars.ContextVar(
 )
 _cuda_backend = None
 #: How many calls each guard let through to the fused op (tests and ``audit()`` read it).
-taken = {"rms-norm": 0, "residual-norm": 0, "rotary": 0, "gated-mlp": 0}
+taken = {
+    "rms-norm": 0,
+    "residual-norm": 0,
+    "rotary": 0,
+    "gated-mlp": 0,
+    "experts-forward": 0,
+}
 #: The norm classes whose fused ``rms-norm`` forward is in place, by class: (that forward,
 #: the eps attribute, offset, cast_before_weight). The installer fills it; ``residual_norm``
 #: fuses a layer's add into a norm only through it.
 norm_forms = {}
+#: The MoE experts classes whose ``experts-forward`` site is installed, by class: (the
+#: decorator's ``forward``, the fused ``_apply_gate``), as the installer found them.
+experts_forms = {}
 
 
 @contextlib.contextmanager
@@ -279,3 +293,101 @@ def gated_act(act, x):
             taken["gated-mlp"] += 1
             return "gelu_tanh"
     return None
+
+
+def register_experts(cls, forward, gate):
+    """Record that ``cls`` runs through ``forward_rewrite.moe_experts`` while its
+    ``forward`` and ``_apply_gate`` are these (the installer calls it)."""
+    experts_forms[cls] = (forward, gate)
+
+
+def forget_experts():
+    experts_forms.clear()
+
+
+def moe_experts(module, x, top_k_index, top_k_weights):
+    """The keyword arguments of ``forward_rewrite.moe_experts`` (activation, transposed)
+    that compute what transformers' ``grouped_mm_experts_forward`` computes for this
+    experts module and call, or None (stock): the module's class registered with its
+    ``forward`` and fused gate still in place (none of its own on the instance), in train
+    mode, with transformers' flags as the op computes them; x (tokens, hidden) and both
+    weights plain contiguous tensors of one fused dtype, the routing (tokens, top_k), rows
+    whose 16-byte alignment torch's grouped GEMM needs, and transformers' own test
+    (``_can_use_grouped_mm``) choosing torch's grouped GEMM, as the stock call would; the
+    activation as ``gated_act`` / ``gated_function`` decide it."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    form = experts_forms.get(type(module))
+    if form is None or not module.training:
+        return None
+    forward, gate = form
+    cls = type(module)
+    if cls.forward is not forward or cls._apply_gate is not gate:
+        return None
+    if "forward" in module.__dict__ or "_apply_gate" in module.__dict__:
+        return None
+    flags = (
+        getattr(module, "has_gate", None) is True
+        and getattr(module, "is_concatenated", None) is True
+        and getattr(module, "has_bias", None) is False
+        and getattr(module, "has_post_expert_norm", None) is False
+        and getattr(module, "_is_expert_parallel", None) is False
+        and isinstance(getattr(module, "is_transposed", None), bool)
+    )
+    if not flags:
+        return None
+    w1 = getattr(module, "gate_up_proj", None)
+    w2 = getattr(module, "down_proj", None)
+    if not _experts_operands_ok(module, x, top_k_index, top_k_weights, w1, w2):
+        return None
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, nn.Module):
+        activation = gated_act(act, x)
+    else:
+        activation = gated_function(module, act, x)
+    if activation is None:
+        return None
+    taken["experts-forward"] += 1
+    return {"activation": activation, "transposed": module.is_transposed}
+
+
+def _experts_operands_ok(module, x, top_k_index, top_k_weights, w1, w2):
+    if not (_tensor_ok(x) and x.dim() == 2 and x.is_contiguous()):
+        return False
+    for w in (w1, w2):
+        if not (
+            isinstance(w, torch.Tensor)
+            and _tensor_ok(w, x.device)
+            and w.dtype == x.dtype
+            and w.dim() == 3
+            and w.is_contiguous()
+        ):
+            return False
+    if not (
+        type(top_k_index) in _PLAIN
+        and top_k_index.dtype in (torch.int64, torch.int32)
+        and top_k_index.device == x.device
+        and top_k_index.dim() == 2
+        and top_k_index.shape[0] == x.shape[0]
+        and _tensor_ok(top_k_weights, x.device)
+        and top_k_weights.shape == top_k_index.shape
+    ):
+        return False
+    experts = w1.shape[0]
+    if getattr(module, "num_experts", None) != experts or w2.shape[0] != experts:
+        return False
+    hidden = x.shape[1]
+    if module.is_transposed:
+        inner, outer = w1.shape[1:], w2.shape[1:][::-1]
+    else:
+        inner, outer = w1.shape[1:][::-1], w2.shape[1:]
+    if inner[0] != hidden or inner[1] % 2 or tuple(outer) != (hidden, inner[1] // 2):
+        return False
+    align = 16 // x.element_size()
+    if hidden % align or (inner[1] // 2) % align:
+        return False
+    try:
+        from transformers.integrations.moe import _can_use_grouped_mm
+    except ImportError:
+        return False
+    return bool(_can_use_grouped_mm(x, w1, None))
