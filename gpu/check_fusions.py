@@ -38,6 +38,7 @@ import math
 import sys
 import time
 import traceback
+import types
 
 import forward_rewrite
 import torch.nn.functional as F
@@ -91,9 +92,12 @@ def fwd_bwd(fn, inputs, consts, grad_outputs):
     return [o.detach() for o in outs] + list(grads)
 
 
-def evaluate(name, dtype, inputs, ours, stock, ref, *, consts=(), names=None):
-    """Runs ours, stock, the float64 reference and (on CUDA) the CPU twin on the same inputs
-    (differentiated) and consts (not), and prints one PASS/FAIL line."""
+def evaluate(
+    name, dtype, inputs, ours, stock, ref, *, consts=(), names=None, twin=True
+):
+    """Runs ours, stock, the float64 reference and (on CUDA, unless ``twin`` is false) the
+    CPU twin on the same inputs (differentiated) and consts (not), and prints one PASS/FAIL
+    line."""
     t0 = time.perf_counter()
     g = torch.Generator(device=inputs[0].device).manual_seed(
         int(time.time() * 1e3) % 2**31
@@ -109,7 +113,7 @@ def evaluate(name, dtype, inputs, ours, stock, ref, *, consts=(), names=None):
     s = fwd_bwd(stock, inputs, consts, gouts)
     r = fwd_bwd(ref, [t.double() for t in inputs], consts, [x.double() for x in gouts])
     tw = None
-    if DEVICE == "cuda":
+    if DEVICE == "cuda" and twin:
         tw = fwd_bwd(
             ours,
             [t.cpu() for t in inputs],
@@ -530,6 +534,86 @@ def case_gated(tokens, inter, activation, *, chunked=False, packed=False, shift=
     return make
 
 
+# ---- MoE experts ------------------------------------------------------------------------------
+
+
+def case_moe(tokens, hidden, inter, experts, top_k, activation, *, transposed=False):
+    """transformers' grouped_mm_experts_forward (Qwen3-MoE's experts: concatenated gate_up,
+    no bias) against forward_rewrite.moe_experts; the reference loops over the experts in
+    float64. No CPU twin here: CI runs the CPU path."""
+
+    def make(name, dtype):
+        from transformers.integrations import moe
+
+        g = gen()
+        act = ACT2FN[STOCK_ACT[activation]]
+        scale = hidden**-0.5
+        if transposed:
+            w1 = randn(experts, hidden, 2 * inter, g=g, dtype=dtype, scale=scale)
+            w2 = randn(experts, inter, hidden, g=g, dtype=dtype, scale=inter**-0.5)
+        else:
+            w1 = randn(experts, 2 * inter, hidden, g=g, dtype=dtype, scale=scale)
+            w2 = randn(experts, hidden, inter, g=g, dtype=dtype, scale=inter**-0.5)
+        x = randn(tokens, hidden, g=g, dtype=dtype)
+        # Skewed routing (a few experts take most rows, some none), as trained routers do.
+        logits = randn(tokens, experts, g=g) + torch.linspace(
+            3, -3, experts, device=DEVICE
+        )
+        top_w, top_i = torch.topk(logits.softmax(-1), top_k, dim=-1)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(dtype)
+
+        def module(w1, w2):
+            m = types.SimpleNamespace(
+                num_experts=experts,
+                has_gate=True,
+                has_bias=False,
+                has_post_expert_norm=False,
+                is_transposed=transposed,
+                _is_expert_parallel=False,
+                gate_up_proj=w1,
+                down_proj=w2,
+            )
+            m._apply_gate = lambda gu: (
+                act(gu.chunk(2, dim=-1)[0]) * gu.chunk(2, dim=-1)[1]
+            )
+            return m
+
+        def ours(x, w, w1, w2, idx):
+            return forward_rewrite.moe_experts(
+                x, idx, w, w1, w2, activation=activation, transposed=transposed
+            )
+
+        def stock(x, w, w1, w2, idx):
+            return moe.grouped_mm_experts_forward(module(w1, w2), x, idx, w)
+
+        def ref(x, w, w1, w2, idx):
+            out = torch.zeros_like(x)
+            for e in range(experts):
+                tok, slot = torch.where(idx == e)
+                if tok.numel() == 0:
+                    continue
+                a = w1[e] if transposed else w1[e].t()
+                b = w2[e] if transposed else w2[e].t()
+                gate, up = (x[tok] @ a).chunk(2, dim=-1)
+                y = (act_ref(activation, gate) * up) @ b
+                out = out.index_add(0, tok, y * w[tok, slot].unsqueeze(-1))
+            return out
+
+        evaluate(
+            name,
+            dtype,
+            [x, top_w, w1, w2],
+            ours,
+            stock,
+            ref,
+            consts=(top_i,),
+            names=["out", "dx", "dweights", "dgate_up_proj", "ddown_proj"],
+            twin=False,
+        )
+
+    return make
+
+
 # ---- the case list --------------------------------------------------------------------------
 
 
@@ -633,6 +717,19 @@ def cases(tokens):
             "gated misaligned rows (scalar kernel)": case_gated(
                 small, 64, "gelu_tanh", shift=True
             ),
+            # Qwen3-30B-A3B's experts (hidden 2048, 128 experts of 768, top 8).
+            # (On the CPU smoke run, a few of them: the CPU grouped GEMM loops over experts.)
+            "moe_experts Qwen3-MoE": case_moe(
+                tokens,
+                2048,
+                768,
+                128 if DEVICE == "cuda" else 4,
+                8 if DEVICE == "cuda" else 2,
+                "silu",
+            ),
+            "moe_experts transposed gelu, 8 experts": case_moe(
+                small, 256, 64, 8, 2, "gelu_tanh", transposed=True
+            ),
         }
     )
     return out
@@ -646,6 +743,7 @@ QUICK = (
     "rms_norm hidden 4096",
     "rotary GLM",
     "gated cols",
+    "moe_experts",
 )
 
 

@@ -31,7 +31,8 @@ clocks down at its power limit.
         (each method 4 times, in the order ours, liger, liger, ours, ours, liger, ...)
     python3 gpu/step_bench.py --models qwen3-moe-12l --methods ours,liger --memory 12
         (one more step with the allocator's history recorded: the tensors alive at its peak
-        memory, summed by the line of Python that allocated them, the 12 largest)
+        memory, summed by the line of Python that allocated them, the 12 largest; that step
+        recomputes each checkpointed layer whole, see memory_step)
     python3 gpu/step_bench.py --smoke      (anywhere: tiny shapes on the CPU)
 """
 
@@ -465,13 +466,21 @@ def profile_step(step, device, top):
 
 
 def memory_step(step, top):
-    """One more step with the CUDA allocator's history recorded: ``peak_tensors`` of it."""
+    """One more step with the CUDA allocator's history recorded: ``peak_tensors`` of it.
+
+    Checkpoint recomputation runs each layer whole in this step (no early stop): with
+    Python stacks recorded, torch 2.11 loses the exception by which non-reentrant
+    checkpointing stops a recomputation early when it is raised while a custom
+    ``autograd.Function`` saves its tensors (the MoE experts op is a layer's last), and the
+    step fails with ``SystemError: ... returned NULL without setting an exception``."""
     import torch
+    from torch.utils.checkpoint import set_checkpoint_early_stop
 
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     try:
-        step()
+        with set_checkpoint_early_stop(False):
+            step()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
     finally:
