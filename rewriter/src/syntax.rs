@@ -115,6 +115,24 @@ pub fn callee_last_name(expr: &Expr) -> Option<&str> {
     }
 }
 
+/// Decorator names that only touch docstrings. Every patch drops them: the runtime executes
+/// a patched function outside its class, where `@auto_docstring` takes a method for a class
+/// (its qualname has no dot) and fails reading the model's folder off the patch's file
+/// name; the installer gives the patch the original's docstring instead.
+pub const DOCSTRING_DECORATORS: [&str; 6] = [
+    "auto_docstring",
+    "add_start_docstrings_to_model_forward",
+    "add_start_docstrings",
+    "replace_return_docstrings",
+    "add_code_sample_docstrings",
+    "add_end_docstrings",
+];
+
+/// Whether a decorator is one of [`DOCSTRING_DECORATORS`] (called or not, dotted or not).
+pub fn is_docstring_decorator(expr: &Expr) -> bool {
+    callee_last_name(expr).is_some_and(|name| DOCSTRING_DECORATORS.contains(&name))
+}
+
 /// `NAME is not None` → `NAME`'s expression; also `(n := E) is not None`.
 pub fn is_not_none_test(expr: &Expr) -> Option<&Expr> {
     let Expr::Compare(compare) = expr else {

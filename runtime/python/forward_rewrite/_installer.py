@@ -719,6 +719,9 @@ def _install_site(module, site):
     scope = {}
     exec(compiled, namespace, scope)  # noqa: S102 - the rewriter's output, in the module
     patched = next(iter(scope.values()))
+    if patched.__doc__ is None:
+        # the patch drops docstring-only decorators (@auto_docstring): keep their result
+        patched.__doc__ = getattr(original, "__doc__", None)
     if holder is not namespace:
         patched.__qualname__ = f"{name}.{attribute}"
     key = (module.__name__, site["kind"], name)

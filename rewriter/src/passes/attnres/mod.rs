@@ -38,20 +38,6 @@ pub static PASS: Pass = Pass {
     analyze,
 };
 
-/// Decorators that only touch docstrings (dropped, as the fused-loss pass drops them).
-const DOCSTRING_DECORATORS: [&str; 6] = [
-    "auto_docstring",
-    "add_start_docstrings_to_model_forward",
-    "add_start_docstrings",
-    "replace_return_docstrings",
-    "add_code_sample_docstrings",
-    "add_end_docstrings",
-];
-
-fn is_docstring_decorator(expr: &ruff_python_ast::Expr) -> bool {
-    crate::syntax::callee_last_name(expr).is_some_and(|n| DOCSTRING_DECORATORS.contains(&n))
-}
-
 fn check_super(text: &str, func: &StmtFunctionDef) -> Result<(), Refusal> {
     let mut statements = Vec::new();
     crate::syntax::walk_statements(&func.body, &mut statements);
@@ -69,7 +55,7 @@ fn check_super(text: &str, func: &StmtFunctionDef) -> Result<(), Refusal> {
 /// Remove docstring-only decorators (the runtime executes the forward outside its class).
 fn drop_doc_decorators(sp: &mut Splicer<'_>, func: &StmtFunctionDef) {
     for dec in &func.decorator_list {
-        if is_docstring_decorator(&dec.expression) {
+        if crate::syntax::is_docstring_decorator(&dec.expression) {
             let start = Splicer::start(dec);
             let line_start = sp.text[..start].rfind('\n').map_or(0, |i| i + 1);
             sp.replace(line_start, sp.line_end(start), "");

@@ -13,7 +13,8 @@ use crate::parse::ParsedSource;
 use crate::reason::Reason;
 
 use super::Refusal;
-use super::region::{Region, is_docstring_decorator};
+use super::region::Region;
+use crate::syntax::is_docstring_decorator;
 
 /// The first comment line of the fused branch (also how a reader spots a patched forward).
 pub const MARKER: &str = "# forward-rewrite: fused";

@@ -27,7 +27,6 @@ use crate::reason::Reason;
 use crate::syntax::{attributes_in_stmt, method, names_in_stmt, self_attribute, walk_statements};
 
 pub use emit::MARKER;
-pub use region::DOCSTRING_DECORATORS;
 
 /// A refusal: the code and a sentence saying what was seen.
 #[derive(Debug, Clone, PartialEq, Eq)]

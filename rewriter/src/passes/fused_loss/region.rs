@@ -890,20 +890,6 @@ fn header_names(stmt: &Stmt) -> Vec<&ExprName> {
     exprs.into_iter().flat_map(names_in_expr).collect()
 }
 
-/// Decorator names that only touch docstrings: dropped from the patched forward.
-pub const DOCSTRING_DECORATORS: [&str; 6] = [
-    "auto_docstring",
-    "add_start_docstrings_to_model_forward",
-    "add_start_docstrings",
-    "replace_return_docstrings",
-    "add_code_sample_docstrings",
-    "add_end_docstrings",
-];
-
-pub fn is_docstring_decorator(expr: &Expr) -> bool {
-    callee_last_name(expr).is_some_and(|name| DOCSTRING_DECORATORS.contains(&name))
-}
-
 /// The value a statement assigns to the logits when it is the origin of the region (and the
 /// test of a `pretraining_tp` branch around it), or None when it is not.
 fn origin_value<'a>(stmt: &'a Stmt, logits: &str) -> Option<(&'a Expr, Option<&'a Expr>)> {

@@ -313,7 +313,8 @@ struct Edit {
 }
 
 /// The function dedented to column 0, with `edit(line start)`'s lines inserted before a line
-/// and runs of lines indented one more level; re-parsed to check it is one patched function.
+/// and runs of lines indented one more level, its docstring-only decorators dropped;
+/// re-parsed to check it is one patched function.
 /// `body_start` is the offset of a body statement (its indentation is the body's).
 fn emit_edited(
     src: &ParsedSource,
@@ -332,10 +333,27 @@ fn emit_edited(
         return Err("the body cannot be indented safely".to_string());
     }
     let inner = &body_indent[margin.len()..];
+    // Docstring-only decorators are dropped (`syntax::DOCSTRING_DECORATORS` says why): the
+    // lines from each one's `@` through its expression's end.
+    let dropped: Vec<(usize, usize)> = def
+        .decorator_list
+        .iter()
+        .filter(|d| crate::syntax::is_docstring_decorator(&d.expression))
+        .map(|d| {
+            (
+                src.line_start(d.start().to_usize()),
+                src.line_end(d.end().to_usize()),
+            )
+        })
+        .collect();
     let mut out = String::with_capacity(range.len() + 512);
     let mut offset = range.start;
     let mut indent_until = None;
     while offset < range.end {
+        if let Some(&(_, end)) = dropped.iter().find(|(start, _)| *start == offset) {
+            offset = end + 1;
+            continue;
+        }
         if let Some(e) = edit(offset) {
             for line in &e.lines {
                 if !line.is_empty() {
