@@ -4,16 +4,17 @@
 //! Site: the function `apply_rotary_pos_emb` of the module, when a class the model reaches
 //! calls it by that name (the attention classes; the call resolves the module global at run
 //! time, so replacing the global patches every caller of the module). It is patched only when
-//! its statements are one of [`FORMS`] and the module's `rotate_half` is the one the form
-//! needs (halves, or every two for the interleaved form): full or partial rotary
-//! (`rotary_dim = cos.shape[-1]`, the tail passing through; Phi-3's with the rotation inside
-//! the concatenation), the cast back to q's dtype (OLMo 3), the interleaved float32 form
-//! (Cohere), the interleaved partial form of GLM (the first half of each table repeated per
-//! pair, which the emitted call repeats the same way). Everything else is refused.
+//! its statements are one of [`FORMS`] and the helper the form calls (`rotate_half`, GLM-4V's
+//! `rotate_half_llm`) is one of [`ROTATIONS`]: the halves rotation (Llama), every two entries
+//! (GPT-J, GLM, Cohere: `interleaved=True`) or minus the halves (NanoChat: `-sin`). The forms:
+//! full or partial rotary (`rotary_dim = cos.shape[-1]`, the tail passing through; Phi-3's
+//! with the rotation inside the concatenation), the cast back to q's dtype (OLMo 3), the
+//! float32 forms that cast back (Cohere, ModernBERT decoder, HunYuan-VL), the first half of
+//! each table repeated per pair (GLM, Helium, Ernie 4.5; the emitted call repeats them the
+//! same way). The op is element-wise in its tables, so every rotation goes with every form.
+//! Everything else is refused.
 
 use std::sync::OnceLock;
-
-use ruff_python_ast::StmtFunctionDef;
 
 use crate::audit::PassReport;
 use crate::parse::ParsedSource;
@@ -52,7 +53,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "rotate-half-unknown",
-        "The module's `rotate_half` is missing or is not the halves / every-two rotation the form needs.",
+        "The module's `rotate_half` (the helper the form calls) is missing or is not the halves, every-two or negated-halves rotation.",
     ),
     (
         "rotary-form-unknown",
@@ -64,38 +65,94 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
 ];
 
-struct Form {
+/// A rotation helper of the module (`rotate_half`, or GLM-4V's `rotate_half_llm`): the
+/// `forward_rewrite.rotary` layout it is. The op is element-wise in its tables for either
+/// layout, so any rotation goes with any [`Form`].
+struct Rotation {
     name: &'static str,
-    body: &'static str,
-    /// The module's `rotate_half` must be one of these.
-    rotate_half: &'static [&'static str],
-    /// The tables `forward_rewrite.rotary` is given, from the function's `cos` and `sin`.
-    tables: &'static str,
-    /// Keywords of `forward_rewrite.rotary` beyond `unsqueeze_dim`.
-    keywords: &'static str,
+    /// Textual variants of the helper's body.
+    bodies: &'static [&'static str],
+    /// Pairs (2i, 2i + 1) (`interleaved=True`) instead of (i, i + rot_dim / 2).
+    interleaved: bool,
+    /// The helper is minus the halves rotation (NanoChat's `cat((x2, -x1))`):
+    /// `x * cos + (-rotate_half(x)) * sin` is `x * cos + rotate_half(x) * (-sin)` exactly
+    /// (a negation is exact), so the op gets `-sin`.
+    negated: bool,
 }
 
-/// The tables as transformers passes them.
-const PLAIN_TABLES: &str = "cos, sin";
-
-const HALVES: &[&str] = &["x1 = x[..., : x.shape[-1] // 2]
+const ROTATIONS: &[Rotation] = &[
+    Rotation {
+        name: "halves",
+        bodies: &["x1 = x[..., : x.shape[-1] // 2]
 x2 = x[..., x.shape[-1] // 2 :]
 return torch.cat((-x2, x1), dim=-1)
-"];
-
-const EVERY_TWO: &[&str] = &[
-    // Cohere
-    "x1 = x[..., ::2]
+"],
+        interleaved: false,
+        negated: false,
+    },
+    Rotation {
+        name: "every-two",
+        bodies: &[
+            // Cohere, BLT
+            "x1 = x[..., ::2]
 x2 = x[..., 1::2]
 rot_x = torch.stack([-x2, x1], dim=-1).flatten(-2)
 return rot_x
 ",
-    // GLM
-    "x1 = x[..., 0::2]
+            // GLM, Ernie 4.5, Helium
+            "x1 = x[..., 0::2]
 x2 = x[..., 1::2]
 return torch.stack((-x2, x1), dim=-1).flatten(-2)
 ",
+        ],
+        interleaved: true,
+        negated: false,
+    },
+    Rotation {
+        name: "negated-halves",
+        bodies: &["x1 = x[..., : x.shape[-1] // 2]
+x2 = x[..., x.shape[-1] // 2 :]
+return torch.cat((x2, -x1), dim=-1)
+"],
+        interleaved: false,
+        negated: true,
+    },
 ];
+
+/// The tables `forward_rewrite.rotary` is given, from the function's `cos` and `sin`.
+#[derive(Clone, Copy)]
+enum Tables {
+    /// As transformers passes them.
+    Plain,
+    /// The first half of each table repeated per pair, as the body builds them (GLM, Ernie
+    /// 4.5, Helium); the emitted call repeats them the same way.
+    RepeatedHalves,
+}
+
+impl Tables {
+    fn of(self, table: &str) -> String {
+        match self {
+            Tables::Plain => table.to_string(),
+            Tables::RepeatedHalves => {
+                format!("{table}[..., : {table}.shape[-1] // 2].repeat_interleave(2, dim=-1)")
+            }
+        }
+    }
+}
+
+/// One computation `apply_rotary_pos_emb` may hold, lowered to one `forward_rewrite.rotary`
+/// call.
+struct Form {
+    name: &'static str,
+    /// Textual variants of the body (statements after the docstring; comments aside).
+    bodies: &'static [&'static str],
+    /// The rotation helper the body calls.
+    helper: &'static str,
+    tables: Tables,
+    /// The body computes in float32 and casts the results back to q's dtype
+    /// (`out_dtype=q.dtype`).
+    cast_back: bool,
+}
 
 /// The partial forms' split and concatenation: the head's tail past `rotary_dim` passes
 /// through, as `forward_rewrite.rotary` does when the tables are narrower than the head.
@@ -109,123 +166,219 @@ k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
     };
 }
 
-const FORMS: &[Form] = &[
-    Form {
-        name: "full",
-        body: "cos = cos.unsqueeze(unsqueeze_dim)
+/// `cos` and `sin` unsqueezed to broadcast against the heads, as every form starts.
+macro_rules! unsqueeze {
+    () => {
+        "cos = cos.unsqueeze(unsqueeze_dim)
 sin = sin.unsqueeze(unsqueeze_dim)
-q_embed = (q * cos) + (rotate_half(q) * sin)
+"
+    };
+}
+
+/// The first half of each table repeated per pair (GLM, Ernie 4.5, Helium).
+macro_rules! repeat_halves {
+    () => {
+        "cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+"
+    };
+}
+
+/// The plain product of the full form, q and k rotated whole.
+macro_rules! full_product {
+    () => {
+        "q_embed = (q * cos) + (rotate_half(q) * sin)
 k_embed = (k * cos) + (rotate_half(k) * sin)
-return q_embed, k_embed
-",
-        rotate_half: HALVES,
-        tables: PLAIN_TABLES,
-        keywords: "",
-    },
-    Form {
-        name: "partial",
-        body: concat!(
-            "cos = cos.unsqueeze(unsqueeze_dim)
-sin = sin.unsqueeze(unsqueeze_dim)
-",
-            partial_split!(),
-            "q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
-k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
+"
+    };
+}
+
+/// The partial forms' product on the rotated slices and the concatenation back.
+macro_rules! partial_product {
+    ($rotate:literal) => {
+        concat!(
+            "q_embed = (q_rot * cos) + (",
+            $rotate,
+            "(q_rot) * sin)
+k_embed = (k_rot * cos) + (",
+            $rotate,
+            "(k_rot) * sin)
 q_embed = torch.cat([q_embed, q_pass], dim=-1)
 k_embed = torch.cat([k_embed, k_pass], dim=-1)
 return q_embed, k_embed
 "
-        ),
-        rotate_half: HALVES,
-        tables: PLAIN_TABLES,
-        keywords: "",
+        )
+    };
+}
+
+const FORMS: &[Form] = &[
+    Form {
+        name: "full",
+        bodies: &[concat!(
+            unsqueeze!(),
+            full_product!(),
+            "return q_embed, k_embed\n"
+        )],
+        helper: "rotate_half",
+        tables: Tables::Plain,
+        cast_back: false,
     },
     Form {
-        name: "cast-back",
-        body: "q_type, k_type = q.dtype, k.dtype
-cos = cos.unsqueeze(unsqueeze_dim)
-sin = sin.unsqueeze(unsqueeze_dim)
-q_embed = (q * cos) + (rotate_half(q) * sin)
-k_embed = (k * cos) + (rotate_half(k) * sin)
-return q_embed.to(q_type), k_embed.to(k_type)
+        name: "partial",
+        bodies: &[
+            concat!(
+                unsqueeze!(),
+                partial_split!(),
+                partial_product!("rotate_half")
+            ),
+            // Nemotron, dots.llm3: q and k rebound to their rotated slices.
+            concat!(
+                unsqueeze!(),
+                "rot_dim = cos.shape[-1]
+q, q_pass = q[..., :rot_dim], q[..., rot_dim:]
+k, k_pass = k[..., :rot_dim], k[..., rot_dim:]
 ",
-        rotate_half: HALVES,
-        tables: PLAIN_TABLES,
-        keywords: ", out_dtype=q.dtype",
-    },
-    Form {
-        name: "interleaved-float32",
-        body: "dtype = q.dtype
-q = q.float()
-k = k.float()
-cos = cos.unsqueeze(unsqueeze_dim)
-sin = sin.unsqueeze(unsqueeze_dim)
-q_embed = (q * cos) + (rotate_half(q) * sin)
-k_embed = (k * cos) + (rotate_half(k) * sin)
-return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
-",
-        rotate_half: EVERY_TWO,
-        tables: PLAIN_TABLES,
-        keywords: ", interleaved=True, out_dtype=q.dtype",
+                full_product!(),
+                "return torch.cat((q_embed, q_pass), dim=-1), torch.cat((k_embed, k_pass), dim=-1)\n"
+            ),
+        ],
+        helper: "rotate_half",
+        tables: Tables::Plain,
+        cast_back: false,
     },
     Form {
         // Phi-3: the partial form with the rotation inside the concatenation.
         name: "partial-inline",
-        body: concat!(
-            "cos = cos.unsqueeze(unsqueeze_dim)
-sin = sin.unsqueeze(unsqueeze_dim)
-",
+        bodies: &[concat!(
+            unsqueeze!(),
             partial_split!(),
             "q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
 k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
 return q_embed, k_embed
 "
-        ),
-        rotate_half: HALVES,
-        tables: PLAIN_TABLES,
-        keywords: "",
+        )],
+        helper: "rotate_half",
+        tables: Tables::Plain,
+        cast_back: false,
     },
     Form {
-        // GLM, GLM-4: the first half of each table repeated per pair, rotated every two
-        // entries, the tail passing through.
-        name: "interleaved-partial",
-        body: concat!(
-            "cos = cos.unsqueeze(unsqueeze_dim)
-sin = sin.unsqueeze(unsqueeze_dim)
-cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
-sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
-",
+        // GLM-4V, GLM-OCR: the partial form rotating with their every-two helper.
+        name: "partial-llm-helper",
+        bodies: &[concat!(
+            unsqueeze!(),
             partial_split!(),
-            "q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
-k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
-q_embed = torch.cat([q_embed, q_pass], dim=-1)
-k_embed = torch.cat([k_embed, k_pass], dim=-1)
-return q_embed, k_embed
+            partial_product!("rotate_half_llm")
+        )],
+        helper: "rotate_half_llm",
+        tables: Tables::Plain,
+        cast_back: false,
+    },
+    Form {
+        // OLMo 3: the product in the promoted dtype, cast back per tensor.
+        name: "cast-back",
+        bodies: &[concat!(
+            "q_type, k_type = q.dtype, k.dtype\n",
+            unsqueeze!(),
+            full_product!(),
+            "return q_embed.to(q_type), k_embed.to(k_type)\n"
+        )],
+        helper: "rotate_half",
+        tables: Tables::Plain,
+        cast_back: true,
+    },
+    Form {
+        // Upcast to float32, rotated, cast back to q's dtype.
+        name: "float32",
+        bodies: &[
+            // Cohere
+            concat!(
+                "dtype = q.dtype
+q = q.float()
+k = k.float()
+",
+                unsqueeze!(),
+                full_product!(),
+                "return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)\n"
+            ),
+            // ModernBERT decoder, Evolla
+            concat!(
+                "original_dtype = q.dtype\n",
+                unsqueeze!(),
+                "q_embed = (q.float() * cos) + (rotate_half(q.float()) * sin)
+k_embed = (k.float() * cos) + (rotate_half(k.float()) * sin)
+return q_embed.to(original_dtype), k_embed.to(original_dtype)
 "
-        ),
-        rotate_half: EVERY_TWO,
-        tables: "cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1), sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)",
-        keywords: ", interleaved=True",
+            ),
+            // HunYuan-VL: the tables upcast too (exactly: the op computes in float32).
+            "origin_dtype = q.dtype
+q, k = q.float(), k.float()
+cos = cos.unsqueeze(unsqueeze_dim).float()
+sin = sin.unsqueeze(unsqueeze_dim).float()
+q_embed = (q * cos) + (rotate_half(q) * sin)
+k_embed = (k * cos) + (rotate_half(k) * sin)
+return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
+",
+        ],
+        helper: "rotate_half",
+        tables: Tables::Plain,
+        cast_back: true,
+    },
+    Form {
+        // Helium
+        name: "repeated-tables",
+        bodies: &[concat!(
+            unsqueeze!(),
+            repeat_halves!(),
+            full_product!(),
+            "return q_embed, k_embed\n"
+        )],
+        helper: "rotate_half",
+        tables: Tables::RepeatedHalves,
+        cast_back: false,
+    },
+    Form {
+        // GLM, GLM-4: the repeated tables, the tail passing through.
+        name: "repeated-tables-partial",
+        bodies: &[concat!(
+            unsqueeze!(),
+            repeat_halves!(),
+            partial_split!(),
+            partial_product!("rotate_half")
+        )],
+        helper: "rotate_half",
+        tables: Tables::RepeatedHalves,
+        cast_back: false,
+    },
+    Form {
+        // Ernie 4.5: the repeated tables in float32, cast back to q's dtype.
+        name: "repeated-tables-float32",
+        bodies: &[concat!(
+            "original_dtype = q.dtype\n",
+            unsqueeze!(),
+            repeat_halves!(),
+            "q_embed = (q.float() * cos) + (rotate_half(q).float() * sin)
+k_embed = (k.float() * cos) + (rotate_half(k).float() * sin)
+return q_embed.to(original_dtype), k_embed.to(original_dtype)
+"
+        )],
+        helper: "rotate_half",
+        tables: Tables::RepeatedHalves,
+        cast_back: true,
     },
 ];
 
-type Templates = Vec<(ParsedSource, Vec<ParsedSource>)>;
+/// The parsed bodies of [`FORMS`] and of [`ROTATIONS`], index for index.
+struct Templates {
+    forms: Vec<Vec<ParsedSource>>,
+    rotations: Vec<Vec<ParsedSource>>,
+}
 
 fn templates() -> &'static Templates {
     static T: OnceLock<Templates> = OnceLock::new();
-    T.get_or_init(|| {
-        FORMS
-            .iter()
-            .map(|f| {
-                (
-                    fusion_common::template(f.body),
-                    f.rotate_half
-                        .iter()
-                        .map(|r| fusion_common::template(r))
-                        .collect(),
-                )
-            })
-            .collect()
+    let parse = |bodies: &[&str]| bodies.iter().map(|b| fusion_common::template(b)).collect();
+    T.get_or_init(|| Templates {
+        forms: FORMS.iter().map(|f| parse(f.bodies)).collect(),
+        rotations: ROTATIONS.iter().map(|r| parse(r.bodies)).collect(),
     })
 }
 
@@ -289,41 +442,73 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
         );
     }
     let body = body_without_docstring(function);
-    let Some(index) = templates()
+    let Some(form) = FORMS
         .iter()
-        .position(|(t, _)| same_statements(body, t))
+        .zip(&templates().forms)
+        .find_map(|(form, bodies)| {
+            bodies
+                .iter()
+                .any(|t| same_statements(body, t))
+                .then_some(form)
+        })
     else {
         return refuse(
             "rotary-form-unknown",
             "apply_rotary_pos_emb is not one of the known forms",
         );
     };
-    let form = &FORMS[index];
-    let rotate_ok = defs
-        .functions
-        .get("rotate_half")
-        .is_some_and(|f: &&StmtFunctionDef| {
-            matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x")
-                && templates()[index]
-                    .1
+    let rotation = defs.functions.get(form.helper).and_then(|f| {
+        if !matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x") {
+            return None;
+        }
+        let helper = body_without_docstring(f);
+        ROTATIONS
+            .iter()
+            .zip(&templates().rotations)
+            .find_map(|(rotation, bodies)| {
+                bodies
                     .iter()
-                    .any(|t| same_statements(body_without_docstring(f), t))
-        });
-    if !rotate_ok {
+                    .any(|t| same_statements(helper, t))
+                    .then_some(rotation)
+            })
+    });
+    let Some(rotation) = rotation else {
         return refuse(
             "rotate-half-unknown",
-            "rotate_half is missing or not the rotation this form needs",
+            &format!(
+                "{} is missing or not the halves / every-two rotation (or its negation)",
+                form.helper
+            ),
         );
-    }
+    };
+    let sin = form.tables.of("sin");
+    let sin = if rotation.negated {
+        format!("-{sin}")
+    } else {
+        sin
+    };
+    let keywords = format!(
+        "{}{}",
+        if rotation.interleaved {
+            ", interleaved=True"
+        } else {
+            ""
+        },
+        if form.cast_back {
+            ", out_dtype=q.dtype"
+        } else {
+            ""
+        },
+    );
     let lines = [
         "if forward_rewrite.fusion_guard.rotary(q, k, cos, sin, unsqueeze_dim):".to_string(),
         format!(
-            "    # forward-rewrite: fused rotary embedding of q and k ({} form)",
-            form.name
+            "    # forward-rewrite: fused rotary embedding of q and k ({} form, {} rotation)",
+            form.name, rotation.name
         ),
         format!(
-            "    return forward_rewrite.rotary(q, k, {}, unsqueeze_dim=unsqueeze_dim{})",
-            form.tables, form.keywords
+            "    return forward_rewrite.rotary(q, k, {}, {sin}, unsqueeze_dim=unsqueeze_dim{keywords})",
+            form.tables.of("cos")
         ),
     ];
     match emit_guarded(defs.source, function, &lines) {
@@ -335,6 +520,7 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             site.original_sha256 = Some(function_sha256(defs.source, function));
             site.patch = Some(patch);
             site.lowered.insert("form".into(), form.name.into());
+            site.lowered.insert("rotation".into(), rotation.name.into());
             site
         }
         Err(e) => refuse("rotary-emit-invalid", &e),

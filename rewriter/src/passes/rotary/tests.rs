@@ -48,7 +48,9 @@ fn report(extra: &str) -> crate::audit::PassReport {
 
 #[test]
 fn full_form_is_patched_decorators_and_docstring_kept() {
-    let r = report(&format!("{HALVES}\n\n{FULL}"));
+    // Docstring-only decorators are dropped (one spanning lines among them), the rest kept.
+    let decorated = format!("@auto_docstring\n@add_start_docstrings(\n    \"Rotary.\",\n)\n{FULL}");
+    let r = report(&format!("{HALVES}\n\n{decorated}"));
     assert_eq!(r.verdict, "patched", "{r:?}");
     let patch = site_patch(&r, "apply_rotary_pos_emb");
     insta::assert_snapshot!(patch);
@@ -117,17 +119,19 @@ fn glm_interleaved_partial_form_is_patched_with_the_tables_repeated_alike() {
     let r = report(&format!("{GLM_ROTATE}\n\n{glm}"));
     assert_eq!(r.verdict, "patched", "{r:?}");
     insta::assert_snapshot!(site_patch(&r, "apply_rotary_pos_emb"));
-    // The halves rotation with interleaved tables: neither rotation's form.
+    // The halves rotation on the same repeated tables: the op is element-wise in its tables,
+    // so it is the same form without `interleaved=True`.
     let r = report(&format!("{HALVES}\n\n{glm}"));
-    assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
-        Some("rotate-half-unknown")
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    assert!(
+        patch.contains(".repeat_interleave(2, dim=-1), unsqueeze_dim=unsqueeze_dim)\n"),
+        "{patch}"
     );
-    // The GLM rotation on halves tables (no repeat_interleave) is no form either.
+    // The GLM rotation on the tables as passed: the partial form, interleaved.
     let r = report(&format!("{GLM_ROTATE}\n\n{PARTIAL}"));
-    assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
-        Some("rotate-half-unknown")
+    assert!(
+        site_patch(&r, "apply_rotary_pos_emb")
+            .contains("rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=True)\n")
     );
 }
 
@@ -155,8 +159,181 @@ fn interleaved_float32_form_is_patched() {
         patch.contains("interleaved=True, out_dtype=q.dtype"),
         "{patch}"
     );
-    // The same body with the halves rotation is not the interleaved form.
+    // The same body with the halves rotation: cast back, not interleaved.
     let r = report(&format!("{HALVES}\n\n{cohere}"));
+    assert!(
+        site_patch(&r, "apply_rotary_pos_emb")
+            .contains("unsqueeze_dim=unsqueeze_dim, out_dtype=q.dtype)\n")
+    );
+}
+
+/// The call `body` (an `apply_rotary_pos_emb`) is lowered to, beside `helper`; panics with
+/// the report when the site is not patched.
+fn lowered_call(helper: &str, body: &str) -> String {
+    let r = report(&format!("{helper}\n\n{body}"));
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    patch
+        .lines()
+        .find(|l| l.trim_start().starts_with("return forward_rewrite.rotary("))
+        .unwrap_or_else(|| panic!("{patch}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn partial_form_with_q_and_k_rebound_to_their_slices_is_patched() {
+    // Nemotron, dots.llm3
+    let nemotron = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rot_dim = cos.shape[-1]
+    # If q_pass/k_pass is empty, rotary pos embedding is applied to all tensor q/k
+    q, q_pass = q[..., :rot_dim], q[..., rot_dim:]
+    k, k_pass = k[..., :rot_dim], k[..., rot_dim:]
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return torch.cat((q_embed, q_pass), dim=-1), torch.cat((k_embed, k_pass), dim=-1)
+";
+    assert_eq!(
+        lowered_call(HALVES, nemotron),
+        "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)"
+    );
+    // The pass-through slices swapped in the concatenation: not the form.
+    let swapped = nemotron.replace("torch.cat((k_embed, k_pass)", "torch.cat((k_embed, q_pass)");
+    let r = report(&format!("{HALVES}\n\n{swapped}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-form-unknown")
+    );
+}
+
+#[test]
+fn float32_forms_cast_back_to_q_dtype() {
+    // ModernBERT decoder, Evolla
+    let modernbert = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    original_dtype = q.dtype
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q.float() * cos) + (rotate_half(q.float()) * sin)
+    k_embed = (k.float() * cos) + (rotate_half(k.float()) * sin)
+    return q_embed.to(original_dtype), k_embed.to(original_dtype)
+";
+    // HunYuan-VL
+    let hunyuan = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    origin_dtype = q.dtype
+    q, k = q.float(), k.float()
+    cos = cos.unsqueeze(unsqueeze_dim).float()
+    sin = sin.unsqueeze(unsqueeze_dim).float()
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
+";
+    for body in [modernbert, hunyuan] {
+        assert_eq!(
+            lowered_call(HALVES, body),
+            "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, out_dtype=q.dtype)"
+        );
+    }
+    // k cast back to k's own dtype is a different computation: not the form.
+    let r = report(&format!(
+        "{HALVES}\n\n{}",
+        modernbert.replace("k_embed.to(original_dtype)", "k_embed.to(k.dtype)")
+    ));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-form-unknown")
+    );
+}
+
+const REPEATED_TABLES: &str = "cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1), sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)";
+
+#[test]
+fn repeated_tables_forms_repeat_them_in_the_call() {
+    // Helium
+    let helium = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    # Interleave them instead of usual shape
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+";
+    assert_eq!(
+        lowered_call(GLM_ROTATE, helium),
+        format!(
+            "return forward_rewrite.rotary(q, k, {REPEATED_TABLES}, unsqueeze_dim=unsqueeze_dim, interleaved=True)"
+        )
+    );
+    // Ernie 4.5: the same in float32, cast back.
+    let ernie = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    # glm rope style (with full dim) and full precision
+    original_dtype = q.dtype
+
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    # Interleave them instead of usual shape
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+    q_embed = (q.float() * cos) + (rotate_half(q).float() * sin)
+    k_embed = (k.float() * cos) + (rotate_half(k).float() * sin)
+
+    return q_embed.to(original_dtype), k_embed.to(original_dtype)
+";
+    assert_eq!(
+        lowered_call(GLM_ROTATE, ernie),
+        format!(
+            "return forward_rewrite.rotary(q, k, {REPEATED_TABLES}, unsqueeze_dim=unsqueeze_dim, interleaved=True, out_dtype=q.dtype)"
+        )
+    );
+    // cos repeated but sin not: no form.
+    let r = report(&format!(
+        "{GLM_ROTATE}\n\n{}",
+        helium.replace(
+            "    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)\n",
+            ""
+        )
+    ));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotary-form-unknown")
+    );
+}
+
+#[test]
+fn glm4v_partial_form_reads_its_rotate_half_llm_helper() {
+    let glm4v = PARTIAL.replace("rotate_half(", "rotate_half_llm(");
+    let llm_helper = GLM_ROTATE.replace("def rotate_half(", "def rotate_half_llm(");
+    // The module's rotate_half (halves, for its vision tower) is not the one called.
+    let module = format!("{HALVES}\n\n{llm_helper}");
+    assert_eq!(
+        lowered_call(&module, &glm4v),
+        "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=True)"
+    );
+    // Without rotate_half_llm the helper is unknown, whatever rotate_half is.
+    let r = report(&format!("{HALVES}\n\n{glm4v}"));
+    assert_eq!(
+        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+#[test]
+fn negated_halves_rotation_negates_sin_in_the_call() {
+    // NanoChat
+    let negated = HALVES.replace("torch.cat((-x2, x1)", "torch.cat((x2, -x1)");
+    assert_eq!(
+        lowered_call(&negated, FULL),
+        "return forward_rewrite.rotary(q, k, cos, -sin, unsqueeze_dim=unsqueeze_dim)"
+    );
+    // Neither sign flipped is a swap, no rotation: refused.
+    let swap = HALVES.replace("torch.cat((-x2, x1)", "torch.cat((x2, x1)");
+    let r = report(&format!("{swap}\n\n{FULL}"));
     assert_eq!(
         site_reason(&r, "apply_rotary_pos_emb").as_deref(),
         Some("rotate-half-unknown")
