@@ -397,6 +397,20 @@ def test_residual_norm_fuses_only_into_installed_norms(tmp_path):
             return h
 
     assert fusion_guard.residual_norm(Sub(8), r, x) is None
+    # Gemma 4's norm applies its weight only under with_scale: fused per instance where true
+    from transformers.models.gemma4 import modeling_gemma4
+
+    scaled = modeling_gemma4.Gemma4RMSNorm(8)
+    assert fusion_guard.residual_norm(scaled, r, x)["weight"] is scaled.weight
+    assert (
+        fusion_guard.residual_norm(
+            modeling_gemma4.Gemma4RMSNorm(8, with_scale=False), r, x
+        )
+        is None
+    )
+    # a weight present but with_scale off: the stock forward ignores it, so must the fused add
+    scaled.with_scale = False
+    assert fusion_guard.residual_norm(scaled, r, x) is None
     forward_rewrite.uninstall()
     assert fusion_guard.norm_forms == {}
     assert fusion_guard.residual_norm(norm, r, x) is None

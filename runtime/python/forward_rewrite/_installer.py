@@ -617,20 +617,30 @@ def stock_function(function):
     return function
 
 
+def _self_attribute(text):
+    """``NAME`` of the expression text ``self.NAME``, or None."""
+    name = text.removeprefix("self.")
+    return name if name != text and name.isidentifier() else None
+
+
 def _register_norm(module, site):
-    """Tell the residual-norm guard that this norm class now runs its fused form (unless the
-    form applies its weight under a condition: those stay out of the fused add)."""
+    """Tell the residual-norm guard that this norm class now runs its fused form, with the
+    attribute its weight is applied under, if any (``self.with_scale``: checked per
+    instance by the guard). Forms whose eps or condition is not a ``self`` attribute stay
+    out of the fused add."""
     lowered = site.get("lowered") or {}
-    eps = lowered.get("eps", "")
-    if "fused only when" in lowered or not eps.startswith("self."):
+    eps = _self_attribute(lowered.get("eps", ""))
+    condition = lowered.get("fused only when")
+    if eps is None or (condition is not None and _self_attribute(condition) is None):
         return
     cls = module.__dict__[site["name"]]
     fusion_guard.register_norm(
         cls,
         cls.__dict__["forward"],
-        eps[len("self.") :],
+        eps,
         float(lowered["offset"]),
         lowered["cast_before_weight"] == "true",
+        None if condition is None else _self_attribute(condition),
     )
 
 

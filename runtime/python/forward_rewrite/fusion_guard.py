@@ -137,10 +137,20 @@ def _norm_operands_ok(x, weight, eps):
     )
 
 
-def register_norm(cls, forward, eps_attribute, offset, cast_before_weight):
+def register_norm(
+    cls, forward, eps_attribute, offset, cast_before_weight, condition=None
+):
     """Record that ``cls.forward`` is now ``forward``, the fused rms-norm form with these
-    parameters (the installer calls it; ``forget_norms`` undoes it)."""
-    norm_forms[cls] = (forward, eps_attribute, float(offset), bool(cast_before_weight))
+    parameters (the installer calls it; ``forget_norms`` undoes it). ``condition``: the
+    attribute under which the form applies its weight (Gemma 4's ``with_scale``; the fused
+    add then runs only on instances where it is true, as the form's ``if`` tests it)."""
+    norm_forms[cls] = (
+        forward,
+        eps_attribute,
+        float(offset),
+        bool(cast_before_weight),
+        condition,
+    )
 
 
 def forget_norms():
@@ -160,8 +170,10 @@ def residual_norm(norm, residual, x):
     form = norm_forms.get(type(norm))
     if form is None:
         return None
-    forward, eps_attribute, offset, cast_before_weight = form
+    forward, eps_attribute, offset, cast_before_weight, condition = form
     if type(norm).forward is not forward or "forward" in norm.__dict__:
+        return None
+    if condition is not None and not getattr(norm, condition, False):
         return None
     if not _no_hooks(norm) or not norm.training:
         return None

@@ -11,7 +11,8 @@
 //! its top-level statements, the three in a row (`h = r + h` or `h = h + r`, `r = h`,
 //! `h = self.<norm>(h)`, any names; a norm by its class's name, or its attribute's when the
 //! class is not resolved), where `__init__` builds `self.<norm>` from one module class that the
-//! `rms-norm` pass patches with an unconditional form. Each run becomes
+//! `rms-norm` pass patches (Gemma 4's form, which applies its weight under `self.with_scale`,
+//! included: the guard tests the attribute per instance). Each run becomes
 //! `if (_fr_norm := fusion_guard.residual_norm(self.<norm>, r, h)) is not None: h, r =
 //! forward_rewrite.add_rms_norm(r, h, **_fr_norm)` with the three statements, byte for byte,
 //! under `else:`. The guard fuses only when the norm module is of a class whose fused
@@ -53,10 +54,6 @@ pub const REASONS: &[(&str, &str)] = &[
     (
         "residual-norm-norm-refused",
         "The norm's class is not one the `rms-norm` pass patches (its reason in the detail).",
-    ),
-    (
-        "residual-norm-conditional",
-        "The norm's form applies its weight only under a condition (Gemma 4's `with_scale`).",
     ),
     (
         "residual-norm-emit-invalid",
@@ -237,7 +234,7 @@ fn layer_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Option<Site> {
             Ok(norm) => {
                 branches.push(Branch {
                     range: run.range,
-                    fused: fused_lines(run, norm),
+                    fused: fused_lines(run, &norm),
                 });
                 norms.push(format!("{} ({norm})", run.norm));
             }
@@ -281,12 +278,13 @@ fn is_norm_run(run: &Run<'_>, built: &Result<&StmtClassDef, String>) -> bool {
     }
 }
 
-/// The norm's class name when the rms-norm pass patches it unconditionally, or the refusal.
+/// The norm's class name (and the condition its weight is applied under, if any) when the
+/// rms-norm pass patches it, or the refusal.
 fn norm_class<'m>(
     defs: &ModuleDefs<'m>,
     attr: &str,
     built: &Result<&'m StmtClassDef, String>,
-) -> Result<&'m str, (&'static str, String)> {
+) -> Result<String, (&'static str, String)> {
     let norm = built
         .as_ref()
         .map_err(|d| ("residual-norm-unresolved", d.clone()))?;
@@ -302,13 +300,13 @@ fn norm_class<'m>(
             ),
         ));
     }
-    if let Some(condition) = site.lowered.get("fused only when") {
-        return Err((
-            "residual-norm-conditional",
-            format!("{norm_name} applies its weight only when {condition}"),
-        ));
-    }
-    Ok(norm_name)
+    // A form that applies its weight only under `self.<attr>` (Gemma 4's `with_scale`): the
+    // installer registers the attribute with the norm's form, and the guard fuses only on
+    // instances where it is true (else the stock statements run, the norm's own `if` too).
+    Ok(match site.lowered.get("fused only when") {
+        Some(condition) => format!("{norm_name}, fused only when {condition}"),
+        None => norm_name.to_string(),
+    })
 }
 
 fn fused_lines(run: &Run<'_>, norm: &str) -> Vec<String> {

@@ -173,7 +173,7 @@ fn a_norm_not_built_from_one_module_class_is_unresolved() {
 }
 
 #[test]
-fn a_conditional_norm_form_is_refused() {
+fn a_conditional_norm_form_is_fused_under_the_guard() {
     let norm = "class ToyRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
         super().__init__()
@@ -192,12 +192,15 @@ fn a_conditional_norm_form_is_refused() {
             normed_output = normed_output * self.weight.float()
         return normed_output.type_as(hidden_states)
 ";
+    // Gemma 4's form applies its weight under `self.with_scale`: the layer is patched, and
+    // the installer registers the condition for the guard to test on each instance.
     let r = report(norm, LLAMA_LAYER);
+    assert_eq!(r.verdict, "patched", "{r:?}");
     assert_eq!(
-        r.reason.as_deref(),
-        Some("residual-norm-conditional"),
-        "{r:?}"
+        sites(&r)[0]["lowered"]["norms"],
+        "post_attention_layernorm (ToyRMSNorm, fused only when self.with_scale)"
     );
+    assert!(site_patch(&r, "ToyDecoderLayer").contains("forward_rewrite.add_rms_norm("));
 }
 
 #[test]
