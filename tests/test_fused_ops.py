@@ -527,6 +527,27 @@ def test_rotary_cos_sin_gradients_when_they_require_one():
         assert rel(a, b) <= 1e-13
 
 
+def test_rotary_output_no_gradient_reaches_gives_its_input_none_like_stock():
+    # RecurrentGemma on transformers 4.57 uses only q's rotation for its loss: stock leaves
+    # k (and the projection before it) without a gradient, and so must the fused op, or an
+    # optimizer would decay a parameter stock never touches.
+    q, k = qk(2, 3, 1, 4, 16, torch.float64, seed=29)
+    cos, sin = rope_tables(1, 4, 16, seed=30, dtype=torch.float64)
+    for used in (0, 1):
+        for rotate in (forward_rewrite.rotary, modeling_llama.apply_rotary_pos_emb):
+            a, b = (t.clone().requires_grad_(True) for t in (q, k))
+            c, s = cos.clone().requires_grad_(True), sin.clone().requires_grad_(True)
+            rotate(a, b, c, s)[used].pow(2).sum().backward()
+            grads = (a.grad, b.grad)
+            assert grads[1 - used] is None, rotate
+            if rotate is forward_rewrite.rotary:
+                ours = (grads[used], c.grad, s.grad)
+            else:
+                stock = (grads[used], c.grad, s.grad)
+        for x, y in zip(ours, stock, strict=True):
+            assert rel(x, y) <= 1e-13
+
+
 def test_rotary_ranks_and_empty():
     # Rank 3: (heads, seq, head_dim) with cos (seq, head_dim) unsqueezed at 0; rank 2:
     # (seq, head_dim) with cos (seq, head_dim) unsqueezed at 0 broadcasts over nothing.

@@ -39,9 +39,13 @@ class OpPair:
     """A forward custom op with its eager twin. ``impl`` is the function the custom op was
     made from; ``setup`` / ``backward`` the functions registered as its autograd formula;
     ``nondiff``: indices of outputs that carry no gradient (saved statistics). A backward
-    can tell the two apart: ``ctx.eager`` is True when the forward ran on the fast path."""
+    can tell the two apart: ``ctx.eager`` is True when the forward ran on the fast path.
+    ``materialize=False``: on the fast path the backward gets None, not zeros, for an output
+    no gradient reached (rotary's k when only q is used: the input then gets no gradient,
+    as stock's separate expressions give none, rather than a zero one that an optimizer
+    would still decay)."""
 
-    def __init__(self, op, impl, setup, backward, nondiff=()):
+    def __init__(self, op, impl, setup, backward, nondiff=(), materialize=True):
         self.op = op
         self.impl = impl
         nondiff = tuple(nondiff)
@@ -50,6 +54,8 @@ class OpPair:
             output = impl(*inputs)
             setup(ctx, inputs, output)
             ctx.eager = True
+            if not materialize:
+                ctx.set_materialize_grads(False)
             if nondiff:
                 ctx.mark_non_differentiable(*(output[i] for i in nondiff))
             return output

@@ -482,6 +482,7 @@ def _rotate(x, interleaved):
 def _rotary_setup(ctx, inputs, output):
     q, k, cos, sin, rotary_dim, interleaved, head_index, _out_dtype = inputs
     ctx.options = (rotary_dim, interleaved, head_index, q.dtype)
+    ctx.shapes = (q.shape, k.shape)
     # q and k only when cos/sin need gradients (models build them under no_grad).
     ctx.table_grad = cos.requires_grad or sin.requires_grad
     ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grad else ()))
@@ -494,7 +495,18 @@ def _unit_last_stride(t):
 def _rotary_backward(ctx, dq_out, dk_out):
     rotary_dim, interleaved, head_index, q_dtype = ctx.options
     cos, sin = ctx.saved_tensors[:2]
-    needs = ctx.needs_input_grad
+    # On the fast path an output no gradient reached comes as None (materialize=False):
+    # its input gets None too, and the kernel a zero stand-in.
+    reached = (dq_out is not None, dk_out is not None)
+    if not any(reached):
+        return (None,) * 8
+    given = dq_out if reached[0] else dk_out
+    dq_out, dk_out = (
+        g if g is not None else given.new_zeros(shape)
+        for g, shape in zip((dq_out, dk_out), ctx.shapes)
+    )
+    needs = [n and r for n, r in zip(ctx.needs_input_grad[:2], reached)]
+    needs += ctx.needs_input_grad[2:4]
     dq = dk = dcos = dsin = None
     if needs[0] or needs[1]:
         dq, dk = _rotary_backward_call(
@@ -533,7 +545,9 @@ def _rotary_backward(ctx, dq_out, dk_out):
     )
 
 
-_rotary = OpPair(_rotary_op, _rotary_impl, _rotary_setup, _rotary_backward)
+_rotary = OpPair(
+    _rotary_op, _rotary_impl, _rotary_setup, _rotary_backward, materialize=False
+)
 _rotary_backward_call = BackwardOp(_rotary_backward_op, _rotary_backward_impl)
 
 
@@ -562,7 +576,9 @@ def rotary(
     for Cohere / Ernie, which cast back). Outputs keep q's and k's memory layouts.
 
     Gradients: for q and k the transposed rotation (the rotation by -theta); for cos and
-    sin, when they require one, an unfused float32 reduction.
+    sin, when they require one, an unfused float32 reduction. When only one output is used,
+    the other input gets no gradient (None, as stock's two separate expressions give; under
+    ``torch.compile`` the custom op's backward gets a zero gradient for it instead).
     """
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         _tensor(name, t)
