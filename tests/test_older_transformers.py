@@ -3,7 +3,8 @@ the classic shift + CrossEntropyLoss style) and 4.57.6 (the last 4.x). Each rele
 installed by `scripts/venv` into its own `--target` directory (`corpus/cache/site-<version>`),
 which a subprocess puts in front of the venv's site-packages; torch and forward_rewrite come
 from the venv. Every class `install()` patches there is built tiny from its own config and
-compared with its stock forward: loss and every gradient (`forward_rewrite.verify.check_class`)."""
+compared with its stock forward: loss and every gradient (`forward_rewrite.verify.check_class`),
+the decoder fusions in place (on 4.57.6 each pass's fused path must run in enough classes)."""
 
 import json
 import os
@@ -27,12 +28,20 @@ results = []
 for module, qualname in patched_classes():
     result = check_class((module, qualname))
     print(result["status"], qualname, result.get("reason") or "", file=sys.stderr)
-    results.append({k: result.get(k) for k in ("qualname", "status", "reason")})
+    results.append(
+        {k: result.get(k) for k in ("qualname", "status", "reason", "fusions_taken")}
+    )
 print(json.dumps(results))
 """
 
 #: version -> (at least this many verified, the patched classes the sweep must see)
 FLOORS = {"4.45.2": (35, 40), "4.57.6": (85, 115)}
+#: version -> pass -> verified classes in which that decoder-fusion pass's fused path must
+#: have run (4.57.6, 2026-12-03: rms-norm 59, residual-norm 39, rotary 56 -- transformers
+#: 4.x's `apply_rotary_pos_emb(..., position_ids=None, ...)` -- gated-mlp 51 of 110).
+MIN_FUSED = {
+    "4.57.6": {"rms-norm": 50, "residual-norm": 30, "rotary": 45, "gated-mlp": 40}
+}
 
 
 def site(version):
@@ -62,3 +71,12 @@ def test_every_patched_class_of_an_older_release_matches_stock(version):
     at_least, seen = FLOORS[version]
     assert len(results) >= seen, len(results)
     assert len(verified) >= at_least, [r for r in results if r["status"] != "verified"]
+    fused = {
+        name: sum(1 for r in verified if (r["fusions_taken"] or {}).get(name))
+        for name in MIN_FUSED.get(version, {})
+    }
+    print(
+        f"\n{version}: fused path ran per pass in {fused} of {len(verified)} verified"
+    )
+    for name, floor in MIN_FUSED.get(version, {}).items():
+        assert fused[name] >= floor, (name, fused[name])

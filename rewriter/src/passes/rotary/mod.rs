@@ -49,7 +49,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "rotary-signature",
-        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)` (one tensor, extra position ids, `**kwargs`).",
+        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)`, nor transformers 4.x's `(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)` (one tensor, `**kwargs`, ...).",
     ),
     (
         "rotate-half-unknown",
@@ -427,18 +427,24 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
     let names: Option<Vec<(&str, bool)>> = params
         .as_ref()
         .map(|p| p.iter().map(|(n, d)| (n.as_str(), *d)).collect());
-    if names.as_deref()
-        != Some(&[
-            ("q", false),
-            ("k", false),
-            ("cos", false),
-            ("sin", false),
-            ("unsqueeze_dim", true),
-        ])
-    {
+    const TENSORS: [(&str, bool); 4] = [("q", false), ("k", false), ("cos", false), ("sin", false)];
+    let signature_ok = match names.as_deref() {
+        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == TENSORS => true,
+        // transformers 4.x: `position_ids=None`, deprecated and unused (no form reads it,
+        // nor does the emitted call).
+        Some(
+            [
+                tensors @ ..,
+                ("position_ids", true),
+                ("unsqueeze_dim", true),
+            ],
+        ) => tensors == TENSORS,
+        _ => false,
+    };
+    if !signature_ok {
         return refuse(
             "rotary-signature",
-            "the parameters are not (q, k, cos, sin, unsqueeze_dim=...)",
+            "the parameters are not (q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)",
         );
     }
     let body = body_without_docstring(function);

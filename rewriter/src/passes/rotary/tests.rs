@@ -391,18 +391,37 @@ fn reason_rotary_already_patched() {
 }
 
 #[test]
-fn reason_rotary_signature() {
-    let r = report(&format!(
-        "{HALVES}\n\n{}",
-        FULL.replace(
-            "sin, unsqueeze_dim=1)",
-            "sin, position_ids=None, unsqueeze_dim=1)"
-        )
-    ));
-    assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
-        Some("rotary-signature")
+fn transformers_4_signature_with_unused_position_ids_is_patched() {
+    let four = FULL.replace(
+        "sin, unsqueeze_dim=1)",
+        "sin, position_ids=None, unsqueeze_dim=1)",
     );
+    assert_eq!(
+        lowered_call(HALVES, &four),
+        "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)"
+    );
+}
+
+#[test]
+fn reason_rotary_signature() {
+    for signature in [
+        // Gemma 4: one tensor at a time
+        "(x, cos, sin, unsqueeze_dim=1)",
+        // position ids without a default, or after unsqueeze_dim
+        "(q, k, cos, sin, position_ids, unsqueeze_dim=1)",
+        "(q, k, cos, sin, unsqueeze_dim=1, position_ids=None)",
+        "(q, k, cos, sin, unsqueeze_dim=1, **kwargs)",
+    ] {
+        let r = report(&format!(
+            "{HALVES}\n\n{}",
+            FULL.replace("(q, k, cos, sin, unsqueeze_dim=1)", signature)
+        ));
+        assert_eq!(
+            site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+            Some("rotary-signature"),
+            "{signature}"
+        );
+    }
 }
 
 #[test]
