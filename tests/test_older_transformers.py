@@ -48,15 +48,16 @@ def site(version):
     return ROOT / "corpus" / "cache" / f"site-{version}"
 
 
-@pytest.mark.parametrize("version", sorted(FLOORS))
-def test_every_patched_class_of_an_older_release_matches_stock(version):
+def run_under(version, script):
+    """Run ``script`` (``sys.argv[1]`` is the version) with the release in front of the
+    venv; the JSON of its last line of output."""
     if not (site(version) / "transformers").is_dir():
         pytest.skip(f"{site(version)} is missing: scripts/venv installs it")
     path = os.pathsep.join(
         [str(site(version)), str(HERE), os.environ.get("PYTHONPATH", "")]
     )
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, version],
+        [sys.executable, "-c", script, version],
         check=False,
         capture_output=True,
         text=True,
@@ -64,7 +65,12 @@ def test_every_patched_class_of_an_older_release_matches_stock(version):
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("version", sorted(FLOORS))
+def test_every_patched_class_of_an_older_release_matches_stock(version):
+    results = run_under(version, SCRIPT)
     mismatches = [r for r in results if r["status"] == "mismatch"]
     verified = [r for r in results if r["status"] == "verified"]
     assert mismatches == []
@@ -80,3 +86,51 @@ def test_every_patched_class_of_an_older_release_matches_stock(version):
     )
     for name, floor in MIN_FUSED.get(version, {}).items():
         assert fused[name] >= floor, (name, fused[name])
+
+
+QWEN2_5_VL = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch, transformers
+import forward_rewrite
+from forward_rewrite import fusion_guard
+from forward_rewrite.verify import grad_error, loss_and_grads, rel_err
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+assert transformers.__version__ == sys.argv[1], transformers.__version__
+config = Qwen2_5_VLConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64,
+                   "num_heads": 2, "out_hidden_size": 64},
+)
+torch.manual_seed(0)
+model = Qwen2_5_VLForConditionalGeneration(config).float().train()
+ids = torch.randint(0, 128, (2, 16))
+labels = ids.clone()
+labels[0, :3] = -100
+inputs = dict(input_ids=ids, labels=labels)
+stock_loss, _, stock_grads = loss_and_grads(model, inputs)
+forward_rewrite.install()
+before = dict(fusion_guard.taken)
+loss, _, grads = loss_and_grads(model, inputs)
+print(json.dumps({
+    "taken": {k: fusion_guard.taken[k] - before.get(k, 0) for k in fusion_guard.taken},
+    "loss_err": rel_err(loss, stock_loss),
+    "grad_err": grad_error(grads, stock_grads)[0],
+    "same_params": sorted(grads) == sorted(stock_grads),
+}))
+"""
+
+
+def test_qwen2_5_vl_of_4_57_fuses_residual_adds_into_qwen2s_imported_norm():
+    """transformers 4.57's Qwen2.5-VL builds its decoder norms from qwen2's `Qwen2RMSNorm`
+    (imported): the residual-norm site fuses there once qwen2's rms-norm site is in place,
+    and the model matches stock (a hand-made tiny config: the generic shrink does not fit
+    4.x's Qwen2-VL configs)."""
+    result = run_under("4.57.6", QWEN2_5_VL)
+    assert result["taken"]["residual-norm"] == 2, result  # one per layer
+    assert result["taken"]["rms-norm"] > 0, result
+    assert result["same_params"], result
+    assert result["loss_err"] <= 1e-5 and result["grad_err"] <= 1e-4, result

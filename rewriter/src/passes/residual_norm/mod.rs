@@ -12,7 +12,9 @@
 //! `h = self.<norm>(h)`, any names; a norm by its class's name, or its attribute's when the
 //! class is not resolved), where `__init__` builds `self.<norm>` from one module class that the
 //! `rms-norm` pass patches (Gemma 4's form, which applies its weight under `self.with_scale`,
-//! included: the guard tests the attribute per instance). Each run becomes
+//! included: the guard tests the attribute per instance), or from one `*RMSNorm` class
+//! imported by name from another modeling module (its own module's site decides, at run
+//! time). Each run becomes
 //! `if (_fr_norm := fusion_guard.residual_norm(self.<norm>, r, h)) is not None: h, r =
 //! forward_rewrite.add_rms_norm(r, h, **_fr_norm)` with the three statements, byte for byte,
 //! under `else:`. The guard fuses only when the norm module is of a class whose fused
@@ -49,7 +51,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "residual-norm-unresolved",
-        "`__init__` does not build `self.<norm>` from one class defined in the module (several classes, a conditional module, a class imported from elsewhere).",
+        "`__init__` does not build `self.<norm>` from one class defined in the module or one `*RMSNorm` class imported by name from another modeling module (several classes, a conditional module, a class from elsewhere).",
     ),
     (
         "residual-norm-norm-refused",
@@ -148,13 +150,58 @@ fn runs(forward: &StmtFunctionDef) -> Vec<Run<'_>> {
         .collect()
 }
 
-/// The module class `__init__` builds `self.<attr>` from: every assignment to it a call of
-/// that one class.
+/// The class a layer builds its norm from.
+enum Built<'m> {
+    /// Defined in the module: the rms-norm pass's verdict on it is read here.
+    Local(&'m StmtClassDef),
+    /// An `*RMSNorm` class imported by name from another modeling module (transformers 4.x's
+    /// Qwen2-VL: `from ..qwen2.modeling_qwen2 import Qwen2RMSNorm`): its own module's
+    /// rms-norm site decides, at run time (the guard fuses only for a class whose fused form
+    /// the installer registered).
+    Imported { name: &'m str, module: String },
+}
+
+impl Built<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Built::Local(class) => class.name.as_str(),
+            Built::Imported { name, .. } => name,
+        }
+    }
+}
+
+/// The modeling module a top-level `from <module> import <name>` of the module binds `name`
+/// from (`..qwen2.modeling_qwen2`, as written), when it is one.
+fn modeling_import(defs: &ModuleDefs<'_>, name: &str) -> Option<String> {
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
+    let mut found = None;
+    for stmt in statements {
+        let Stmt::ImportFrom(import) = stmt else {
+            continue;
+        };
+        for alias in &import.names {
+            if alias.asname.as_ref().unwrap_or(&alias.name).as_str() != name {
+                continue;
+            }
+            let module = import.module.as_ref().map_or("", |m| m.as_str());
+            let last = module.rsplit('.').next().unwrap_or_default();
+            if found.is_some() || !last.starts_with("modeling_") || alias.name.as_str() != name {
+                return None; // bound twice, renamed, or not from a modeling module
+            }
+            found = Some(format!("{}{module}", ".".repeat(import.level as usize)));
+        }
+    }
+    found
+}
+
+/// The class `__init__` builds `self.<attr>` from: every assignment to it a call of that one
+/// class, defined in the module or imported from another modeling module.
 fn built_class<'m>(
     defs: &ModuleDefs<'m>,
     class: &'m StmtClassDef,
     attr: &str,
-) -> Result<&'m StmtClassDef, String> {
+) -> Result<Built<'m>, String> {
     let Some((_, init)) = defs.method_owner(class, "__init__") else {
         return Err(format!("no __init__ in the module builds self.{attr}"));
     };
@@ -196,10 +243,15 @@ fn built_class<'m>(
         }
     }
     let name = found.ok_or_else(|| format!("__init__ does not assign self.{attr}"))?;
-    defs.classes
-        .get(name)
-        .copied()
-        .ok_or_else(|| format!("self.{attr} is a {name}, not a class of the module"))
+    if let Some(local) = defs.classes.get(name) {
+        return Ok(Built::Local(local));
+    }
+    match modeling_import(defs, name) {
+        Some(module) if name.contains("RMSNorm") => Ok(Built::Imported { name, module }),
+        _ => Err(format!(
+            "self.{attr} is a {name}, neither a class of the module nor an *RMSNorm imported from a modeling module"
+        )),
+    }
 }
 
 /// The verdict on one class with a run, or None when its own forward has none.
@@ -270,24 +322,30 @@ fn layer_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Option<Site> {
 
 /// Whether the run's module is a norm at all (`h = r + h; r = h; h = self.mlp(h)` is not a
 /// site): its class's name, or when that is not resolved the attribute's, says "norm".
-fn is_norm_run(run: &Run<'_>, built: &Result<&StmtClassDef, String>) -> bool {
+fn is_norm_run(run: &Run<'_>, built: &Result<Built<'_>, String>) -> bool {
     let says_norm = |name: &str| name.to_ascii_lowercase().contains("norm");
     match built {
-        Ok(norm) => says_norm(norm.name.as_str()),
+        Ok(norm) => says_norm(norm.name()),
         Err(_) => says_norm(run.norm),
     }
 }
 
 /// The norm's class name (and the condition its weight is applied under, if any) when the
-/// rms-norm pass patches it, or the refusal.
+/// rms-norm pass patches it or it is imported from another modeling module, or the refusal.
 fn norm_class<'m>(
     defs: &ModuleDefs<'m>,
     attr: &str,
-    built: &Result<&'m StmtClassDef, String>,
+    built: &Result<Built<'m>, String>,
 ) -> Result<String, (&'static str, String)> {
-    let norm = built
-        .as_ref()
-        .map_err(|d| ("residual-norm-unresolved", d.clone()))?;
+    let norm = match built {
+        Ok(Built::Local(norm)) => norm,
+        Ok(Built::Imported { name, module }) => {
+            return Ok(format!(
+                "{name} from {module}, fused where its own module's rms-norm site is installed"
+            ));
+        }
+        Err(d) => return Err(("residual-norm-unresolved", d.clone())),
+    };
     let site = crate::passes::rms_norm::norm_site(defs, norm);
     let norm_name = norm.name.as_str();
     if site.verdict != "patched" {

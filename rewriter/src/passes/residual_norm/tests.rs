@@ -173,6 +173,49 @@ fn a_norm_not_built_from_one_module_class_is_unresolved() {
 }
 
 #[test]
+fn a_norm_imported_from_another_modeling_module_is_fused_under_the_guard() {
+    // transformers 4.57's Qwen2-VL builds its norms from qwen2's class.
+    let layer = LLAMA_LAYER.replace(
+        "self.post_attention_layernorm = ToyRMSNorm(",
+        "self.post_attention_layernorm = Qwen2RMSNorm(",
+    );
+    let imported = "from ..qwen2.modeling_qwen2 import Qwen2RMSNorm\n";
+    let r = report(&format!("{imported}\n{NORM}"), &layer);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    assert_eq!(
+        sites(&r)[0]["lowered"]["norms"],
+        "post_attention_layernorm (Qwen2RMSNorm from ..qwen2.modeling_qwen2, fused where its own module's rms-norm site is installed)"
+    );
+    // Not from a modeling module, renamed, bound twice, or not an RMSNorm: unresolved.
+    for (imports, class) in [
+        ("from .norms import Qwen2RMSNorm\n", "Qwen2RMSNorm"),
+        (
+            "from ..qwen2.modeling_qwen2 import LlamaRMSNorm as Qwen2RMSNorm\n",
+            "Qwen2RMSNorm",
+        ),
+        (
+            "from ..qwen2.modeling_qwen2 import Qwen2RMSNorm\nfrom ..llama.modeling_llama import Qwen2RMSNorm\n",
+            "Qwen2RMSNorm",
+        ),
+        (
+            "from ..qwen2.modeling_qwen2 import Qwen2Norm\n",
+            "Qwen2Norm",
+        ),
+    ] {
+        let layer = LLAMA_LAYER.replace(
+            "self.post_attention_layernorm = ToyRMSNorm(",
+            &format!("self.post_attention_layernorm = {class}("),
+        );
+        let r = report(&format!("{imports}\n{NORM}"), &layer);
+        assert_eq!(
+            site_reason(&r, "ToyDecoderLayer").as_deref(),
+            Some("residual-norm-unresolved"),
+            "{imports}: {r:?}"
+        );
+    }
+}
+
+#[test]
 fn a_conditional_norm_form_is_fused_under_the_guard() {
     let norm = "class ToyRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
