@@ -630,8 +630,9 @@ def _register_norm(module, site):
     out of the fused add."""
     lowered = site.get("lowered") or {}
     eps = _self_attribute(lowered.get("eps", ""))
-    condition = lowered.get("fused only when")
-    if eps is None or (condition is not None and _self_attribute(condition) is None):
+    when = lowered.get("fused only when")
+    condition = None if when is None else _self_attribute(when)
+    if eps is None or (when is not None and condition is None):
         return
     cls = module.__dict__[site["name"]]
     fusion_guard.register_norm(
@@ -640,7 +641,7 @@ def _register_norm(module, site):
         eps,
         float(lowered["offset"]),
         lowered["cast_before_weight"] == "true",
-        None if condition is None else _self_attribute(condition),
+        condition,
     )
 
 

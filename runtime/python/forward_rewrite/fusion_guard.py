@@ -398,8 +398,21 @@ def _experts_operands_ok(module, x, top_k_index, top_k_weights, w1, w2):
     align = 16 // x.element_size()
     if hidden % align or (inner[1] // 2) % align:
         return False
-    try:
-        from transformers.integrations.moe import _can_use_grouped_mm
-    except ImportError:
-        return False
-    return bool(_can_use_grouped_mm(x, w1, None))
+    can_use = getattr(_transformers_moe(), "_can_use_grouped_mm", None)
+    return can_use is not None and bool(can_use(x, w1, None))
+
+
+_moe_module = None
+
+
+def _transformers_moe():
+    """``transformers.integrations.moe`` (imported once, off the per-call path), or None;
+    its ``_can_use_grouped_mm`` is read from it on each call, as the stock function does."""
+    global _moe_module
+    if _moe_module is None:
+        try:
+            from transformers.integrations import moe
+        except ImportError:
+            return None
+        _moe_module = moe
+    return _moe_module

@@ -116,6 +116,17 @@ pub const EXPERTS_FUNCTIONS: &[&str] = &[
 ",
 ];
 
+/// [`EXPERTS_FUNCTIONS`], parsed once.
+fn experts_templates() -> &'static [ParsedSource] {
+    static T: std::sync::OnceLock<Vec<ParsedSource>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        EXPERTS_FUNCTIONS
+            .iter()
+            .map(|t| crate::passes::fusion_common::template(t))
+            .collect()
+    })
+}
+
 /// Whether a running function's source (as `inspect.getsource` gives it) is the one of
 /// [`EXPERTS_FUNCTIONS`] of its name: the same parameters and defaults, no decorators, and the
 /// same statements past the docstring. `Err` says what differs.
@@ -126,16 +137,13 @@ pub fn experts_function_ok(text: &str) -> Result<(), String> {
         return Err("the source is not one function".to_string());
     };
     let name = def.name.as_str();
-    let template = EXPERTS_FUNCTIONS
+    let expected = experts_templates()
         .iter()
-        .map(|t| ParsedSource::parse(*t).expect("the experts templates parse"))
-        .find(
-            |t| matches!(t.suite().first(), Some(Stmt::FunctionDef(f)) if f.name.as_str() == name),
-        )
+        .find_map(|t| match t.suite().first() {
+            Some(Stmt::FunctionDef(f)) if f.name.as_str() == name => Some(f),
+            _ => None,
+        })
         .ok_or_else(|| format!("{name} is not a function this check knows"))?;
-    let Some(Stmt::FunctionDef(expected)) = template.suite().first() else {
-        unreachable!("each template is one function")
-    };
     if !def.decorator_list.is_empty() || !same_parameters(def, expected) {
         return Err(format!("{name}'s signature differs from the one read"));
     }

@@ -382,6 +382,20 @@ fn templates() -> &'static Templates {
     })
 }
 
+/// The first of `items` one of whose parsed bodies (`bodies`, index for index) `stmts` is.
+fn first_match<'t, T>(
+    items: &'t [T],
+    bodies: &[Vec<ParsedSource>],
+    stmts: &[ruff_python_ast::Stmt],
+) -> Option<&'t T> {
+    items.iter().zip(bodies).find_map(|(item, bodies)| {
+        bodies
+            .iter()
+            .any(|t| same_statements(stmts, t))
+            .then_some(item)
+    })
+}
+
 fn analyze(input: &PassInput<'_, '_>) -> PassReport {
     let none = |detail| fusion_common::report(vec![], "no-rotary-call", detail);
     let Some(module) = input.module else {
@@ -448,16 +462,7 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
         );
     }
     let body = body_without_docstring(function);
-    let Some(form) = FORMS
-        .iter()
-        .zip(&templates().forms)
-        .find_map(|(form, bodies)| {
-            bodies
-                .iter()
-                .any(|t| same_statements(body, t))
-                .then_some(form)
-        })
-    else {
+    let Some(form) = first_match(FORMS, &templates().forms, body) else {
         return refuse(
             "rotary-form-unknown",
             "apply_rotary_pos_emb is not one of the known forms",
@@ -467,16 +472,7 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
         if !matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x") {
             return None;
         }
-        let helper = body_without_docstring(f);
-        ROTATIONS
-            .iter()
-            .zip(&templates().rotations)
-            .find_map(|(rotation, bodies)| {
-                bodies
-                    .iter()
-                    .any(|t| same_statements(helper, t))
-                    .then_some(rotation)
-            })
+        first_match(ROTATIONS, &templates().rotations, body_without_docstring(f))
     });
     let Some(rotation) = rotation else {
         return refuse(

@@ -96,9 +96,8 @@ fn phi3_partial_form_with_the_rotation_inside_the_concatenation_is_patched() {
         "torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass]",
         "torch.cat([(k_rot * cos) + (rotate_half(q_rot) * sin), k_pass]",
     );
-    let r = report(&format!("{HALVES}\n\n{wrong}"));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(HALVES, &wrong).as_deref(),
         Some("rotary-form-unknown")
     );
 }
@@ -167,6 +166,14 @@ fn interleaved_float32_form_is_patched() {
     );
 }
 
+/// The site's reason code for `body` (an `apply_rotary_pos_emb`) beside `helper`.
+fn reason(helper: &str, body: &str) -> Option<String> {
+    site_reason(
+        &report(&format!("{helper}\n\n{body}")),
+        "apply_rotary_pos_emb",
+    )
+}
+
 /// The call `body` (an `apply_rotary_pos_emb`) is lowered to, beside `helper`; panics with
 /// the report when the site is not patched.
 fn lowered_call(helper: &str, body: &str) -> String {
@@ -200,9 +207,8 @@ fn partial_form_with_q_and_k_rebound_to_their_slices_is_patched() {
     );
     // The pass-through slices swapped in the concatenation: not the form.
     let swapped = nemotron.replace("torch.cat((k_embed, k_pass)", "torch.cat((k_embed, q_pass)");
-    let r = report(&format!("{HALVES}\n\n{swapped}"));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(HALVES, &swapped).as_deref(),
         Some("rotary-form-unknown")
     );
 }
@@ -235,12 +241,12 @@ fn float32_forms_cast_back_to_q_dtype() {
         );
     }
     // k cast back to k's own dtype is a different computation: not the form.
-    let r = report(&format!(
-        "{HALVES}\n\n{}",
-        modernbert.replace("k_embed.to(original_dtype)", "k_embed.to(k.dtype)")
-    ));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(
+            HALVES,
+            &modernbert.replace("k_embed.to(original_dtype)", "k_embed.to(k.dtype)")
+        )
+        .as_deref(),
         Some("rotary-form-unknown")
     );
 }
@@ -292,15 +298,15 @@ fn repeated_tables_forms_repeat_them_in_the_call() {
         )
     );
     // cos repeated but sin not: no form.
-    let r = report(&format!(
-        "{GLM_ROTATE}\n\n{}",
-        helium.replace(
-            "    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)\n",
-            ""
-        )
-    ));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(
+            GLM_ROTATE,
+            &helium.replace(
+                "    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)\n",
+                ""
+            )
+        )
+        .as_deref(),
         Some("rotary-form-unknown")
     );
 }
@@ -316,9 +322,8 @@ fn glm4v_partial_form_reads_its_rotate_half_llm_helper() {
         "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=True)"
     );
     // Without rotate_half_llm the helper is unknown, whatever rotate_half is.
-    let r = report(&format!("{HALVES}\n\n{glm4v}"));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(HALVES, &glm4v).as_deref(),
         Some("rotate-half-unknown")
     );
 }
@@ -333,11 +338,7 @@ fn negated_halves_rotation_negates_sin_in_the_call() {
     );
     // Neither sign flipped is a swap, no rotation: refused.
     let swap = HALVES.replace("torch.cat((-x2, x1)", "torch.cat((x2, x1)");
-    let r = report(&format!("{swap}\n\n{FULL}"));
-    assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
-        Some("rotate-half-unknown")
-    );
+    assert_eq!(reason(&swap, FULL).as_deref(), Some("rotate-half-unknown"));
 }
 
 #[test]
@@ -377,15 +378,15 @@ fn reason_rotary_function_elsewhere() {
 
 #[test]
 fn reason_rotary_already_patched() {
-    let r = report(&format!(
-        "{HALVES}\n\n{}",
-        FULL.replace(
-            "    cos = cos.unsqueeze(unsqueeze_dim)\n",
-            "    forward_rewrite.x\n    cos = cos.unsqueeze(unsqueeze_dim)\n"
-        )
-    ));
     assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        reason(
+            HALVES,
+            &FULL.replace(
+                "    cos = cos.unsqueeze(unsqueeze_dim)\n",
+                "    forward_rewrite.x\n    cos = cos.unsqueeze(unsqueeze_dim)\n"
+            )
+        )
+        .as_deref(),
         Some("rotary-already-patched")
     );
 }
@@ -412,12 +413,12 @@ fn reason_rotary_signature() {
         "(q, k, cos, sin, unsqueeze_dim=1, position_ids=None)",
         "(q, k, cos, sin, unsqueeze_dim=1, **kwargs)",
     ] {
-        let r = report(&format!(
-            "{HALVES}\n\n{}",
-            FULL.replace("(q, k, cos, sin, unsqueeze_dim=1)", signature)
-        ));
         assert_eq!(
-            site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+            reason(
+                HALVES,
+                &FULL.replace("(q, k, cos, sin, unsqueeze_dim=1)", signature)
+            )
+            .as_deref(),
             Some("rotary-signature"),
             "{signature}"
         );
@@ -436,15 +437,11 @@ fn reason_rotate_half_unknown() {
 #[test]
 fn reason_rotary_form_unknown() {
     // The repeat-interleaved halves of cos without the partial split: not a known form.
-    let r = report(&format!(
-        "{HALVES}\n\n{}",
-        FULL.replace(
+    assert_eq!(
+        reason(HALVES, &FULL.replace(
             "    q_embed = (q * cos)",
             "    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)\n    q_embed = (q * cos)"
-        )
-    ));
-    assert_eq!(
-        site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+        )).as_deref(),
         Some("rotary-form-unknown")
     );
     assert!(
