@@ -195,3 +195,21 @@ __device__ __forceinline__ float team_sum(float v, int team, float* scratch) {
     float r = lane < nwarps ? scratch[lane] : 0.f;
     return warp_sum(r);
 }
+
+// ---- activations --------------------------------------------------------------------------
+//
+// SiLU and the sigmoid (gated_act.cu; rms_norm.cu's gated norm). FAST, for 16-bit outputs: the
+// fast exponential and division (a few MUFU instructions instead of expf's range reduction and
+// an IEEE division's subroutine): their float32 error
+// (a few ulp for |x| < 64) is far below a 16-bit rounding step, and these kernels are bound by
+// instruction issue under a training step's clock (the step ran the accurate forms 12% slower
+// than in isolation). Float32 outputs keep the accurate forms, as stock computes them.
+template <bool FAST>
+__device__ __forceinline__ float silu(float x) {
+    return FAST ? __fdividef(x, 1.f + __expf(-x)) : x / (1.f + expf(-x));
+}
+
+template <bool FAST>
+__device__ __forceinline__ float sigmoid(float x) {
+    return FAST ? __fdividef(1.f, 1.f + __expf(-x)) : 1.f / (1.f + expf(-x));
+}

@@ -34,21 +34,7 @@ struct GatedParams {
 #define GELU_BETA 0.7978845608028654f  // sqrt(2 / pi)
 #define GELU_KAPPA 0.044715f
 
-// SiLU for 16-bit outputs with the fast exponential and division (a few MUFU instructions
-// instead of expf's range reduction and an IEEE division's subroutine): their float32 error
-// (a few ulp for |x| < 64) is far below a 16-bit rounding step, and these kernels are bound by
-// instruction issue under a training step's clock (the step ran the accurate forms 12% slower
-// than in isolation). Float32 outputs keep the accurate forms, as stock computes them.
-template <bool FAST>
-__device__ __forceinline__ float silu(float x) {
-    return FAST ? __fdividef(x, 1.f + __expf(-x)) : x / (1.f + expf(-x));
-}
-
-template <bool FAST>
-__device__ __forceinline__ float sigmoid(float x) {
-    return FAST ? __fdividef(1.f, 1.f + __expf(-x)) : 1.f / (1.f + expf(-x));
-}
-
+// silu / sigmoid: fusion_common.cuh (FAST for 16-bit outputs: the reason is written there).
 template <bool FAST>
 __device__ __forceinline__ float act_value(int act, float x) {
     if (act == 0) return silu<FAST>(x);

@@ -473,3 +473,195 @@ RMS_INSTANTIATE(f16_f32_f16, F16, F32, F16)
 RMS_FINISH(bf16, Bf16)
 RMS_FINISH(f16, F16)
 RMS_FINISH(f32, F32)
+
+// ---- gated RMSNorm -------------------------------------------------------------------------
+//
+// The `*RMSNormGated` of Qwen3-Next / Qwen3.5 / OLMo-Hybrid (cast_before) and of Kimi-Linear /
+// Bailing / GLM-5-Next (strict float32); CPU twin: runtime/src/cpu/fusions/gated_norm.rs. Per
+// row, in float32, with the plain norm's r and xn and a = act(gate) (act 0: SiLU, 2: sigmoid):
+//   v = round_W(w * round_X(xn))    cast_before (weight * x.to(input_dtype): W is X or float32)
+//   v = w * xn                      strict (weight.to(float32) * x)
+//   y = round_X(v * a)              (the forms end in .to(input_dtype))
+// Backward from the saved x, gate and rstd, with dr = dy * a:
+//   dx    = round_X(r * (dr * w - xn * sum(dr * w * xn) / hidden))
+//   dgate = round_X(dy * v * act'(g))
+//   dw    = sum over rows of dr * round_X(xn) (cast_before) or dr * xn: per-team float32 rows
+//           in shared memory, added in team order into the block's partial row, which
+//           rms_dw_finish adds in order and rounds once to W.
+// A team (rms_layout's) owns a row and each thread walks its columns in vectors of E = 8
+// (16-byte aligned rows, hidden % 8 == 0) or single elements, reading the row again after the
+// reduction (from L1): the rows are a head's (128 or 256 elements in every model with the form),
+// so nothing needs to stay in registers across the reduction.
+
+struct GatedRmsParams {
+    const void* x;       // (rows, hidden) X
+    const void* gate;    // (rows, hidden) X
+    const void* w;       // (hidden,) W
+    const void* dy;      // (rows, hidden) X: backward
+    void* y;             // forward: y (rows, hidden) X; backward: dx
+    void* dgate;         // backward: (rows, hidden) X
+    float* rstd;         // (rows,): written by the forward, read by the backward
+    float* dw_partial;   // backward: (gridDim.x, hidden) float32, or null: no weight gradient
+    i64 rows;
+    int hidden;
+    int team;
+    float eps;
+    int cast_before;
+    int act;             // 0: SiLU, 2: sigmoid
+    int pad_;
+};
+
+template <bool FAST>
+__device__ __forceinline__ float gate_act(int act, float g) {
+    return act == 0 ? silu<FAST>(g) : sigmoid<FAST>(g);
+}
+
+template <bool FAST>
+__device__ __forceinline__ float gate_act_grad(int act, float g) {
+    const float s = sigmoid<FAST>(g);
+    return act == 0 ? s * (1.f + g * (1.f - s)) : s * (1.f - s);
+}
+
+// v of the formulas above, before the gate.
+template <class X, class W>
+__device__ __forceinline__ float gated_norm_value(int cast_before, float xn, float w) {
+    return cast_before ? round_to<W>(w * round_to<X>(xn)) : w * xn;
+}
+
+template <class X, class W, int E>
+__device__ void gated_rms_fwd(const GatedRmsParams& p) {
+    __shared__ float scratch[32];
+    constexpr bool FAST = sizeof(typename X::T) == 2;
+    const int team = p.team;
+    const bool whole = team == (int)blockDim.x;
+    const int lane = whole ? threadIdx.x : threadIdx.x & (team - 1);
+    const i64 row = whole ? (i64)blockIdx.x
+                          : ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> (__ffs(team) - 1);
+    const bool active = row < p.rows;
+    const i64 base = (active ? row : 0) * p.hidden;
+    const typename X::T* xr = (const typename X::T*)p.x + base;
+    float ss = 0.f;
+    if (active) {
+        for (int col = lane * E; col < p.hidden; col += team * E) {
+            float v[E];
+            load_vec<X, E>(xr + col, v);
+#pragma unroll
+            for (int i = 0; i < E; ++i) ss += v[i] * v[i];
+        }
+    }
+    ss = team_sum<true>(ss, team, scratch);  // every thread of a team takes part
+    if (!active) return;
+    const float r = rms_rstd(ss, p.hidden, p.eps);
+    if (lane == 0) p.rstd[row] = r;
+    const typename X::T* gr = (const typename X::T*)p.gate + base;
+    typename X::T* yr = (typename X::T*)p.y + base;
+    for (int col = lane * E; col < p.hidden; col += team * E) {
+        float x[E], g[E], w[E], out[E];
+        load_vec<X, E>(xr + col, x);
+        load_vec<X, E>(gr + col, g);
+        load_vec<W, E>((const typename W::T*)p.w + col, w);
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            out[i] = gated_norm_value<X, W>(p.cast_before, x[i] * r, w[i]) * gate_act<FAST>(p.act, g[i]);
+        store_vec<X, E>(yr + col, out);
+    }
+}
+
+// Persistent, as rms_bwd_vec: gridDim.x blocks, each team walks rows team_id, team_id + teams,
+// ...; every team of a block runs the same number of iterations (the reductions need every
+// thread). A thread owns the same columns in every row, so it updates its team's dw row in
+// shared memory without a barrier until the end.
+template <class X, class W, int E>
+__device__ void gated_rms_bwd(const GatedRmsParams& p) {
+    __shared__ float scratch[32];
+    extern __shared__ float team_dw[];  // (teams, hidden) when dw is wanted
+    constexpr bool FAST = sizeof(typename X::T) == 2;
+    const int team = p.team;
+    const int lane = threadIdx.x % team;
+    const int teams = blockDim.x / team;
+    const int tib = threadIdx.x / team;
+    const i64 nteams = (i64)gridDim.x * teams;
+    const i64 first = (i64)blockIdx.x * teams + tib;
+    const i64 iters = (p.rows + nteams - 1) / nteams;
+    const bool want_dw = p.dw_partial != nullptr;
+    float* my_dw = team_dw + (i64)tib * p.hidden;
+    const typename W::T* wp = (const typename W::T*)p.w;
+    if (want_dw) {
+        for (int col = lane * E; col < p.hidden; col += team * E) {
+#pragma unroll
+            for (int i = 0; i < E; ++i) my_dw[col + i] = 0.f;
+        }
+    }
+    for (i64 it = 0; it < iters; ++it) {
+        const i64 row = first + it * nteams;
+        const bool active = row < p.rows;
+        const i64 base = (active ? row : 0) * p.hidden;
+        const typename X::T* xr = (const typename X::T*)p.x + base;
+        const typename X::T* gr = (const typename X::T*)p.gate + base;
+        const typename X::T* dyr = (const typename X::T*)p.dy + base;
+        const float r = active ? p.rstd[row] : 0.f;
+        float dot = 0.f;
+        if (active) {
+            for (int col = lane * E; col < p.hidden; col += team * E) {
+                float x[E], g[E], dy[E], w[E];
+                load_vec<X, E>(xr + col, x);
+                load_vec<X, E>(gr + col, g);
+                load_vec<X, E>(dyr + col, dy);
+                load_vec<W, E>(wp + col, w);
+#pragma unroll
+                for (int i = 0; i < E; ++i) dot += dy[i] * gate_act<FAST>(p.act, g[i]) * w[i] * (x[i] * r);
+            }
+        }
+        dot = team_sum(dot, team, scratch);
+        if (!active) continue;
+        const float c = dot / (float)p.hidden;
+        typename X::T* dxr = (typename X::T*)p.y + base;
+        typename X::T* dgr = (typename X::T*)p.dgate + base;
+        for (int col = lane * E; col < p.hidden; col += team * E) {
+            float x[E], g[E], dy[E], w[E], dx[E], dg[E];
+            load_vec<X, E>(xr + col, x);
+            load_vec<X, E>(gr + col, g);
+            load_vec<X, E>(dyr + col, dy);
+            load_vec<W, E>(wp + col, w);
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+                const float xn = x[i] * r;
+                const float dr = dy[i] * gate_act<FAST>(p.act, g[i]);
+                dx[i] = r * (dr * w[i] - xn * c);
+                dg[i] = dy[i] * gated_norm_value<X, W>(p.cast_before, xn, w[i]) * gate_act_grad<FAST>(p.act, g[i]);
+                if (want_dw) my_dw[col + i] += dr * (p.cast_before ? round_to<X>(xn) : xn);
+            }
+            store_vec<X, E>(dxr + col, dx);
+            store_vec<X, E>(dgr + col, dg);
+        }
+    }
+    if (!want_dw) return;
+    __syncthreads();
+    float* part = p.dw_partial + (i64)blockIdx.x * p.hidden;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+        float s = 0.f;
+        for (int t = 0; t < teams; ++t) s += team_dw[(i64)t * p.hidden + c];
+        part[c] = s;
+    }
+}
+
+#define GATED_RMS_INSTANTIATE(NAME, X, W)                                                               \
+    extern "C" __global__ void __launch_bounds__(512) gated_rms_fwd_##NAME##_v8(const GatedRmsParams p) { \
+        gated_rms_fwd<X, W, 8>(p);                                                                      \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(512) gated_rms_fwd_##NAME##_any(const GatedRmsParams p) {\
+        gated_rms_fwd<X, W, 1>(p);                                                                      \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(512) gated_rms_bwd_##NAME##_v8(const GatedRmsParams p) { \
+        gated_rms_bwd<X, W, 8>(p);                                                                      \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(512) gated_rms_bwd_##NAME##_any(const GatedRmsParams p) {\
+        gated_rms_bwd<X, W, 1>(p);                                                                      \
+    }
+
+// (x and gate, weight) dtypes: the weight is x's dtype or float32.
+GATED_RMS_INSTANTIATE(bf16_bf16, Bf16, Bf16)
+GATED_RMS_INSTANTIATE(f16_f16, F16, F16)
+GATED_RMS_INSTANTIATE(f32_f32, F32, F32)
+GATED_RMS_INSTANTIATE(bf16_f32, Bf16, F32)
+GATED_RMS_INSTANTIATE(f16_f32, F16, F32)

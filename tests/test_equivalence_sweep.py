@@ -15,7 +15,7 @@ from forward_rewrite.verify import GRAD_TOL, LOSS_TOL, check_class, sweep_target
 #: lists the rest with the reason).
 MIN_VERIFIED_SHARE = 0.95
 #: Verified classes in which each decoder-fusion pass's fused path must have run (5.23.0:
-#: rms-norm 145, residual-norm 100, rotary 125, gated-mlp 130 of 230 verified; the MoE
+#: rms-norm 145, residual-norm 100, rotary 125, gated-mlp 130, gated-rms-norm 11 of 230 verified; the MoE
 #: experts run whole as ``forward_rewrite.moe_experts``, the ``experts-forward`` sites, in 58).
 MIN_FUSED = {
     "rms-norm": 120,
@@ -23,6 +23,8 @@ MIN_FUSED = {
     "rotary": 110,
     "gated-mlp": 80,
     "experts-forward": 50,
+    # the gated norms of Qwen3-Next, Qwen3.5 (dense, MoE), OLMo-Hybrid, Kimi-Linear, ...
+    "gated-rms-norm": 10,
 }
 
 

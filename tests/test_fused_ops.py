@@ -314,6 +314,139 @@ def test_rms_norm_weight_gradient_is_deterministic_over_many_rows():
         assert all(torch.equal(a, b) for a, b in zip(r[1], runs[0][1], strict=True))
 
 
+# ---- gated RMSNorm --------------------------------------------------------------------------
+
+
+def gated_reference(x, gate, w, eps, activation):
+    """The gated norm in float64 from its definition: ``w * rmsnorm(x) * act(gate)``."""
+    x, gate, w = x.double(), gate.double(), w.double()
+    act = torch.sigmoid(gate) if activation == "sigmoid" else F.silu(gate)
+    return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * act
+
+
+def gated_case(shape, dtype, w_dtype, seed):
+    g = gen(seed)
+    x = (torch.randn(shape, generator=g) * 2).to(dtype)
+    gate = (torch.randn(shape, generator=g) * 2).to(dtype)
+    w = (torch.randn(shape[-1], generator=g) * 0.2 + 1.0).to(w_dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    return x, gate, w, dy
+
+
+#: The stock gated norms (transformers 5.23.0): class, activation, cast_before_weight.
+STOCK_GATED = {
+    "qwen3_next": ("qwen3_next", "Qwen3NextRMSNormGated", "silu", True),
+    "kimi_linear": ("kimi_linear", "KimiLinearRMSNormGated", "sigmoid", False),
+}
+
+
+def stock_gated(name):
+    module, cls, activation, cast_before = STOCK_GATED[name]
+    mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[cls])
+    return getattr(mod, cls), activation, cast_before
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", list(STOCK_GATED))
+def test_gated_rms_norm_matches_the_stock_module(family, dtype):
+    cls, activation, cast_before = stock_gated(family)
+    # (tokens, value heads, head_dim): the shape Qwen3-Next's linear attention normalises
+    shape = (2, 9, 4, 128)
+    x, gate, w, dy = gated_case(shape, dtype, dtype, seed=3)
+    eps = 1e-6
+    module = cls(shape[-1], eps=eps).to(dtype)
+    assert module.activation == activation
+    with torch.no_grad():
+        module.weight.copy_(w)
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x, gate, w, eps, activation=activation, cast_before_weight=cast_before
+        )
+
+    ours_y, ours_g = grads(ours, [x, gate, w], dy)
+    xs = x.detach().clone().requires_grad_(True)
+    gs = gate.detach().clone().requires_grad_(True)
+    stock_y = module(xs, gs)
+    stock_y.backward(dy)
+    stock = [stock_y.detach(), xs.grad, gs.grad, module.weight.grad]
+    xr, gr, wr = (t.double().requires_grad_(True) for t in (x, gate, w))
+    ref_y = gated_reference(xr, gr, wr, eps, activation)
+    ref_y.backward(dy.double())
+    check_against(
+        [ours_y[0], *ours_g],
+        stock,
+        [ref_y.detach(), xr.grad, gr.grad, wr.grad],
+        dtype,
+        family,
+    )
+    if dtype != torch.float32:
+        same = (ours_y[0] == stock_y.detach()).float().mean().item()
+        assert same >= 0.99, f"{family}: only {same:.1%} of the outputs equal stock's"
+
+
+@pytest.mark.parametrize("cast_before", [True, False])
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("hidden", [1, 7, 300])
+def test_gated_rms_norm_float32_weight_and_odd_rows(hidden, activation, cast_before):
+    """A float32 weight with bfloat16 x (the product with the weight is then float32:
+    nothing rounds before the gate), rows that fill no vector, many rows."""
+    x, gate, w, dy = gated_case((70, hidden), torch.bfloat16, torch.float32, seed=4)
+    eps = 1e-5
+
+    def stock(x, gate, w):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        h = w * h.to(x.dtype) if cast_before else w.to(torch.float32) * h
+        act = torch.sigmoid if activation == "sigmoid" else F.silu
+        return (h * act(gate.to(torch.float32))).to(x.dtype)
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x, gate, w, eps, activation=activation, cast_before_weight=cast_before
+        )
+
+    ours_y, ours_g = grads(ours, [x, gate, w], dy)
+    stock_y, stock_g = grads(stock, [x, gate, w], dy)
+    assert ours_y[0].dtype == torch.bfloat16
+    assert ours_g[2].dtype == torch.float32
+    xr, gr, wr = (t.double().requires_grad_(True) for t in (x, gate, w))
+    ref_y = gated_reference(xr, gr, wr, eps, activation)
+    ref_y.backward(dy.double())
+    check_against(
+        [ours_y[0], *ours_g[:2]],
+        [stock_y[0], *stock_g[:2]],
+        [ref_y.detach(), xr.grad, gr.grad],
+        torch.bfloat16,
+        f"hidden {hidden}",
+    )
+    # the float32 weight's gradient: a float32 sum over the rows, of round(xn) when the norm
+    # rounds before the weight (as stock: not the float64 definition's)
+    assert rel(ours_g[2], stock_g[2]) <= 2e-5
+    if not cast_before:
+        assert rel(ours_g[2], wr.grad) <= 2e-5
+
+
+def test_gated_rms_norm_only_the_needed_gradients():
+    x, gate, w, dy = gated_case((5, 16), torch.float32, torch.float32, seed=5)
+    gate.requires_grad_(True)
+    y = forward_rewrite.gated_rms_norm(x, gate, w)
+    y.backward(dy)
+    assert x.grad is None and w.grad is None
+    gr = gate.detach().double().requires_grad_(True)
+    gated_reference(x, gr, w, 1e-6, "silu").backward(dy.double())
+    assert rel(gate.grad, gr.grad) <= 2e-5
+
+
+def test_gated_rms_norm_non_contiguous_and_empty_inputs():
+    x, gate, w, _ = gated_case((6, 32), torch.float32, torch.float32, seed=6)
+    xt, gt = x.t().contiguous().t(), gate[:, :32]
+    y = forward_rewrite.gated_rms_norm(xt, gt, w)
+    assert torch.equal(y, forward_rewrite.gated_rms_norm(x, gate, w))
+    empty = forward_rewrite.gated_rms_norm(x[:0], gate[:0], w)
+    assert empty.shape == (0, 32)
+
+
 # ---- rotary ---------------------------------------------------------------------------------
 
 
@@ -848,6 +981,16 @@ def _compile_cases(dtype=torch.float32):
             lambda gu: forward_rewrite.gated_mlp_act_packed(gu, activation="gelu_tanh"),
             [torch.cat((gate, up), -1)],
         ),
+        "gated_rms_norm": (
+            lambda x, g, w: forward_rewrite.gated_rms_norm(x, g, w, 1e-6),
+            [x, x.flip(-1) * 1.5, w],
+        ),
+        "gated_rms_norm_kimi": (
+            lambda x, g, w: forward_rewrite.gated_rms_norm(
+                x, g, w, 1e-6, activation="sigmoid", cast_before_weight=False
+            ),
+            [x, x.flip(0) - 0.5, w],
+        ),
     }
 
 
@@ -885,7 +1028,7 @@ def test_each_op_is_one_node_in_the_graph():
         return gm.forward
 
     cases = _compile_cases()
-    for name in ("rms_norm", "rotary", "gated_silu"):
+    for name in ("rms_norm", "rotary", "gated_silu", "gated_rms_norm"):
         fn, inputs = cases[name]
         torch.compile(fn, fullgraph=True, backend=capture)(*inputs)
     targets = [
@@ -894,7 +1037,7 @@ def test_each_op_is_one_node_in_the_graph():
         for n in gm.graph.nodes
         if n.op == "call_function"
     ]
-    for op in ("rms_norm", "rotary", "gated_act"):
+    for op in ("rms_norm", "rotary", "gated_act", "gated_rms_norm"):
         assert sum(f"forward_rewrite.{op}." in t for t in targets) == 1, targets
     assert not any("rsqrt" in t or "silu" in t or "cat" in t for t in targets), targets
 
@@ -939,6 +1082,26 @@ def test_opcheck_validates_the_registrations():
             True,
         ),
     )
+    gate = torch.randn(6, 32, requires_grad=True)
+    for options in ((True, "silu"), (False, "sigmoid")):
+        torch.library.opcheck(
+            ops.gated_rms_norm.default, (x, gate, w, 1e-6, *options), test_utils=tests
+        )
+        _, rstd = ops.gated_rms_norm(
+            x.detach(), gate.detach(), w.detach(), 1e-6, *options
+        )
+        torch.library.opcheck(
+            ops.gated_rms_norm_backward.default,
+            (
+                torch.randn(6, 32),
+                x.detach(),
+                gate.detach(),
+                w.detach(),
+                rstd,
+                *options,
+                True,
+            ),
+        )
     _, rstd = ops.rms_norm(x.detach(), w.detach(), 1e-6, 0.0, True)
     torch.library.opcheck(
         ops.rms_norm_backward.default,
@@ -1132,6 +1295,22 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             lambda: forward_rewrite.gated_mlp_act_packed(X, activation="x"),
             ValueError,
             "activation",
+        ),
+        (lambda: forward_rewrite.gated_rms_norm(X, X[:, :4], X[0]), ValueError, "gate"),
+        (lambda: forward_rewrite.gated_rms_norm(X, X.half(), X[0]), TypeError, "gate"),
+        (lambda: forward_rewrite.gated_rms_norm(X, "g", X[0]), TypeError, "gate"),
+        (lambda: forward_rewrite.gated_rms_norm(X, X, X[0, :3]), ValueError, "weight"),
+        (
+            lambda: forward_rewrite.gated_rms_norm(X, X, X[0], activation="gelu"),
+            ValueError,
+            "activation",
+        ),
+        (
+            lambda: _fusions_cpu.gated_rms_norm_forward(
+                X, X[:, :4], X[0], 1e-6, True, "silu"
+            ),
+            ValueError,
+            "gate",
         ),
     ],
 )
@@ -1338,6 +1517,7 @@ def test_public_api_is_exported():
         "rotary",
         "gated_mlp_act",
         "gated_mlp_act_packed",
+        "gated_rms_norm",
     ):
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)

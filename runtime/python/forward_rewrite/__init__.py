@@ -12,6 +12,7 @@ from .fused_ops import (
     add_rms_norm,
     gated_mlp_act,
     gated_mlp_act_packed,
+    gated_rms_norm,
     rms_norm,
     rotary,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "fusion_guard",
     "gated_mlp_act",
     "gated_mlp_act_packed",
+    "gated_rms_norm",
     "install",
     "keep_logits",
     "loss_kwargs",

@@ -170,6 +170,46 @@ def check_rms(
     return rows, hidden
 
 
+GATED_NORM_ACTIVATIONS = ("silu", "sigmoid")
+#: The CUDA gated norm's longest row (its backward keeps a float32 row of the weight gradient
+#: per team in shared memory; runtime/src/cuda/fusions.rs, ``GATED_RMS_MAX_HIDDEN``). Every
+#: model with the form normalises one head: 128 or 256 elements.
+GATED_NORM_MAX_HIDDEN = 8192
+
+
+def check_gated_rms(x, gate, weight, activation, device_type, *, dy=None, rstd=None):
+    """Raises naming the first argument that breaks the gated RMSNorm contract (x's: the
+    gate, dy and the outputs have x's shape and dtype); returns (rows, hidden)."""
+    _tensor("gate", gate)
+    if gate.shape != x.shape:
+        raise ValueError(
+            f"gate: expected x's shape {tuple(x.shape)}, got {tuple(gate.shape)}"
+        )
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate: dtype {gate.dtype}, expected x's {x.dtype}")
+    if activation not in GATED_NORM_ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {GATED_NORM_ACTIVATIONS}, got {activation!r}"
+        )
+    if dy is not None:
+        _tensor("dy", dy)
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy: dtype {dy.dtype}, expected x's {x.dtype}")
+    # The rest as the plain norm's, with an output (and dy) of x's dtype: the gated forms
+    # always end in ``.to(input_dtype)``.
+    rows, hidden = check_rms(
+        x, weight, device_type, dy=dy, rstd=rstd, cast_before_weight=False
+    )
+    if device_type == "cuda" and hidden > GATED_NORM_MAX_HIDDEN:
+        raise ValueError(
+            f"x: rows of {hidden} elements; the CUDA gated norm takes at most "
+            f"{GATED_NORM_MAX_HIDDEN}"
+        )
+    _on("gate", gate, x, device_type)
+    _contiguous("gate", gate)
+    return rows, hidden
+
+
 def rotary_dims(head_index):
     """The two position dimensions (P0, P1) of a 4-D q, in order, for a head dimension."""
     if head_index not in (0, 1, 2):

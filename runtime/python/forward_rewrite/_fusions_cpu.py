@@ -8,6 +8,7 @@ from . import _native
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
+    check_gated_rms,
     check_rms,
     dtype_name,
     make_rotary,
@@ -73,6 +74,54 @@ def rms_norm_backward(
         dres=dres.data_ptr() if dres is not None else None,
     )
     return dx, dw
+
+
+def gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation):
+    rows, hidden = check_gated_rms(x, gate, weight, activation, "cpu")
+    # The gated forms end in ``.to(input_dtype)``: y is of x's dtype whatever the weight's.
+    y = torch.empty_like(x)
+    rstd = torch.empty(rows, dtype=rstd_dtype(x.dtype))
+    _native.cpu_gated_rms_norm_forward(
+        x=x.data_ptr(),
+        gate=gate.data_ptr(),
+        weight=weight.data_ptr(),
+        y=y.data_ptr(),
+        rstd=rstd.data_ptr(),
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+        w_dtype=dtype_name(weight.dtype),
+        eps=float(eps),
+        cast_before=bool(cast_before_weight),
+        activation=activation,
+    )
+    return y, rstd
+
+
+def gated_rms_norm_backward(
+    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+):
+    rows, hidden = check_gated_rms(x, gate, weight, activation, "cpu", dy=dy, rstd=rstd)
+    dx = torch.empty_like(x)
+    dgate = torch.empty_like(x)
+    dw = torch.empty_like(weight) if weight_grad else None
+    _native.cpu_gated_rms_norm_backward(
+        dy=dy.data_ptr(),
+        x=x.data_ptr(),
+        gate=gate.data_ptr(),
+        weight=weight.data_ptr(),
+        rstd=rstd.data_ptr(),
+        dx=dx.data_ptr(),
+        dgate=dgate.data_ptr(),
+        dw=dw.data_ptr() if dw is not None else None,
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+        w_dtype=dtype_name(weight.dtype),
+        cast_before=bool(cast_before_weight),
+        activation=activation,
+    )
+    return dx, dgate, dw
 
 
 rotary = make_rotary(

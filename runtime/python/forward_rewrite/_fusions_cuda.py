@@ -15,6 +15,7 @@ from ._cuda import load_nvrtc
 from ._fusions_backend import (
     check_gated,
     check_gated_packed,
+    check_gated_rms,
     check_rms,
     dtype_name,
     make_rotary,
@@ -143,6 +144,83 @@ def rms_norm_backward(
             **names,
         )
     return dx, dw
+
+
+def _gated_rms_call(x, gate, weight, eps, cast_before_weight, activation, y, rstd):
+    """The arguments both directions of ``cuda_gated_rms_norm`` share."""
+    rows, hidden = x.shape
+    device, stream = _where(x)
+    return {
+        "device": device,
+        "stream": stream,
+        "x": x.data_ptr(),
+        "gate": gate.data_ptr(),
+        "weight": weight.data_ptr(),
+        "y": y.data_ptr(),
+        "rstd": rstd.data_ptr(),
+        "rows": rows,
+        "hidden": hidden,
+        "x_dtype": dtype_name(x.dtype),
+        "w_dtype": dtype_name(weight.dtype),
+        "eps": float(eps),
+        "cast_before": bool(cast_before_weight),
+        "activation": activation,
+    }
+
+
+def gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation):
+    rows, _ = check_gated_rms(x, gate, weight, activation, "cuda")
+    y = _empty_like(x)
+    rstd = _empty(rows, dtype=torch.float32, device=x.device)
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        _native.cuda_gated_rms_norm(
+            **_gated_rms_call(
+                x, gate, weight, eps, cast_before_weight, activation, y, rstd
+            )
+        )
+    return y, rstd
+
+
+def gated_rms_norm_backward(
+    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+):
+    rows, hidden = check_gated_rms(
+        x, gate, weight, activation, "cuda", dy=dy, rstd=rstd
+    )
+    dx = _empty_like(x)
+    dgate = _empty_like(x)
+    dw = _empty_like(weight) if weight_grad else None
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        args = _gated_rms_call(
+            x, gate, weight, 0.0, cast_before_weight, activation, dx, rstd
+        )
+        args.update(dy=dy.data_ptr(), dgate=dgate.data_ptr())
+        if weight_grad:
+            parts = _native.cuda_gated_rms_norm_backward_parts(
+                device=args["device"],
+                x=x.data_ptr(),
+                gate=gate.data_ptr(),
+                weight=weight.data_ptr(),
+                dy=dy.data_ptr(),
+                dx=dx.data_ptr(),
+                dgate=dgate.data_ptr(),
+                rows=rows,
+                hidden=hidden,
+                x_dtype=args["x_dtype"],
+                w_dtype=args["w_dtype"],
+            )
+            partial = _empty(
+                (max(parts, 1), hidden), dtype=torch.float32, device=x.device
+            )
+            args.update(
+                dw=dw.data_ptr(),
+                dw_partial=partial.data_ptr(),
+                partial_rows=partial.shape[0],
+            )
+        _native.cuda_gated_rms_norm(**args)
+    return dx, dgate, dw
 
 
 def _launch_rotary(q, args):

@@ -627,8 +627,11 @@ def _register_norm(module, site):
     """Tell the residual-norm guard that this norm class now runs its fused form, with the
     attribute its weight is applied under, if any (``self.with_scale``: checked per
     instance by the guard). Forms whose eps or condition is not a ``self`` attribute stay
-    out of the fused add."""
+    out of the fused add, and so do gated sites (``lowered`` names a ``gate``): they are not
+    the single-input norm the fused add computes."""
     lowered = site.get("lowered") or {}
+    if "gate" in lowered:
+        return
     eps = _self_attribute(lowered.get("eps", ""))
     when = lowered.get("fused only when")
     condition = None if when is None else _self_attribute(when)

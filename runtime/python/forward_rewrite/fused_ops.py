@@ -11,6 +11,10 @@ node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._f
 * :func:`rms_norm` -- ``LlamaRMSNorm`` (``cast_before_weight=True``), ``Gemma3RMSNorm``
   (``offset=1.0, cast_before_weight=False``), ``Olmo2RMSNorm`` (``cast_before_weight=False``),
   Qwen3's per-head q/k norms (any leading shape). Saves one float per row (``1 / rms``).
+* :func:`gated_rms_norm` -- the ``*RMSNormGated`` of Qwen3-Next / Qwen3.5 / OLMo-Hybrid
+  (``cast_before_weight=True``) and Kimi-Linear / Bailing / GLM-5-Next (``False``): the norm,
+  its weight and ``act(gate)`` (SiLU or sigmoid) in one kernel each way. Saves the inputs and
+  one float per row.
 * :func:`add_rms_norm` -- a decoder layer's residual add and the RMSNorm after it, one
   kernel each way (the sum and its norm out; in backward the sum's own gradient joins the
   norm's input gradient).
@@ -33,6 +37,7 @@ from ._eager import BackwardOp, OpPair, eager_ok
 from ._fusions_backend import (
     ACTIVATIONS,
     FUSION_DTYPES,
+    GATED_NORM_ACTIVATIONS,
     rms_out_dtype,
     rotary_dims,
     rstd_dtype,
@@ -42,6 +47,7 @@ __all__ = [
     "add_rms_norm",
     "gated_mlp_act",
     "gated_mlp_act_packed",
+    "gated_rms_norm",
     "rms_norm",
     "rotary",
 ]
@@ -255,6 +261,142 @@ def rms_norm(
     )
     x2 = x.contiguous().view(-1, x.shape[-1])
     y, _ = _rms_norm(x2, w.contiguous(), eps, offset, cast_before_weight)
+    return y.view(x.shape)
+
+
+# ---- gated RMSNorm ----------------------------------------------------------------------------
+
+
+def _gated_rms_impl(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    eps: float,
+    cast_before_weight: bool,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """(y, rstd) for x and gate (rows, hidden) contiguous of one dtype, weight (hidden,) of
+    x's dtype or float32."""
+    return _backend(x.device).gated_rms_norm_forward(
+        x, gate, weight, eps, cast_before_weight, activation
+    )
+
+
+_gated_rms_op = torch.library.custom_op(
+    "forward_rewrite::gated_rms_norm", mutates_args=()
+)(_gated_rms_impl)
+
+
+@_gated_rms_op.register_fake
+def _gated_rms_fake(x, gate, weight, eps, cast_before_weight, activation):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
+
+
+def _gated_rms_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    cast_before_weight: bool,
+    activation: str,
+    weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgate, dw); dw is empty when ``weight_grad`` is false."""
+    dx, dgate, dw = _backend(x.device).gated_rms_norm_backward(
+        dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+    )
+    return dx, dgate, dw if dw is not None else x.new_empty(0)
+
+
+_gated_rms_backward_op = torch.library.custom_op(
+    "forward_rewrite::gated_rms_norm_backward", mutates_args=()
+)(_gated_rms_backward_impl)
+
+
+@_gated_rms_backward_op.register_fake
+def _gated_rms_backward_fake(
+    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+):
+    dw = torch.empty_like(weight) if weight_grad else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(x), dw
+
+
+def _gated_rms_setup(ctx, inputs, output):
+    x, gate, weight, _eps, cast_before_weight, activation = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, gate, weight, rstd)
+    ctx.options = (cast_before_weight, activation)
+
+
+def _gated_rms_backward(ctx, dy, _drstd):
+    x, gate, weight, rstd = ctx.saved_tensors
+    cast_before_weight, activation = ctx.options
+    needs = ctx.needs_input_grad
+    if not (needs[0] or needs[1] or needs[2]):
+        return (None,) * 6
+    dx, dgate, dw = _gated_rms_norm_backward(
+        dy.contiguous(), x, gate, weight, rstd, cast_before_weight, activation, needs[2]
+    )
+    return (
+        dx if needs[0] else None,
+        dgate if needs[1] else None,
+        dw if needs[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_gated_rms = OpPair(
+    _gated_rms_op, _gated_rms_impl, _gated_rms_setup, _gated_rms_backward, nondiff=(1,)
+)
+_gated_rms_norm_backward = BackwardOp(_gated_rms_backward_op, _gated_rms_backward_impl)
+
+
+def gated_rms_norm(
+    x: Tensor,
+    gate: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    *,
+    activation: str = "silu",
+    cast_before_weight: bool = True,
+) -> Tensor:
+    """Gated RMSNorm over the last dimension, as transformers' ``*RMSNormGated`` computes it.
+
+    In float32, with ``xn = x.float() * rsqrt(mean(x.float()**2, -1) + eps)`` and ``a =
+    act(gate.float())`` (``activation``: ``"silu"`` or ``"sigmoid"``), the result, of x's
+    dtype, is
+
+    * ``cast_before_weight=True`` (Qwen3-Next, Qwen3.5, OLMo-Hybrid): ``(weight *
+      xn.to(x.dtype)) * a``, the product with the weight of dtype ``promote(x.dtype,
+      weight.dtype)`` (rounded there), then rounded once to x's dtype;
+    * ``cast_before_weight=False`` (Kimi-Linear, Bailing, GLM-5-Next): ``(weight.float() * xn
+      * a).to(x.dtype)``.
+
+    ``gate`` has x's shape and dtype. Gradients for x, gate and weight (float32 accumulation
+    of the weight gradient over all rows, one rounding to weight's dtype); only ``1 / rms``
+    per row is saved besides the inputs. On CUDA rows may be up to 8192 elements long.
+    """
+    w, eps, _, cast_before_weight = _rms_arguments(
+        x, weight, eps, 0.0, cast_before_weight
+    )
+    _tensor("gate", gate)
+    if gate.shape != x.shape:
+        raise ValueError(
+            f"gate: expected x's shape {tuple(x.shape)}, got {tuple(gate.shape)}"
+        )
+    if gate.dtype != x.dtype:
+        raise TypeError(f"gate: dtype {gate.dtype}, expected x's {x.dtype}")
+    _device("gate", gate, x, "x")
+    if activation not in GATED_NORM_ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {GATED_NORM_ACTIVATIONS}, got {activation!r}"
+        )
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    g2 = gate.contiguous().view(-1, x.shape[-1])
+    y, _ = _gated_rms(x2, g2, w.contiguous(), eps, cast_before_weight, activation)
     return y.view(x.shape)
 
 

@@ -35,10 +35,13 @@ import math
 import torch
 from torch import nn
 
+from ._fusions_backend import GATED_NORM_MAX_HIDDEN
+
 __all__ = [
     "disabled",
     "gated_act",
     "gated_function",
+    "gated_rms_norm",
     "moe_experts",
     "residual_norm",
     "rms_norm",
@@ -54,6 +57,7 @@ _cuda_backend = None
 #: How many calls each guard let through to the fused op (tests and ``audit()`` read it).
 taken = {
     "rms-norm": 0,
+    "gated-rms-norm": 0,
     "residual-norm": 0,
     "rotary": 0,
     "gated-mlp": 0,
@@ -135,6 +139,37 @@ def _norm_operands_ok(x, weight, eps):
         and weight.shape[0] == x.shape[-1]
         and _real(eps)
     )
+
+
+def gated_rms_norm(module, x, gate, weight, eps, act):
+    """The activation ``forward_rewrite.gated_rms_norm`` computes for a gated norm whose
+    source applies ``act`` (the module ``ACT2FN[self.activation]`` made) to the float32 gate
+    (``"silu"`` or ``"sigmoid"``), or None (stock): the norm in train mode, its operands as
+    for ``rms_norm``, the gate a plain tensor of x's shape, dtype and device, rows the CUDA
+    kernel takes, and ``act`` exactly ``nn.SiLU``, transformers' ``SiLUActivation`` or
+    ``nn.Sigmoid``, without hooks."""
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    if not (module.training and _norm_operands_ok(x, weight, eps)):
+        return None
+    if not (
+        _tensor_ok(gate, x.device) and gate.dtype == x.dtype and gate.shape == x.shape
+    ):
+        return None
+    if x.device.type == "cuda" and x.shape[-1] > GATED_NORM_MAX_HIDDEN:
+        return None
+    if not isinstance(act, nn.Module) or not _no_hooks(act):
+        return None
+    kind = type(act)
+    silu_activation, _ = _silu_class()
+    if kind is nn.SiLU or (silu_activation is not None and kind is silu_activation):
+        name = "silu"
+    elif kind is nn.Sigmoid:
+        name = "sigmoid"
+    else:
+        return None
+    taken["gated-rms-norm"] += 1
+    return name
 
 
 def register_norm(

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use super::compile;
 use super::device::{self, Device, Dims, Dtype, ModuleSource, launch};
 use super::error::{CudaError, Result, catch_panics};
+use crate::cpu::fusions::Activation;
 
 pub const RMS_NORM: ModuleSource = ModuleSource {
     name: "rms_norm.cu",
@@ -485,6 +486,251 @@ fn finish(
     }
 }
 
+// ---- gated RMSNorm -------------------------------------------------------------------------
+
+#[repr(C)]
+struct GatedRmsParams {
+    x: u64,
+    gate: u64,
+    w: u64,
+    dy: u64,
+    y: u64,
+    dgate: u64,
+    rstd: u64,
+    dw_partial: u64,
+    rows: i64,
+    hidden: i32,
+    team: i32,
+    eps: f32,
+    cast_before: i32,
+    act: i32,
+    pad: i32,
+}
+
+/// The gated norm's backward keeps a float32 row of dw per team in shared memory (at most
+/// 32 KiB a block with rows this long, under the 48 KiB a launch may take without opting in);
+/// every model with the form normalises a head, 128 or 256 elements.
+pub const GATED_RMS_MAX_HIDDEN: u64 = 8192;
+
+/// One gated RMSNorm call (`kernels/rms_norm.cu`, "gated RMSNorm"), forward or backward, as
+/// `_fusions_cuda.py` passes it: x, gate, y / dy / dx / dgate of x's dtype, the weight of x's
+/// dtype or float32. Forward: `y`, `rstd` written. Backward: `dy`, `rstd` read, `dx`, `dgate`
+/// written and, when `dw` is set, the weight gradient through `dw_partial` (at least
+/// [`gated_rms_norm_backward_parts`] rows).
+#[derive(Clone, Copy, Debug)]
+pub struct GatedRmsCall {
+    pub device: i32,
+    pub stream: u64,
+    pub x_dtype: Dtype,
+    pub w_dtype: Dtype,
+    pub rows: u64,
+    pub hidden: u64,
+    pub x: u64,
+    pub gate: u64,
+    pub w: u64,
+    pub y: u64,
+    pub rstd: u64,
+    pub dy: u64,
+    pub dgate: u64,
+    pub dw: u64,
+    pub dw_partial: u64,
+    pub partial_rows: u64,
+    pub eps: f32,
+    pub cast_before: bool,
+    /// 0: SiLU, 2: sigmoid (the codes of `gated_act.cu`'s activations).
+    pub act: i32,
+}
+
+impl GatedRmsCall {
+    fn check(&self) -> Result<i32> {
+        if !(self.w_dtype == self.x_dtype || self.w_dtype == Dtype::F32) {
+            return Err(CudaError::argument(format!(
+                "weight: dtype {:?} must be x's ({:?}) or float32",
+                self.w_dtype, self.x_dtype
+            )));
+        }
+        if !matches!(self.act, 0 | 2) {
+            return Err(CudaError::argument(format!(
+                "activation: code {} is neither SiLU (0) nor sigmoid (2)",
+                self.act
+            )));
+        }
+        if self.hidden == 0 {
+            return Err(CudaError::argument("x: the normalised dimension is empty"));
+        }
+        if self.hidden > GATED_RMS_MAX_HIDDEN {
+            return Err(CudaError::argument(format!(
+                "x: rows of {} elements, the gated norm takes at most {GATED_RMS_MAX_HIDDEN}",
+                self.hidden
+            )));
+        }
+        i32_arg("x: hidden size", self.hidden)
+    }
+
+    /// rms_layout's team and block; its vectors (nv > 0) say the `_v8` kernels apply.
+    fn layout(&self, backward: bool) -> RmsLayout {
+        let rows = [self.x, self.gate, self.w, self.y];
+        let grads = [self.dy, self.dgate];
+        let ptrs: Vec<u64> = rows
+            .into_iter()
+            .chain(if backward { grads.to_vec() } else { vec![] })
+            .collect();
+        rms_layout(self.hidden, aligned16(&ptrs))
+    }
+
+    fn kernel(&self, kind: &str, layout: RmsLayout) -> String {
+        let shape = if layout.nv == 0 { "any" } else { "v8" };
+        format!(
+            "gated_rms_{kind}_{}_{}_{shape}",
+            self.x_dtype.suffix(),
+            self.w_dtype.suffix()
+        )
+    }
+
+    fn params(&self, hidden: i32, layout: RmsLayout, dw_partial: u64) -> GatedRmsParams {
+        GatedRmsParams {
+            x: self.x,
+            gate: self.gate,
+            w: self.w,
+            dy: self.dy,
+            y: self.y,
+            dgate: self.dgate,
+            rstd: self.rstd,
+            dw_partial,
+            rows: self.rows as i64,
+            hidden,
+            team: layout.team as i32,
+            eps: self.eps,
+            cast_before: self.cast_before as i32,
+            act: self.act,
+            pad: 0,
+        }
+    }
+}
+
+pub fn gated_rms_norm_forward(c: &GatedRmsCall) -> Result<()> {
+    let hidden = c.check()?;
+    if c.rows == 0 {
+        return Ok(());
+    }
+    for (n, p) in [
+        ("x", c.x),
+        ("gate", c.gate),
+        ("weight", c.w),
+        ("y", c.y),
+        ("rstd", c.rstd),
+    ] {
+        nonzero(n, p)?;
+    }
+    let layout = c.layout(false);
+    let blocks = c.rows.div_ceil(layout.rows_per_block() as u64);
+    let grid = u32::try_from(blocks).map_err(|_| CudaError::argument("x: too many rows"))?;
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let f = dev.function(&RMS_NORM, &c.kernel("fwd", layout))?;
+    let mut p = c.params(hidden, layout, 0);
+    // SAFETY: the parameter block matches GatedRmsParams; the addresses are torch tensors of
+    // the sizes the caller checked.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid, 1, 1), layout.block),
+            c.stream as drv_sys::CUstream,
+            &mut [arg(&mut p)],
+            "gated_rms_fwd",
+        )
+    }
+}
+
+fn gated_backward_plan(dev: &mut Device, c: &GatedRmsCall) -> Result<BwdPlan> {
+    let layout = c.layout(true);
+    let kernel = dev.function(&RMS_NORM, &c.kernel("bwd", layout))?;
+    let teams = layout.rows_per_block();
+    let smem = if c.dw != 0 {
+        (teams as u64 * c.hidden * 4) as u32
+    } else {
+        0
+    };
+    // SAFETY: `kernel` comes from RMS_NORM.
+    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * dev.sms();
+    let needed = c.rows.div_ceil(teams as u64).max(1);
+    Ok(BwdPlan {
+        layout,
+        grid: needed.min(resident.max(1) as u64) as u32,
+        smem,
+        kernel,
+    })
+}
+
+/// Rows of the float32 partial buffer the gated backward needs (its persistent grid).
+pub fn gated_rms_norm_backward_parts(c: &GatedRmsCall) -> Result<u64> {
+    c.check()?;
+    if c.rows == 0 {
+        return Ok(0);
+    }
+    let mut guard = device::lock(c.device)?;
+    Ok(gated_backward_plan(guard.dev(), c)?.grid as u64)
+}
+
+pub fn gated_rms_norm_backward(c: &GatedRmsCall) -> Result<()> {
+    let hidden = c.check()?;
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let stream = c.stream as drv_sys::CUstream;
+    let finish_kernel = format!("rms_dw_finish_{}", c.w_dtype.suffix());
+    if c.rows == 0 {
+        if c.dw != 0 {
+            let f = dev.function(&RMS_NORM, &finish_kernel)?;
+            return finish(f, stream, 0, 0, hidden, c.dw);
+        }
+        return Ok(());
+    }
+    for (n, p) in [
+        ("dy", c.dy),
+        ("x", c.x),
+        ("gate", c.gate),
+        ("weight", c.w),
+        ("rstd", c.rstd),
+        ("dx", c.y),
+        ("dgate", c.dgate),
+    ] {
+        nonzero(n, p)?;
+    }
+    let plan = gated_backward_plan(dev, c)?;
+    if c.dw != 0 && (c.dw_partial == 0 || c.partial_rows < plan.grid as u64) {
+        return Err(CudaError::argument(format!(
+            "dw_partial: {} rows given, the launch needs {}",
+            c.partial_rows, plan.grid
+        )));
+    }
+    let mut p = c.params(
+        hidden,
+        plan.layout,
+        if c.dw != 0 { c.dw_partial } else { 0 },
+    );
+    // SAFETY: as in the forward; dw_partial holds at least grid rows (checked above), the
+    // shared memory teams rows of hidden floats.
+    unsafe {
+        launch(
+            plan.kernel,
+            Dims {
+                grid: (plan.grid, 1, 1),
+                block: plan.layout.block,
+                smem: plan.smem,
+                cluster: None,
+            },
+            stream,
+            &mut [arg(&mut p)],
+            "gated_rms_bwd",
+        )?;
+    }
+    if c.dw != 0 {
+        let f = dev.function(&RMS_NORM, &finish_kernel)?;
+        finish(f, stream, c.dw_partial, plan.grid as i32, hidden, c.dw)?;
+    }
+    Ok(())
+}
+
 // ---- rotary --------------------------------------------------------------------------------
 
 #[repr(C)]
@@ -785,6 +1031,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_rms_norm_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rms_norm_backward_parts, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_gated_rms_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_gated_rms_norm_backward_parts, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gated_act, m)?)?;
     Ok(())
@@ -960,6 +1208,121 @@ fn cuda_rms_norm_backward(
     Ok(())
 }
 
+/// The kernel code of a gated norm's activation: SiLU (Qwen3-Next) or sigmoid (Kimi).
+fn gate_activation(name: &str) -> Result<i32> {
+    match Activation::parse(name) {
+        Some(act @ (Activation::Silu | Activation::Sigmoid)) => Ok(act.code()),
+        _ => Err(CudaError::argument(format!(
+            "activation: expected 'silu' or 'sigmoid', got {name:?}"
+        ))),
+    }
+}
+
+/// Gated RMSNorm on torch's stream `stream` of GPU `device`; see [`GatedRmsCall`]. Forward
+/// when `dy` is 0 (writes y and rstd), else the backward (writes dx into `y`, dgate, and dw
+/// when it is not 0, through `dw_partial`).
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, x, gate, weight, y, rstd, rows, hidden, x_dtype, w_dtype, eps, cast_before,
+    activation, dy=0, dgate=0, dw=0, dw_partial=0, partial_rows=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_gated_rms_norm(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    x: u64,
+    gate: u64,
+    weight: u64,
+    y: u64,
+    rstd: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+    eps: f32,
+    cast_before: bool,
+    activation: &str,
+    dy: u64,
+    dgate: u64,
+    dw: u64,
+    dw_partial: u64,
+    partial_rows: u64,
+) -> PyResult<()> {
+    let call = GatedRmsCall {
+        device,
+        stream,
+        x_dtype: Dtype::parse(x_dtype)?,
+        w_dtype: Dtype::parse(w_dtype)?,
+        rows,
+        hidden,
+        x,
+        gate,
+        w: weight,
+        y,
+        rstd,
+        dy,
+        dgate,
+        dw,
+        dw_partial,
+        partial_rows,
+        eps,
+        cast_before,
+        act: gate_activation(activation)?,
+    };
+    py.detach(|| {
+        catch_panics(|| {
+            if dy == 0 {
+                gated_rms_norm_forward(&call)
+            } else {
+                gated_rms_norm_backward(&call)
+            }
+        })
+    })?;
+    Ok(())
+}
+
+/// Rows of the float32 (rows, hidden) buffer the gated backward needs as `dw_partial` for
+/// these tensors (their alignment picks the kernel: pass the backward's addresses).
+#[pyfunction]
+#[pyo3(signature = (*, device, x, gate, weight, dy, dx, dgate, rows, hidden, x_dtype, w_dtype))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_gated_rms_norm_backward_parts(
+    py: Python<'_>,
+    device: i32,
+    x: u64,
+    gate: u64,
+    weight: u64,
+    dy: u64,
+    dx: u64,
+    dgate: u64,
+    rows: u64,
+    hidden: u64,
+    x_dtype: &str,
+    w_dtype: &str,
+) -> PyResult<u64> {
+    let call = GatedRmsCall {
+        device,
+        stream: 0,
+        x_dtype: Dtype::parse(x_dtype)?,
+        w_dtype: Dtype::parse(w_dtype)?,
+        rows,
+        hidden,
+        x,
+        gate,
+        w: weight,
+        y: dx,
+        rstd: 0,
+        dy,
+        dgate,
+        dw: 1,
+        dw_partial: 0,
+        partial_rows: 0,
+        eps: 0.0,
+        cast_before: true,
+        act: 0,
+    };
+    Ok(py.detach(|| catch_panics(|| gated_rms_norm_backward_parts(&call)))?)
+}
+
 /// Rotary embedding of q and k (or, with `transpose`, its backward); see [`RopeCall`].
 #[pyfunction]
 #[pyo3(signature = (*, device, stream, q, k, cos, sin, q_out, k_out, q_strides, k_strides, cos_strides,
@@ -1051,11 +1414,16 @@ fn cuda_gated_act(
     backward: bool,
     ld_grad: Option<u64>,
 ) -> PyResult<()> {
-    let act = crate::cpu::fusions::Activation::parse(activation).ok_or_else(|| {
-        CudaError::argument(format!(
-            "activation: expected 'silu' or 'gelu_tanh', got {activation:?}"
-        ))
-    })?;
+    // gated_act.cu has these two (sigmoid is the gated norm's only)
+    let act = match Activation::parse(activation) {
+        Some(act @ (Activation::Silu | Activation::GeluTanh)) => act,
+        _ => {
+            return Err(CudaError::argument(format!(
+                "activation: expected 'silu' or 'gelu_tanh', got {activation:?}"
+            ))
+            .into());
+        }
+    };
     let call = GatedCall {
         device,
         stream,

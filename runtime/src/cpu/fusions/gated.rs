@@ -35,6 +35,7 @@ pub fn act_value<A: Real>(act: Activation, x: A) -> A {
             let inner = beta * (x + kappa * (x * x * x));
             half * x * (A::ONE + inner.tanh())
         }
+        Activation::Sigmoid => A::ONE / (A::ONE + (-x).exp()),
     }
 }
 
@@ -57,6 +58,10 @@ pub fn act_grad<A: Real>(act: Activation, x: A) -> A {
             let right_derivative = left * (A::ONE - t * t);
             let inner_derivative = beta * (A::ONE + A::from_f64(3.0) * kappa * x_sq);
             left_derivative + right_derivative * inner_derivative
+        }
+        Activation::Sigmoid => {
+            let s = A::ONE / (A::ONE + (-x).exp());
+            s * (A::ONE - s)
         }
     }
 }

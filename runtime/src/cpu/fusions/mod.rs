@@ -1,15 +1,16 @@
 //! CPU twins of the decoder-fusion kernels (`kernels/rms_norm.cu`, `kernels/rotary.cu`,
-//! `kernels/gated_act.cu`): the same arithmetic in the same type, with the same rounding
+//! `kernels/gated_act.cu`, and the gated RMSNorm of Qwen3-Next and Kimi): the same arithmetic in the same type, with the same rounding
 //! points, so that what CI tests here is what the GPU runs (README, "Fused decoder ops").
 //!
 //! Arithmetic is in float32 for bf16/fp16/fp32 storage (the CUDA kernels' type) and in
 //! float64 for float64 storage (CPU only: it is what `torch.autograd.gradcheck` needs).
 //! Work is spread over rayon's pool; reductions that cross rows (the RMSNorm weight
-//! gradient) add fixed-size partials in a fixed order, so results do not depend on the
+//! gradients) add fixed-size partials in a fixed order, so results do not depend on the
 //! number of threads.
 
 pub mod attnres_mix;
 pub mod gated;
+pub mod gated_norm;
 mod python;
 pub mod rms_norm;
 pub mod rotary;
@@ -161,13 +162,16 @@ impl FDtype {
     }
 }
 
-/// The activations of the gated MLP product.
+/// The activations of the gated MLP product (silu, gelu_tanh) and of the gated RMSNorm's gate
+/// (silu, sigmoid).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// `x / (1 + exp(-x))`
     Silu,
     /// `F.gelu(x, approximate="tanh")`
     GeluTanh,
+    /// `1 / (1 + exp(-x))`
+    Sigmoid,
 }
 
 impl Activation {
@@ -175,6 +179,7 @@ impl Activation {
         match name {
             "silu" => Some(Activation::Silu),
             "gelu_tanh" => Some(Activation::GeluTanh),
+            "sigmoid" => Some(Activation::Sigmoid),
             _ => None,
         }
     }
@@ -184,6 +189,7 @@ impl Activation {
         match self {
             Activation::Silu => 0,
             Activation::GeluTanh => 1,
+            Activation::Sigmoid => 2,
         }
     }
 }

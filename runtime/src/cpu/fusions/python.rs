@@ -1,5 +1,6 @@
-//! `_native.cpu_rms_norm_forward`, `cpu_rms_norm_backward`, `cpu_rotary`, `cpu_gated_act`
-//! and `cpu_gated_act_backward`: the CPU twins on raw tensor pointers.
+//! `_native.cpu_rms_norm_forward`, `cpu_rms_norm_backward`, `cpu_gated_rms_norm_forward`,
+//! `cpu_gated_rms_norm_backward`, `cpu_rotary`, `cpu_gated_act` and `cpu_gated_act_backward`:
+//! the CPU twins on raw tensor pointers.
 //!
 //! The Python side (`forward_rewrite/_fusions_cpu.py`) checks shapes, dtypes, devices and
 //! layouts and allocates the outputs; this checks again what is cheap to check (null,
@@ -12,6 +13,7 @@ use pyo3::prelude::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::gated::{self, Gated};
+use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, Residual, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
 use super::{Activation, FDtype, Real, Storage};
@@ -20,6 +22,8 @@ use crate::cpu::regions::{Region, check as check_regions, slice, slice_mut};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_rms_norm_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gated_rms_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_gated_rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_act, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_act_backward, m)?)?;
@@ -316,6 +320,219 @@ fn cpu_rms_norm_backward(
     run(py, "cpu_rms_norm_backward", job)
 }
 
+// ---- gated RMSNorm -------------------------------------------------------------------------
+
+/// Plain numbers only, as [`RmsCall`].
+#[derive(Clone, Copy)]
+struct GatedRmsCall {
+    p: GatedRmsNorm,
+    x: usize,
+    gate: usize,
+    w: usize,
+    y: usize,
+    rstd: usize,
+    dy: usize,
+    dx: usize,
+    dgate: usize,
+    dw: Option<usize>,
+}
+
+/// The (x, weight) dtype combinations: weight of x's dtype or float32 (what the stock
+/// `self.weight * h.to(input_dtype)` promotes to, so v is of the weight's dtype), float64
+/// only alone. y, dy, dx and dgate are of x's dtype: the gated forms end in
+/// `.to(input_dtype)`.
+macro_rules! gated_rms_dispatch {
+    ($x:expr, $w:expr, $f:ident, $call:expr) => {{
+        use FDtype::*;
+        match ($x, $w) {
+            (Bf16, Bf16) => $f::<f32, bf16, bf16>($call),
+            (F16, F16) => $f::<f32, f16, f16>($call),
+            (F32, F32) => $f::<f32, f32, f32>($call),
+            (Bf16, F32) => $f::<f32, bf16, f32>($call),
+            (F16, F32) => $f::<f32, f16, f32>($call),
+            (F64, F64) => $f::<f64, f64, f64>($call),
+            (x, w) => {
+                return value_error(format!(
+                    "weight: dtypes (x {x:?}, weight {w:?}) are not a supported combination \
+                     (weight: x's dtype or float32; float64 only with float64)"
+                ));
+            }
+        }
+    }};
+}
+
+fn gated_rms_forward_job<A: Real, X: Storage<A>, W: Storage<A>>(
+    c: GatedRmsCall,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let n = c.p.rows * c.p.hidden;
+        // SAFETY: regions checked by the caller (non-null, aligned, outputs disjoint).
+        unsafe {
+            gated_norm::forward::<A, X, W>(
+                &c.p,
+                slice::<X>(c.x, n),
+                slice::<X>(c.gate, n),
+                slice::<W>(c.w, c.p.hidden),
+                slice_mut::<X>(c.y, n),
+                slice_mut::<A>(c.rstd, c.p.rows),
+            )
+        }
+    })
+}
+
+fn gated_rms_backward_job<A: Real, X: Storage<A>, W: Storage<A>>(
+    c: GatedRmsCall,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let n = c.p.rows * c.p.hidden;
+        // SAFETY: as above.
+        unsafe {
+            gated_norm::backward::<A, X, W>(
+                &c.p,
+                slice::<X>(c.dy, n),
+                slice::<X>(c.x, n),
+                slice::<X>(c.gate, n),
+                slice::<W>(c.w, c.p.hidden),
+                slice::<A>(c.rstd, c.p.rows),
+                slice_mut::<X>(c.dx, n),
+                slice_mut::<X>(c.dgate, n),
+                c.dw.map(|p| slice_mut::<W>(p, c.p.hidden)),
+            )
+        }
+    })
+}
+
+/// The gate's activations: silu (Qwen3-Next) and sigmoid (Kimi).
+fn gated_norm_activation(name: &str) -> PyResult<Activation> {
+    match Activation::parse(name) {
+        Some(act @ (Activation::Silu | Activation::Sigmoid)) => Ok(act),
+        _ => value_error(format!(
+            "activation: expected 'silu' or 'sigmoid', got {name:?}"
+        )),
+    }
+}
+
+fn gated_rms_problem(
+    rows: usize,
+    hidden: usize,
+    eps: f64,
+    cast_before: bool,
+    activation: &str,
+) -> PyResult<GatedRmsNorm> {
+    let act = gated_norm_activation(activation)?;
+    let p = rms_problem(rows, hidden, eps, 0.0, cast_before)?;
+    Ok(GatedRmsNorm {
+        rows,
+        hidden,
+        eps: p.eps,
+        cast_before,
+        act,
+    })
+}
+
+/// Gated RMSNorm forward: `y` (rows, hidden) of x's dtype and `rstd` (rows,) float32
+/// (float64 for float64 inputs) from contiguous `x` and `gate` (rows, hidden, x's dtype)
+/// and `weight` (hidden,).
+#[pyfunction]
+#[pyo3(signature = (*, x, gate, weight, y, rstd, rows, hidden, x_dtype, w_dtype, eps, cast_before,
+    activation))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_gated_rms_norm_forward(
+    py: Python<'_>,
+    x: usize,
+    gate: usize,
+    weight: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+    w_dtype: &str,
+    eps: f64,
+    cast_before: bool,
+    activation: &str,
+) -> PyResult<()> {
+    let (xd, wd) = (dtype("x", x_dtype)?, dtype("weight", w_dtype)?);
+    let p = gated_rms_problem(rows, hidden, eps, cast_before, activation)?;
+    let n = rows * hidden;
+    check_regions(&[
+        region("x", x, n, xd, false),
+        region("gate", gate, n, xd, false),
+        region("weight", weight, hidden, wd, false),
+        region("y", y, n, xd, true),
+        region("rstd", rstd, rows, rstd_dtype(xd), true),
+    ])?;
+    let call = GatedRmsCall {
+        p,
+        x,
+        gate,
+        w: weight,
+        y,
+        rstd,
+        dy: 0,
+        dx: 0,
+        dgate: 0,
+        dw: None,
+    };
+    let job = gated_rms_dispatch!(xd, wd, gated_rms_forward_job, call);
+    run(py, "cpu_gated_rms_norm_forward", job)
+}
+
+/// Gated RMSNorm backward: `dx` and `dgate` (x's dtype) and, when given, `dw` (weight's
+/// dtype) from `dy` (x's dtype), `x`, `gate`, `weight` and the forward's `rstd`.
+#[pyfunction]
+#[pyo3(signature = (*, dy, x, gate, weight, rstd, dx, dgate, dw, rows, hidden, x_dtype, w_dtype,
+    cast_before, activation))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_gated_rms_norm_backward(
+    py: Python<'_>,
+    dy: usize,
+    x: usize,
+    gate: usize,
+    weight: usize,
+    rstd: usize,
+    dx: usize,
+    dgate: usize,
+    dw: Option<usize>,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+    w_dtype: &str,
+    cast_before: bool,
+    activation: &str,
+) -> PyResult<()> {
+    let (xd, wd) = (dtype("x", x_dtype)?, dtype("weight", w_dtype)?);
+    let p = gated_rms_problem(rows, hidden, 0.0, cast_before, activation)?;
+    let n = rows * hidden;
+    let mut regions = vec![
+        region("dy", dy, n, xd, false),
+        region("x", x, n, xd, false),
+        region("gate", gate, n, xd, false),
+        region("weight", weight, hidden, wd, false),
+        region("rstd", rstd, rows, rstd_dtype(xd), false),
+        region("dx", dx, n, xd, true),
+        region("dgate", dgate, n, xd, true),
+    ];
+    if let Some(dw) = dw {
+        regions.push(region("dw", dw, hidden, wd, true));
+    }
+    check_regions(&regions)?;
+    let call = GatedRmsCall {
+        p,
+        x,
+        gate,
+        w: weight,
+        y: 0,
+        rstd,
+        dy,
+        dx,
+        dgate,
+        dw,
+    };
+    let job = gated_rms_dispatch!(xd, wd, gated_rms_backward_job, call);
+    run(py, "cpu_gated_rms_norm_backward", job)
+}
+
 // ---- rotary --------------------------------------------------------------------------------
 
 #[derive(Clone, Copy)]
@@ -592,12 +809,15 @@ fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyR
     run(py, what, job)
 }
 
+/// The gated MLP product's activations: silu and gelu_tanh (`kernels/gated_act.cu` has no
+/// others: sigmoid is the gated norm's only).
 fn activation(name: &str) -> PyResult<Activation> {
-    Activation::parse(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
+    match Activation::parse(name) {
+        Some(act @ (Activation::Silu | Activation::GeluTanh)) => Ok(act),
+        _ => value_error(format!(
             "activation: expected 'silu' or 'gelu_tanh', got {name:?}"
-        ))
-    })
+        )),
+    }
 }
 
 /// `out = act(gate) * up` (contiguous (rows, cols)) from gate and up with row strides

@@ -37,7 +37,7 @@ impl RmsNorm {
     }
 }
 
-fn sum_squares<A: Real, X: Storage<A>>(row: &[X]) -> A {
+pub(crate) fn sum_squares<A: Real, X: Storage<A>>(row: &[X]) -> A {
     // Eight running sums, added pairwise at the end: the shape of the kernels' vectors.
     let mut lanes = [A::ZERO; 8];
     let mut chunks = row.chunks_exact(8);
@@ -55,7 +55,7 @@ fn sum_squares<A: Real, X: Storage<A>>(row: &[X]) -> A {
         + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
 }
 
-fn rstd_of<A: Real>(sum_sq: A, hidden: usize, eps: A) -> A {
+pub(crate) fn rstd_of<A: Real>(sum_sq: A, hidden: usize, eps: A) -> A {
     A::ONE / (sum_sq / A::from_f64(hidden as f64) + eps).sqrt()
 }
 

@@ -6,6 +6,7 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 
 use super::gated::{self, Gated, act_grad, act_value};
+use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, ROWS_PER_TASK, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
 use super::{Activation, Real, Storage};
@@ -690,12 +691,13 @@ fn act_reference(act: Activation, x: f64) -> f64 {
             0.5 * x
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
         }
+        Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
     }
 }
 
 #[test]
 fn activation_derivatives_match_finite_differences() {
-    for act in [Activation::Silu, Activation::GeluTanh] {
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Sigmoid] {
         for i in -80..=80 {
             let x = i as f64 * 0.1;
             let h = 1e-6;
@@ -767,6 +769,7 @@ fn check_gated<A: Real, T: Storage<A>>(
             let slope = match act {
                 Activation::Silu => 1.0 + x.abs(),
                 Activation::GeluTanh => 1.0 + x.abs() * (1.0 + 0.134145 * x * x),
+                Activation::Sigmoid => unreachable!("not a gated MLP activation"),
             };
             s_out.push(x * u);
             s_du.push(d * x);
@@ -897,4 +900,455 @@ fn parallel_paths_match_float64() {
     check_rope::<f32, bf16, bf16, bf16>(&case, 6e-3);
     check_gated::<f32, f32>(600, 64, 0, Activation::Silu, 52, 1e-6);
     check_gated::<f32, bf16>(600, 64, 64, Activation::GeluTanh, 53, 8e-3);
+}
+
+// ---- gated RMSNorm -------------------------------------------------------------------------
+
+struct GatedNormRef {
+    y: Vec<f64>,
+    dx: Vec<f64>,
+    dgate: Vec<f64>,
+    dw: Vec<f64>,
+    /// The first term of dx alone (dy * act(g) * w * s): the scale of the two terms that
+    /// cancel in dx (entirely when hidden is 1).
+    dx_scale: Vec<f64>,
+    /// Sum over rows of |dy * act(g) * x * s|: the scale of dw's terms.
+    dw_scale: Vec<f64>,
+}
+
+/// Stock gated RMSNorm in float64, no rounding: y = w * x / sqrt(mean(x^2) + eps) * act(g),
+/// and its gradients for dy by the chain rule (act' by a five-point central difference, so
+/// that no formula of the twin's is reused).
+fn gated_norm_reference(
+    p: &GatedRmsNorm,
+    x: &[f64],
+    g: &[f64],
+    w: &[f64],
+    dy: &[f64],
+) -> GatedNormRef {
+    let h = p.hidden;
+    let n = x.len();
+    let mut out = GatedNormRef {
+        y: vec![0.0; n],
+        dx: vec![0.0; n],
+        dgate: vec![0.0; n],
+        dw: vec![0.0; h],
+        dx_scale: vec![0.0; n],
+        dw_scale: vec![0.0; h],
+    };
+    for r in 0..p.rows {
+        let (xr, gr, dyr) = (
+            &x[r * h..(r + 1) * h],
+            &g[r * h..(r + 1) * h],
+            &dy[r * h..(r + 1) * h],
+        );
+        let s = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / h as f64 + p.eps).sqrt();
+        let a: Vec<f64> = gr.iter().map(|v| act_reference(p.act, *v)).collect();
+        // d y_j / d x_i = w_j a_j (s delta_ij - x_j s^3 x_i / h)
+        let gsum: f64 = (0..h).map(|j| dyr[j] * a[j] * w[j] * xr[j]).sum();
+        for i in 0..h {
+            let k = r * h + i;
+            let step = 1e-3;
+            let f = |t: f64| act_reference(p.act, gr[i] + t * step);
+            let da = (f(-2.0) - 8.0 * f(-1.0) + 8.0 * f(1.0) - f(2.0)) / (12.0 * step);
+            out.y[k] = w[i] * xr[i] * s * a[i];
+            out.dx[k] = dyr[i] * a[i] * w[i] * s - xr[i] * s * s * s * gsum / h as f64;
+            out.dgate[k] = dyr[i] * w[i] * xr[i] * s * da;
+            out.dw[i] += dyr[i] * a[i] * xr[i] * s;
+            out.dx_scale[k] = dyr[i] * a[i] * w[i] * s;
+            out.dw_scale[i] += (dyr[i] * a[i] * xr[i] * s).abs();
+        }
+    }
+    out
+}
+
+struct GatedNormRun {
+    y: Vec<f64>,
+    rstd: Vec<f64>,
+    dx: Vec<f64>,
+    dgate: Vec<f64>,
+    dw: Vec<f64>,
+}
+
+fn gated_norm_run<A: Real, X: Storage<A>, W: Storage<A>>(
+    p: &GatedRmsNorm,
+    x: &[f64],
+    g: &[f64],
+    w: &[f64],
+    dy: &[f64],
+) -> GatedNormRun {
+    let (xs, gs, ws, dys) = (
+        stored::<A, X>(x),
+        stored::<A, X>(g),
+        stored::<A, W>(w),
+        stored::<A, X>(dy),
+    );
+    let n = x.len();
+    let mut y = vec![X::store(A::ZERO); n];
+    let mut rstd = vec![A::ZERO; p.rows];
+    gated_norm::forward::<A, X, W>(p, &xs, &gs, &ws, &mut y, &mut rstd);
+    let mut dx = vec![X::store(A::ZERO); n];
+    let mut dgate = vec![X::store(A::ZERO); n];
+    let mut dw = vec![W::store(A::ZERO); p.hidden];
+    gated_norm::backward::<A, X, W>(
+        p,
+        &dys,
+        &xs,
+        &gs,
+        &ws,
+        &rstd,
+        &mut dx,
+        &mut dgate,
+        Some(&mut dw),
+    );
+    // Without dw: the same dx and dgate, dw untouched.
+    let mut dx2 = vec![X::store(A::ZERO); n];
+    let mut dgate2 = vec![X::store(A::ZERO); n];
+    gated_norm::backward::<A, X, W>(p, &dys, &xs, &gs, &ws, &rstd, &mut dx2, &mut dgate2, None);
+    assert_eq!(loaded::<A, X>(&dx2), loaded::<A, X>(&dx), "dx without dw");
+    assert_eq!(
+        loaded::<A, X>(&dgate2),
+        loaded::<A, X>(&dgate),
+        "dgate without dw"
+    );
+    GatedNormRun {
+        y: loaded::<A, X>(&y),
+        rstd: rstd.iter().map(|v| v.to_f64()).collect(),
+        dx: loaded::<A, X>(&dx),
+        dgate: loaded::<A, X>(&dgate),
+        dw: loaded::<A, W>(&dw),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
+    rows: usize,
+    hidden: usize,
+    cast_before: bool,
+    act: Activation,
+    seed: u64,
+    tol_y: f64,
+    tol_grad: f64,
+) {
+    let mut rng = Rng::new(seed);
+    let p = GatedRmsNorm {
+        rows,
+        hidden,
+        eps: 1e-6,
+        cast_before,
+        act,
+    };
+    let n = rows * hidden;
+    let x = rounded::<A, X>(&rng.vec(n, 1.5));
+    let g = rounded::<A, X>(&rng.vec(n, 2.0));
+    let w = rounded::<A, W>(
+        &rng.vec(hidden, 0.3)
+            .iter()
+            .map(|v| v + 1.0)
+            .collect::<Vec<_>>(),
+    );
+    let dy = rounded::<A, X>(&rng.vec(n, 1.0));
+    let got = gated_norm_run::<A, X, W>(&p, &x, &g, &w, &dy);
+    let want = gated_norm_reference(&p, &x, &g, &w, &dy);
+    let ey = rel(&got.y, &want.y);
+    let edx = err(&got.dx, &want.dx, &want.dx_scale);
+    let edg = rel(&got.dgate, &want.dgate);
+    let edw = err(&got.dw, &want.dw, &want.dw_scale);
+    assert!(
+        ey <= tol_y && edx <= tol_grad && edg <= tol_grad && edw <= tol_grad,
+        "{act:?} rows {rows} hidden {hidden} cast_before {cast_before}: y {ey:.2e} dx {edx:.2e} \
+         dgate {edg:.2e} dw {edw:.2e}"
+    );
+    for (r, s) in got.rstd.iter().enumerate() {
+        let xr = &x[r * hidden..(r + 1) * hidden];
+        let exact = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / hidden as f64 + 1e-6).sqrt();
+        assert!(
+            (s - exact).abs() <= 1e-5 * exact,
+            "rstd of row {r}: {s} vs {exact}"
+        );
+    }
+}
+
+/// Every (activation, cast_before, shape) case: odd sizes (one element; under one 8-lane
+/// vector; a remainder past whole vectors) and rows for several tasks of ROWS_PER_TASK, the
+/// last partial.
+fn gated_norm_cases() -> impl Iterator<Item = (Activation, bool, usize, usize, u64)> {
+    let shapes = [(1, 1), (70, 1), (70, 7), (70, 128), (45, 300)];
+    let mut seed = 0;
+    [Activation::Silu, Activation::Sigmoid]
+        .into_iter()
+        .flat_map(|act| [true, false].map(|cast_before| (act, cast_before)))
+        .flat_map(move |(act, cb)| shapes.map(|(rows, hidden)| (act, cb, rows, hidden)))
+        .map(move |(act, cb, rows, hidden)| {
+            seed += 1;
+            (act, cb, rows, hidden, seed)
+        })
+}
+
+#[test]
+fn gated_rms_norm_float32_is_float32_accurate() {
+    for (act, cast_before, rows, hidden, seed) in gated_norm_cases() {
+        check_gated_norm::<f32, f32, f32>(rows, hidden, cast_before, act, 60 + seed, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn gated_rms_norm_float64_matches_the_reference_to_rounding() {
+    // dgate's reference derivative is a finite difference (error ~1e-13).
+    for (act, cast_before, rows, hidden, seed) in gated_norm_cases() {
+        check_gated_norm::<f64, f64, f64>(rows, hidden, cast_before, act, 90 + seed, 1e-14, 1e-11);
+    }
+}
+
+#[test]
+fn gated_rms_norm_16_bit_within_their_rounding() {
+    // bf16 keeps 8 significant bits: one rounding is 2^-9 relative; Qwen3-Next's order rounds
+    // xn, v and y (three), Kimi's y only; a float32 weight leaves v unrounded.
+    for (act, cb, rows, hidden, seed) in gated_norm_cases() {
+        let s = 4 * seed + 120;
+        check_gated_norm::<f32, bf16, bf16>(rows, hidden, cb, act, s, 8e-3, 1.2e-2);
+        check_gated_norm::<f32, bf16, f32>(rows, hidden, cb, act, s + 1, 8e-3, 1.2e-2);
+        check_gated_norm::<f32, f16, f16>(rows, hidden, cb, act, s + 2, 1e-3, 2e-3);
+        check_gated_norm::<f32, f16, f32>(rows, hidden, cb, act, s + 3, 1e-3, 2e-3);
+    }
+}
+
+#[test]
+fn gated_rms_norm_rounds_where_the_stock_modules_do() {
+    // From the twin's own rstd (so that no sum order is in question), each output element is
+    // exactly the stock expression's: Qwen3-Next bf16(bf16(w * bf16(xn)) * act(g)), Kimi
+    // bf16(w * xn * act(g)), dgate bf16(dy * v * act'(g)) with v as rounded in the forward.
+    let (rows, hidden) = (3, 64);
+    let mut rng = Rng::new(91);
+    let x = stored::<f32, bf16>(&rng.vec(rows * hidden, 1.0));
+    let g = stored::<f32, bf16>(&rng.vec(rows * hidden, 2.0));
+    let w = stored::<f32, bf16>(&rng.vec(hidden, 1.0));
+    let dy = stored::<f32, bf16>(&rng.vec(rows * hidden, 1.0));
+    // act and act' as torch's CPU kernels write them, in float32.
+    let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+    let mut outputs = Vec::new();
+    for act in [Activation::Silu, Activation::Sigmoid] {
+        let a = |v: f32| match act {
+            Activation::Silu => v / (1.0 + (-v).exp()),
+            _ => sigmoid(v),
+        };
+        let da = |v: f32| {
+            let s = sigmoid(v);
+            match act {
+                Activation::Silu => s * (1.0 + v * (1.0 - s)),
+                _ => s * (1.0 - s),
+            }
+        };
+        for cast_before in [true, false] {
+            let p = GatedRmsNorm {
+                rows,
+                hidden,
+                eps: 1e-6,
+                cast_before,
+                act,
+            };
+            let mut y = vec![bf16::ZERO; rows * hidden];
+            let mut rstd = vec![0f32; rows];
+            gated_norm::forward::<f32, bf16, bf16>(&p, &x, &g, &w, &mut y, &mut rstd);
+            let mut dx = vec![bf16::ZERO; rows * hidden];
+            let mut dgate = vec![bf16::ZERO; rows * hidden];
+            gated_norm::backward::<f32, bf16, bf16>(
+                &p, &dy, &x, &g, &w, &rstd, &mut dx, &mut dgate, None,
+            );
+            for k in 0..rows * hidden {
+                let (r, j) = (k / hidden, k % hidden);
+                let (xv, gv, wv) = (x[k].to_f32(), g[k].to_f32(), w[j].to_f32());
+                let xn = xv * rstd[r];
+                let v = if cast_before {
+                    bf16::from_f32(wv * bf16::from_f32(xn).to_f32()).to_f32()
+                } else {
+                    wv * xn
+                };
+                assert_eq!(
+                    y[k],
+                    bf16::from_f32(v * a(gv)),
+                    "y[{k}] {act:?} {cast_before}"
+                );
+                assert_eq!(
+                    dgate[k],
+                    bf16::from_f32(dy[k].to_f32() * v * da(gv)),
+                    "dgate[{k}] {act:?} {cast_before}"
+                );
+            }
+            outputs.push(y);
+        }
+    }
+    // The two orders differ somewhere on these values, for each activation.
+    assert!(outputs[0] != outputs[1] && outputs[2] != outputs[3]);
+}
+
+#[test]
+fn gated_rms_norm_gradients_do_not_depend_on_the_cut() {
+    // Rows for many tasks, a count that does not divide, and enough elements for the
+    // parallel path: the same results for any thread count, and the serial path's (below
+    // SERIAL_ELEMENTS) for the rows it shares.
+    let (rows, hidden) = (45 * ROWS_PER_TASK + 5, 24);
+    assert!(rows * hidden >= super::SERIAL_ELEMENTS);
+    for (act, cast_before) in [(Activation::Silu, true), (Activation::Sigmoid, false)] {
+        check_gated_norm::<f32, bf16, f32>(rows, hidden, cast_before, act, 92, 8e-3, 1.2e-2);
+        let p = GatedRmsNorm {
+            rows,
+            hidden,
+            eps: 1e-5,
+            cast_before,
+            act,
+        };
+        let mut rng = Rng::new(93);
+        let x = stored::<f32, bf16>(&rng.vec(rows * hidden, 1.0));
+        let g = stored::<f32, bf16>(&rng.vec(rows * hidden, 2.0));
+        let w = stored::<f32, f32>(&rng.vec(hidden, 1.0));
+        let dy = stored::<f32, bf16>(&rng.vec(rows * hidden, 1.0));
+        let mut y = vec![bf16::ZERO; rows * hidden];
+        let mut rstd = vec![0f32; rows];
+        gated_norm::forward::<f32, bf16, f32>(&p, &x, &g, &w, &mut y, &mut rstd);
+        let mut first = None;
+        for threads in [1, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut y2 = vec![bf16::ZERO; rows * hidden];
+            let mut rstd2 = vec![0f32; rows];
+            let mut dx = vec![bf16::ZERO; rows * hidden];
+            let mut dgate = vec![bf16::ZERO; rows * hidden];
+            let mut dw = vec![0f32; hidden];
+            pool.install(|| {
+                gated_norm::forward::<f32, bf16, f32>(&p, &x, &g, &w, &mut y2, &mut rstd2);
+                gated_norm::backward::<f32, bf16, f32>(
+                    &p,
+                    &dy,
+                    &x,
+                    &g,
+                    &w,
+                    &rstd,
+                    &mut dx,
+                    &mut dgate,
+                    Some(&mut dw),
+                )
+            });
+            assert!(
+                y2 == y && rstd2 == rstd,
+                "forward depends on the thread count"
+            );
+            match &first {
+                None => first = Some((dx, dgate, dw)),
+                Some(f) => assert!(
+                    f.0 == dx && f.1 == dgate && f.2 == dw,
+                    "results depend on the thread count"
+                ),
+            }
+        }
+        // The serial path on the first rows.
+        let part = 5 * ROWS_PER_TASK + 3;
+        assert!(part * hidden < super::SERIAL_ELEMENTS);
+        let sub = GatedRmsNorm { rows: part, ..p };
+        let m = part * hidden;
+        let mut dx = vec![bf16::ZERO; m];
+        let mut dgate = vec![bf16::ZERO; m];
+        gated_norm::backward::<f32, bf16, f32>(
+            &sub,
+            &dy[..m],
+            &x[..m],
+            &g[..m],
+            &w,
+            &rstd[..part],
+            &mut dx,
+            &mut dgate,
+            None,
+        );
+        let f = first.unwrap();
+        assert!(dx == f.0[..m] && dgate == f.1[..m]);
+    }
+}
+
+#[test]
+fn gated_rms_norm_without_weight_gradient_and_empty_rows() {
+    let p = GatedRmsNorm {
+        rows: 0,
+        hidden: 8,
+        eps: 1e-6,
+        cast_before: true,
+        act: Activation::Silu,
+    };
+    let w = [1f32; 8];
+    let mut dw = [7f32; 8];
+    gated_norm::forward::<f32, f32, f32>(&p, &[], &[], &w, &mut [], &mut []);
+    gated_norm::backward::<f32, f32, f32>(
+        &p,
+        &[],
+        &[],
+        &[],
+        &w,
+        &[],
+        &mut [],
+        &mut [],
+        Some(&mut dw),
+    );
+    assert_eq!(dw, [0.0; 8], "no rows: a zero weight gradient");
+    let p = GatedRmsNorm {
+        rows: 2,
+        act: Activation::Sigmoid,
+        ..p
+    };
+    let x = [1f32; 16];
+    let (mut dx, mut dgate) = ([9f32; 16], [9f32; 16]);
+    gated_norm::backward::<f32, f32, f32>(
+        &p,
+        &x,
+        &x,
+        &x,
+        &w,
+        &[1.0, 1.0],
+        &mut dx,
+        &mut dgate,
+        None,
+    );
+    // Constant rows: the norm's gradient is zero; dgate = dy * w * x * r * sigmoid'(1).
+    let s = 1.0 / (1.0 + (-1f32).exp());
+    assert!(dx.iter().all(|v| v.abs() < 1e-6), "{dx:?}");
+    assert!(
+        dgate.iter().all(|v| (v - s * (1.0 - s)).abs() < 1e-6),
+        "{dgate:?}"
+    );
+}
+
+#[test]
+#[should_panic(expected = "the gated norm takes silu or sigmoid")]
+fn gated_rms_norm_refuses_gelu() {
+    let p = GatedRmsNorm {
+        rows: 1,
+        hidden: 2,
+        eps: 1e-6,
+        cast_before: true,
+        act: Activation::GeluTanh,
+    };
+    let mut y = [0f32; 2];
+    gated_norm::forward::<f32, f32, f32>(&p, &[1.0; 2], &[1.0; 2], &[1.0; 2], &mut y, &mut [0.0]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn gated_rms_norm_matches_float64(
+        rows in 0usize..80,
+        hidden in 1usize..300,
+        cast_before in any::<bool>(),
+        sigmoid in any::<bool>(),
+        combo in 0usize..4,
+        seed in any::<u64>(),
+    ) {
+        let act = if sigmoid { Activation::Sigmoid } else { Activation::Silu };
+        match combo {
+            0 => check_gated_norm::<f32, f32, f32>(rows, hidden, cast_before, act, seed, 2e-6, 2e-5),
+            1 => check_gated_norm::<f32, bf16, bf16>(rows, hidden, cast_before, act, seed, 1.2e-2, 2e-2),
+            2 => check_gated_norm::<f32, bf16, f32>(rows, hidden, cast_before, act, seed, 1.2e-2, 2e-2),
+            _ => check_gated_norm::<f64, f64, f64>(rows, hidden, cast_before, act, seed, 1e-13, 1e-10),
+        }
+    }
 }
