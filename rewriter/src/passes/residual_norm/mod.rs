@@ -55,7 +55,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "residual-norm-norm-refused",
-        "The norm's class is not one the `rms-norm` pass patches (its reason in the detail).",
+        "The norm's class is not one the `rms-norm` pass patches as a single-input norm (refused there, its reason in the detail, or a gated norm, which `add_rms_norm` does not compute).",
     ),
     (
         "residual-norm-emit-invalid",
@@ -355,6 +355,17 @@ fn norm_class<'m>(
                 "self.{attr} is a {norm_name}, which rms-norm refuses ({}: {})",
                 site.reason.unwrap_or("?"),
                 site.detail
+            ),
+        ));
+    }
+    // A gated norm (`forward(x, gate)`) is patched to `gated_rms_norm`: not the plain norm
+    // `add_rms_norm` computes.
+    if let Some(gate) = site.lowered.get("gate") {
+        return Err((
+            "residual-norm-norm-refused",
+            format!(
+                "self.{attr} is a {norm_name}, a gated norm (rms-norm's {} form, gate {gate}): not the single-input norm add_rms_norm computes",
+                site.lowered.get("form").map_or("?", String::as_str)
             ),
         ));
     }

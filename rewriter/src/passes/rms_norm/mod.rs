@@ -8,10 +8,19 @@
 //! `rsqrt(var + eps)`, then the weight applied after the cast back (Llama) or before it
 //! (OLMo-2, Gemma's `1 + weight`; Gemma 4's `with_scale` branch, whose instances without a
 //! weight keep the stock body). Everything else is refused with a reason of [`REASONS`].
+//!
+//! Gated norms (`forward(self, hidden_states, gate)`, the gate optionally defaulting to
+//! `None`) are matched the same way against the gated forms: the Llama-prefix norm, its
+//! weight, then `* ACT2FN[self.activation](gate.to(torch.float32))` (Qwen3-Next's, the weight
+//! applied after the cast back; Kimi-Linear's, the float32 weight before it), lowered to
+//! `forward_rewrite.gated_rms_norm` behind `fusion_guard.gated_rms_norm`, which returns the
+//! activation (or None: run stock) into `_fr_act` as the gated-mlp guard does. The module must
+//! bind `ACT2FN` by one `from ...activations import ACT2FN`. Mamba's gated norm (the gate
+//! applied under `if gate is not None:` before a grouped norm) and FalconH1's are refused.
 
 use std::sync::OnceLock;
 
-use ruff_python_ast::{Stmt, StmtClassDef};
+use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
 
 use crate::audit::PassReport;
 use crate::parse::ParsedSource;
@@ -43,11 +52,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-signature",
-        "The `forward` takes other than exactly one input besides `self` (extra, default, `*args` or keyword-only parameters).",
+        "The `forward` takes neither exactly one input nor an input and a gate besides `self` (a second plain parameter, or one defaulting to `None`): more inputs, other defaults, `*args` or keyword-only parameters.",
     ),
     (
         "norm-control-flow",
-        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` other than Gemma 4's `if self.with_scale:` form (Idefics' dtype test).",
+        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` other than Gemma 4's `if self.with_scale:` form (Idefics' dtype test; the Mamba-style gated norms' `if gate is not None:`, the gate applied before a grouped norm).",
     ),
     (
         "norm-no-weight",
@@ -59,7 +68,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-form-unknown",
-        "The statements are not one of the known forms (the weight's offset added in the weight's dtype, a reshape into groups, a gate, ...): matched in part, never approximated.",
+        "The statements are not one of the known forms for the signature (the weight's offset added in the weight's dtype, a reshape into groups, a gate applied before the norm or activated otherwise than `ACT2FN[self.activation](gate.to(torch.float32))`, ...): matched in part, never approximated.",
+    ),
+    (
+        "norm-activation-unknown",
+        "A gated form's `ACT2FN` is not bound at the module's top level by exactly one `from <...>activations import ACT2FN` (transformers' activation table) and by nothing else.",
     ),
     (
         "norm-emit-invalid",
@@ -67,11 +80,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// A known RMSNorm form: the forward's statements (its single input named `param`; the
-/// Llama forms' shared first statements, [`LLAMA_PREFIX`], are put in front when
-/// `llama_prefix`), the `_norm` helper's when the forward calls one (its input named
-/// `helper_param`), how the op is called, and the condition (an attribute of the module)
-/// under which the weighted path runs, when the form branches on one.
+/// A known RMSNorm form: the forward's statements (its input named `param`, its gate `gate`
+/// for the gated forms; the Llama forms' shared first statements, [`LLAMA_PREFIX`], are put
+/// in front when `llama_prefix`), the `_norm` helper's when the forward calls one (its input
+/// named `helper_param`), how the op is called, and the condition (an attribute of the
+/// module) under which the weighted path runs, when the form branches on one.
 struct Form {
     name: &'static str,
     param: &'static str,
@@ -79,10 +92,24 @@ struct Form {
     forward: &'static str,
     norm_helper: Option<NormHelper>,
     eps: &'static str,
+    /// The weight's offset (`forward_rewrite.rms_norm`'s; the gated op takes none).
     offset: &'static str,
     cast_before_weight: bool,
     condition: Option<&'static str>,
+    gate: Option<Gate>,
 }
+
+/// A gated form's second input and the activation applied to it: `ACT2FN[<activation>]`.
+#[derive(Clone, Copy)]
+struct Gate {
+    param: &'static str,
+    activation: &'static str,
+}
+
+const ACT2FN_GATE: Gate = Gate {
+    param: "gate",
+    activation: "self.activation",
+};
 
 const LLAMA_PREFIX: &str = "input_dtype = hidden_states.dtype
 hidden_states = hidden_states.to(torch.float32)
@@ -125,6 +152,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 offset: "0.0",
                 cast_before_weight: true,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "olmo2",
@@ -136,6 +164,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 offset: "0.0",
                 cast_before_weight: false,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "helium",
@@ -147,6 +176,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 offset: "0.0",
                 cast_before_weight: false,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "gemma",
@@ -161,6 +191,7 @@ return output.type_as(x)
                 offset: "1.0",
                 cast_before_weight: false,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "moshi",
@@ -175,6 +206,7 @@ return output.type_as(x)
                 offset: "0.0",
                 cast_before_weight: false,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "llama4",
@@ -188,6 +220,7 @@ return output * self.weight
                 offset: "0.0",
                 cast_before_weight: true,
                 condition: None,
+                gate: None,
             },
             Form {
                 name: "gemma4",
@@ -203,6 +236,38 @@ return normed_output.type_as(hidden_states)
                 offset: "0.0",
                 cast_before_weight: false,
                 condition: Some("self.with_scale"),
+                gate: None,
+            },
+            // The gated forms: the gate activated in float32 after the weighted norm.
+            Form {
+                name: "qwen3-next",
+                param: "hidden_states",
+                llama_prefix: true,
+                forward: "hidden_states = self.weight * hidden_states.to(input_dtype)
+hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+return hidden_states.to(input_dtype)
+",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: true,
+                condition: None,
+                gate: Some(ACT2FN_GATE),
+            },
+            Form {
+                name: "kimi",
+                param: "hidden_states",
+                llama_prefix: true,
+                forward: "hidden_states = self.weight.to(torch.float32) * hidden_states
+hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+return hidden_states.to(input_dtype)
+",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: false,
+                condition: None,
+                gate: Some(ACT2FN_GATE),
             },
         ];
         list.into_iter()
@@ -276,15 +341,13 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             format!("{name}.forward calls forward_rewrite"),
         );
     }
-    let params = plain_parameters(forward, true);
-    let param = match params.as_deref() {
-        Some([(p, false)]) => p.clone(),
-        _ => {
-            return refuse(
-                "norm-signature",
-                format!("{name}.forward does not take exactly one input"),
-            );
-        }
+    let Some((param, gate)) = signature(forward) else {
+        return refuse(
+            "norm-signature",
+            format!(
+                "{name}.forward takes neither exactly one input nor an input and a gate (a second plain parameter, or one defaulting to None)"
+            ),
+        );
     };
     let body = body_without_docstring(forward);
     let helper = crate::syntax::method(&owner.body, "_norm");
@@ -295,7 +358,10 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             .any(|c| crate::syntax::self_attribute(&c.func) == Some("_norm"))
     });
     let matched = forms().iter().find(|(form, fwd, helper_t)| {
-        if form.param != param || !same_statements(body, fwd) {
+        if form.param != param
+            || form.gate.map(|g| g.param) != gate.as_deref()
+            || !same_statements(body, fwd)
+        {
             return false;
         }
         match (helper_t, helper, form.norm_helper) {
@@ -309,29 +375,62 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     });
     // Matched in full: the forms' own branches are known. Otherwise the most telling reason.
     let Some((form, _, _)) = matched else {
-        return refuse_unmatched(defs, name, line, body, helper_body);
+        let inputs = match &gate {
+            Some(g) => format!("({param}, {g})"),
+            None => format!("({param})"),
+        };
+        return refuse_unmatched(defs, name, line, &inputs, gate.is_some(), body, helper_body);
     };
-    let condition = form
-        .condition
-        .map(|c| format!("{c} and "))
-        .unwrap_or_default();
-    let lines = [
-        format!(
-            "if {condition}forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
-            form.eps
-        ),
-        format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
-        format!(
-            "    return forward_rewrite.rms_norm({param}, self.weight, {}, offset={}, cast_before_weight={})",
-            form.eps,
-            form.offset,
-            if form.cast_before_weight {
-                "True"
-            } else {
-                "False"
+    let cast = if form.cast_before_weight {
+        "True"
+    } else {
+        "False"
+    };
+    let lines = match form.gate {
+        None => {
+            let condition = form
+                .condition
+                .map(|c| format!("{c} and "))
+                .unwrap_or_default();
+            vec![
+                format!(
+                    "if {condition}forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
+                    form.eps
+                ),
+                format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
+                format!(
+                    "    return forward_rewrite.rms_norm({param}, self.weight, {}, offset={}, cast_before_weight={cast})",
+                    form.eps, form.offset,
+                ),
+            ]
+        }
+        Some(g) => {
+            if !binds_act2fn(defs) {
+                return refuse(
+                    "norm-activation-unknown",
+                    format!(
+                        "{name}.forward is the {} gated form, but the module does not bind ACT2FN by exactly one `from ...activations import ACT2FN` and nothing else",
+                        form.name
+                    ),
+                );
             }
-        ),
-    ];
+            let gate = gate.as_deref().unwrap_or(g.param);
+            vec![
+                format!(
+                    "if (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, {param}, {gate}, self.weight, {}, ACT2FN[{}])) is not None:",
+                    form.eps, g.activation
+                ),
+                format!(
+                    "    # forward-rewrite: fused gated RMSNorm ({} form)",
+                    form.name
+                ),
+                format!(
+                    "    return forward_rewrite.gated_rms_norm({param}, {gate}, self.weight, {}, activation=_fr_act, cast_before_weight={cast})",
+                    form.eps
+                ),
+            ]
+        }
+    };
     match emit_guarded(defs.source, forward, &lines) {
         Ok(patch) => {
             let mut site = refuse("norm-emit-invalid", String::new());
@@ -341,11 +440,20 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             site.patch = Some(patch);
             site.lowered.insert("form".into(), form.name.into());
             site.lowered.insert("eps".into(), form.eps.into());
-            site.lowered.insert("offset".into(), form.offset.into());
             site.lowered.insert(
                 "cast_before_weight".into(),
                 form.cast_before_weight.to_string(),
             );
+            match (form.gate, &gate) {
+                (Some(g), Some(gate)) => {
+                    site.lowered
+                        .insert("gate activation".into(), g.activation.into());
+                    site.lowered.insert("gate".into(), gate.clone());
+                }
+                _ => {
+                    site.lowered.insert("offset".into(), form.offset.into());
+                }
+            }
             if let Some(c) = form.condition {
                 site.lowered.insert("fused only when".into(), c.into());
             }
@@ -355,21 +463,94 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     }
 }
 
+/// The forward's input, and its gate when it takes one: `(self, x)`, or `(self, x, gate)`
+/// with the gate optionally defaulting to `None` (annotations allowed). None otherwise.
+fn signature(forward: &StmtFunctionDef) -> Option<(String, Option<String>)> {
+    match plain_parameters(forward, true)?.as_slice() {
+        [(p, false)] => Some((p.clone(), None)),
+        [(p, false), (g, has_default)] => {
+            let default_is_none = forward.parameters.args[2]
+                .default
+                .as_deref()
+                .is_some_and(Expr::is_none_literal_expr);
+            (!has_default || default_is_none).then(|| (p.clone(), Some(g.clone())))
+        }
+        _ => None,
+    }
+}
+
+/// Whether the module binds `ACT2FN` (which a gated form's guard line evaluates) as
+/// transformers' activation table: exactly one `from <...>activations import ACT2FN`, not
+/// renamed, at its top level (or under a top-level `if` / `try`), and nothing else binding
+/// the name there.
+fn binds_act2fn(defs: &ModuleDefs<'_>) -> bool {
+    const NAME: &str = "ACT2FN";
+    let mut table = 0;
+    let mut other = 0;
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
+    for stmt in statements {
+        match stmt {
+            Stmt::Import(import) => {
+                other += import
+                    .names
+                    .iter()
+                    .filter(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == NAME)
+                    .count();
+            }
+            Stmt::ImportFrom(import) => {
+                let from_activations = import
+                    .module
+                    .as_ref()
+                    .is_some_and(|m| m.as_str().rsplit('.').next() == Some("activations"));
+                for a in &import.names {
+                    if a.asname.as_ref().unwrap_or(&a.name).as_str() != NAME {
+                        continue;
+                    }
+                    if from_activations && a.name.as_str() == NAME {
+                        table += 1;
+                    } else {
+                        other += 1;
+                    }
+                }
+            }
+            Stmt::FunctionDef(f) if f.name.as_str() == NAME => other += 1,
+            Stmt::ClassDef(c) if c.name.as_str() == NAME => other += 1,
+            // their bodies are scopes of their own
+            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {}
+            _ => {
+                other += crate::syntax::stores_in_stmt(stmt)
+                    .iter()
+                    .filter(|n| n.id.as_str() == NAME)
+                    .count();
+            }
+        }
+    }
+    table == 1 && other == 0
+}
+
 /// The refusal of a norm no form matches: control flow, no weight, another normaliser, or
-/// an unknown arrangement of known parts, in that order.
+/// an unknown arrangement of known parts, in that order. `inputs` is the forward's
+/// parameter list as read (`(x)`, `(x, gate)`), `gated` whether it takes a gate.
 fn refuse_unmatched(
     defs: &ModuleDefs<'_>,
     name: &str,
     line: u32,
+    inputs: &str,
+    gated: bool,
     body: &[Stmt],
     helper_body: &[Stmt],
 ) -> Site {
     let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
     if body.iter().chain(helper_body).any(is_control_flow) {
-        return refuse(
-            "norm-control-flow",
-            format!("{name}.forward or its _norm branches or loops"),
-        );
+        let detail = if gated {
+            format!(
+                "{name}.forward{inputs} branches or loops (a gated norm testing its gate, as Mamba's `if gate is not None:` before a grouped norm): the known gated forms apply the gate after the norm, unconditionally"
+            )
+        } else {
+            format!("{name}.forward or its _norm branches or loops")
+        };
+        return refuse("norm-control-flow", detail);
     }
     let text = |stmts: &[Stmt]| -> String {
         stmts
@@ -389,10 +570,14 @@ fn refuse_unmatched(
             format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
         );
     }
-    refuse(
-        "norm-form-unknown",
-        format!("{name}.forward is not one of the known RMSNorm forms"),
-    )
+    let detail = if gated {
+        format!(
+            "{name}.forward{inputs} is not one of the known gated RMSNorm forms (qwen3-next, kimi: the weighted norm, then `* ACT2FN[self.activation](gate.to(torch.float32))`)"
+        )
+    } else {
+        format!("{name}.forward is not one of the known RMSNorm forms")
+    };
+    refuse("norm-form-unknown", detail)
 }
 
 #[cfg(test)]

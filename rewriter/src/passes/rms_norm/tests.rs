@@ -132,11 +132,24 @@ fn reason_norm_already_patched() {
 fn reason_norm_signature() {
     let r = report(&LLAMA.replace(
         "def forward(self, hidden_states: torch.Tensor)",
-        "def forward(self, hidden_states: torch.Tensor, residual=None)",
+        "def forward(self, hidden_states: torch.Tensor, residual=None, scale=1.0)",
     ));
     assert_eq!(
         site_reason(&r, "ToyRMSNorm").as_deref(),
         Some("norm-signature")
+    );
+}
+
+#[test]
+fn a_second_input_that_is_no_known_gate_is_refused() {
+    // Two inputs, the second defaulting to None: read as a gated norm, and no gated form.
+    let r = report(&LLAMA.replace(
+        "def forward(self, hidden_states: torch.Tensor)",
+        "def forward(self, hidden_states: torch.Tensor, residual=None)",
+    ));
+    assert_eq!(
+        site_reason(&r, "ToyRMSNorm").as_deref(),
+        Some("norm-form-unknown")
     );
 }
 
@@ -240,5 +253,317 @@ fn reason_norm_emit_invalid_is_documented() {
         super::REASONS
             .iter()
             .any(|(c, _)| *c == "norm-emit-invalid")
+    );
+}
+
+const QWEN3_NEXT_GATED: &str = "class ToyRMSNormGated(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.activation = \"silu\"
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        # Norm before gate
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = self.weight * hidden_states.to(input_dtype)
+        hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+
+        return hidden_states.to(input_dtype)
+
+
+class ToyRMSNorm(ToyRMSNormGated):
+    pass
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = ToyRMSNormGated(config.hidden_size)
+";
+
+const KIMI_GATED: &str = "class ToyRMSNormGated(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6, **kwargs) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.activation = \"sigmoid\"
+
+    def forward(self, hidden_states, gate=None) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+
+        # Strict FP32 norm (do not downcast on the weights)
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = self.weight.to(torch.float32) * hidden_states
+
+        # Apply gating
+        hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+
+        return hidden_states.to(input_dtype)
+
+
+class ToyRMSNorm(ToyRMSNormGated):
+    pass
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = ToyRMSNormGated(config.hidden_size)
+";
+
+/// Mamba 2's gated norm: the gate applied before a grouped norm, under a test.
+const MAMBA_GATED: &str = "class ToyRMSNormGated(torch.nn.Module):
+    def __init__(self, hidden_size, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, hidden_states, gate=None):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if gate is not None:
+            hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))
+        *prefix_dims, last_dim = hidden_states.shape
+        group_count = last_dim // self.group_size
+        hidden_states_group = hidden_states.view(*prefix_dims, group_count, self.group_size)
+        variance = hidden_states_group.pow(2).mean(-1, keepdim=True)
+        hidden_states_group = hidden_states_group * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = hidden_states_group.view(*prefix_dims, group_count * self.group_size)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class ToyRMSNorm(ToyRMSNormGated):
+    pass
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = ToyRMSNormGated(config.hidden_size, 64)
+";
+
+/// The site of `name` in the report.
+#[track_caller]
+fn site(r: &crate::audit::PassReport, name: &str) -> serde_json::Value {
+    crate::passes::fusion_common::testing::sites(r)
+        .into_iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no site {name}: {r:?}"))
+}
+
+#[test]
+fn qwen3_next_gated_form_is_patched() {
+    let r = report(QWEN3_NEXT_GATED);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNormGated");
+    insta::assert_snapshot!(patch);
+    assert!(patch.contains("if (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, hidden_states, gate, self.weight, self.variance_epsilon, ACT2FN[self.activation])) is not None:"), "{patch}");
+    assert!(patch.contains("return forward_rewrite.gated_rms_norm(hidden_states, gate, self.weight, self.variance_epsilon, activation=_fr_act, cast_before_weight=True)"), "{patch}");
+    let lowered = &site(&r, "ToyRMSNormGated")["lowered"];
+    assert_eq!(
+        lowered,
+        &serde_json::json!({
+            "form": "qwen3-next",
+            "eps": "self.variance_epsilon",
+            "cast_before_weight": "true",
+            "gate activation": "self.activation",
+            "gate": "gate",
+        })
+    );
+    // The subclass runs the gated forward: not a site of its own.
+    assert_eq!(
+        site_reason(&r, "ToyRMSNorm").as_deref(),
+        Some("norm-forward-elsewhere")
+    );
+}
+
+#[test]
+fn kimi_gated_form_is_patched_with_the_gate_defaulting_to_none() {
+    let r = report(KIMI_GATED);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNormGated");
+    insta::assert_snapshot!(patch);
+    assert!(patch.starts_with("def forward(self, hidden_states, gate=None)"));
+    assert!(
+        patch.contains("activation=_fr_act, cast_before_weight=False)"),
+        "{patch}"
+    );
+    let lowered = &site(&r, "ToyRMSNormGated")["lowered"];
+    assert_eq!(lowered["form"], "kimi");
+    assert_eq!(lowered["cast_before_weight"], "false");
+    assert!(lowered.get("offset").is_none(), "{lowered}");
+}
+
+#[test]
+fn gated_forms_take_the_gate_by_its_own_name_and_a_none_default_only() {
+    // Another name for the gate than the form's: its statements name `gate`, so not a form.
+    let renamed = QWEN3_NEXT_GATED.replace(
+        "gate: torch.Tensor) -> torch.Tensor:",
+        "z: torch.Tensor) -> torch.Tensor:",
+    );
+    assert_eq!(
+        site_reason(&report(&renamed), "ToyRMSNormGated").as_deref(),
+        Some("norm-form-unknown")
+    );
+    // The default None accepted on the Qwen3-Next form too; another default is not.
+    let none = QWEN3_NEXT_GATED.replace("gate: torch.Tensor)", "gate: torch.Tensor | None = None)");
+    assert_eq!(report(&none).verdict, "patched");
+    let other = QWEN3_NEXT_GATED.replace("gate: torch.Tensor)", "gate: float = 1.0)");
+    assert_eq!(
+        site_reason(&report(&other), "ToyRMSNormGated").as_deref(),
+        Some("norm-signature")
+    );
+}
+
+#[test]
+fn gate_applied_before_the_norm_is_refused() {
+    let text = QWEN3_NEXT_GATED.replace(
+        "        hidden_states = hidden_states.to(torch.float32)\n",
+        "        hidden_states = hidden_states.to(torch.float32)\n        hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))\n",
+    ).replace(
+        "        hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))\n\n",
+        "\n",
+    );
+    assert_ne!(text, QWEN3_NEXT_GATED);
+    let r = report(&text);
+    assert_eq!(r.verdict, "refused", "{r:?}");
+    let s = site(&r, "ToyRMSNormGated");
+    assert_eq!(s["reason"], "norm-form-unknown");
+    assert!(
+        s["detail"]
+            .as_str()
+            .unwrap()
+            .contains("known gated RMSNorm forms"),
+        "{s}"
+    );
+}
+
+#[test]
+fn gate_activated_otherwise_is_refused() {
+    for activated in [
+        // transformers 4.57's Qwen3-Next: F.silu, not the ACT2FN table
+        "F.silu(gate.to(torch.float32))",
+        // no float32 cast of the gate
+        "ACT2FN[self.activation](gate)",
+        // another activation attribute
+        "ACT2FN[self.act](gate.to(torch.float32))",
+    ] {
+        let text =
+            QWEN3_NEXT_GATED.replace("ACT2FN[self.activation](gate.to(torch.float32))", activated);
+        let r = report(&text);
+        assert_eq!(
+            site_reason(&r, "ToyRMSNormGated").as_deref(),
+            Some("norm-form-unknown"),
+            "{activated}"
+        );
+    }
+}
+
+#[test]
+fn mamba_gated_form_is_refused_for_its_branch() {
+    let r = report(MAMBA_GATED);
+    assert_eq!(r.verdict, "refused", "{r:?}");
+    let s = site(&r, "ToyRMSNormGated");
+    assert_eq!(s["reason"], "norm-control-flow");
+    assert!(
+        s["detail"]
+            .as_str()
+            .unwrap()
+            .contains("if gate is not None:"),
+        "{s}"
+    );
+}
+
+#[test]
+fn reason_norm_activation_unknown() {
+    let module = |imports: &str| {
+        crate::passes::fusion_common::testing::module(QWEN3_NEXT_GATED)
+            .replace("from ...activations import ACT2FN\n", imports)
+    };
+    let run = |text: &str| {
+        let r = crate::passes::fusion_common::testing::run_module(&super::PASS, text);
+        site_reason(&r, "ToyRMSNormGated")
+    };
+    // transformers' own import, relative or absolute, is accepted
+    for ok in [
+        "from ...activations import ACT2FN\n",
+        "from transformers.activations import ACT2FN\n",
+    ] {
+        assert_eq!(run(&module(ok)), None, "{ok}");
+    }
+    for refused in [
+        // not imported
+        "",
+        // renamed from elsewhere
+        "from .table import MY_TABLE as ACT2FN\n",
+        // imported, then rebound
+        "from ...activations import ACT2FN\nACT2FN = {}\n",
+        // imported twice
+        "from ...activations import ACT2FN\nfrom transformers.activations import ACT2FN\n",
+    ] {
+        assert_eq!(
+            run(&module(refused)).as_deref(),
+            Some("norm-activation-unknown"),
+            "{refused}"
+        );
+    }
+}
+
+#[test]
+fn a_gated_norm_after_a_residual_add_is_not_fused_into_it() {
+    // Kimi's gate defaults to None, so `self.norm(h)` is a call of it the residual-norm pass
+    // sees; the norm is patched here, but as gated_rms_norm: add_rms_norm is not its form.
+    let norm = KIMI_GATED
+        .split("\n\nclass ToyRMSNorm(")
+        .next()
+        .unwrap()
+        .replace("class ToyRMSNormGated(", "class ToyRMSNorm(");
+    let text = format!(
+        "import torch
+from torch import nn
+from ...activations import ACT2FN
+
+
+{norm}
+
+class ToyDecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mlp = ToyMLP(config)
+        self.post_attention_layernorm = ToyRMSNorm(config.hidden_size)
+
+    def forward(self, hidden_states, residual):
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        return self.mlp(hidden_states) + residual
+
+
+class ToyForCausalLM(ToyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = nn.ModuleList([ToyDecoderLayer(config) for _ in range(2)])
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        return self.lm_head(self.layers[0](input_ids, input_ids))
+"
+    );
+    let run = |pass| crate::passes::fusion_common::testing::run_module(pass, &text);
+    assert_eq!(run(&super::PASS).verdict, "patched");
+    let r = run(&crate::passes::residual_norm::PASS);
+    assert_eq!(r.verdict, "refused", "{r:?}");
+    assert_eq!(r.reason.as_deref(), Some("residual-norm-norm-refused"));
+    assert!(
+        r.detail.contains("a gated norm (rms-norm's kimi form"),
+        "{}",
+        r.detail
     );
 }
