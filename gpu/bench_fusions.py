@@ -1,4 +1,5 @@
-"""Speed of the fused decoder ops (forward_rewrite.rms_norm, add_rms_norm, rotary, gated_mlp_act)
+"""Speed of the fused decoder ops (forward_rewrite.rms_norm, add_rms_norm, rotary, gated_mlp_act,
+gated_rms_norm)
 on the GPU machine, interleaved with stock torch and with Liger Kernel's equivalents, against the HBM
 bytes floor; prints a markdown table.
 
@@ -8,7 +9,8 @@ bytes floor; prints a markdown table.
 
 Shapes: the decoder layers of Llama-3.2-1B, Qwen3-0.6B (plus its per-head q/k norms),
 Gemma-2-2B (Gemma's (1 + w) norm, GELU-tanh), Phi-3-mini (gate/up as chunks of one
-projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), bf16, 8 sequences
+projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), and Qwen3-Next-80B's
+gated norm (32 value heads of 128 per token; ours and stock only), bf16, 8 sequences
 of 4096 tokens (the batch of issue 10's table). Per op, the forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
 
 Methods: ours (Phi-3: gated_mlp_act_packed on the gate_up tensor); stock (the transformers
@@ -58,6 +60,9 @@ MODELS = {
     # hidden 4096, head_dim 128: the shapes of most 7-9B models (Llama-3-8B, Qwen2.5-7B, GLM-4)
     "Mistral-7B": (4096, 32, 8, 128, 14336, "llama", "silu", 1e-5),
 }
+#: Gated norms (value heads, head_dim, form, eps), benchmarked alone: Qwen3-Next-80B's linear
+#: attention output norm (Qwen3.5 has the same shape per head), against the stock module.
+GATED_NORMS = {"Qwen3-Next-80B": (32, 128, "qwen3-next", 1e-6)}
 
 
 def size(t):
@@ -180,16 +185,56 @@ def gated_fns(activation, chunked, liger, compiled):
     return fns
 
 
+def gated_norm_fns(form, eps, head_dim):
+    from transformers.models.kimi_linear.modeling_kimi_linear import (
+        KimiLinearRMSNormGated,
+    )
+    from transformers.models.qwen3_next.modeling_qwen3_next import (
+        Qwen3NextRMSNormGated,
+    )
+
+    cls = Qwen3NextRMSNormGated if form == "qwen3-next" else KimiLinearRMSNormGated
+    module = cls(head_dim, eps=eps).to(device=DEVICE, dtype=DTYPE)
+
+    def stock(x, gate, w):
+        return torch.func.functional_call(module, {"weight": w}, (x, gate))
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x,
+            gate,
+            w,
+            eps,
+            activation=module.activation,
+            cast_before_weight=form == "qwen3-next",
+        )
+
+    return {"ours": ours, "stock": stock}
+
+
 # ---- cases -----------------------------------------------------------------------------------
 
 
 def make_cases(model, tokens, seq, liger, compiled):
-    hid, heads, kv, hd, inter, style, act, eps = MODELS[model]
     batch = max(tokens // seq, 1)
     g = torch.Generator(device=DEVICE).manual_seed(0)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(DTYPE)
+
+    if model in GATED_NORMS:
+        heads, hd, form, eps = GATED_NORMS[model]
+        x = randn(batch * seq, heads, hd, scale=2.0)
+        gate = randn(batch * seq, heads, hd, scale=2.0)
+        w = randn(hd, scale=0.1) + 1.0
+        n = x.numel() // hd
+        # forward: x, gate, w in; y, 1/rms out. backward: dy, x, gate, w, 1/rms in; dx,
+        # dgate, dw out
+        floors = (3 * size(x) + size(w) + n * 4, 5 * size(x) + 2 * size(w) + n * 4)
+        return [
+            ("gated_rms_norm", gated_norm_fns(form, eps, hd), [x, gate, w], [], floors)
+        ]
+    hid, heads, kv, hd, inter, style, act, eps = MODELS[model]
 
     cases = []
     x = randn(batch, seq, hid, scale=2.0)
@@ -376,7 +421,7 @@ def accuracy(fns, inputs, consts):
 def main():
     global DEVICE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join([*MODELS, *GATED_NORMS]))
     ap.add_argument("--tokens", type=int, default=8 * 4096)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--methods", default="ours,stock,liger")

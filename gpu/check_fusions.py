@@ -1,5 +1,5 @@
 """Correctness of the fused decoder ops' CUDA kernels (forward_rewrite.rms_norm, add_rms_norm,
-rotary, gated_mlp_act) on the GPU machine, at the shapes of Llama-3.2-1B, Qwen3-0.6B, Gemma-2-2B and
+gated_rms_norm, rotary, gated_mlp_act) on the GPU machine, at the shapes of Llama-3.2-1B, Qwen3-0.6B, Gemma-2-2B and
 Phi-3-mini, plus the layouts and fallbacks the models and the launchers produce.
 
     python3 gpu/check_fusions.py [--quick] [--tokens N]   (gpu/run.sh check_fusions stages it)
@@ -11,7 +11,8 @@ gradient (x and weight; q and k; gate and up) of
 
   ours   the public op and its autograd (CUDA kernels),
   stock  the transformers module or function the rewriter replaces (LlamaRMSNorm,
-         Gemma2RMSNorm, a residual add and one of them, Qwen3RMSNorm over heads, apply_rotary_pos_emb of Llama / Phi / GLM /
+         Gemma2RMSNorm, a residual add and one of them, Qwen3RMSNorm over heads,
+         Qwen3NextRMSNormGated / KimiLinearRMSNormGated, apply_rotary_pos_emb of Llama / Phi / GLM /
          Cohere, ACT2FN[act](gate) * up, Phi3MLP's chunked gate_up),
   ref    the same formula in float64 (on the GPU),
   twin   ours on the CPU (the Rust code CI tests) from the same inputs,
@@ -51,6 +52,16 @@ from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi import modeling_phi
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+try:  # the gated norms' stock modules (transformers 5.x)
+    from transformers.models.kimi_linear.modeling_kimi_linear import (
+        KimiLinearRMSNormGated,
+    )
+    from transformers.models.qwen3_next.modeling_qwen3_next import (
+        Qwen3NextRMSNormGated,
+    )
+except ImportError:
+    KimiLinearRMSNormGated = Qwen3NextRMSNormGated = None
 
 ARGS = None
 DEVICE = "cuda"
@@ -228,6 +239,60 @@ def case_rms(shape, eps, style, w_dtype=None, *, shift=False, cls=None):
             stock,
             lambda x, w: ref(x, w, eps),
             names=["y", "dx", "dw"],
+        )
+
+    return make
+
+
+def gated_ref(activation):
+    def f(x, gate, w, eps):
+        act = torch.sigmoid(gate) if activation == "sigmoid" else F.silu(gate)
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * act
+
+    return f
+
+
+def case_gated_rms(shape, eps, style, w_dtype=None, *, shift=False):
+    """A gated norm: style "qwen3-next" (Qwen3NextRMSNormGated: SiLU, the weight applied
+    after the cast) or "kimi" (KimiLinearRMSNormGated: sigmoid, all in float32)."""
+
+    def make(name, dtype):
+        cls = Qwen3NextRMSNormGated if style == "qwen3-next" else KimiLinearRMSNormGated
+        if cls is None:
+            raise RuntimeError("this transformers has no gated norm modules")
+        g = gen()
+        wd = w_dtype or dtype
+        x = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        gate = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        w = (randn(shape[-1], g=g) * 0.2 + 1.0).to(wd)
+        module = cls(shape[-1], eps=eps).to(device=DEVICE, dtype=wd)
+        activation = module.activation
+
+        def stock(x, gate, w):
+            return torch.func.functional_call(module, {"weight": w}, (x, gate))
+
+        def ours(x, gate, w):
+            if shift:
+                x = misaligned(x)
+                assert x.data_ptr() % 16 != 0
+            return forward_rewrite.gated_rms_norm(
+                x,
+                gate,
+                w,
+                eps,
+                activation=activation,
+                cast_before_weight=style == "qwen3-next",
+            )
+
+        ref = gated_ref(activation)
+        evaluate(
+            name,
+            dtype,
+            [x, gate, w],
+            ours,
+            stock,
+            lambda x, gate, w: ref(x, gate, w, eps),
+            names=["y", "dx", "dgate", "dw"],
         )
 
     return make
@@ -688,6 +753,31 @@ def cases(tokens):
             "add_rms_norm hidden 8200 (1025 vectors)": case_add_rms(
                 (small, 8200), 1e-6, "llama"
             ),
+            # Qwen3-Next-80B's linear attention: 32 value heads of 128, per token.
+            "gated_rms_norm Qwen3-Next (tokens, 32, 128)": case_gated_rms(
+                (batch, seq, 32, 128), 1e-6, "qwen3-next"
+            ),
+            "gated_rms_norm Kimi (tokens, 32, 128)": case_gated_rms(
+                (batch, seq, 32, 128), 1e-6, "kimi"
+            ),
+            "gated_rms_norm fp32 weight": case_gated_rms(
+                (small, 16, 128), 1e-6, "qwen3-next", torch.float32
+            ),
+            "gated_rms_norm hidden 100 (any kernel)": case_gated_rms(
+                (small, 100), 1e-6, "kimi"
+            ),
+            "gated_rms_norm misaligned rows (any kernel)": case_gated_rms(
+                (small, 256), 1e-6, "qwen3-next", shift=True
+            ),
+            "gated_rms_norm hidden 1000 (warp teams)": case_gated_rms(
+                (small, 1000), 1e-6, "qwen3-next"
+            ),
+            "gated_rms_norm hidden 8192 (block team)": case_gated_rms(
+                (small, 8192), 1e-6, "kimi"
+            ),
+            "gated_rms_norm hidden 8 (team of 1)": case_gated_rms(
+                (small, 8), 1e-6, "qwen3-next"
+            ),
             "rotary cos batch 2 (per-sequence positions)": case_rope(
                 sb, ss, 8, 2, 128, cos_batch=sb
             ),
@@ -744,6 +834,7 @@ QUICK = (
     "rotary GLM",
     "gated cols",
     "moe_experts",
+    "gated_rms_norm",
 )
 
 
@@ -763,6 +854,9 @@ def small_block(g, dtype=torch.bfloat16):
         k = h[..., :128].reshape(2, 64, 2, 64).transpose(1, 2)
         q, k = forward_rewrite.rotary(q, k, cos, sin)
         y = forward_rewrite.gated_mlp_act(q.transpose(1, 2).reshape(2, 64, 256), h)
+        y = forward_rewrite.gated_rms_norm(
+            y.view(2, 64, 2, 128), h.view(2, 64, 2, 128), w[:128]
+        )
         loss = y.float().square().mean() + k.float().square().mean()
         gx, gw = torch.autograd.grad(loss, (x, w))
         return loss.detach(), gx, gw
@@ -973,6 +1067,16 @@ def check_errors():
             "x",
         ),
         "weight (wrong size)": (lambda: forward_rewrite.rms_norm(x, w[:9]), "weight"),
+        "x (gated rows beyond 8192: the CUDA kernel's limit)": (
+            lambda: forward_rewrite.gated_rms_norm(
+                x.repeat(1, 129), x.repeat(1, 129), w.repeat(129)
+            ),
+            "x",
+        ),
+        "gate (float16 with bf16 x)": (
+            lambda: forward_rewrite.gated_rms_norm(x, x.half(), w),
+            "gate",
+        ),
         "weight (fp16 with bf16 x, Gemma order)": (
             lambda: _fusions_cuda.rms_norm_forward(x, w.half(), 1e-6, 0.0, False),
             "weight",
