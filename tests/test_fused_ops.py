@@ -681,6 +681,47 @@ def test_rotary_output_no_gradient_reaches_gives_its_input_none_like_stock():
             assert rel(x, y) <= 1e-13
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_single_matches_gemma4(dtype):
+    """Gemma 4 rotates q and k by separate calls of a one-tensor apply_rotary_pos_emb, on
+    (batch, seq, heads, head_dim) after the per-head norms (unsqueeze_dim=2)."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    g = gen(51)
+    x = (torch.randn(2, 7, 4, 64, generator=g) * 2).to(dtype)
+    cos, sin = rope_tables(2, 7, 64, seed=52, dtype=dtype)
+    dy = torch.randn(2, 7, 4, 64, generator=g)
+
+    def stock(x):
+        return modeling_gemma4.apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=2)
+
+    def ours(x):
+        return forward_rewrite.rotary_single(x, cos, sin, unsqueeze_dim=2)
+
+    ours_y, ours_g = grads(ours, [x], dy.to(dtype))
+    stock_y, stock_g = grads(stock, [x], dy.to(dtype))
+    xr = x.double().requires_grad_(True)
+    ref = (xr * cos.double()[:, :, None]) + (
+        modeling_gemma4.rotate_half(xr) * sin.double()[:, :, None]
+    )
+    ref.backward(dy.double())
+    check_against(
+        [*ours_y, *ours_g], [*stock_y, *stock_g], [ref.detach(), xr.grad], dtype, "x"
+    )
+
+
+def test_rotary_single_names_x_in_its_errors():
+    cos, sin = rope_tables(1, 5, 16, seed=53)
+    with pytest.raises(TypeError, match="^x"):
+        forward_rewrite.rotary_single([1.0], cos, sin)
+    with pytest.raises(ValueError, match="^x"):
+        forward_rewrite.rotary_single(torch.randn(16), cos, sin)
+    with pytest.raises(ValueError, match="^unsqueeze_dim"):
+        forward_rewrite.rotary_single(
+            torch.randn(1, 2, 5, 16), cos, sin, unsqueeze_dim=4
+        )
+
+
 def test_rotary_ranks_and_empty():
     # Rank 3: (heads, seq, head_dim) with cos (seq, head_dim) unsqueezed at 0; rank 2:
     # (seq, head_dim) with cos (seq, head_dim) unsqueezed at 0 broadcasts over nothing.
@@ -1518,6 +1559,7 @@ def test_public_api_is_exported():
         "gated_mlp_act",
         "gated_mlp_act_packed",
         "gated_rms_norm",
+        "rotary_single",
     ):
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)

@@ -15,6 +15,7 @@ from .fused_ops import (
     gated_rms_norm,
     rms_norm,
     rotary,
+    rotary_single,
 )
 from .guard import (
     LOSS_KWARGS,
@@ -46,6 +47,7 @@ __all__ = [
     "reset_stats",
     "rms_norm",
     "rotary",
+    "rotary_single",
     "set_chunk_budget_bytes",
     "set_keep_logits",
     "stats",

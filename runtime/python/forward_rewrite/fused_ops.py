@@ -21,6 +21,7 @@ node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._f
 * :func:`rotary` -- ``apply_rotary_pos_emb`` for q and k in one launch, out of place; partial
   rotary (the tail of each head passes through), the interleaved layout
   (``rotate_every_two``). Saves nothing but cos and sin.
+  :func:`rotary_single` the same for one tensor (Gemma 3n, Gemma 4).
 * :func:`gated_mlp_act` -- ``act_fn(gate_proj(x)) * up_proj(x)`` of ``LlamaMLP`` and its
   relatives, SiLU or tanh-GELU; the backward recomputes the activation from the inputs.
   :func:`gated_mlp_act_packed` the same on one ``gate_up`` tensor (Phi-3, the MoE experts'
@@ -50,6 +51,7 @@ __all__ = [
     "gated_rms_norm",
     "rms_norm",
     "rotary",
+    "rotary_single",
 ]
 
 
@@ -811,6 +813,45 @@ def rotary(
         q4, k4, cos4, sin4, rotary_dim, interleaved, head + pad, out_dtype
     )
     return q_out.reshape(q.shape), k_out.reshape(k.shape)
+
+
+def rotary_single(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    unsqueeze_dim: int = 1,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`` of one tensor (Gemma 3n, Gemma
+    4: q and k rotated by separate calls): :func:`rotary`'s computation, options and
+    gradients for x alone (the launch's k side is empty)."""
+    _tensor("x", x)
+    _dtype("x", x)
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, int):
+        raise TypeError(
+            f"unsqueeze_dim: expected an int, got {type(unsqueeze_dim).__name__}"
+        )
+    if x.dim() not in (2, 3, 4):
+        raise ValueError(f"x: expected 2 to 4 dimensions, got {tuple(x.shape)}")
+    if not -x.dim() <= unsqueeze_dim < x.dim():
+        raise ValueError(
+            f"unsqueeze_dim: {unsqueeze_dim} is out of range for x of shape {tuple(x.shape)}"
+        )
+    none = x.detach().narrow(unsqueeze_dim % x.dim(), 0, 0)
+    out, _ = rotary(
+        x,
+        none,
+        cos,
+        sin,
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+        unsqueeze_dim=unsqueeze_dim,
+        out_dtype=out_dtype,
+    )
+    return out
 
 
 # ---- gated MLP product --------------------------------------------------------------------------

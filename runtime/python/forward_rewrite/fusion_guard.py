@@ -46,6 +46,7 @@ __all__ = [
     "residual_norm",
     "rms_norm",
     "rotary",
+    "rotary_single",
 ]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -264,6 +265,12 @@ def rotary(q, k, cos, sin, unsqueeze_dim):
             return False
     taken["rotary"] += 1
     return True
+
+
+def rotary_single(x, cos, sin, unsqueeze_dim):
+    """Whether ``forward_rewrite.rotary_single(x, cos, sin, unsqueeze_dim=...)`` may replace
+    the stock body: ``rotary``'s conditions with x as both q and k."""
+    return rotary(x, x, cos, sin, unsqueeze_dim)
 
 
 def _silu_class():

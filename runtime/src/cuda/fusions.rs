@@ -828,15 +828,19 @@ pub fn rotary(c: &RopeCall) -> Result<()> {
     if positions == 0 || c.head_dim == 0 || c.q_heads + c.k_heads == 0 {
         return Ok(());
     }
-    for (n, p) in [
-        ("q", c.q),
-        ("k", c.k),
-        ("cos", c.cos),
-        ("sin", c.sin),
-        ("q_out", c.q_out),
-        ("k_out", c.k_out),
+    // k may have no heads (`rotary_single`): its pointers are then never read, and an
+    // empty output's address may be 0; likewise q.
+    for (n, p, heads) in [
+        ("q", c.q, c.q_heads),
+        ("k", c.k, c.k_heads),
+        ("cos", c.cos, 1),
+        ("sin", c.sin, 1),
+        ("q_out", c.q_out, c.q_heads),
+        ("k_out", c.k_out, c.k_heads),
     ] {
-        nonzero(n, p)?;
+        if heads > 0 {
+            nonzero(n, p)?;
+        }
     }
     let grid =
         u32::try_from(positions).map_err(|_| CudaError::argument("q: too many positions"))?;

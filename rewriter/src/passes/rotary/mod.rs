@@ -1,5 +1,7 @@
 //! The `rotary` pass: the module-level `apply_rotary_pos_emb` rewritten to
-//! `forward_rewrite.rotary` (q and k in one fused call).
+//! `forward_rewrite.rotary` (q and k in one fused call), or for a function of one tensor
+//! (Gemma 3n, Gemma 4: `(x, cos, sin, unsqueeze_dim=1)`, [`SINGLE_FORMS`]) to
+//! `forward_rewrite.rotary_single`.
 //!
 //! Site: the function `apply_rotary_pos_emb` of the module, when a class the model reaches
 //! calls it by that name (the attention classes; the call resolves the module global at run
@@ -49,7 +51,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "rotary-signature",
-        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)`, nor transformers 4.x's `(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)` (one tensor, `**kwargs`, ...).",
+        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)`, transformers 4.x's `(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)` nor Gemma 4's one tensor `(x, cos, sin, unsqueeze_dim=1)` (optional k, `**kwargs`, ...).",
     ),
     (
         "rotate-half-unknown",
@@ -367,9 +369,30 @@ return q_embed.to(original_dtype), k_embed.to(original_dtype)
     },
 ];
 
-/// The parsed bodies of [`FORMS`] and of [`ROTATIONS`], index for index.
+/// The forms of a one-tensor `apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1)` (Gemma 3n,
+/// Gemma 4: q and k rotated by separate calls), lowered to `forward_rewrite.rotary_single`.
+const SINGLE_FORMS: &[Form] = &[Form {
+    name: "single",
+    bodies: &[concat!(
+        unsqueeze!(),
+        "return (x * cos) + (rotate_half(x) * sin)\n"
+    )],
+    helper: "rotate_half",
+    tables: Tables::Plain,
+    cast_back: false,
+}];
+
+/// What the function rotates, by its parameters: q and k, or one tensor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Operands {
+    Pair,
+    Single,
+}
+
+/// The parsed bodies of [`FORMS`], [`SINGLE_FORMS`] and [`ROTATIONS`], index for index.
 struct Templates {
     forms: Vec<Vec<ParsedSource>>,
+    single_forms: Vec<Vec<ParsedSource>>,
     rotations: Vec<Vec<ParsedSource>>,
 }
 
@@ -378,6 +401,7 @@ fn templates() -> &'static Templates {
     let parse = |bodies: &[&str]| bodies.iter().map(|b| fusion_common::template(b)).collect();
     T.get_or_init(|| Templates {
         forms: FORMS.iter().map(|f| parse(f.bodies)).collect(),
+        single_forms: SINGLE_FORMS.iter().map(|f| parse(f.bodies)).collect(),
         rotations: ROTATIONS.iter().map(|r| parse(r.bodies)).collect(),
     })
 }
@@ -442,8 +466,12 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
         .as_ref()
         .map(|p| p.iter().map(|(n, d)| (n.as_str(), *d)).collect());
     const TENSORS: [(&str, bool); 4] = [("q", false), ("k", false), ("cos", false), ("sin", false)];
-    let signature_ok = match names.as_deref() {
-        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == TENSORS => true,
+    const SINGLE: [(&str, bool); 3] = [("x", false), ("cos", false), ("sin", false)];
+    let operands = match names.as_deref() {
+        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == TENSORS => Some(Operands::Pair),
+        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == SINGLE => {
+            Some(Operands::Single)
+        }
         // transformers 4.x: `position_ids=None`, deprecated and unused (no form reads it,
         // nor does the emitted call).
         Some(
@@ -452,17 +480,21 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
                 ("position_ids", true),
                 ("unsqueeze_dim", true),
             ],
-        ) => tensors == TENSORS,
-        _ => false,
+        ) if tensors == TENSORS => Some(Operands::Pair),
+        _ => None,
     };
-    if !signature_ok {
+    let Some(operands) = operands else {
         return refuse(
             "rotary-signature",
-            "the parameters are not (q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)",
+            "the parameters are not (q, k, cos, sin[, position_ids=None], unsqueeze_dim=1) nor (x, cos, sin, unsqueeze_dim=1)",
         );
-    }
+    };
     let body = body_without_docstring(function);
-    let Some(form) = first_match(FORMS, &templates().forms, body) else {
+    let (forms, bodies) = match operands {
+        Operands::Pair => (FORMS, &templates().forms),
+        Operands::Single => (SINGLE_FORMS, &templates().single_forms),
+    };
+    let Some(form) = first_match(forms, bodies, body) else {
         return refuse(
             "rotary-form-unknown",
             "apply_rotary_pos_emb is not one of the known forms",
@@ -489,6 +521,10 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
     } else {
         sin
     };
+    let (tensors, first, what, call) = match operands {
+        Operands::Pair => ("q, k", "q", "q and k", "rotary"),
+        Operands::Single => ("x", "x", "one tensor", "rotary_single"),
+    };
     let keywords = format!(
         "{}{}",
         if rotation.interleaved {
@@ -497,19 +533,19 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             ""
         },
         if form.cast_back {
-            ", out_dtype=q.dtype"
+            format!(", out_dtype={first}.dtype")
         } else {
-            ""
+            String::new()
         },
     );
     let lines = [
-        "if forward_rewrite.fusion_guard.rotary(q, k, cos, sin, unsqueeze_dim):".to_string(),
+        format!("if forward_rewrite.fusion_guard.{call}({tensors}, cos, sin, unsqueeze_dim):"),
         format!(
-            "    # forward-rewrite: fused rotary embedding of q and k ({} form, {} rotation)",
+            "    # forward-rewrite: fused rotary embedding of {what} ({} form, {} rotation)",
             form.name, rotation.name
         ),
         format!(
-            "    return forward_rewrite.rotary(q, k, {}, {sin}, unsqueeze_dim=unsqueeze_dim{keywords})",
+            "    return forward_rewrite.{call}({tensors}, {}, {sin}, unsqueeze_dim=unsqueeze_dim{keywords})",
             form.tables.of("cos")
         ),
     ];

@@ -406,8 +406,8 @@ fn transformers_4_signature_with_unused_position_ids_is_patched() {
 #[test]
 fn reason_rotary_signature() {
     for signature in [
-        // Gemma 4: one tensor at a time
-        "(x, cos, sin, unsqueeze_dim=1)",
+        // Qwen4-Exp: k optional (and the tables after it)
+        "(q, k=None, cos=None, sin=None, unsqueeze_dim=1)",
         // position ids without a default, or after unsqueeze_dim
         "(q, k, cos, sin, position_ids, unsqueeze_dim=1)",
         "(q, k, cos, sin, unsqueeze_dim=1, position_ids=None)",
@@ -421,6 +421,44 @@ fn reason_rotary_signature() {
             .as_deref(),
             Some("rotary-signature"),
             "{signature}"
+        );
+    }
+}
+
+const SINGLE: &str = "def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+    \"\"\"Applies Rotary Position Embedding to the query and key tensors.\"\"\"
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (x * cos) + (rotate_half(x) * sin)
+";
+
+#[test]
+fn gemma4_single_tensor_form_is_patched_to_rotary_single() {
+    let r = report(&format!("{HALVES}\n\n{SINGLE}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    insta::assert_snapshot!(patch);
+    assert!(patch.contains(
+        "return forward_rewrite.rotary_single(x, cos, sin, unsqueeze_dim=unsqueeze_dim)"
+    ));
+    // The pair's body under the single signature, and the single body with another name or
+    // another product, are not forms of one tensor.
+    let pair_body = FULL.replace(
+        "(q, k, cos, sin, unsqueeze_dim=1)",
+        "(x, cos, sin, unsqueeze_dim=1)",
+    );
+    for body in [
+        pair_body,
+        SINGLE.replace(
+            "(x * cos) + (rotate_half(x) * sin)",
+            "(x * cos) - (rotate_half(x) * sin)",
+        ),
+        SINGLE.replace("(x * cos)", "(x.float() * cos)"),
+    ] {
+        assert_eq!(
+            reason(HALVES, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
         );
     }
 }
