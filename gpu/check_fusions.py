@@ -530,6 +530,33 @@ def case_rope_bshd(batch, seq, heads, kv, head_dim):
     return make
 
 
+def case_rope_single(batch, seq, heads, head_dim):
+    """Gemma 4's one-tensor apply_rotary_pos_emb on (batch, seq, heads, head_dim),
+    unsqueeze_dim=2: forward_rewrite.rotary_single (the launch's k side empty)."""
+
+    def make(name, dtype):
+        from transformers.models.gemma4 import modeling_gemma4
+
+        g = gen()
+        x = randn(batch, seq, heads, head_dim, g=g, dtype=dtype)
+        cos, sin = tables(batch, seq, head_dim, dtype=dtype, g=g)
+        pair = rope_ref(head_dim, False, unsqueeze_dim=2)
+        evaluate(
+            name,
+            dtype,
+            [x],
+            lambda x, c, s: forward_rewrite.rotary_single(x, c, s, unsqueeze_dim=2),
+            lambda x, c, s: modeling_gemma4.apply_rotary_pos_emb(
+                x, c, s, unsqueeze_dim=2
+            ),
+            lambda x, c, s: pair(x, x, c, s)[0],
+            consts=(cos, sin),
+            names=["x_out", "dx"],
+        )
+
+    return make
+
+
 # ---- gated MLP product ----------------------------------------------------------------------
 
 
@@ -794,6 +821,9 @@ def cases(tokens):
             "rotary Cohere interleaved, q's dtype": case_rope_cohere(sb, ss, 8, 8, 128),
             "rotary (b, s, h, d) unsqueeze_dim=2": case_rope_bshd(sb, ss, 8, 4, 64),
             "rotary d6 (scalar kernel)": case_rope(sb, ss, 3, 1, 6),
+            # Gemma 4's global layers: 512-wide heads, q and k rotated by separate calls
+            "rotary_single Gemma 4 (b, s, 8, 512)": case_rope_single(sb, ss, 8, 512),
+            "rotary_single d6 (scalar kernel)": case_rope_single(sb, ss, 3, 6),
             "rotary Phi partial d10 r4 (scalar)": case_rope_phi_partial(
                 sb, ss, 2, 10, 4
             ),
@@ -835,6 +865,7 @@ QUICK = (
     "gated cols",
     "moe_experts",
     "gated_rms_norm",
+    "rotary_single",
 )
 
 

@@ -154,6 +154,24 @@ SHAPES = {
             "tie_word_embeddings": False,
         },
     ),
+    # Gemma 4's text decoder at Gemma4TextConfig's default shapes (hidden 2304, 8 heads of
+    # 256, global layers' heads of 512 with partial rotary, GeGLU 9216), 12 of 30 layers,
+    # without the per-layer input embeddings: q and k rotated by separate one-tensor calls
+    # (rotary_single), which Liger's patch leaves to transformers
+    "gemma4-12l": (
+        "gemma4_text",
+        {
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "hidden_size_per_layer_input": 0,
+            "vocab_size": 262144,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 #: The models of issue 10's first table (the default); the others by --models.
 DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]
