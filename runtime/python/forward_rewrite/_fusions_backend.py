@@ -1,12 +1,16 @@
 """The backend contract of the decoder-fusion ops and the checks every backend runs.
 
 A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
-``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with six functions::
+``forward_rewrite._fusions_cuda``: the CUDA kernels through cudarc) with eight functions::
 
     rms_norm_forward(x, weight, eps, offset, cast_before_weight, residual=None)
         -> (y, rstd), or (y, rstd, s) with a residual
     rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad,
         dres=None) -> (dx, dw or None)
+    gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation)
+        -> (y, rstd)
+    gated_rms_norm_backward(dy, x, gate, weight, rstd, cast_before_weight, activation,
+        weight_grad) -> (dx, dgate, dw or None)
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
     gated_act(gate, up, activation) -> out
@@ -24,11 +28,14 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   are those of s, bit for bit). Its backward takes ``x = s`` and ``dres`` (x's shape, dtype
   and device, contiguous), the gradient reaching s from elsewhere, added to dx in float32
   before dx's one rounding: ``dx = round(norm's dx + dres)``; dw is unchanged.
+* gated RMSNorm: as RMSNorm, with ``gate`` of x's shape, dtype and device, contiguous; y, dy,
+  dx and dgate of x's dtype (the forms end in ``.to(input_dtype)``); ``activation`` "silu" or
+  "sigmoid"; on CUDA rows of at most ``GATED_NORM_MAX_HIDDEN`` elements.
 * rotary: q, k, cos, sin 4-D, unit stride along the last dimension, any other strides;
   ``head_index`` (0, 1 or 2) is the dimension cos and sin are broadcast over (size 1 there);
   on the two other leading dimensions cos/sin have q's size or 1. Outputs have q's and k's
-  layouts (``torch.empty_like``). With ``transpose`` the inputs are the output gradients and
-  ``out_dtype`` is q's dtype.
+  layouts (``torch.empty_like``); k may have no heads (``rotary_single``). With
+  ``transpose`` the inputs are the output gradients and ``out_dtype`` is q's dtype.
 * gated product: gate and up (rows, cols) with unit stride along cols and a row stride of at
   least cols (Phi-3's chunks of one projection); outputs contiguous. The packed backward
   takes gate_up (rows, 2 * cols) (gate its first half, up its second, row stride at least
