@@ -88,25 +88,31 @@ def test_every_patched_class_of_an_older_release_matches_stock(version):
         assert fused[name] >= floor, (name, fused[name])
 
 
-QWEN2_5_VL = r"""
+QWEN_VL = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
 import torch, transformers
 import forward_rewrite
 from forward_rewrite import fusion_guard
 from forward_rewrite.verify import grad_error, loss_and_grads, rel_err
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 assert transformers.__version__ == sys.argv[1], transformers.__version__
-config = Qwen2_5_VLConfig(
+text = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-    vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64,
-                   "num_heads": 2, "out_hidden_size": 64},
 )
+if MODEL == "qwen2_5_vl":
+    from transformers import Qwen2_5_VLConfig as Config
+    from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": 64}
+else:
+    from transformers import Qwen2VLConfig as Config
+    from transformers import Qwen2VLForConditionalGeneration as Model
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
 torch.manual_seed(0)
-model = Qwen2_5_VLForConditionalGeneration(config).float().train()
+model = Model(Config(**text, vision_config=vision)).float().train()
 ids = torch.randint(0, 128, (2, 16))
 labels = ids.clone()
 labels[0, :3] = -100
@@ -124,12 +130,13 @@ print(json.dumps({
 """
 
 
-def test_qwen2_5_vl_of_4_57_fuses_residual_adds_into_qwen2s_imported_norm():
-    """transformers 4.57's Qwen2.5-VL builds its decoder norms from qwen2's `Qwen2RMSNorm`
-    (imported): the residual-norm site fuses there once qwen2's rms-norm site is in place,
-    and the model matches stock (a hand-made tiny config: the generic shrink does not fit
-    4.x's Qwen2-VL configs)."""
-    result = run_under("4.57.6", QWEN2_5_VL)
+@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_vl_of_4_57_fuses_residual_adds_into_qwen2s_imported_norm(model):
+    """transformers 4.57's Qwen2-VL and Qwen2.5-VL build their decoder norms from qwen2's
+    `Qwen2RMSNorm` (imported): the residual-norm site fuses there once qwen2's rms-norm site
+    is in place, and the model matches stock (hand-made tiny configs: the generic shrink
+    does not fit 4.x's Qwen2-VL configs)."""
+    result = run_under("4.57.6", f"MODEL = {model!r}\n" + QWEN_VL)
     assert result["taken"]["residual-norm"] == 2, result  # one per layer
     assert result["taken"]["rms-norm"] > 0, result
     assert result["same_params"], result
