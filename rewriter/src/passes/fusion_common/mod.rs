@@ -390,6 +390,78 @@ fn emit_edited(
     }
 }
 
+/// One import that binds a module-level name: `import <module> [as name]`, or `from <module>
+/// import <name> [as ...]` at `level` dots.
+pub enum ImportBinding<'a> {
+    Import {
+        module: &'a str,
+        aliased: bool,
+    },
+    From {
+        level: u32,
+        module: Option<&'a str>,
+        name: &'a str,
+    },
+}
+
+/// Whether `name` is bound at the module's top level (compound statements walked, function and
+/// class bodies being scopes of their own) exactly once, by an import `wanted` accepts, and by
+/// nothing else: another import, a `def` / `class`, or an assignment to it. What the runtime
+/// then finds under the name is what the import gave, as the rewriter read it.
+pub fn bound_only_by(
+    defs: &ModuleDefs<'_>,
+    name: &str,
+    wanted: impl Fn(ImportBinding<'_>) -> bool,
+) -> bool {
+    let (mut good, mut other) = (0, 0);
+    let mut tally = |ok: bool| {
+        if ok {
+            good += 1;
+        } else {
+            other += 1;
+        }
+    };
+    let mut statements = Vec::new();
+    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
+    for stmt in statements {
+        match stmt {
+            Stmt::Import(import) => {
+                for a in &import.names {
+                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == name {
+                        tally(wanted(ImportBinding::Import {
+                            module: a.name.as_str(),
+                            aliased: a.asname.is_some(),
+                        }));
+                    }
+                }
+            }
+            Stmt::ImportFrom(import) => {
+                for a in &import.names {
+                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == name {
+                        tally(wanted(ImportBinding::From {
+                            level: import.level,
+                            module: import.module.as_ref().map(|m| m.as_str()),
+                            name: a.name.as_str(),
+                        }));
+                    }
+                }
+            }
+            Stmt::FunctionDef(f) if f.name.as_str() == name => tally(false),
+            Stmt::ClassDef(c) if c.name.as_str() == name => tally(false),
+            // their bodies are scopes of their own
+            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {}
+            _ => {
+                for n in crate::syntax::stores_in_stmt(stmt) {
+                    if n.id.as_str() == name {
+                        tally(false);
+                    }
+                }
+            }
+        }
+    }
+    good == 1 && other == 0
+}
+
 /// The statements of a template (Python source) for structural comparison (ranges and
 /// formatting ignored).
 pub fn template(text: &str) -> ParsedSource {

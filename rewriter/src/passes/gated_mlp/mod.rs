@@ -29,7 +29,7 @@ use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
 
 use crate::audit::PassReport;
 use crate::passes::fusion_common::{
-    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
+    self, ImportBinding, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
     is_already_patched, plain_parameters,
 };
 use crate::passes::{Pass, PassInput};
@@ -212,52 +212,14 @@ fn is_torch_silu(defs: &ModuleDefs<'_>, callee: &Expr) -> bool {
     if alias.contains('.') {
         return false;
     }
-    let mut torch_functional = 0;
-    let mut other = 0;
-    let mut statements = Vec::new();
-    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
-    for stmt in statements {
-        match stmt {
-            Stmt::Import(import) => {
-                for a in &import.names {
-                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == alias {
-                        if a.name.as_str() == "torch.nn.functional" && a.asname.is_some() {
-                            torch_functional += 1;
-                        } else {
-                            other += 1;
-                        }
-                    }
-                }
-            }
-            Stmt::ImportFrom(import) => {
-                for a in &import.names {
-                    if a.asname.as_ref().unwrap_or(&a.name).as_str() == alias {
-                        let from_nn = import.level == 0
-                            && import
-                                .module
-                                .as_ref()
-                                .is_some_and(|m| m.as_str() == "torch.nn");
-                        if from_nn && a.name.as_str() == "functional" {
-                            torch_functional += 1;
-                        } else {
-                            other += 1;
-                        }
-                    }
-                }
-            }
-            Stmt::FunctionDef(f) if f.name.as_str() == alias => other += 1,
-            Stmt::ClassDef(c) if c.name.as_str() == alias => other += 1,
-            // their bodies are scopes of their own
-            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {}
-            _ => {
-                other += crate::syntax::stores_in_stmt(stmt)
-                    .iter()
-                    .filter(|n| n.id.as_str() == alias)
-                    .count();
-            }
-        }
-    }
-    torch_functional == 1 && other == 0
+    fusion_common::bound_only_by(defs, alias, |b| match b {
+        ImportBinding::Import { module, aliased } => module == "torch.nn.functional" && aliased,
+        ImportBinding::From {
+            level,
+            module,
+            name,
+        } => level == 0 && module == Some("torch.nn") && name == "functional",
+    })
 }
 
 fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {

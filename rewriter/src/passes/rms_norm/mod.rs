@@ -25,7 +25,7 @@ use ruff_python_ast::{Expr, Stmt, StmtClassDef, StmtFunctionDef};
 use crate::audit::PassReport;
 use crate::parse::ParsedSource;
 use crate::passes::fusion_common::{
-    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
+    self, ImportBinding, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
     is_already_patched, plain_parameters, same_statements,
 };
 use crate::passes::{Pass, PassInput};
@@ -484,49 +484,10 @@ fn signature(forward: &StmtFunctionDef) -> Option<(String, Option<String>)> {
 /// renamed, at its top level (or under a top-level `if` / `try`), and nothing else binding
 /// the name there.
 fn binds_act2fn(defs: &ModuleDefs<'_>) -> bool {
-    const NAME: &str = "ACT2FN";
-    let mut table = 0;
-    let mut other = 0;
-    let mut statements = Vec::new();
-    crate::syntax::walk_statements(defs.source.suite(), &mut statements);
-    for stmt in statements {
-        match stmt {
-            Stmt::Import(import) => {
-                other += import
-                    .names
-                    .iter()
-                    .filter(|a| a.asname.as_ref().unwrap_or(&a.name).as_str() == NAME)
-                    .count();
-            }
-            Stmt::ImportFrom(import) => {
-                let from_activations = import
-                    .module
-                    .as_ref()
-                    .is_some_and(|m| m.as_str().rsplit('.').next() == Some("activations"));
-                for a in &import.names {
-                    if a.asname.as_ref().unwrap_or(&a.name).as_str() != NAME {
-                        continue;
-                    }
-                    if from_activations && a.name.as_str() == NAME {
-                        table += 1;
-                    } else {
-                        other += 1;
-                    }
-                }
-            }
-            Stmt::FunctionDef(f) if f.name.as_str() == NAME => other += 1,
-            Stmt::ClassDef(c) if c.name.as_str() == NAME => other += 1,
-            // their bodies are scopes of their own
-            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {}
-            _ => {
-                other += crate::syntax::stores_in_stmt(stmt)
-                    .iter()
-                    .filter(|n| n.id.as_str() == NAME)
-                    .count();
-            }
-        }
-    }
-    table == 1 && other == 0
+    fusion_common::bound_only_by(defs, "ACT2FN", |b| {
+        matches!(b, ImportBinding::From { module: Some(m), name: "ACT2FN", .. }
+            if m.rsplit('.').next() == Some("activations"))
+    })
 }
 
 /// The refusal of a norm no form matches: control flow, no weight, another normaliser, or
