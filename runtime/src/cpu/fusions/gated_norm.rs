@@ -25,7 +25,7 @@
 use rayon::prelude::*;
 
 use super::gated::{act_grad, act_value};
-use super::rms_norm::{ROWS_PER_TASK, rstd_of, sum_squares};
+use super::rms_norm::{ROWS_PER_TASK, finish_weight_gradient, rstd_of, sum_squares};
 use super::{Activation, Real, SERIAL_ELEMENTS, Storage, round_to};
 
 /// ((y row, x row), gate row), rstd: one row of the forward.
@@ -207,14 +207,6 @@ pub fn backward<A, X, W>(
     };
     if let Some(dw) = dw {
         assert_eq!(dw.len(), h, "dw: wrong length");
-        let mut total = vec![A::ZERO; h];
-        for part in partials.iter().flatten() {
-            for (t, v) in total.iter_mut().zip(part) {
-                *t += *v;
-            }
-        }
-        for (o, t) in dw.iter_mut().zip(total) {
-            *o = W::store(t);
-        }
+        finish_weight_gradient(&partials, dw);
     }
 }

@@ -252,15 +252,24 @@ pub fn backward_dres<A, X, W, O>(
     };
     if let Some(dw) = dw {
         assert_eq!(dw.len(), h, "dw: wrong length");
-        let mut total = vec![A::ZERO; h];
-        for part in partials.iter().flatten() {
-            for (t, v) in total.iter_mut().zip(part) {
-                *t += *v;
-            }
+        finish_weight_gradient(&partials, dw);
+    }
+}
+
+/// dw = the tasks' partial rows (`None`: no weight gradient was kept) added in task order,
+/// rounded once to W: the same sum whatever the thread count.
+pub(crate) fn finish_weight_gradient<A: Real, W: Storage<A>>(
+    partials: &[Option<Vec<A>>],
+    dw: &mut [W],
+) {
+    let mut total = vec![A::ZERO; dw.len()];
+    for part in partials.iter().flatten() {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += *v;
         }
-        for (o, t) in dw.iter_mut().zip(total) {
-            *o = W::store(t);
-        }
+    }
+    for (o, t) in dw.iter_mut().zip(total) {
+        *o = W::store(t);
     }
 }
 
