@@ -40,7 +40,14 @@ FLOORS = {"4.45.2": (35, 40), "4.57.6": (85, 115)}
 #: have run (4.57.6, 2026-12-03: rms-norm 59, residual-norm 39, rotary 56 -- transformers
 #: 4.x's `apply_rotary_pos_emb(..., position_ids=None, ...)` -- gated-mlp 51 of 110).
 MIN_FUSED = {
-    "4.57.6": {"rms-norm": 50, "residual-norm": 30, "rotary": 45, "gated-mlp": 40}
+    "4.57.6": {
+        "rms-norm": 50,
+        "residual-norm": 30,
+        "rotary": 45,
+        "gated-mlp": 40,
+        # Qwen3-Next's gated norm (SiLU written out as F.silu in 4.57)
+        "gated-rms-norm": 1,
+    }
 }
 
 

@@ -148,7 +148,7 @@ def gated_rms_norm(module, x, gate, weight, eps, act):
     (``"silu"`` or ``"sigmoid"``), or None (stock): the norm in train mode, its operands as
     for ``rms_norm``, the gate a plain tensor of x's shape, dtype and device, rows the CUDA
     kernel takes, and ``act`` exactly ``nn.SiLU``, transformers' ``SiLUActivation`` or
-    ``nn.Sigmoid``, without hooks."""
+    ``nn.Sigmoid``, without hooks, or torch's functional SiLU itself (``F.silu``)."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     if not (module.training and _norm_operands_ok(x, weight, eps)):
@@ -159,6 +159,9 @@ def gated_rms_norm(module, x, gate, weight, eps, act):
         return None
     if x.device.type == "cuda" and x.shape[-1] > GATED_NORM_MAX_HIDDEN:
         return None
+    if act is nn.functional.silu:  # transformers 4.57's Qwen3-Next: F.silu written out
+        taken["gated-rms-norm"] += 1
+        return "silu"
     if not isinstance(act, nn.Module) or not _no_hooks(act):
         return None
     kind = type(act)

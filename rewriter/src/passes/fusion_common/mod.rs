@@ -404,6 +404,19 @@ pub enum ImportBinding<'a> {
     },
 }
 
+/// `import torch.nn.functional as <name>` or `from torch.nn import functional [as <name>]`:
+/// the binding under which `<name>.silu` is torch's functional SiLU.
+pub fn is_torch_functional(b: ImportBinding<'_>) -> bool {
+    match b {
+        ImportBinding::Import { module, aliased } => module == "torch.nn.functional" && aliased,
+        ImportBinding::From {
+            level,
+            module,
+            name,
+        } => level == 0 && module == Some("torch.nn") && name == "functional",
+    }
+}
+
 /// Whether `name` is bound at the module's top level (compound statements walked, function and
 /// class bodies being scopes of their own) exactly once, by an import `wanted` accepts, and by
 /// nothing else: another import, a `def` / `class`, or an assignment to it. What the runtime

@@ -29,7 +29,7 @@ use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
 
 use crate::audit::PassReport;
 use crate::passes::fusion_common::{
-    self, ImportBinding, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
+    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
     is_already_patched, plain_parameters,
 };
 use crate::passes::{Pass, PassInput};
@@ -212,14 +212,7 @@ fn is_torch_silu(defs: &ModuleDefs<'_>, callee: &Expr) -> bool {
     if alias.contains('.') {
         return false;
     }
-    fusion_common::bound_only_by(defs, alias, |b| match b {
-        ImportBinding::Import { module, aliased } => module == "torch.nn.functional" && aliased,
-        ImportBinding::From {
-            level,
-            module,
-            name,
-        } => level == 0 && module == Some("torch.nn") && name == "functional",
-    })
+    fusion_common::bound_only_by(defs, alias, fusion_common::is_torch_functional)
 }
 
 fn match_product<'a>(expr: &'a Expr, param: &str) -> Option<Matched<'a>> {

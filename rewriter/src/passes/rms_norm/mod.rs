@@ -72,7 +72,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-activation-unknown",
-        "A gated form's `ACT2FN` is not bound at the module's top level by exactly one `from <...>activations import ACT2FN` (transformers' activation table) and by nothing else.",
+        "The name a gated form's activation reads is not bound at the module's top level by exactly one expected import and by nothing else: `ACT2FN` by `from <...>activations import ACT2FN` (transformers' activation table), `F` by `import torch.nn.functional as F`.",
     ),
     (
         "norm-emit-invalid",
@@ -99,16 +99,64 @@ struct Form {
     gate: Option<Gate>,
 }
 
-/// A gated form's second input and the activation applied to it: `ACT2FN[<activation>]`.
+/// A gated form's second input and the activation the body applies to it in float32: the
+/// expression (evaluated again in the guard line, which gets the module or function it
+/// yields) and the module-level name it reads, with the import that must bind it.
 #[derive(Clone, Copy)]
 struct Gate {
     param: &'static str,
     activation: &'static str,
+    binding: GateBinding,
+}
+
+#[derive(Clone, Copy)]
+enum GateBinding {
+    /// `ACT2FN`, transformers' activation table: `from <...>activations import ACT2FN`.
+    Act2fn,
+    /// `F`, torch's functional module (`F.silu`: transformers 4.57's Qwen3-Next).
+    TorchFunctional,
+}
+
+impl GateBinding {
+    fn name(self) -> &'static str {
+        match self {
+            GateBinding::Act2fn => "ACT2FN",
+            GateBinding::TorchFunctional => "F",
+        }
+    }
+
+    /// Whether the module binds the name as the form reads it: exactly once, at its top
+    /// level (or under a top-level `if` / `try`), by the expected import, and by nothing else.
+    fn holds(self, defs: &ModuleDefs<'_>) -> bool {
+        fusion_common::bound_only_by(defs, self.name(), |b| match self {
+            GateBinding::Act2fn => matches!(
+                b,
+                ImportBinding::From { module: Some(m), name: "ACT2FN", .. }
+                    if m.rsplit('.').next() == Some("activations")
+            ),
+            GateBinding::TorchFunctional => fusion_common::is_torch_functional(b),
+        })
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            GateBinding::Act2fn => "`from ...activations import ACT2FN`",
+            GateBinding::TorchFunctional => "`import torch.nn.functional as F`",
+        }
+    }
 }
 
 const ACT2FN_GATE: Gate = Gate {
     param: "gate",
-    activation: "self.activation",
+    activation: "ACT2FN[self.activation]",
+    binding: GateBinding::Act2fn,
+};
+
+/// transformers 4.57's Qwen3-Next: SiLU written out.
+const SILU_GATE: Gate = Gate {
+    param: "gate",
+    activation: "F.silu",
+    binding: GateBinding::TorchFunctional,
 };
 
 const LLAMA_PREFIX: &str = "input_dtype = hidden_states.dtype
@@ -253,6 +301,22 @@ return hidden_states.to(input_dtype)
                 cast_before_weight: true,
                 condition: None,
                 gate: Some(ACT2FN_GATE),
+            },
+            Form {
+                // transformers 4.57's Qwen3-Next: SiLU written out with torch's functional.
+                name: "qwen3-next-silu",
+                param: "hidden_states",
+                llama_prefix: true,
+                forward: "hidden_states = self.weight * hidden_states.to(input_dtype)
+hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+return hidden_states.to(input_dtype)
+",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: true,
+                condition: None,
+                gate: Some(SILU_GATE),
             },
             Form {
                 name: "kimi",
@@ -405,19 +469,21 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             ]
         }
         Some(g) => {
-            if !binds_act2fn(defs) {
+            if !g.binding.holds(defs) {
                 return refuse(
                     "norm-activation-unknown",
                     format!(
-                        "{name}.forward is the {} gated form, but the module does not bind ACT2FN by exactly one `from ...activations import ACT2FN` and nothing else",
-                        form.name
+                        "{name}.forward is the {} gated form, but the module does not bind {} by exactly one {} and nothing else",
+                        form.name,
+                        g.binding.name(),
+                        g.binding.expected()
                     ),
                 );
             }
             let gate = gate.as_deref().unwrap_or(g.param);
             vec![
                 format!(
-                    "if (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, {param}, {gate}, self.weight, {}, ACT2FN[{}])) is not None:",
+                    "if (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, {param}, {gate}, self.weight, {}, {})) is not None:",
                     form.eps, g.activation
                 ),
                 format!(
@@ -477,17 +543,6 @@ fn signature(forward: &StmtFunctionDef) -> Option<(String, Option<String>)> {
         }
         _ => None,
     }
-}
-
-/// Whether the module binds `ACT2FN` (which a gated form's guard line evaluates) as
-/// transformers' activation table: exactly one `from <...>activations import ACT2FN`, not
-/// renamed, at its top level (or under a top-level `if` / `try`), and nothing else binding
-/// the name there.
-fn binds_act2fn(defs: &ModuleDefs<'_>) -> bool {
-    fusion_common::bound_only_by(defs, "ACT2FN", |b| {
-        matches!(b, ImportBinding::From { module: Some(m), name: "ACT2FN", .. }
-            if m.rsplit('.').next() == Some("activations"))
-    })
 }
 
 /// The refusal of a norm no form matches: control flow, no weight, another normaliser, or

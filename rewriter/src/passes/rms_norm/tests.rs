@@ -373,7 +373,7 @@ fn qwen3_next_gated_form_is_patched() {
             "form": "qwen3-next",
             "eps": "self.variance_epsilon",
             "cast_before_weight": "true",
-            "gate activation": "self.activation",
+            "gate activation": "ACT2FN[self.activation]",
             "gate": "gate",
         })
     );
@@ -448,8 +448,8 @@ fn gate_applied_before_the_norm_is_refused() {
 #[test]
 fn gate_activated_otherwise_is_refused() {
     for activated in [
-        // transformers 4.57's Qwen3-Next: F.silu, not the ACT2FN table
-        "F.silu(gate.to(torch.float32))",
+        // torch's functional SiLU on the gate not cast to float32 (4.57's form casts it)
+        "F.silu(gate)",
         // no float32 cast of the gate
         "ACT2FN[self.activation](gate)",
         // another activation attribute
@@ -462,6 +462,46 @@ fn gate_activated_otherwise_is_refused() {
             site_reason(&r, "ToyRMSNormGated").as_deref(),
             Some("norm-form-unknown"),
             "{activated}"
+        );
+    }
+}
+
+#[test]
+fn transformers_4_57_qwen3_next_form_with_functional_silu_is_patched() {
+    let text = QWEN3_NEXT_GATED.replace(
+        "ACT2FN[self.activation](gate.to(torch.float32))",
+        "F.silu(gate.to(torch.float32))",
+    );
+    let module = |imports: &str| {
+        crate::passes::fusion_common::testing::module(&text)
+            .replace("from ...activations import ACT2FN\n", imports)
+    };
+    let run = |text: &str| crate::passes::fusion_common::testing::run_module(&super::PASS, text);
+    for ok in [
+        "import torch.nn.functional as F\n",
+        "from torch.nn import functional as F\n",
+    ] {
+        let r = run(&module(ok));
+        let patch = site_patch(&r, "ToyRMSNormGated");
+        assert!(
+            patch.contains("self.weight, self.variance_epsilon, F.silu)) is not None:"),
+            "{patch}"
+        );
+        assert!(
+            patch.contains("fused gated RMSNorm (qwen3-next-silu form)"),
+            "{patch}"
+        );
+    }
+    // F not bound, or bound twice / to something else: the guard would call an unknown F
+    for bad in [
+        "",
+        "import torch.nn.functional as F\nF = None\n",
+        "import numpy as F\n",
+    ] {
+        assert_eq!(
+            site_reason(&run(&module(bad)), "ToyRMSNormGated").as_deref(),
+            Some("norm-activation-unknown"),
+            "{bad}"
         );
     }
 }
