@@ -20,7 +20,7 @@ every 50 ms beside them): the same cuBLAS kernels can run slower under one metho
 clocks down at its power limit.
 
     python3 gpu/step_bench.py [--models llama-1b,qwen3-0.6b] [--steps 8] [--warmup 3]
-    python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l
+    python3 gpu/step_bench.py --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l,gemma4-12l
     python3 gpu/step_bench.py --models llama-1b --methods ours,liger --profile 15
         (one more step profiled: its 15 costliest kernels, and on a GPU the time the device
         ran work against the step's span, with the longest idle stretches between kernels,
