@@ -172,6 +172,25 @@ SHAPES = {
             "tie_word_embeddings": True,
         },
     ),
+    # Qwen3.5 at Qwen3_5TextConfig's default shapes (hidden 4096, 16 heads of 256 with partial
+    # rotary, gated delta-net linear attention with 32 value heads of 128 in three of four
+    # layers, SwiGLU 12288), 8 of 32 layers: the linear attention's gated norms
+    # (gated_rms_norm) are what Liger's patch leaves to transformers; without
+    # flash-linear-attention (not on the device) every method runs transformers' torch
+    # recurrence, which dominates the step
+    "qwen3.5-8l": (
+        "qwen3_5_text",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "vocab_size": 248320,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 #: The models of issue 10's first table (the default); the others by --models.
 DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]
@@ -179,10 +198,14 @@ METHODS = ["stock", "ours", "ours-loss", "liger-loss", "liger", "liger+ours"]
 ATTNRES_METHODS = ["attnres", "ours+attnres"]
 
 
+#: Liger's name for a family where it differs from the config's model type.
+LIGER_FAMILY = {"qwen3_5_text": "qwen3_5"}
+
+
 def apply_liger(family, everything):
     from liger_kernel import transformers as lk
 
-    apply = getattr(lk, f"apply_liger_kernel_to_{family}")
+    apply = getattr(lk, f"apply_liger_kernel_to_{LIGER_FAMILY.get(family, family)}")
     if everything:
         apply()
     else:
