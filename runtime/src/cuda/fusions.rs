@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use super::compile;
 use super::device::{self, Device, Dims, Dtype, ModuleSource, launch};
 use super::error::{CudaError, Result, catch_panics};
-use crate::cpu::fusions::Activation;
+use crate::cpu::fusions::{Activation, GATE_ACTIVATIONS, PRODUCT_ACTIVATIONS};
 
 pub const RMS_NORM: ModuleSource = ModuleSource {
     name: "rms_norm.cu",
@@ -359,26 +359,112 @@ struct BwdPlan {
     kernel: drv_sys::CUfunction,
 }
 
+/// A persistent backward of RMS_NORM's kernel `name` in `layout` over `rows` rows: as many
+/// blocks as fit on the device at once (`smem` bytes of shared memory each), or as the rows
+/// need if fewer.
+fn persistent_plan(
+    dev: &mut Device,
+    name: &str,
+    layout: RmsLayout,
+    smem: u32,
+    rows: u64,
+) -> Result<BwdPlan> {
+    let kernel = dev.function(&RMS_NORM, name)?;
+    // SAFETY: `kernel` comes from RMS_NORM.
+    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * dev.sms();
+    let needed = rows.div_ceil(layout.rows_per_block() as u64).max(1);
+    Ok(BwdPlan {
+        layout,
+        grid: needed.min(resident.max(1) as u64) as u32,
+        smem,
+        kernel,
+    })
+}
+
 fn rms_backward_plan(dev: &mut Device, c: &RmsBackward) -> Result<BwdPlan> {
     let name = c.dtypes.name()?;
     let layout = c.layout();
-    let kernel = dev.function(&RMS_NORM, &format!("rms_bwd_{name}_{}", layout.suffix()))?;
     let teams = layout.rows_per_block();
     let smem = if c.dw != 0 && layout.nv > 0 && teams > 1 {
         (teams as u64 * c.hidden * 4) as u32
     } else {
         0
     };
-    // SAFETY: `kernel` comes from RMS_NORM.
-    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * dev.sms();
-    let needed = c.rows.div_ceil(teams as u64).max(1);
-    let grid = needed.min(resident as u64) as u32;
-    Ok(BwdPlan {
-        layout,
-        grid,
-        smem,
-        kernel,
-    })
+    let kernel = format!("rms_bwd_{name}_{}", layout.suffix());
+    persistent_plan(dev, &kernel, layout, smem, c.rows)
+}
+
+/// Where a backward's weight gradient goes: `dw` (W, 0: none) through `partial`, a float32
+/// buffer of `partial_rows` rows of hidden (at least the plan's grid).
+#[derive(Clone, Copy)]
+struct DwOut {
+    dw: u64,
+    partial: u64,
+    partial_rows: u64,
+    w: Dtype,
+}
+
+impl DwOut {
+    /// The partial buffer's address for the kernel's parameter block (0: no weight gradient).
+    fn kernel_partial(self) -> u64 {
+        if self.dw != 0 { self.partial } else { 0 }
+    }
+
+    /// No rows: dw is 0, which the finish kernel over zero partial rows writes.
+    fn zero(self, dev: &mut Device, stream: drv_sys::CUstream, hidden: i32) -> Result<()> {
+        if self.dw == 0 {
+            return Ok(());
+        }
+        let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{}", self.w.suffix()))?;
+        finish(f, stream, 0, 0, hidden, self.dw)
+    }
+
+    fn check(self, plan: &BwdPlan) -> Result<()> {
+        if self.dw != 0 && (self.partial == 0 || self.partial_rows < plan.grid as u64) {
+            return Err(CudaError::argument(format!(
+                "dw_partial: {} rows given, the launch needs {}",
+                self.partial_rows, plan.grid
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Launches the planned backward with its parameter block, then adds the partial rows of dw
+/// in order (when `dw` is set).
+///
+/// # Safety
+/// `params` points to the parameter block of `plan.kernel`, whose addresses are torch
+/// tensors of the sizes the caller checked, and `dw.check(plan)` passed.
+unsafe fn launch_backward(
+    dev: &mut Device,
+    stream: drv_sys::CUstream,
+    plan: &BwdPlan,
+    params: *mut c_void,
+    what: &str,
+    hidden: i32,
+    dw: DwOut,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        launch(
+            plan.kernel,
+            Dims {
+                grid: (plan.grid, 1, 1),
+                block: plan.layout.block,
+                smem: plan.smem,
+                cluster: None,
+            },
+            stream,
+            &mut [params],
+            what,
+        )?;
+    }
+    if dw.dw != 0 {
+        let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{}", dw.w.suffix()))?;
+        finish(f, stream, dw.partial, plan.grid as i32, hidden, dw.dw)?;
+    }
+    Ok(())
 }
 
 /// Rows of the float32 partial buffer the backward needs (its persistent grid).
@@ -397,15 +483,15 @@ pub fn rms_norm_backward(c: &RmsBackward) -> Result<()> {
     }
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
-    let wname = c.dtypes.w.suffix();
     let stream = c.stream as drv_sys::CUstream;
+    let dw = DwOut {
+        dw: c.dw,
+        partial: c.dw_partial,
+        partial_rows: c.partial_rows,
+        w: c.dtypes.w,
+    };
     if c.rows == 0 {
-        if c.dw != 0 {
-            // No rows: dw is 0; the finish kernel over zero partial rows writes it.
-            let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{wname}"))?;
-            return finish(f, stream, 0, 0, hidden, c.dw);
-        }
-        return Ok(());
+        return dw.zero(dev, stream, hidden);
     }
     for (n, p) in [
         ("dy", c.dy),
@@ -417,19 +503,14 @@ pub fn rms_norm_backward(c: &RmsBackward) -> Result<()> {
         nonzero(n, p)?;
     }
     let plan = rms_backward_plan(dev, c)?;
-    if c.dw != 0 && (c.dw_partial == 0 || c.partial_rows < plan.grid as u64) {
-        return Err(CudaError::argument(format!(
-            "dw_partial: {} rows given, the launch needs {}",
-            c.partial_rows, plan.grid
-        )));
-    }
+    dw.check(&plan)?;
     let mut p = RmsBwdParams {
         dy: c.dy,
         x: c.x,
         w: c.w,
         rstd: c.rstd,
         dx: c.dx,
-        dw_partial: if c.dw != 0 { c.dw_partial } else { 0 },
+        dw_partial: dw.kernel_partial(),
         rows: c.rows as i64,
         hidden,
         team: plan.layout.team as i32,
@@ -437,26 +518,8 @@ pub fn rms_norm_backward(c: &RmsBackward) -> Result<()> {
         cast_before: c.cast_before as i32,
         dres: c.dres,
     };
-    // SAFETY: as in the forward; dw_partial holds at least grid rows (checked above).
-    unsafe {
-        launch(
-            plan.kernel,
-            Dims {
-                grid: (plan.grid, 1, 1),
-                block: plan.layout.block,
-                smem: plan.smem,
-                cluster: None,
-            },
-            stream,
-            &mut [arg(&mut p)],
-            "rms_bwd",
-        )?;
-    }
-    if c.dw != 0 {
-        let f = dev.function(&RMS_NORM, &format!("rms_dw_finish_{wname}"))?;
-        finish(f, stream, c.dw_partial, plan.grid as i32, hidden, c.dw)?;
-    }
-    Ok(())
+    // SAFETY: the block is RmsBwdParams; the addresses as in the forward, dw checked above.
+    unsafe { launch_backward(dev, stream, &plan, arg(&mut p), "rms_bwd", hidden, dw) }
 }
 
 fn finish(
@@ -644,22 +707,12 @@ pub fn gated_rms_norm_forward(c: &GatedRmsCall) -> Result<()> {
 
 fn gated_backward_plan(dev: &mut Device, c: &GatedRmsCall) -> Result<BwdPlan> {
     let layout = c.layout(true);
-    let kernel = dev.function(&RMS_NORM, &c.kernel("bwd", layout))?;
-    let teams = layout.rows_per_block();
     let smem = if c.dw != 0 {
-        (teams as u64 * c.hidden * 4) as u32
+        (layout.rows_per_block() as u64 * c.hidden * 4) as u32
     } else {
         0
     };
-    // SAFETY: `kernel` comes from RMS_NORM.
-    let resident = unsafe { dev.blocks_per_sm(&RMS_NORM, kernel, layout.block, smem)? } * dev.sms();
-    let needed = c.rows.div_ceil(teams as u64).max(1);
-    Ok(BwdPlan {
-        layout,
-        grid: needed.min(resident.max(1) as u64) as u32,
-        smem,
-        kernel,
-    })
+    persistent_plan(dev, &c.kernel("bwd", layout), layout, smem, c.rows)
 }
 
 /// Rows of the float32 partial buffer the gated backward needs (its persistent grid).
@@ -677,13 +730,14 @@ pub fn gated_rms_norm_backward(c: &GatedRmsCall) -> Result<()> {
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
     let stream = c.stream as drv_sys::CUstream;
-    let finish_kernel = format!("rms_dw_finish_{}", c.w_dtype.suffix());
+    let dw = DwOut {
+        dw: c.dw,
+        partial: c.dw_partial,
+        partial_rows: c.partial_rows,
+        w: c.w_dtype,
+    };
     if c.rows == 0 {
-        if c.dw != 0 {
-            let f = dev.function(&RMS_NORM, &finish_kernel)?;
-            return finish(f, stream, 0, 0, hidden, c.dw);
-        }
-        return Ok(());
+        return dw.zero(dev, stream, hidden);
     }
     for (n, p) in [
         ("dy", c.dy),
@@ -697,38 +751,11 @@ pub fn gated_rms_norm_backward(c: &GatedRmsCall) -> Result<()> {
         nonzero(n, p)?;
     }
     let plan = gated_backward_plan(dev, c)?;
-    if c.dw != 0 && (c.dw_partial == 0 || c.partial_rows < plan.grid as u64) {
-        return Err(CudaError::argument(format!(
-            "dw_partial: {} rows given, the launch needs {}",
-            c.partial_rows, plan.grid
-        )));
-    }
-    let mut p = c.params(
-        hidden,
-        plan.layout,
-        if c.dw != 0 { c.dw_partial } else { 0 },
-    );
-    // SAFETY: as in the forward; dw_partial holds at least grid rows (checked above), the
-    // shared memory teams rows of hidden floats.
-    unsafe {
-        launch(
-            plan.kernel,
-            Dims {
-                grid: (plan.grid, 1, 1),
-                block: plan.layout.block,
-                smem: plan.smem,
-                cluster: None,
-            },
-            stream,
-            &mut [arg(&mut p)],
-            "gated_rms_bwd",
-        )?;
-    }
-    if c.dw != 0 {
-        let f = dev.function(&RMS_NORM, &finish_kernel)?;
-        finish(f, stream, c.dw_partial, plan.grid as i32, hidden, c.dw)?;
-    }
-    Ok(())
+    dw.check(&plan)?;
+    let mut p = c.params(hidden, plan.layout, dw.kernel_partial());
+    // SAFETY: the block is GatedRmsParams; the addresses are torch tensors of the sizes the
+    // caller checked, dw checked above; the shared memory holds teams rows of hidden floats.
+    unsafe { launch_backward(dev, stream, &plan, arg(&mut p), "gated_rms_bwd", hidden, dw) }
 }
 
 // ---- rotary --------------------------------------------------------------------------------
@@ -1214,12 +1241,9 @@ fn cuda_rms_norm_backward(
 
 /// The kernel code of a gated norm's activation: SiLU (Qwen3-Next) or sigmoid (Kimi).
 fn gate_activation(name: &str) -> Result<i32> {
-    match Activation::parse(name) {
-        Some(act @ (Activation::Silu | Activation::Sigmoid)) => Ok(act.code()),
-        _ => Err(CudaError::argument(format!(
-            "activation: expected 'silu' or 'sigmoid', got {name:?}"
-        ))),
-    }
+    Activation::parse_one_of(name, GATE_ACTIVATIONS)
+        .map(Activation::code)
+        .map_err(CudaError::argument)
 }
 
 /// Gated RMSNorm on torch's stream `stream` of GPU `device`; see [`GatedRmsCall`]. Forward
@@ -1418,16 +1442,8 @@ fn cuda_gated_act(
     backward: bool,
     ld_grad: Option<u64>,
 ) -> PyResult<()> {
-    // gated_act.cu has these two (sigmoid is the gated norm's only)
-    let act = match Activation::parse(activation) {
-        Some(act @ (Activation::Silu | Activation::GeluTanh)) => act,
-        _ => {
-            return Err(CudaError::argument(format!(
-                "activation: expected 'silu' or 'gelu_tanh', got {activation:?}"
-            ))
-            .into());
-        }
-    };
+    let act =
+        Activation::parse_one_of(activation, PRODUCT_ACTIVATIONS).map_err(CudaError::argument)?;
     let call = GatedCall {
         device,
         stream,

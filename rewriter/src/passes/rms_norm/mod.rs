@@ -439,11 +439,7 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     });
     // Matched in full: the forms' own branches are known. Otherwise the most telling reason.
     let Some((form, _, _)) = matched else {
-        let inputs = match &gate {
-            Some(g) => format!("({param}, {g})"),
-            None => format!("({param})"),
-        };
-        return refuse_unmatched(defs, name, line, &inputs, gate.is_some(), body, helper_body);
+        return refuse_unmatched(defs, name, line, &param, gate.as_deref(), body, helper_body);
     };
     let cast = if form.cast_before_weight {
         "True"
@@ -546,22 +542,22 @@ fn signature(forward: &StmtFunctionDef) -> Option<(String, Option<String>)> {
 }
 
 /// The refusal of a norm no form matches: control flow, no weight, another normaliser, or
-/// an unknown arrangement of known parts, in that order. `inputs` is the forward's
-/// parameter list as read (`(x)`, `(x, gate)`), `gated` whether it takes a gate.
+/// an unknown arrangement of known parts, in that order. `param` and `gate`: the forward's
+/// input and, for a gated norm, its gate parameter.
 fn refuse_unmatched(
     defs: &ModuleDefs<'_>,
     name: &str,
     line: u32,
-    inputs: &str,
-    gated: bool,
+    param: &str,
+    gate: Option<&str>,
     body: &[Stmt],
     helper_body: &[Stmt],
 ) -> Site {
     let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
     if body.iter().chain(helper_body).any(is_control_flow) {
-        let detail = if gated {
+        let detail = if let Some(gate) = gate {
             format!(
-                "{name}.forward{inputs} branches or loops (a gated norm testing its gate, as Mamba's `if gate is not None:` before a grouped norm): the known gated forms apply the gate after the norm, unconditionally"
+                "{name}.forward({param}, {gate}) branches or loops (a gated norm testing its gate, as Mamba's `if gate is not None:` before a grouped norm): the known gated forms apply the gate after the norm, unconditionally"
             )
         } else {
             format!("{name}.forward or its _norm branches or loops")
@@ -586,9 +582,9 @@ fn refuse_unmatched(
             format!("{name} does not normalise with rsqrt(mean(x**2) + eps)"),
         );
     }
-    let detail = if gated {
+    let detail = if let Some(gate) = gate {
         format!(
-            "{name}.forward{inputs} is not one of the known gated RMSNorm forms (qwen3-next, kimi: the weighted norm, then `* ACT2FN[self.activation](gate.to(torch.float32))`)"
+            "{name}.forward({param}, {gate}) is not one of the known gated RMSNorm forms (qwen3-next, kimi, qwen3-next-silu: the weighted norm, then `* ACT2FN[self.activation](gate.to(torch.float32))` or `* F.silu(gate.to(torch.float32))`)"
         )
     } else {
         format!("{name}.forward is not one of the known RMSNorm forms")

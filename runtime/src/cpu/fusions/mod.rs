@@ -174,6 +174,11 @@ pub enum Activation {
     Sigmoid,
 }
 
+/// The gated MLP product's activations (`gated_act.cu` has these two).
+pub const PRODUCT_ACTIVATIONS: &[Activation] = &[Activation::Silu, Activation::GeluTanh];
+/// The gated norm's gate activations: SiLU (Qwen3-Next) and sigmoid (Kimi).
+pub const GATE_ACTIVATIONS: &[Activation] = &[Activation::Silu, Activation::Sigmoid];
+
 impl Activation {
     pub fn parse(name: &str) -> Option<Activation> {
         match name {
@@ -181,6 +186,30 @@ impl Activation {
             "gelu_tanh" => Some(Activation::GeluTanh),
             "sigmoid" => Some(Activation::Sigmoid),
             _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_tanh",
+            Activation::Sigmoid => "sigmoid",
+        }
+    }
+
+    /// `name` parsed when it is one of `allowed` (an op's activations: [`PRODUCT_ACTIVATIONS`],
+    /// [`GATE_ACTIVATIONS`]); else the error message, naming the argument.
+    pub fn parse_one_of(name: &str, allowed: &[Activation]) -> Result<Activation, String> {
+        match Activation::parse(name) {
+            Some(act) if allowed.contains(&act) => Ok(act),
+            _ => {
+                let names: Vec<String> =
+                    allowed.iter().map(|a| format!("'{}'", a.name())).collect();
+                Err(format!(
+                    "activation: expected {}, got {name:?}",
+                    names.join(" or ")
+                ))
+            }
         }
     }
 

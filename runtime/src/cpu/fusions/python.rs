@@ -16,7 +16,7 @@ use super::gated::{self, Gated};
 use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, Residual, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
-use super::{Activation, FDtype, Real, Storage};
+use super::{Activation, FDtype, GATE_ACTIVATIONS, PRODUCT_ACTIVATIONS, Real, Storage};
 use crate::cpu::regions::{Region, check as check_regions, slice, slice_mut};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -404,12 +404,7 @@ fn gated_rms_backward_job<A: Real, X: Storage<A>, W: Storage<A>>(
 
 /// The gate's activations: silu (Qwen3-Next) and sigmoid (Kimi).
 fn gated_norm_activation(name: &str) -> PyResult<Activation> {
-    match Activation::parse(name) {
-        Some(act @ (Activation::Silu | Activation::Sigmoid)) => Ok(act),
-        _ => value_error(format!(
-            "activation: expected 'silu' or 'sigmoid', got {name:?}"
-        )),
-    }
+    Activation::parse_one_of(name, GATE_ACTIVATIONS).or_else(value_error)
 }
 
 fn gated_rms_problem(
@@ -812,12 +807,7 @@ fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyR
 /// The gated MLP product's activations: silu and gelu_tanh (`kernels/gated_act.cu` has no
 /// others: sigmoid is the gated norm's only).
 fn activation(name: &str) -> PyResult<Activation> {
-    match Activation::parse(name) {
-        Some(act @ (Activation::Silu | Activation::GeluTanh)) => Ok(act),
-        _ => value_error(format!(
-            "activation: expected 'silu' or 'gelu_tanh', got {name:?}"
-        )),
-    }
+    Activation::parse_one_of(name, PRODUCT_ACTIVATIONS).or_else(value_error)
 }
 
 /// `out = act(gate) * up` (contiguous (rows, cols)) from gate and up with row strides
