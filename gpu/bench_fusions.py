@@ -10,7 +10,8 @@ bytes floor; prints a markdown table.
 Shapes: the decoder layers of Llama-3.2-1B, Qwen3-0.6B (plus its per-head q/k norms),
 Gemma-2-2B (Gemma's (1 + w) norm, GELU-tanh), Phi-3-mini (gate/up as chunks of one
 projection) and Mistral-7B (hidden 4096, head_dim 128: most 7-9B models), and Qwen3-Next-80B's
-gated norm (32 value heads of 128 per token; ours and stock only), bf16, 8 sequences
+gated norm (32 value heads of 128 per token; ours and stock only), the clamped SwiGLU of
+DeepSeek-V4 and Step-3.7 (intermediate 8192, limit 10; ours and stock only), bf16, 8 sequences
 of 4096 tokens (the batch of issue 10's table). Per op, the forward and the backward (the backward timed alone: torch.autograd.grad on a kept graph).
 
 Methods: ours (Phi-3: gated_mlp_act_packed on the gate_up tensor); stock (the transformers
@@ -63,6 +64,13 @@ MODELS = {
 #: Gated norms (value heads, head_dim, form, eps), benchmarked alone: Qwen3-Next-80B's linear
 #: attention output norm (Qwen3.5 has the same shape per head), against the stock module.
 GATED_NORMS = {"Qwen3-Next-80B": (32, 128, "qwen3-next", 1e-6)}
+#: Clamped SwiGLU products (intermediate, limit, clamp after the activation), benchmarked
+#: alone against the stock expressions: DeepSeek-V4 / GLM-5-Next / HY-V4's dense MLP form at
+#: Llama-3.2-1B's intermediate size, and Step-3.7's (the activation clamped).
+CLAMPED = {
+    "DeepSeek-V4-clamped": (8192, 10.0, False),
+    "Step-3.7-clamped": (8192, 10.0, True),
+}
 
 
 def size(t):
@@ -185,6 +193,21 @@ def gated_fns(activation, chunked, liger, compiled):
     return fns
 
 
+def clamped_fns(limit, after):
+    act = ACT2FN["silu"]
+
+    def stock(a, b):
+        a = act(a).clamp(max=limit) if after else act(a.clamp(max=limit))
+        return a * b.clamp(min=-limit, max=limit)
+
+    def ours(a, b):
+        return forward_rewrite.gated_mlp_act(
+            a, b, limit=limit, clamp_after_activation=after
+        )
+
+    return {"ours": ours, "stock": stock}
+
+
 def gated_norm_fns(form, eps, head_dim):
     from transformers.models.kimi_linear.modeling_kimi_linear import (
         KimiLinearRMSNormGated,
@@ -233,6 +256,20 @@ def make_cases(model, tokens, seq, liger, compiled):
         floors = (3 * size(x) + size(w) + n * 4, 5 * size(x) + 2 * size(w) + n * 4)
         return [
             ("gated_rms_norm", gated_norm_fns(form, eps, hd), [x, gate, w], [], floors)
+        ]
+    if model in CLAMPED:
+        inter, limit, after = CLAMPED[model]
+        # N(0, 8) projections: a few percent of them clamp at 10
+        gate_inputs = [randn(batch * seq, inter, scale=8.0) for _ in range(2)]
+        half = size(gate_inputs[0])
+        return [
+            (
+                "gated silu clamped",
+                clamped_fns(limit, after),
+                gate_inputs,
+                [],
+                (3 * half, 5 * half),
+            )
         ]
     hid, heads, kv, hd, inter, style, act, eps = MODELS[model]
 
@@ -421,7 +458,7 @@ def accuracy(fns, inputs, consts):
 def main():
     global DEVICE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join([*MODELS, *GATED_NORMS]))
+    ap.add_argument("--models", default=",".join([*MODELS, *GATED_NORMS, *CLAMPED]))
     ap.add_argument("--tokens", type=int, default=8 * 4096)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--methods", default="ours,stock,liger")

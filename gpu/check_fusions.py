@@ -44,6 +44,7 @@ import types
 import forward_rewrite
 import torch.nn.functional as F
 from forward_rewrite import _native
+from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND
 from transformers.activations import ACT2FN
 from transformers.models.cohere import modeling_cohere
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
@@ -626,6 +627,58 @@ def case_gated(tokens, inter, activation, *, chunked=False, packed=False, shift=
     return make
 
 
+def case_gated_clamped(tokens, inter, limit, *, after=False, packed=False):
+    """The clamped SwiGLU: DeepseekV4MLP's act(gate.clamp(max=L)) * up.clamp(-L, L) or (after)
+    Step3p7MLP's act(gate).clamp(max=L) * up.clamp(-L, L); packed: the experts' _apply_gate on
+    one gate_up. The float64 reference clamps where stock's comparisons do: at the limit as
+    the dtype holds it, after the activation on the activation rounded to the dtype."""
+
+    def make(name, dtype):
+        g = gen()
+        act = ACT2FN["silu"]
+        lim = torch.tensor(limit, dtype=dtype).item()
+
+        def stock(a, b):
+            a = act(a).clamp(max=limit) if after else act(a.clamp(max=limit))
+            return a * b.clamp(min=-limit, max=limit)
+
+        def ref(a, b):
+            if after:
+                beyond = torch.gt if CLAMP_GRAD_AT_BOUND else torch.ge
+                held = beyond(act(a.detach().to(dtype)), lim)
+                a = torch.where(held, lim, act_ref("silu", a))
+            else:
+                a = act_ref("silu", a.clamp(max=lim))
+            return a * b.clamp(min=-lim, max=lim)
+
+        options = {"limit": limit, "clamp_after_activation": after}
+        if packed:
+            evaluate(
+                name,
+                dtype,
+                [randn(tokens, 2 * inter, g=g, dtype=dtype, scale=2.0)],
+                lambda gu: forward_rewrite.gated_mlp_act_packed(gu, **options),
+                lambda gu: stock(*gu.chunk(2, dim=-1)),
+                lambda gu: ref(*gu.chunk(2, dim=-1)),
+                names=["out", "dgate_up"],
+            )
+            return
+        evaluate(
+            name,
+            dtype,
+            [
+                randn(tokens, inter, g=g, dtype=dtype, scale=2.0),
+                randn(tokens, inter, g=g, dtype=dtype, scale=2.0),
+            ],
+            lambda a, b: forward_rewrite.gated_mlp_act(a, b, **options),
+            stock,
+            ref,
+            names=["out", "dgate", "dup"],
+        )
+
+    return make
+
+
 # ---- MoE experts ------------------------------------------------------------------------------
 
 
@@ -837,6 +890,17 @@ def cases(tokens):
             "gated misaligned rows (scalar kernel)": case_gated(
                 small, 64, "gelu_tanh", shift=True
             ),
+            # DeepSeek-V4 / Step-3.7's clamped SwiGLU; a limit of 1.7 (no 16-bit value)
+            # clamps a good share of N(0, 2) gates and ups.
+            "gated clamped DeepSeek-V4 (tokens, 2048)": case_gated_clamped(
+                tokens, 2048, 1.7
+            ),
+            "gated clamped after activation Step-3.7": case_gated_clamped(
+                small, 1024, 1.7, after=True
+            ),
+            "gated clamped packed experts, cols 36 (scalar)": case_gated_clamped(
+                small, 36, 1.7, packed=True
+            ),
             # Qwen3-30B-A3B's experts (hidden 2048, 128 experts of 768, top 8).
             # (On the CPU smoke run, a few of them: the CPU grouped GEMM loops over experts.)
             "moe_experts Qwen3-MoE": case_moe(
@@ -863,6 +927,7 @@ QUICK = (
     "rms_norm hidden 4096",
     "rotary GLM",
     "gated cols",
+    "gated clamped",
     "moe_experts",
     "gated_rms_norm",
     "rotary_single",

@@ -15,6 +15,13 @@
 // gate_up tensor, with no concatenation). The `_v8` kernels move 8 entries per 128-bit
 // access and need cols and every row stride % 8 == 0 and 16-byte aligned rows (the launcher
 // checks); `_s` any layout.
+//
+// Clamped SwiGLU (`clamp`, with the limit L rounded to T as torch compares a T tensor with a
+// scalar): 1 = DeepSeek-V4's `act(gate.clamp(max=L)) * up.clamp(-L, L)`, 2 = Step-3.7's
+// `act(gate).clamp(max=L) * up.clamp(-L, L)` (the clamp on the rounded activation). Clamps
+// keep NaN, and the backward passes a gradient inside the bounds as the running torch's clamp
+// backward does: lo <= x <= hi with `at_bound` (torch 2.11), lo < x < hi without (2.15); none
+// for NaN. 0: no clamp, the code of the plain product.
 
 struct GatedParams {
     const void* gate;
@@ -28,7 +35,9 @@ struct GatedParams {
     i64 ld_up;
     i64 ld_grad;        // row stride of dgate and dup (backward)
     int act;
-    int pad_;
+    int clamp;          // 0: none; 1: gate before the activation; 2: the activation's output
+    float limit;        // L (clamp != 0)
+    int at_bound;       // whether a value at a bound gets its gradient (clamp != 0)
 };
 
 #define GELU_BETA 0.7978845608028654f  // sqrt(2 / pi)
@@ -59,14 +68,30 @@ __device__ __forceinline__ float act_grad(int act, float x) {
     return left_derivative + right_derivative * inner_derivative;
 }
 
+// min(x, hi) as torch.clamp(max=hi) computes it (NaN stays NaN), and whether torch's clamp
+// backward passes x's gradient (x below hi, or at it with at_bound; false for NaN).
+__device__ __forceinline__ float clamp_max(float x, float hi) { return x > hi ? hi : x; }
+__device__ __forceinline__ float clamp_sym(float x, float hi) {
+    const float lo = x < -hi ? -hi : x;
+    return lo > hi ? hi : lo;
+}
+__device__ __forceinline__ bool below(float x, float hi, bool at_bound) {
+    return x < hi || (at_bound && x == hi);
+}
+__device__ __forceinline__ bool within(float x, float hi, bool at_bound) {
+    return below(x, hi, at_bound) && below(-x, hi, at_bound);
+}
+
 // The kernels are bound by instruction issue as much as by bandwidth (their step-time share
 // grows when the clock drops under a training step's load), so the element offsets are found
 // without a 64-bit division: none when every tensor is contiguous (the common case), else a
-// 32-bit one when the sizes allow.
-template <class D, int E, bool BACKWARD>
-__device__ void gated(const GatedParams& p) {
+// 32-bit one when the sizes allow. The clamp mode is a template parameter (one uniform branch
+// per thread in `gated`): the plain product keeps its instruction count.
+template <class D, int E, bool BACKWARD, int CLAMP>
+__device__ void gated_body(const GatedParams& p) {
     typedef typename D::T T;
     constexpr bool FAST = sizeof(T) == 2;
+    const float lim = CLAMP ? round_to<D>(p.limit) : 0.f;
     const i64 per_row = p.cols / E;
     const i64 total = p.rows * per_row;
     const bool dense = p.ld_gate == p.cols && p.ld_up == p.cols && (!BACKWARD || p.ld_grad == p.cols);
@@ -88,19 +113,44 @@ __device__ void gated(const GatedParams& p) {
         load_vec<D, E>((const T*)p.up + ou, u);
         if (!BACKWARD) {
 #pragma unroll
-            for (int i = 0; i < E; ++i) o[i] = round_to<D>(act_value<FAST>(p.act, g[i])) * u[i];
+            for (int i = 0; i < E; ++i) {
+                const float x = CLAMP == 1 ? clamp_max(g[i], lim) : g[i];
+                float a = round_to<D>(act_value<FAST>(p.act, x));
+                if (CLAMP == 2) a = clamp_max(a, lim);
+                o[i] = a * (CLAMP ? clamp_sym(u[i], lim) : u[i]);
+            }
             store_vec<D, E>((T*)p.out + oo, o);
         } else {
             float d[E], du[E];
             load_vec<D, E>((const T*)p.dout + oo, d);
 #pragma unroll
             for (int i = 0; i < E; ++i) {
-                du[i] = d[i] * round_to<D>(act_value<FAST>(p.act, g[i]));
-                o[i] = d[i] * u[i] * act_grad<FAST>(p.act, g[i]);
+                if (!CLAMP) {
+                    du[i] = d[i] * round_to<D>(act_value<FAST>(p.act, g[i]));
+                    o[i] = d[i] * u[i] * act_grad<FAST>(p.act, g[i]);
+                } else {
+                    const float x = CLAMP == 1 ? clamp_max(g[i], lim) : g[i];
+                    const float a = round_to<D>(act_value<FAST>(p.act, x));
+                    // the gate's gradient passes its clamp: on the gate before, the act after
+                    const bool pass = below(CLAMP == 1 ? g[i] : a, lim, p.at_bound);
+                    du[i] = within(u[i], lim, p.at_bound) ? d[i] * (CLAMP == 2 ? clamp_max(a, lim) : a) : 0.f;
+                    o[i] = pass ? d[i] * clamp_sym(u[i], lim) * act_grad<FAST>(p.act, x) : 0.f;
+                }
             }
             store_vec<D, E>((T*)p.out + og2, o);
             store_vec<D, E>((T*)p.dup + og2, du);
         }
+    }
+}
+
+template <class D, int E, bool BACKWARD>
+__device__ void gated(const GatedParams& p) {
+    if (p.clamp == 0) {
+        gated_body<D, E, BACKWARD, 0>(p);
+    } else if (p.clamp == 1) {
+        gated_body<D, E, BACKWARD, 1>(p);
+    } else {
+        gated_body<D, E, BACKWARD, 2>(p);
     }
 }
 

@@ -15,6 +15,7 @@ Tolerances (relative norm errors, ||a - b|| / ||b||):
   elements.
 """
 
+import functools
 import math
 
 import forward_rewrite
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from forward_rewrite import _fusions_backend, _fusions_cpu, _native, fused_ops
+from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND
 from transformers.activations import ACT2FN
 from transformers.models.cohere import modeling_cohere
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -832,6 +834,102 @@ def test_gated_packed_matches_phi3_and_moe_experts(activation, dtype):
     assert torch.equal(two[0][0], ours[0][0]) and torch.equal(two[1][0], ours[1][0])
 
 
+def clamped(act, limit, after):
+    """The clamped SwiGLU between the projections: DeepseekV4MLP's
+    ``act(gate.clamp(max=L)) * up.clamp(min=-L, max=L)``, or with ``after`` Step3p7MLP's
+    ``act(gate).clamp(max=L) * up.clamp(...)``; ``act`` any callable (the stock module, or
+    the float64 reference)."""
+
+    def product(gate, up):
+        g = act(gate).clamp(max=limit) if after else act(gate.clamp(max=limit))
+        return g * up.clamp(min=-limit, max=limit)
+
+    return product
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("after", [False, True], ids=["deepseek-v4", "step-3.7"])
+@pytest.mark.parametrize("activation", list(STOCK_ACTS))
+def test_clamped_swiglu_matches_the_stock_expressions(activation, after, dtype):
+    # 1.7 is no bfloat16 / float16 value: torch compares with its rounding, as the op does.
+    limit = 1.7
+    g = gen(36)
+    gate = (torch.randn(3, 7, 96, generator=g) * 2).to(dtype)
+    up = (torch.randn(3, 7, 96, generator=g) * 2).to(dtype)
+    dout = torch.randn(3, 7, 96, generator=g)
+    act_fn = ACT2FN[STOCK_ACTS[activation]]
+    stock = grads(clamped(act_fn, limit, after), [gate, up], dout.to(dtype))
+    ours = grads(
+        lambda a, b: forward_rewrite.gated_mlp_act(
+            a, b, activation=activation, limit=limit, clamp_after_activation=after
+        ),
+        [gate, up],
+        dout.to(dtype),
+    )
+    # The reference clamps at the limit as the dtype holds it (where stock's comparisons are)
+    # and, after the activation, where the activation rounded to the dtype reaches it.
+    lim = torch.tensor(limit, dtype=dtype).item()
+
+    def reference(gate, up):
+        if not after:
+            return clamped(lambda t: act_reference(activation, t), lim, False)(gate, up)
+        a = act_reference(activation, gate)
+        beyond = torch.gt if CLAMP_GRAD_AT_BOUND else torch.ge
+        held = beyond(act_fn(gate.detach().to(dtype)), lim)
+        return torch.where(held, lim, a) * up.clamp(min=-lim, max=lim)
+
+    ref = grads(reference, [gate.double(), up.double()], dout.double())
+    check_against(
+        ours[0] + ours[1], stock[0] + stock[1], ref[0] + ref[1], dtype, activation
+    )
+    if dtype != torch.float32:
+        same = (ours[0][0] == stock[0][0]).float().mean().item()
+        assert same >= 0.99, f"only {same:.1%} of the outputs equal stock's"
+    # No gradient through a clamp that holds (at its bound as this torch decides), as in
+    # stock; and the case clamps (not vacuous).
+    beyond = torch.gt if CLAMP_GRAD_AT_BOUND else torch.ge
+    held_up = beyond(up.abs(), lim)
+    held_gate = beyond(act_fn(gate) if after else gate, lim)
+    assert held_up.any() and held_gate.any()
+    for dgate, dup in (ours[1], stock[1]):
+        assert (dup[held_up] == 0).all() and (dgate[held_gate] == 0).all()
+
+
+def test_clamped_swiglu_packed_is_the_two_tensor_op():
+    # The experts' _apply_gate of DeepSeek-V4: gate, up = gate_up.chunk(2, dim=-1).
+    g = gen(37)
+    gate_up = (torch.randn(5, 2 * 64, generator=g) * 3).bfloat16()
+    dout = torch.randn(5, 64, generator=g).bfloat16()
+    for after in (False, True):
+        options = {"limit": 2.5, "clamp_after_activation": after}
+        packed = grads(
+            functools.partial(forward_rewrite.gated_mlp_act_packed, **options),
+            [gate_up],
+            dout,
+        )
+        two = grads(
+            lambda gu, kw=options: forward_rewrite.gated_mlp_act(
+                *gu.chunk(2, dim=-1), **kw
+            ),
+            [gate_up],
+            dout,
+        )
+        assert torch.equal(packed[0][0], two[0][0])
+        assert torch.equal(packed[1][0], two[1][0])
+
+
+def test_clamped_swiglu_at_an_infinite_limit_is_the_plain_product():
+    # Step-3.7's layers without a configured limit clamp at inf.
+    g = gen(38)
+    gate, up = (torch.randn(4, 32, generator=g) * 3).bfloat16().unbind(0)[:2]
+    plain = forward_rewrite.gated_mlp_act(gate, up)
+    for after in (False, True):
+        inf = forward_rewrite.gated_mlp_act(
+            gate, up, limit=math.inf, clamp_after_activation=after
+        )
+        assert torch.equal(plain, inf)
+
+
 def test_gated_packed_strided_and_empty():
     base = torch.randn(4, 3, 2 * 40 + 6)
     gate_up = base[..., 3 : 3 + 80]  # a strided view
@@ -1022,6 +1120,16 @@ def _compile_cases(dtype=torch.float32):
             lambda gu: forward_rewrite.gated_mlp_act_packed(gu, activation="gelu_tanh"),
             [torch.cat((gate, up), -1)],
         ),
+        "gated_clamped": (
+            lambda a, b: forward_rewrite.gated_mlp_act(a, b, limit=0.6),
+            [gate, up],
+        ),
+        "gated_packed_clamped_after": (
+            lambda gu: forward_rewrite.gated_mlp_act_packed(
+                gu, limit=0.3, clamp_after_activation=True
+            ),
+            [torch.cat((gate, up), -1)],
+        ),
         "gated_rms_norm": (
             lambda x, g, w: forward_rewrite.gated_rms_norm(x, g, w, 1e-6),
             [x, x.flip(-1) * 1.5, w],
@@ -1183,6 +1291,13 @@ def test_opcheck_validates_the_registrations():
         ops.gated_act_backward.default,
         (torch.randn(2, 24), gate.detach(), up.detach(), "silu"),
     )
+    torch.library.opcheck(
+        ops.gated_act.default, (gate, up, "silu", True, 0.5, True), test_utils=tests
+    )
+    torch.library.opcheck(
+        ops.gated_act_backward.default,
+        (torch.randn(2, 24), gate.detach(), up.detach(), "silu", 0.5, False),
+    )
     gate_up = torch.randn(3, 64)[:, 8:56].requires_grad_(True)
     torch.library.opcheck(
         ops.gated_act_packed.default, (gate_up, "silu", True), test_utils=tests
@@ -1190,6 +1305,11 @@ def test_opcheck_validates_the_registrations():
     torch.library.opcheck(
         ops.gated_act_packed_backward.default,
         (torch.randn(3, 24), gate_up.detach(), "gelu_tanh"),
+    )
+    torch.library.opcheck(
+        ops.gated_act_packed.default,
+        (gate_up, "silu", False, 0.75, False),
+        test_utils=tests,
     )
 
 
@@ -1320,6 +1440,26 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             "activation",
         ),
         (lambda: forward_rewrite.gated_mlp_act(X, "up"), TypeError, "up"),
+        (lambda: forward_rewrite.gated_mlp_act(X, X, limit="7"), TypeError, "limit"),
+        (lambda: forward_rewrite.gated_mlp_act(X, X, limit=True), TypeError, "limit"),
+        (lambda: forward_rewrite.gated_mlp_act(X, X, limit=0.0), ValueError, "limit"),
+        (
+            lambda: forward_rewrite.gated_mlp_act_packed(X, limit=math.nan),
+            ValueError,
+            "limit",
+        ),
+        (
+            lambda: forward_rewrite.gated_mlp_act(X, X, clamp_after_activation=True),
+            ValueError,
+            "clamp_after_activation",
+        ),
+        (
+            lambda: forward_rewrite.gated_mlp_act(
+                X, X, limit=1.0, clamp_after_activation=1
+            ),
+            TypeError,
+            "clamp_after_activation",
+        ),
         (lambda: forward_rewrite.gated_mlp_act_packed(X[:, :7]), ValueError, "gate_up"),
         (lambda: forward_rewrite.gated_mlp_act_packed(X.int()), TypeError, "gate_up"),
         (

@@ -144,6 +144,57 @@ def test_matches_stock_and_the_float64_loop(
         assert rel(a, c) <= 1e-5, (name, rel(a, c))
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["deepseek-v4", "step-3.7"])
+def test_clamped_gate_matches_stock_and_the_float64_loop(after):
+    """The experts of DeepSeek-V4 / GLM-5-Next / HY-V4 (gate clamped before SiLU) and
+    Step-3.7 (the activation clamped), whose ``_apply_gate`` clamps gate and up at a limit:
+    ``limit`` / ``clamp_after_activation`` of the op against transformers' function running
+    that gate, and a float64 loop."""
+    limit = 0.4  # the projections are ~N(0, 1): a good share of the rows clamp
+
+    def gate_of(act):
+        def apply_gate(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            gate = act(gate).clamp(max=limit) if after else act(gate.clamp(max=limit))
+            return gate * up.clamp(min=-limit, max=limit)
+
+        return apply_gate
+
+    def stock_clamped(x, top_i, top_w, w1, w2):
+        m = stock_module(w1, w2, "silu", False)
+        m._apply_gate = gate_of(nn.SiLU())
+        return moe.grouped_mm_experts_forward(m, x, top_i, top_w)
+
+    def ours_clamped(x, top_i, top_w, w1, w2):
+        return forward_rewrite.moe_experts(
+            x, top_i, top_w, w1, w2, limit=limit, clamp_after_activation=after
+        )
+
+    def ref_clamped(x, top_i, top_w, w1, w2):
+        out = torch.zeros_like(x)
+        for e in range(w1.shape[0]):
+            tok, slot = torch.where(top_i == e)
+            y = gate_of(nn.SiLU())(x[tok] @ w1[e].t()) @ w2[e].t()
+            out = out.index_add(0, tok, y * top_w[tok, slot].unsqueeze(-1))
+        return out
+
+    inputs = problem(seed=7)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(8))
+    got = run(ours_clamped, inputs, grad)
+    want = run(stock_clamped, inputs, grad)
+    exact = run(
+        ref_clamped,
+        [t.double() if t.is_floating_point() else t for t in inputs],
+        grad.double(),
+    )
+    plain = run(ours("silu", False), inputs, grad)
+    names = ["out", "dx", "dweights", "dgate_up_proj", "ddown_proj"]
+    for name, a, b, c, p in zip(names, got, want, exact, plain, strict=True):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))
+        assert rel(a, c) <= 1e-5, (name, rel(a, c))
+        assert rel(a, p) > 1e-3, (name, "the clamp changed nothing")
+
+
 @pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
 def test_bfloat16_is_as_close_to_float64_as_stock(weights_dtype):
     """16-bit experts; the routing weights of their dtype or float32 (a router that keeps

@@ -13,9 +13,11 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
         weight_grad) -> (dx, dgate, dw or None)
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
-    gated_act(gate, up, activation) -> out
-    gated_act_backward(dout, gate, up, activation, into_inputs) -> (dgate, dup)
-    gated_act_backward_packed(dout, gate_up, activation, into_inputs) -> dgate_up
+    gated_act(gate, up, activation, *, limit, clamp_after) -> out
+    gated_act_backward(dout, gate, up, activation, into_inputs, *, limit, clamp_after)
+        -> (dgate, dup)
+    gated_act_backward_packed(dout, gate_up, activation, into_inputs, *, limit,
+        clamp_after) -> dgate_up
 
 on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder ops"):
 
@@ -43,6 +45,11 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   ``into_inputs`` the backward writes the gradients over its inputs and returns them (gate
   and up contiguous and apart, gate_up contiguous; the ``check_gated*`` say so): each element
   is read before it is overwritten, by the same thread, so nothing else is allocated.
+  ``limit`` (None, or a float above 0, inf allowed) makes it the clamped SwiGLU: gate
+  clamped at max ``limit`` before the activation (``clamp_after``: the activation's output)
+  and up to [-limit, limit], the gradients zero where a clamp holds (``gated_act.cu``), at
+  a bound as the running torch's clamp backward decides (:func:`clamp_grad_at_bound`); the
+  native functions check the limit.
 
 A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
 argument before any pointer reaches native code.
@@ -55,6 +62,32 @@ import torch
 #: float64 runs on the CPU only (it is there for ``torch.autograd.gradcheck``).
 FUSION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _clamp_grad_at_bound():
+    """Whether the running torch's ``clamp`` backward passes the gradient of a value that
+    lies exactly at a bound (torch 2.11 does, 2.15 does not: a value at the bound of a
+    16-bit clamp is common enough to matter). The clamped SwiGLU's backward follows it, as
+    the stock expression's would. Asked of torch itself, once, on the CPU, at import (so no
+    mode the ops later run under sees it)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        (g,) = torch.autograd.grad(x.clamp(min=-1.0, max=1.0).sum(), x)
+    low, high = g.tolist()
+    if low != high:
+        raise RuntimeError(
+            f"torch's clamp backward treats its two bounds apart ({low}, {high}): the "
+            "clamped SwiGLU does not know this torch"
+        )
+    return high == 1.0
+
+
+CLAMP_GRAD_AT_BOUND = _clamp_grad_at_bound()
+
+
+def clamp_grad_at_bound():
+    """:data:`CLAMP_GRAD_AT_BOUND` (see :func:`_clamp_grad_at_bound`)."""
+    return CLAMP_GRAD_AT_BOUND
 
 
 def dtype_name(dtype):

@@ -10,6 +10,7 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
+    clamp_grad_at_bound,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -129,7 +130,7 @@ rotary = make_rotary(
 )
 
 
-def gated_act(gate, up, activation):
+def gated_act(gate, up, activation, *, limit=None, clamp_after=False):
     rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu")
     out = torch.empty((rows, cols), dtype=gate.dtype)
     _native.cpu_gated_act(
@@ -142,11 +143,16 @@ def gated_act(gate, up, activation):
         ld_up=ld_up,
         dtype=dtype_name(gate.dtype),
         activation=activation,
+        limit=limit,
+        clamp_after_activation=clamp_after,
+        grad_at_bound=limit is not None and clamp_grad_at_bound(),
     )
     return out
 
 
-def gated_act_backward(dout, gate, up, activation, into_inputs=False):
+def gated_act_backward(
+    dout, gate, up, activation, into_inputs=False, *, limit=None, clamp_after=False
+):
     rows, cols, ld_gate, ld_up = check_gated(
         gate, up, activation, "cpu", dout=dout, into_inputs=into_inputs
     )
@@ -164,6 +170,9 @@ def gated_act_backward(dout, gate, up, activation, into_inputs=False):
         ld_up=ld_up,
         dtype=dtype_name(gate.dtype),
         activation=activation,
+        limit=limit,
+        clamp_after_activation=clamp_after,
+        grad_at_bound=limit is not None and clamp_grad_at_bound(),
     )
     if into_inputs:
         # Rust's slices may not alias, so the CPU twin writes apart and copies: the same
@@ -172,7 +181,9 @@ def gated_act_backward(dout, gate, up, activation, into_inputs=False):
     return dgate, dup
 
 
-def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
+def gated_act_backward_packed(
+    dout, gate_up, activation, into_inputs=False, *, limit=None, clamp_after=False
+):
     rows, cols, ld = check_gated_packed(
         dout, gate_up, activation, "cpu", into_inputs=into_inputs
     )
@@ -190,5 +201,8 @@ def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
         dtype=dtype_name(gate_up.dtype),
         activation=activation,
         packed=True,
+        limit=limit,
+        clamp_after_activation=clamp_after,
+        grad_at_bound=limit is not None and clamp_grad_at_bound(),
     )
     return gate_up.copy_(dgate_up) if into_inputs else dgate_up

@@ -17,6 +17,7 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
+    clamp_grad_at_bound,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -233,7 +234,9 @@ def _launch_rotary(q, args):
 rotary = make_rotary("cuda", _empty_like, _launch_rotary)
 
 
-def _gated(gate, up, activation, dout, into_inputs=False):
+def _gated(
+    gate, up, activation, dout, into_inputs=False, limit=None, clamp_after=False
+):
     rows, cols, ld_gate, ld_up = check_gated(
         gate, up, activation, "cuda", dout=dout, into_inputs=into_inputs
     )
@@ -266,19 +269,26 @@ def _gated(gate, up, activation, dout, into_inputs=False):
             dtype=dtype_name(gate.dtype),
             activation=activation,
             backward=dout is not None,
+            limit=limit,
+            clamp_after_activation=clamp_after,
+            grad_at_bound=limit is not None and clamp_grad_at_bound(),
         )
     return out, dup
 
 
-def gated_act(gate, up, activation):
-    return _gated(gate, up, activation, None)[0]
+def gated_act(gate, up, activation, *, limit=None, clamp_after=False):
+    return _gated(gate, up, activation, None, False, limit, clamp_after)[0]
 
 
-def gated_act_backward(dout, gate, up, activation, into_inputs=False):
-    return _gated(gate, up, activation, dout, into_inputs)
+def gated_act_backward(
+    dout, gate, up, activation, into_inputs=False, *, limit=None, clamp_after=False
+):
+    return _gated(gate, up, activation, dout, into_inputs, limit, clamp_after)
 
 
-def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
+def gated_act_backward_packed(
+    dout, gate_up, activation, into_inputs=False, *, limit=None, clamp_after=False
+):
     rows, cols, ld = check_gated_packed(
         dout, gate_up, activation, "cuda", into_inputs=into_inputs
     )
@@ -306,5 +316,8 @@ def gated_act_backward_packed(dout, gate_up, activation, into_inputs=False):
             activation=activation,
             backward=True,
             ld_grad=2 * cols,
+            limit=limit,
+            clamp_after_activation=clamp_after,
+            grad_at_bound=limit is not None and clamp_grad_at_bound(),
         )
     return dgate_up

@@ -36,7 +36,14 @@ from torch import Tensor
 
 from ._eager import BackwardOp, OpPair
 from ._fusions_backend import ACTIVATIONS
-from .fused_ops import _backend, _device, _may_overwrite, _overwritten, _tensor
+from .fused_ops import (
+    _backend,
+    _clamp,
+    _device,
+    _may_overwrite,
+    _overwritten,
+    _tensor,
+)
 
 __all__ = ["moe_experts"]
 
@@ -70,10 +77,14 @@ def _route(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return perm, torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
-def _gate(gate_up: Tensor, activation: str) -> Tensor:
+def _gate(gate_up: Tensor, activation: str, limit, clamp_after) -> Tensor:
     cols = gate_up.shape[1] // 2
     return _backend(gate_up.device).gated_act(
-        gate_up[:, :cols], gate_up[:, cols:], activation
+        gate_up[:, :cols],
+        gate_up[:, cols:],
+        activation,
+        limit=limit,
+        clamp_after=clamp_after,
     )
 
 
@@ -98,6 +109,8 @@ def _moe_impl(
     down_proj: Tensor,
     activation: str,
     transposed: bool,
+    limit: float | None = None,
+    clamp_after: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gate_up, perm, offsets): the experts' output (x's shape and dtype), and what
     backward needs."""
@@ -106,7 +119,7 @@ def _moe_impl(
     x_g = x[perm // top_k].to(gate_up_proj.dtype)
     gate_up = _grouped_mm(x_g, _b(gate_up_proj, transposed), offsets)
     del x_g
-    h = _gate(gate_up, activation)
+    h = _gate(gate_up, activation, limit, clamp_after)
     y = _grouped_mm(h.to(down_proj.dtype), _b(down_proj, transposed), offsets)
     del h
     w_g = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
@@ -135,7 +148,15 @@ _moe_op = torch.library.custom_op("forward_rewrite::moe_experts", mutates_args=(
 
 @_moe_op.register_fake
 def _moe_fake(
-    x, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed
+    x,
+    top_k_index,
+    top_k_weights,
+    gate_up_proj,
+    down_proj,
+    activation,
+    transposed,
+    limit=None,
+    clamp_after=False,
 ):
     routed = top_k_index.numel()
     cols = gate_up_proj.shape[-1] if transposed else gate_up_proj.shape[-2]
@@ -162,6 +183,8 @@ def _moe_backward_impl(
     activation: str,
     transposed: bool,
     weight_grads: bool,
+    limit: float | None = None,
+    clamp_after: bool = False,
     overwrite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dtop_k_weights, dgate_up_proj, ddown_proj); the weights' gradients are empty
@@ -174,7 +197,7 @@ def _moe_backward_impl(
     w_g = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     # The routed rows' output gradient (the stock sum's and un-permutation's backward).
     dy = dout[rows].to(down_proj.dtype)
-    h = _gate(gate_up, activation)
+    h = _gate(gate_up, activation, limit, clamp_after)
     # By blocks of rows (each row's products are its own): u = dy W_down, the down
     # projection's input gradient before the routing weight; the routing weights' gradient
     # <u, h>; gate_up's gradient from u * w. No whole (routed x intermediate) product is
@@ -191,7 +214,12 @@ def _moe_backward_impl(
         u = _grouped_mm(dy[block], w2, offsets.clamp(start, start + step) - start)
         dweights_g[block] = _row_dots(u, h[block], wide)
         d = backend.gated_act_backward_packed(
-            u.mul_(w_g[block]), gate_up[block], activation, overwrite
+            u.mul_(w_g[block]),
+            gate_up[block],
+            activation,
+            overwrite,
+            limit=limit,
+            clamp_after=clamp_after,
         )
         if not overwrite:
             dgate_up[block] = d
@@ -254,6 +282,8 @@ def _moe_backward_fake(
     activation,
     transposed,
     weight_grads,
+    limit=None,
+    clamp_after=False,
     overwrite=False,
 ):
     empty = x.new_empty(0)
@@ -266,23 +296,24 @@ def _moe_backward_fake(
 
 
 def _moe_setup(ctx, inputs, output):
-    x, _index, top_k_weights, gate_up_proj, down_proj, activation, transposed = inputs
+    x, _index, top_k_weights, gate_up_proj, down_proj, *options = inputs
     _, gate_up, perm, offsets = output
     ctx.save_for_backward(
         x, top_k_weights, gate_up_proj, down_proj, gate_up, perm, offsets
     )
-    ctx.options = (activation, transposed)
+    ctx.options = tuple(options)  # activation, transposed, limit, clamp_after
     ctx.overwrite = True  # gate_up is the op's own: only its backward reads it
 
 
 def _moe_backward(ctx, dout, _dgate_up, _dperm, _doffsets):
     saved = ctx.saved_tensors
-    activation, transposed = ctx.options
+    activation, transposed, limit, clamp_after = ctx.options
     needs = ctx.needs_input_grad
     if not any(needs):
-        return (None,) * 7
+        return (None,) * 9
     weight_grads = needs[3] or needs[4]
     args = (dout.contiguous(), *saved, activation, transposed, weight_grads)
+    args += (limit, clamp_after)
     if _may_overwrite(ctx, saved[4]):
         grads = _moe_backward_impl(*args, True)
     else:
@@ -294,6 +325,8 @@ def _moe_backward(ctx, dout, _dgate_up, _dperm, _doffsets):
         dweights if needs[2] else None,
         dgate_up_proj if needs[3] else None,
         ddown if needs[4] else None,
+        None,
+        None,
         None,
         None,
     )
@@ -330,6 +363,8 @@ def moe_experts(
     down_proj: Tensor,
     *,
     activation: str = "silu",
+    limit: float | None = None,
+    clamp_after_activation: bool = False,
     transposed: bool = False,
 ) -> Tensor:
     """The output of gated MoE experts for ``x`` (tokens, hidden) routed to ``top_k_index``
@@ -341,8 +376,10 @@ def moe_experts(
     ``gate_up_proj`` is (experts, 2 * intermediate, hidden) and ``down_proj`` (experts,
     hidden, intermediate), or both transposed (``transposed=True``: (experts, hidden, 2 *
     intermediate) and (experts, intermediate, hidden)). ``activation``: ``"silu"`` or
-    ``"gelu_tanh"``. Gradients for x, the routing weights and both weights; backward keeps
-    only ``gate_up`` of the routed rows (module docs)."""
+    ``"gelu_tanh"``; ``limit`` and ``clamp_after_activation`` make the gate the clamped
+    SwiGLU of :func:`forward_rewrite.gated_mlp_act` (DeepSeek-V4's, Step-3.7's experts).
+    Gradients for x, the routing weights and both weights; backward keeps only ``gate_up``
+    of the routed rows (module docs)."""
     _check("x", x, dims=2, dtypes=_FLOATS)
     _device("x", x, x, "x")
     _check("top_k_index", top_k_index, dims=2, dtypes=_INDICES, x=x)
@@ -355,6 +392,7 @@ def moe_experts(
         raise ValueError(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
+    limit, clamp_after = _clamp(limit, clamp_after_activation)
     tokens, hidden = x.shape
     if top_k_index.shape[0] != tokens:
         raise ValueError(
@@ -392,5 +430,7 @@ def moe_experts(
         down_proj,
         activation,
         transposed,
+        limit,
+        clamp_after,
     )
     return out

@@ -120,6 +120,23 @@ def _bool(name, value):
     return value
 
 
+def _clamp(limit, clamp_after_activation):
+    """The clamped SwiGLU's (limit or None, clamp_after_activation), checked: a real number
+    above 0 (inf allowed: a clamp that keeps every finite value), and no clamp position
+    without a limit."""
+    _bool("clamp_after_activation", clamp_after_activation)
+    if limit is None:
+        if clamp_after_activation:
+            raise ValueError("clamp_after_activation: there is no limit to clamp at")
+        return None, False
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real):
+        raise TypeError(f"limit: expected a real number, got {type(limit).__name__}")
+    limit = float(limit)
+    if math.isnan(limit) or limit <= 0:
+        raise ValueError(f"limit: expected a number above 0, got {limit}")
+    return limit, clamp_after_activation
+
+
 def _kernel_dtype(name, dtype, base):
     """The dtype a secondary tensor is computed in: ``base`` when equal, else float32 (an
     exact upcast whenever two dtypes differ, since they then promote to float32);
@@ -857,10 +874,20 @@ def rotary_single(
 # ---- gated MLP product --------------------------------------------------------------------------
 
 
-def _gated_impl(gate: Tensor, up: Tensor, activation: str, overwrite: bool) -> Tensor:
+def _gated_impl(
+    gate: Tensor,
+    up: Tensor,
+    activation: str,
+    overwrite: bool,
+    limit: float | None = None,
+    clamp_after: bool = False,
+) -> Tensor:
     """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous.
-    ``overwrite`` is for the backward (see :func:`gated_mlp_act`)."""
-    return _backend(gate.device).gated_act(gate, up, activation)
+    ``overwrite`` is for the backward (see :func:`gated_mlp_act`); ``limit`` and
+    ``clamp_after`` the clamped SwiGLU's."""
+    return _backend(gate.device).gated_act(
+        gate, up, activation, limit=limit, clamp_after=clamp_after
+    )
 
 
 _gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=())(
@@ -869,15 +896,22 @@ _gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=(
 
 
 @_gated_op.register_fake
-def _gated_fake(gate, up, activation, overwrite):
+def _gated_fake(gate, up, activation, overwrite, limit=None, clamp_after=False):
     return gate.new_empty(gate.shape)
 
 
 def _gated_backward_impl(
-    dout: Tensor, gate: Tensor, up: Tensor, activation: str
+    dout: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    activation: str,
+    limit: float | None = None,
+    clamp_after: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(dgate, dup), contiguous."""
-    return _backend(gate.device).gated_act_backward(dout, gate, up, activation)
+    return _backend(gate.device).gated_act_backward(
+        dout, gate, up, activation, limit=limit, clamp_after=clamp_after
+    )
 
 
 _gated_backward_op = torch.library.custom_op(
@@ -886,13 +920,13 @@ _gated_backward_op = torch.library.custom_op(
 
 
 @_gated_backward_op.register_fake
-def _gated_backward_fake(dout, gate, up, activation):
+def _gated_backward_fake(dout, gate, up, activation, limit=None, clamp_after=False):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 def _gated_setup(ctx, inputs, output):
-    gate, up, activation, overwrite = inputs
-    ctx.activation = activation
+    gate, up, activation, overwrite, limit, clamp_after = inputs
+    ctx.gate_fn = (activation, limit, clamp_after)
     ctx.overwrite = overwrite
     ctx.save_for_backward(gate, up)
 
@@ -930,18 +964,21 @@ def _overwritten(*grads: Tensor):
 
 def _gated_backward(ctx, dout):
     gate, up = ctx.saved_tensors
+    activation, limit, clamp_after = ctx.gate_fn
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1]):
-        return None, None, None, None
+        return (None,) * 6
     dout = dout.contiguous()
     if needs[0] and needs[1] and _may_overwrite(ctx, gate, up):
         backend = _backend(gate.device)
         dgate, dup = _overwritten(
-            *backend.gated_act_backward(dout, gate, up, ctx.activation, True)
+            *backend.gated_act_backward(
+                dout, gate, up, activation, True, limit=limit, clamp_after=clamp_after
+            )
         )
     else:
-        dgate, dup = _gated_backward_call(dout, gate, up, ctx.activation)
-    return (dgate if needs[0] else None), (dup if needs[1] else None), None, None
+        dgate, dup = _gated_backward_call(dout, gate, up, *ctx.gate_fn)
+    return (dgate if needs[0] else None), (dup if needs[1] else None), *(None,) * 4
 
 
 _gated = OpPair(_gated_op, _gated_impl, _gated_setup, _gated_backward)
@@ -966,6 +1003,8 @@ def gated_mlp_act(
     up: Tensor,
     *,
     activation: str = "silu",
+    limit: float | None = None,
+    clamp_after_activation: bool = False,
     overwrite_inputs: bool = False,
 ) -> Tensor:
     """``act(gate) * up`` as a gated MLP computes it between its projections
@@ -977,6 +1016,13 @@ def gated_mlp_act(
     backward recomputes the activation from gate and up (nothing else is saved) in float32.
     gate and up may be strided views (Phi-3's ``gate_up.chunk(2, dim=-1)``); the result is
     contiguous, of their shape and dtype.
+
+    ``limit`` makes it the clamped SwiGLU of DeepSeek-V4, GLM-5-Next and HY-V4:
+    ``act(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)``, or with
+    ``clamp_after_activation=True`` Step-3.7's ``act(gate).clamp(max=limit) * up.clamp(...)``.
+    The limit is a number above 0 (``inf`` allowed), compared in the inputs' dtype as torch
+    compares a tensor with a scalar; the gradients are torch's clamp backward's (zero where a
+    clamp holds, and where the clamped value is NaN).
 
     ``overwrite_inputs=True`` is the caller's promise that nothing reads gate and up after
     this call (they are temporaries, as in the MLPs the gated-mlp pass patches): the
@@ -1006,18 +1052,31 @@ def gated_mlp_act(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
     _bool("overwrite_inputs", overwrite_inputs)
-    out = _gated(_rows_view(gate), _rows_view(up), activation, overwrite_inputs)
+    limit, after = _clamp(limit, clamp_after_activation)
+    out = _gated(
+        _rows_view(gate), _rows_view(up), activation, overwrite_inputs, limit, after
+    )
     return out.view(gate.shape)
 
 
 # ---- gated MLP product on one gate_up tensor ------------------------------------------------
 
 
-def _gated_packed_impl(gate_up: Tensor, activation: str, overwrite: bool) -> Tensor:
+def _gated_packed_impl(
+    gate_up: Tensor,
+    activation: str,
+    overwrite: bool,
+    limit: float | None = None,
+    clamp_after: bool = False,
+) -> Tensor:
     """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
     cols = gate_up.shape[1] // 2
     return _backend(gate_up.device).gated_act(
-        gate_up[:, :cols], gate_up[:, cols:], activation
+        gate_up[:, :cols],
+        gate_up[:, cols:],
+        activation,
+        limit=limit,
+        clamp_after=clamp_after,
     )
 
 
@@ -1027,15 +1086,21 @@ _gated_packed_op = torch.library.custom_op(
 
 
 @_gated_packed_op.register_fake
-def _gated_packed_fake(gate_up, activation, overwrite):
+def _gated_packed_fake(gate_up, activation, overwrite, limit=None, clamp_after=False):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
 def _gated_packed_backward_impl(
-    dout: Tensor, gate_up: Tensor, activation: str
+    dout: Tensor,
+    gate_up: Tensor,
+    activation: str,
+    limit: float | None = None,
+    clamp_after: bool = False,
 ) -> Tensor:
     """The gradient of gate_up, contiguous (rows, 2c): [dgate | dup] per row."""
-    return _backend(gate_up.device).gated_act_backward_packed(dout, gate_up, activation)
+    return _backend(gate_up.device).gated_act_backward_packed(
+        dout, gate_up, activation, limit=limit, clamp_after=clamp_after
+    )
 
 
 _gated_packed_backward_op = torch.library.custom_op(
@@ -1044,30 +1109,35 @@ _gated_packed_backward_op = torch.library.custom_op(
 
 
 @_gated_packed_backward_op.register_fake
-def _gated_packed_backward_fake(dout, gate_up, activation):
+def _gated_packed_backward_fake(
+    dout, gate_up, activation, limit=None, clamp_after=False
+):
     return gate_up.new_empty(gate_up.shape)
 
 
 def _gated_packed_setup(ctx, inputs, output):
-    gate_up, activation, overwrite = inputs
-    ctx.activation = activation
+    gate_up, activation, overwrite, limit, clamp_after = inputs
+    ctx.gate_fn = (activation, limit, clamp_after)
     ctx.overwrite = overwrite
     ctx.save_for_backward(gate_up)
 
 
 def _gated_packed_backward(ctx, dout):
     (gate_up,) = ctx.saved_tensors
+    activation, limit, clamp_after = ctx.gate_fn
     if not ctx.needs_input_grad[0]:
-        return None, None, None
+        return (None,) * 5
     dout = dout.contiguous()
     if _may_overwrite(ctx, gate_up):
         backend = _backend(gate_up.device)
         (dgate_up,) = _overwritten(
-            backend.gated_act_backward_packed(dout, gate_up, ctx.activation, True)
+            backend.gated_act_backward_packed(
+                dout, gate_up, activation, True, limit=limit, clamp_after=clamp_after
+            )
         )
     else:
-        dgate_up = _gated_packed_backward_call(dout, gate_up, ctx.activation)
-    return dgate_up, None, None
+        dgate_up = _gated_packed_backward_call(dout, gate_up, *ctx.gate_fn)
+    return dgate_up, *(None,) * 4
 
 
 _gated_packed = OpPair(
@@ -1079,13 +1149,20 @@ _gated_packed_backward_call = BackwardOp(
 
 
 def gated_mlp_act_packed(
-    gate_up: Tensor, *, activation: str = "silu", overwrite_inputs: bool = False
+    gate_up: Tensor,
+    *,
+    activation: str = "silu",
+    limit: float | None = None,
+    clamp_after_activation: bool = False,
+    overwrite_inputs: bool = False,
 ) -> Tensor:
     """``act(gate) * up`` with ``gate, up = gate_up.chunk(2, dim=-1)``, as ``Phi3MLP`` (``up *
     act(gate)``, the same product) and the MoE experts' ``linear(...).chunk(2, dim=-1)``
     compute it: the numerics of :func:`gated_mlp_act`, and the gradient of ``gate_up``
     written as one tensor (the chunk's backward would concatenate two). ``gate_up`` may be a
     strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``.
+    ``limit``, ``clamp_after_activation``: the clamped SwiGLU, as :func:`gated_mlp_act`'s
+    (the MoE experts' ``_apply_gate`` of DeepSeek-V4, GLM-5-Next, HY-V4, Step-3.7).
     ``overwrite_inputs``: as :func:`gated_mlp_act`'s, for ``gate_up``."""
     _tensor("gate_up", gate_up)
     _dtype("gate_up", gate_up)
@@ -1104,6 +1181,7 @@ def gated_mlp_act_packed(
             f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
         )
     _bool("overwrite_inputs", overwrite_inputs)
+    limit, after = _clamp(limit, clamp_after_activation)
     cols = gate_up.shape[-1] // 2
-    out = _gated_packed(_rows_view(gate_up), activation, overwrite_inputs)
+    out = _gated_packed(_rows_view(gate_up), activation, overwrite_inputs, limit, after)
     return out.view(*gate_up.shape[:-1], cols)

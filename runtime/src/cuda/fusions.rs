@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use super::compile;
 use super::device::{self, Device, Dims, Dtype, ModuleSource, launch};
 use super::error::{CudaError, Result, catch_panics};
+use crate::cpu::fusions::gated::Clamp;
 use crate::cpu::fusions::{Activation, GATE_ACTIVATIONS, PRODUCT_ACTIVATIONS};
 
 pub const RMS_NORM: ModuleSource = ModuleSource {
@@ -946,7 +947,9 @@ struct GatedParams {
     ld_up: i64,
     ld_grad: i64,
     act: i32,
-    pad: i32,
+    clamp: i32,
+    limit: f32,
+    at_bound: i32,
 }
 
 /// One gated-product call: forward (`out` = act(gate) * up) or backward (`out` = dgate,
@@ -969,7 +972,19 @@ pub struct GatedCall {
     pub out: u64,
     pub dup: u64,
     pub act: i32,
+    /// The clamped SwiGLU's limit and where the gate is clamped, or None.
+    pub clamp: Option<Clamp>,
     pub backward: bool,
+}
+
+/// The kernel's clamp code (`kernels/gated_act.cu`): 0 none, 1 before the activation, 2
+/// after it.
+fn clamp_code(clamp: Option<Clamp>) -> i32 {
+    match clamp {
+        None => 0,
+        Some(c) if c.after_activation => 2,
+        Some(_) => 1,
+    }
 }
 
 pub fn gated_act(c: &GatedCall) -> Result<()> {
@@ -1031,7 +1046,9 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
         ld_up: ld_up as i64,
         ld_grad: ld_grad as i64,
         act: c.act,
-        pad: 0,
+        clamp: clamp_code(c.clamp),
+        limit: c.clamp.map_or(0.0, |k| k.limit),
+        at_bound: c.clamp.is_some_and(|k| k.grad_at_bound) as i32,
     };
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
@@ -1422,7 +1439,7 @@ fn cuda_rotary(
 /// and dup of row stride `ld_grad`, default `cols`); see [`GatedCall`]. `activation`:
 /// "silu" or "gelu_tanh".
 #[pyfunction]
-#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None))]
+#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None, limit=None, clamp_after_activation=false, grad_at_bound=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_act(
     py: Python<'_>,
@@ -1441,9 +1458,14 @@ fn cuda_gated_act(
     activation: &str,
     backward: bool,
     ld_grad: Option<u64>,
+    limit: Option<f64>,
+    clamp_after_activation: bool,
+    grad_at_bound: bool,
 ) -> PyResult<()> {
     let act =
         Activation::parse_one_of(activation, PRODUCT_ACTIVATIONS).map_err(CudaError::argument)?;
+    let clamp =
+        Clamp::of(limit, clamp_after_activation, grad_at_bound).map_err(CudaError::argument)?;
     let call = GatedCall {
         device,
         stream,
@@ -1459,6 +1481,7 @@ fn cuda_gated_act(
         out,
         dup,
         act: act.code(),
+        clamp,
         backward,
     };
     py.detach(|| catch_panics(|| gated_act(&call)))?;
@@ -1481,7 +1504,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RmsBwdParams, cast_before), 68);
         assert_eq!(std::mem::offset_of!(RmsBwdParams, dres), 72);
         assert_eq!(std::mem::size_of::<RopeParams>(), 208);
-        assert_eq!(std::mem::size_of::<GatedParams>(), 88);
+        assert_eq!(std::mem::size_of::<GatedParams>(), 96);
+        assert_eq!(std::mem::offset_of!(GatedParams, limit), 88);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The activation product of a gated MLP, `act(gate) * up`, and its backward from the saved
 //! inputs: the twin of `kernels/gated_act.cu` (the formulas and rounding points are written
 //! there). `gate` and `up` are (rows, cols) with their own row strides; outputs are
-//! contiguous (rows, cols).
+//! contiguous (rows, cols). With a [`Clamp`], the clamped SwiGLU of DeepSeek-V4 / Step-3.7.
 
 use rayon::prelude::*;
 
@@ -15,6 +15,70 @@ pub struct Gated {
     pub ld_gate: usize,
     pub ld_up: usize,
     pub act: Activation,
+    pub clamp: Option<Clamp>,
+}
+
+/// A clamped SwiGLU: the gate clamped at max `limit` before the activation
+/// (`act(gate.clamp(max=L)) * up.clamp(-L, L)`: DeepSeek-V4, GLM-5-Next) or, with
+/// `after_activation`, the activation's output (`act(gate).clamp(max=L) * up.clamp(-L, L)`:
+/// Step-3.7). The limit is compared in the storage type (rounded to it), as torch compares a
+/// tensor with a scalar; a gradient passes inside the bounds as torch's clamp backward passes
+/// it: `lo <= x <= hi` with `grad_at_bound` (torch 2.11), `lo < x < hi` without (torch 2.15).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clamp {
+    pub limit: f32,
+    pub after_activation: bool,
+    pub grad_at_bound: bool,
+}
+
+impl Clamp {
+    /// The clamp of the Python arguments `limit`, `clamp_after_activation`, `grad_at_bound`: a
+    /// limit above 0 (inf allowed), and no position without a limit.
+    pub fn of(
+        limit: Option<f64>,
+        after_activation: bool,
+        grad_at_bound: bool,
+    ) -> Result<Option<Clamp>, String> {
+        match limit {
+            None if after_activation => {
+                Err("clamp_after_activation: there is no limit to clamp at".to_string())
+            }
+            None => Ok(None),
+            Some(l) if l.is_nan() || l <= 0.0 => {
+                Err(format!("limit: expected a number above 0, got {l}"))
+            }
+            Some(l) => Ok(Some(Clamp {
+                limit: l as f32,
+                after_activation,
+                grad_at_bound,
+            })),
+        }
+    }
+}
+
+/// `min(x, hi)` as torch's `clamp(max=hi)` computes it: NaN stays NaN.
+fn clamp_max<A: Real>(x: A, hi: A) -> A {
+    if x > hi { hi } else { x }
+}
+
+/// Whether torch's clamp backward passes the gradient of `x` clamped at max `hi`.
+fn below<A: Real>(x: A, hi: A, at_bound: bool) -> bool {
+    x < hi || (at_bound && x == hi)
+}
+
+/// `x.clamp(-hi, hi)`, NaN kept.
+fn clamp_sym<A: Real>(x: A, hi: A) -> A {
+    clamp_max(if x < -hi { -hi } else { x }, hi)
+}
+
+/// One element's (gate value the activation sees, activation output as the product uses it,
+/// up as the product uses it, whether the gate's gradient passes, whether up's does).
+struct Element<A> {
+    x: A,
+    a: A,
+    u: A,
+    gate_passes: bool,
+    up_passes: bool,
 }
 
 /// Row index, (dgate row, dup row), dout row: one item of the backward's iteration.
@@ -67,6 +131,36 @@ pub fn act_grad<A: Real>(act: Activation, x: A) -> A {
 }
 
 impl Gated {
+    fn element<A: Real, T: Storage<A>>(&self, g: A, u: A) -> Element<A> {
+        let Some(c) = self.clamp else {
+            return Element {
+                x: g,
+                a: round_to::<A, T>(act_value(self.act, g)),
+                u,
+                gate_passes: true,
+                up_passes: true,
+            };
+        };
+        let lim = round_to::<A, T>(A::from_f64(c.limit as f64));
+        let x = if c.after_activation {
+            g
+        } else {
+            clamp_max(g, lim)
+        };
+        let a = round_to::<A, T>(act_value(self.act, x));
+        Element {
+            x,
+            a: if c.after_activation {
+                clamp_max(a, lim)
+            } else {
+                a
+            },
+            u: clamp_sym(u, lim),
+            gate_passes: below(if c.after_activation { a } else { g }, lim, c.grad_at_bound),
+            up_passes: below(u, lim, c.grad_at_bound) && below(-u, lim, c.grad_at_bound),
+        }
+    }
+
     fn check(&self, gate: usize, up: usize) {
         assert!(
             self.ld_gate >= self.cols && self.ld_up >= self.cols,
@@ -95,8 +189,8 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
         let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
         let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
         for ((o, gv), uv) in o.iter_mut().zip(gr).zip(ur) {
-            let a = round_to::<A, T>(act_value(g.act, gv.load()));
-            *o = T::store(a * uv.load());
+            let e = g.element::<A, T>(gv.load(), uv.load());
+            *o = T::store(e.a * e.u);
         }
     };
     if out.len() < SERIAL_ELEMENTS {
@@ -107,7 +201,7 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
 }
 
 /// One row of the backward: `dgate = round_T(dout * up * act'(gate))`,
-/// `dup = round_T(dout * round_T(act(gate)))`.
+/// `dup = round_T(dout * round_T(act(gate)))` (zero where a clamp stops the gradient).
 fn backward_row<A: Real, T: Storage<A>>(
     g: &Gated,
     r: usize,
@@ -120,9 +214,15 @@ fn backward_row<A: Real, T: Storage<A>>(
     let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
     let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
     for ((((dg, du), d), gv), uv) in dg.iter_mut().zip(du).zip(d).zip(gr).zip(ur) {
-        let (d, x, u) = (d.load(), gv.load(), uv.load());
-        *du = T::store(d * round_to::<A, T>(act_value(g.act, x)));
-        *dg = T::store(d * u * act_grad(g.act, x));
+        let d = d.load();
+        let e = g.element::<A, T>(gv.load(), uv.load());
+        let zero = A::ZERO;
+        *du = T::store(if e.up_passes { d * e.a } else { zero });
+        *dg = T::store(if e.gate_passes {
+            d * e.u * act_grad(g.act, e.x)
+        } else {
+            zero
+        });
     }
 }
 

@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::gated::{self, Gated};
+use super::gated::{self, Clamp, Gated};
 use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, Residual, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
@@ -813,7 +813,7 @@ fn activation(name: &str) -> PyResult<Activation> {
 /// `out = act(gate) * up` (contiguous (rows, cols)) from gate and up with row strides
 /// `ld_gate` and `ld_up` (elements).
 #[pyfunction]
-#[pyo3(signature = (*, gate, up, out, rows, cols, ld_gate, ld_up, dtype, activation))]
+#[pyo3(signature = (*, gate, up, out, rows, cols, ld_gate, ld_up, dtype, activation, limit=None, clamp_after_activation=false, grad_at_bound=false))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_act(
     py: Python<'_>,
@@ -826,6 +826,9 @@ fn cpu_gated_act(
     ld_up: usize,
     dtype: &str,
     activation: &str,
+    limit: Option<f64>,
+    clamp_after_activation: bool,
+    grad_at_bound: bool,
 ) -> PyResult<()> {
     let call = GatedCall {
         g: Gated {
@@ -834,6 +837,7 @@ fn cpu_gated_act(
             ld_gate,
             ld_up,
             act: self::activation(activation)?,
+            clamp: Clamp::of(limit, clamp_after_activation, grad_at_bound).or_else(value_error)?,
         },
         gate,
         up,
@@ -850,7 +854,7 @@ fn cpu_gated_act(
 /// `packed`, `dgate` is one (rows, 2 * cols) buffer receiving `[dgate | dup]` per row and
 /// `dup` is None.
 #[pyfunction]
-#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false))]
+#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false, limit=None, clamp_after_activation=false, grad_at_bound=false))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_act_backward(
     py: Python<'_>,
@@ -866,6 +870,9 @@ fn cpu_gated_act_backward(
     dtype: &str,
     activation: &str,
     packed: bool,
+    limit: Option<f64>,
+    clamp_after_activation: bool,
+    grad_at_bound: bool,
 ) -> PyResult<()> {
     let call = GatedCall {
         g: Gated {
@@ -874,6 +881,7 @@ fn cpu_gated_act_backward(
             ld_gate,
             ld_up,
             act: self::activation(activation)?,
+            clamp: Clamp::of(limit, clamp_after_activation, grad_at_bound).or_else(value_error)?,
         },
         gate,
         up,

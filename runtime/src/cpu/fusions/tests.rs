@@ -5,11 +5,11 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 
-use super::gated::{self, Gated, act_grad, act_value};
+use super::gated::{self, Clamp, Gated, act_grad, act_value};
 use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, ROWS_PER_TASK, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
-use super::{Activation, Real, Storage};
+use super::{Activation, Real, Storage, round_to};
 
 /// xorshift64*, so a failing case is reproducible from its seed.
 struct Rng(u64);
@@ -727,6 +727,22 @@ fn check_gated<A: Real, T: Storage<A>>(
     seed: u64,
     tol: f64,
 ) {
+    check_gated_clamped::<A, T>(rows, cols, pad, act, None, seed, tol)
+}
+
+/// The clamped SwiGLU against float64: `act(min(x, L)) * clamp(u, -L, L)` (or the activation
+/// clamped), gradients zero where a clamp holds. Which side of L a value lies on is decided
+/// on the values the kernel compares (rounded to T), so a reference computed in float64 takes
+/// the same branch.
+fn check_gated_clamped<A: Real, T: Storage<A>>(
+    rows: usize,
+    cols: usize,
+    pad: usize,
+    act: Activation,
+    clamp: Option<Clamp>,
+    seed: u64,
+    tol: f64,
+) {
     let mut rng = Rng::new(seed);
     let ld = cols + pad;
     let span = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
@@ -739,6 +755,7 @@ fn check_gated<A: Real, T: Storage<A>>(
         ld_gate: ld,
         ld_up: ld,
         act,
+        clamp,
     };
     let (gs, us, ds) = (
         stored::<A, T>(&gate),
@@ -756,16 +773,31 @@ fn check_gated<A: Real, T: Storage<A>>(
     let (mut s_out, mut s_dg, mut s_du) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rows {
         for c in 0..cols {
-            let (x, u, d) = (gate[r * ld + c], up[r * ld + c], dout[r * cols + c]);
-            let a = act_reference(act, x);
+            let (x0, u0, d) = (gate[r * ld + c], up[r * ld + c], dout[r * cols + c]);
+            let (x, a, u, gate_passes, up_passes) = match clamp {
+                None => (x0, act_reference(act, x0), u0, true, true),
+                Some(k) => {
+                    let l = round_to::<A, T>(A::from_f64(k.limit as f64)).to_f64();
+                    let below = |x: f64| x < l || (k.grad_at_bound && x == l);
+                    let x = if k.after_activation { x0 } else { x0.min(l) };
+                    let a = act_reference(act, x);
+                    let a_t = round_to::<A, T>(A::from_f64(a)).to_f64();
+                    let (a, passes) = if k.after_activation {
+                        (if a_t > l { l } else { a }, below(a_t))
+                    } else {
+                        (a, below(x0))
+                    };
+                    (x, a, u0.clamp(-l, l), passes, below(u0) && below(-u0))
+                }
+            };
             // Five-point central difference: error ~1e-13, independent of the formula under
             // test (a two-point one at h = 1e-6 leaves ~1e-10, too coarse where act' ~ 0).
             let h = 1e-3;
             let f = |t: f64| act_reference(act, x + t * h);
             let da = (f(-2.0) - 8.0 * f(-1.0) + 8.0 * f(1.0) - f(2.0)) / (12.0 * h);
             w_out.push(a * u);
-            w_du.push(d * a);
-            w_dg.push(d * u * da);
+            w_du.push(if up_passes { d * a } else { 0.0 });
+            w_dg.push(if gate_passes { d * u * da } else { 0.0 });
             let slope = match act {
                 Activation::Silu => 1.0 + x.abs(),
                 Activation::GeluTanh => 1.0 + x.abs() * (1.0 + 0.134145 * x * x),
@@ -803,6 +835,92 @@ fn gated_product_and_its_backward() {
 }
 
 #[test]
+fn clamped_swiglu_and_its_backward() {
+    // The gate is drawn in [-2, 2) and up in [-1, 1): limits of 0.75 and 1.5 clamp a good
+    // share of both; inf clamps nothing but still runs the clamped code.
+    for (limit, grad_at_bound) in [(0.75f32, false), (1.5, true), (f32::INFINITY, false)] {
+        for after_activation in [false, true] {
+            let clamp = Some(Clamp {
+                limit,
+                after_activation,
+                grad_at_bound,
+            });
+            for act in [Activation::Silu, Activation::GeluTanh] {
+                check_gated_clamped::<f32, f32>(7, 33, 3, act, clamp, 61, 1e-6);
+                check_gated_clamped::<f64, f64>(5, 16, 2, act, clamp, 62, 1e-9);
+                check_gated_clamped::<f32, bf16>(9, 64, 64, act, clamp, 63, 8e-3);
+                check_gated_clamped::<f32, f16>(9, 64, 0, act, clamp, 64, 1.5e-3);
+            }
+        }
+    }
+}
+
+#[test]
+fn clamped_swiglu_rounds_the_limit_and_keeps_nan() {
+    // A limit between two bf16 values clamps to its bf16 rounding (torch compares a bf16
+    // tensor with the scalar cast to bf16); NaN passes through a clamp, its gradient is 0.
+    let limit = 1.3f32; // between the bf16 values 1.296875 and 1.3046875: rounds to the first
+    let lim = bf16::from_f32(limit);
+    let gate = [1.0f32, 1.296875, 1.3046875, f32::NAN, 5.0].map(bf16::from_f32);
+    assert_eq!(lim, gate[1]);
+    let up = [1.3125f32, -2.0, 0.5, 1.0, f32::NAN].map(bf16::from_f32);
+    for grad_at_bound in [false, true] {
+        check_limit_rounding_and_nan(limit, lim, &gate, &up, grad_at_bound);
+    }
+}
+
+fn check_limit_rounding_and_nan(
+    limit: f32,
+    lim: bf16,
+    gate: &[bf16; 5],
+    up: &[bf16; 5],
+    grad_at_bound: bool,
+) {
+    let clamp = Some(Clamp {
+        limit,
+        after_activation: false,
+        grad_at_bound,
+    });
+    let g = Gated {
+        rows: 1,
+        cols: 5,
+        ld_gate: 5,
+        ld_up: 5,
+        act: Activation::Silu,
+        clamp,
+    };
+    let mut out = [bf16::ZERO; 5];
+    gated::forward::<f32, bf16>(&g, gate, up, &mut out);
+    let silu = |x: f32| bf16::from_f32(x / (1.0 + (-x).exp())).to_f32();
+    let expect = [
+        silu(1.0) * lim.to_f32(),
+        silu(lim.to_f32()) * -lim.to_f32(),
+        silu(lim.to_f32()) * 0.5,
+        f32::NAN,
+        f32::NAN,
+    ];
+    for i in 0..5 {
+        let (o, e) = (out[i].to_f32(), bf16::from_f32(expect[i]).to_f32());
+        assert!(
+            o == e || (o.is_nan() && e.is_nan()),
+            "element {i}: {o} vs {e}"
+        );
+    }
+    let dout = [bf16::ONE; 5];
+    let (mut dg, mut du) = ([bf16::ZERO; 5], [bf16::ZERO; 5]);
+    gated::backward::<f32, bf16>(&g, &dout, gate, up, &mut dg, &mut du);
+    // up 1.3125 > lim and -2 < -lim: clamped, no gradient; a gate at lim gets one only where
+    // torch's clamp passes it at a bound (2.11, not 2.15); 1.3046875 (above 1.3 too) and 5 get
+    // none; NaN's gradient is 0 on either side.
+    let passes_up = [false, false, true, true, false];
+    let passes_gate = [true, grad_at_bound, false, false, false];
+    for i in 0..5 {
+        assert_eq!(du[i] != bf16::ZERO, passes_up[i], "dup {i}: {}", du[i]);
+        assert_eq!(dg[i] != bf16::ZERO, passes_gate[i], "dgate {i}: {}", dg[i]);
+    }
+}
+
+#[test]
 fn gated_forward_rounds_like_the_stock_module() {
     // act_fn(gate) is a bf16 tensor before the product: out = round(round(act(g)) * u).
     let gate: Vec<bf16> = (0..256)
@@ -817,6 +935,7 @@ fn gated_forward_rounds_like_the_stock_module() {
         ld_gate: 256,
         ld_up: 256,
         act: Activation::Silu,
+        clamp: None,
     };
     let mut out = vec![bf16::ZERO; 256];
     gated::forward::<f32, bf16>(&g, &gate, &up, &mut out);
@@ -867,6 +986,7 @@ fn gated_packed_backward_is_the_two_gradients_side_by_side() {
             ld_gate: 2 * cols,
             ld_up: 2 * cols,
             act,
+            clamp: None,
         };
         let (gate, up) = (&gate_up[..], &gate_up[cols..]);
         let mut dg = vec![bf16::ZERO; rows * cols];
