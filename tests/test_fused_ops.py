@@ -31,6 +31,7 @@ from transformers.models.glm import modeling_glm
 from transformers.models.gptj import modeling_gptj
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.nanochat.modeling_nanochat import NanoChatRMSNorm
 from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 from transformers.models.phi import modeling_phi
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
@@ -145,6 +146,28 @@ def test_rms_norm_matches_the_stock_module(family, dtype):
     if dtype != torch.float32:
         same = (ours_y == stock_y.detach()).float().mean().item()
         assert same >= 0.99, f"{family}: only {same:.1%} of the outputs equal stock's"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unweighted_rms_norm_matches_nanochat(dtype):
+    # NanoChatRMSNorm: self._norm(x.float()).type_as(x), no weight; weight=None.
+    g = gen(12)
+    x = (torch.randn(3, 17, 320, generator=g) * 2).to(dtype)
+    dy = torch.randn(3, 17, 320, generator=g).to(dtype)
+    module = NanoChatRMSNorm(eps=1e-6)
+    ours = grads(lambda t: forward_rewrite.rms_norm(t, None, 1e-6), [x], dy)
+    stock = grads(module, [x], dy)
+    ones = torch.ones(320, dtype=torch.float64)
+    ref = grads(lambda t: rms_reference(t, ones, 1e-6, 0.0), [x.double()], dy.double())
+    check_against(
+        ours[0] + ours[1], stock[0] + stock[1], ref[0] + ref[1], dtype, "nanochat"
+    )
+    if dtype != torch.float32:
+        assert torch.equal(ours[0][0], stock[0][0])
+    with pytest.raises(ValueError, match="^offset"):
+        forward_rewrite.rms_norm(x, None, 1e-6, offset=1.0)
+    with pytest.raises(ValueError, match="^x"):
+        forward_rewrite.rms_norm(x[..., :0], None, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

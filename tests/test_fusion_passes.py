@@ -504,3 +504,279 @@ def test_every_patched_site_of_the_pinned_release_installs():
 
     # the docstring @auto_docstring wrote is the patched forward's
     assert modeling_glm4v.Glm4vTextDecoderLayer.forward.__doc__
+
+
+# ------------------------------------------------------------- the clamped SwiGLU forms
+# DeepSeek-V4, GLM-5-Next, HY-V4 (the gate clamped before the activation) and Step-3.7 (the
+# activation's output clamped): `gated-mlp` lowers them with `limit=` read through
+# `fusion_guard.swiglu_limit`. The tests down to the guard's run without the fused op; the
+# ones that train a patched model need the op's `limit` / `clamp_after_activation`.
+
+
+def _clamped_modules():
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4
+    from transformers.models.glm5_next import modeling_glm5_next
+    from transformers.models.step3p7 import modeling_step3p7
+
+    return modeling_deepseek_v4, modeling_glm5_next, modeling_step3p7
+
+
+def test_swiglu_limit_reads_a_python_number_above_zero():
+    before = dict(fusion_guard.taken)
+    for value, want in [(7, 7.0), (0.5, 0.5), (float("inf"), float("inf"))]:
+        got = fusion_guard.swiglu_limit(value)
+        assert got == want and type(got) is float, (value, got)
+    for value in (
+        0,
+        0.0,
+        -1,
+        -0.5,
+        float("-inf"),
+        float("nan"),
+        True,
+        False,
+        None,
+        "7",
+        [7.0],
+        torch.tensor(7.0),
+        torch.tensor([7.0]),
+        10**400,  # an int beyond float
+    ):
+        assert fusion_guard.swiglu_limit(value) is None, value
+    # it guards no tensor and counts nothing (the activation guard after it does)
+    assert fusion_guard.taken == before
+    with fusion_guard.disabled(), torch.no_grad():
+        assert fusion_guard.swiglu_limit(7.0) == 7.0
+
+
+def test_clamped_swiglu_sites_install_with_their_limit(tmp_path):
+    deepseek, glm, step = _clamped_modules()
+    stock_gate = deepseek.DeepseekV4Experts.__dict__["_apply_gate"]
+    stock_forward = deepseek.DeepseekV4MLP.__dict__["forward"]
+    forward_rewrite.install(cache_dir=tmp_path)
+    mlp = sites("DeepseekV4ForCausalLM", "gated-mlp")["DeepseekV4MLP"]
+    assert mlp["installed"], mlp
+    assert mlp["lowered"]["limit"] == "self.limit"
+    assert mlp["lowered"]["clamp"] == "gate before act"
+    source = _source(deepseek.DeepseekV4MLP.forward)
+    assert "fusion_guard.swiglu_limit(self.limit)" in source
+    assert "limit=_fr_limit" in source
+    step_mlp = sites("Step3p7ForConditionalGeneration", "gated-mlp")["Step3p7MLP"]
+    assert step_mlp["installed"] and step_mlp["lowered"]["clamp"] == "activation output"
+    assert "clamp_after_activation=True" in _source(step.Step3p7MLP.forward)
+    glm_sites = sites("Glm5NextForConditionalGeneration", "gated-mlp")
+    assert glm_sites["Glm5NextTextMLP"]["installed"]
+    assert glm_sites["Glm5NextVisionMLP"]["installed"]
+    # the experts' own gate: bound by its hash, the class's own body its fallback
+    for qualname, experts, limit, act in [
+        ("DeepseekV4ForCausalLM", deepseek.DeepseekV4Experts, "limit", "self.act_fn"),
+        (
+            "Glm5NextForConditionalGeneration",
+            glm.Glm5NextTextExperts,
+            "swiglu_limit",
+            "F.silu",
+        ),
+    ]:
+        gate = sites(qualname, "gated-mlp")[experts.__name__]
+        assert gate["kind"] == "experts-gate" and gate["installed"], gate
+        assert gate["original_sha256"] and gate["lowered"]["act"] == act
+        forward = sites(qualname, "gated-mlp", "experts-forward")[experts.__name__]
+        assert forward["installed"], forward
+        form = fusion_guard.experts_forms[experts]
+        assert form.limit == limit and form.clamp_after_activation is False
+        assert form.gate is experts.__dict__["_apply_gate"]
+    assert "gated_mlp_act_packed" in _source(deepseek.DeepseekV4Experts._apply_gate)
+    forward_rewrite.uninstall()
+    assert deepseek.DeepseekV4Experts.__dict__["_apply_gate"] is stock_gate
+    assert deepseek.DeepseekV4MLP.__dict__["forward"] is stock_forward
+    assert fusion_guard.experts_forms == {}
+
+
+def test_clamped_swiglu_limit_not_a_number_runs_stock(tmp_path):
+    deepseek, _, _ = _clamped_modules()
+    forward_rewrite.install(cache_dir=tmp_path)
+    config = deepseek.DeepseekV4Config(
+        hidden_size=8, intermediate_size=12, hidden_act="silu", swiglu_limit=0.05
+    )
+    torch.manual_seed(0)
+    mlp = deepseek.DeepseekV4MLP(config).train()
+    x = torch.randn(2, 3, 8)
+
+    def stock(limit):
+        gate = mlp.gate_proj(x).clamp(max=limit)
+        up = mlp.up_proj(x).clamp(min=-limit, max=limit)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    # a tensor limit (or none above 0): the stock body, and the activation guard never ran
+    for limit in (torch.tensor(0.05), 0.0):
+        mlp.limit = limit
+        before = dict(fusion_guard.taken)
+        torch.testing.assert_close(mlp(x), stock(limit), rtol=0, atol=0)
+        assert fusion_guard.taken == before, limit
+
+
+def _experts_plan(module, experts):
+    x = torch.randn(6, experts.hidden_dim)
+    top_k_index = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    top_k_weights = torch.rand(6, 2)
+    return fusion_guard.moe_experts(experts, x, top_k_index, top_k_weights)
+
+
+def test_moe_experts_guard_passes_a_clamped_gates_limit(tmp_path, monkeypatch):
+    deepseek, glm, _ = _clamped_modules()
+    forward_rewrite.install(cache_dir=tmp_path)
+    config = deepseek.DeepseekV4Config(
+        hidden_size=8,
+        intermediate_size=8,
+        num_local_experts=4,
+        hidden_act="silu",
+        swiglu_limit=7.0,
+    )
+    experts = deepseek.DeepseekV4Experts(config).train()
+    experts.limit = 7  # an int limit is a bound too
+    for p in experts.parameters():
+        nn.init.normal_(p)
+    plan = _experts_plan(deepseek, experts)
+    assert plan == {
+        "activation": "silu",
+        "transposed": experts.is_transposed,
+        "limit": 7.0,
+        "clamp_after_activation": False,
+    }, plan
+    experts.limit = float("inf")
+    assert _experts_plan(deepseek, experts)["limit"] == float("inf")
+    # read on every call: a limit the op does not take runs stock, before the activation
+    # guard counts anything
+    for limit in (torch.tensor(7.0), 0, float("nan"), None):
+        experts.limit = limit
+        before = dict(fusion_guard.taken)
+        assert _experts_plan(deepseek, experts) is None, limit
+        assert fusion_guard.taken == before, limit
+    # GLM-5-Next's gate applies torch's functional SiLU by the module's name F
+    config = glm.Glm5NextTextConfig(
+        hidden_size=8, moe_intermediate_size=8, num_local_experts=4, swiglu_limit=7.0
+    )
+    experts = glm.Glm5NextTextExperts(config).train()
+    for p in experts.parameters():
+        nn.init.normal_(p)
+    assert _experts_plan(glm, experts)["activation"] == "silu"
+    monkeypatch.setattr(glm, "F", type("F", (), {"silu": staticmethod(torch.tanh)}))
+    assert _experts_plan(glm, experts) is None
+
+
+CLAMPED_MODELS = [
+    ("deepseek_v4", "DeepseekV4ForCausalLM", ("gated-mlp", "experts-forward")),
+    ("glm5_next", "Glm5NextForConditionalGeneration", ("gated-mlp", "experts-forward")),
+    ("hy_v4", "HYV4ForCausalLM", ("gated-mlp", "experts-forward")),
+    ("step3p7", "Step3p7ForConditionalGeneration", ("gated-mlp",)),
+]
+
+
+@pytest.mark.parametrize(
+    "family, qualname, fused", CLAMPED_MODELS, ids=[c[0] for c in CLAMPED_MODELS]
+)
+def test_clamped_swiglu_models_match_stock_with_tight_limits(
+    family, qualname, fused, tmp_path
+):
+    """Needs the fused ops' ``limit`` / ``clamp_after_activation``. Every clamped MLP and
+    experts module gets a limit that clamps a good share of the tiny model's gate and up
+    values, so the clamps' values and gradients are compared, not only the wiring."""
+    import importlib
+
+    from forward_rewrite import verify
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(0)
+    model = verify.tiny_model(getattr(module, qualname))
+    inputs = verify.tiny_inputs(model)
+
+    def set_limits(model, limit):
+        clamped = 0
+        for m in model.modules():
+            if type(m).__name__.endswith(("MLP", "Experts")):
+                for name in ("limit", "swiglu_limit"):
+                    if isinstance(getattr(m, name, None), (int, float)):
+                        setattr(m, name, limit)
+                        clamped += 1
+        return clamped
+
+    loose = copy.deepcopy(model)
+    assert set_limits(loose, float("inf")) and set_limits(model, 0.02)
+    _, _, loose_grads = loss_and_grads(loose, dict(inputs))
+    stock_model = copy.deepcopy(model)
+    want_loss, _, want_grads = loss_and_grads(stock_model, dict(inputs))
+    # the tight limits change the gradients at order one: the clamps are compared
+    assert verify.grad_error(loose_grads, want_grads)[0] > 100 * GRAD_TOL
+    forward_rewrite.install(cache_dir=tmp_path)
+    before = dict(fusion_guard.taken)
+    got_loss, _, got_grads = loss_and_grads(model, dict(inputs))
+    for name in fused:
+        assert fusion_guard.taken[name] > before[name], name
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    assert set(got_grads) == set(want_grads)
+    # scaled as check_class scales it: DeepSeek-V4's router weights get ~1e-12 gradients
+    # (noise), which a per-parameter relative error would judge on their own
+    worst, name = verify.grad_error(got_grads, want_grads)
+    assert worst <= GRAD_TOL, (name, worst)
+
+
+# ------------------------------------------------------------- GPT-OSS's rotary embedding
+
+
+def _rotary_grads(fn, q, k, cos, sin, unsqueeze_dim):
+    """The outputs of ``fn(q, k, cos, sin, unsqueeze_dim=...)`` and the gradients of every
+    input (q, k and the tables) under fixed random output gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, cos, sin)]
+    q_out, k_out = fn(*leaves, unsqueeze_dim=unsqueeze_dim)
+    g = torch.Generator().manual_seed(3)
+    gq = torch.randn(q_out.shape, generator=g)
+    gk = torch.randn(k_out.shape, generator=g)
+    grads = torch.autograd.grad((q_out * gq).sum() + (k_out * gk).sum(), leaves)
+    return (q_out.detach(), k_out.detach()), grads
+
+
+def test_gpt_oss_half_tables_rotary_matches_stock_and_takes_the_fused_path(tmp_path):
+    """GPT-OSS's ``apply_rotary_pos_emb`` rotates q and k through ``_apply_rotary_emb``, on
+    the halves of the head with tables of half its width: patched to ``forward_rewrite.rotary``
+    with each table concatenated to itself (Llama's product, term for term). Outputs and every
+    gradient (q, k and the tables) equal stock's in float32, with the heads on dim 1 or 2 and a
+    batch-1 table; a table of another width (one stock broadcasts over each half) runs stock."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    stock = modeling_gpt_oss.apply_rotary_pos_emb
+    forward_rewrite.install(cache_dir=tmp_path, passes=("rotary",))
+    site = sites("GptOssForCausalLM", "rotary")["apply_rotary_pos_emb"]
+    assert site["installed"], site
+    assert site["lowered"] == {"form": "half-tables", "rotation": "halves"}, site
+    patched = modeling_gpt_oss.apply_rotary_pos_emb
+    assert patched is not stock
+    assert "forward_rewrite.rotary(q, k, _fr_cos, _fr_sin," in _source(patched)
+
+    torch.manual_seed(0)
+    for unsqueeze_dim, q_shape, k_shape, table in [
+        (1, (2, 4, 5, 8), (2, 2, 5, 8), (2, 5, 4)),
+        (1, (2, 4, 5, 8), (2, 2, 5, 8), (1, 5, 4)),
+        (2, (2, 5, 4, 12), (2, 5, 2, 12), (2, 5, 6)),
+    ]:
+        q, k = torch.randn(q_shape), torch.randn(k_shape)
+        cos, sin = torch.randn(table), torch.randn(table)
+        want, want_grads = _rotary_grads(stock, q, k, cos, sin, unsqueeze_dim)
+        before = fusion_guard.taken["rotary"]
+        got, got_grads = _rotary_grads(patched, q, k, cos, sin, unsqueeze_dim)
+        assert fusion_guard.taken["rotary"] == before + 1, (q_shape, table)
+        torch.testing.assert_close(got, want)
+        for name, a, b in zip(("q", "k", "cos", "sin"), got_grads, want_grads):
+            torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
+
+    # tables of width 1: stock broadcasts them over each half; the op would rotate the first
+    # two entries only, so the patched function runs stock
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    cos, sin = torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    want, want_grads = _rotary_grads(stock, q, k, cos, sin, 1)
+    before = dict(fusion_guard.taken)
+    got, got_grads = _rotary_grads(patched, q, k, cos, sin, 1)
+    assert fusion_guard.taken == before
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grads, want_grads, rtol=0, atol=0)
+    forward_rewrite.uninstall()
+    assert modeling_gpt_oss.apply_rotary_pos_emb is stock

@@ -154,6 +154,9 @@ fn emitted_code_of_representative_sites() {
             "gated-mlp",
             "GraniteMoeSharedMLP",
         ),
+        ("DeepseekV4ForCausalLM", "gated-mlp", "DeepseekV4MLP"),
+        ("DeepseekV4ForCausalLM", "gated-mlp", "DeepseekV4Experts"),
+        ("Step3p7ForConditionalGeneration", "gated-mlp", "Step3p7MLP"),
     ] {
         let report = doc
             .classes

@@ -14,7 +14,10 @@ replaced: the running ``grouped_mm_experts_forward``, ``_grouped_linear`` and ``
 must equal the functions the op reproduces statement for statement
 (``_native.rewrite_experts_function_ok``); the class must dispatch through that interface
 (the decorator's own ``forward``), and its ``_apply_gate`` must be the gate this installer put
-in place (its ``experts-gate`` site), whose fused product the op computes.
+in place (its ``experts-gate`` site), whose fused product the op computes: transformers'
+default gate, or the class's own when the rewriter read it as the default's product or the
+clamped SwiGLU (DeepSeek-V4, GLM-5-Next, HY-V4), whose limit attribute and clamp position the
+site's ``lowered`` gives and ``fusion_guard.register_experts`` records.
 """
 
 import inspect
@@ -46,9 +49,13 @@ def grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     )
 
 
-def install_class(cls, gate):
+def install_class(
+    cls, gate, *, activation="self.act_fn", limit=None, clamp_after_activation=False
+):
     """Run ``cls``'s experts through the op (``gate``: the ``_apply_gate`` the installer put
-    on it); None, or (reason, detail) saying why the class stays stock."""
+    on it; ``activation``, ``limit`` and ``clamp_after_activation`` what that gate computes,
+    as ``fusion_guard.register_experts`` takes them); None, or (reason, detail) saying why
+    the class stays stock."""
     global _installed
     try:
         from transformers.integrations import moe
@@ -87,7 +94,14 @@ def install_class(cls, gate):
             "site-replaced",
             "transformers' experts interface changed since install",
         )
-    fusion_guard.register_experts(cls, cls.__dict__["forward"], gate)
+    fusion_guard.register_experts(
+        cls,
+        cls.__dict__["forward"],
+        gate,
+        activation=activation,
+        limit=limit,
+        clamp_after_activation=clamp_after_activation,
+    )
     return None
 
 

@@ -627,10 +627,11 @@ def _register_norm(module, site):
     """Tell the residual-norm guard that this norm class now runs its fused form, with the
     attribute its weight is applied under, if any (``self.with_scale``: checked per
     instance by the guard). Forms whose eps or condition is not a ``self`` attribute stay
-    out of the fused add, and so do gated sites (``lowered`` names a ``gate``): they are not
-    the single-input norm the fused add computes."""
+    out of the fused add, and so do gated sites (``lowered`` names a ``gate``: not the
+    single-input norm the fused add computes) and unweighted ones (``weight`` "none": the
+    fused add reads the norm's weight)."""
     lowered = site.get("lowered") or {}
-    if "gate" in lowered:
+    if "gate" in lowered or lowered.get("weight") == "none":
         return
     eps = _self_attribute(lowered.get("eps", ""))
     when = lowered.get("fused only when")
@@ -676,8 +677,12 @@ def _install_site(module, site):
             if gate_key in _state.site_originals
             else None
         )
-        return _experts_forward.install_class(value, gate)
-    if site["kind"] == "experts-gate":
+        clamp = _experts_clamp(site)
+        if isinstance(clamp, tuple):
+            return clamp
+        return _experts_forward.install_class(value, gate, **clamp)
+    if site["kind"] == "experts-gate" and site.get("original_sha256") is None:
+        # transformers' default gate, another module's function: checked by its form.
         attribute = "_apply_gate"
         original = value.__dict__.get(attribute)
         problem = _default_gate_problem(name, original)
@@ -685,11 +690,12 @@ def _install_site(module, site):
             return problem
         holder = value
     else:
-        if site["kind"] == "class":
-            attribute = "forward"
-            original = value.__dict__.get("forward")
+        if site["kind"] in ("class", "experts-gate"):
+            # the class's forward, or an experts class's own gate: bound by its hash
+            attribute = "forward" if site["kind"] == "class" else "_apply_gate"
+            original = value.__dict__.get(attribute)
             if original is None:
-                return ("site-replaced", f"{name} does not define forward")
+                return ("site-replaced", f"{name} does not define {attribute}")
             holder = value
         else:
             if value is None or not inspect.isfunction(inspect.unwrap(value)):
@@ -793,6 +799,28 @@ def _rewrap(cls, attribute, original):
         "site-wrapped",
         f"{cls.__name__}.{attribute} is wrapped by {wrapper!r}, which the patch would drop",
     )
+
+
+def _experts_clamp(site):
+    """What an ``experts-forward`` site's gate computes, as ``register_experts`` takes it
+    (the activation as the gate's source writes it, the limit attribute of a clamped SwiGLU
+    gate and where the gate is clamped), from the site's ``lowered``; or (reason, detail)
+    when the site names a limit that is not a ``self`` attribute or a clamp this installer
+    does not know (the class then stays stock)."""
+    lowered = site.get("lowered") or {}
+    plan = {"activation": lowered.get("act", "self.act_fn")}
+    if "limit" not in lowered:
+        return plan
+    limit = _self_attribute(lowered["limit"])
+    clamp = lowered.get("clamp")
+    if limit is None or clamp not in ("gate before act", "activation output"):
+        return (
+            "site-emit-invalid",
+            f"limit {lowered['limit']!r} / clamp {clamp!r} is not a form this installer registers",
+        )
+    plan["limit"] = limit
+    plan["clamp_after_activation"] = clamp == "activation output"
+    return plan
 
 
 def _default_gate_problem(name, gate):

@@ -254,9 +254,28 @@ _rms_norm = OpPair(
 _rms_norm_backward = BackwardOp(_rms_norm_backward_op, _rms_norm_backward_impl)
 
 
+_unit_weights: dict = {}
+
+
+def _unit_weight(x: Tensor) -> Tensor:
+    """A weight of ones for x's last dimension, of x's dtype, needing no gradient: the scale
+    of an unweighted norm (a product by one is exact, so ``round(1 * round(xn))`` is
+    ``round(xn)``). Kept per (device, dtype, size), except while compiling (x may be a fake
+    tensor) or capturing a CUDA graph (the graph's pool would own it)."""
+    key = (x.device, x.dtype, x.shape[-1])
+    w = _unit_weights.get(key)
+    if w is not None:
+        return w
+    w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (torch.compiler.is_compiling() or capturing):
+        _unit_weights[key] = w
+    return w
+
+
 def rms_norm(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     eps: float = 1e-6,
     *,
     offset: float = 0.0,
@@ -274,7 +293,20 @@ def rms_norm(
     ``offset + weight`` is formed in float32. Gradients for x and weight (float32
     accumulation of the weight gradient over all rows, one rounding to weight's dtype);
     only ``1 / rms`` per row is saved besides the inputs.
+
+    ``weight=None``: the unweighted norm, ``xn.to(x.dtype)`` (NanoChat's ``RMSNorm``:
+    ``self._norm(x.float()).type_as(x)``), with ``offset`` 0.
     """
+    if weight is None:
+        _tensor("x", x)
+        _dtype("x", x)
+        if x.dim() < 1 or x.shape[-1] == 0:
+            raise ValueError(
+                f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
+            )
+        if _real("offset", offset) != 0.0:
+            raise ValueError(f"offset: expected 0.0 without a weight, got {offset}")
+        weight = _unit_weight(x)
     w, eps, offset, cast_before_weight = _rms_arguments(
         x, weight, eps, offset, cast_before_weight
     )

@@ -10,10 +10,14 @@ subclass), bfloat16 / float16 / float32 (float64: the stock code computes in flo
 in float64), CPU or CUDA with its backend built, and for the MLP an activation module that is
 exactly SiLU or the tanh GELU with no hooks of its own (the product skips its ``__call__``), or
 torch's functional SiLU itself where the source applies the function (``gated_function``).
+``swiglu_limit`` reads the limit of a clamped SwiGLU (DeepSeek-V4, GLM-5-Next, Step-3.7:
+``gate.clamp(max=L)``, ``up.clamp(min=-L, max=L)``) on every call: a Python number > 0 (inf
+allowed) goes to the op as ``limit=``, anything else (a tensor, NaN, 0, a bool) runs stock.
 ``moe_experts`` (the ``experts-forward`` sites) runs ``forward_rewrite.moe_experts`` for an
 experts class the installer registered (``experts_forms``), with its fused gate in place,
 transformers' flags as the op computes them (gated, concatenated, no bias, no post-expert
-norm, no expert parallelism), and the weights torch's grouped GEMM takes as stock does.
+norm, no expert parallelism), the weights torch's grouped GEMM takes as stock does, and for a
+clamped gate its limit as ``swiglu_limit`` reads it.
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
 
 ``residual_norm`` (the ``residual-norm`` pass) fuses a layer's residual add into the norm
@@ -31,6 +35,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import sys
 
 import torch
 from torch import nn
@@ -47,6 +52,7 @@ __all__ = [
     "rms_norm",
     "rotary",
     "rotary_single",
+    "swiglu_limit",
 ]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,8 +74,9 @@ taken = {
 #: the eps attribute, offset, cast_before_weight). The installer fills it; ``residual_norm``
 #: fuses a layer's add into a norm only through it.
 norm_forms = {}
-#: The MoE experts classes whose ``experts-forward`` site is installed, by class: (the
-#: decorator's ``forward``, the fused ``_apply_gate``), as the installer found them.
+#: The MoE experts classes whose ``experts-forward`` site is installed, by class: an
+#: ``_ExpertsForm`` (the decorator's ``forward``, the fused ``_apply_gate``, how the gate's
+#: activation is found, and the clamp of a clamped SwiGLU gate), as the installer found them.
 experts_forms = {}
 
 
@@ -119,10 +126,13 @@ def _real(value):
 def rms_norm(module, x, weight, eps):
     """Whether ``forward_rewrite.rms_norm(x, weight, eps, ...)`` may replace the norm's
     stock body: x and the 1-D weight (x's last dimension) plain tensors of a fused dtype on
-    one device with a backend, eps a finite number >= 0."""
+    one device with a backend, eps a finite number >= 0. ``weight`` None: the unweighted
+    form (NanoChat's), x alone checked."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return False
-    ok = module.training and _norm_operands_ok(x, weight, eps)
+    ok = module.training and _norm_operands_ok(
+        x, _UNWEIGHTED if weight is None else weight, eps
+    )
     if ok:
         taken["rms-norm"] += 1
     return ok
@@ -134,11 +144,22 @@ def _norm_operands_ok(x, weight, eps):
         and x.dim() >= 1
         and x.shape[-1] > 0
         and x.numel() > 0
-        and isinstance(weight, torch.Tensor)
+        and (weight is _UNWEIGHTED or _weight_ok(weight, x))
+        and _real(eps)
+    )
+
+
+#: ``_norm_operands_ok``'s weight for the unweighted form (only ``rms_norm`` passes it: the
+#: gated and residual norms read a weight that must be there).
+_UNWEIGHTED = object()
+
+
+def _weight_ok(weight, x):
+    return (
+        isinstance(weight, torch.Tensor)
         and _tensor_ok(weight, x.device)
         and weight.dim() == 1
         and weight.shape[0] == x.shape[-1]
-        and _real(eps)
     )
 
 
@@ -352,10 +373,86 @@ def gated_act(act, x):
     return None
 
 
-def register_experts(cls, forward, gate):
+def swiglu_limit(value):
+    """The limit of a clamped SwiGLU as ``forward_rewrite.gated_mlp_act`` /
+    ``moe_experts`` take it (``limit=``), or None (stock): a Python int or float (not a bool,
+    not a tensor), not NaN, > 0; inf is allowed (the clamps then change nothing, as in stock).
+    It guards no tensor and counts nothing: the activation guard after it does."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        limit = float(value)
+    except OverflowError:  # an int beyond float: not a bound the op takes
+        return None
+    if math.isnan(limit) or limit <= 0:
+        return None
+    return limit
+
+
+class _ExpertsForm:
+    """What ``moe_experts`` checks and passes for one registered experts class."""
+
+    __slots__ = (
+        "act_attribute",
+        "act_path",
+        "clamp_after_activation",
+        "forward",
+        "gate",
+        "limit",
+        "namespace",
+    )
+
+    def __init__(self, cls, forward, gate, activation, limit, clamp_after_activation):
+        self.forward = forward
+        self.gate = gate
+        # ``self.<name>``: the module's attribute; else a dotted name (``F.silu``) the gate's
+        # source reads in its module, looked up there on every call as the source would.
+        name = activation.removeprefix("self.")
+        if name != activation:
+            self.act_attribute, self.act_path, self.namespace = name, None, None
+        else:
+            module = sys.modules.get(cls.__module__)
+            self.act_attribute = None
+            self.act_path = tuple(activation.split("."))
+            self.namespace = getattr(module, "__dict__", {})
+        self.limit = limit
+        self.clamp_after_activation = bool(clamp_after_activation)
+
+    def activation(self, module):
+        if self.act_attribute is not None:
+            return getattr(module, self.act_attribute, None)
+        head, *rest = self.act_path
+        value = self.namespace.get(head)
+        for part in rest:
+            value = getattr(value, part, None)
+        return value
+
+
+def register_experts(
+    cls,
+    forward,
+    gate,
+    *,
+    activation="self.act_fn",
+    limit=None,
+    clamp_after_activation=False,
+):
     """Record that ``cls`` runs through ``forward_rewrite.moe_experts`` while its
-    ``forward`` and ``_apply_gate`` are these (the installer calls it)."""
-    experts_forms[cls] = (forward, gate)
+    ``forward`` and ``_apply_gate`` are these (the installer calls it). ``activation``: what
+    the gate applies, ``self.<attribute>`` (transformers' default: ``self.act_fn``) or a
+    dotted name of the class's module (``F.silu``); ``limit``: the attribute holding a
+    clamped SwiGLU gate's limit (its name, read through ``swiglu_limit`` on every call), and
+    ``clamp_after_activation`` where the gate is clamped (Step-3.7: the activation's
+    output)."""
+    if not (isinstance(activation, str) and activation):
+        raise ValueError(
+            f"activation must name what the gate applies, not {activation!r}"
+        )
+    if limit is not None and not (isinstance(limit, str) and limit.isidentifier()):
+        raise ValueError(f"limit must be an attribute name, not {limit!r}")
+    experts_forms[cls] = _ExpertsForm(
+        cls, forward, gate, activation, limit, clamp_after_activation
+    )
 
 
 def forget_experts():
@@ -363,23 +460,24 @@ def forget_experts():
 
 
 def moe_experts(module, x, top_k_index, top_k_weights):
-    """The keyword arguments of ``forward_rewrite.moe_experts`` (activation, transposed)
+    """The keyword arguments of ``forward_rewrite.moe_experts`` (activation, transposed; for
+    a clamped SwiGLU gate also limit and clamp_after_activation)
     that compute what transformers' ``grouped_mm_experts_forward`` computes for this
     experts module and call, or None (stock): the module's class registered with its
     ``forward`` and fused gate still in place (none of its own on the instance), in train
     mode, with transformers' flags as the op computes them; x (tokens, hidden) and both
     weights plain contiguous tensors of one fused dtype, the routing (tokens, top_k), rows
     whose 16-byte alignment torch's grouped GEMM needs, and transformers' own test
-    (``_can_use_grouped_mm``) choosing torch's grouped GEMM, as the stock call would; the
-    activation as ``gated_act`` / ``gated_function`` decide it."""
+    (``_can_use_grouped_mm``) choosing torch's grouped GEMM, as the stock call would; a
+    clamped gate's limit as ``swiglu_limit`` reads it from the module; the activation the gate
+    applies as ``gated_act`` / ``gated_function`` decide it."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     form = experts_forms.get(type(module))
     if form is None or not module.training:
         return None
-    forward, gate = form
     cls = type(module)
-    if cls.forward is not forward or cls._apply_gate is not gate:
+    if cls.forward is not form.forward or cls._apply_gate is not form.gate:
         return None
     if "forward" in module.__dict__ or "_apply_gate" in module.__dict__:
         return None
@@ -397,7 +495,13 @@ def moe_experts(module, x, top_k_index, top_k_weights):
     w2 = getattr(module, "down_proj", None)
     if not _experts_operands_ok(module, x, top_k_index, top_k_weights, w1, w2):
         return None
-    act = getattr(module, "act_fn", None)
+    limit = None
+    if form.limit is not None:
+        # Before the activation guard, which counts the fused paths it lets through.
+        limit = swiglu_limit(getattr(module, form.limit, None))
+        if limit is None:
+            return None
+    act = form.activation(module)
     if isinstance(act, nn.Module):
         activation = gated_act(act, x)
     else:
@@ -405,7 +509,11 @@ def moe_experts(module, x, top_k_index, top_k_weights):
     if activation is None:
         return None
     taken["experts-forward"] += 1
-    return {"activation": activation, "transposed": module.is_transposed}
+    plan = {"activation": activation, "transposed": module.is_transposed}
+    if form.limit is not None:
+        plan["limit"] = limit
+        plan["clamp_after_activation"] = form.clamp_after_activation
+    return plan
 
 
 def _experts_operands_ok(module, x, top_k_index, top_k_weights, w1, w2):

@@ -16,6 +16,16 @@
 //! form); anything else stays stock. The `eager` experts implementation (a Python loop with the
 //! product inline) is left stock.
 //!
+//! A class that defines its own `_apply_gate` in the module (DeepSeek-V4, GLM-5-Next, HY-V4: the
+//! clamped SwiGLU, `gate.clamp(max=self.<limit>)` and `up.clamp(min=-self.<limit>,
+//! max=self.<limit>)` before `act(gate) * up`, the activation `self.<act>` or torch's functional
+//! SiLU) is patched when `packed.rs` reads its body as the default's product, plain or with
+//! those clamps: the patch's fallback is the class's own body, and the installer binds it by
+//! its hash (`original_sha256`) like an MLP's forward. The site's `lowered` names the
+//! activation as written (`act`: `self.act_fn`, `F.silu`), the limit attribute (`limit`) and
+//! where the gate is clamped (`clamp`: `gate before act` or `activation output`), which the
+//! `experts-forward` site carries to the installer for `fusion_guard.register_experts`.
+//!
 //! Each experts class whose gate site is patched gets a second site, `experts-forward`: the
 //! `grouped_mm` experts implementation itself (`integrations.moe.grouped_mm_experts_forward`)
 //! replaced, for that class, by `forward_rewrite.moe_experts`, whose backward keeps only
@@ -31,10 +41,10 @@
 use ruff_python_ast::comparable::{ComparableExpr, ComparableStmt};
 use ruff_python_ast::{Expr, ParameterWithDefault, Stmt, StmtClassDef, StmtFunctionDef};
 
-use super::packed;
+use super::{Act, packed};
 use crate::parse::ParsedSource;
 use crate::passes::fusion_common::{
-    ModuleDefs, Site, body_without_docstring, emit_guarded, plain_parameters,
+    ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256, plain_parameters,
 };
 
 /// The decorator that marks an experts class.
@@ -241,14 +251,8 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
     if let Some(detail) = options_refusal(decorator(class).flatten()) {
         return refuse("experts-options", format!("{name}: {detail}"));
     }
-    if let Some((owner, _)) = defs.method_owner(class, "_apply_gate") {
-        return refuse(
-            "experts-gate-custom",
-            format!(
-                "{}._apply_gate replaces transformers' default gate",
-                owner.name.as_str()
-            ),
-        );
+    if let Some((owner, gate)) = defs.method_owner(class, "_apply_gate") {
+        return own_gate_site(defs, class, owner, gate);
     }
     let resolved = match super::activation(defs, class, "act_fn") {
         Ok(r) => r,
@@ -281,6 +285,7 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
             patch: Some(patch),
             lowered: [
                 ("activation".to_string(), resolved.lowered("act_fn")),
+                ("act".to_string(), "self.act_fn".to_string()),
                 (
                     "gate".to_string(),
                     "transformers.integrations.moe._default_apply_gate (checked at install)"
@@ -289,6 +294,124 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
             ]
             .into(),
         },
+        Err(e) => refuse("mlp-emit-invalid", e),
+    }
+}
+
+/// The verdict on an experts class defining its own `_apply_gate(self, gate_up)` in the
+/// module: patched when the body is the default gate's product, plain or with the SwiGLU clamps
+/// (`gate, up = gate_up.chunk(2, dim=-1)`; the gate clamped at `max=self.<limit>` before the
+/// activation, or its output after it; `up.clamp(min=-self.<limit>, max=self.<limit>)`;
+/// `return act(gate) * up`, the activation `self.<act>` or torch's functional SiLU), its own
+/// body the fallback, bound by its hash like an MLP's forward.
+fn own_gate_site(
+    defs: &ModuleDefs<'_>,
+    class: &StmtClassDef,
+    owner: &StmtClassDef,
+    gate: &StmtFunctionDef,
+) -> Site {
+    let name = class.name.as_str();
+    let line = defs.line(class);
+    let refuse = |reason, detail: String| Site::refused("experts-gate", name, line, reason, detail);
+    let owner_name = owner.name.as_str();
+    if owner_name != name {
+        return refuse(
+            "experts-gate-custom",
+            format!("{name} inherits {owner_name}._apply_gate, which is not on the class itself"),
+        );
+    }
+    let param = match plain_parameters(gate, true).as_deref() {
+        Some([(p, false)]) if gate.decorator_list.is_empty() => p.clone(),
+        _ => {
+            return refuse(
+                "experts-gate-custom",
+                format!("{name}._apply_gate does not take exactly one input, or is decorated"),
+            );
+        }
+    };
+    let Some(gated) = packed::match_gate(body_without_docstring(gate), &param) else {
+        return refuse(
+            "experts-gate-custom",
+            format!(
+                "{name}._apply_gate is not act(gate) * up of gate_up's halves, plain or with the SwiGLU clamps (the gate at max=self.<limit> only, before or after the activation, up at min=-self.<limit>, max=self.<limit>, one attribute)"
+            ),
+        );
+    };
+    let (guard, activation, act) = match gated.act {
+        Act::Module(act) => match super::activation(defs, class, act) {
+            Ok(resolved) => (
+                resolved.guard(act, &param),
+                resolved.lowered(act),
+                format!("self.{act}"),
+            ),
+            Err((reason, detail)) => return refuse(reason, detail),
+        },
+        Act::Function(callee) if super::is_torch_silu(defs, callee) => {
+            let text = defs.source.slice(callee);
+            (
+                super::function_guard(text, &param),
+                "silu".to_string(),
+                text.to_string(),
+            )
+        }
+        Act::Function(callee) => {
+            return refuse(
+                "mlp-activation-unknown",
+                format!(
+                    "{} is not known to be torch.nn.functional.silu (the module binds its name otherwise or more than once)",
+                    defs.source.slice(callee)
+                ),
+            );
+        }
+    };
+    let what = match gated.clamp {
+        None => "act(gate) * up".to_string(),
+        Some(c) if c.after_activation => format!(
+            "act(gate).clamp(max=self.{0}) * up.clamp(min=-self.{0}, max=self.{0})",
+            c.limit
+        ),
+        Some(c) => format!(
+            "act(gate.clamp(max=self.{0})) * up.clamp(min=-self.{0}, max=self.{0})",
+            c.limit
+        ),
+    };
+    let lines = [
+        format!(
+            "if {}(_fr_act := {guard}) is not None:",
+            super::limit_guard(gated.clamp)
+        ),
+        format!(
+            "    # forward-rewrite: the experts' fused {what} on the packed gate_up, recomputed in backward"
+        ),
+        format!(
+            "    return forward_rewrite.gated_mlp_act_packed({param}, activation=_fr_act{})",
+            super::clamp_arguments(gated.clamp)
+        ),
+    ];
+    match emit_guarded(defs.source, gate, &lines) {
+        Ok(patch) => {
+            let mut lowered: std::collections::BTreeMap<String, String> = [
+                ("activation".to_string(), activation),
+                ("act".to_string(), act),
+                (
+                    "gate".to_string(),
+                    format!("{name}._apply_gate (the class's own)"),
+                ),
+            ]
+            .into();
+            lowered.extend(super::clamp_lowered(gated.clamp));
+            Site {
+                kind: "experts-gate",
+                name: name.to_string(),
+                line,
+                verdict: "patched",
+                reason: None,
+                detail: String::new(),
+                original_sha256: Some(function_sha256(defs.source, gate)),
+                patch: Some(patch),
+                lowered,
+            }
+        }
         Err(e) => refuse("mlp-emit-invalid", e),
     }
 }
@@ -362,5 +485,6 @@ pub fn gate_function_ok(text: &str) -> bool {
     };
     this == "self"
         && def.decorator_list.is_empty()
-        && packed::match_gate(body_without_docstring(def), x) == Some("act_fn")
+        && packed::match_gate(body_without_docstring(def), x)
+            .is_some_and(|g| g.clamp.is_none() && matches!(g.act, Act::Module(a) if a == "act_fn"))
 }

@@ -20,10 +20,19 @@
 //! nothing else reads, so it also passes `overwrite_inputs=True` (the backward writes the
 //! gradients over them: one activation-sized allocation less at the MLP's backward peak).
 //!
+//! The clamped SwiGLU (DeepSeek-V4, GLM-5-Next, HY-V4: `gate.clamp(max=self.<limit>)`, then
+//! `act(gate) * up.clamp(min=-self.<limit>, max=self.<limit>)`; Step-3.7: the activation's
+//! output clamped instead of the gate) is read by `packed.rs`'s interpreter in either layout,
+//! whatever the statements' order, and lowered with `limit=` (and
+//! `clamp_after_activation=True`): the limit is one `self` attribute, read on every call by
+//! `fusion_guard.swiglu_limit` (a real number > 0, inf allowed, else stock) in front of the
+//! activation guard. A clamp on one side only, two attributes, a literal or another bound is
+//! refused with the reason the form would have without it.
+//!
 //! MoE experts classes (`@use_experts_implementation`) the model reaches are sites too: their
-//! gate (`_apply_gate`, transformers' default unless the class defines one) becomes the packed
-//! fused product under the `grouped_mm` / `batched_mm` experts implementations; see
-//! `experts.rs`.
+//! gate (`_apply_gate`: transformers' default, or the class's own when it is the default's
+//! product or the clamped SwiGLU) becomes the packed fused product under the `grouped_mm` /
+//! `batched_mm` experts implementations; see `experts.rs`.
 
 use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
 
@@ -53,7 +62,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "experts-gate-custom",
-        "The experts class defines its own `_apply_gate` (clamped SwiGLU, float32 upcast, a two-argument activation, ...): not the default gate this pass lowers.",
+        "The experts class's own `_apply_gate` (or one it inherits from a base class of the module) is neither the default gate's product nor the clamped SwiGLU (`gate.clamp(max=self.<limit>)` before the activation, or on its output, with `up.clamp(min=-self.<limit>, max=self.<limit>)`, one attribute): a float32 upcast, a two-argument activation, MiniMax-M3's `(up + 1) * gate * sigmoid(gate * alpha)`, a clamp on one side only, ...; or it takes other parameters or is decorated.",
     ),
     (
         "experts-forward-gate",
@@ -77,11 +86,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-packed",
-        "The gate and up projections are one packed projection split with `chunk`, but the forward is not `down(act(gate) * up)` with `gate, up = gate_up(x).chunk(2, dim=-1)` (the gate the second half, dropout, clamps, an adapter added, ...).",
+        "The gate and up projections are one packed projection split with `chunk`, but the forward is not `down(act(gate) * up)` with `gate, up = gate_up(x).chunk(2, dim=-1)`, plain or with the SwiGLU clamps (the gate the second half, dropout, other clamps, MiniMax-M3's `(up + 1) * glu`, an adapter added, ...).",
     ),
     (
         "mlp-form-unknown",
-        "The `forward` is not `down(act(gate(x)) * up(x))`, and its first statement does not hold that product once (no gate, the product after a statement that may rebind `x`, a non-`self` module, ...): matched in part, never approximated.",
+        "The `forward` is not `down(act(gate(x)) * up(x))`, plain or with the SwiGLU clamps (`gate.clamp(max=self.<limit>)` before the activation, or on its output, with `up.clamp(min=-self.<limit>, max=self.<limit>)`, one attribute), and its first statement does not hold that product once (no gate, the product after a statement that may rebind `x`, a clamp on one side only or with two attributes or a literal, a non-`self` module, ...): matched in part, never approximated.",
     ),
     (
         "mlp-activation-unsupported",
@@ -152,11 +161,12 @@ fn is_name(expr: &Expr, name: &str) -> bool {
     matches!(expr, Expr::Name(n) if n.id.as_str() == name)
 }
 
-/// The forms lowered: the whole forward with separate gate and up projections or one packed
-/// projection, or the product alone inside the forward's first statement.
+/// The forms lowered: the whole forward with separate gate and up projections, or read by
+/// `packed.rs` (one packed projection, or either layout with the SwiGLU clamps), or the
+/// product alone inside the forward's first statement.
 enum Lowering<'a> {
     Split(Matched<'a>),
-    Packed(packed::PackedMatch<'a>),
+    Read(packed::Out<'a>),
     Inline(&'a Expr, Product<'a>),
 }
 
@@ -471,18 +481,28 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         }
         _ => None,
     };
+    // The interpreter's reading, where it goes beyond the templates: the packed layout, or
+    // the clamps (the unclamped split layout stays the templates' and the inline form's).
+    let read = packed::match_body(body, &param)
+        .filter(|out| out.gated.packed().is_some() || out.gated.clamp.is_some());
+    let source = defs.source.slice(forward);
+    let clamps = if source.contains(".clamp(") {
+        ", and its clamps are not the SwiGLU ones (the gate at max=self.<limit> only, before or after the activation, up at min=-self.<limit>, max=self.<limit>, one attribute)"
+    } else {
+        ""
+    };
     let lowering = match returned.and_then(|e| match_product(e, &param)) {
         Some(m) => Lowering::Split(m),
-        None => match packed::match_packed(body, &param) {
-            Some(m) => Lowering::Packed(m),
+        None => match read {
+            Some(out) => Lowering::Read(out),
             None if let Some((expr, product)) = match_inline(body, &param) => {
                 Lowering::Inline(expr, product)
             }
-            None if defs.source.slice(forward).contains("chunk(") => {
+            None if source.contains("chunk(") => {
                 return refuse(
                     "mlp-packed",
                     format!(
-                        "{name}.forward splits a packed gate_up projection, but not as down(act(gate) * up) with gate, up = gate_up(x).chunk(2, dim=-1)"
+                        "{name}.forward splits a packed gate_up projection, but not as down(act(gate) * up) with gate, up = gate_up(x).chunk(2, dim=-1){clamps}"
                     ),
                 );
             }
@@ -490,7 +510,7 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                 return refuse(
                     "mlp-form-unknown",
                     format!(
-                        "{name}.forward is not down(act(gate(x)) * up(x)), nor does its first statement hold act(gate(x)) * up(x) once"
+                        "{name}.forward is not down(act(gate(x)) * up(x)), nor does its first statement hold act(gate(x)) * up(x) once{clamps}"
                     ),
                 );
             }
@@ -498,7 +518,7 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
     };
     let act = match &lowering {
         Lowering::Split(m) => m.product.act,
-        Lowering::Packed(m) => Act::Module(m.act),
+        Lowering::Read(out) => out.gated.act,
         Lowering::Inline(_, p) => p.act,
     };
     // The guard expression binding `_fr_act` (the activation, or None: run stock), and what the
@@ -522,7 +542,14 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             );
         }
     };
-    let guard = format!("if (_fr_act := {guard_call}) is not None:");
+    let clamp = match &lowering {
+        Lowering::Read(out) => out.gated.clamp,
+        _ => None,
+    };
+    let guard = format!(
+        "if {}(_fr_act := {guard_call}) is not None:",
+        limit_guard(clamp)
+    );
     let emitted = match &lowering {
         Lowering::Inline(expr, product) => {
             emit_inline(defs, forward, expr, product, &param, &guard_call)
@@ -540,16 +567,13 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                 ),
             ],
         ),
-        Lowering::Packed(packed::PackedMatch { down, gate_up, .. }) => emit_guarded(
+        Lowering::Read(out) => emit_guarded(
             defs.source,
             forward,
             &[
                 guard,
-                "    # forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)"
-                    .to_string(),
-                format!(
-                    "    return self.{down}(forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act, overwrite_inputs=True))"
-                ),
+                format!("    {}", read_comment(&out.gated)),
+                format!("    return self.{}({})", out.down, read_call(&out.gated, &param)),
             ],
         ),
     };
@@ -561,9 +585,90 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             site.original_sha256 = Some(function_sha256(defs.source, forward));
             site.patch = Some(patch);
             site.lowered.insert("activation".into(), lowered);
+            site.lowered.extend(clamp_lowered(clamp));
             site
         }
         Err(e) => refuse("mlp-emit-invalid", e),
+    }
+}
+
+/// The limit guard in front of the activation guard (which counts the fused paths it lets
+/// through, so it runs last): `(_fr_limit := swiglu_limit(self.<limit>)) is not None and `, or
+/// nothing without clamps.
+fn limit_guard(clamp: Option<packed::Clamped<'_>>) -> String {
+    clamp.map_or_else(String::new, |c| {
+        format!(
+            "(_fr_limit := forward_rewrite.fusion_guard.swiglu_limit(self.{})) is not None and ",
+            c.limit
+        )
+    })
+}
+
+/// The fused op's clamp arguments: `, limit=_fr_limit` (and `, clamp_after_activation=True`).
+fn clamp_arguments(clamp: Option<packed::Clamped<'_>>) -> &'static str {
+    match clamp {
+        None => "",
+        Some(c) if c.after_activation => ", limit=_fr_limit, clamp_after_activation=True",
+        Some(_) => ", limit=_fr_limit",
+    }
+}
+
+/// What the audit reports of the clamps (the installer reads them for the experts op):
+/// `limit` (`self.<limit>`) and `clamp` (`gate before act` or `activation output`).
+fn clamp_lowered(clamp: Option<packed::Clamped<'_>>) -> Vec<(String, String)> {
+    clamp.map_or_else(Vec::new, |c| {
+        vec![
+            ("limit".to_string(), format!("self.{}", c.limit)),
+            (
+                "clamp".to_string(),
+                if c.after_activation {
+                    "activation output"
+                } else {
+                    "gate before act"
+                }
+                .to_string(),
+            ),
+        ]
+    })
+}
+
+/// The comment line of a forward read by `packed.rs`.
+fn read_comment(gated: &packed::Gated<'_>) -> String {
+    let what = match gated.clamp {
+        None => {
+            return "# forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)".to_string();
+        }
+        Some(c) if c.after_activation => format!(
+            "act(gate).clamp(max=self.{0}) * up.clamp(min=-self.{0}, max=self.{0})",
+            c.limit
+        ),
+        Some(c) => format!(
+            "act(gate.clamp(max=self.{0})) * up.clamp(min=-self.{0}, max=self.{0})",
+            c.limit
+        ),
+    };
+    let layout = if gated.packed().is_some() {
+        "on the packed projection (gate its first half)"
+    } else {
+        "of the two projections"
+    };
+    format!(
+        "# forward-rewrite: fused {what} {layout}, the activation recomputed in backward; the projections' outputs are temporaries, so backward writes their gradients over them"
+    )
+}
+
+/// The fused call of a forward read by `packed.rs`, with the activation the guard bound to
+/// `_fr_act` (and the limit to `_fr_limit`).
+fn read_call(gated: &packed::Gated<'_>, param: &str) -> String {
+    let clamp = clamp_arguments(gated.clamp);
+    match (gated.packed(), gated.split()) {
+        (Some(gate_up), _) => format!(
+            "forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act{clamp}, overwrite_inputs=True)"
+        ),
+        (None, Some((gate, up))) => format!(
+            "forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act{clamp}, overwrite_inputs=True)"
+        ),
+        (None, None) => unreachable!("packed.rs reads only the two layouts"),
     }
 }
 

@@ -1,5 +1,7 @@
-//! The packed form of a gated MLP: one projection holds gate and up, split with `chunk`
-//! (Phi-3, GLM, GLM-4, Phi-4-multimodal, Dia, the Granite MoE shared MLPs):
+//! The gated product read statement by statement: the packed form of a gated MLP (one
+//! projection holds gate and up, split with `chunk`: Phi-3, GLM, GLM-4, Phi-4-multimodal, Dia,
+//! the Granite MoE shared MLPs), MoE experts gates (`_apply_gate(self, gate_up)`), and the
+//! clamped SwiGLU forms (DeepSeek-V4, GLM-5-Next, HY-V4, Step-3.7) in either layout:
 //!
 //! ```python
 //! up_states = self.gate_up_proj(hidden_states)
@@ -8,62 +10,131 @@
 //! return self.down_proj(up_states)
 //! ```
 //!
+//! ```python
+//! gate = self.gate_proj(x)
+//! up = self.up_proj(x)
+//! gate = gate.clamp(min=None, max=self.swiglu_limit)
+//! up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+//! return self.down_proj(self.act_fn(gate) * up)
+//! ```
+//!
 //! The body is interpreted statement by statement over a small abstract domain (what each
 //! name holds in terms of the input), so renamings, rebindings, `torch.chunk(v, 2, -1)`,
-//! tuple unpacking or `halves[0]` / `halves[1]` all reach the same verdict. The lowering,
-//! `gated_mlp_act_packed(gate_up)`, computes `act(first half) * second half`: a body that
-//! activates the second half (Moonshine), or does anything else on the way (dropout,
-//! clamps, an adapter added to the projection), does not match and is refused.
+//! tuple unpacking, `halves[0]` / `halves[1]`, or a clamp written on its own line or inline,
+//! all reach the same verdict. The lowerings compute `act(gate) * up` with gate the first half
+//! (or the gate projection), and, with a limit `L` (one `self.<limit>` attribute), exactly
+//! `act(gate.clamp(max=L)) * up.clamp(min=-L, max=L)`, or with the clamp after the activation
+//! `act(gate).clamp(max=L) * up.clamp(min=-L, max=L)` (Step-3.7). A body that activates the
+//! second half (Moonshine), clamps one factor only, with two attributes, a literal or another
+//! bound, or does anything else on the way (dropout, an adapter added to the projection,
+//! GPT-OSS's `(up + 1) * glu`), does not match and is refused.
 
 use std::collections::HashMap;
 
 use ruff_python_ast::{Expr, ExprCall, Number, Operator, Stmt, UnaryOp};
 
+use super::Act;
 use crate::syntax::{dotted_name, self_attribute};
 
-/// What `self.<down>(self.<act>(gate) * up)` was built from, with `gate, up =
-/// self.<gate_up>(x).chunk(2, dim=-1)`.
+/// Where a factor of the product comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct PackedMatch<'a> {
+pub(super) enum Source<'a> {
+    /// `self.<proj>(input)`: a projection of its own (gate or up of the split layout; `""`:
+    /// the input itself, a gate function's packed `gate_up`).
+    Proj(&'a str),
+    /// Half 0 (the gate) or 1 (up) of `self.<gate_up>(input).chunk(2, dim=-1)`.
+    Half(&'a str, u8),
+}
+
+/// A clamp written on a factor, by its limit attribute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Clamp<'a> {
+    /// `.clamp(max=self.<limit>)` or `.clamp(min=None, max=self.<limit>)`.
+    Max(&'a str),
+    /// `.clamp(min=-self.<limit>, max=self.<limit>)`.
+    Both(&'a str),
+}
+
+/// The clamped SwiGLU: the limit attribute (`self.<limit>`), and whether the gate is clamped
+/// after the activation (Step-3.7) rather than before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Clamped<'a> {
+    pub limit: &'a str,
+    pub after_activation: bool,
+}
+
+/// `act(gate) * up`, either factor order, with the clamps if any.
+#[derive(Clone, Copy)]
+pub(super) struct Gated<'a> {
+    pub act: Act<'a>,
+    pub gate: Source<'a>,
+    pub up: Source<'a>,
+    pub clamp: Option<Clamped<'a>>,
+}
+
+impl Gated<'_> {
+    /// The packed projection both factors are halves of (gate the first), or None (split).
+    pub fn packed(&self) -> Option<&str> {
+        match (self.gate, self.up) {
+            (Source::Half(g, 0), Source::Half(u, 1)) if g == u => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The gate and up projections of the split layout, or None (packed).
+    pub fn split(&self) -> Option<(&str, &str)> {
+        match (self.gate, self.up) {
+            (Source::Proj(g), Source::Proj(u)) if !g.is_empty() && !u.is_empty() => Some((g, u)),
+            _ => None,
+        }
+    }
+}
+
+/// What `self.<down>(act(gate) * up)` was built from.
+#[derive(Clone, Copy)]
+pub(super) struct Out<'a> {
     pub down: &'a str,
-    pub act: &'a str,
-    pub gate_up: &'a str,
+    pub gated: Gated<'a>,
 }
 
 /// What a name or expression holds, in terms of the forward's input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Value<'a> {
     /// The forward's input.
     Input,
-    /// `self.<gate_up>(input)` (`""`: the input itself, for a gate function).
-    Packed(&'a str),
+    /// A projection or a half, clamped or not.
+    Factor(Source<'a>, Option<Clamp<'a>>),
     /// `Packed(gate_up).chunk(2, dim=-1)`: the pair of halves.
     Halves(&'a str),
-    /// One half: 0 the first (the gate), 1 the second (up).
-    Half(&'a str, u8),
-    /// `self.<act>(Half(gate_up, 0))`.
-    Activated(&'a str, &'a str),
-    /// `Activated(act, gate_up) * Half(gate_up, 1)`, either factor order.
-    Gated(&'a str, &'a str),
-    /// `self.<down>(Gated(act, gate_up))`.
-    Out(PackedMatch<'a>),
+    /// The activation of a factor (clamped or not: `before`), its output clamped or not
+    /// (`after`).
+    Activated {
+        act: Act<'a>,
+        gate: Source<'a>,
+        before: Option<Clamp<'a>>,
+        after: Option<Clamp<'a>>,
+    },
+    /// `Activated * Factor` whose clamps and sources are one of the lowered forms.
+    Gated(Gated<'a>),
+    /// `self.<down>(Gated)`.
+    Out(Out<'a>),
 }
 
-/// Matches the forward's body (docstring removed) against the packed form; `param` is the
-/// forward's one input.
-pub(super) fn match_packed<'a>(body: &'a [Stmt], param: &str) -> Option<PackedMatch<'a>> {
+/// Matches the forward's body (docstring removed): `self.<down>(act(gate) * up)` of the input
+/// `param`, in either layout, clamped or not.
+pub(super) fn match_body<'a>(body: &'a [Stmt], param: &str) -> Option<Out<'a>> {
     match interpret(body, param, Value::Input)? {
-        Value::Out(matched) => Some(matched),
+        Value::Out(out) => Some(out),
         _ => None,
     }
 }
 
-/// Matches a gate function's body (`_default_apply_gate(self, gate_up_out)` of transformers'
-/// MoE experts) whose input `param` is the packed tensor itself: `gate, up =
-/// param.chunk(2, dim=-1)`, then `return self.<act>(gate) * up`. The activation's attribute.
-pub(super) fn match_gate<'a>(body: &'a [Stmt], param: &str) -> Option<&'a str> {
-    match interpret(body, param, Value::Packed(""))? {
-        Value::Gated(act, "") => Some(act),
+/// Matches a gate function's body (`_apply_gate(self, gate_up)` of transformers' MoE experts,
+/// its default or a class's own) whose input `param` is the packed tensor itself: `gate, up =
+/// param.chunk(2, dim=-1)`, then `return act(gate) * up`, clamped or not.
+pub(super) fn match_gate<'a>(body: &'a [Stmt], param: &str) -> Option<Gated<'a>> {
+    match interpret(body, param, Value::Factor(Source::Proj(""), None))? {
+        Value::Gated(gated) if gated.packed() == Some("") => Some(gated),
         _ => None,
     }
 }
@@ -96,8 +167,8 @@ fn interpret<'a>(body: &'a [Stmt], param: &str, start: Value<'a>) -> Option<Valu
                 if first.id == second.id {
                     return None;
                 }
-                names.insert(first.id.as_str(), Value::Half(gate_up, 0));
-                names.insert(second.id.as_str(), Value::Half(gate_up, 1));
+                names.insert(first.id.as_str(), half(gate_up, 0));
+                names.insert(second.id.as_str(), half(gate_up, 1));
             }
             _ => return None,
         }
@@ -106,6 +177,10 @@ fn interpret<'a>(body: &'a [Stmt], param: &str, start: Value<'a>) -> Option<Valu
         return None;
     };
     eval(ret.value.as_deref()?, &names, &input)
+}
+
+fn half(gate_up: &str, i: u8) -> Value<'_> {
+    Value::Factor(Source::Half(gate_up, i), None)
 }
 
 fn eval<'a>(
@@ -120,19 +195,31 @@ fn eval<'a>(
             .copied()
             .or_else(|| input(name.id.as_str())),
         Expr::Subscript(sub) => match (eval(&sub.value, names, input)?, index(&sub.slice)?) {
-            (Value::Halves(gate_up), i @ (0 | 1)) => Some(Value::Half(gate_up, i)),
+            (Value::Halves(gate_up), i @ (0 | 1)) => Some(half(gate_up, i)),
             _ => None,
         },
         Expr::BinOp(bin) if bin.op == Operator::Mult => {
             let left = eval(&bin.left, names, input)?;
             let right = eval(&bin.right, names, input)?;
             match (left, right) {
-                (Value::Activated(act, g), Value::Half(u, 1))
-                | (Value::Half(u, 1), Value::Activated(act, g))
-                    if g == u =>
-                {
-                    Some(Value::Gated(act, g))
-                }
+                (
+                    Value::Activated {
+                        act,
+                        gate,
+                        before,
+                        after,
+                    },
+                    Value::Factor(up, up_clamp),
+                )
+                | (
+                    Value::Factor(up, up_clamp),
+                    Value::Activated {
+                        act,
+                        gate,
+                        before,
+                        after,
+                    },
+                ) => product(act, gate, before, after, up, up_clamp).map(Value::Gated),
                 _ => None,
             }
         }
@@ -141,44 +228,152 @@ fn eval<'a>(
     }
 }
 
+/// `act(gate) * up` with the clamps written on the way, when they are one of the lowered
+/// forms: none at all, or the gate clamped at `max=L` only (before or after the activation,
+/// not both) and up at `min=-L, max=L`, one attribute `L`; and the factors two projections
+/// or the two halves of one packed projection, gate the first.
+fn product<'a>(
+    act: Act<'a>,
+    gate: Source<'a>,
+    before: Option<Clamp<'a>>,
+    after: Option<Clamp<'a>>,
+    up: Source<'a>,
+    up_clamp: Option<Clamp<'a>>,
+) -> Option<Gated<'a>> {
+    let gate_clamp = match (before, after) {
+        (None, None) => None,
+        (Some(Clamp::Max(limit)), None) => Some((limit, false)),
+        (None, Some(Clamp::Max(limit))) => Some((limit, true)),
+        _ => return None,
+    };
+    let clamp = match (gate_clamp, up_clamp) {
+        (None, None) => None,
+        (Some((limit, after_activation)), Some(Clamp::Both(up_limit))) if limit == up_limit => {
+            Some(Clamped {
+                limit,
+                after_activation,
+            })
+        }
+        _ => return None,
+    };
+    let gated = Gated {
+        act,
+        gate,
+        up,
+        clamp,
+    };
+    (gated.split().is_some() || gated.packed().is_some()).then_some(gated)
+}
+
 fn eval_call<'a>(
     call: &'a ExprCall,
     names: &HashMap<&'a str, Value<'a>>,
     input: &dyn Fn(&str) -> Option<Value<'a>>,
 ) -> Option<Value<'a>> {
     // `self.<m>(v)`: a projection of the input, the activation of the gate, or the down
-    // projection of the product.
-    if let Some(attr) = self_attribute(&call.func) {
+    // projection of the product; `<F>.silu(v)`: torch's functional SiLU, if the module's
+    // imports say so (checked by the caller).
+    let act = match self_attribute(&call.func) {
+        Some(attr) => Some(Act::Module(attr)),
+        None => dotted_name(&call.func)
+            .is_some_and(|n| n.ends_with(".silu"))
+            .then_some(Act::Function(&call.func)),
+    };
+    if let Some(act) = act {
         let [arg] = &call.arguments.args[..] else {
             return None;
         };
-        if !call.arguments.keywords.is_empty() {
+        if !call.arguments.keywords.is_empty() || matches!(arg, Expr::Starred(_)) {
             return None;
         }
-        return match eval(arg, names, input)? {
-            Value::Input => Some(Value::Packed(attr)),
-            Value::Half(gate_up, 0) => Some(Value::Activated(attr, gate_up)),
-            Value::Gated(act, gate_up) => Some(Value::Out(PackedMatch {
-                down: attr,
+        return match (act, eval(arg, names, input)?) {
+            (Act::Module(attr), Value::Input) => Some(Value::Factor(Source::Proj(attr), None)),
+            (act, Value::Factor(gate, before)) => Some(Value::Activated {
                 act,
-                gate_up,
-            })),
+                gate,
+                before,
+                after: None,
+            }),
+            (Act::Module(down), Value::Gated(gated)) => Some(Value::Out(Out { down, gated })),
             _ => None,
         };
     }
-    // `v.chunk(2, dim=-1)` or `torch.chunk(v, 2, dim=-1)` (positional or keyword dim).
-    let (tensor, args) = match &*call.func {
-        Expr::Attribute(attr) if attr.attr.as_str() == "chunk" => {
-            if dotted_name(&call.func).as_deref() == Some("torch.chunk") {
-                let (first, rest) = call.arguments.args.split_first()?;
-                (first, rest)
-            } else {
-                (&*attr.value, &call.arguments.args[..])
-            }
-        }
-        _ => return None,
+    let Expr::Attribute(attr) = &*call.func else {
+        return None;
     };
-    let Value::Packed(gate_up) = eval(tensor, names, input)? else {
+    match attr.attr.as_str() {
+        "clamp" => eval_clamp(call, names, input),
+        "chunk" => eval_chunk(call, names, input),
+        _ => None,
+    }
+}
+
+/// `v.clamp(max=self.<L>)`, `v.clamp(min=None, max=self.<L>)` or `v.clamp(min=-self.<L>,
+/// max=self.<L>)` (keywords only) on a factor or an activation's output not clamped yet.
+fn eval_clamp<'a>(
+    call: &'a ExprCall,
+    names: &HashMap<&'a str, Value<'a>>,
+    input: &dyn Fn(&str) -> Option<Value<'a>>,
+) -> Option<Value<'a>> {
+    let Expr::Attribute(attr) = &*call.func else {
+        return None;
+    };
+    if !call.arguments.args.is_empty() {
+        return None;
+    }
+    let mut min = None;
+    let mut max = None;
+    for keyword in &call.arguments.keywords {
+        match keyword.arg.as_ref().map(|a| a.as_str()) {
+            Some("min") if min.is_none() => min = Some(&keyword.value),
+            Some("max") if max.is_none() => max = Some(&keyword.value),
+            _ => return None,
+        }
+    }
+    let limit = self_attribute(max?)?;
+    let clamp = match min {
+        None | Some(Expr::NoneLiteral(_)) => Clamp::Max(limit),
+        Some(Expr::UnaryOp(u))
+            if u.op == UnaryOp::USub && self_attribute(&u.operand) == Some(limit) =>
+        {
+            Clamp::Both(limit)
+        }
+        Some(_) => return None,
+    };
+    match eval(&attr.value, names, input)? {
+        Value::Factor(source, None) => Some(Value::Factor(source, Some(clamp))),
+        Value::Activated {
+            act,
+            gate,
+            before,
+            after: None,
+        } => Some(Value::Activated {
+            act,
+            gate,
+            before,
+            after: Some(clamp),
+        }),
+        _ => None,
+    }
+}
+
+/// `v.chunk(2, dim=-1)` or `torch.chunk(v, 2, dim=-1)` (positional or keyword dim) of an
+/// unclamped projection.
+fn eval_chunk<'a>(
+    call: &'a ExprCall,
+    names: &HashMap<&'a str, Value<'a>>,
+    input: &dyn Fn(&str) -> Option<Value<'a>>,
+) -> Option<Value<'a>> {
+    let Expr::Attribute(attr) = &*call.func else {
+        return None;
+    };
+    let (tensor, args) = if dotted_name(&call.func).as_deref() == Some("torch.chunk") {
+        let (first, rest) = call.arguments.args.split_first()?;
+        (first, rest)
+    } else {
+        (&*attr.value, &call.arguments.args[..])
+    };
+    let Value::Factor(Source::Proj(gate_up), None) = eval(tensor, names, input)? else {
         return None;
     };
     let keyword = |name: &str| {

@@ -595,3 +595,298 @@ fn experts_functions_are_checked_statement_by_statement() {
     assert!(experts_function_ok("def other(x):\n    return x\n").is_err());
     assert!(experts_function_ok("def broken(:\n").is_err());
 }
+
+const DEEPSEEK_V4: &str = "class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.limit = config.swiglu_limit
+
+    def forward(self, x):
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(self.act_fn(gate) * up)
+";
+
+const DEEPSEEK_V4_BODY: &str = "        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(self.act_fn(gate) * up)
+";
+
+fn site_lowered(r: &crate::audit::PassReport, kind: &str, key: &str) -> Option<String> {
+    crate::passes::fusion_common::testing::sites(r)
+        .into_iter()
+        .find(|s| s["kind"] == kind)
+        .and_then(|s| s["lowered"][key].as_str().map(str::to_string))
+}
+
+#[test]
+fn clamped_swiglu_before_the_activation_is_patched_with_the_limit() {
+    let r = report(DEEPSEEK_V4);
+    assert_eq!(site_reason(&r, "ToyMLP"), None, "{r:?}");
+    insta::assert_snapshot!(site_patch(&r, "ToyMLP"));
+    assert_eq!(lowered(&r), "run-time (self.act_fn)");
+    assert_eq!(
+        site_lowered(&r, "class", "limit").as_deref(),
+        Some("self.limit")
+    );
+    assert_eq!(
+        site_lowered(&r, "class", "clamp").as_deref(),
+        Some("gate before act")
+    );
+    let fused = "return self.down_proj(forward_rewrite.gated_mlp_act(self.gate_proj(x), self.up_proj(x), activation=_fr_act, limit=_fr_limit, overwrite_inputs=True))";
+    for body in [
+        // GLM-5-Next: the projections first, then the clamps (min=None written out).
+        "        gate = self.gate_proj(x)\n        up = self.up_proj(x)\n        # Key difference using clamping\n        gate = gate.clamp(min=None, max=self.limit)\n        up = up.clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // Inline, factors swapped, keywords in another order.
+        "        return self.down_proj(self.up_proj(x).clamp(max=self.limit, min=-self.limit) * self.act_fn(self.gate_proj(x).clamp(max=self.limit)))\n",
+        // Through a name returned.
+        "        g = self.gate_proj(x).clamp(max=self.limit)\n        h = self.act_fn(g) * self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        h = self.down_proj(h)\n        return h\n",
+    ] {
+        let r = report(&DEEPSEEK_V4.replace(DEEPSEEK_V4_BODY, body));
+        let patch = site_patch(&r, "ToyMLP");
+        assert!(patch.contains(fused), "{body}\n{patch}");
+        assert!(
+            patch.contains("if (_fr_limit := forward_rewrite.fusion_guard.swiglu_limit(self.limit)) is not None and (_fr_act := forward_rewrite.fusion_guard.gated_act(self.act_fn, x)) is not None:"),
+            "{patch}"
+        );
+    }
+    // torch's functional SiLU written out.
+    let functional = DEEPSEEK_V4.replace("self.act_fn(gate)", "F.silu(gate)");
+    let r = report(&format!("import torch.nn.functional as F\n\n{functional}"));
+    assert!(site_patch(&r, "ToyMLP").contains(
+        "(_fr_act := forward_rewrite.fusion_guard.gated_function(self, F.silu, x)) is not None:"
+    ));
+    assert_eq!(
+        site_reason(&report(&functional), "ToyMLP").as_deref(),
+        Some("mlp-activation-unknown")
+    );
+}
+
+#[test]
+fn clamped_swiglu_after_the_activation_is_patched_with_the_limit() {
+    // Step-3.7: the activation's output clamped, not the gate.
+    let step = DEEPSEEK_V4.replace(
+        DEEPSEEK_V4_BODY,
+        "        gate = self.act_fn(self.gate_proj(x)).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(gate * up)\n",
+    );
+    let r = report(&step);
+    assert_eq!(site_reason(&r, "ToyMLP"), None, "{r:?}");
+    insta::assert_snapshot!(site_patch(&r, "ToyMLP"));
+    assert_eq!(
+        site_lowered(&r, "class", "clamp").as_deref(),
+        Some("activation output")
+    );
+}
+
+#[test]
+fn clamped_swiglu_on_a_packed_projection_is_patched() {
+    let packed = PHI3.replace(PHI3_BODY, "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        gate = gate.clamp(max=self.limit)\n        up = up.clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.activation_fn(gate) * up)\n");
+    let patch = site_patch(&report(&packed), "ToyMLP");
+    assert!(
+        patch.contains("return self.down_proj(forward_rewrite.gated_mlp_act_packed(self.gate_up_proj(hidden_states), activation=_fr_act, limit=_fr_limit, overwrite_inputs=True))"),
+        "{patch}"
+    );
+}
+
+#[test]
+fn clamps_other_than_the_swiglu_ones_are_refused() {
+    for body in [
+        // The gate clamped, up not; up clamped, the gate not.
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        return self.down_proj(self.act_fn(gate) * self.up_proj(x))\n",
+        "        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(self.gate_proj(x)) * up)\n",
+        // Two attributes.
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.up_limit, max=self.up_limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.up_limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // Literals, positional bounds, a config read.
+        "        gate = self.gate_proj(x).clamp(max=7.0)\n        up = self.up_proj(x).clamp(min=-7.0, max=7.0)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        "        gate = self.gate_proj(x).clamp(None, self.limit)\n        up = self.up_proj(x).clamp(-self.limit, self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        "        gate = self.gate_proj(x).clamp(max=self.config.limit)\n        up = self.up_proj(x).clamp(min=-self.config.limit, max=self.config.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // The gate clamped on both sides, up on one.
+        "        gate = self.gate_proj(x).clamp(min=-self.limit, max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // The gate clamped before and after the activation; a clamp twice.
+        "        gate = self.act_fn(self.gate_proj(x).clamp(max=self.limit)).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(gate * up)\n",
+        "        gate = self.gate_proj(x).clamp(max=self.limit).clamp(max=self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // The clamp on the input.
+        "        x = x.clamp(max=self.limit)\n        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n",
+        // A statement that may rebind the input between the clamps.
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        x = self.norm(x)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        "        gate = self.gate_proj(x).clamp(max=self.limit)\n        self.scale(gate)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+        // clamp_min / clamp_max spelled otherwise.
+        "        gate = self.gate_proj(x).clamp_max(self.limit)\n        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)\n        return self.down_proj(self.act_fn(gate) * up)\n",
+    ] {
+        let r = report(&DEEPSEEK_V4.replace(DEEPSEEK_V4_BODY, body));
+        assert_eq!(
+            site_reason(&r, "ToyMLP").as_deref(),
+            Some("mlp-form-unknown"),
+            "{body}"
+        );
+    }
+    // A clamp on the product is outside it: the product alone is replaced in place.
+    let r = report(&DEEPSEEK_V4.replace(
+        DEEPSEEK_V4_BODY,
+        "        return self.down_proj((self.act_fn(self.gate_proj(x)) * self.up_proj(x)).clamp(max=self.limit))\n",
+    ));
+    let patch = site_patch(&r, "ToyMLP");
+    assert!(
+        patch.contains(
+            "else self.act_fn(self.gate_proj(x)) * self.up_proj(x))).clamp(max=self.limit))"
+        ) && !patch.contains("_fr_limit"),
+        "{patch}"
+    );
+    // MiniMax-M3 / GPT-OSS: (up + 1) * gate * sigmoid(gate * alpha) on the packed projection.
+    let minimax = PHI3.replace(
+        PHI3_BODY,
+        "        gate_up = self.gate_up_proj(hidden_states)\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return self.down_proj((up + 1.0) * glu)\n",
+    );
+    let r = report(&minimax);
+    assert_eq!(site_reason(&r, "ToyMLP").as_deref(), Some("mlp-packed"));
+    let detail = crate::passes::fusion_common::testing::sites(&r)[0]["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        detail.contains("clamps are not the SwiGLU ones"),
+        "{detail}"
+    );
+}
+
+const CLAMPED_GATE: &str = "    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        # Simple swiglu instead of alpha
+        return F.silu(gate) * up
+
+";
+
+fn experts_with_gate(gate: &str) -> String {
+    format!(
+        "import torch.nn.functional as F\n\n{}",
+        EXPERTS.replace(
+            "    def forward(self, hidden_states, top_k_index",
+            &format!("{gate}    def forward(self, hidden_states, top_k_index"),
+        )
+    )
+}
+
+#[test]
+fn experts_own_clamped_gate_is_patched_with_its_body_as_fallback() {
+    // GLM-5-Next / HY-V4: torch's functional SiLU, the gate clamped before it.
+    let r = report(&experts_with_gate(CLAMPED_GATE));
+    let patch = site_patch(&r, "ToyExperts");
+    insta::assert_snapshot!(patch);
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    let gate = sites.iter().find(|s| s["kind"] == "experts-gate").unwrap();
+    // Bound by its hash, like an MLP's forward (not the installer's check of the default).
+    assert_eq!(
+        gate["original_sha256"].as_str().unwrap().len(),
+        64,
+        "{gate}"
+    );
+    assert_eq!(gate["lowered"]["act"], "F.silu");
+    assert_eq!(gate["lowered"]["limit"], "self.swiglu_limit");
+    assert_eq!(gate["lowered"]["clamp"], "gate before act");
+    // The experts implementation follows, with what the installer registers.
+    let forward = sites
+        .iter()
+        .find(|s| s["kind"] == "experts-forward")
+        .unwrap();
+    assert_eq!(forward["verdict"], "patched", "{forward}");
+    for key in ["act", "limit", "clamp", "activation"] {
+        assert_eq!(forward["lowered"][key], gate["lowered"][key], "{key}");
+    }
+    // DeepSeek-V4: the activation module, no min=None.
+    let deepseek = CLAMPED_GATE
+        .replace("min=None, max=self.swiglu_limit", "max=self.swiglu_limit")
+        .replace("F.silu(gate)", "self.act_fn(gate)");
+    let r = report(&experts_with_gate(&deepseek));
+    let patch = site_patch(&r, "ToyExperts");
+    assert!(
+        patch.contains("if (_fr_limit := forward_rewrite.fusion_guard.swiglu_limit(self.swiglu_limit)) is not None and (_fr_act := forward_rewrite.fusion_guard.gated_act(self.act_fn, gate_up)) is not None:")
+            && patch.contains("return forward_rewrite.gated_mlp_act_packed(gate_up, activation=_fr_act, limit=_fr_limit)"),
+        "{patch}"
+    );
+    assert_eq!(
+        site_lowered(&r, "experts-forward", "act").as_deref(),
+        Some("self.act_fn")
+    );
+    // Step-3.7's gate (if it were an experts class): the activation's output clamped.
+    let step = "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = self.act_fn(gate).clamp(max=self.limit)\n        up = up.clamp(min=-self.limit, max=self.limit)\n        return gate * up\n\n";
+    let r = report(&experts_with_gate(step));
+    assert!(
+        site_patch(&r, "ToyExperts").contains(
+            "gated_mlp_act_packed(gate_up, activation=_fr_act, limit=_fr_limit, clamp_after_activation=True)"
+        )
+    );
+    assert_eq!(
+        site_lowered(&r, "experts-forward", "clamp").as_deref(),
+        Some("activation output")
+    );
+    // An own gate of the default's form: patched, no limit.
+    let plain = "    def _apply_gate(self, gate_up_out):\n        gate, up = gate_up_out.chunk(2, dim=-1)\n        return self.act_fn(gate) * up\n\n";
+    let r = report(&experts_with_gate(plain));
+    assert!(site_patch(&r, "ToyExperts").contains(
+        "if (_fr_act := forward_rewrite.fusion_guard.gated_act(self.act_fn, gate_up_out)) is not None:"
+    ));
+    assert_eq!(site_lowered(&r, "experts-forward", "limit"), None);
+}
+
+#[test]
+fn experts_own_gates_other_than_the_clamped_swiglu_are_refused() {
+    for gate in [
+        // MiniMax-M3: (up + 1) * gate * sigmoid(gate * alpha).
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return (up + 1.0) * glu\n\n",
+        // Beam: a float32 upcast.
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)\n\n",
+        // Inkling2: a two-argument activation.
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        return self.act_fn(gate, up)\n\n",
+        // One-sided, two attributes.
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        up = up.clamp(min=-self.limit, max=self.limit)\n        return self.act_fn(gate) * up\n\n",
+        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.limit)\n        up = up.clamp(min=-self.other, max=self.other)\n        return self.act_fn(gate) * up\n\n",
+        // An extra parameter, a decorator.
+        "    def _apply_gate(self, gate_up, limit=None):\n        gate, up = gate_up.chunk(2, dim=-1)\n        return self.act_fn(gate) * up\n\n",
+        "    @torch.compile\n    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        return self.act_fn(gate) * up\n\n",
+    ] {
+        let r = report(&experts_with_gate(gate));
+        assert_eq!(
+            site_reason(&r, "ToyExperts").as_deref(),
+            Some("experts-gate-custom"),
+            "{gate}"
+        );
+        assert_eq!(
+            forward_site_reason(&r).as_deref(),
+            Some("experts-forward-gate")
+        );
+    }
+    // F not known to be torch.nn.functional.
+    let r = report(&EXPERTS.replace(
+        "    def forward(self, hidden_states, top_k_index",
+        &format!("{CLAMPED_GATE}    def forward(self, hidden_states, top_k_index"),
+    ));
+    assert_eq!(
+        site_reason(&r, "ToyExperts").as_deref(),
+        Some("mlp-activation-unknown")
+    );
+    // Inherited from a base class of the module: the installer patches the class's own.
+    let inherited = experts_with_gate(CLAMPED_GATE)
+        .replace(
+            "@use_experts_implementation\nclass ToyExperts(nn.Module):",
+            "class ToyBase(nn.Module):\n    pass\n\n\n@use_experts_implementation\nclass ToyExperts(ToyBase):",
+        )
+        .replace(CLAMPED_GATE, "")
+        .replace(
+            "class ToyBase(nn.Module):\n    pass\n",
+            &format!("class ToyBase(nn.Module):\n{CLAMPED_GATE}"),
+        );
+    let r = report(&inherited);
+    assert_eq!(
+        site_reason(&r, "ToyExperts").as_deref(),
+        Some("experts-gate-custom"),
+        "{inherited}"
+    );
+}

@@ -55,7 +55,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "residual-norm-norm-refused",
-        "The norm's class is not one the `rms-norm` pass patches as a single-input norm (refused there, its reason in the detail, or a gated norm, which `add_rms_norm` does not compute).",
+        "The norm's class is not one the `rms-norm` pass patches as a single-input norm (refused there, its reason in the detail, or a gated norm, which `add_rms_norm` does not compute, or an unweighted one, whose weight it would read).",
     ),
     (
         "residual-norm-emit-invalid",
@@ -366,6 +366,15 @@ fn norm_class<'m>(
             format!(
                 "self.{attr} is a {norm_name}, a gated norm (rms-norm's {} form, gate {gate}): not the single-input norm add_rms_norm computes",
                 site.lowered.get("form").map_or("?", String::as_str)
+            ),
+        ));
+    }
+    // An unweighted norm (NanoChat's) has no weight for `add_rms_norm` to read.
+    if site.lowered.get("weight").is_some_and(|w| w == "none") {
+        return Err((
+            "residual-norm-norm-refused",
+            format!(
+                "self.{attr} is a {norm_name}, an unweighted norm: add_rms_norm reads the norm's weight"
             ),
         ));
     }

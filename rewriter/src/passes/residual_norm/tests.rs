@@ -147,6 +147,25 @@ fn a_norm_rms_norm_refuses_is_refused_with_its_reason() {
 }
 
 #[test]
+fn an_unweighted_norm_is_refused() {
+    // NanoChat's norm: rms-norm patches it with no weight, which add_rms_norm would read.
+    let norm = "class ToyRMSNorm(nn.Module):
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self._norm(x.float()).type_as(x)
+";
+    let r = report(norm, LLAMA_LAYER);
+    assert_eq!(r.reason.as_deref(), Some("residual-norm-norm-refused"));
+    assert!(r.detail.contains("unweighted"), "{}", r.detail);
+}
+
+#[test]
 fn a_norm_not_built_from_one_module_class_is_unresolved() {
     for init in [
         "self.post_attention_layernorm = ToyRMSNorm(config.hidden_size) if config.norm else nn.Identity()",

@@ -60,7 +60,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-no-weight",
-        "The norm applies no `self.weight` (weightless and unit-offset-only norms).",
+        "The norm applies no `self.weight` and is not the unweighted form fused (NanoChat's `self._norm(x.float()).type_as(x)`): DeepSeek-V4's `x * torch.rsqrt(...).to(x.dtype)` rounds the scale before the product, other arrangements are not matched.",
     ),
     (
         "norm-not-rsqrt",
@@ -97,6 +97,8 @@ struct Form {
     cast_before_weight: bool,
     condition: Option<&'static str>,
     gate: Option<Gate>,
+    /// Whether the form applies `self.weight` (NanoChat's norm has none: the op gets `None`).
+    weighted: bool,
 }
 
 /// A gated form's second input and the activation the body applies to it in float32: the
@@ -201,6 +203,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 cast_before_weight: true,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "olmo2",
@@ -213,6 +216,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 cast_before_weight: false,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "helium",
@@ -225,6 +229,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 cast_before_weight: false,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "gemma",
@@ -240,6 +245,7 @@ return output.type_as(x)
                 cast_before_weight: false,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "moshi",
@@ -255,6 +261,7 @@ return output.type_as(x)
                 cast_before_weight: false,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "llama4",
@@ -269,6 +276,7 @@ return output * self.weight
                 cast_before_weight: true,
                 condition: None,
                 gate: None,
+                weighted: true,
             },
             Form {
                 name: "gemma4",
@@ -285,6 +293,21 @@ return normed_output.type_as(hidden_states)
                 cast_before_weight: false,
                 condition: Some("self.with_scale"),
                 gate: None,
+                weighted: true,
+            },
+            // No weight at all (NanoChat, HRM-Text): the op's unit weight, `rms_norm(x, None, eps)`.
+            Form {
+                name: "unweighted",
+                param: "x",
+                llama_prefix: false,
+                forward: "return self._norm(x.float()).type_as(x)\n",
+                norm_helper: Some(GEMMA_NORM),
+                eps: "self.eps",
+                offset: "0.0",
+                cast_before_weight: true,
+                condition: None,
+                gate: None,
+                weighted: false,
             },
             // The gated forms: the gate activated in float32 after the weighted norm.
             Form {
@@ -301,6 +324,7 @@ return hidden_states.to(input_dtype)
                 cast_before_weight: true,
                 condition: None,
                 gate: Some(ACT2FN_GATE),
+                weighted: true,
             },
             Form {
                 // transformers 4.57's Qwen3-Next: SiLU written out with torch's functional.
@@ -317,6 +341,7 @@ return hidden_states.to(input_dtype)
                 cast_before_weight: true,
                 condition: None,
                 gate: Some(SILU_GATE),
+                weighted: true,
             },
             Form {
                 name: "kimi",
@@ -332,6 +357,7 @@ return hidden_states.to(input_dtype)
                 cast_before_weight: false,
                 condition: None,
                 gate: Some(ACT2FN_GATE),
+                weighted: true,
             },
         ];
         list.into_iter()
@@ -452,14 +478,15 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                 .condition
                 .map(|c| format!("{c} and "))
                 .unwrap_or_default();
+            let weight = if form.weighted { "self.weight" } else { "None" };
             vec![
                 format!(
-                    "if {condition}forward_rewrite.fusion_guard.rms_norm(self, {param}, self.weight, {}):",
+                    "if {condition}forward_rewrite.fusion_guard.rms_norm(self, {param}, {weight}, {}):",
                     form.eps
                 ),
                 format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
                 format!(
-                    "    return forward_rewrite.rms_norm({param}, self.weight, {}, offset={}, cast_before_weight={cast})",
+                    "    return forward_rewrite.rms_norm({param}, {weight}, {}, offset={}, cast_before_weight={cast})",
                     form.eps, form.offset,
                 ),
             ]
@@ -518,6 +545,9 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             }
             if let Some(c) = form.condition {
                 site.lowered.insert("fused only when".into(), c.into());
+            }
+            if !form.weighted {
+                site.lowered.insert("weight".into(), "none".into());
             }
             site
         }

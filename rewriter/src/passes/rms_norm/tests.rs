@@ -74,6 +74,44 @@ fn gemma_form_lowers_the_unit_offset() {
     assert!(patch.contains("forward_rewrite.rms_norm(x, self.weight, self.eps, offset=1.0, cast_before_weight=False)"), "{patch}");
 }
 
+/// NanoChat's norm: no weight at all.
+const UNWEIGHTED: &str = "class ToyRMSNorm(torch.nn.Module):
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self._norm(x.float()).type_as(x)
+";
+
+#[test]
+fn unweighted_form_is_patched_with_no_weight() {
+    let r = report(UNWEIGHTED);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNorm");
+    insta::assert_snapshot!(patch);
+    assert!(
+        patch.contains(
+            "forward_rewrite.rms_norm(x, None, self.eps, offset=0.0, cast_before_weight=True)"
+        ),
+        "{patch}"
+    );
+    // DeepSeek-V4's unweighted norm rounds the scale to x's dtype before the product: not it.
+    let deepseek = UNWEIGHTED
+        .replace("    def _norm(self, x):\n        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n\n", "")
+        .replace(
+            "return self._norm(x.float()).type_as(x)",
+            "return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)",
+        );
+    assert_eq!(
+        site_reason(&report(&deepseek), "ToyRMSNorm").as_deref(),
+        Some("norm-no-weight")
+    );
+}
+
 #[test]
 fn olmo2_and_helium_forms_cast_after_the_weight() {
     for last in [
