@@ -7,13 +7,18 @@
 //! calls it by that name (the attention classes; the call resolves the module global at run
 //! time, so replacing the global patches every caller of the module). It is patched only when
 //! its statements are one of [`FORMS`] and the helper the form calls (`rotate_half`, GLM-4V's
-//! `rotate_half_llm`) is one of [`ROTATIONS`]: the halves rotation (Llama), every two entries
-//! (GPT-J, GLM, Cohere: `interleaved=True`) or minus the halves (NanoChat: `-sin`). The forms:
-//! full or partial rotary (`rotary_dim = cos.shape[-1]`, the tail passing through; Phi-3's
-//! with the rotation inside the concatenation), the cast back to q's dtype (OLMo 3), the
-//! float32 forms that cast back (Cohere, ModernBERT decoder, HunYuan-VL), the first half of
-//! each table repeated per pair (GLM, Helium, Ernie 4.5; the emitted call repeats them the
-//! same way). The op is element-wise in its tables, so every rotation goes with every form.
+//! `rotate_half_llm`, Ernie 4.5-VL's `rotate_half_text`) is one of [`ROTATIONS`]: the halves
+//! rotation (Llama), every two entries (GPT-J, GLM, Cohere: `interleaved=True`) or minus the
+//! halves (NanoChat: `-sin`). The forms: full or partial rotary (`rotary_dim = cos.shape[-1]`,
+//! the tail passing through; Phi-3's with the rotation inside the concatenation), the cast
+//! back to q's dtype (OLMo 3), the float32 forms that cast back (Cohere, ModernBERT decoder,
+//! HunYuan-VL, Ernie 4.5-VL), the first half of each table repeated per pair (GLM, Helium,
+//! Ernie 4.5; the emitted call repeats them the same way). The op is element-wise in its
+//! tables, so every rotation goes with every form.
+//! GPT-OSS computes the whole product in a helper, `_apply_rotary_emb(x, cos, sin)`, on the
+//! halves of the head with tables of half its width ([`halves`]): Llama's product with each
+//! table concatenated to itself, which the emitted code builds once (bound to `_fr_cos` /
+//! `_fr_sin` in the guard's call) and fuses only when they are exactly as wide as q.
 //! Everything else is refused.
 
 use std::sync::OnceLock;
@@ -21,8 +26,8 @@ use std::sync::OnceLock;
 use crate::audit::PassReport;
 use crate::parse::ParsedSource;
 use crate::passes::fusion_common::{
-    self, ModuleDefs, Site, body_without_docstring, emit_guarded, function_sha256,
-    is_already_patched, plain_parameters, same_statements,
+    self, ImportBinding, ModuleDefs, Site, body_without_docstring, bound_only_by, emit_guarded,
+    function_sha256, is_already_patched, plain_parameters, same_statements,
 };
 use crate::passes::{Pass, PassInput};
 
@@ -55,7 +60,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "rotate-half-unknown",
-        "The module's `rotate_half` (the helper the form calls) is missing or is not the halves, every-two or negated-halves rotation.",
+        "The module's `rotate_half` (the helper the form calls) is missing or is not the halves, every-two or negated-halves rotation; GPT-OSS's `_apply_rotary_emb` is not exactly the product on halves (`torch.chunk(x, 2, dim=-1)`, `x1 * cos - x2 * sin`, `x2 * cos + x1 * sin`, concatenated in that order), or `torch` is not bound by `import torch` alone.",
     ),
     (
         "rotary-form-unknown",
@@ -129,6 +134,12 @@ enum Tables {
     /// The first half of each table repeated per pair, as the body builds them (GLM, Ernie
     /// 4.5, Helium); the emitted call repeats them the same way.
     RepeatedHalves,
+    /// Each table concatenated to itself, `torch.cat((cos, cos), dim=-1)` (GPT-OSS: tables of
+    /// half the head's width, applied to each half by [`halves`]'s helper). The emitted code
+    /// builds them once, bound in the guard's call (`_fr_cos`, `_fr_sin`), and only when they
+    /// are exactly as wide as the head: a narrower pair would be a partial rotary to the op,
+    /// where stock broadcasts a width-1 table over each half, or fails.
+    Concatenated,
 }
 
 impl Tables {
@@ -138,6 +149,38 @@ impl Tables {
             Tables::RepeatedHalves => {
                 format!("{table}[..., : {table}.shape[-1] // 2].repeat_interleave(2, dim=-1)")
             }
+            Tables::Concatenated => format!("_fr_{table}"),
+        }
+    }
+
+    /// The guard's `cos, sin` arguments, and what the `if` tests before the guard.
+    fn guarded(self, first: &str) -> (String, String) {
+        match self {
+            Tables::Plain | Tables::RepeatedHalves => ("cos, sin".to_string(), String::new()),
+            Tables::Concatenated => (
+                "(_fr_cos := torch.cat((cos, cos), dim=-1)), (_fr_sin := torch.cat((sin, sin), dim=-1))"
+                    .to_string(),
+                format!("{first}.shape[-1] == 2 * cos.shape[-1] and "),
+            ),
+        }
+    }
+}
+
+/// The helper a form calls, by its name in the module.
+#[derive(Clone, Copy)]
+enum Helper {
+    /// One of [`ROTATIONS`] (`rotate_half(x)`).
+    Rotation(&'static str),
+    /// GPT-OSS's product on halves (`_apply_rotary_emb(x, cos, sin)`, [`halves`]): the halves
+    /// rotation, with `torch` bound by `import torch` alone (the helper and the emitted tables
+    /// call it).
+    HalvesProduct(&'static str),
+}
+
+impl Helper {
+    fn name(self) -> &'static str {
+        match self {
+            Helper::Rotation(name) | Helper::HalvesProduct(name) => name,
         }
     }
 }
@@ -148,8 +191,8 @@ struct Form {
     name: &'static str,
     /// Textual variants of the body (statements after the docstring; comments aside).
     bodies: &'static [&'static str],
-    /// The rotation helper the body calls.
-    helper: &'static str,
+    /// The helper the body calls.
+    helper: Helper,
     tables: Tables,
     /// The body computes in float32 and casts the results back to q's dtype
     /// (`out_dtype=q.dtype`).
@@ -221,7 +264,7 @@ const FORMS: &[Form] = &[
             full_product!(),
             "return q_embed, k_embed\n"
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
     },
@@ -244,7 +287,7 @@ k, k_pass = k[..., :rot_dim], k[..., rot_dim:]
                 "return torch.cat((q_embed, q_pass), dim=-1), torch.cat((k_embed, k_pass), dim=-1)\n"
             ),
         ],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
     },
@@ -259,7 +302,7 @@ k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1
 return q_embed, k_embed
 "
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
     },
@@ -271,7 +314,7 @@ return q_embed, k_embed
             partial_split!(),
             partial_product!("rotate_half_llm")
         )],
-        helper: "rotate_half_llm",
+        helper: Helper::Rotation("rotate_half_llm"),
         tables: Tables::Plain,
         cast_back: false,
     },
@@ -284,7 +327,7 @@ return q_embed, k_embed
             full_product!(),
             "return q_embed.to(q_type), k_embed.to(k_type)\n"
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: true,
     },
@@ -321,7 +364,7 @@ k_embed = (k * cos) + (rotate_half(k) * sin)
 return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
 ",
         ],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: true,
     },
@@ -334,7 +377,7 @@ return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
             full_product!(),
             "return q_embed, k_embed\n"
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: false,
     },
@@ -347,7 +390,7 @@ return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
             partial_split!(),
             partial_product!("rotate_half")
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: false,
     },
@@ -363,9 +406,40 @@ k_embed = (k.float() * cos) + (rotate_half(k).float() * sin)
 return q_embed.to(original_dtype), k_embed.to(original_dtype)
 "
         )],
-        helper: "rotate_half",
+        helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: true,
+    },
+    Form {
+        // Ernie 4.5-VL: Ernie 4.5's float32 form on the tables as passed (its rotary embedding
+        // repeats them per pair itself), rotating with its every-two `rotate_half_text`.
+        name: "float32-text-helper",
+        bodies: &[concat!(
+            "original_dtype = q.dtype\n",
+            unsqueeze!(),
+            "q_embed = (q.float() * cos) + (rotate_half_text(q).float() * sin)
+k_embed = (k.float() * cos) + (rotate_half_text(k).float() * sin)
+return q_embed.to(original_dtype), k_embed.to(original_dtype)
+"
+        )],
+        helper: Helper::Rotation("rotate_half_text"),
+        tables: Tables::Plain,
+        cast_back: true,
+    },
+    Form {
+        // GPT-OSS: the product in a helper, on the halves of the head with tables of half
+        // its width.
+        name: "half-tables",
+        bodies: &[concat!(
+            unsqueeze!(),
+            "q_embed = _apply_rotary_emb(q, cos, sin)
+k_embed = _apply_rotary_emb(k, cos, sin)
+return q_embed, k_embed
+"
+        )],
+        helper: Helper::HalvesProduct("_apply_rotary_emb"),
+        tables: Tables::Concatenated,
+        cast_back: false,
     },
 ];
 
@@ -377,7 +451,7 @@ const SINGLE_FORMS: &[Form] = &[Form {
         unsqueeze!(),
         "return (x * cos) + (rotate_half(x) * sin)\n"
     )],
-    helper: "rotate_half",
+    helper: Helper::Rotation("rotate_half"),
     tables: Tables::Plain,
     cast_back: false,
 }];
@@ -500,18 +574,38 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             "apply_rotary_pos_emb is not one of the known forms",
         );
     };
-    let rotation = defs.functions.get(form.helper).and_then(|f| {
-        if !matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x") {
-            return None;
+    let helper = defs.functions.get(form.helper.name()).copied();
+    let rotation = match form.helper {
+        Helper::Rotation(_) => helper.and_then(|f| {
+            if !matches!(plain_parameters(f, false).as_deref(), Some([(p, false)]) if p == "x") {
+                return None;
+            }
+            first_match(ROTATIONS, &templates().rotations, body_without_docstring(f))
+        }),
+        Helper::HalvesProduct(name) => {
+            if !helper.is_some_and(halves::is_halves_product) {
+                return refuse(
+                    "rotate-half-unknown",
+                    &format!(
+                        "{name} is missing or not exactly the product on halves (chunk(2, dim=-1), x1 * cos - x2 * sin, x2 * cos + x1 * sin, concatenated in that order)"
+                    ),
+                );
+            }
+            if !torch_bound(defs) {
+                return refuse(
+                    "rotate-half-unknown",
+                    &format!("{name} calls torch, which is not bound by `import torch` alone"),
+                );
+            }
+            ROTATIONS.iter().find(|r| r.name == "halves")
         }
-        first_match(ROTATIONS, &templates().rotations, body_without_docstring(f))
-    });
+    };
     let Some(rotation) = rotation else {
         return refuse(
             "rotate-half-unknown",
             &format!(
                 "{} is missing or not the halves / every-two rotation (or its negation)",
-                form.helper
+                form.helper.name()
             ),
         );
     };
@@ -538,8 +632,11 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             String::new()
         },
     );
+    let (guard_tables, before_guard) = form.tables.guarded(first);
     let lines = [
-        format!("if forward_rewrite.fusion_guard.{call}({tensors}, cos, sin, unsqueeze_dim):"),
+        format!(
+            "if {before_guard}forward_rewrite.fusion_guard.{call}({tensors}, {guard_tables}, unsqueeze_dim):"
+        ),
         format!(
             "    # forward-rewrite: fused rotary embedding of {what} ({} form, {} rotation)",
             form.name, rotation.name
@@ -565,5 +662,19 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
     }
 }
 
+/// Whether the module's `torch` is torch: bound by one `import torch` and nothing else.
+fn torch_bound(defs: &ModuleDefs<'_>) -> bool {
+    bound_only_by(defs, "torch", |b| {
+        matches!(
+            b,
+            ImportBinding::Import {
+                module: "torch",
+                aliased: false
+            }
+        )
+    })
+}
+
+mod halves;
 #[cfg(test)]
 mod tests;

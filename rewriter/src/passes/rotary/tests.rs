@@ -488,3 +488,199 @@ fn reason_rotary_form_unknown() {
             .any(|(c, _)| *c == "rotary-emit-invalid")
     );
 }
+
+const GPT_OSS_HELPER: &str = "def _apply_rotary_emb(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    first_half, second_half = torch.chunk(x, 2, dim=-1)
+    first_ = first_half * cos - second_half * sin
+    second_ = second_half * cos + first_half * sin
+    return torch.cat((first_, second_), dim=-1)
+";
+
+const GPT_OSS: &str = "@use_kernel_forward_from_hub(\"rotary_pos_emb\")
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = _apply_rotary_emb(q, cos, sin)
+    k_embed = _apply_rotary_emb(k, cos, sin)
+    return q_embed, k_embed
+";
+
+#[test]
+fn gpt_oss_half_tables_form_is_patched_with_the_tables_concatenated_once() {
+    let r = report(&format!("{GPT_OSS_HELPER}\n\n{GPT_OSS}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    insta::assert_snapshot!(patch);
+    // The tables are built once, in the guard's call, and only for tables half q's width.
+    assert_eq!(patch.matches("torch.cat((cos, cos), dim=-1)").count(), 1);
+    assert!(patch.contains(
+        "if q.shape[-1] == 2 * cos.shape[-1] and forward_rewrite.fusion_guard.rotary(q, k, (_fr_cos := torch.cat((cos, cos), dim=-1)), (_fr_sin := torch.cat((sin, sin), dim=-1)), unsqueeze_dim):"
+    ), "{patch}");
+    assert_eq!(
+        lowered_call(GPT_OSS_HELPER, GPT_OSS),
+        "return forward_rewrite.rotary(q, k, _fr_cos, _fr_sin, unsqueeze_dim=unsqueeze_dim)"
+    );
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    assert_eq!(sites[0]["lowered"]["form"], "half-tables");
+    assert_eq!(sites[0]["lowered"]["rotation"], "halves");
+}
+
+#[test]
+fn gpt_oss_helper_names_are_free_and_its_split_written_either_way() {
+    for helper in [
+        // other names, the parameters' too, and a docstring
+        GPT_OSS_HELPER
+            .replace("first_half", "a")
+            .replace("second_half", "b")
+            .replace("first_", "lo")
+            .replace("second_", "hi")
+            .replace("x:", "t:")
+            .replace("chunk(x,", "chunk(t,")
+            .replace(") -> torch.Tensor:\n", ") -> torch.Tensor:\n    \"\"\"Halves.\"\"\"\n"),
+        // the method, dim positional, the halves in a list, a list concatenated
+        GPT_OSS_HELPER
+            .replace("torch.chunk(x, 2, dim=-1)", "x.chunk(2, -1)")
+            .replace("first_half, second_half =", "[first_half, second_half] =")
+            .replace("torch.cat((first_, second_), dim=-1)", "torch.cat([first_, second_], -1)"),
+        // keywords for every argument
+        GPT_OSS_HELPER
+            .replace("torch.chunk(x, 2, dim=-1)", "torch.chunk(x, chunks=2, dim=-1)")
+            .replace(
+                "torch.cat((first_, second_), dim=-1)",
+                "torch.cat(dim=-1, tensors=(first_, second_))",
+            ),
+        // the products inline
+        GPT_OSS_HELPER
+            .replace("    first_ = first_half * cos - second_half * sin\n", "")
+            .replace("    second_ = second_half * cos + first_half * sin\n", "")
+            .replace(
+                "torch.cat((first_, second_), dim=-1)",
+                "torch.cat((first_half * cos - second_half * sin, second_half * cos + first_half * sin), dim=-1)",
+            ),
+    ] {
+        assert_eq!(
+            lowered_call(&helper, GPT_OSS),
+            "return forward_rewrite.rotary(q, k, _fr_cos, _fr_sin, unsqueeze_dim=unsqueeze_dim)",
+            "{helper}"
+        );
+    }
+}
+
+#[test]
+fn gpt_oss_near_misses_are_refused() {
+    // The helper matched in part: its code.
+    for helper in [
+        // the concatenation's order swapped
+        GPT_OSS_HELPER.replace("torch.cat((first_, second_)", "torch.cat((second_, first_)"),
+        // a sign flipped, in either half
+        GPT_OSS_HELPER.replace(
+            "first_half * cos - second_half",
+            "first_half * cos + second_half",
+        ),
+        GPT_OSS_HELPER.replace(
+            "second_half * cos + first_half",
+            "second_half * cos - first_half",
+        ),
+        // the split on another dimension, or into another count
+        GPT_OSS_HELPER.replace("torch.chunk(x, 2, dim=-1)", "torch.chunk(x, 2, dim=1)"),
+        GPT_OSS_HELPER.replace("torch.chunk(x, 2, dim=-1)", "torch.chunk(x, 2)"),
+        GPT_OSS_HELPER.replace("torch.chunk(x, 2, dim=-1)", "torch.chunk(x, 4, dim=-1)"),
+        // concatenated along another dimension
+        GPT_OSS_HELPER.replace("(first_, second_), dim=-1)", "(first_, second_), dim=1)"),
+        // the halves swapped in the split, or one table for the other
+        GPT_OSS_HELPER.replace("first_half, second_half =", "second_half, first_half ="),
+        GPT_OSS_HELPER.replace(
+            "second_half * cos + first_half * sin",
+            "second_half * sin + first_half * cos",
+        ),
+        // the operands of a product swapped (not the form, though it is exact)
+        GPT_OSS_HELPER.replace("first_half * cos -", "cos * first_half -"),
+        // the split of a table, or a statement on the way
+        GPT_OSS_HELPER.replace("torch.chunk(x, 2", "torch.chunk(cos, 2"),
+        GPT_OSS_HELPER.replace(
+            "    return torch.cat",
+            "    first_ = first_.float()\n    return torch.cat",
+        ),
+        // another torch function, a default, a decorator
+        GPT_OSS_HELPER.replace("torch.cat(", "torch.stack("),
+        GPT_OSS_HELPER.replace("sin: torch.Tensor,\n", "sin: torch.Tensor = None,\n"),
+        format!("@torch.compile\n{GPT_OSS_HELPER}"),
+        // missing
+        String::new(),
+    ] {
+        assert_eq!(
+            reason(&helper, GPT_OSS).as_deref(),
+            Some("rotate-half-unknown"),
+            "{helper}"
+        );
+    }
+    // The body matched in part: the form is unknown.
+    for body in [
+        GPT_OSS.replace(
+            "_apply_rotary_emb(k, cos, sin)",
+            "_apply_rotary_emb(k, sin, cos)",
+        ),
+        GPT_OSS.replace(
+            "_apply_rotary_emb(k, cos, sin)",
+            "_apply_rotary_emb(q, cos, sin)",
+        ),
+        GPT_OSS.replace("    sin = sin.unsqueeze(unsqueeze_dim)\n", ""),
+    ] {
+        assert_eq!(
+            reason(GPT_OSS_HELPER, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn gpt_oss_helper_needs_torch_bound_by_import_torch_alone() {
+    let module =
+        crate::passes::fusion_common::testing::module(&format!("{GPT_OSS_HELPER}\n\n{GPT_OSS}"));
+    let r = crate::passes::fusion_common::testing::run_module(&super::PASS, &module);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    for other in [
+        module.replace("import torch\n", "import numpy as torch\n"),
+        module.replace("import torch\n", "import torch\ntorch = None\n"),
+        module.replace("import torch\n", ""),
+    ] {
+        let r = crate::passes::fusion_common::testing::run_module(&super::PASS, &other);
+        assert_eq!(
+            site_reason(&r, "apply_rotary_pos_emb").as_deref(),
+            Some("rotate-half-unknown"),
+            "{other}"
+        );
+    }
+}
+
+#[test]
+fn ernie_vl_float32_form_rotates_with_its_text_helper() {
+    // Ernie 4.5-VL: its rotary embedding repeats the tables per pair itself.
+    let ernie_vl = "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    original_dtype = q.dtype
+
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+
+    q_embed = (q.float() * cos) + (rotate_half_text(q).float() * sin)
+    k_embed = (k.float() * cos) + (rotate_half_text(k).float() * sin)
+
+    return q_embed.to(original_dtype), k_embed.to(original_dtype)
+";
+    let text_helper = GLM_ROTATE.replace("def rotate_half(", "def rotate_half_text(");
+    // The module's rotate_half (halves, for its vision tower) is not the one called.
+    let module = format!("{HALVES}\n\n{text_helper}");
+    assert_eq!(
+        lowered_call(&module, ernie_vl),
+        "return forward_rewrite.rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=True, out_dtype=q.dtype)"
+    );
+    assert_eq!(
+        reason(HALVES, ernie_vl).as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
