@@ -41,6 +41,7 @@ import json
 import random
 import statistics
 import time
+import types
 
 import forward_rewrite
 from transformers.activations import ACT2FN
@@ -71,6 +72,9 @@ CLAMPED = {
     "DeepSeek-V4-clamped": (8192, 10.0, False),
     "Step-3.7-clamped": (8192, 10.0, True),
 }
+#: GPT-OSS's experts gate (interleaved pairs, swiglu_oai, limit 7) on the routed rows of
+#: GPT-OSS-20B (top 4 of 32 experts, intermediate 2880), against GptOssExperts._apply_gate.
+OAI = {"GPT-OSS-20B-experts": (2880, 4)}
 
 
 def size(t):
@@ -208,6 +212,22 @@ def clamped_fns(limit, after):
     return {"ours": ours, "stock": stock}
 
 
+def oai_fns():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    module = types.SimpleNamespace(alpha=1.702, limit=7.0)
+
+    def stock(gate_up):
+        return GptOssExperts._apply_gate(module, gate_up)
+
+    def ours(gate_up):
+        return forward_rewrite.gated_mlp_act_packed(
+            gate_up, activation="swiglu_oai", alpha=1.702, limit=7.0, interleaved=True
+        )
+
+    return {"ours": ours, "stock": stock}
+
+
 def gated_norm_fns(form, eps, head_dim):
     from transformers.models.kimi_linear.modeling_kimi_linear import (
         KimiLinearRMSNormGated,
@@ -257,6 +277,11 @@ def make_cases(model, tokens, seq, liger, compiled):
         return [
             ("gated_rms_norm", gated_norm_fns(form, eps, hd), [x, gate, w], [], floors)
         ]
+    if model in OAI:
+        inter, top_k = OAI[model]
+        gate_up = randn(batch * seq * top_k, 2 * inter, scale=4.0)
+        half = size(gate_up) // 2
+        return [("gated swiglu_oai", oai_fns(), [gate_up], [], (3 * half, 5 * half))]
     if model in CLAMPED:
         inter, limit, after = CLAMPED[model]
         # N(0, 8) projections: a few percent of them clamp at 10
@@ -458,7 +483,9 @@ def accuracy(fns, inputs, consts):
 def main():
     global DEVICE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join([*MODELS, *GATED_NORMS, *CLAMPED]))
+    ap.add_argument(
+        "--models", default=",".join([*MODELS, *GATED_NORMS, *CLAMPED, *OAI])
+    )
     ap.add_argument("--tokens", type=int, default=8 * 4096)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--methods", default="ours,stock,liger")

@@ -44,7 +44,7 @@ import types
 import forward_rewrite
 import torch.nn.functional as F
 from forward_rewrite import _native
-from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND
+from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND, GateFn
 from transformers.activations import ACT2FN
 from transformers.models.cohere import modeling_cohere
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
@@ -679,6 +679,59 @@ def case_gated_clamped(tokens, inter, limit, *, after=False, packed=False):
     return make
 
 
+def case_gated_oai(rows, cols, *, interleaved=True, shift=False, limit=7.0):
+    """GPT-OSS's experts gate (GptOssExperts._apply_gate: interleaved (gate, up) pairs,
+    clamped at 7, (up + 1) * gate * sigmoid(gate * 1.702)) or MiniMax-M3's (the same on two
+    halves), through gated_mlp_act_packed; the reference is the stock function in float64
+    (7 is a value of every dtype, so the clamps decide alike)."""
+
+    def make(name, dtype):
+        import types as _types
+
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+        from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+            MiniMaxM3VLExperts,
+        )
+
+        # no limit: the stock gate with an infinite one clamps nothing
+        stock_limit = math.inf if limit is None else limit
+        if interleaved:
+            module = _types.SimpleNamespace(alpha=1.702, limit=stock_limit)
+            apply = GptOssExperts._apply_gate
+        else:
+            module = _types.SimpleNamespace(
+                swiglu_alpha=1.702, swiglu_limit=stock_limit
+            )
+            apply = MiniMaxM3VLExperts._apply_gate
+
+        def stock(gu):
+            return apply(module, gu)
+
+        def ours(gu):
+            if shift:  # rows one element off 16 bytes: the scalar kernel
+                gu = F.pad(gu, (1, 0))[:, 1:]
+            return forward_rewrite.gated_mlp_act_packed(
+                gu,
+                activation="swiglu_oai",
+                alpha=1.702,
+                limit=limit,
+                interleaved=interleaved,
+            )
+
+        g = gen()
+        evaluate(
+            name,
+            dtype,
+            [randn(rows, 2 * cols, g=g, dtype=dtype, scale=4.0)],
+            ours,
+            stock,
+            stock,
+            names=["out", "dgate_up"],
+        )
+
+    return make
+
+
 # ---- MoE experts ------------------------------------------------------------------------------
 
 
@@ -901,6 +954,21 @@ def cases(tokens):
             "gated clamped packed experts, cols 36 (scalar)": case_gated_clamped(
                 small, 36, 1.7, packed=True
             ),
+            # GPT-OSS-20B's experts: intermediate 2880, the routed rows (tokens x top 4)
+            "gated swiglu_oai GPT-OSS pairs (tokens x 4, 2880)": case_gated_oai(
+                4 * tokens, 2880
+            ),
+            "gated swiglu_oai MiniMax-M3 halves": case_gated_oai(
+                small, 1536, interleaved=False
+            ),
+            "gated swiglu_oai pairs, cols 37 (scalar)": case_gated_oai(small, 37),
+            # no limit: the kernel's general instance (every choice read at run time)
+            "gated swiglu_oai pairs, no limit (general)": case_gated_oai(
+                small, 1024, limit=None
+            ),
+            "gated swiglu_oai pairs misaligned (scalar)": case_gated_oai(
+                small, 64, shift=True
+            ),
             # Qwen3-30B-A3B's experts (hidden 2048, 128 experts of 768, top 8).
             # (On the CPU smoke run, a few of them: the CPU grouped GEMM loops over experts.)
             "moe_experts Qwen3-MoE": case_moe(
@@ -928,6 +996,7 @@ QUICK = (
     "rotary GLM",
     "gated cols",
     "gated clamped",
+    "gated swiglu_oai",
     "moe_experts",
     "gated_rms_norm",
     "rotary_single",
@@ -1233,7 +1302,7 @@ def check_errors():
             "activation",
         ),
         "gate (backend, column stride)": (
-            lambda: _fusions_cuda.gated_act(x.t(), x.t(), "silu"),
+            lambda: _fusions_cuda.gated_act(x.t(), x.t(), GateFn()),
             "gate",
         ),
         "dw_partial (too few rows, native)": (

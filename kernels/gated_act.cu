@@ -8,13 +8,19 @@
 //   dup   = round_T(dout * round_T(act(g)))     (the factor the forward multiplied by)
 //   dgate = round_T(dout * u * act'(g))
 // act: 0 = SiLU, x / (1 + exp(-x)); 1 = GELU with the tanh approximation, as
-// F.gelu(approximate="tanh") computes it. gate and up are (rows, cols) with their own row
+// F.gelu(approximate="tanh") computes it; 3 = GPT-OSS's and MiniMax-M3's SwiGLU, whose stock
+// statements round at each step: glu = round(g * round(sigmoid(round(g * alpha)))), and up
+// enters as round(u + 1) (its backward: glu' = s + g * alpha * s * (1 - s), s = sigmoid(alpha
+// * g) in float32). (2 is the gated norm's sigmoid, rms_norm.cu.) gate and up are (rows, cols) with their own row
 // strides (unit stride along cols: Phi-3's chunks of one gate_up projection); out and dout
 // are contiguous (rows, cols); dgate and dup have the row stride ld_grad (cols: two
 // tensors; 2 * cols with dup = dgate + cols: one packed (rows, 2 * cols) gradient of a
-// gate_up tensor, with no concatenation). The `_v8` kernels move 8 entries per 128-bit
-// access and need cols and every row stride % 8 == 0 and 16-byte aligned rows (the launcher
-// checks); `_s` any layout.
+// gate_up tensor, with no concatenation). `interleaved` (GPT-OSS's experts: gate =
+// gate_up[..., ::2], up = gate_up[..., 1::2]): gate points at a row of pairs (row stride
+// ld_gate), up is not read, and the backward writes [dgate, dup] pairs at dgate (row stride
+// ld_grad). The `_v8` kernels move 8 entries (8 pairs) per 128-bit access (two) and need cols
+// and every row stride % 8 == 0 and 16-byte aligned rows (the launcher checks); `_s` any
+// layout.
 //
 // Clamped SwiGLU (`clamp`, with the limit L rounded to T as torch compares a T tensor with a
 // scalar): 1 = DeepSeek-V4's `act(gate.clamp(max=L)) * up.clamp(-L, L)`, 2 = Step-3.7's
@@ -38,6 +44,8 @@ struct GatedParams {
     int clamp;          // 0: none; 1: gate before the activation; 2: the activation's output
     float limit;        // L (clamp != 0)
     int at_bound;       // whether a value at a bound gets its gradient (clamp != 0)
+    float alpha;        // act 3's
+    int interleaved;    // gate and up as pairs (see above)
 };
 
 #define GELU_BETA 0.7978845608028654f  // sqrt(2 / pi)
@@ -68,6 +76,19 @@ __device__ __forceinline__ float act_grad(int act, float x) {
     return left_derivative + right_derivative * inner_derivative;
 }
 
+// GPT-OSS's glu, rounded where its statements round (act 3), and its derivative.
+template <class D, bool FAST>
+__device__ __forceinline__ float oai_value(float x, float alpha) {
+    const float s = round_to<D>(sigmoid<FAST>(round_to<D>(x * alpha)));
+    return round_to<D>(x * s);
+}
+
+template <bool FAST>
+__device__ __forceinline__ float oai_grad(float x, float alpha) {
+    const float s = sigmoid<FAST>(alpha * x);
+    return s + x * alpha * s * (1.f - s);
+}
+
 // min(x, hi) as torch.clamp(max=hi) computes it (NaN stays NaN), and whether torch's clamp
 // backward passes x's gradient (x below hi, or at it with at_bound; false for NaN).
 __device__ __forceinline__ float clamp_max(float x, float hi) { return x > hi ? hi : x; }
@@ -82,61 +103,96 @@ __device__ __forceinline__ bool within(float x, float hi, bool at_bound) {
     return below(x, hi, at_bound) && below(-x, hi, at_bound);
 }
 
+// E gate and up values from E (gate, up) pairs at p, and back.
+template <class D, int E>
+__device__ __forceinline__ void load_pairs(const typename D::T* p, float (&g)[E], float (&u)[E]) {
+    float v[2 * E];
+    load_vec<D, 2 * E>(p, v);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        g[i] = v[2 * i];
+        u[i] = v[2 * i + 1];
+    }
+}
+
+template <class D, int E>
+__device__ __forceinline__ void store_pairs(typename D::T* p, const float (&g)[E], const float (&u)[E]) {
+    float v[2 * E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        v[2 * i] = g[i];
+        v[2 * i + 1] = u[i];
+    }
+    store_vec<D, 2 * E>(p, v);
+}
+
 // The kernels are bound by instruction issue as much as by bandwidth (their step-time share
 // grows when the clock drops under a training step's load), so the element offsets are found
 // without a 64-bit division: none when every tensor is contiguous (the common case), else a
-// 32-bit one when the sizes allow. The clamp mode is a template parameter (one uniform branch
-// per thread in `gated`): the plain product keeps its instruction count.
-template <class D, int E, bool BACKWARD, int CLAMP>
+// 32-bit one when the sizes allow. The per-element choices are compile-time in the instances
+// the models use (MODE 0: the plain product, which so keeps its instruction count; 1 and 2:
+// the clamp before / after the activation; 3: act 3 clamped before, the pair layout read per
+// vector), and read from the parameters in MODE 4 (any other combination).
+template <class D, int E, bool BACKWARD, int MODE>
 __device__ void gated_body(const GatedParams& p) {
     typedef typename D::T T;
     constexpr bool FAST = sizeof(T) == 2;
-    const float lim = CLAMP ? round_to<D>(p.limit) : 0.f;
+    const int clamp = MODE == 4 ? p.clamp : MODE == 3 ? 1 : MODE;
+    const bool pairs = MODE >= 3 && p.interleaved;
+    const bool oai = MODE == 3 || (MODE == 4 && p.act == 3);
+    const float lim = clamp ? round_to<D>(p.limit) : 0.f;
+    const i64 width = pairs ? 2 : 1;  // elements per column in gate (and the gradients)
     const i64 per_row = p.cols / E;
     const i64 total = p.rows * per_row;
-    const bool dense = p.ld_gate == p.cols && p.ld_up == p.cols && (!BACKWARD || p.ld_grad == p.cols);
+    const bool dense = p.ld_gate == width * p.cols && (pairs || p.ld_up == p.cols) &&
+                       (!BACKWARD || p.ld_grad == width * p.cols);
     const bool narrow = total <= 0xffffffffll;
     for (i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (i64)gridDim.x * blockDim.x) {
         i64 og, ou, oo, og2;  // offsets of gate, up, out / dout, and the gradients
         if (dense) {
-            og = ou = oo = og2 = v * E;
+            oo = v * E;
+            og = ou = og2 = oo * width;
         } else {
             const i64 r = p.rows == 1 ? 0 : narrow ? (i64)((unsigned)v / (unsigned)per_row) : v / per_row;
             const i64 c = (v - r * per_row) * E;
-            og = r * p.ld_gate + c;
+            og = r * p.ld_gate + c * width;
             ou = r * p.ld_up + c;
             oo = r * p.cols + c;
-            og2 = r * p.ld_grad + c;
+            og2 = r * p.ld_grad + c * width;
         }
         float g[E], u[E], o[E];
-        load_vec<D, E>((const T*)p.gate + og, g);
-        load_vec<D, E>((const T*)p.up + ou, u);
-        if (!BACKWARD) {
-#pragma unroll
-            for (int i = 0; i < E; ++i) {
-                const float x = CLAMP == 1 ? clamp_max(g[i], lim) : g[i];
-                float a = round_to<D>(act_value<FAST>(p.act, x));
-                if (CLAMP == 2) a = clamp_max(a, lim);
-                o[i] = a * (CLAMP ? clamp_sym(u[i], lim) : u[i]);
-            }
-            store_vec<D, E>((T*)p.out + oo, o);
+        if (pairs) {
+            load_pairs<D, E>((const T*)p.gate + og, g, u);
         } else {
-            float d[E], du[E];
-            load_vec<D, E>((const T*)p.dout + oo, d);
+            load_vec<D, E>((const T*)p.gate + og, g);
+            load_vec<D, E>((const T*)p.up + ou, u);
+        }
+        float d[E], du[E];
+        if (BACKWARD) load_vec<D, E>((const T*)p.dout + oo, d);
 #pragma unroll
-            for (int i = 0; i < E; ++i) {
-                if (!CLAMP) {
-                    du[i] = d[i] * round_to<D>(act_value<FAST>(p.act, g[i]));
-                    o[i] = d[i] * u[i] * act_grad<FAST>(p.act, g[i]);
-                } else {
-                    const float x = CLAMP == 1 ? clamp_max(g[i], lim) : g[i];
-                    const float a = round_to<D>(act_value<FAST>(p.act, x));
-                    // the gate's gradient passes its clamp: on the gate before, the act after
-                    const bool pass = below(CLAMP == 1 ? g[i] : a, lim, p.at_bound);
-                    du[i] = within(u[i], lim, p.at_bound) ? d[i] * (CLAMP == 2 ? clamp_max(a, lim) : a) : 0.f;
-                    o[i] = pass ? d[i] * clamp_sym(u[i], lim) * act_grad<FAST>(p.act, x) : 0.f;
-                }
+        for (int i = 0; i < E; ++i) {
+            const float x = clamp == 1 ? clamp_max(g[i], lim) : g[i];
+            const float raw = oai ? oai_value<D, FAST>(x, p.alpha) : round_to<D>(act_value<FAST>(p.act, x));
+            const float a = clamp == 2 ? clamp_max(raw, lim) : raw;
+            float up = clamp ? clamp_sym(u[i], lim) : u[i];
+            if (oai) up = round_to<D>(up + 1.f);
+            if (!BACKWARD) {
+                o[i] = a * up;
+            } else {
+                // the gate's gradient passes its clamp (on the gate before the activation, on
+                // the activation after it), up's its own
+                const bool gate_passes = !clamp || below(clamp == 1 ? g[i] : raw, lim, p.at_bound);
+                const bool up_passes = !clamp || within(u[i], lim, p.at_bound);
+                const float slope = oai ? oai_grad<FAST>(x, p.alpha) : act_grad<FAST>(p.act, x);
+                du[i] = up_passes ? d[i] * a : 0.f;
+                o[i] = gate_passes ? d[i] * up * slope : 0.f;
             }
+        }
+        if (!BACKWARD) {
+            store_vec<D, E>((T*)p.out + oo, o);
+        } else if (pairs) {
+            store_pairs<D, E>((T*)p.out + og2, o, du);
+        } else {
             store_vec<D, E>((T*)p.out + og2, o);
             store_vec<D, E>((T*)p.dup + og2, du);
         }
@@ -145,12 +201,17 @@ __device__ void gated_body(const GatedParams& p) {
 
 template <class D, int E, bool BACKWARD>
 __device__ void gated(const GatedParams& p) {
-    if (p.clamp == 0) {
+    const bool oai = p.act == 3;
+    if (!oai && !p.interleaved && p.clamp == 0) {
         gated_body<D, E, BACKWARD, 0>(p);
-    } else if (p.clamp == 1) {
+    } else if (!oai && !p.interleaved && p.clamp == 1) {
         gated_body<D, E, BACKWARD, 1>(p);
-    } else {
+    } else if (!oai && !p.interleaved && p.clamp == 2) {
         gated_body<D, E, BACKWARD, 2>(p);
+    } else if (oai && p.clamp == 1) {  // GPT-OSS (pairs), MiniMax-M3 (halves)
+        gated_body<D, E, BACKWARD, 3>(p);
+    } else {
+        gated_body<D, E, BACKWARD, 4>(p);
     }
 }
 

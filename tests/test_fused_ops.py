@@ -17,13 +17,14 @@ Tolerances (relative norm errors, ||a - b|| / ||b||):
 
 import functools
 import math
+import types
 
 import forward_rewrite
 import pytest
 import torch
 import torch.nn.functional as F
 from forward_rewrite import _fusions_backend, _fusions_cpu, _native, fused_ops
-from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND
+from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND, GateFn
 from transformers.activations import ACT2FN
 from transformers.models.cohere import modeling_cohere
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -953,6 +954,78 @@ def test_clamped_swiglu_at_an_infinite_limit_is_the_plain_product():
         assert torch.equal(plain, inf)
 
 
+def _gpt_oss_gate(gate_up, alpha=1.702, limit=7.0):
+    """GptOssExperts._apply_gate: interleaved (gate, up) pairs, clamped, (up + 1) * glu."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    return GptOssExperts._apply_gate(
+        types.SimpleNamespace(alpha=alpha, limit=limit), gate_up
+    )
+
+
+def _minimax_gate(gate_up, alpha=1.702, limit=7.0):
+    """MiniMaxM3VLExperts._apply_gate: GPT-OSS's function on two halves."""
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+        MiniMaxM3VLExperts,
+    )
+
+    return MiniMaxM3VLExperts._apply_gate(
+        types.SimpleNamespace(swiglu_alpha=alpha, swiglu_limit=limit), gate_up
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("model", ["gpt-oss", "minimax-m3"])
+def test_swiglu_oai_matches_the_experts_gates(model, dtype):
+    # (up + 1) * gate * sigmoid(gate * alpha), gate and up clamped at 7: GPT-OSS's pairs,
+    # MiniMax-M3's halves. The float64 reference is the stock function on float64 inputs.
+    interleaved = model == "gpt-oss"
+    stock_fn = _gpt_oss_gate if interleaved else _minimax_gate
+    g = gen(39)
+    gate_up = (torch.randn(3, 5, 2 * 96, generator=g) * 4).to(dtype)
+    dout = torch.randn(3, 5, 96, generator=g)
+
+    def ours_fn(gu):
+        return forward_rewrite.gated_mlp_act_packed(
+            gu, activation="swiglu_oai", alpha=1.702, limit=7.0, interleaved=interleaved
+        )
+
+    ours = grads(ours_fn, [gate_up], dout.to(dtype))
+    stock = grads(stock_fn, [gate_up], dout.to(dtype))
+    ref = grads(stock_fn, [gate_up.double()], dout.double())
+    check_against(ours[0] + ours[1], stock[0] + stock[1], ref[0] + ref[1], dtype, model)
+    if dtype != torch.float32:
+        same = (ours[0][0] == stock[0][0]).float().mean().item()
+        assert same >= 0.99, f"only {same:.1%} of the outputs equal stock's"
+    # the clamps hold somewhere (not vacuous), and there the gradients are zero
+    gate = gate_up[..., ::2] if interleaved else gate_up[..., :96]
+    assert (gate > 7).any()
+
+
+def test_swiglu_oai_pairs_are_the_halves_op_on_the_permuted_tensor():
+    # The interleaved layout computes what the halves layout computes on the same pairs.
+    g = gen(40)
+    pairs = (torch.randn(7, 2 * 64, generator=g) * 4).bfloat16()
+    halves = torch.cat((pairs[:, ::2], pairs[:, 1::2]), dim=-1)
+    dout = torch.randn(7, 64, generator=g).bfloat16()
+    options = {"activation": "swiglu_oai", "alpha": 1.702, "limit": 7.0}
+    a = grads(
+        functools.partial(
+            forward_rewrite.gated_mlp_act_packed, interleaved=True, **options
+        ),
+        [pairs],
+        dout,
+    )
+    b = grads(
+        functools.partial(forward_rewrite.gated_mlp_act_packed, **options),
+        [halves],
+        dout,
+    )
+    assert torch.equal(a[0][0], b[0][0])
+    assert torch.equal(a[1][0][:, ::2], b[1][0][:, :64])
+    assert torch.equal(a[1][0][:, 1::2], b[1][0][:, 64:])
+
+
 def test_gated_packed_strided_and_empty():
     base = torch.randn(4, 3, 2 * 40 + 6)
     gate_up = base[..., 3 : 3 + 80]  # a strided view
@@ -995,17 +1068,24 @@ def _gated_step(packed, activation, overwrite, dtype, keep=None, **backward):
     """Runs forward and backward; returns (x.grad, w.grad) and, through ``keep``, the
     projection output(s) the op received."""
     x, w = _mlp_inputs(packed, dtype)
+    # swiglu_oai: GPT-OSS's, clamped, its pairs interleaved when packed
+    oai = activation == "swiglu_oai"
+    options = {"alpha": 1.702, "limit": 0.5} if oai else {}
     if packed:
         gate_up = x @ w.t()
         args = (gate_up,)
         out = forward_rewrite.gated_mlp_act_packed(
-            gate_up, activation=activation, overwrite_inputs=overwrite
+            gate_up,
+            activation=activation,
+            overwrite_inputs=overwrite,
+            interleaved=oai,
+            **options,
         )
     else:
         gate, up = x @ w[:12].t(), x @ w[12:].t()
         args = (gate, up)
         out = forward_rewrite.gated_mlp_act(
-            gate, up, activation=activation, overwrite_inputs=overwrite
+            gate, up, activation=activation, overwrite_inputs=overwrite, **options
         )
     if keep is not None:
         keep.extend(args)
@@ -1146,6 +1226,12 @@ def _compile_cases(dtype=torch.float32):
         "gated_clamped": (
             lambda a, b: forward_rewrite.gated_mlp_act(a, b, limit=0.6),
             [gate, up],
+        ),
+        "gated_oai_pairs": (
+            lambda gu: forward_rewrite.gated_mlp_act_packed(
+                gu, activation="swiglu_oai", alpha=1.702, limit=1.5, interleaved=True
+            ),
+            [torch.cat((gate, up), -1)],
         ),
         "gated_packed_clamped_after": (
             lambda gu: forward_rewrite.gated_mlp_act_packed(
@@ -1334,6 +1420,15 @@ def test_opcheck_validates_the_registrations():
         (gate_up, "silu", False, 0.75, False),
         test_utils=tests,
     )
+    torch.library.opcheck(
+        ops.gated_act_packed.default,
+        (gate_up, "swiglu_oai", True, 0.5, False, 1.702, True),
+        test_utils=tests,
+    )
+    torch.library.opcheck(
+        ops.gated_act_packed_backward.default,
+        (torch.randn(3, 24), gate_up.detach(), "swiglu_oai", 7.0, False, 1.702, True),
+    )
 
 
 # ---- bad arguments --------------------------------------------------------------------------
@@ -1464,6 +1559,17 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
         ),
         (lambda: forward_rewrite.gated_mlp_act(X, "up"), TypeError, "up"),
         (lambda: forward_rewrite.gated_mlp_act(X, X, limit="7"), TypeError, "limit"),
+        (
+            lambda: forward_rewrite.gated_mlp_act(X, X, activation="swiglu_oai"),
+            ValueError,
+            "alpha",
+        ),
+        (lambda: forward_rewrite.gated_mlp_act(X, X, alpha=1.7), ValueError, "alpha"),
+        (
+            lambda: forward_rewrite.gated_mlp_act_packed(X, interleaved=1),
+            TypeError,
+            "interleaved",
+        ),
         (lambda: forward_rewrite.gated_mlp_act(X, X, limit=True), TypeError, "limit"),
         (lambda: forward_rewrite.gated_mlp_act(X, X, limit=0.0), ValueError, "limit"),
         (
@@ -1491,7 +1597,7 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             "overwrite_inputs",
         ),
         (
-            lambda: _fusions_cpu.gated_act_backward(X, X, X[:, :8], "silu", True),
+            lambda: _fusions_cpu.gated_act_backward(X, X, X[:, :8], GateFn(), True),
             ValueError,
             "up",
         ),
@@ -1601,25 +1707,33 @@ def test_bad_arguments_name_themselves(call, error, name):
             TypeError,
             "cos",
         ),
-        (lambda: _fusions_cpu.gated_act(X.t(), X.t(), "silu"), ValueError, "gate"),
+        (lambda: _fusions_cpu.gated_act(X.t(), X.t(), GateFn()), ValueError, "gate"),
         (
-            lambda: _fusions_cpu.gated_act(X, X.expand(3, 8)[:1].expand(3, 8), "silu"),
+            lambda: _fusions_cpu.gated_act(
+                X, X.expand(3, 8)[:1].expand(3, 8), GateFn()
+            ),
             ValueError,
             "up",
         ),
-        (lambda: _fusions_cpu.gated_act(X, X, "relu"), ValueError, "activation"),
         (
-            lambda: _fusions_cpu.gated_act_backward(X.t(), X, X, "silu"),
+            lambda: _fusions_cpu.gated_act(X, X, GateFn("relu")),
+            ValueError,
+            "activation",
+        ),
+        (
+            lambda: _fusions_cpu.gated_act_backward(X.t(), X, X, GateFn()),
             ValueError,
             "dout",
         ),
         (
-            lambda: _fusions_cpu.gated_act_backward_packed(X, X, "silu"),
+            lambda: _fusions_cpu.gated_act_backward_packed(X, X, GateFn()),
             ValueError,
             "dout",
         ),
         (
-            lambda: _fusions_cpu.gated_act_backward_packed(X[:, :2], X[:, :5], "silu"),
+            lambda: _fusions_cpu.gated_act_backward_packed(
+                X[:, :2], X[:, :5], GateFn()
+            ),
             ValueError,
             "gate_up",
         ),
@@ -1726,4 +1840,4 @@ def test_public_api_is_exported():
     ):
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)
-    assert _fusions_backend.ACTIVATIONS == ("silu", "gelu_tanh")
+    assert _fusions_backend.ACTIVATIONS == ("silu", "gelu_tanh", "swiglu_oai")

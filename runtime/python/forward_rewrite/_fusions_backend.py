@@ -13,11 +13,10 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
         weight_grad) -> (dx, dgate, dw or None)
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
-    gated_act(gate, up, activation, *, limit, clamp_after) -> out
-    gated_act_backward(dout, gate, up, activation, into_inputs, *, limit, clamp_after)
-        -> (dgate, dup)
-    gated_act_backward_packed(dout, gate_up, activation, into_inputs, *, limit,
-        clamp_after) -> dgate_up
+    gated_act(gate, up, fn) -> out
+    gated_act_backward(dout, gate, up, fn, into_inputs) -> (dgate, dup)
+    gated_act_packed(gate_up, fn, interleaved) -> out
+    gated_act_backward_packed(dout, gate_up, fn, into_inputs, interleaved) -> dgate_up
 
 on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder ops"):
 
@@ -45,23 +44,49 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   ``into_inputs`` the backward writes the gradients over its inputs and returns them (gate
   and up contiguous and apart, gate_up contiguous; the ``check_gated*`` say so): each element
   is read before it is overwritten, by the same thread, so nothing else is allocated.
-  ``limit`` (None, or a float above 0, inf allowed) makes it the clamped SwiGLU: gate
-  clamped at max ``limit`` before the activation (``clamp_after``: the activation's output)
-  and up to [-limit, limit], the gradients zero where a clamp holds (``gated_act.cu``), at
-  a bound as the running torch's clamp backward decides (:func:`clamp_grad_at_bound`); the
-  native functions check the limit.
+  ``fn`` (:class:`GateFn`) is what the product computes of gate and up: the activation,
+  and the clamped SwiGLU's ``limit`` (None, or a float above 0, inf allowed: gate clamped at
+  max ``limit`` before the activation, with ``clamp_after`` the activation's output, and up
+  to [-limit, limit], the gradients zero where a clamp holds, at a bound as the running
+  torch's clamp backward decides: :data:`CLAMP_GRAD_AT_BOUND`), and swiglu_oai's ``alpha``;
+  the native functions check them. ``interleaved`` (the packed forms): gate_up holds (gate,
+  up) pairs, GPT-OSS's ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``, not two halves; the
+  gradient is written in the same layout.
 
 A backend calls the matching ``check_*`` first, so a wrong call is a Python error naming the
 argument before any pointer reaches native code.
 """
 
 import itertools
+from typing import NamedTuple
 
 import torch
 
 #: float64 runs on the CPU only (it is there for ``torch.autograd.gradcheck``).
 FUSION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-ACTIVATIONS = ("silu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+
+
+class GateFn(NamedTuple):
+    """What the gated product computes of gate and up (``gated_act.cu``): ``activation``
+    (:data:`ACTIVATIONS`; ``"swiglu_oai"``, GPT-OSS's and MiniMax-M3's ``(up + 1) * gate *
+    sigmoid(gate * alpha)``, takes ``alpha``), the clamped SwiGLU's ``limit`` and whether
+    the gate is clamped after the activation (``clamp_after``)."""
+
+    activation: str = "silu"
+    limit: float | None = None
+    clamp_after: bool = False
+    alpha: float | None = None
+
+    def native(self):
+        """The keyword arguments of the native gated functions."""
+        return {
+            "activation": self.activation,
+            "limit": self.limit,
+            "clamp_after_activation": self.clamp_after,
+            "grad_at_bound": self.limit is not None and CLAMP_GRAD_AT_BOUND,
+            "alpha": self.alpha,
+        }
 
 
 def _clamp_grad_at_bound():
@@ -83,11 +108,6 @@ def _clamp_grad_at_bound():
 
 
 CLAMP_GRAD_AT_BOUND = _clamp_grad_at_bound()
-
-
-def clamp_grad_at_bound():
-    """:data:`CLAMP_GRAD_AT_BOUND` (see :func:`_clamp_grad_at_bound`)."""
-    return CLAMP_GRAD_AT_BOUND
 
 
 def dtype_name(dtype):
@@ -437,18 +457,27 @@ def _into_inputs(*inputs):
             raise ValueError(f"{second}: into_inputs needs it apart from {first}")
 
 
-def check_gated_packed(dout, gate_up, activation, device_type, *, into_inputs=False):
-    """Raises naming the first argument that breaks the packed backward's contract; returns
-    (rows, cols, ld) with cols half of gate_up's last dimension."""
+def check_gated_packed(
+    dout, gate_up, activation, device_type, *, into_inputs=False, interleaved=False
+):
+    """Raises naming the first argument that breaks the packed contract (``dout`` None: the
+    forward's); returns (rows, cols, ld) with cols half of gate_up's last dimension."""
     _tensor("gate_up", gate_up)
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(
             f"gate_up: expected shape (rows, 2 * cols), got {tuple(gate_up.shape)}"
         )
     rows, cols = gate_up.shape[0], gate_up.shape[1] // 2
-    _, _, ld, _ = check_gated(
-        gate_up[:, :cols], gate_up[:, cols:], activation, device_type, dout=dout
-    )
+    if interleaved:
+        # the pairs' row: unit stride, row stride >= 2 * cols; dout (rows, cols)
+        _, _, ld, _ = check_gated(gate_up, gate_up, activation, device_type)
+        if dout is not None:
+            half = gate_up[:, :cols]
+            check_gated(half, half, activation, device_type, dout=dout)
+    else:
+        _, _, ld, _ = check_gated(
+            gate_up[:, :cols], gate_up[:, cols:], activation, device_type, dout=dout
+        )
     if into_inputs:
         _into_inputs(("gate_up", gate_up))
     return rows, cols, ld

@@ -10,7 +10,6 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
-    clamp_grad_at_bound,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -130,8 +129,8 @@ rotary = make_rotary(
 )
 
 
-def gated_act(gate, up, activation, *, limit=None, clamp_after=False):
-    rows, cols, ld_gate, ld_up = check_gated(gate, up, activation, "cpu")
+def gated_act(gate, up, fn):
+    rows, cols, ld_gate, ld_up = check_gated(gate, up, fn.activation, "cpu")
     out = torch.empty((rows, cols), dtype=gate.dtype)
     _native.cpu_gated_act(
         gate=gate.data_ptr(),
@@ -142,19 +141,14 @@ def gated_act(gate, up, activation, *, limit=None, clamp_after=False):
         ld_gate=ld_gate,
         ld_up=ld_up,
         dtype=dtype_name(gate.dtype),
-        activation=activation,
-        limit=limit,
-        clamp_after_activation=clamp_after,
-        grad_at_bound=limit is not None and clamp_grad_at_bound(),
+        **fn.native(),
     )
     return out
 
 
-def gated_act_backward(
-    dout, gate, up, activation, into_inputs=False, *, limit=None, clamp_after=False
-):
+def gated_act_backward(dout, gate, up, fn, into_inputs=False):
     rows, cols, ld_gate, ld_up = check_gated(
-        gate, up, activation, "cpu", dout=dout, into_inputs=into_inputs
+        gate, up, fn.activation, "cpu", dout=dout, into_inputs=into_inputs
     )
     dgate = torch.empty((rows, cols), dtype=gate.dtype)
     dup = torch.empty((rows, cols), dtype=gate.dtype)
@@ -169,10 +163,7 @@ def gated_act_backward(
         ld_gate=ld_gate,
         ld_up=ld_up,
         dtype=dtype_name(gate.dtype),
-        activation=activation,
-        limit=limit,
-        clamp_after_activation=clamp_after,
-        grad_at_bound=limit is not None and clamp_grad_at_bound(),
+        **fn.native(),
     )
     if into_inputs:
         # Rust's slices may not alias, so the CPU twin writes apart and copies: the same
@@ -181,17 +172,49 @@ def gated_act_backward(
     return dgate, dup
 
 
-def gated_act_backward_packed(
-    dout, gate_up, activation, into_inputs=False, *, limit=None, clamp_after=False
-):
+def _packed_operands(gate_up, cols, interleaved):
+    """The addresses of gate and up in gate_up: its two halves, or (interleaved) its
+    pairs, whose up the native code reads beside each gate."""
+    base = gate_up.data_ptr()
+    return base, base if interleaved else base + cols * gate_up.element_size()
+
+
+def gated_act_packed(gate_up, fn, interleaved=False):
     rows, cols, ld = check_gated_packed(
-        dout, gate_up, activation, "cpu", into_inputs=into_inputs
+        None, gate_up, fn.activation, "cpu", interleaved=interleaved
     )
+    gate, up = _packed_operands(gate_up, cols, interleaved)
+    out = torch.empty((rows, cols), dtype=gate_up.dtype)
+    _native.cpu_gated_act(
+        gate=gate,
+        up=up,
+        out=out.data_ptr(),
+        rows=rows,
+        cols=cols,
+        ld_gate=ld,
+        ld_up=ld,
+        dtype=dtype_name(gate_up.dtype),
+        interleaved=interleaved,
+        **fn.native(),
+    )
+    return out
+
+
+def gated_act_backward_packed(dout, gate_up, fn, into_inputs=False, interleaved=False):
+    rows, cols, ld = check_gated_packed(
+        dout,
+        gate_up,
+        fn.activation,
+        "cpu",
+        into_inputs=into_inputs,
+        interleaved=interleaved,
+    )
+    gate, up = _packed_operands(gate_up, cols, interleaved)
     dgate_up = torch.empty((rows, 2 * cols), dtype=gate_up.dtype)
     _native.cpu_gated_act_backward(
         dout=dout.data_ptr(),
-        gate=gate_up.data_ptr(),
-        up=gate_up.data_ptr() + cols * gate_up.element_size(),
+        gate=gate,
+        up=up,
         dgate=dgate_up.data_ptr(),
         dup=None,
         rows=rows,
@@ -199,10 +222,8 @@ def gated_act_backward_packed(
         ld_gate=ld,
         ld_up=ld,
         dtype=dtype_name(gate_up.dtype),
-        activation=activation,
         packed=True,
-        limit=limit,
-        clamp_after_activation=clamp_after,
-        grad_at_bound=limit is not None and clamp_grad_at_bound(),
+        interleaved=interleaved,
+        **fn.native(),
     )
     return gate_up.copy_(dgate_up) if into_inputs else dgate_up

@@ -17,7 +17,6 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
-    clamp_grad_at_bound,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -234,11 +233,9 @@ def _launch_rotary(q, args):
 rotary = make_rotary("cuda", _empty_like, _launch_rotary)
 
 
-def _gated(
-    gate, up, activation, dout, into_inputs=False, limit=None, clamp_after=False
-):
+def _gated(gate, up, fn, dout, into_inputs=False):
     rows, cols, ld_gate, ld_up = check_gated(
-        gate, up, activation, "cuda", dout=dout, into_inputs=into_inputs
+        gate, up, fn.activation, "cuda", dout=dout, into_inputs=into_inputs
     )
     if into_inputs:
         # backward over its inputs: each thread reads its entries of gate and up, then
@@ -267,36 +264,38 @@ def _gated(
             ld_gate=ld_gate,
             ld_up=ld_up,
             dtype=dtype_name(gate.dtype),
-            activation=activation,
             backward=dout is not None,
-            limit=limit,
-            clamp_after_activation=clamp_after,
-            grad_at_bound=limit is not None and clamp_grad_at_bound(),
+            **fn.native(),
         )
     return out, dup
 
 
-def gated_act(gate, up, activation, *, limit=None, clamp_after=False):
-    return _gated(gate, up, activation, None, False, limit, clamp_after)[0]
+def gated_act(gate, up, fn):
+    return _gated(gate, up, fn, None)[0]
 
 
-def gated_act_backward(
-    dout, gate, up, activation, into_inputs=False, *, limit=None, clamp_after=False
-):
-    return _gated(gate, up, activation, dout, into_inputs, limit, clamp_after)
+def gated_act_backward(dout, gate, up, fn, into_inputs=False):
+    return _gated(gate, up, fn, dout, into_inputs)
 
 
-def gated_act_backward_packed(
-    dout, gate_up, activation, into_inputs=False, *, limit=None, clamp_after=False
-):
+def _gated_packed(gate_up, fn, dout, into_inputs, interleaved):
+    """The packed forward (``dout`` None) or backward on gate_up's halves or pairs (up
+    beside each gate: not passed); the gradient in gate_up's layout."""
     rows, cols, ld = check_gated_packed(
-        dout, gate_up, activation, "cuda", into_inputs=into_inputs
+        dout,
+        gate_up,
+        fn.activation,
+        "cuda",
+        into_inputs=into_inputs,
+        interleaved=interleaved,
     )
+    backward = dout is not None
     if into_inputs:
-        dgate_up = gate_up
+        out = gate_up
     else:
-        dgate_up = _empty((rows, 2 * cols), dtype=gate_up.dtype, device=gate_up.device)
-    es = gate_up.element_size()
+        shape = (rows, 2 * cols) if backward else (rows, cols)
+        out = _empty(shape, dtype=gate_up.dtype, device=gate_up.device)
+    half = 0 if interleaved else cols * gate_up.element_size()
     load_nvrtc()
     with torch.cuda.device(gate_up.device):
         device, stream = _where(gate_up)
@@ -304,20 +303,26 @@ def gated_act_backward_packed(
             device=device,
             stream=stream,
             gate=gate_up.data_ptr(),
-            up=gate_up.data_ptr() + cols * es,
-            dout=dout.data_ptr(),
-            out=dgate_up.data_ptr(),
-            dup=dgate_up.data_ptr() + cols * es,
+            up=0 if interleaved else gate_up.data_ptr() + half,
+            dout=dout.data_ptr() if backward else 0,
+            out=out.data_ptr(),
+            dup=out.data_ptr() + half if backward and not interleaved else 0,
             rows=rows,
             cols=cols,
             ld_gate=ld,
             ld_up=ld,
             dtype=dtype_name(gate_up.dtype),
-            activation=activation,
-            backward=True,
-            ld_grad=2 * cols,
-            limit=limit,
-            clamp_after_activation=clamp_after,
-            grad_at_bound=limit is not None and clamp_grad_at_bound(),
+            backward=backward,
+            ld_grad=2 * cols if backward else None,
+            interleaved=interleaved,
+            **fn.native(),
         )
-    return dgate_up
+    return out
+
+
+def gated_act_packed(gate_up, fn, interleaved=False):
+    return _gated_packed(gate_up, fn, None, False, interleaved)
+
+
+def gated_act_backward_packed(dout, gate_up, fn, into_inputs=False, interleaved=False):
+    return _gated_packed(gate_up, fn, dout, into_inputs, interleaved)

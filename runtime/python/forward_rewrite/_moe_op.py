@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from ._eager import BackwardOp, OpPair
-from ._fusions_backend import ACTIVATIONS
+from ._fusions_backend import GateFn
 from .fused_ops import (
     _backend,
-    _clamp,
     _device,
+    _gate_fn,
     _may_overwrite,
     _overwritten,
     _tensor,
@@ -77,15 +77,8 @@ def _route(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return perm, torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
-def _gate(gate_up: Tensor, activation: str, limit, clamp_after) -> Tensor:
-    cols = gate_up.shape[1] // 2
-    return _backend(gate_up.device).gated_act(
-        gate_up[:, :cols],
-        gate_up[:, cols:],
-        activation,
-        limit=limit,
-        clamp_after=clamp_after,
-    )
+def _gate(gate_up: Tensor, fn: GateFn) -> Tensor:
+    return _backend(gate_up.device).gated_act_packed(gate_up, fn)
 
 
 def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,6 +104,7 @@ def _moe_impl(
     transposed: bool,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gate_up, perm, offsets): the experts' output (x's shape and dtype), and what
     backward needs."""
@@ -119,7 +113,7 @@ def _moe_impl(
     x_g = x[perm // top_k].to(gate_up_proj.dtype)
     gate_up = _grouped_mm(x_g, _b(gate_up_proj, transposed), offsets)
     del x_g
-    h = _gate(gate_up, activation, limit, clamp_after)
+    h = _gate(gate_up, GateFn(activation, limit, clamp_after, alpha))
     y = _grouped_mm(h.to(down_proj.dtype), _b(down_proj, transposed), offsets)
     del h
     w_g = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
@@ -157,6 +151,7 @@ def _moe_fake(
     transposed,
     limit=None,
     clamp_after=False,
+    alpha=None,
 ):
     routed = top_k_index.numel()
     cols = gate_up_proj.shape[-1] if transposed else gate_up_proj.shape[-2]
@@ -185,6 +180,7 @@ def _moe_backward_impl(
     weight_grads: bool,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
     overwrite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dtop_k_weights, dgate_up_proj, ddown_proj); the weights' gradients are empty
@@ -197,7 +193,8 @@ def _moe_backward_impl(
     w_g = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     # The routed rows' output gradient (the stock sum's and un-permutation's backward).
     dy = dout[rows].to(down_proj.dtype)
-    h = _gate(gate_up, activation, limit, clamp_after)
+    fn = GateFn(activation, limit, clamp_after, alpha)
+    h = _gate(gate_up, fn)
     # By blocks of rows (each row's products are its own): u = dy W_down, the down
     # projection's input gradient before the routing weight; the routing weights' gradient
     # <u, h>; gate_up's gradient from u * w. No whole (routed x intermediate) product is
@@ -214,12 +211,7 @@ def _moe_backward_impl(
         u = _grouped_mm(dy[block], w2, offsets.clamp(start, start + step) - start)
         dweights_g[block] = _row_dots(u, h[block], wide)
         d = backend.gated_act_backward_packed(
-            u.mul_(w_g[block]),
-            gate_up[block],
-            activation,
-            overwrite,
-            limit=limit,
-            clamp_after=clamp_after,
+            u.mul_(w_g[block]), gate_up[block], fn, overwrite
         )
         if not overwrite:
             dgate_up[block] = d
@@ -284,6 +276,7 @@ def _moe_backward_fake(
     weight_grads,
     limit=None,
     clamp_after=False,
+    alpha=None,
     overwrite=False,
 ):
     empty = x.new_empty(0)
@@ -301,19 +294,19 @@ def _moe_setup(ctx, inputs, output):
     ctx.save_for_backward(
         x, top_k_weights, gate_up_proj, down_proj, gate_up, perm, offsets
     )
-    ctx.options = tuple(options)  # activation, transposed, limit, clamp_after
+    ctx.options = tuple(options)  # activation, transposed, limit, clamp_after, alpha
     ctx.overwrite = True  # gate_up is the op's own: only its backward reads it
 
 
 def _moe_backward(ctx, dout, _dgate_up, _dperm, _doffsets):
     saved = ctx.saved_tensors
-    activation, transposed, limit, clamp_after = ctx.options
+    activation, transposed, limit, clamp_after, alpha = ctx.options
     needs = ctx.needs_input_grad
     if not any(needs):
-        return (None,) * 9
+        return (None,) * 10
     weight_grads = needs[3] or needs[4]
     args = (dout.contiguous(), *saved, activation, transposed, weight_grads)
-    args += (limit, clamp_after)
+    args += (limit, clamp_after, alpha)
     if _may_overwrite(ctx, saved[4]):
         grads = _moe_backward_impl(*args, True)
     else:
@@ -325,10 +318,7 @@ def _moe_backward(ctx, dout, _dgate_up, _dperm, _doffsets):
         dweights if needs[2] else None,
         dgate_up_proj if needs[3] else None,
         ddown if needs[4] else None,
-        None,
-        None,
-        None,
-        None,
+        *(None,) * 5,
     )
 
 
@@ -365,6 +355,7 @@ def moe_experts(
     activation: str = "silu",
     limit: float | None = None,
     clamp_after_activation: bool = False,
+    alpha: float | None = None,
     transposed: bool = False,
 ) -> Tensor:
     """The output of gated MoE experts for ``x`` (tokens, hidden) routed to ``top_k_index``
@@ -376,8 +367,9 @@ def moe_experts(
     ``gate_up_proj`` is (experts, 2 * intermediate, hidden) and ``down_proj`` (experts,
     hidden, intermediate), or both transposed (``transposed=True``: (experts, hidden, 2 *
     intermediate) and (experts, intermediate, hidden)). ``activation``: ``"silu"`` or
-    ``"gelu_tanh"``; ``limit`` and ``clamp_after_activation`` make the gate the clamped
-    SwiGLU of :func:`forward_rewrite.gated_mlp_act` (DeepSeek-V4's, Step-3.7's experts).
+    ``"gelu_tanh"``, or ``"swiglu_oai"`` with ``alpha`` (MiniMax-M3's experts); ``limit``
+    and ``clamp_after_activation`` make the gate the clamped SwiGLU of
+    :func:`forward_rewrite.gated_mlp_act` (DeepSeek-V4's, MiniMax-M3's experts).
     Gradients for x, the routing weights and both weights; backward keeps only ``gate_up``
     of the routed rows (module docs)."""
     _check("x", x, dims=2, dtypes=_FLOATS)
@@ -388,11 +380,7 @@ def moe_experts(
     _check("down_proj", down_proj, dims=3, dtypes=(gate_up_proj.dtype,), x=x)
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
-        )
-    limit, clamp_after = _clamp(limit, clamp_after_activation)
+    fn = _gate_fn(activation, limit, clamp_after_activation, alpha)
     tokens, hidden = x.shape
     if top_k_index.shape[0] != tokens:
         raise ValueError(
@@ -428,9 +416,8 @@ def moe_experts(
         top_k_weights,
         gate_up_proj,
         down_proj,
-        activation,
+        fn.activation,
         transposed,
-        limit,
-        clamp_after,
+        *fn[1:],
     )
     return out

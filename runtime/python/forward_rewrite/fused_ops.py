@@ -39,6 +39,7 @@ from ._fusions_backend import (
     ACTIVATIONS,
     FUSION_DTYPES,
     GATED_NORM_ACTIVATIONS,
+    GateFn,
     rms_out_dtype,
     rotary_dims,
     rstd_dtype,
@@ -120,21 +121,38 @@ def _bool(name, value):
     return value
 
 
-def _clamp(limit, clamp_after_activation):
-    """The clamped SwiGLU's (limit or None, clamp_after_activation), checked: a real number
-    above 0 (inf allowed: a clamp that keeps every finite value), and no clamp position
-    without a limit."""
+def _gate_fn(activation, limit, clamp_after_activation, alpha):
+    """The checked :class:`GateFn` of the gated ops' keyword arguments: an activation of
+    ``ACTIVATIONS``; the clamped SwiGLU's limit a real number above 0 (inf allowed: a clamp
+    that keeps every finite value) and no clamp position without one; ``alpha`` a finite
+    number for ``"swiglu_oai"`` and for nothing else."""
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
+        )
     _bool("clamp_after_activation", clamp_after_activation)
     if limit is None:
         if clamp_after_activation:
             raise ValueError("clamp_after_activation: there is no limit to clamp at")
-        return None, False
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Real):
-        raise TypeError(f"limit: expected a real number, got {type(limit).__name__}")
-    limit = float(limit)
-    if math.isnan(limit) or limit <= 0:
-        raise ValueError(f"limit: expected a number above 0, got {limit}")
-    return limit, clamp_after_activation
+    else:
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Real):
+            raise TypeError(
+                f"limit: expected a real number, got {type(limit).__name__}"
+            )
+        limit = float(limit)
+        if math.isnan(limit) or limit <= 0:
+            raise ValueError(f"limit: expected a number above 0, got {limit}")
+    if activation == "swiglu_oai":
+        if alpha is None:
+            raise ValueError("alpha: activation 'swiglu_oai' needs its alpha")
+        alpha = _real("alpha", alpha)
+    elif alpha is not None:
+        raise ValueError(
+            f"alpha: only activation 'swiglu_oai' takes one, not {activation!r}"
+        )
+    return GateFn(activation, limit, clamp_after_activation, alpha)
 
 
 def _kernel_dtype(name, dtype, base):
@@ -913,13 +931,13 @@ def _gated_impl(
     overwrite: bool,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
 ) -> Tensor:
     """act(gate) * up for (rows, cols) operands with unit stride along cols; contiguous.
-    ``overwrite`` is for the backward (see :func:`gated_mlp_act`); ``limit`` and
-    ``clamp_after`` the clamped SwiGLU's."""
-    return _backend(gate.device).gated_act(
-        gate, up, activation, limit=limit, clamp_after=clamp_after
-    )
+    ``overwrite`` is for the backward (see :func:`gated_mlp_act`); the rest is the
+    :class:`GateFn`."""
+    fn = GateFn(activation, limit, clamp_after, alpha)
+    return _backend(gate.device).gated_act(gate, up, fn)
 
 
 _gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=())(
@@ -928,7 +946,9 @@ _gated_op = torch.library.custom_op("forward_rewrite::gated_act", mutates_args=(
 
 
 @_gated_op.register_fake
-def _gated_fake(gate, up, activation, overwrite, limit=None, clamp_after=False):
+def _gated_fake(
+    gate, up, activation, overwrite, limit=None, clamp_after=False, alpha=None
+):
     return gate.new_empty(gate.shape)
 
 
@@ -939,11 +959,11 @@ def _gated_backward_impl(
     activation: str,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(dgate, dup), contiguous."""
-    return _backend(gate.device).gated_act_backward(
-        dout, gate, up, activation, limit=limit, clamp_after=clamp_after
-    )
+    fn = GateFn(activation, limit, clamp_after, alpha)
+    return _backend(gate.device).gated_act_backward(dout, gate, up, fn)
 
 
 _gated_backward_op = torch.library.custom_op(
@@ -952,13 +972,15 @@ _gated_backward_op = torch.library.custom_op(
 
 
 @_gated_backward_op.register_fake
-def _gated_backward_fake(dout, gate, up, activation, limit=None, clamp_after=False):
+def _gated_backward_fake(
+    dout, gate, up, activation, limit=None, clamp_after=False, alpha=None
+):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 def _gated_setup(ctx, inputs, output):
-    gate, up, activation, overwrite, limit, clamp_after = inputs
-    ctx.gate_fn = (activation, limit, clamp_after)
+    gate, up, activation, overwrite, *rest = inputs
+    ctx.gate_fn = GateFn(activation, *rest)
     ctx.overwrite = overwrite
     ctx.save_for_backward(gate, up)
 
@@ -996,21 +1018,17 @@ def _overwritten(*grads: Tensor):
 
 def _gated_backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    activation, limit, clamp_after = ctx.gate_fn
+    fn = ctx.gate_fn
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1]):
-        return (None,) * 6
+        return (None,) * 7
     dout = dout.contiguous()
     if needs[0] and needs[1] and _may_overwrite(ctx, gate, up):
         backend = _backend(gate.device)
-        dgate, dup = _overwritten(
-            *backend.gated_act_backward(
-                dout, gate, up, activation, True, limit=limit, clamp_after=clamp_after
-            )
-        )
+        dgate, dup = _overwritten(*backend.gated_act_backward(dout, gate, up, fn, True))
     else:
-        dgate, dup = _gated_backward_call(dout, gate, up, *ctx.gate_fn)
-    return (dgate if needs[0] else None), (dup if needs[1] else None), *(None,) * 4
+        dgate, dup = _gated_backward_call(dout, gate, up, *fn)
+    return (dgate if needs[0] else None), (dup if needs[1] else None), *(None,) * 5
 
 
 _gated = OpPair(_gated_op, _gated_impl, _gated_setup, _gated_backward)
@@ -1037,6 +1055,7 @@ def gated_mlp_act(
     activation: str = "silu",
     limit: float | None = None,
     clamp_after_activation: bool = False,
+    alpha: float | None = None,
     overwrite_inputs: bool = False,
 ) -> Tensor:
     """``act(gate) * up`` as a gated MLP computes it between its projections
@@ -1055,6 +1074,10 @@ def gated_mlp_act(
     The limit is a number above 0 (``inf`` allowed), compared in the inputs' dtype as torch
     compares a tensor with a scalar; the gradients are torch's clamp backward's (zero where a
     clamp holds, and where the clamped value is NaN).
+
+    ``activation="swiglu_oai"`` with ``alpha``: GPT-OSS's and MiniMax-M3's ``(up + 1) * gate
+    * torch.sigmoid(gate * alpha)`` (with their ``limit``), rounded where their statements
+    round.
 
     ``overwrite_inputs=True`` is the caller's promise that nothing reads gate and up after
     this call (they are temporaries, as in the MLPs the gated-mlp pass patches): the
@@ -1077,16 +1100,10 @@ def gated_mlp_act(
         )
     if gate.dim() < 1:
         raise ValueError("gate: expected at least one dimension")
-    if not isinstance(activation, str):
-        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
-        )
+    fn = _gate_fn(activation, limit, clamp_after_activation, alpha)
     _bool("overwrite_inputs", overwrite_inputs)
-    limit, after = _clamp(limit, clamp_after_activation)
     out = _gated(
-        _rows_view(gate), _rows_view(up), activation, overwrite_inputs, limit, after
+        _rows_view(gate), _rows_view(up), fn.activation, overwrite_inputs, *fn[1:]
     )
     return out.view(gate.shape)
 
@@ -1100,16 +1117,13 @@ def _gated_packed_impl(
     overwrite: bool,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
+    interleaved: bool = False,
 ) -> Tensor:
-    """act(gate_up[:, :c]) * gate_up[:, c:] for (rows, 2c) gate_up; contiguous (rows, c)."""
-    cols = gate_up.shape[1] // 2
-    return _backend(gate_up.device).gated_act(
-        gate_up[:, :cols],
-        gate_up[:, cols:],
-        activation,
-        limit=limit,
-        clamp_after=clamp_after,
-    )
+    """act(gate) * up for (rows, 2c) gate_up holding gate and up as halves or (interleaved)
+    pairs; contiguous (rows, c)."""
+    fn = GateFn(activation, limit, clamp_after, alpha)
+    return _backend(gate_up.device).gated_act_packed(gate_up, fn, interleaved)
 
 
 _gated_packed_op = torch.library.custom_op(
@@ -1118,7 +1132,15 @@ _gated_packed_op = torch.library.custom_op(
 
 
 @_gated_packed_op.register_fake
-def _gated_packed_fake(gate_up, activation, overwrite, limit=None, clamp_after=False):
+def _gated_packed_fake(
+    gate_up,
+    activation,
+    overwrite,
+    limit=None,
+    clamp_after=False,
+    alpha=None,
+    interleaved=False,
+):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
@@ -1128,10 +1150,14 @@ def _gated_packed_backward_impl(
     activation: str,
     limit: float | None = None,
     clamp_after: bool = False,
+    alpha: float | None = None,
+    interleaved: bool = False,
 ) -> Tensor:
-    """The gradient of gate_up, contiguous (rows, 2c): [dgate | dup] per row."""
+    """The gradient of gate_up, contiguous (rows, 2c), in its layout: [dgate | dup] per
+    row, or (dgate, dup) pairs."""
+    fn = GateFn(activation, limit, clamp_after, alpha)
     return _backend(gate_up.device).gated_act_backward_packed(
-        dout, gate_up, activation, limit=limit, clamp_after=clamp_after
+        dout, gate_up, fn, False, interleaved
     )
 
 
@@ -1142,34 +1168,39 @@ _gated_packed_backward_op = torch.library.custom_op(
 
 @_gated_packed_backward_op.register_fake
 def _gated_packed_backward_fake(
-    dout, gate_up, activation, limit=None, clamp_after=False
+    dout,
+    gate_up,
+    activation,
+    limit=None,
+    clamp_after=False,
+    alpha=None,
+    interleaved=False,
 ):
     return gate_up.new_empty(gate_up.shape)
 
 
 def _gated_packed_setup(ctx, inputs, output):
-    gate_up, activation, overwrite, limit, clamp_after = inputs
-    ctx.gate_fn = (activation, limit, clamp_after)
+    gate_up, activation, overwrite, limit, clamp_after, alpha, interleaved = inputs
+    ctx.gate_fn = GateFn(activation, limit, clamp_after, alpha)
+    ctx.interleaved = interleaved
     ctx.overwrite = overwrite
     ctx.save_for_backward(gate_up)
 
 
 def _gated_packed_backward(ctx, dout):
     (gate_up,) = ctx.saved_tensors
-    activation, limit, clamp_after = ctx.gate_fn
+    fn, interleaved = ctx.gate_fn, ctx.interleaved
     if not ctx.needs_input_grad[0]:
-        return (None,) * 5
+        return (None,) * 7
     dout = dout.contiguous()
     if _may_overwrite(ctx, gate_up):
         backend = _backend(gate_up.device)
         (dgate_up,) = _overwritten(
-            backend.gated_act_backward_packed(
-                dout, gate_up, activation, True, limit=limit, clamp_after=clamp_after
-            )
+            backend.gated_act_backward_packed(dout, gate_up, fn, True, interleaved)
         )
     else:
-        dgate_up = _gated_packed_backward_call(dout, gate_up, *ctx.gate_fn)
-    return dgate_up, *(None,) * 4
+        dgate_up = _gated_packed_backward_call(dout, gate_up, *fn, interleaved)
+    return dgate_up, *(None,) * 6
 
 
 _gated_packed = OpPair(
@@ -1186,6 +1217,8 @@ def gated_mlp_act_packed(
     activation: str = "silu",
     limit: float | None = None,
     clamp_after_activation: bool = False,
+    alpha: float | None = None,
+    interleaved: bool = False,
     overwrite_inputs: bool = False,
 ) -> Tensor:
     """``act(gate) * up`` with ``gate, up = gate_up.chunk(2, dim=-1)``, as ``Phi3MLP`` (``up *
@@ -1193,8 +1226,10 @@ def gated_mlp_act_packed(
     compute it: the numerics of :func:`gated_mlp_act`, and the gradient of ``gate_up``
     written as one tensor (the chunk's backward would concatenate two). ``gate_up`` may be a
     strided view; the result is contiguous, of shape ``gate_up.shape[:-1] + (cols,)``.
-    ``limit``, ``clamp_after_activation``: the clamped SwiGLU, as :func:`gated_mlp_act`'s
-    (the MoE experts' ``_apply_gate`` of DeepSeek-V4, GLM-5-Next, HY-V4, Step-3.7).
+    ``interleaved=True``: gate and up alternate along the last dimension (GPT-OSS's experts:
+    ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``), and so does the gradient. ``activation``,
+    ``limit``, ``clamp_after_activation``, ``alpha``: as :func:`gated_mlp_act`'s (the MoE
+    experts' ``_apply_gate`` of DeepSeek-V4, GLM-5-Next, HY-V4, GPT-OSS, MiniMax-M3).
     ``overwrite_inputs``: as :func:`gated_mlp_act`'s, for ``gate_up``."""
     _tensor("gate_up", gate_up)
     _dtype("gate_up", gate_up)
@@ -1206,14 +1241,11 @@ def gated_mlp_act_packed(
         raise ValueError(
             f"gate_up: expected an even last dimension, got shape {tuple(gate_up.shape)}"
         )
-    if not isinstance(activation, str):
-        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: expected one of {ACTIVATIONS}, got {activation!r}"
-        )
+    fn = _gate_fn(activation, limit, clamp_after_activation, alpha)
+    _bool("interleaved", interleaved)
     _bool("overwrite_inputs", overwrite_inputs)
-    limit, after = _clamp(limit, clamp_after_activation)
     cols = gate_up.shape[-1] // 2
-    out = _gated_packed(_rows_view(gate_up), activation, overwrite_inputs, limit, after)
+    out = _gated_packed(
+        _rows_view(gate_up), fn.activation, overwrite_inputs, *fn[1:], interleaved
+    )
     return out.view(*gate_up.shape[:-1], cols)

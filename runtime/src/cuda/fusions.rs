@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use super::compile;
 use super::device::{self, Device, Dims, Dtype, ModuleSource, launch};
 use super::error::{CudaError, Result, catch_panics};
-use crate::cpu::fusions::gated::Clamp;
+use crate::cpu::fusions::gated::{Clamp, alpha_of};
 use crate::cpu::fusions::{Activation, GATE_ACTIVATIONS, PRODUCT_ACTIVATIONS};
 
 pub const RMS_NORM: ModuleSource = ModuleSource {
@@ -950,6 +950,8 @@ struct GatedParams {
     clamp: i32,
     limit: f32,
     at_bound: i32,
+    alpha: f32,
+    interleaved: i32,
 }
 
 /// One gated-product call: forward (`out` = act(gate) * up) or backward (`out` = dgate,
@@ -974,6 +976,11 @@ pub struct GatedCall {
     pub act: i32,
     /// The clamped SwiGLU's limit and where the gate is clamped, or None.
     pub clamp: Option<Clamp>,
+    /// swiglu_oai's alpha (act 3).
+    pub alpha: f32,
+    /// `gate` holds (gate, up) pairs, row stride `ld_gate`; `up` and `dup` are not used, the
+    /// backward writes (dgate, dup) pairs at `out` (row stride `ld_grad`).
+    pub pairs: bool,
     pub backward: bool,
 }
 
@@ -988,13 +995,17 @@ fn clamp_code(clamp: Option<Clamp>) -> i32 {
 }
 
 pub fn gated_act(c: &GatedCall) -> Result<()> {
-    if c.ld_gate < c.cols || c.ld_up < c.cols || (c.backward && c.ld_grad < c.cols) {
+    let width = if c.pairs { 2 } else { 1 };
+    if c.ld_gate < width * c.cols
+        || (!c.pairs && c.ld_up < c.cols)
+        || (c.backward && c.ld_grad < width * c.cols)
+    {
         return Err(CudaError::argument(format!(
             "gate: row strides (gate {}, up {}, gradients {}) below the row length {}",
             c.ld_gate, c.ld_up, c.ld_grad, c.cols
         )));
     }
-    if !(0..=1).contains(&c.act) {
+    if ![0, 1, 3].contains(&c.act) {
         return Err(CudaError::argument(format!(
             "activation: unknown code {}",
             c.act
@@ -1004,25 +1015,35 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
     if total == 0 {
         return Ok(());
     }
-    let mut need = vec![("gate", c.gate), ("up", c.up), ("out", c.out)];
-    if c.backward {
-        need.extend([("dout", c.dout), ("dup", c.dup)]);
+    // With pairs, up and dup live in gate's and dgate's pairs.
+    let mut need = vec![("gate", c.gate), ("out", c.out)];
+    if !c.pairs {
+        need.push(("up", c.up));
     }
-    for (n, p) in need {
+    if c.backward {
+        need.push(("dout", c.dout));
+        if !c.pairs {
+            need.push(("dup", c.dup));
+        }
+    }
+    for &(n, p) in &need {
         nonzero(n, p)?;
     }
     // Contiguous operands: one long row (no division per element in the kernel).
-    let ld_grad = if c.backward { c.ld_grad } else { c.cols };
+    let ld_grad = if c.backward {
+        c.ld_grad
+    } else {
+        width * c.cols
+    };
+    let ld_up = if c.pairs { c.ld_gate } else { c.ld_up };
     let (rows, cols, ld_gate, ld_up, ld_grad) =
-        if c.ld_gate == c.cols && c.ld_up == c.cols && ld_grad == c.cols {
-            (1, total, total, total, total)
+        if c.ld_gate == width * c.cols && (c.pairs || ld_up == c.cols) && ld_grad == width * c.cols
+        {
+            (1, total, width * total, total, width * total)
         } else {
-            (c.rows, c.cols, c.ld_gate, c.ld_up, ld_grad)
+            (c.rows, c.cols, c.ld_gate, ld_up, ld_grad)
         };
-    let mut ptrs = vec![c.gate, c.up, c.out];
-    if c.backward {
-        ptrs.extend([c.dout, c.dup]);
-    }
+    let ptrs: Vec<u64> = need.iter().map(|&(_, p)| p).collect();
     let vector = [cols, ld_gate, ld_up, ld_grad]
         .iter()
         .all(|v| v.is_multiple_of(8))
@@ -1049,6 +1070,8 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
         clamp: clamp_code(c.clamp),
         limit: c.clamp.map_or(0.0, |k| k.limit),
         at_bound: c.clamp.is_some_and(|k| k.grad_at_bound) as i32,
+        alpha: c.alpha,
+        interleaved: c.pairs as i32,
     };
     let mut guard = device::lock(c.device)?;
     let dev = guard.dev();
@@ -1439,7 +1462,7 @@ fn cuda_rotary(
 /// and dup of row stride `ld_grad`, default `cols`); see [`GatedCall`]. `activation`:
 /// "silu" or "gelu_tanh".
 #[pyfunction]
-#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None, limit=None, clamp_after_activation=false, grad_at_bound=false))]
+#[pyo3(signature = (*, device, stream, gate, up, dout, out, dup, rows, cols, ld_gate, ld_up, dtype, activation, backward, ld_grad=None, limit=None, clamp_after_activation=false, grad_at_bound=false, alpha=None, interleaved=false))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_act(
     py: Python<'_>,
@@ -1461,11 +1484,14 @@ fn cuda_gated_act(
     limit: Option<f64>,
     clamp_after_activation: bool,
     grad_at_bound: bool,
+    alpha: Option<f64>,
+    interleaved: bool,
 ) -> PyResult<()> {
     let act =
         Activation::parse_one_of(activation, PRODUCT_ACTIVATIONS).map_err(CudaError::argument)?;
     let clamp =
         Clamp::of(limit, clamp_after_activation, grad_at_bound).map_err(CudaError::argument)?;
+    let alpha = alpha_of(act, alpha).map_err(CudaError::argument)?;
     let call = GatedCall {
         device,
         stream,
@@ -1482,6 +1508,8 @@ fn cuda_gated_act(
         dup,
         act: act.code(),
         clamp,
+        alpha,
+        pairs: interleaved,
         backward,
     };
     py.detach(|| catch_panics(|| gated_act(&call)))?;
@@ -1504,7 +1532,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RmsBwdParams, cast_before), 68);
         assert_eq!(std::mem::offset_of!(RmsBwdParams, dres), 72);
         assert_eq!(std::mem::size_of::<RopeParams>(), 208);
-        assert_eq!(std::mem::size_of::<GatedParams>(), 96);
+        assert_eq!(std::mem::size_of::<GatedParams>(), 104);
+        assert_eq!(std::mem::offset_of!(GatedParams, interleaved), 100);
         assert_eq!(std::mem::offset_of!(GatedParams, limit), 88);
     }
 

@@ -1,7 +1,9 @@
 //! The activation product of a gated MLP, `act(gate) * up`, and its backward from the saved
 //! inputs: the twin of `kernels/gated_act.cu` (the formulas and rounding points are written
-//! there). `gate` and `up` are (rows, cols) with their own row strides; outputs are
-//! contiguous (rows, cols). With a [`Clamp`], the clamped SwiGLU of DeepSeek-V4 / Step-3.7.
+//! there). `gate` and `up` are (rows, cols) with their own row strides, or (`pairs`, GPT-OSS's
+//! interleaved `gate_up[..., ::2]`, `gate_up[..., 1::2]`) one (rows, 2 * cols) tensor of
+//! (gate, up) pairs passed as `gate`; outputs are contiguous (rows, cols). With a [`Clamp`],
+//! the clamped SwiGLU of DeepSeek-V4 / Step-3.7 / GPT-OSS.
 
 use rayon::prelude::*;
 
@@ -16,6 +18,10 @@ pub struct Gated {
     pub ld_up: usize,
     pub act: Activation,
     pub clamp: Option<Clamp>,
+    /// [`Activation::SwigluOai`]'s `alpha` (`gate * sigmoid(gate * alpha)`).
+    pub alpha: f32,
+    /// gate holds (gate, up) pairs (row stride `ld_gate` >= 2 * cols); up is not read.
+    pub pairs: bool,
 }
 
 /// A clamped SwiGLU: the gate clamped at max `limit` before the activation
@@ -56,6 +62,23 @@ impl Clamp {
     }
 }
 
+/// The `alpha` argument of an activation: [`Activation::SwigluOai`] needs a finite one, the
+/// others take none (0 stands for it).
+pub fn alpha_of(act: Activation, alpha: Option<f64>) -> Result<f32, String> {
+    match (act, alpha) {
+        (Activation::SwigluOai, Some(a)) if a.is_finite() => Ok(a as f32),
+        (Activation::SwigluOai, Some(a)) => {
+            Err(format!("alpha: expected a finite number, got {a}"))
+        }
+        (Activation::SwigluOai, None) => Err("alpha: swiglu_oai needs its alpha".to_string()),
+        (_, None) => Ok(0.0),
+        (act, Some(_)) => Err(format!(
+            "alpha: only swiglu_oai takes one, not {}",
+            act.name()
+        )),
+    }
+}
+
 /// `min(x, hi)` as torch's `clamp(max=hi)` computes it: NaN stays NaN.
 fn clamp_max<A: Real>(x: A, hi: A) -> A {
     if x > hi { hi } else { x }
@@ -88,7 +111,8 @@ type GradRows<'a, T> = (usize, ((&'a mut [T], &'a mut [T]), &'a [T]));
 const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
 const GELU_KAPPA: f64 = 0.044715;
 
-/// act(x), as torch computes it.
+/// act(x), as torch computes it ([`Activation::SwigluOai`] takes its alpha:
+/// [`Gated::activation`]).
 pub fn act_value<A: Real>(act: Activation, x: A) -> A {
     match act {
         Activation::Silu => x / (A::ONE + (-x).exp()),
@@ -100,6 +124,7 @@ pub fn act_value<A: Real>(act: Activation, x: A) -> A {
             half * x * (A::ONE + inner.tanh())
         }
         Activation::Sigmoid => A::ONE / (A::ONE + (-x).exp()),
+        Activation::SwigluOai => unreachable!("swiglu_oai takes its alpha: Gated::activation"),
     }
 }
 
@@ -127,16 +152,51 @@ pub fn act_grad<A: Real>(act: Activation, x: A) -> A {
             let s = A::ONE / (A::ONE + (-x).exp());
             s * (A::ONE - s)
         }
+        Activation::SwigluOai => unreachable!("swiglu_oai takes its alpha: Gated::slope"),
     }
 }
 
 impl Gated {
+    /// The activation of `x` as the product uses it: rounded to T, GPT-OSS's at each of its
+    /// statements (`round(x * round(sigmoid(round(x * alpha))))`).
+    fn activation<A: Real, T: Storage<A>>(&self, x: A) -> A {
+        match self.act {
+            Activation::SwigluOai => {
+                let alpha = A::from_f64(self.alpha as f64);
+                let t = round_to::<A, T>(x * alpha);
+                let s = round_to::<A, T>(A::ONE / (A::ONE + (-t).exp()));
+                round_to::<A, T>(x * s)
+            }
+            act => round_to::<A, T>(act_value(act, x)),
+        }
+    }
+
+    /// The activation's derivative at `x`, in A.
+    fn slope<A: Real>(&self, x: A) -> A {
+        match self.act {
+            Activation::SwigluOai => {
+                let alpha = A::from_f64(self.alpha as f64);
+                let s = A::ONE / (A::ONE + (-(alpha * x)).exp());
+                s + x * alpha * s * (A::ONE - s)
+            }
+            act => act_grad(act, x),
+        }
+    }
+
     fn element<A: Real, T: Storage<A>>(&self, g: A, u: A) -> Element<A> {
+        // GPT-OSS's up enters as round(up + 1), after its clamp
+        let shift = |u: A| {
+            if self.act == Activation::SwigluOai {
+                round_to::<A, T>(u + A::ONE)
+            } else {
+                u
+            }
+        };
         let Some(c) = self.clamp else {
             return Element {
                 x: g,
-                a: round_to::<A, T>(act_value(self.act, g)),
-                u,
+                a: self.activation::<A, T>(g),
+                u: shift(u),
                 gate_passes: true,
                 up_passes: true,
             };
@@ -147,7 +207,7 @@ impl Gated {
         } else {
             clamp_max(g, lim)
         };
-        let a = round_to::<A, T>(act_value(self.act, x));
+        let a = self.activation::<A, T>(x);
         Element {
             x,
             a: if c.after_activation {
@@ -155,26 +215,47 @@ impl Gated {
             } else {
                 a
             },
-            u: clamp_sym(u, lim),
+            u: shift(clamp_sym(u, lim)),
             gate_passes: below(if c.after_activation { a } else { g }, lim, c.grad_at_bound),
             up_passes: below(u, lim, c.grad_at_bound) && below(-u, lim, c.grad_at_bound),
         }
     }
 
+    /// Elements per column in `gate` (2 with pairs).
+    fn width(&self) -> usize {
+        if self.pairs { 2 } else { 1 }
+    }
+
+    /// Row `r`'s (gate, up) at column `c`.
+    fn operands<A: Real, T: Storage<A>>(&self, gate: &[T], up: &[T], r: usize, c: usize) -> (A, A) {
+        if self.pairs {
+            let i = r * self.ld_gate + 2 * c;
+            (gate[i].load(), gate[i + 1].load())
+        } else {
+            (
+                gate[r * self.ld_gate + c].load(),
+                up[r * self.ld_up + c].load(),
+            )
+        }
+    }
+
     fn check(&self, gate: usize, up: usize) {
+        let w = self.width();
         assert!(
-            self.ld_gate >= self.cols && self.ld_up >= self.cols,
+            self.ld_gate >= w * self.cols && (self.pairs || self.ld_up >= self.cols),
             "row strides below cols"
         );
-        let need = |ld: usize| {
+        let need = |ld: usize, cols: usize| {
             if self.rows == 0 || self.cols == 0 {
                 0
             } else {
-                (self.rows - 1) * ld + self.cols
+                (self.rows - 1) * ld + cols
             }
         };
-        assert!(need(self.ld_gate) <= gate, "gate: too short");
-        assert!(need(self.ld_up) <= up, "up: too short");
+        assert!(need(self.ld_gate, w * self.cols) <= gate, "gate: too short");
+        if !self.pairs {
+            assert!(need(self.ld_up, self.cols) <= up, "up: too short");
+        }
     }
 }
 
@@ -186,10 +267,9 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
         return;
     }
     let row = |(r, o): (usize, &mut [T])| {
-        let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
-        let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
-        for ((o, gv), uv) in o.iter_mut().zip(gr).zip(ur) {
-            let e = g.element::<A, T>(gv.load(), uv.load());
+        for (c, o) in o.iter_mut().enumerate() {
+            let (gv, uv) = g.operands::<A, T>(gate, up, r, c);
+            let e = g.element::<A, T>(gv, uv);
             *o = T::store(e.a * e.u);
         }
     };
@@ -200,30 +280,25 @@ pub fn forward<A: Real, T: Storage<A>>(g: &Gated, gate: &[T], up: &[T], out: &mu
     }
 }
 
-/// One row of the backward: `dgate = round_T(dout * up * act'(gate))`,
+/// Row `r`'s gradients at column `c`: `dgate = round_T(dout * up * act'(gate))`,
 /// `dup = round_T(dout * round_T(act(gate)))` (zero where a clamp stops the gradient).
-fn backward_row<A: Real, T: Storage<A>>(
+fn gradients<A: Real, T: Storage<A>>(
     g: &Gated,
     r: usize,
-    d: &[T],
+    c: usize,
+    d: A,
     gate: &[T],
     up: &[T],
-    dg: &mut [T],
-    du: &mut [T],
-) {
-    let gr = &gate[r * g.ld_gate..r * g.ld_gate + g.cols];
-    let ur = &up[r * g.ld_up..r * g.ld_up + g.cols];
-    for ((((dg, du), d), gv), uv) in dg.iter_mut().zip(du).zip(d).zip(gr).zip(ur) {
-        let d = d.load();
-        let e = g.element::<A, T>(gv.load(), uv.load());
-        let zero = A::ZERO;
-        *du = T::store(if e.up_passes { d * e.a } else { zero });
-        *dg = T::store(if e.gate_passes {
-            d * e.u * act_grad(g.act, e.x)
-        } else {
-            zero
-        });
-    }
+) -> (T, T) {
+    let (gv, uv) = g.operands::<A, T>(gate, up, r, c);
+    let e = g.element::<A, T>(gv, uv);
+    let dup = if e.up_passes { d * e.a } else { A::ZERO };
+    let dgate = if e.gate_passes {
+        d * e.u * g.slope(e.x)
+    } else {
+        A::ZERO
+    };
+    (T::store(dgate), T::store(dup))
 }
 
 /// The backward into two contiguous (rows, cols) tensors.
@@ -243,7 +318,11 @@ pub fn backward<A: Real, T: Storage<A>>(
     if g.cols == 0 {
         return;
     }
-    let row = |(r, ((dg, du), d)): GradRows<'_, T>| backward_row::<A, T>(g, r, d, gate, up, dg, du);
+    let row = |(r, ((dg, du), d)): GradRows<'_, T>| {
+        for (c, ((dg, du), d)) in dg.iter_mut().zip(du).zip(d).enumerate() {
+            (*dg, *du) = gradients::<A, T>(g, r, c, d.load(), gate, up);
+        }
+    };
     if n < SERIAL_ELEMENTS {
         dgate
             .chunks_mut(g.cols)
@@ -261,8 +340,9 @@ pub fn backward<A: Real, T: Storage<A>>(
     }
 }
 
-/// The backward into one (rows, 2 * cols) tensor, `[dgate | dup]` per row: the gradient of
-/// a gate_up tensor whose two halves were gate and up (no concatenation afterwards).
+/// The backward into one (rows, 2 * cols) tensor: the gradient of a gate_up tensor, written
+/// as its layout holds gate and up (no concatenation afterwards): `[dgate | dup]` per row
+/// for two halves, `(dgate, dup)` pairs with `pairs`.
 pub fn backward_packed<A: Real, T: Storage<A>>(
     g: &Gated,
     dout: &[T],
@@ -281,8 +361,14 @@ pub fn backward_packed<A: Real, T: Storage<A>>(
         return;
     }
     let row = |(r, (both, d)): (usize, (&mut [T], &[T]))| {
-        let (dg, du) = both.split_at_mut(g.cols);
-        backward_row::<A, T>(g, r, d, gate, up, dg, du)
+        for (c, d) in d.iter().enumerate() {
+            let (dg, du) = gradients::<A, T>(g, r, c, d.load(), gate, up);
+            if g.pairs {
+                (both[2 * c], both[2 * c + 1]) = (dg, du);
+            } else {
+                (both[c], both[g.cols + c]) = (dg, du);
+            }
+        }
     };
     if dout.len() < SERIAL_ELEMENTS {
         dgate_up

@@ -172,10 +172,17 @@ pub enum Activation {
     GeluTanh,
     /// `1 / (1 + exp(-x))`
     Sigmoid,
+    /// GPT-OSS's / MiniMax-M3's `(up + 1) * gate * sigmoid(alpha * gate)`, rounded at each of
+    /// its statements (`gated.rs`, [`crate::cpu::fusions::gated::Gated::alpha`]).
+    SwigluOai,
 }
 
-/// The gated MLP product's activations (`gated_act.cu` has these two).
-pub const PRODUCT_ACTIVATIONS: &[Activation] = &[Activation::Silu, Activation::GeluTanh];
+/// The gated MLP product's activations (`gated_act.cu` has these three).
+pub const PRODUCT_ACTIVATIONS: &[Activation] = &[
+    Activation::Silu,
+    Activation::GeluTanh,
+    Activation::SwigluOai,
+];
 /// The gated norm's gate activations: SiLU (Qwen3-Next) and sigmoid (Kimi).
 pub const GATE_ACTIVATIONS: &[Activation] = &[Activation::Silu, Activation::Sigmoid];
 
@@ -185,6 +192,7 @@ impl Activation {
             "silu" => Some(Activation::Silu),
             "gelu_tanh" => Some(Activation::GeluTanh),
             "sigmoid" => Some(Activation::Sigmoid),
+            "swiglu_oai" => Some(Activation::SwigluOai),
             _ => None,
         }
     }
@@ -194,6 +202,7 @@ impl Activation {
             Activation::Silu => "silu",
             Activation::GeluTanh => "gelu_tanh",
             Activation::Sigmoid => "sigmoid",
+            Activation::SwigluOai => "swiglu_oai",
         }
     }
 
@@ -219,6 +228,7 @@ impl Activation {
             Activation::Silu => 0,
             Activation::GeluTanh => 1,
             Activation::Sigmoid => 2,
+            Activation::SwigluOai => 3,
         }
     }
 }

@@ -723,17 +723,19 @@ fn gated_job<A: Real, T: Storage<A>>(c: GatedCall) -> Box<dyn FnOnce() + Send> {
     Box::new(move || {
         let g = c.g;
         let n = g.rows * g.cols;
-        let span = |ld: usize| {
-            if n == 0 {
-                0
-            } else {
-                (g.rows - 1) * ld + g.cols
-            }
+        let span = |ld: usize, cols: usize| {
+            if n == 0 { 0 } else { (g.rows - 1) * ld + cols }
         };
+        let width = if g.pairs { 2 } else { 1 };
         // SAFETY: regions checked by the caller.
         unsafe {
-            let gate = slice::<T>(c.gate, span(g.ld_gate));
-            let up = slice::<T>(c.up, span(g.ld_up));
+            let gate = slice::<T>(c.gate, span(g.ld_gate, width * g.cols));
+            // with pairs, up is read from gate
+            let up: &[T] = if g.pairs {
+                &[]
+            } else {
+                slice::<T>(c.up, span(g.ld_up, g.cols))
+            };
             if c.backward && c.packed {
                 gated::backward_packed::<A, T>(
                     &g,
@@ -761,7 +763,8 @@ fn gated_job<A: Real, T: Storage<A>>(c: GatedCall) -> Box<dyn FnOnce() + Send> {
 fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyResult<()> {
     let dt = dtype("gate", dtype_name)?;
     let g = c.g;
-    if g.ld_gate < g.cols || g.ld_up < g.cols {
+    let width = if g.pairs { 2 } else { 1 };
+    if g.ld_gate < width * g.cols || (!g.pairs && g.ld_up < g.cols) {
         return value_error(format!(
             "gate: row strides ({}, {}) below the row length {}",
             g.ld_gate, g.ld_up, g.cols
@@ -770,17 +773,25 @@ fn gated_call(py: Python<'_>, c: GatedCall, dtype_name: &str, what: &str) -> PyR
     let Some(n) = g.rows.checked_mul(g.cols) else {
         return value_error(format!("gate: shape ({}, {}) overflows", g.rows, g.cols));
     };
-    let span = |ld: usize| {
+    let span = |ld: usize, cols: usize| {
         if n == 0 {
             0
         } else {
-            (g.rows - 1).saturating_mul(ld).saturating_add(g.cols)
+            (g.rows - 1).saturating_mul(ld).saturating_add(cols)
         }
     };
-    let mut regions = vec![
-        region("gate", c.gate, span(g.ld_gate), dt, false),
-        region("up", c.up, span(g.ld_up), dt, false),
-    ];
+    let mut regions = vec![region(
+        "gate",
+        c.gate,
+        span(g.ld_gate, width * g.cols),
+        dt,
+        false,
+    )];
+    if !g.pairs {
+        regions.push(region("up", c.up, span(g.ld_up, g.cols), dt, false));
+    } else if c.backward && !c.packed {
+        return value_error("dgate: pairs need the packed backward".into());
+    }
     if c.backward && c.packed {
         if c.dup != 0 {
             return value_error("dup: must be None with packed (dgate holds both)".into());
@@ -813,7 +824,7 @@ fn activation(name: &str) -> PyResult<Activation> {
 /// `out = act(gate) * up` (contiguous (rows, cols)) from gate and up with row strides
 /// `ld_gate` and `ld_up` (elements).
 #[pyfunction]
-#[pyo3(signature = (*, gate, up, out, rows, cols, ld_gate, ld_up, dtype, activation, limit=None, clamp_after_activation=false, grad_at_bound=false))]
+#[pyo3(signature = (*, gate, up, out, rows, cols, ld_gate, ld_up, dtype, activation, limit=None, clamp_after_activation=false, grad_at_bound=false, alpha=None, interleaved=false))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_act(
     py: Python<'_>,
@@ -829,15 +840,20 @@ fn cpu_gated_act(
     limit: Option<f64>,
     clamp_after_activation: bool,
     grad_at_bound: bool,
+    alpha: Option<f64>,
+    interleaved: bool,
 ) -> PyResult<()> {
+    let act = self::activation(activation)?;
     let call = GatedCall {
         g: Gated {
             rows,
             cols,
             ld_gate,
             ld_up,
-            act: self::activation(activation)?,
+            act,
             clamp: Clamp::of(limit, clamp_after_activation, grad_at_bound).or_else(value_error)?,
+            alpha: gated::alpha_of(act, alpha).or_else(value_error)?,
+            pairs: interleaved,
         },
         gate,
         up,
@@ -854,7 +870,7 @@ fn cpu_gated_act(
 /// `packed`, `dgate` is one (rows, 2 * cols) buffer receiving `[dgate | dup]` per row and
 /// `dup` is None.
 #[pyfunction]
-#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false, limit=None, clamp_after_activation=false, grad_at_bound=false))]
+#[pyo3(signature = (*, dout, gate, up, dgate, dup, rows, cols, ld_gate, ld_up, dtype, activation, packed=false, limit=None, clamp_after_activation=false, grad_at_bound=false, alpha=None, interleaved=false))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_act_backward(
     py: Python<'_>,
@@ -873,15 +889,20 @@ fn cpu_gated_act_backward(
     limit: Option<f64>,
     clamp_after_activation: bool,
     grad_at_bound: bool,
+    alpha: Option<f64>,
+    interleaved: bool,
 ) -> PyResult<()> {
+    let act = self::activation(activation)?;
     let call = GatedCall {
         g: Gated {
             rows,
             cols,
             ld_gate,
             ld_up,
-            act: self::activation(activation)?,
+            act,
             clamp: Clamp::of(limit, clamp_after_activation, grad_at_bound).or_else(value_error)?,
+            alpha: gated::alpha_of(act, alpha).or_else(value_error)?,
+            pairs: interleaved,
         },
         gate,
         up,

@@ -692,6 +692,7 @@ fn act_reference(act: Activation, x: f64) -> f64 {
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
         }
         Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        Activation::SwigluOai => unreachable!("takes an alpha: swiglu_oai's own test"),
     }
 }
 
@@ -756,6 +757,8 @@ fn check_gated_clamped<A: Real, T: Storage<A>>(
         ld_up: ld,
         act,
         clamp,
+        alpha: 0.0,
+        pairs: false,
     };
     let (gs, us, ds) = (
         stored::<A, T>(&gate),
@@ -801,7 +804,9 @@ fn check_gated_clamped<A: Real, T: Storage<A>>(
             let slope = match act {
                 Activation::Silu => 1.0 + x.abs(),
                 Activation::GeluTanh => 1.0 + x.abs() * (1.0 + 0.134145 * x * x),
-                Activation::Sigmoid => unreachable!("not a gated MLP activation"),
+                Activation::Sigmoid | Activation::SwigluOai => {
+                    unreachable!("not here: the gated norm's, swiglu_oai's own test")
+                }
             };
             s_out.push(x * u);
             s_du.push(d * x);
@@ -855,6 +860,118 @@ fn clamped_swiglu_and_its_backward() {
     }
 }
 
+/// GPT-OSS's experts gate: (gate, up) pairs of one gate_up row, clamped at a limit, then
+/// `(up + 1) * gate * sigmoid(alpha * gate)`.
+fn oai_case(rows: usize, cols: usize, pad: usize, seed: u64) -> (Gated, Vec<f64>, Vec<f64>) {
+    let mut rng = Rng::new(seed);
+    let ld = 2 * cols + pad;
+    let gate_up = rng.vec(
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * ld + 2 * cols
+        },
+        2.0,
+    );
+    let dout = rng.vec(rows * cols, 1.0);
+    let g = Gated {
+        rows,
+        cols,
+        ld_gate: ld,
+        ld_up: ld,
+        act: Activation::SwigluOai,
+        clamp: Some(Clamp {
+            limit: 1.5,
+            after_activation: false,
+            grad_at_bound: true,
+        }),
+        alpha: 1.702,
+        pairs: true,
+    };
+    (g, gate_up, dout)
+}
+
+#[test]
+fn swiglu_oai_on_pairs_matches_float64() {
+    let (g, gate_up, dout) = oai_case(5, 16, 2, 71);
+    let mut out = vec![0.0f64; 5 * 16];
+    gated::forward::<f64, f64>(&g, &gate_up, &[], &mut out);
+    let mut grad = vec![0.0f64; 5 * 32];
+    gated::backward_packed::<f64, f64>(&g, &dout, &gate_up, &[], &mut grad);
+    let (l, alpha) = (1.5f64, g.alpha as f64);
+    for r in 0..5 {
+        for c in 0..16 {
+            let (g0, u0, d) = (
+                gate_up[r * g.ld_gate + 2 * c],
+                gate_up[r * g.ld_gate + 2 * c + 1],
+                dout[r * 16 + c],
+            );
+            let x = g0.min(l);
+            let s = 1.0 / (1.0 + (-alpha * x).exp());
+            let up = u0.clamp(-l, l) + 1.0;
+            let want = [
+                x * s * up,
+                if g0 <= l {
+                    d * up * (s + x * alpha * s * (1.0 - s))
+                } else {
+                    0.0
+                },
+                if u0.abs() <= l { d * x * s } else { 0.0 },
+            ];
+            let got = [
+                out[r * 16 + c],
+                grad[r * 32 + 2 * c],
+                grad[r * 32 + 2 * c + 1],
+            ];
+            for (k, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                    "({r}, {c}) [{k}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_oai_rounds_like_gpt_oss_statements() {
+    // glu = gate * sigmoid(gate * alpha) and (up + 1) * glu, each statement rounded to bf16.
+    let (g, gate_up, dout) = oai_case(3, 24, 0, 72);
+    let gu = stored::<f32, bf16>(&gate_up);
+    let mut out = vec![bf16::ZERO; 3 * 24];
+    gated::forward::<f32, bf16>(&g, &gu, &[], &mut out);
+    let r16 = |x: f32| bf16::from_f32(x).to_f32();
+    let lim = r16(1.5);
+    for i in 0..3 * 24 {
+        let (gv, uv) = (gu[2 * i].to_f32(), gu[2 * i + 1].to_f32());
+        let x = gv.min(lim);
+        let s = r16(1.0 / (1.0 + (-r16(x * 1.702)).exp()));
+        let glu = r16(x * s);
+        let up = r16(uv.clamp(-lim, lim) + 1.0);
+        assert_eq!(out[i], bf16::from_f32(up * glu), "element {i}");
+    }
+    // The packed backward writes (dgate, dup) pairs: the two-tensor backward's numbers.
+    let ds = stored::<f32, bf16>(&dout);
+    let mut pairs = vec![bf16::ZERO; 3 * 48];
+    gated::backward_packed::<f32, bf16>(&g, &ds, &gu, &[], &mut pairs);
+    let (gate, up): (Vec<bf16>, Vec<bf16>) = gu.chunks(2).map(|p| (p[0], p[1])).unzip();
+    let split = Gated {
+        ld_gate: 24,
+        ld_up: 24,
+        pairs: false,
+        ..g
+    };
+    let (mut dg, mut du) = (vec![bf16::ZERO; 72], vec![bf16::ZERO; 72]);
+    gated::backward::<f32, bf16>(&split, &ds, &gate, &up, &mut dg, &mut du);
+    for i in 0..72 {
+        assert_eq!(
+            (pairs[2 * i], pairs[2 * i + 1]),
+            (dg[i], du[i]),
+            "element {i}"
+        );
+    }
+}
+
 #[test]
 fn clamped_swiglu_rounds_the_limit_and_keeps_nan() {
     // A limit between two bf16 values clamps to its bf16 rounding (torch compares a bf16
@@ -888,6 +1005,8 @@ fn check_limit_rounding_and_nan(
         ld_up: 5,
         act: Activation::Silu,
         clamp,
+        alpha: 0.0,
+        pairs: false,
     };
     let mut out = [bf16::ZERO; 5];
     gated::forward::<f32, bf16>(&g, gate, up, &mut out);
@@ -936,6 +1055,8 @@ fn gated_forward_rounds_like_the_stock_module() {
         ld_up: 256,
         act: Activation::Silu,
         clamp: None,
+        alpha: 0.0,
+        pairs: false,
     };
     let mut out = vec![bf16::ZERO; 256];
     gated::forward::<f32, bf16>(&g, &gate, &up, &mut out);
@@ -987,6 +1108,8 @@ fn gated_packed_backward_is_the_two_gradients_side_by_side() {
             ld_up: 2 * cols,
             act,
             clamp: None,
+            alpha: 0.0,
+            pairs: false,
         };
         let (gate, up) = (&gate_up[..], &gate_up[cols..]);
         let mut dg = vec![bf16::ZERO; rows * cols];
