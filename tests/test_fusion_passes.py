@@ -780,3 +780,262 @@ def test_gpt_oss_half_tables_rotary_matches_stock_and_takes_the_fused_path(tmp_p
     torch.testing.assert_close(got_grads, want_grads, rtol=0, atol=0)
     forward_rewrite.uninstall()
     assert modeling_gpt_oss.apply_rotary_pos_emb is stock
+
+
+# ------------------------------------------------- GPT-OSS's and MiniMax-M3's SwiGLU (swiglu_oai)
+# `(up + 1) * gate * sigmoid(gate * alpha)` with the clamped SwiGLU's clamps, written out (no
+# activation module): GPT-OSS's experts gate on interleaved pairs (`interleaved=True`; its
+# `experts-forward` refused: a bias, and the op takes halves), MiniMax-M3's experts gate and
+# dense MLP on halves (its `experts-forward` with `alpha` registered).
+
+
+def _oai_modules():
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl
+
+    return modeling_gpt_oss, modeling_minimax_m3_vl
+
+
+def test_swiglu_alpha_reads_a_finite_python_number_and_gated_oai_counts_once():
+    before = dict(fusion_guard.taken)
+    for value, want in [(1.702, 1.702), (2, 2.0), (-0.5, -0.5), (0, 0.0)]:
+        got = fusion_guard.swiglu_alpha(value)
+        assert got == want and type(got) is float, (value, got)
+    for value in (
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        True,
+        False,
+        None,
+        "1.702",
+        [1.702],
+        torch.tensor(1.702),
+        10**400,
+    ):
+        assert fusion_guard.swiglu_alpha(value) is None, value
+    assert fusion_guard.taken == before
+    module = nn.Linear(4, 4).train()
+    x = torch.randn(3, 4)
+    assert fusion_guard.gated_oai(module, x, 1.702) == 1.702
+    assert fusion_guard.taken["gated-mlp"] == before["gated-mlp"] + 1
+    counted = dict(fusion_guard.taken)
+    # stock: no alpha, eval, no_grad, disabled, float64, a subclass, no module
+    assert fusion_guard.gated_oai(module, x, None) is None
+    assert fusion_guard.gated_oai(module.eval(), x, 1.702) is None
+    module.train()
+    with torch.no_grad():
+        assert fusion_guard.gated_oai(module, x, 1.702) is None
+    with fusion_guard.disabled():
+        assert fusion_guard.gated_oai(module, x, 1.702) is None
+    assert fusion_guard.gated_oai(module, x.double(), 1.702) is None
+    assert fusion_guard.gated_oai(module, x.as_subclass(_Sub), 1.702) is None
+    assert fusion_guard.gated_oai(None, x, 1.702) is None
+    assert fusion_guard.taken == counted
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_swiglu_oai_sites_install_with_their_alpha(tmp_path):
+    gpt_oss, minimax = _oai_modules()
+    stock_gates = (
+        gpt_oss.GptOssExperts.__dict__["_apply_gate"],
+        minimax.MiniMaxM3VLExperts.__dict__["_apply_gate"],
+    )
+    stock_mlp = minimax.MiniMaxM3VLDenseMLP.__dict__["forward"]
+    forward_rewrite.install(cache_dir=tmp_path)
+    gate = sites("GptOssForCausalLM", "gated-mlp")["GptOssExperts"]
+    assert gate["kind"] == "experts-gate" and gate["installed"], gate
+    assert gate["original_sha256"]
+    assert gate["lowered"]["alpha"] == "self.alpha"
+    assert gate["lowered"]["layout"] == "interleaved"
+    source = _source(gpt_oss.GptOssExperts._apply_gate)
+    assert "fusion_guard.swiglu_alpha(self.alpha)" in source
+    assert (
+        'activation="swiglu_oai", alpha=_fr_alpha, limit=_fr_limit, interleaved=True'
+        in (source)
+    )
+    # has_bias=True (and the pairs): the experts op stays off; the gate fuses under grouped_mm
+    forward = sites("GptOssForCausalLM", "gated-mlp", "experts-forward")[
+        "GptOssExperts"
+    ]
+    assert forward["reason"] == "experts-forward-options", forward
+    assert gpt_oss.GptOssExperts not in fusion_guard.experts_forms
+    qualname = "MiniMaxM3VLForCausalLM"
+    mlp = sites(qualname, "gated-mlp")["MiniMaxM3VLDenseMLP"]
+    assert mlp["installed"] and mlp["lowered"]["alpha"] == "self.swiglu_alpha", mlp
+    assert "gated_mlp_act_packed(self.gate_up_proj(hidden_states)" in _source(
+        minimax.MiniMaxM3VLDenseMLP.forward
+    )
+    assert sites(qualname, "gated-mlp")["MiniMaxM3VLExperts"]["installed"]
+    forward = sites(qualname, "gated-mlp", "experts-forward")["MiniMaxM3VLExperts"]
+    assert forward["installed"], forward
+    form = fusion_guard.experts_forms[minimax.MiniMaxM3VLExperts]
+    assert form.alpha == "swiglu_alpha" and form.limit == "swiglu_limit"
+    assert form.clamp_after_activation is False
+    forward_rewrite.uninstall()
+    assert (
+        gpt_oss.GptOssExperts.__dict__["_apply_gate"],
+        minimax.MiniMaxM3VLExperts.__dict__["_apply_gate"],
+    ) == stock_gates
+    assert minimax.MiniMaxM3VLDenseMLP.__dict__["forward"] is stock_mlp
+    assert fusion_guard.experts_forms == {}
+
+
+def test_register_experts_takes_alpha_with_swiglu_oai_only():
+    from forward_rewrite import _installer
+
+    with pytest.raises(ValueError, match="alpha"):
+        fusion_guard.register_experts(nn.Module, None, None, alpha="alpha")
+    with pytest.raises(ValueError, match="alpha"):
+        fusion_guard.register_experts(
+            nn.Module, None, None, activation="swiglu_oai", limit="limit"
+        )
+    with pytest.raises(ValueError, match="alpha"):
+        fusion_guard.register_experts(
+            nn.Module, None, None, activation="swiglu_oai", alpha="1.7", limit="limit"
+        )
+    with pytest.raises(ValueError, match="clamped"):
+        fusion_guard.register_experts(
+            nn.Module, None, None, activation="swiglu_oai", alpha="alpha"
+        )
+    assert fusion_guard.experts_forms == {}
+    # the installer's reading of an experts-forward site's lowered
+    lowered = {
+        "act": "swiglu_oai",
+        "activation": "swiglu_oai",
+        "alpha": "self.swiglu_alpha",
+        "limit": "self.swiglu_limit",
+        "clamp": "gate before act",
+    }
+    assert _installer._experts_clamp({"lowered": lowered}) == {
+        "activation": "swiglu_oai",
+        "alpha": "swiglu_alpha",
+        "limit": "swiglu_limit",
+        "clamp_after_activation": False,
+    }
+    for wrong in (
+        {"layout": "interleaved"},
+        {"alpha": "config.alpha"},
+        {"act": "self.act_fn"},
+        {"limit": None},
+    ):
+        site = {"lowered": {k: v for k, v in {**lowered, **wrong}.items() if v}}
+        assert isinstance(_installer._experts_clamp(site), tuple), wrong
+
+
+def test_moe_experts_guard_passes_a_swiglu_oai_alpha(tmp_path):
+    _, minimax = _oai_modules()
+    forward_rewrite.install(cache_dir=tmp_path)
+    config = minimax.MiniMaxM3VLTextConfig(
+        hidden_size=8,
+        intermediate_size=8,
+        num_local_experts=4,
+        swiglu_alpha=1.5,
+        swiglu_limit=7.0,
+    )
+    experts = minimax.MiniMaxM3VLExperts(config).train()
+    for p in experts.parameters():
+        nn.init.normal_(p)
+    plan = _experts_plan(minimax, experts)
+    assert plan == {
+        "activation": "swiglu_oai",
+        "transposed": experts.is_transposed,
+        "limit": 7.0,
+        "clamp_after_activation": False,
+        "alpha": 1.5,
+    }, plan
+    experts.swiglu_alpha = 2  # an int alpha is a number too
+    assert _experts_plan(minimax, experts)["alpha"] == 2.0
+    # read on every call: an alpha the op does not take runs stock, uncounted
+    for alpha in (torch.tensor(1.5), float("nan"), float("inf"), True, None):
+        experts.swiglu_alpha = alpha
+        before = dict(fusion_guard.taken)
+        assert _experts_plan(minimax, experts) is None, alpha
+        assert fusion_guard.taken == before, alpha
+
+
+def _set_oai(model, limit, alpha=None):
+    """Every GPT-OSS / MiniMax-M3 MLP and experts module's limit (and alpha) set; how many."""
+    changed = 0
+    for m in model.modules():
+        if type(m).__name__.endswith(("MLP", "Experts")):
+            for name in ("limit", "swiglu_limit"):
+                if isinstance(getattr(m, name, None), (int, float)):
+                    setattr(m, name, limit)
+                    changed += 1
+            for name in ("alpha", "swiglu_alpha"):
+                if alpha is not None and isinstance(getattr(m, name, None), float):
+                    setattr(m, name, alpha)
+    return changed
+
+
+OAI_MODELS = [
+    ("gpt_oss", "GptOssForCausalLM", "grouped_mm", ("gated-mlp",)),
+    ("gpt_oss", "GptOssForCausalLM", "eager", ("gated-mlp",)),
+    (
+        "minimax_m3_vl",
+        "MiniMaxM3VLForCausalLM",
+        "grouped_mm",
+        ("gated-mlp", "experts-forward"),
+    ),
+    ("minimax_m3_vl", "MiniMaxM3VLForCausalLM", "eager", ("gated-mlp",)),
+]
+
+
+@pytest.mark.parametrize(
+    "family, qualname, implementation, fused",
+    OAI_MODELS,
+    ids=[f"{c[0]}-{c[2]}" for c in OAI_MODELS],
+)
+def test_swiglu_oai_models_match_stock_with_tight_limits(
+    family, qualname, implementation, fused, tmp_path
+):
+    """GPT-OSS's gate on interleaved pairs (both experts implementations call the class's
+    ``_apply_gate``: ``grouped_mm`` once per layer on every routed row, ``eager`` per expert
+    on its rows) and MiniMax-M3's dense MLP, gate and ``experts-forward`` (``grouped_mm``),
+    with limits tight enough to clamp and an alpha of its own: loss and every gradient match
+    stock, each fused path counted."""
+    import importlib
+
+    from forward_rewrite import verify
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(0)
+    model = verify.tiny_model(getattr(module, qualname))
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    assert experts
+    for m in experts:
+        m.config._experts_implementation = implementation
+    inputs = verify.tiny_inputs(model)
+    loose = copy.deepcopy(model)
+    assert _set_oai(loose, float("inf"), 1.25) and _set_oai(model, 0.05, 1.25)
+    _, _, loose_grads = loss_and_grads(loose, dict(inputs))
+    stock_model = copy.deepcopy(model)
+    want_loss, _, want_grads = loss_and_grads(stock_model, dict(inputs))
+    # the tight limits change the gradients at order one: the clamps are compared
+    assert verify.grad_error(loose_grads, want_grads)[0] > 100 * GRAD_TOL
+    forward_rewrite.install(cache_dir=tmp_path)
+    before = dict(fusion_guard.taken)
+    got_loss, _, got_grads = loss_and_grads(model, dict(inputs))
+    for name in ("gated-mlp", "experts-forward"):
+        ran = fusion_guard.taken[name] - before[name]
+        assert (ran > 0) == (name in fused), (name, ran)
+    assert rel_err(got_loss, want_loss) <= LOSS_TOL
+    assert set(got_grads) == set(want_grads)
+    worst, name = verify.grad_error(got_grads, want_grads)
+    assert worst <= GRAD_TOL, (name, worst)
+
+
+def test_gpt_oss_check_class_verifies_with_the_interleaved_gate_fused():
+    from forward_rewrite import verify
+
+    result = verify.check_class(
+        ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssForCausalLM")
+    )
+    assert result["status"] == "verified", result
+    assert "gated-mlp:GptOssExperts" in result["fusion_sites"], result
+    assert result["fusions_taken"]["gated-mlp"] > 0, result
+    assert result["fusions_taken"]["experts-forward"] == 0, result

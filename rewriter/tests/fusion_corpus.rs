@@ -157,6 +157,9 @@ fn emitted_code_of_representative_sites() {
         ("DeepseekV4ForCausalLM", "gated-mlp", "DeepseekV4MLP"),
         ("DeepseekV4ForCausalLM", "gated-mlp", "DeepseekV4Experts"),
         ("Step3p7ForConditionalGeneration", "gated-mlp", "Step3p7MLP"),
+        ("GptOssForCausalLM", "gated-mlp", "GptOssExperts"),
+        ("MiniMaxM3VLForCausalLM", "gated-mlp", "MiniMaxM3VLDenseMLP"),
+        ("MiniMaxM3VLForCausalLM", "gated-mlp", "MiniMaxM3VLExperts"),
     ] {
         let report = doc
             .classes

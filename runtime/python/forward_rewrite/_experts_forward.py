@@ -16,8 +16,9 @@ must equal the functions the op reproduces statement for statement
 (the decorator's own ``forward``), and its ``_apply_gate`` must be the gate this installer put
 in place (its ``experts-gate`` site), whose fused product the op computes: transformers'
 default gate, or the class's own when the rewriter read it as the default's product or the
-clamped SwiGLU (DeepSeek-V4, GLM-5-Next, HY-V4), whose limit attribute and clamp position the
-site's ``lowered`` gives and ``fusion_guard.register_experts`` records.
+clamped SwiGLU (DeepSeek-V4, GLM-5-Next, HY-V4) or MiniMax-M3's ``swiglu_oai``, whose limit
+attribute, clamp position and alpha attribute the site's ``lowered`` gives and
+``fusion_guard.register_experts`` records.
 """
 
 import inspect
@@ -50,12 +51,18 @@ def grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def install_class(
-    cls, gate, *, activation="self.act_fn", limit=None, clamp_after_activation=False
+    cls,
+    gate,
+    *,
+    activation="self.act_fn",
+    limit=None,
+    clamp_after_activation=False,
+    alpha=None,
 ):
     """Run ``cls``'s experts through the op (``gate``: the ``_apply_gate`` the installer put
-    on it; ``activation``, ``limit`` and ``clamp_after_activation`` what that gate computes,
-    as ``fusion_guard.register_experts`` takes them); None, or (reason, detail) saying why
-    the class stays stock."""
+    on it; ``activation``, ``limit``, ``clamp_after_activation`` and ``alpha`` what that gate
+    computes, as ``fusion_guard.register_experts`` takes them); None, or (reason, detail)
+    saying why the class stays stock."""
     global _installed
     try:
         from transformers.integrations import moe
@@ -101,6 +108,7 @@ def install_class(
         activation=activation,
         limit=limit,
         clamp_after_activation=clamp_after_activation,
+        alpha=alpha,
     )
     return None
 

@@ -804,12 +804,31 @@ def _rewrap(cls, attribute, original):
 def _experts_clamp(site):
     """What an ``experts-forward`` site's gate computes, as ``register_experts`` takes it
     (the activation as the gate's source writes it, the limit attribute of a clamped SwiGLU
-    gate and where the gate is clamped), from the site's ``lowered``; or (reason, detail)
-    when the site names a limit that is not a ``self`` attribute or a clamp this installer
-    does not know (the class then stays stock)."""
+    gate and where the gate is clamped, a ``swiglu_oai`` gate's alpha attribute), from the
+    site's ``lowered``; or (reason, detail) when the site names a limit or alpha that is not
+    a ``self`` attribute, a clamp or a layout this installer does not know (the class then
+    stays stock: the op takes gate and up as halves)."""
     lowered = site.get("lowered") or {}
     plan = {"activation": lowered.get("act", "self.act_fn")}
+    if lowered.get("layout", "halves") != "halves":
+        return (
+            "site-emit-invalid",
+            f"layout {lowered['layout']!r} is not one the experts op computes",
+        )
+    if "alpha" in lowered or plan["activation"] == "swiglu_oai":
+        alpha = _self_attribute(lowered.get("alpha", ""))
+        if alpha is None or plan["activation"] != "swiglu_oai":
+            return (
+                "site-emit-invalid",
+                (
+                    f"alpha {lowered.get('alpha')!r} / act {plan['activation']!r} is not "
+                    "a form this installer registers"
+                ),
+            )
+        plan["alpha"] = alpha
     if "limit" not in lowered:
+        if "alpha" in plan:
+            return ("site-emit-invalid", "a 'swiglu_oai' gate without its limit")
         return plan
     limit = _self_attribute(lowered["limit"])
     clamp = lowered.get("clamp")

@@ -13,11 +13,16 @@ torch's functional SiLU itself where the source applies the function (``gated_fu
 ``swiglu_limit`` reads the limit of a clamped SwiGLU (DeepSeek-V4, GLM-5-Next, Step-3.7:
 ``gate.clamp(max=L)``, ``up.clamp(min=-L, max=L)``) on every call: a Python number > 0 (inf
 allowed) goes to the op as ``limit=``, anything else (a tensor, NaN, 0, a bool) runs stock.
+GPT-OSS's and MiniMax-M3's SwiGLU (``swiglu_oai``: ``(up + 1) * gate * sigmoid(gate *
+alpha)``, written out, no activation module) reads its alpha through ``swiglu_alpha`` (a
+finite Python number) and takes the fused path through ``gated_oai`` (the module in train
+mode, x as for ``gated_act``), which counts it.
 ``moe_experts`` (the ``experts-forward`` sites) runs ``forward_rewrite.moe_experts`` for an
 experts class the installer registered (``experts_forms``), with its fused gate in place,
 transformers' flags as the op computes them (gated, concatenated, no bias, no post-expert
 norm, no expert parallelism), the weights torch's grouped GEMM takes as stock does, and for a
-clamped gate its limit as ``swiglu_limit`` reads it.
+clamped gate its limit as ``swiglu_limit`` reads it (and a ``swiglu_oai`` gate's alpha as
+``swiglu_alpha`` reads it).
 ``disabled()`` turns every guard off for a block (real stock code everywhere).
 
 ``residual_norm`` (the ``residual-norm`` pass) fuses a layer's residual add into the norm
@@ -46,12 +51,14 @@ __all__ = [
     "disabled",
     "gated_act",
     "gated_function",
+    "gated_oai",
     "gated_rms_norm",
     "moe_experts",
     "residual_norm",
     "rms_norm",
     "rotary",
     "rotary_single",
+    "swiglu_alpha",
     "swiglu_limit",
 ]
 
@@ -76,7 +83,8 @@ taken = {
 norm_forms = {}
 #: The MoE experts classes whose ``experts-forward`` site is installed, by class: an
 #: ``_ExpertsForm`` (the decorator's ``forward``, the fused ``_apply_gate``, how the gate's
-#: activation is found, and the clamp of a clamped SwiGLU gate), as the installer found them.
+#: activation is found, the clamp of a clamped SwiGLU gate and a ``swiglu_oai`` gate's alpha
+#: attribute), as the installer found them.
 experts_forms = {}
 
 
@@ -373,6 +381,36 @@ def gated_act(act, x):
     return None
 
 
+def gated_oai(module, x, alpha):
+    """``alpha`` (the ``swiglu_alpha`` the guard read before) or None (stock) for an MLP or
+    experts module whose source writes GPT-OSS's / MiniMax-M3's SwiGLU out (``(up + 1) * gate *
+    torch.sigmoid(gate * self.<alpha>)``: ``activation="swiglu_oai"``): with no activation
+    module to inspect, the module itself must be in train mode; x as for ``gated_act``. The
+    guard that counts the fused path (``taken["gated-mlp"]``), once, after the limit's and
+    alpha's guards."""
+    if alpha is None:
+        return None
+    if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return None
+    if not _tensor_ok(x) or not isinstance(module, nn.Module) or not module.training:
+        return None
+    taken["gated-mlp"] += 1
+    return alpha
+
+
+def swiglu_alpha(value):
+    """The alpha of GPT-OSS's / MiniMax-M3's SwiGLU as the fused ops take it (``alpha=``), or
+    None (stock): a Python int or float (not a bool, not a tensor), finite. It guards no tensor
+    and counts nothing: ``gated_oai`` after it does."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        alpha = float(value)
+    except OverflowError:  # an int beyond float
+        return None
+    return alpha if math.isfinite(alpha) else None
+
+
 def swiglu_limit(value):
     """The limit of a clamped SwiGLU as ``forward_rewrite.gated_mlp_act`` /
     ``moe_experts`` take it (``limit=``), or None (stock): a Python int or float (not a bool,
@@ -395,6 +433,7 @@ class _ExpertsForm:
     __slots__ = (
         "act_attribute",
         "act_path",
+        "alpha",
         "clamp_after_activation",
         "forward",
         "gate",
@@ -402,13 +441,19 @@ class _ExpertsForm:
         "namespace",
     )
 
-    def __init__(self, cls, forward, gate, activation, limit, clamp_after_activation):
+    def __init__(
+        self, cls, forward, gate, activation, limit, clamp_after_activation, alpha=None
+    ):
         self.forward = forward
         self.gate = gate
+        # ``swiglu_oai``: no activation to find, the alpha attribute read on every call.
+        self.alpha = alpha
         # ``self.<name>``: the module's attribute; else a dotted name (``F.silu``) the gate's
         # source reads in its module, looked up there on every call as the source would.
         name = activation.removeprefix("self.")
-        if name != activation:
+        if alpha is not None:
+            self.act_attribute, self.act_path, self.namespace = None, None, None
+        elif name != activation:
             self.act_attribute, self.act_path, self.namespace = name, None, None
         else:
             module = sys.modules.get(cls.__module__)
@@ -436,12 +481,15 @@ def register_experts(
     activation="self.act_fn",
     limit=None,
     clamp_after_activation=False,
+    alpha=None,
 ):
     """Record that ``cls`` runs through ``forward_rewrite.moe_experts`` while its
     ``forward`` and ``_apply_gate`` are these (the installer calls it). ``activation``: what
     the gate applies, ``self.<attribute>`` (transformers' default: ``self.act_fn``) or a
-    dotted name of the class's module (``F.silu``); ``limit``: the attribute holding a
-    clamped SwiGLU gate's limit (its name, read through ``swiglu_limit`` on every call), and
+    dotted name of the class's module (``F.silu``), or ``"swiglu_oai"`` (MiniMax-M3's gate,
+    written out) with ``alpha``, the attribute holding its alpha (read through
+    ``swiglu_alpha`` on every call); ``limit``: the attribute holding a clamped SwiGLU gate's
+    limit (its name, read through ``swiglu_limit`` on every call), and
     ``clamp_after_activation`` where the gate is clamped (Step-3.7: the activation's
     output)."""
     if not (isinstance(activation, str) and activation):
@@ -450,8 +498,18 @@ def register_experts(
         )
     if limit is not None and not (isinstance(limit, str) and limit.isidentifier()):
         raise ValueError(f"limit must be an attribute name, not {limit!r}")
+    if (activation == "swiglu_oai") != (alpha is not None):
+        raise ValueError(
+            f"alpha goes with activation 'swiglu_oai' and nothing else, not {alpha!r} "
+            f"with {activation!r}"
+        )
+    if alpha is not None:
+        if not (isinstance(alpha, str) and alpha.isidentifier()):
+            raise ValueError(f"alpha must be an attribute name, not {alpha!r}")
+        if limit is None or clamp_after_activation:
+            raise ValueError("a 'swiglu_oai' gate is clamped before the activation")
     experts_forms[cls] = _ExpertsForm(
-        cls, forward, gate, activation, limit, clamp_after_activation
+        cls, forward, gate, activation, limit, clamp_after_activation, alpha
     )
 
 
@@ -461,7 +519,8 @@ def forget_experts():
 
 def moe_experts(module, x, top_k_index, top_k_weights):
     """The keyword arguments of ``forward_rewrite.moe_experts`` (activation, transposed; for
-    a clamped SwiGLU gate also limit and clamp_after_activation)
+    a clamped SwiGLU gate also limit and clamp_after_activation; for a ``swiglu_oai`` gate
+    alpha)
     that compute what transformers' ``grouped_mm_experts_forward`` computes for this
     experts module and call, or None (stock): the module's class registered with its
     ``forward`` and fused gate still in place (none of its own on the instance), in train
@@ -470,7 +529,8 @@ def moe_experts(module, x, top_k_index, top_k_weights):
     whose 16-byte alignment torch's grouped GEMM needs, and transformers' own test
     (``_can_use_grouped_mm``) choosing torch's grouped GEMM, as the stock call would; a
     clamped gate's limit as ``swiglu_limit`` reads it from the module; the activation the gate
-    applies as ``gated_act`` / ``gated_function`` decide it."""
+    applies as ``gated_act`` / ``gated_function`` decide it, or for ``swiglu_oai`` its alpha as
+    ``swiglu_alpha`` reads it and ``gated_oai`` lets it through."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     form = experts_forms.get(type(module))
@@ -501,18 +561,28 @@ def moe_experts(module, x, top_k_index, top_k_weights):
         limit = swiglu_limit(getattr(module, form.limit, None))
         if limit is None:
             return None
-    act = form.activation(module)
-    if isinstance(act, nn.Module):
-        activation = gated_act(act, x)
+    alpha = None
+    if form.alpha is not None:
+        # Read before the guard that counts, which sees it.
+        alpha = gated_oai(module, x, swiglu_alpha(getattr(module, form.alpha, None)))
+        if alpha is None:
+            return None
+        activation = "swiglu_oai"
     else:
-        activation = gated_function(module, act, x)
-    if activation is None:
-        return None
+        act = form.activation(module)
+        if isinstance(act, nn.Module):
+            activation = gated_act(act, x)
+        else:
+            activation = gated_function(module, act, x)
+        if activation is None:
+            return None
     taken["experts-forward"] += 1
     plan = {"activation": activation, "transposed": module.is_transposed}
     if form.limit is not None:
         plan["limit"] = limit
         plan["clamp_after_activation"] = form.clamp_after_activation
+    if alpha is not None:
+        plan["alpha"] = alpha
     return plan
 
 

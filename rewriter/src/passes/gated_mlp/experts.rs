@@ -25,8 +25,15 @@
 //! activation as written (`act`: `self.act_fn`, `F.silu`), the limit attribute (`limit`) and
 //! where the gate is clamped (`clamp`: `gate before act` or `activation output`), which the
 //! `experts-forward` site carries to the installer for `fusion_guard.register_experts`.
+//! GPT-OSS's and MiniMax-M3's gates (`swiglu_oai`: `glu = gate * torch.sigmoid(gate *
+//! self.<alpha>)`, `(up + 1) * glu`, with the clamps) are read the same way, their `lowered`
+//! naming `alpha` too; GPT-OSS's reads gate_up's interleaved pairs (`gate_up[..., ::2]`,
+//! `gate_up[..., 1::2]`), which its decorator declares (`is_concatenated=False`: refused
+//! `experts-options` for any gate that does not read them so), lowered with
+//! `interleaved=True` (`layout`: `interleaved`).
 //!
-//! Each experts class whose gate site is patched gets a second site, `experts-forward`: the
+//! Each experts class whose gate site is patched gets a second site, `experts-forward` (not
+//! for an interleaved gate: the op takes the halves), the
 //! `grouped_mm` experts implementation itself (`integrations.moe.grouped_mm_experts_forward`)
 //! replaced, for that class, by `forward_rewrite.moe_experts`, whose backward keeps only
 //! `gate_up` of the routed rows (the stock autograd keeps the gathered input and the down
@@ -216,31 +223,47 @@ pub fn is_experts_class(class: &StmtClassDef) -> bool {
     decorator(class).is_some()
 }
 
-/// Why the decorator's arguments put the gate out of reach: another layout of gate_up
-/// (`is_concatenated=False`: interleaved), no gate (`has_gate=False`), another experts
-/// interface, or anything not a literal.
-fn options_refusal(call: Option<&ruff_python_ast::ExprCall>) -> Option<String> {
-    let call = call?;
+/// What the decorator's arguments say of the gate: Ok(whether gate and up are declared
+/// interleaved, `is_concatenated=False`: only a class's own gate reading them so is a site), or
+/// Err(why it is out of reach): no gate (`has_gate=False`), another experts interface, or
+/// anything not a literal.
+fn options(call: Option<&ruff_python_ast::ExprCall>) -> Result<bool, String> {
+    let Some(call) = call else {
+        return Ok(false);
+    };
     if !call.arguments.args.is_empty() {
-        return Some("the decorator takes positional arguments".to_string());
+        return Err("the decorator takes positional arguments".to_string());
     }
+    let mut interleaved = false;
     for keyword in &call.arguments.keywords {
         let name = keyword.arg.as_ref().map(|a| a.as_str()).unwrap_or("**");
         let value = match &keyword.value {
             Expr::BooleanLiteral(b) => b.value,
-            _ => return Some(format!("{name}= is not a literal")),
+            _ => return Err(format!("{name}= is not a literal")),
         };
         match (name, value) {
             ("is_transposed" | "has_bias" | "has_post_expert_norm", _) => {}
             ("has_gate" | "is_concatenated", true) => {}
-            ("has_gate", false) => return Some("has_gate=False: no gated product".into()),
-            ("is_concatenated", false) => {
-                return Some("is_concatenated=False: gate and up interleaved".into());
-            }
-            _ => return Some(format!("{name}= is not an option this pass knows")),
+            ("has_gate", false) => return Err("has_gate=False: no gated product".into()),
+            ("is_concatenated", false) => interleaved = true,
+            _ => return Err(format!("{name}= is not an option this pass knows")),
         }
     }
-    None
+    Ok(interleaved)
+}
+
+/// Whether the class's own `_apply_gate` (defined on it in the module) reads gate_up as
+/// interleaved pairs, the layout `is_concatenated=False` declares.
+fn own_gate_interleaved(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> bool {
+    let Some((owner, gate)) = defs.method_owner(class, "_apply_gate") else {
+        return false;
+    };
+    let param = match plain_parameters(gate, true).as_deref() {
+        Some([(p, false)]) => p.clone(),
+        _ => return false,
+    };
+    owner.name == class.name
+        && packed::match_gate(body_without_docstring(gate), &param).is_some_and(|g| g.interleaved())
 }
 
 /// The verdict on one experts class.
@@ -248,8 +271,18 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
     let name = class.name.as_str();
     let line = defs.line(class);
     let refuse = |reason, detail: String| Site::refused("experts-gate", name, line, reason, detail);
-    if let Some(detail) = options_refusal(decorator(class).flatten()) {
-        return refuse("experts-options", format!("{name}: {detail}"));
+    match options(decorator(class).flatten()) {
+        Err(detail) => return refuse("experts-options", format!("{name}: {detail}")),
+        // GPT-OSS: the pairs interleaved, read so by the class's own gate.
+        Ok(true) if !own_gate_interleaved(defs, class) => {
+            return refuse(
+                "experts-options",
+                format!(
+                    "{name}: is_concatenated=False: gate and up interleaved, and the class's own _apply_gate does not read them as gate_up[..., ::2], gate_up[..., 1::2] in a form this pass knows"
+                ),
+            );
+        }
+        Ok(_) => {}
     }
     if let Some((owner, gate)) = defs.method_owner(class, "_apply_gate") {
         return own_gate_site(defs, class, owner, gate);
@@ -265,7 +298,7 @@ pub(super) fn experts_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site 
     let lines = [
         format!(
             "if (_fr_act := {}) is not None:",
-            resolved.guard("act_fn", "gate_up_out")
+            resolved.guard_call("act_fn", "gate_up_out")
         ),
         "    # forward-rewrite: the experts' fused act(gate) * up on the packed gate_up, recomputed in backward"
             .to_string(),
@@ -337,69 +370,42 @@ fn own_gate_site(
             ),
         );
     };
-    let (guard, activation, act) = match gated.act {
-        Act::Module(act) => match super::activation(defs, class, act) {
-            Ok(resolved) => (
-                resolved.guard(act, &param),
-                resolved.lowered(act),
-                format!("self.{act}"),
-            ),
-            Err((reason, detail)) => return refuse(reason, detail),
-        },
-        Act::Function(callee) if super::is_torch_silu(defs, callee) => {
-            let text = defs.source.slice(callee);
-            (
-                super::function_guard(text, &param),
-                "silu".to_string(),
-                text.to_string(),
-            )
-        }
-        Act::Function(callee) => {
-            return refuse(
-                "mlp-activation-unknown",
-                format!(
-                    "{} is not known to be torch.nn.functional.silu (the module binds its name otherwise or more than once)",
-                    defs.source.slice(callee)
-                ),
-            );
-        }
-    };
-    let what = match gated.clamp {
-        None => "act(gate) * up".to_string(),
-        Some(c) if c.after_activation => format!(
-            "act(gate).clamp(max=self.{0}) * up.clamp(min=-self.{0}, max=self.{0})",
-            c.limit
-        ),
-        Some(c) => format!(
-            "act(gate.clamp(max=self.{0})) * up.clamp(min=-self.{0}, max=self.{0})",
-            c.limit
-        ),
+    let guard = match super::act_guard(defs, class, gated.act, &param) {
+        Ok(g) => g,
+        Err((reason, detail)) => return refuse(reason, detail),
     };
     let lines = [
+        format!("if {}{}:", super::limit_guard(gated.clamp), guard.test()),
         format!(
-            "if {}(_fr_act := {guard}) is not None:",
-            super::limit_guard(gated.clamp)
+            "    # forward-rewrite: the experts' fused {} on the packed gate_up{}, recomputed in backward",
+            super::read_what(&gated),
+            if gated.interleaved() {
+                " (gate and up its interleaved columns)"
+            } else {
+                ""
+            }
         ),
         format!(
-            "    # forward-rewrite: the experts' fused {what} on the packed gate_up, recomputed in backward"
-        ),
-        format!(
-            "    return forward_rewrite.gated_mlp_act_packed({param}, activation=_fr_act{})",
-            super::clamp_arguments(gated.clamp)
+            "    return forward_rewrite.gated_mlp_act_packed({param}, {}{}{})",
+            guard.arguments(),
+            super::clamp_arguments(gated.clamp),
+            super::layout_argument(&gated)
         ),
     ];
     match emit_guarded(defs.source, gate, &lines) {
         Ok(patch) => {
             let mut lowered: std::collections::BTreeMap<String, String> = [
-                ("activation".to_string(), activation),
-                ("act".to_string(), act),
+                ("activation".to_string(), guard.lowered.clone()),
+                ("act".to_string(), guard.act.clone()),
                 (
                     "gate".to_string(),
                     format!("{name}._apply_gate (the class's own)"),
                 ),
             ]
             .into();
+            lowered.extend(guard.lowered_alpha());
             lowered.extend(super::clamp_lowered(gated.clamp));
+            lowered.extend(super::layout_lowered(&gated));
             Site {
                 kind: "experts-gate",
                 name: name.to_string(),
@@ -449,6 +455,14 @@ pub(super) fn forward_site(class: &StmtClassDef, gate: &Site) -> Site {
             );
         }
     }
+    if gate.lowered.get("layout").map(String::as_str) == Some("interleaved") {
+        return refuse(
+            "experts-forward-options",
+            format!(
+                "{name}: the gate reads gate_up as interleaved pairs, which forward_rewrite.moe_experts does not compute (it takes the halves)"
+            ),
+        );
+    }
     let mut lowered = gate.lowered.clone();
     lowered.insert(
         "experts".to_string(),
@@ -485,6 +499,9 @@ pub fn gate_function_ok(text: &str) -> bool {
     };
     this == "self"
         && def.decorator_list.is_empty()
-        && packed::match_gate(body_without_docstring(def), x)
-            .is_some_and(|g| g.clamp.is_none() && matches!(g.act, Act::Module(a) if a == "act_fn"))
+        && packed::match_gate(body_without_docstring(def), x).is_some_and(|g| {
+            g.clamp.is_none()
+                && !g.interleaved()
+                && matches!(g.act, Act::Module(a) if a == "act_fn")
+        })
 }

@@ -29,10 +29,19 @@
 //! activation guard. A clamp on one side only, two attributes, a literal or another bound is
 //! refused with the reason the form would have without it.
 //!
+//! GPT-OSS's and MiniMax-M3's SwiGLU (`swiglu_oai`: `glu = gate * torch.sigmoid(gate *
+//! self.<alpha>)`, `(up + 1) * glu`, with the clamps above) is read by the same interpreter, on
+//! two projections, the halves of a packed one, or its interleaved pairs (`x[..., ::2]`,
+//! `x[..., 1::2]`, lowered with `interleaved=True`), `torch` bound by `import torch` alone. It
+//! has no activation module: the fused call passes `activation="swiglu_oai", alpha=_fr_alpha`,
+//! the alpha read on every call by `fusion_guard.swiglu_alpha` (a finite real number, else
+//! stock) inside `fusion_guard.gated_oai`, which checks the input and the module's train mode
+//! and counts the fused path, after the limit guard.
+//!
 //! MoE experts classes (`@use_experts_implementation`) the model reaches are sites too: their
 //! gate (`_apply_gate`: transformers' default, or the class's own when it is the default's
-//! product or the clamped SwiGLU) becomes the packed fused product under the `grouped_mm` /
-//! `batched_mm` experts implementations; see `experts.rs`.
+//! product, the clamped SwiGLU or `swiglu_oai`) becomes the packed fused product under the
+//! `grouped_mm` / `batched_mm` experts implementations; see `experts.rs`.
 
 use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtClassDef};
 
@@ -58,11 +67,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "experts-options",
-        "The experts class's `@use_experts_implementation(...)` sets `has_gate=False`, `is_concatenated=False` (gate and up interleaved), another experts interface, or a non-literal option.",
+        "The experts class's `@use_experts_implementation(...)` sets `has_gate=False`, `is_concatenated=False` (gate and up interleaved) while the class's own `_apply_gate` does not read them as interleaved pairs (`gate_up[..., ::2]`, `gate_up[..., 1::2]`, GPT-OSS's) in a form this pass knows, another experts interface, or a non-literal option.",
     ),
     (
         "experts-gate-custom",
-        "The experts class's own `_apply_gate` (or one it inherits from a base class of the module) is neither the default gate's product nor the clamped SwiGLU (`gate.clamp(max=self.<limit>)` before the activation, or on its output, with `up.clamp(min=-self.<limit>, max=self.<limit>)`, one attribute): a float32 upcast, a two-argument activation, MiniMax-M3's `(up + 1) * gate * sigmoid(gate * alpha)`, a clamp on one side only, ...; or it takes other parameters or is decorated.",
+        "The experts class's own `_apply_gate` (or one it inherits from a base class of the module) is neither the default gate's product, nor the clamped SwiGLU (`gate.clamp(max=self.<limit>)` before the activation, or on its output, with `up.clamp(min=-self.<limit>, max=self.<limit>)`, one attribute), nor GPT-OSS's / MiniMax-M3's `(up + 1) * glu` with `glu = gate * torch.sigmoid(gate * self.<alpha>)` and those clamps, on the halves or the interleaved pairs: a float32 upcast, a two-argument activation, a clamp on one side only, `up + 2`, a literal alpha, the gate taken from the odd columns, ...; or it takes other parameters or is decorated.",
     ),
     (
         "experts-forward-gate",
@@ -70,7 +79,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "experts-forward-options",
-        "The experts class's `@use_experts_implementation(...)` sets `has_bias=True` or `has_post_expert_norm=True`, which `forward_rewrite.moe_experts` does not compute (its gate site may still be patched).",
+        "The experts class's `@use_experts_implementation(...)` sets `has_bias=True` or `has_post_expert_norm=True`, or its gate reads gate_up as interleaved pairs, which `forward_rewrite.moe_experts` does not compute (its gate site may still be patched).",
     ),
     (
         "mlp-forward-elsewhere",
@@ -86,7 +95,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-packed",
-        "The gate and up projections are one packed projection split with `chunk`, but the forward is not `down(act(gate) * up)` with `gate, up = gate_up(x).chunk(2, dim=-1)`, plain or with the SwiGLU clamps (the gate the second half, dropout, other clamps, MiniMax-M3's `(up + 1) * glu`, an adapter added, ...).",
+        "The gate and up projections are one packed projection split with `chunk` (or into interleaved pairs, `[..., ::2]` and `[..., 1::2]`), but the forward is not `down(act(gate) * up)` with `gate, up = gate_up(x).chunk(2, dim=-1)`, plain or with the SwiGLU clamps, nor MiniMax-M3's clamped `down((up + 1) * glu)` with `glu = gate * torch.sigmoid(gate * self.<alpha>)` (the gate the second half, dropout, other clamps, `up + 2`, a literal alpha, an adapter added, ...).",
     ),
     (
         "mlp-form-unknown",
@@ -98,7 +107,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "mlp-activation-unknown",
-        "`__init__` assigns the activation in a form neither resolved statically nor guardable (`ACT2FN[...]`) or not at all, or the forward calls a `.silu` not known to be torch.nn.functional.silu (its alias not imported as such, or bound otherwise too).",
+        "`__init__` assigns the activation in a form neither resolved statically nor guardable (`ACT2FN[...]`) or not at all, or the forward calls a `.silu` not known to be torch.nn.functional.silu (its alias not imported as such, or bound otherwise too), or reads `torch.sigmoid` (GPT-OSS's / MiniMax-M3's SwiGLU) with `torch` not bound by `import torch` alone.",
     ),
     (
         "mlp-emit-invalid",
@@ -186,11 +195,119 @@ struct Product<'a> {
 /// The activation of a matched product: a module attribute, `self.<act>(...)`, resolved from
 /// `__init__` and checked at run time; or torch's functional SiLU called directly
 /// (`F.silu(...)`, LFM2's form), given as the callee's dotted name and checked against the
-/// module's imports.
+/// module's imports; or GPT-OSS's / MiniMax-M3's `swiglu_oai` written out (`(up + 1) * gate *
+/// torch.sigmoid(gate * self.<alpha>)`, read by `packed.rs`), by its alpha attribute.
 #[derive(Clone, Copy)]
 enum Act<'a> {
     Module(&'a str),
     Function(&'a Expr),
+    Oai(&'a str),
+}
+
+/// The run-time guard of a product's activation, and what it binds for the fused call.
+struct ActGuard {
+    /// The guard call (None: stock): the activation's name, or for `swiglu_oai` its alpha.
+    call: String,
+    /// `swiglu_oai`'s alpha attribute, or None (the guard binds the activation).
+    alpha: Option<String>,
+    /// What the audit reports as lowered (`activation`).
+    lowered: String,
+    /// The activation as the source writes it (`act`: `self.act_fn`, `F.silu`, `swiglu_oai`).
+    act: String,
+}
+
+impl ActGuard {
+    /// The condition binding `_fr_act` (or `_fr_alpha`), true when the fused path may run.
+    fn test(&self) -> String {
+        let name = if self.alpha.is_some() {
+            "_fr_alpha"
+        } else {
+            "_fr_act"
+        };
+        format!("({name} := {}) is not None", self.call)
+    }
+
+    /// The fused op's activation arguments.
+    fn arguments(&self) -> &'static str {
+        if self.alpha.is_some() {
+            "activation=\"swiglu_oai\", alpha=_fr_alpha"
+        } else {
+            "activation=_fr_act"
+        }
+    }
+
+    /// What the audit reports beyond the activation: `alpha` (`self.<alpha>`).
+    fn lowered_alpha(&self) -> Option<(String, String)> {
+        self.alpha
+            .as_ref()
+            .map(|a| ("alpha".to_string(), format!("self.{a}")))
+    }
+}
+
+/// The guard of `act` applied to `x` in a method of `class` (whose `__init__` assigns a
+/// module activation), or Err(reason) refused: a `.silu` or a `torch.sigmoid` whose module
+/// name is not known to be torch's. `swiglu_oai`'s guard reads the alpha attribute through
+/// `fusion_guard.swiglu_alpha` before `fusion_guard.gated_oai` (which counts the fused paths it
+/// lets through) sees the module and `x`.
+fn act_guard(
+    defs: &ModuleDefs<'_>,
+    class: &StmtClassDef,
+    act: Act<'_>,
+    x: &str,
+) -> Result<ActGuard, (&'static str, String)> {
+    match act {
+        Act::Module(name) => {
+            let resolved = activation(defs, class, name)?;
+            Ok(ActGuard {
+                call: resolved.guard_call(name, x),
+                alpha: None,
+                lowered: resolved.lowered(name),
+                act: format!("self.{name}"),
+            })
+        }
+        Act::Function(callee) if is_torch_silu(defs, callee) => {
+            let text = defs.source.slice(callee);
+            Ok(ActGuard {
+                call: function_guard(text, x),
+                alpha: None,
+                lowered: "silu".to_string(),
+                act: text.to_string(),
+            })
+        }
+        Act::Function(callee) => Err((
+            "mlp-activation-unknown",
+            format!(
+                "{} is not known to be torch.nn.functional.silu (the module binds its name otherwise or more than once)",
+                defs.source.slice(callee)
+            ),
+        )),
+        Act::Oai(alpha) if torch_bound(defs) => Ok(ActGuard {
+            call: format!(
+                "forward_rewrite.fusion_guard.gated_oai(self, {x}, forward_rewrite.fusion_guard.swiglu_alpha(self.{alpha}))"
+            ),
+            alpha: Some(alpha.to_string()),
+            lowered: "swiglu_oai".to_string(),
+            act: "swiglu_oai".to_string(),
+        }),
+        Act::Oai(_) => Err((
+            "mlp-activation-unknown",
+            "the gate reads torch.sigmoid, but the module's torch is not bound by `import torch` alone"
+                .to_string(),
+        )),
+    }
+}
+
+/// Whether the module's `torch` is torch: bound by one `import torch` and nothing else.
+fn torch_bound(defs: &ModuleDefs<'_>) -> bool {
+    fusion_common::bound_only_by(defs, "torch", |b| {
+        matches!(
+            b,
+            fusion_common::ImportBinding::Import {
+                module: "torch",
+                aliased: false
+            }
+        )
+    })
 }
 
 /// `<callee>(<arg>)` with one positional argument, the callee a dotted name ending in `.silu`.
@@ -296,7 +413,7 @@ pub(super) enum Resolution {
 impl Resolution {
     /// The guard expression for `self.<act>` applied to `x`, binding nothing: the
     /// activation's name, or None (stock).
-    pub(super) fn guard(self, act: &str, x: &str) -> String {
+    pub(super) fn guard_call(self, act: &str, x: &str) -> String {
         match self {
             Resolution::Function => function_guard(&format!("self.{act}"), x),
             Resolution::Static(_) | Resolution::Guarded => {
@@ -498,11 +615,11 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             None if let Some((expr, product)) = match_inline(body, &param) => {
                 Lowering::Inline(expr, product)
             }
-            None if source.contains("chunk(") => {
+            None if source.contains("chunk(") || source.contains("::2]") => {
                 return refuse(
                     "mlp-packed",
                     format!(
-                        "{name}.forward splits a packed gate_up projection, but not as down(act(gate) * up) with gate, up = gate_up(x).chunk(2, dim=-1){clamps}"
+                        "{name}.forward splits a packed gate_up projection, but not as down(act(gate) * up) with gate, up = gate_up(x).chunk(2, dim=-1) (or gate_up(x)[..., ::2], gate_up(x)[..., 1::2]){clamps}"
                     ),
                 );
             }
@@ -521,38 +638,20 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
         Lowering::Read(out) => out.gated.act,
         Lowering::Inline(_, p) => p.act,
     };
-    // The guard expression binding `_fr_act` (the activation, or None: run stock), and what the
-    // audit reports as lowered.
-    let (guard_call, lowered) = match act {
-        Act::Module(act) => match activation(defs, owner, act) {
-            Ok(resolved) => (resolved.guard(act, &param), resolved.lowered(act)),
-            Err((reason, detail)) => return refuse(reason, detail),
-        },
-        Act::Function(callee) if is_torch_silu(defs, callee) => (
-            function_guard(defs.source.slice(callee), &param),
-            "silu".to_string(),
-        ),
-        Act::Function(callee) => {
-            return refuse(
-                "mlp-activation-unknown",
-                format!(
-                    "{} is not known to be torch.nn.functional.silu (the module binds its name otherwise or more than once)",
-                    defs.source.slice(callee)
-                ),
-            );
-        }
+    // The guard binding `_fr_act` (the activation, or None: run stock; `_fr_alpha` for
+    // `swiglu_oai`), and what the audit reports as lowered.
+    let act_guard = match act_guard(defs, owner, act, &param) {
+        Ok(g) => g,
+        Err((reason, detail)) => return refuse(reason, detail),
     };
     let clamp = match &lowering {
         Lowering::Read(out) => out.gated.clamp,
         _ => None,
     };
-    let guard = format!(
-        "if {}(_fr_act := {guard_call}) is not None:",
-        limit_guard(clamp)
-    );
+    let guard = format!("if {}{}:", limit_guard(clamp), act_guard.test());
     let emitted = match &lowering {
         Lowering::Inline(expr, product) => {
-            emit_inline(defs, forward, expr, product, &param, &guard_call)
+            emit_inline(defs, forward, expr, product, &param, &act_guard.call)
         }
         Lowering::Split(Matched { down, product }) => emit_guarded(
             defs.source,
@@ -573,7 +672,11 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             &[
                 guard,
                 format!("    {}", read_comment(&out.gated)),
-                format!("    return self.{}({})", out.down, read_call(&out.gated, &param)),
+                format!(
+                    "    return self.{}({})",
+                    out.down,
+                    read_call(&out.gated, &param, &act_guard)
+                ),
             ],
         ),
     };
@@ -584,8 +687,13 @@ pub(crate) fn mlp_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             site.reason = None;
             site.original_sha256 = Some(function_sha256(defs.source, forward));
             site.patch = Some(patch);
-            site.lowered.insert("activation".into(), lowered);
+            site.lowered
+                .insert("activation".into(), act_guard.lowered.clone());
+            site.lowered.extend(act_guard.lowered_alpha());
             site.lowered.extend(clamp_lowered(clamp));
+            if let Lowering::Read(out) = &lowering {
+                site.lowered.extend(layout_lowered(&out.gated));
+            }
             site
         }
         Err(e) => refuse("mlp-emit-invalid", e),
@@ -613,6 +721,23 @@ fn clamp_arguments(clamp: Option<packed::Clamped<'_>>) -> &'static str {
     }
 }
 
+/// `, interleaved=True` for a packed projection holding gate and up as interleaved pairs.
+fn layout_argument(gated: &packed::Gated<'_>) -> &'static str {
+    if gated.interleaved() {
+        ", interleaved=True"
+    } else {
+        ""
+    }
+}
+
+/// What the audit reports of the packed layout: `layout` `interleaved` (GPT-OSS's pairs; the
+/// experts op computes halves only, so the `experts-forward` site is refused), else nothing.
+fn layout_lowered(gated: &packed::Gated<'_>) -> Option<(String, String)> {
+    gated
+        .interleaved()
+        .then(|| ("layout".to_string(), "interleaved".to_string()))
+}
+
 /// What the audit reports of the clamps (the installer reads them for the experts op):
 /// `limit` (`self.<limit>`) and `clamp` (`gate before act` or `activation output`).
 fn clamp_lowered(clamp: Option<packed::Clamped<'_>>) -> Vec<(String, String)> {
@@ -632,25 +757,47 @@ fn clamp_lowered(clamp: Option<packed::Clamped<'_>>) -> Vec<(String, String)> {
     })
 }
 
-/// The comment line of a forward read by `packed.rs`.
-fn read_comment(gated: &packed::Gated<'_>) -> String {
-    let what = match gated.clamp {
-        None => {
-            return "# forward-rewrite: fused act(gate) * up on the packed projection (gate its first half), the activation recomputed in backward over the projection's output (a temporary)".to_string();
-        }
-        Some(c) if c.after_activation => format!(
+/// What a gated product read by `packed.rs` computes, for the emitted comments.
+fn read_what(gated: &packed::Gated<'_>) -> String {
+    match (gated.act, gated.clamp) {
+        (_, None) => "act(gate) * up".to_string(),
+        (Act::Oai(alpha), Some(c)) => format!(
+            "(up.clamp(min=-self.{0}, max=self.{0}) + 1) * g * sigmoid(g * self.{alpha}), g = gate.clamp(max=self.{0})",
+            c.limit
+        ),
+        (_, Some(c)) if c.after_activation => format!(
             "act(gate).clamp(max=self.{0}) * up.clamp(min=-self.{0}, max=self.{0})",
             c.limit
         ),
-        Some(c) => format!(
+        (_, Some(c)) => format!(
             "act(gate.clamp(max=self.{0})) * up.clamp(min=-self.{0}, max=self.{0})",
             c.limit
         ),
-    };
-    let layout = if gated.packed().is_some() {
-        "on the packed projection (gate its first half)"
+    }
+}
+
+/// Where a packed projection holds gate and up, for the emitted comments.
+fn packed_layout(gated: &packed::Gated<'_>) -> &'static str {
+    if gated.interleaved() {
+        "(gate and up its interleaved columns)"
     } else {
-        "of the two projections"
+        "(gate its first half)"
+    }
+}
+
+/// The comment line of a forward read by `packed.rs`.
+fn read_comment(gated: &packed::Gated<'_>) -> String {
+    if gated.clamp.is_none() {
+        return format!(
+            "# forward-rewrite: fused act(gate) * up on the packed projection {}, the activation recomputed in backward over the projection's output (a temporary)",
+            packed_layout(gated)
+        );
+    }
+    let what = read_what(gated);
+    let layout = if gated.packed().is_some() {
+        format!("on the packed projection {}", packed_layout(gated))
+    } else {
+        "of the two projections".to_string()
     };
     format!(
         "# forward-rewrite: fused {what} {layout}, the activation recomputed in backward; the projections' outputs are temporaries, so backward writes their gradients over them"
@@ -658,15 +805,17 @@ fn read_comment(gated: &packed::Gated<'_>) -> String {
 }
 
 /// The fused call of a forward read by `packed.rs`, with the activation the guard bound to
-/// `_fr_act` (and the limit to `_fr_limit`).
-fn read_call(gated: &packed::Gated<'_>, param: &str) -> String {
+/// `_fr_act` (or `swiglu_oai`'s alpha to `_fr_alpha`; the limit to `_fr_limit`).
+fn read_call(gated: &packed::Gated<'_>, param: &str, guard: &ActGuard) -> String {
+    let act = guard.arguments();
     let clamp = clamp_arguments(gated.clamp);
+    let layout = layout_argument(gated);
     match (gated.packed(), gated.split()) {
         (Some(gate_up), _) => format!(
-            "forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), activation=_fr_act{clamp}, overwrite_inputs=True)"
+            "forward_rewrite.gated_mlp_act_packed(self.{gate_up}({param}), {act}{clamp}{layout}, overwrite_inputs=True)"
         ),
         (None, Some((gate, up))) => format!(
-            "forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), activation=_fr_act{clamp}, overwrite_inputs=True)"
+            "forward_rewrite.gated_mlp_act(self.{gate}({param}), self.{up}({param}), {act}{clamp}, overwrite_inputs=True)"
         ),
         (None, None) => unreachable!("packed.rs reads only the two layouts"),
     }

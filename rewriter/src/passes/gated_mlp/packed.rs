@@ -26,8 +26,26 @@
 //! `act(gate.clamp(max=L)) * up.clamp(min=-L, max=L)`, or with the clamp after the activation
 //! `act(gate).clamp(max=L) * up.clamp(min=-L, max=L)` (Step-3.7). A body that activates the
 //! second half (Moonshine), clamps one factor only, with two attributes, a literal or another
-//! bound, or does anything else on the way (dropout, an adapter added to the projection,
-//! GPT-OSS's `(up + 1) * glu`), does not match and is refused.
+//! bound, or does anything else on the way (dropout, an adapter added to the projection, ...),
+//! does not match and is refused.
+//!
+//! GPT-OSS's and MiniMax-M3's SwiGLU (`swiglu_oai`) is read too, on the halves or on
+//! GPT-OSS's interleaved pairs (`gate, up = x[..., ::2], x[..., 1::2]`):
+//!
+//! ```python
+//! gate = gate.clamp(min=None, max=self.limit)
+//! up = up.clamp(min=-self.limit, max=self.limit)
+//! glu = gate * torch.sigmoid(gate * self.alpha)
+//! return (up + 1) * glu
+//! ```
+//!
+//! with its clamps required (one `self.<limit>`, as above), `alpha` one `self` attribute, the
+//! same clamped gate on both sides of `glu`, and the arithmetic exact: operands may swap only
+//! in the products and the sum whose rounding does not depend on their order (`gate * s` /
+//! `s * gate`, `gate * self.alpha` / `self.alpha * gate`, `(up + 1) * glu` / `glu * (up +
+//! 1)`, `up + 1` / `1 + up`, with `1` or `1.0`); `(up + 1) * gate * sigmoid(...)` rounds
+//! otherwise and is refused. `torch.sigmoid` is read by name; whether `torch` is torch is the
+//! caller's to check (the module's imports).
 
 use std::collections::HashMap;
 
@@ -44,6 +62,9 @@ pub(super) enum Source<'a> {
     Proj(&'a str),
     /// Half 0 (the gate) or 1 (up) of `self.<gate_up>(input).chunk(2, dim=-1)`.
     Half(&'a str, u8),
+    /// The even (0: `[..., ::2]`, the gate) or odd (1: `[..., 1::2]`, up) columns of
+    /// `self.<gate_up>(input)`: GPT-OSS's interleaved pairs.
+    Pair(&'a str, u8),
 }
 
 /// A clamp written on a factor, by its limit attribute.
@@ -73,12 +94,22 @@ pub(super) struct Gated<'a> {
 }
 
 impl Gated<'_> {
-    /// The packed projection both factors are halves of (gate the first), or None (split).
+    /// The packed projection both factors are halves (gate the first) or interleaved pairs
+    /// (gate the even columns) of, or None (split).
     pub fn packed(&self) -> Option<&str> {
         match (self.gate, self.up) {
-            (Source::Half(g, 0), Source::Half(u, 1)) if g == u => Some(g),
+            (Source::Half(g, 0), Source::Half(u, 1)) | (Source::Pair(g, 0), Source::Pair(u, 1))
+                if g == u =>
+            {
+                Some(g)
+            }
             _ => None,
         }
+    }
+
+    /// Whether the packed projection holds gate and up as interleaved pairs (GPT-OSS).
+    pub fn interleaved(&self) -> bool {
+        self.packed().is_some() && matches!(self.gate, Source::Pair(..))
     }
 
     /// The gate and up projections of the split layout, or None (packed).
@@ -97,6 +128,9 @@ pub(super) struct Out<'a> {
     pub gated: Gated<'a>,
 }
 
+/// A projection or a half, and its clamp if any.
+type Factor<'a> = (Source<'a>, Option<Clamp<'a>>);
+
 /// What a name or expression holds, in terms of the forward's input.
 #[derive(Clone, Copy)]
 enum Value<'a> {
@@ -114,7 +148,18 @@ enum Value<'a> {
         before: Option<Clamp<'a>>,
         after: Option<Clamp<'a>>,
     },
-    /// `Activated * Factor` whose clamps and sources are one of the lowered forms.
+    /// `self.<name>`, read (not called): the `swiglu_oai` form's alpha.
+    Attr(&'a str),
+    /// `Factor * self.<alpha>` (either order).
+    Scaled(Factor<'a>, &'a str),
+    /// `torch.sigmoid(Scaled)`.
+    Sigmoid(Factor<'a>, &'a str),
+    /// `Factor * Sigmoid` of that same factor (either order): `swiglu_oai`'s `glu`.
+    Glu(Factor<'a>, &'a str),
+    /// `Factor + 1` (`1` or `1.0`, either order): `swiglu_oai`'s `up + 1`.
+    PlusOne(Factor<'a>),
+    /// `Activated * Factor` (or `PlusOne * Glu`) whose clamps and sources are one of the
+    /// lowered forms.
     Gated(Gated<'a>),
     /// `self.<down>(Gated)`.
     Out(Out<'a>),
@@ -152,13 +197,29 @@ fn interpret<'a>(body: &'a [Stmt], param: &str, start: Value<'a>) -> Option<Valu
         let [target] = &assign.targets[..] else {
             return None;
         };
-        let value = eval(&assign.value, &names, &input)?;
-        match target {
-            Expr::Name(name) => {
+        match (target, &*assign.value) {
+            (Expr::Name(name), value) => {
+                let value = eval(value, &names, &input)?;
                 names.insert(name.id.as_str(), value);
             }
-            Expr::Tuple(tuple) => {
-                let Value::Halves(gate_up) = value else {
+            // `a, b = x, y` (GPT-OSS's `gate, up = gate_up[..., ::2], gate_up[..., 1::2]`):
+            // every value read before any name is bound.
+            (Expr::Tuple(tuple), Expr::Tuple(values)) => {
+                let [Expr::Name(first), Expr::Name(second)] = &tuple.elts[..] else {
+                    return None;
+                };
+                let [a, b] = &values.elts[..] else {
+                    return None;
+                };
+                if first.id == second.id {
+                    return None;
+                }
+                let (a, b) = (eval(a, &names, &input)?, eval(b, &names, &input)?);
+                names.insert(first.id.as_str(), a);
+                names.insert(second.id.as_str(), b);
+            }
+            (Expr::Tuple(tuple), value) => {
+                let Value::Halves(gate_up) = eval(value, &names, &input)? else {
                     return None;
                 };
                 let [Expr::Name(first), Expr::Name(second)] = &tuple.elts[..] else {
@@ -194,13 +255,50 @@ fn eval<'a>(
             .get(name.id.as_str())
             .copied()
             .or_else(|| input(name.id.as_str())),
-        Expr::Subscript(sub) => match (eval(&sub.value, names, input)?, index(&sub.slice)?) {
-            (Value::Halves(gate_up), i @ (0 | 1)) => Some(half(gate_up, i)),
+        Expr::Subscript(sub) => match (eval(&sub.value, names, input)?, &*sub.slice) {
+            (Value::Halves(gate_up), i) => match index(i)? {
+                i @ (0 | 1) => Some(half(gate_up, i)),
+                _ => None,
+            },
+            (Value::Factor(Source::Proj(gate_up), None), slice) => Some(Value::Factor(
+                Source::Pair(gate_up, every_two(slice)?),
+                None,
+            )),
             _ => None,
         },
+        Expr::Attribute(_) => self_attribute(expr).map(Value::Attr),
+        Expr::BinOp(bin) if bin.op == Operator::Add => {
+            // `up + 1` / `1 + up`: a sum rounded the same in either order.
+            let factor = match (one(&bin.left), one(&bin.right)) {
+                (false, true) => eval(&bin.left, names, input)?,
+                (true, false) => eval(&bin.right, names, input)?,
+                _ => return None,
+            };
+            match factor {
+                Value::Factor(source, clamp) => Some(Value::PlusOne((source, clamp))),
+                _ => None,
+            }
+        }
         Expr::BinOp(bin) if bin.op == Operator::Mult => {
             let left = eval(&bin.left, names, input)?;
             let right = eval(&bin.right, names, input)?;
+            // The products of `swiglu_oai`, each of two operands whose order does not change
+            // its rounding.
+            match (left, right) {
+                (Value::Factor(source, clamp), Value::Attr(alpha))
+                | (Value::Attr(alpha), Value::Factor(source, clamp)) => {
+                    return Some(Value::Scaled((source, clamp), alpha));
+                }
+                (Value::Factor(source, clamp), Value::Sigmoid(gate, alpha))
+                | (Value::Sigmoid(gate, alpha), Value::Factor(source, clamp)) => {
+                    return ((source, clamp) == gate).then_some(Value::Glu(gate, alpha));
+                }
+                (Value::PlusOne(up), Value::Glu(gate, alpha))
+                | (Value::Glu(gate, alpha), Value::PlusOne(up)) => {
+                    return oai_product(alpha, gate, up).map(Value::Gated);
+                }
+                _ => {}
+            }
             match (left, right) {
                 (
                     Value::Activated {
@@ -226,6 +324,28 @@ fn eval<'a>(
         Expr::Call(call) => eval_call(call, names, input),
         _ => None,
     }
+}
+
+/// `(up + 1) * (gate * torch.sigmoid(gate * self.<alpha>))`, when the clamps are the SwiGLU
+/// ones (required: the gate at `max=L`, up at `min=-L, max=L`, one attribute `L`) and the
+/// factors two projections or the halves or pairs of one packed projection, gate the first.
+fn oai_product<'a>(alpha: &'a str, gate: Factor<'a>, up: Factor<'a>) -> Option<Gated<'a>> {
+    let (gate, Some(Clamp::Max(limit))) = gate else {
+        return None;
+    };
+    let (up, Some(Clamp::Both(up_limit))) = up else {
+        return None;
+    };
+    let gated = Gated {
+        act: Act::Oai(alpha),
+        gate,
+        up,
+        clamp: Some(Clamped {
+            limit,
+            after_activation: false,
+        }),
+    };
+    (limit == up_limit && (gated.split().is_some() || gated.packed().is_some())).then_some(gated)
 }
 
 /// `act(gate) * up` with the clamps written on the way, when they are one of the lowered
@@ -304,6 +424,18 @@ fn eval_call<'a>(
     match attr.attr.as_str() {
         "clamp" => eval_clamp(call, names, input),
         "chunk" => eval_chunk(call, names, input),
+        "sigmoid" if dotted_name(&call.func).as_deref() == Some("torch.sigmoid") => {
+            let [arg] = &call.arguments.args[..] else {
+                return None;
+            };
+            if !call.arguments.keywords.is_empty() {
+                return None;
+            }
+            match eval(arg, names, input)? {
+                Value::Scaled(gate, alpha) => Some(Value::Sigmoid(gate, alpha)),
+                _ => None,
+            }
+        }
         _ => None,
     }
 }
@@ -407,6 +539,39 @@ fn index(expr: &Expr) -> Option<u8> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// `1` or `1.0`.
+fn one(expr: &Expr) -> bool {
+    match expr {
+        Expr::NumberLiteral(n) => match &n.value {
+            Number::Int(i) => i.as_u8() == Some(1),
+            Number::Float(f) => *f == 1.0,
+            Number::Complex { .. } => false,
+        },
+        _ => false,
+    }
+}
+
+/// `[..., ::2]` / `[..., 0::2]` (0: the even columns) or `[..., 1::2]` (1: the odd ones) of
+/// the last dimension.
+fn every_two(slice: &Expr) -> Option<u8> {
+    let Expr::Tuple(tuple) = slice else {
+        return None;
+    };
+    let [Expr::EllipsisLiteral(_), Expr::Slice(s)] = &tuple.elts[..] else {
+        return None;
+    };
+    if s.upper.is_some() || index(s.step.as_deref()?)? != 2 {
+        return None;
+    }
+    match s.lower.as_deref() {
+        None => Some(0),
+        Some(lower) => match index(lower)? {
+            i @ (0 | 1) => Some(i),
+            _ => None,
+        },
     }
 }
 

@@ -738,12 +738,12 @@ fn clamps_other_than_the_swiglu_ones_are_refused() {
         ) && !patch.contains("_fr_limit"),
         "{patch}"
     );
-    // MiniMax-M3 / GPT-OSS: (up + 1) * gate * sigmoid(gate * alpha) on the packed projection.
-    let minimax = PHI3.replace(
+    // A clamp other than the SwiGLU ones on a packed projection: the detail says so.
+    let packed = PHI3.replace(
         PHI3_BODY,
-        "        gate_up = self.gate_up_proj(hidden_states)\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return self.down_proj((up + 1.0) * glu)\n",
+        "        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)\n        gate = gate.clamp(max=7.0)\n        up = up.clamp(min=-7.0, max=7.0)\n        return self.down_proj(self.activation_fn(gate) * up)\n",
     );
-    let r = report(&minimax);
+    let r = report(&packed);
     assert_eq!(site_reason(&r, "ToyMLP").as_deref(), Some("mlp-packed"));
     let detail = crate::passes::fusion_common::testing::sites(&r)[0]["detail"]
         .as_str()
@@ -839,8 +839,6 @@ fn experts_own_clamped_gate_is_patched_with_its_body_as_fallback() {
 #[test]
 fn experts_own_gates_other_than_the_clamped_swiglu_are_refused() {
     for gate in [
-        // MiniMax-M3: (up + 1) * gate * sigmoid(gate * alpha).
-        "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return (up + 1.0) * glu\n\n",
         // Beam: a float32 upcast.
         "    def _apply_gate(self, gate_up):\n        gate, up = gate_up.chunk(2, dim=-1)\n        return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)\n\n",
         // Inkling2: a two-argument activation.
@@ -888,5 +886,445 @@ fn experts_own_gates_other_than_the_clamped_swiglu_are_refused() {
         site_reason(&r, "ToyExperts").as_deref(),
         Some("experts-gate-custom"),
         "{inherited}"
+    );
+}
+
+// ------------------------------------------------------------- GPT-OSS's / MiniMax-M3's SwiGLU
+
+const MINIMAX_MLP: &str = "class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu_alpha = config.swiglu_alpha
+        self.swiglu_limit = config.swiglu_limit
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states):
+        gate_up = self.gate_up_proj(hidden_states)
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)
+        return self.down_proj((up + 1.0) * glu)
+";
+
+const MINIMAX_MLP_BODY: &str = "        gate_up = self.gate_up_proj(hidden_states)
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)
+        return self.down_proj((up + 1.0) * glu)
+";
+
+const OAI_GUARD: &str = "if (_fr_limit := forward_rewrite.fusion_guard.swiglu_limit(self.swiglu_limit)) is not None and (_fr_alpha := forward_rewrite.fusion_guard.gated_oai(self, hidden_states, forward_rewrite.fusion_guard.swiglu_alpha(self.swiglu_alpha))) is not None:";
+
+const OAI_PACKED: &str = "return self.down_proj(forward_rewrite.gated_mlp_act_packed(self.gate_up_proj(hidden_states), activation=\"swiglu_oai\", alpha=_fr_alpha, limit=_fr_limit, overwrite_inputs=True))";
+
+#[test]
+fn swiglu_oai_packed_mlp_is_patched_with_alpha_and_limit() {
+    // MiniMax-M3's dense MLP.
+    let r = report(MINIMAX_MLP);
+    assert_eq!(site_reason(&r, "ToyMLP"), None, "{r:?}");
+    let patch = site_patch(&r, "ToyMLP");
+    insta::assert_snapshot!(patch);
+    assert!(
+        patch.contains(OAI_GUARD) && patch.contains(OAI_PACKED),
+        "{patch}"
+    );
+    assert_eq!(lowered(&r), "swiglu_oai");
+    for (key, want) in [
+        ("alpha", "self.swiglu_alpha"),
+        ("limit", "self.swiglu_limit"),
+        ("clamp", "gate before act"),
+    ] {
+        assert_eq!(
+            site_lowered(&r, "class", key).as_deref(),
+            Some(want),
+            "{key}"
+        );
+    }
+    assert_eq!(site_lowered(&r, "class", "layout"), None);
+    // The same arithmetic written otherwise: the operands of each product and of the sum in
+    // either order (the rounding is the same), `1` or `1.0`, the statements reordered,
+    // renamed, inline, `torch.chunk`, `min=None`, the clamps' keywords swapped.
+    for body in [
+        "        gate_up = self.gate_up_proj(hidden_states)\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        glu = torch.sigmoid(self.swiglu_alpha * gate) * gate\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        return self.down_proj(glu * (1 + up))\n",
+        "        g, u = torch.chunk(self.gate_up_proj(hidden_states), 2, dim=-1)\n        g = g.clamp(min=None, max=self.swiglu_limit)\n        return self.down_proj((u.clamp(max=self.swiglu_limit, min=-self.swiglu_limit) + 1) * (g * torch.sigmoid(g * self.swiglu_alpha)))\n",
+        "        gate_up = self.gate_up_proj(hidden_states)\n        gate, up = gate_up.chunk(2, dim=-1)\n        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        out = gate * torch.sigmoid(gate * self.swiglu_alpha) * (up + 1.0)\n        out = self.down_proj(out)\n        return out\n",
+    ] {
+        let r = report(&MINIMAX_MLP.replace(MINIMAX_MLP_BODY, body));
+        let patch = site_patch(&r, "ToyMLP");
+        assert!(
+            patch.contains(OAI_GUARD) && patch.contains(OAI_PACKED),
+            "{body}\n{patch}"
+        );
+    }
+    // Two projections: gated_mlp_act with the same arguments.
+    let split = MINIMAX_MLP.replace(
+        MINIMAX_MLP_BODY,
+        "        gate = self.gate_proj(hidden_states).clamp(max=self.swiglu_limit)\n        up = self.up_proj(hidden_states).clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.swiglu_alpha)))\n",
+    );
+    let patch = site_patch(&report(&split), "ToyMLP");
+    assert!(
+        patch.contains("return self.down_proj(forward_rewrite.gated_mlp_act(self.gate_proj(hidden_states), self.up_proj(hidden_states), activation=\"swiglu_oai\", alpha=_fr_alpha, limit=_fr_limit, overwrite_inputs=True))"),
+        "{patch}"
+    );
+    // GPT-OSS's interleaved pairs on a packed projection: interleaved=True.
+    let pairs = MINIMAX_MLP.replace(
+        "        gate, up = gate_up.chunk(2, dim=-1)\n",
+        "        gate, up = gate_up[..., ::2], gate_up[..., 1::2]\n",
+    );
+    let r = report(&pairs);
+    let patch = site_patch(&r, "ToyMLP");
+    assert!(
+        patch.contains("activation=\"swiglu_oai\", alpha=_fr_alpha, limit=_fr_limit, interleaved=True, overwrite_inputs=True))"),
+        "{patch}"
+    );
+    assert_eq!(
+        site_lowered(&r, "class", "layout").as_deref(),
+        Some("interleaved")
+    );
+}
+
+/// Near misses of `swiglu_oai`, as body text replacements of [`MINIMAX_MLP`]: each is refused.
+const OAI_NEAR_MISSES: &[(&str, &str)] = &[
+    // `up + 2`, `up - 1`, `up + 1` twice.
+    ("(up + 1.0) * glu", "(up + 2) * glu"),
+    ("(up + 1.0) * glu", "(up - 1.0) * glu"),
+    ("(up + 1.0) * glu", "(up + 1.0 + 1.0) * glu"),
+    // A literal alpha; alpha not a `self` attribute; scaled by two attributes, or twice.
+    ("gate * self.swiglu_alpha", "gate * 1.702"),
+    (
+        "gate * self.swiglu_alpha",
+        "gate * self.config.swiglu_alpha",
+    ),
+    (
+        "gate * self.swiglu_alpha",
+        "gate * self.swiglu_alpha * self.swiglu_beta",
+    ),
+    (
+        "gate * self.swiglu_alpha",
+        "gate * self.swiglu_alpha * self.swiglu_alpha",
+    ),
+    // The two uses of the gate differ: up in the sigmoid, the unclamped gate, the other half.
+    ("sigmoid(gate * self", "sigmoid(up * self"),
+    (
+        "glu = gate * torch.sigmoid(gate * self.swiglu_alpha)",
+        "glu = gate * torch.sigmoid(gate_up.chunk(2, dim=-1)[0] * self.swiglu_alpha)",
+    ),
+    // Rounded otherwise: ((up + 1) * gate) * sigmoid(...).
+    (
+        "        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return self.down_proj((up + 1.0) * glu)\n",
+        "        return self.down_proj((up + 1.0) * gate * torch.sigmoid(gate * self.swiglu_alpha))\n",
+    ),
+    // Another sigmoid, keyword arguments, a method call.
+    ("torch.sigmoid(", "torch.nn.functional.sigmoid("),
+    ("torch.sigmoid(", "F.sigmoid("),
+    (
+        "torch.sigmoid(gate * self.swiglu_alpha)",
+        "(gate * self.swiglu_alpha).sigmoid()",
+    ),
+    (
+        "torch.sigmoid(gate * self.swiglu_alpha)",
+        "torch.sigmoid(gate * self.swiglu_alpha, out=None)",
+    ),
+    // The clamps: none, one side only, two attributes, a clamp on the output.
+    (
+        "        gate = gate.clamp(max=self.swiglu_limit)\n        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n",
+        "",
+    ),
+    (
+        "        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)\n",
+        "",
+    ),
+    (
+        "up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)",
+        "up.clamp(min=-self.limit, max=self.limit)",
+    ),
+    ("glu = gate *", "glu = (gate *"),
+    (
+        "(up + 1.0) * glu",
+        "(up + 1.0) * glu.clamp(max=self.swiglu_limit)",
+    ),
+    // The gate the second half.
+    ("gate, up = gate_up.chunk", "up, gate = gate_up.chunk"),
+];
+
+#[test]
+fn swiglu_oai_near_misses_are_refused() {
+    for (from, to) in OAI_NEAR_MISSES {
+        let text = MINIMAX_MLP.replace(from, to);
+        assert_ne!(text, MINIMAX_MLP, "{from}");
+        // `glu = (gate *` needs its parenthesis closed: `(gate * sigmoid(...))` means the same.
+        let text = if *to == "glu = (gate *" {
+            text.replace("self.swiglu_alpha)\n", "self.swiglu_alpha))\n")
+        } else {
+            text
+        };
+        let r = report(&text);
+        let reason = site_reason(&r, "ToyMLP");
+        if *to == "glu = (gate *" {
+            assert_eq!(reason, None, "{to}");
+            continue;
+        }
+        assert_eq!(reason.as_deref(), Some("mlp-packed"), "{from} -> {to}");
+    }
+    // On the pairs: the gate the odd columns, or up the even ones too.
+    let pairs = MINIMAX_MLP.replace(
+        "        gate, up = gate_up.chunk(2, dim=-1)\n",
+        "        gate, up = gate_up[..., 1::2], gate_up[..., ::2]\n",
+    );
+    let r = report(&pairs);
+    assert_eq!(site_reason(&r, "ToyMLP").as_deref(), Some("mlp-packed"));
+    for slices in [
+        "gate_up[..., ::2], gate_up[..., ::2]",
+        "gate_up[:, ::2], gate_up[:, 1::2]",
+        "gate_up[..., ::2], gate_up[..., 1::3]",
+        "gate_up[..., :8:2], gate_up[..., 1::2]",
+    ] {
+        let text = MINIMAX_MLP.replace(
+            "        gate, up = gate_up.chunk(2, dim=-1)\n",
+            &format!("        gate, up = {slices}\n"),
+        );
+        assert_eq!(
+            site_reason(&report(&text), "ToyMLP").as_deref(),
+            Some("mlp-packed"),
+            "{slices}"
+        );
+    }
+    // `torch` not bound by `import torch` alone: torch.sigmoid is not known to be torch's.
+    let r = report(&format!("import numpy as torch\n\n{MINIMAX_MLP}"));
+    assert_eq!(
+        site_reason(&r, "ToyMLP").as_deref(),
+        Some("mlp-activation-unknown")
+    );
+}
+
+const GPT_OSS_EXPERTS: &str = "@use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True)
+class ToyExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(4, config.hidden_size, 2 * config.intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(4, 2 * config.intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty((4, config.intermediate_size, config.hidden_size)))
+        self.down_proj_bias = nn.Parameter(torch.empty(4, config.hidden_size))
+        self.alpha = config.swiglu_alpha
+        self.limit = config.swiglu_limit
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        gated_output = (up + 1) * glu
+        return gated_output
+
+    def forward(self, hidden_states, router_indices=None, routing_weights=None):
+        return hidden_states
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.experts = ToyExperts(config)
+
+    def forward(self, hidden_states):
+        return self.experts(hidden_states, None, None)
+";
+
+#[test]
+fn gpt_oss_experts_gate_is_patched_interleaved_and_its_forward_refused() {
+    let r = report(GPT_OSS_EXPERTS);
+    assert_eq!(site_reason(&r, "ToyExperts"), None, "{r:?}");
+    let patch = site_patch(&r, "ToyExperts");
+    insta::assert_snapshot!(patch);
+    assert!(
+        patch.contains("if (_fr_limit := forward_rewrite.fusion_guard.swiglu_limit(self.limit)) is not None and (_fr_alpha := forward_rewrite.fusion_guard.gated_oai(self, gate_up, forward_rewrite.fusion_guard.swiglu_alpha(self.alpha))) is not None:")
+            && patch.contains("return forward_rewrite.gated_mlp_act_packed(gate_up, activation=\"swiglu_oai\", alpha=_fr_alpha, limit=_fr_limit, interleaved=True)"),
+        "{patch}"
+    );
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    let gate = sites.iter().find(|s| s["kind"] == "experts-gate").unwrap();
+    assert_eq!(gate["original_sha256"].as_str().unwrap().len(), 64);
+    for (key, want) in [
+        ("activation", "swiglu_oai"),
+        ("act", "swiglu_oai"),
+        ("alpha", "self.alpha"),
+        ("limit", "self.limit"),
+        ("clamp", "gate before act"),
+        ("layout", "interleaved"),
+    ] {
+        assert_eq!(gate["lowered"][key], want, "{key}");
+    }
+    // has_bias=True: the experts op does not add biases.
+    assert_eq!(
+        forward_site_reason(&r).as_deref(),
+        Some("experts-forward-options")
+    );
+    // Without the bias, the interleaved gate still keeps the experts op away (it takes halves).
+    let no_bias = GPT_OSS_EXPERTS.replace(", has_bias=True)", ")");
+    let r = report(&no_bias);
+    assert_eq!(site_reason(&r, "ToyExperts"), None);
+    assert_eq!(
+        forward_site_reason(&r).as_deref(),
+        Some("experts-forward-options")
+    );
+    let detail = crate::passes::fusion_common::testing::sites(&r)
+        .into_iter()
+        .find(|s| s["kind"] == "experts-forward")
+        .unwrap()["detail"]
+        .to_string();
+    assert!(detail.contains("interleaved"), "{detail}");
+    // Declared concatenated, read interleaved: the gate is exact, the op still refused.
+    let r = report(&GPT_OSS_EXPERTS.replace("is_concatenated=False, ", ""));
+    assert_eq!(site_reason(&r, "ToyExperts"), None);
+    assert_eq!(
+        forward_site_reason(&r).as_deref(),
+        Some("experts-forward-options")
+    );
+    // The plain product on the pairs: patched interleaved, with the activation module's guard.
+    let plain = GPT_OSS_EXPERTS
+        .replace(
+            "        self.alpha = config.swiglu_alpha\n",
+            "        self.act_fn = ACT2FN[config.hidden_act]\n",
+        )
+        .replace(
+            "        gate = gate.clamp(min=None, max=self.limit)\n        up = up.clamp(min=-self.limit, max=self.limit)\n        glu = gate * torch.sigmoid(gate * self.alpha)\n        gated_output = (up + 1) * glu\n",
+            "        gated_output = self.act_fn(gate) * up\n",
+        );
+    let r = report(&plain);
+    assert!(
+        site_patch(&r, "ToyExperts").contains(
+            "return forward_rewrite.gated_mlp_act_packed(gate_up, activation=_fr_act, interleaved=True)"
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn interleaved_experts_with_any_other_gate_are_refused() {
+    let gate = "        gate, up = gate_up[..., ::2], gate_up[..., 1::2]\n";
+    for (from, to, reason) in [
+        // The gate the odd columns: not read; is_concatenated=False keeps experts-options.
+        (
+            gate,
+            "        gate, up = gate_up[..., 1::2], gate_up[..., ::2]\n",
+            "experts-options",
+        ),
+        // MiniMax-M3's halves under is_concatenated=False.
+        (
+            gate,
+            "        gate, up = gate_up.chunk(2, dim=-1)\n",
+            "experts-options",
+        ),
+        ("(up + 1) * glu", "(up + 2) * glu", "experts-options"),
+        ("gate * self.alpha", "gate * 1.702", "experts-options"),
+    ] {
+        let text = GPT_OSS_EXPERTS.replace(from, to);
+        assert_ne!(text, GPT_OSS_EXPERTS);
+        let r = report(&text);
+        assert_eq!(
+            site_reason(&r, "ToyExperts").as_deref(),
+            Some(reason),
+            "{to}"
+        );
+        assert_eq!(
+            forward_site_reason(&r).as_deref(),
+            Some("experts-forward-gate")
+        );
+        // Declared concatenated, the same gates are the class's own, refused as such (or, on
+        // the halves, MiniMax-M3's: patched).
+        let concatenated = text.replace("is_concatenated=False, ", "");
+        let want = if to.contains("chunk") {
+            None
+        } else {
+            Some("experts-gate-custom")
+        };
+        assert_eq!(
+            site_reason(&report(&concatenated), "ToyExperts").as_deref(),
+            want,
+            "{to}"
+        );
+    }
+    // No gate of its own: transformers' default takes the halves.
+    let default = GPT_OSS_EXPERTS.replace(
+        &GPT_OSS_EXPERTS[GPT_OSS_EXPERTS.find("    def _apply_gate").unwrap()
+            ..GPT_OSS_EXPERTS.find("    def forward").unwrap()],
+        "",
+    );
+    assert_eq!(
+        site_reason(&report(&default), "ToyExperts").as_deref(),
+        Some("experts-options")
+    );
+    // The transformers default the installer checks is the halves' form, never the pairs'.
+    assert!(!super::experts::gate_function_ok(
+        "def _default_apply_gate(self, gate_up_out):\n    gate, up = gate_up_out[..., ::2], gate_up_out[..., 1::2]\n    return self.act_fn(gate) * up\n"
+    ));
+}
+
+const MINIMAX_GATE: &str = "    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # same as GPT OSS, but the weights are not interleaved
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)
+        return (up + 1.0) * glu
+
+";
+
+#[test]
+fn minimax_experts_gate_and_forward_are_patched_with_alpha() {
+    let r = report(&experts_with_gate(MINIMAX_GATE));
+    assert_eq!(site_reason(&r, "ToyExperts"), None, "{r:?}");
+    let patch = site_patch(&r, "ToyExperts");
+    insta::assert_snapshot!(patch);
+    assert!(
+        patch.contains("return forward_rewrite.gated_mlp_act_packed(gate_up, activation=\"swiglu_oai\", alpha=_fr_alpha, limit=_fr_limit)"),
+        "{patch}"
+    );
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    let gate = sites.iter().find(|s| s["kind"] == "experts-gate").unwrap();
+    let forward = sites
+        .iter()
+        .find(|s| s["kind"] == "experts-forward")
+        .unwrap();
+    assert_eq!(forward["verdict"], "patched", "{forward}");
+    // What the installer registers: the activation, alpha, the limit and the clamp.
+    for key in ["act", "activation", "alpha", "limit", "clamp"] {
+        assert_eq!(forward["lowered"][key], gate["lowered"][key], "{key}");
+    }
+    assert_eq!(forward["lowered"]["alpha"], "self.swiglu_alpha");
+    assert!(forward["lowered"].get("layout").is_none());
+    // Near misses of the gate: the class's own, refused.
+    for (from, to) in [
+        ("(up + 1.0) * glu", "(up + 2) * glu"),
+        ("gate * self.swiglu_alpha", "gate * 2.0"),
+        (
+            "gate * self.swiglu_alpha",
+            "gate * self.swiglu_alpha * self.other_alpha",
+        ),
+        ("gate, up = gate_up.chunk", "up, gate = gate_up.chunk"),
+        (
+            "        glu = gate * torch.sigmoid(gate * self.swiglu_alpha)\n        return (up + 1.0) * glu\n",
+            "        return (up + 1.0) * gate * torch.sigmoid(gate * self.swiglu_alpha)\n",
+        ),
+    ] {
+        let text = MINIMAX_GATE.replace(from, to);
+        assert_ne!(text, MINIMAX_GATE);
+        let r = report(&experts_with_gate(&text));
+        assert_eq!(
+            site_reason(&r, "ToyExperts").as_deref(),
+            Some("experts-gate-custom"),
+            "{to}"
+        );
+    }
+    // `torch` bound otherwise too.
+    let r = report(&format!(
+        "torch = None\n\n{}",
+        experts_with_gate(MINIMAX_GATE)
+    ));
+    assert_eq!(
+        site_reason(&r, "ToyExperts").as_deref(),
+        Some("mlp-activation-unknown")
     );
 }
