@@ -191,6 +191,25 @@ SHAPES = {
             "tie_word_embeddings": False,
         },
     ),
+    # GPT-OSS-20B's shapes at 6 of 24 layers (32 experts of 2880, 4 active, interleaved
+    # clamped gate with bias; attention sinks, so eager attention: sdpa is refused): Liger's
+    # patch fuses RMSNorm, rotary and the loss, not the experts' gate
+    "gpt-oss-6l": (
+        "gpt_oss",
+        {
+            "hidden_size": 2880,
+            "intermediate_size": 2880,
+            "num_local_experts": 32,
+            "num_experts_per_tok": 4,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "vocab_size": 201088,
+            "tie_word_embeddings": False,
+            "attn_implementation": "eager",
+        },
+    ),
 }
 #: The models of issue 10's first table (the default); the others by --models.
 DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]

@@ -89,19 +89,19 @@ __device__ __forceinline__ float oai_grad(float x, float alpha) {
     return s + x * alpha * s * (1.f - s);
 }
 
-// min(x, hi) as torch.clamp(max=hi) computes it (NaN stays NaN), and whether torch's clamp
-// backward passes x's gradient (x below hi, or at it with at_bound; false for NaN).
+// min(x, hi) as torch.clamp(max=hi) computes it (NaN stays NaN).
 __device__ __forceinline__ float clamp_max(float x, float hi) { return x > hi ? hi : x; }
 __device__ __forceinline__ float clamp_sym(float x, float hi) {
     const float lo = x < -hi ? -hi : x;
     return lo > hi ? hi : lo;
 }
-__device__ __forceinline__ bool below(float x, float hi, bool at_bound) {
-    return x < hi || (at_bound && x == hi);
+// The bound a gradient passes at or below: hi itself when torch passes it at the bound, else
+// the float just below hi (x < hi is x <= that bound for every x of a 16-bit or float32
+// tensor, inf included): one comparison per element either way.
+__device__ __forceinline__ float pass_bound(float hi, bool at_bound) {
+    return at_bound ? hi : nextafterf(hi, __int_as_float(0xff800000));
 }
-__device__ __forceinline__ bool within(float x, float hi, bool at_bound) {
-    return below(x, hi, at_bound) && below(-x, hi, at_bound);
-}
+__device__ __forceinline__ bool within(float x, float bound) { return x <= bound && -x <= bound; }
 
 // E gate and up values from E (gate, up) pairs at p, and back.
 template <class D, int E>
@@ -141,6 +141,7 @@ __device__ void gated_body(const GatedParams& p) {
     const bool pairs = MODE >= 3 && p.interleaved;
     const bool oai = MODE == 3 || (MODE == 4 && p.act == 3);
     const float lim = clamp ? round_to<D>(p.limit) : 0.f;
+    const float bound = clamp ? pass_bound(lim, p.at_bound) : 0.f;
     const i64 width = pairs ? 2 : 1;  // elements per column in gate (and the gradients)
     const i64 per_row = p.cols / E;
     const i64 total = p.rows * per_row;
@@ -181,8 +182,8 @@ __device__ void gated_body(const GatedParams& p) {
             } else {
                 // the gate's gradient passes its clamp (on the gate before the activation, on
                 // the activation after it), up's its own
-                const bool gate_passes = !clamp || below(clamp == 1 ? g[i] : raw, lim, p.at_bound);
-                const bool up_passes = !clamp || within(u[i], lim, p.at_bound);
+                const bool gate_passes = !clamp || (clamp == 1 ? g[i] : raw) <= bound;
+                const bool up_passes = !clamp || within(u[i], bound);
                 const float slope = oai ? oai_grad<FAST>(x, p.alpha) : act_grad<FAST>(p.act, x);
                 du[i] = up_passes ? d[i] * a : 0.f;
                 o[i] = gate_passes ? d[i] * up * slope : 0.f;
