@@ -80,6 +80,20 @@ pub fn stores_in_stmt(stmt: &Stmt) -> Vec<&ExprName> {
         .collect()
 }
 
+/// An integer literal, negated or not (`2`, `-1`), as i64.
+pub fn int_literal(expr: &Expr) -> Option<i64> {
+    match expr {
+        Expr::NumberLiteral(n) => match &n.value {
+            ruff_python_ast::Number::Int(i) => i.as_i64(),
+            _ => None,
+        },
+        Expr::UnaryOp(u) if u.op == ruff_python_ast::UnaryOp::USub => {
+            int_literal(&u.operand).map(|v| -v)
+        }
+        _ => None,
+    }
+}
+
 /// `self.<attr>` → `attr`.
 pub fn self_attribute(expr: &Expr) -> Option<&str> {
     match expr {

@@ -26,12 +26,13 @@
 
 use std::collections::HashMap;
 
-use ruff_python_ast::{Expr, ExprCall, Number, Operator, Stmt, StmtFunctionDef, StmtIf, UnaryOp};
+use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtFunctionDef, StmtIf};
 use ruff_text_size::Ranged;
 
 use crate::reason::Reason;
 use crate::syntax::{
-    calls_in_stmt, dotted_name, is_not_none_test, names_in_expr, statement_path, walk_statements,
+    calls_in_stmt, dotted_name, int_literal, is_not_none_test, names_in_expr, statement_path,
+    walk_statements,
 };
 
 use super::Refusal;
@@ -140,17 +141,6 @@ struct Interpreter<'a> {
 
 fn refuse(reason: Reason, detail: impl Into<String>) -> Refusal {
     Refusal::new(reason, detail)
-}
-
-fn int_literal(expr: &Expr) -> Option<i64> {
-    match expr {
-        Expr::NumberLiteral(n) => match &n.value {
-            Number::Int(i) => i.as_i64(),
-            _ => None,
-        },
-        Expr::UnaryOp(u) if u.op == UnaryOp::USub => int_literal(&u.operand).map(|v| -v),
-        _ => None,
-    }
 }
 
 fn is_full_slice(expr: &Expr) -> bool {

@@ -533,13 +533,10 @@ fn eval_chunk<'a>(
 
 /// A small non-negative integer literal.
 fn index(expr: &Expr) -> Option<u8> {
-    match expr {
-        Expr::NumberLiteral(n) => match &n.value {
-            Number::Int(i) => i.as_u8(),
-            _ => None,
-        },
-        _ => None,
-    }
+    matches!(expr, Expr::NumberLiteral(_))
+        .then(|| crate::syntax::int_literal(expr))
+        .flatten()
+        .and_then(|v| u8::try_from(v).ok())
 }
 
 /// `1` or `1.0`.
@@ -576,5 +573,5 @@ fn every_two(slice: &Expr) -> Option<u8> {
 }
 
 fn is_minus_one(expr: &Expr) -> bool {
-    matches!(expr, Expr::UnaryOp(u) if u.op == UnaryOp::USub && index(&u.operand) == Some(1))
+    crate::syntax::int_literal(expr) == Some(-1)
 }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use ruff_python_ast::{Expr, ExprCall, Number, Operator, Stmt, StmtFunctionDef, UnaryOp};
+use ruff_python_ast::{Expr, ExprCall, Operator, Stmt, StmtFunctionDef};
 
 use crate::passes::fusion_common::{body_without_docstring, plain_parameters};
 use crate::syntax::dotted_name;
@@ -198,16 +198,10 @@ fn bind<'c>(
     Some((bound[0], bound[1]))
 }
 
-fn int(expr: &Expr) -> Option<u8> {
-    match expr {
-        Expr::NumberLiteral(n) => match &n.value {
-            Number::Int(i) => i.as_u8(),
-            _ => None,
-        },
-        _ => None,
-    }
+fn int(expr: &Expr) -> Option<i64> {
+    crate::syntax::int_literal(expr)
 }
 
 fn is_minus_one(expr: &Expr) -> bool {
-    matches!(expr, Expr::UnaryOp(u) if u.op == UnaryOp::USub && int(&u.operand) == Some(1))
+    int(expr) == Some(-1)
 }
