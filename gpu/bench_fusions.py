@@ -75,6 +75,12 @@ CLAMPED = {
 #: GPT-OSS's experts gate (interleaved pairs, swiglu_oai, limit 7) on the routed rows of
 #: GPT-OSS-20B (top 4 of 32 experts, intermediate 2880), against GptOssExperts._apply_gate.
 OAI = {"GPT-OSS-20B-experts": (2880, 4)}
+#: Mamba-2's gated norm (the gate first, in groups) on the mixer's output, against
+#: MambaRMSNormGated: (intermediate, groups, eps) of Nemotron-H-8B and Granite-4.0-H.
+MAMBA_NORMS = {
+    "Nemotron-H-8B-gated-norm": (8192, 8, 1e-5),
+    "Granite-4-H-gated-norm": (8192, 1, 1e-6),
+}
 
 
 def size(t):
@@ -228,6 +234,24 @@ def oai_fns():
     return {"ours": ours, "stock": stock}
 
 
+def mamba_norm_fns(inter, groups, eps):
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    size = inter // groups
+    module = MambaRMSNormGated(inter, group_size=size, eps=eps)
+    module = module.to(device=DEVICE, dtype=DTYPE)
+
+    def stock(x, gate, w):
+        return torch.func.functional_call(module, {"weight": w}, (x, gate))
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x, gate, w, eps, gate_first=True, group_size=size
+        )
+
+    return {"ours": ours, "stock": stock}
+
+
 def gated_norm_fns(form, eps, head_dim):
     from transformers.models.kimi_linear.modeling_kimi_linear import (
         KimiLinearRMSNormGated,
@@ -276,6 +300,23 @@ def make_cases(model, tokens, seq, liger, compiled):
         floors = (3 * size(x) + size(w) + n * 4, 5 * size(x) + 2 * size(w) + n * 4)
         return [
             ("gated_rms_norm", gated_norm_fns(form, eps, hd), [x, gate, w], [], floors)
+        ]
+    if model in MAMBA_NORMS:
+        inter, groups, eps = MAMBA_NORMS[model]
+        x = randn(batch * seq, inter, scale=2.0)
+        gate = randn(batch * seq, inter, scale=2.0)
+        w = randn(inter, scale=0.1) + 1.0
+        n = x.numel() // (inter // groups)
+        # as the gated norm above: 1/rms per group
+        floors = (3 * size(x) + size(w) + n * 4, 5 * size(x) + 2 * size(w) + n * 4)
+        return [
+            (
+                "gated_rms_norm gate first",
+                mamba_norm_fns(inter, groups, eps),
+                [x, gate, w],
+                [],
+                floors,
+            )
         ]
     if model in OAI:
         inter, top_k = OAI[model]
@@ -484,7 +525,8 @@ def main():
     global DEVICE
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--models", default=",".join([*MODELS, *GATED_NORMS, *CLAMPED, *OAI])
+        "--models",
+        default=",".join([*MODELS, *GATED_NORMS, *CLAMPED, *OAI, *MAMBA_NORMS]),
     )
     ap.add_argument("--tokens", type=int, default=8 * 4096)
     ap.add_argument("--seq", type=int, default=4096)

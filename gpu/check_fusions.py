@@ -63,6 +63,10 @@ try:  # the gated norms' stock modules (transformers 5.x)
     )
 except ImportError:
     KimiLinearRMSNormGated = Qwen3NextRMSNormGated = None
+try:  # Mamba-2's gated norm: the gate first, in groups
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+except ImportError:
+    MambaRMSNormGated = None
 
 ARGS = None
 DEVICE = "cuda"
@@ -293,6 +297,50 @@ def case_gated_rms(shape, eps, style, w_dtype=None, *, shift=False):
             ours,
             stock,
             lambda x, gate, w: ref(x, gate, w, eps),
+            names=["y", "dx", "dgate", "dw"],
+        )
+
+    return make
+
+
+def case_gated_rms_mamba(shape, eps, groups, *, shift=False):
+    """Mamba-2's gated norm (MambaRMSNormGated, Nemotron-H / Granite 4 / Bamba / Zamba2's
+    copies): ``weight * norm_per_group(x * silu(gate)).to(dtype)``, ``groups`` per row."""
+
+    def make(name, dtype):
+        if MambaRMSNormGated is None:
+            raise RuntimeError("this transformers has no Mamba-2 gated norm")
+        g = gen()
+        size = shape[-1] // groups
+        x = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        gate = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        w = (randn(shape[-1], g=g) * 0.2 + 1.0).to(dtype)
+        module = MambaRMSNormGated(shape[-1], group_size=size, eps=eps)
+        module = module.to(device=DEVICE, dtype=dtype)
+
+        def stock(x, gate, w):
+            return torch.func.functional_call(module, {"weight": w}, (x, gate))
+
+        def ours(x, gate, w):
+            if shift:
+                x = misaligned(x)
+                assert x.data_ptr() % 16 != 0
+            return forward_rewrite.gated_rms_norm(
+                x, gate, w, eps, gate_first=True, group_size=size
+            )
+
+        def ref(x, gate, w):
+            u = (x * F.silu(gate)).unflatten(-1, (groups, size))
+            u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+            return w * u.flatten(-2)
+
+        evaluate(
+            name,
+            dtype,
+            [x, gate, w],
+            ours,
+            stock,
+            ref,
             names=["y", "dx", "dgate", "dw"],
         )
 
@@ -910,6 +958,20 @@ def cases(tokens):
             ),
             "gated_rms_norm hidden 8 (team of 1)": case_gated_rms(
                 (small, 8), 1e-6, "qwen3-next"
+            ),
+            # Nemotron-H-8B's mixer output: 8192 = 8 groups of 1024.
+            "gated_rms_norm gate first, Nemotron-H (tokens, 8 x 1024)": case_gated_rms_mamba(
+                (batch, seq, 8192), 1e-5, 8
+            ),
+            # Granite-4 / Bamba: one group of the whole row.
+            "gated_rms_norm gate first, one group of 8192": case_gated_rms_mamba(
+                (small, 8192), 1e-6, 1
+            ),
+            "gated_rms_norm gate first, 3 groups of 100 (any kernel)": case_gated_rms_mamba(
+                (small, 300), 1e-6, 3
+            ),
+            "gated_rms_norm gate first, misaligned, 6 groups": case_gated_rms_mamba(
+                (small, 6 * 64), 1e-6, 6, shift=True
             ),
             "rotary cos batch 2 (per-sequence positions)": case_rope(
                 sb, ss, 8, 2, 128, cos_batch=sb

@@ -477,37 +477,46 @@ RMS_FINISH(f32, F32)
 // ---- gated RMSNorm -------------------------------------------------------------------------
 //
 // The `*RMSNormGated` of Qwen3-Next / Qwen3.5 / OLMo-Hybrid (cast_before) and of Kimi-Linear /
-// Bailing / GLM-5-Next (strict float32); CPU twin: runtime/src/cpu/fusions/gated_norm.rs. Per
-// row, in float32, with the plain norm's r and xn and a = act(gate) (act 0: SiLU, 2: sigmoid):
-//   v = round_W(w * round_X(xn))    cast_before (weight * x.to(input_dtype): W is X or float32)
-//   v = w * xn                      strict (weight.to(float32) * x)
-//   y = round_X(v * a)              (the forms end in .to(input_dtype))
-// Backward from the saved x, gate and rstd, with dr = dy * a:
-//   dx    = round_X(r * (dr * w - xn * sum(dr * w * xn) / hidden))
-//   dgate = round_X(dy * v * act'(g))
-//   dw    = sum over rows of dr * round_X(xn) (cast_before) or dr * xn: per-team float32 rows
+// Bailing / GLM-5-Next (strict float32), the gate applied after the norm, and Mamba-2's (Bamba,
+// Granite 4, Nemotron-H, Zamba2: gate_first, in groups); CPU twin:
+// runtime/src/cpu/fusions/gated_norm.rs. Per row, in float32, with a = act(gate) (act 0: SiLU,
+// 2: sigmoid), u = x (gate after) or x * a (gate first), r = rsqrt(mean(u^2) + eps), un = u * r:
+//   v = round_W(w * round_X(un))    cast_before (weight * x.to(input_dtype): W is X or float32)
+//   v = w * un                      strict (weight.to(float32) * x)
+//   y = round_X(v * a)              gate after (the forms end in .to(input_dtype))
+//   y = round_X(v)                  gate first
+// Backward from the saved x, gate and rstd, with dr = dy * a (gate after) or dy (gate first):
+//   du    = r * (dr * w - un * sum(dr * w * un) / hidden)
+//   gate after: dx = round_X(du), dgate = round_X(dy * v * act'(g))
+//   gate first: dx = round_X(du * a), dgate = round_X(du * x * act'(g))
+//   dw    = sum over rows of dr * round_X(un) (cast_before) or dr * un: per-team float32 rows
 //           in shared memory, added in team order into the block's partial row, which
 //           rms_dw_finish adds in order and rounds once to W.
 // A team (rms_layout's) owns a row and each thread walks its columns in vectors of E = 8
 // (16-byte aligned rows, hidden % 8 == 0) or single elements, reading the row again after the
-// reduction (from L1): the rows are a head's (128 or 256 elements in every model with the form),
-// so nothing needs to stay in registers across the reduction.
+// reduction (from L1): the rows are a head's (128 or 256 elements) or a Mamba group's.
+// Groups: a row of the kernel is one group of hidden elements, `groups` of them per row of x;
+// the weight has groups * hidden elements and row i reads its segment i % groups. The
+// backward's grid makes the team count a multiple of groups (fusions.rs), so that every row
+// a team walks is of the team's one group: its dw row stays `hidden` floats.
 
 struct GatedRmsParams {
     const void* x;       // (rows, hidden) X
     const void* gate;    // (rows, hidden) X
-    const void* w;       // (hidden,) W
+    const void* w;       // (groups * hidden,) W
     const void* dy;      // (rows, hidden) X: backward
     void* y;             // forward: y (rows, hidden) X; backward: dx
     void* dgate;         // backward: (rows, hidden) X
     float* rstd;         // (rows,): written by the forward, read by the backward
-    float* dw_partial;   // backward: (gridDim.x, hidden) float32, or null: no weight gradient
+    float* dw_partial;   // backward: (gridDim.x, groups * hidden) float32, or null: no dw
     i64 rows;
     int hidden;
     int team;
     float eps;
     int cast_before;
     int act;             // 0: SiLU, 2: sigmoid
+    int gate_first;
+    int groups;
     int pad_;
 };
 
@@ -528,6 +537,12 @@ __device__ __forceinline__ float gated_norm_value(int cast_before, float xn, flo
     return cast_before ? round_to<W>(w * round_to<X>(xn)) : w * xn;
 }
 
+// The row's weight segment.
+template <class W>
+__device__ __forceinline__ const typename W::T* gated_weight(const GatedRmsParams& p, i64 row) {
+    return (const typename W::T*)p.w + (p.groups > 1 ? row % p.groups : 0) * (i64)p.hidden;
+}
+
 template <class X, class W, int E>
 __device__ void gated_rms_fwd(const GatedRmsParams& p) {
     __shared__ float scratch[32];
@@ -540,11 +555,18 @@ __device__ void gated_rms_fwd(const GatedRmsParams& p) {
     const bool active = row < p.rows;
     const i64 base = (active ? row : 0) * p.hidden;
     const typename X::T* xr = (const typename X::T*)p.x + base;
+    const typename X::T* gr = (const typename X::T*)p.gate + base;
     float ss = 0.f;
     if (active) {
         for (int col = lane * E; col < p.hidden; col += team * E) {
             float v[E];
             load_vec<X, E>(xr + col, v);
+            if (p.gate_first) {
+                float g[E];
+                load_vec<X, E>(gr + col, g);
+#pragma unroll
+                for (int i = 0; i < E; ++i) v[i] *= gate_act<FAST>(p.act, g[i]);
+            }
 #pragma unroll
             for (int i = 0; i < E; ++i) ss += v[i] * v[i];
         }
@@ -553,16 +575,19 @@ __device__ void gated_rms_fwd(const GatedRmsParams& p) {
     if (!active) return;
     const float r = rms_rstd(ss, p.hidden, p.eps);
     if (lane == 0) p.rstd[row] = r;
-    const typename X::T* gr = (const typename X::T*)p.gate + base;
+    const typename W::T* wr = gated_weight<W>(p, row);
     typename X::T* yr = (typename X::T*)p.y + base;
     for (int col = lane * E; col < p.hidden; col += team * E) {
         float x[E], g[E], w[E], out[E];
         load_vec<X, E>(xr + col, x);
         load_vec<X, E>(gr + col, g);
-        load_vec<W, E>((const typename W::T*)p.w + col, w);
+        load_vec<W, E>(wr + col, w);
 #pragma unroll
-        for (int i = 0; i < E; ++i)
-            out[i] = gated_norm_value<X, W>(p.cast_before, x[i] * r, w[i]) * gate_act<FAST>(p.act, g[i]);
+        for (int i = 0; i < E; ++i) {
+            const float a = gate_act<FAST>(p.act, g[i]);
+            out[i] = p.gate_first ? gated_norm_value<X, W>(p.cast_before, x[i] * a * r, w[i])
+                                  : gated_norm_value<X, W>(p.cast_before, x[i] * r, w[i]) * a;
+        }
         store_vec<X, E>(yr + col, out);
     }
 }
@@ -585,7 +610,8 @@ __device__ void gated_rms_bwd(const GatedRmsParams& p) {
     const i64 iters = (p.rows + nteams - 1) / nteams;
     const bool want_dw = p.dw_partial != nullptr;
     float* my_dw = team_dw + (i64)tib * p.hidden;
-    const typename W::T* wp = (const typename W::T*)p.w;
+    // nteams % groups == 0: every row of this team is of its first row's group.
+    const typename W::T* wp = gated_weight<W>(p, first);
     if (want_dw) {
         for (int col = lane * E; col < p.hidden; col += team * E) {
 #pragma unroll
@@ -609,7 +635,10 @@ __device__ void gated_rms_bwd(const GatedRmsParams& p) {
                 load_vec<X, E>(dyr + col, dy);
                 load_vec<W, E>(wp + col, w);
 #pragma unroll
-                for (int i = 0; i < E; ++i) dot += dy[i] * gate_act<FAST>(p.act, g[i]) * w[i] * (x[i] * r);
+                for (int i = 0; i < E; ++i) {
+                    const float a = gate_act<FAST>(p.act, g[i]);
+                    dot += p.gate_first ? dy[i] * w[i] * (x[i] * a * r) : dy[i] * a * w[i] * (x[i] * r);
+                }
             }
         }
         dot = team_sum(dot, team, scratch);
@@ -625,11 +654,20 @@ __device__ void gated_rms_bwd(const GatedRmsParams& p) {
             load_vec<W, E>(wp + col, w);
 #pragma unroll
             for (int i = 0; i < E; ++i) {
-                const float xn = x[i] * r;
-                const float dr = dy[i] * gate_act<FAST>(p.act, g[i]);
-                dx[i] = r * (dr * w[i] - xn * c);
-                dg[i] = dy[i] * gated_norm_value<X, W>(p.cast_before, xn, w[i]) * gate_act_grad<FAST>(p.act, g[i]);
-                if (want_dw) my_dw[col + i] += dr * (p.cast_before ? round_to<X>(xn) : xn);
+                const float a = gate_act<FAST>(p.act, g[i]);
+                if (p.gate_first) {
+                    const float un = x[i] * a * r;
+                    const float du = r * (dy[i] * w[i] - un * c);
+                    dx[i] = du * a;
+                    dg[i] = du * x[i] * gate_act_grad<FAST>(p.act, g[i]);
+                    if (want_dw) my_dw[col + i] += dy[i] * (p.cast_before ? round_to<X>(un) : un);
+                } else {
+                    const float xn = x[i] * r;
+                    const float dr = dy[i] * a;
+                    dx[i] = r * (dr * w[i] - xn * c);
+                    dg[i] = dy[i] * gated_norm_value<X, W>(p.cast_before, xn, w[i]) * gate_act_grad<FAST>(p.act, g[i]);
+                    if (want_dw) my_dw[col + i] += dr * (p.cast_before ? round_to<X>(xn) : xn);
+                }
             }
             store_vec<X, E>(dxr + col, dx);
             store_vec<X, E>(dgr + col, dg);
@@ -637,10 +675,15 @@ __device__ void gated_rms_bwd(const GatedRmsParams& p) {
     }
     if (!want_dw) return;
     __syncthreads();
-    float* part = p.dw_partial + (i64)blockIdx.x * p.hidden;
-    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+    // The block's partial row spans every group: column c of group c / hidden sums the dw
+    // rows of the teams of that group (none: 0).
+    const int width = p.groups * p.hidden;
+    float* part = p.dw_partial + (i64)blockIdx.x * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const int g = c / p.hidden, col = c - g * p.hidden;
         float s = 0.f;
-        for (int t = 0; t < teams; ++t) s += team_dw[(i64)t * p.hidden + c];
+        for (int t = 0; t < teams; ++t)
+            if (((int)blockIdx.x * teams + t) % p.groups == g) s += team_dw[(i64)t * p.hidden + col];
         part[c] = s;
     }
 }

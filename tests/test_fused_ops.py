@@ -473,6 +473,97 @@ def test_gated_rms_norm_non_contiguous_and_empty_inputs():
     assert empty.shape == (0, 32)
 
 
+#: Mamba-2's gated norm and its copies (transformers 5.23.0): the gate first, in groups.
+STOCK_MAMBA_GATED = {
+    "mamba2": ("mamba2", "MambaRMSNormGated"),
+    "nemotron_h": ("nemotron_h", "NemotronHRMSNormGated"),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"),
+}
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", list(STOCK_MAMBA_GATED))
+def test_gate_first_gated_rms_norm_matches_the_stock_module(family, dtype, groups):
+    module_name, cls_name = STOCK_MAMBA_GATED[family]
+    mod = __import__(
+        f"transformers.models.{module_name}.modeling_{module_name}", fromlist=[cls_name]
+    )
+    # (batch, tokens, intermediate): the mixer's output, normalised in groups
+    shape = (2, 9, 256)
+    size = shape[-1] // groups
+    x, gate, w, dy = gated_case(shape, dtype, dtype, seed=13)
+    eps = 1e-6
+    module = getattr(mod, cls_name)(shape[-1], group_size=size, eps=eps).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x, gate, w, eps, gate_first=True, group_size=size
+        )
+
+    ours_y, ours_g = grads(ours, [x, gate, w], dy)
+    xs = x.detach().clone().requires_grad_(True)
+    gs = gate.detach().clone().requires_grad_(True)
+    stock_y = module(xs, gs)
+    stock_y.backward(dy)
+    assert stock_y.dtype == ours_y[0].dtype == dtype
+    stock = [stock_y.detach(), xs.grad, gs.grad, module.weight.grad]
+    xr, gr, wr = (t.double().requires_grad_(True) for t in (x, gate, w))
+    u = (xr * F.silu(gr)).view(*shape[:-1], groups, size)
+    ref_y = wr * (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)).view(shape)
+    ref_y.backward(dy.double())
+    check_against(
+        [ours_y[0], *ours_g],
+        stock,
+        [ref_y.detach(), xr.grad, gr.grad, wr.grad],
+        dtype,
+        f"{family} groups {groups}",
+    )
+    if dtype != torch.float32:
+        same = (ours_y[0] == stock_y.detach()).float().mean().item()
+        assert same >= 0.99, f"{family}: only {same:.1%} of the outputs equal stock's"
+
+
+@pytest.mark.parametrize("cast_before", [True, False])
+@pytest.mark.parametrize("groups", [1, 3, 5])
+def test_gate_first_groups_odd_rows_and_sizes(groups, cast_before):
+    """Rows of x whose groups fill no vector (7 elements), many rows, sigmoid, and the
+    strict float32 weighting: against the stock expression written out."""
+    size = 7
+    x, gate, w, dy = gated_case(
+        (70, groups * size), torch.float32, torch.float32, seed=14
+    )
+    eps = 1e-5
+
+    def stock(x, gate, w):
+        u = (x.to(torch.float32) * torch.sigmoid(gate.to(torch.float32))).view(
+            70, groups, size
+        )
+        u = (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)).view(x.shape)
+        return w * u.to(x.dtype) if cast_before else (w.float() * u).to(x.dtype)
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x,
+            gate,
+            w,
+            eps,
+            activation="sigmoid",
+            cast_before_weight=cast_before,
+            gate_first=True,
+            group_size=size,
+        )
+
+    ours_y, ours_g = grads(ours, [x, gate, w], dy)
+    stock_y, stock_g = grads(stock, [x, gate, w], dy)
+    for got, want, what in zip(
+        [ours_y[0], *ours_g], [stock_y[0], *stock_g], ["y", "dx", "dgate", "dw"]
+    ):
+        assert rel(got, want) <= 2e-5, f"{what}: {rel(got, want):.2e}"
+
+
 # ---- rotary ---------------------------------------------------------------------------------
 
 
@@ -1341,12 +1432,18 @@ def test_opcheck_validates_the_registrations():
         ),
     )
     gate = torch.randn(6, 32, requires_grad=True)
-    for options in ((True, "silu"), (False, "sigmoid")):
+    for options in (
+        (True, "silu", False, 1),
+        (False, "sigmoid", False, 1),
+        (True, "silu", True, 1),
+        (True, "silu", True, 2),
+    ):
+        wg = w if options[3] == 1 else torch.randn(64, requires_grad=True)
         torch.library.opcheck(
-            ops.gated_rms_norm.default, (x, gate, w, 1e-6, *options), test_utils=tests
+            ops.gated_rms_norm.default, (x, gate, wg, 1e-6, *options), test_utils=tests
         )
         _, rstd = ops.gated_rms_norm(
-            x.detach(), gate.detach(), w.detach(), 1e-6, *options
+            x.detach(), gate.detach(), wg.detach(), 1e-6, *options
         )
         torch.library.opcheck(
             ops.gated_rms_norm_backward.default,
@@ -1354,7 +1451,7 @@ def test_opcheck_validates_the_registrations():
                 torch.randn(6, 32),
                 x.detach(),
                 gate.detach(),
-                w.detach(),
+                wg.detach(),
                 rstd,
                 *options,
                 True,
@@ -1617,10 +1714,39 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
         ),
         (
             lambda: _fusions_cpu.gated_rms_norm_forward(
-                X, X[:, :4], X[0], 1e-6, True, "silu"
+                X, X[:, :4], X[0], 1e-6, True, "silu", False, 1
             ),
             ValueError,
             "gate",
+        ),
+        (
+            lambda: forward_rewrite.gated_rms_norm(X, X, X[0], group_size=3),
+            ValueError,
+            "group_size",
+        ),
+        (
+            lambda: forward_rewrite.gated_rms_norm(X, X, X[0], group_size=True),
+            ValueError,
+            "group_size",
+        ),
+        (
+            lambda: forward_rewrite.gated_rms_norm(X, X, X[0], gate_first=1),
+            TypeError,
+            "gate_first",
+        ),
+        (
+            lambda: forward_rewrite.gated_rms_norm(
+                X.bfloat16(), X.bfloat16(), X[0], gate_first=True
+            ),
+            TypeError,
+            "weight",
+        ),
+        (
+            lambda: _fusions_cpu.gated_rms_norm_forward(
+                X, X, X[0], 1e-6, True, "silu", True, 2
+            ),
+            ValueError,
+            "groups",
         ),
     ],
 )

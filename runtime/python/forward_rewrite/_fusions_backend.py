@@ -7,10 +7,10 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
         -> (y, rstd), or (y, rstd, s) with a residual
     rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight, weight_grad,
         dres=None) -> (dx, dw or None)
-    gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation)
-        -> (y, rstd)
+    gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation, gate_first,
+        groups) -> (y, rstd)
     gated_rms_norm_backward(dy, x, gate, weight, rstd, cast_before_weight, activation,
-        weight_grad) -> (dx, dgate, dw or None)
+        gate_first, groups, weight_grad) -> (dx, dgate, dw or None)
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
     gated_act(gate, up, fn) -> out
@@ -31,7 +31,10 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   before dx's one rounding: ``dx = round(norm's dx + dres)``; dw is unchanged.
 * gated RMSNorm: as RMSNorm, with ``gate`` of x's shape, dtype and device, contiguous; y, dy,
   dx and dgate of x's dtype (the forms end in ``.to(input_dtype)``); ``activation`` "silu" or
-  "sigmoid"; on CUDA rows of at most ``GATED_NORM_MAX_HIDDEN`` elements.
+  "sigmoid"; on CUDA rows of at most ``GATED_NORM_MAX_HIDDEN`` elements. ``gate_first``: the
+  gate multiplies x before the norm (Mamba's form). With ``groups`` > 1 a row is one group:
+  ``weight`` has ``groups * hidden`` elements, row i is weighted by its segment ``i %
+  groups``, and rows is a multiple of groups.
 * rotary: q, k, cos, sin 4-D, unit stride along the last dimension, any other strides;
   ``head_index`` (0, 1 or 2) is the dimension cos and sin are broadcast over (size 1 there);
   on the two other leading dimensions cos/sin have q's size or 1. Outputs have q's and k's
@@ -175,6 +178,7 @@ def check_rms(
     dy=None,
     rstd=None,
     cast_before_weight=True,
+    groups=1,
     residual=None,
     dres=None,
 ):
@@ -187,9 +191,13 @@ def check_rms(
     rows, hidden = x.shape
     if hidden == 0:
         raise ValueError("x: the normalised dimension is empty")
-    if weight.shape != (hidden,):
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    if rows % groups:
+        raise ValueError(f"groups: {groups} does not divide the {rows} rows")
+    if weight.shape != (groups * hidden,):
         raise ValueError(
-            f"weight: expected shape ({hidden},), got {tuple(weight.shape)}"
+            f"weight: expected shape ({groups * hidden},), got {tuple(weight.shape)}"
         )
     _floating("x", x, device_type)
     _floating("weight", weight, device_type)
@@ -237,7 +245,9 @@ GATED_NORM_ACTIVATIONS = ("silu", "sigmoid")
 GATED_NORM_MAX_HIDDEN = 8192
 
 
-def check_gated_rms(x, gate, weight, activation, device_type, *, dy=None, rstd=None):
+def check_gated_rms(
+    x, gate, weight, activation, device_type, *, groups=1, dy=None, rstd=None
+):
     """Raises naming the first argument that breaks the gated RMSNorm contract (x's: the
     gate, dy and the outputs have x's shape and dtype); returns (rows, hidden)."""
     _tensor("gate", gate)
@@ -258,7 +268,13 @@ def check_gated_rms(x, gate, weight, activation, device_type, *, dy=None, rstd=N
     # The rest as the plain norm's, with an output (and dy) of x's dtype: the gated forms
     # always end in ``.to(input_dtype)``.
     rows, hidden = check_rms(
-        x, weight, device_type, dy=dy, rstd=rstd, cast_before_weight=False
+        x,
+        weight,
+        device_type,
+        dy=dy,
+        rstd=rstd,
+        cast_before_weight=False,
+        groups=groups,
     )
     if device_type == "cuda" and hidden > GATED_NORM_MAX_HIDDEN:
         raise ValueError(

@@ -76,8 +76,10 @@ def rms_norm_backward(
     return dx, dw
 
 
-def gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation):
-    rows, hidden = check_gated_rms(x, gate, weight, activation, "cpu")
+def gated_rms_norm_forward(
+    x, gate, weight, eps, cast_before_weight, activation, gate_first, groups
+):
+    rows, hidden = check_gated_rms(x, gate, weight, activation, "cpu", groups=groups)
     # The gated forms end in ``.to(input_dtype)``: y is of x's dtype whatever the weight's.
     y = torch.empty_like(x)
     rstd = torch.empty(rows, dtype=rstd_dtype(x.dtype))
@@ -94,14 +96,27 @@ def gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation)
         eps=float(eps),
         cast_before=bool(cast_before_weight),
         activation=activation,
+        gate_first=bool(gate_first),
+        groups=groups,
     )
     return y, rstd
 
 
 def gated_rms_norm_backward(
-    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+    dy,
+    x,
+    gate,
+    weight,
+    rstd,
+    cast_before_weight,
+    activation,
+    gate_first,
+    groups,
+    weight_grad,
 ):
-    rows, hidden = check_gated_rms(x, gate, weight, activation, "cpu", dy=dy, rstd=rstd)
+    rows, hidden = check_gated_rms(
+        x, gate, weight, activation, "cpu", groups=groups, dy=dy, rstd=rstd
+    )
     dx = torch.empty_like(x)
     dgate = torch.empty_like(x)
     dw = torch.empty_like(weight) if weight_grad else None
@@ -120,6 +135,8 @@ def gated_rms_norm_backward(
         w_dtype=dtype_name(weight.dtype),
         cast_before=bool(cast_before_weight),
         activation=activation,
+        gate_first=bool(gate_first),
+        groups=groups,
     )
     return dx, dgate, dw
 

@@ -146,7 +146,9 @@ def rms_norm_backward(
     return dx, dw
 
 
-def _gated_rms_call(x, gate, weight, eps, cast_before_weight, activation, y, rstd):
+def _gated_rms_call(
+    x, gate, weight, eps, cast_before_weight, activation, gate_first, groups, y, rstd
+):
     """The arguments both directions of ``cuda_gated_rms_norm`` share."""
     rows, hidden = x.shape
     device, stream = _where(x)
@@ -165,28 +167,50 @@ def _gated_rms_call(x, gate, weight, eps, cast_before_weight, activation, y, rst
         "eps": float(eps),
         "cast_before": bool(cast_before_weight),
         "activation": activation,
+        "gate_first": bool(gate_first),
+        "groups": groups,
     }
 
 
-def gated_rms_norm_forward(x, gate, weight, eps, cast_before_weight, activation):
-    rows, _ = check_gated_rms(x, gate, weight, activation, "cuda")
+def gated_rms_norm_forward(
+    x, gate, weight, eps, cast_before_weight, activation, gate_first, groups
+):
+    rows, _ = check_gated_rms(x, gate, weight, activation, "cuda", groups=groups)
     y = _empty_like(x)
     rstd = _empty(rows, dtype=torch.float32, device=x.device)
     load_nvrtc()
     with torch.cuda.device(x.device):
         _native.cuda_gated_rms_norm(
             **_gated_rms_call(
-                x, gate, weight, eps, cast_before_weight, activation, y, rstd
+                x,
+                gate,
+                weight,
+                eps,
+                cast_before_weight,
+                activation,
+                gate_first,
+                groups,
+                y,
+                rstd,
             )
         )
     return y, rstd
 
 
 def gated_rms_norm_backward(
-    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+    dy,
+    x,
+    gate,
+    weight,
+    rstd,
+    cast_before_weight,
+    activation,
+    gate_first,
+    groups,
+    weight_grad,
 ):
     rows, hidden = check_gated_rms(
-        x, gate, weight, activation, "cuda", dy=dy, rstd=rstd
+        x, gate, weight, activation, "cuda", groups=groups, dy=dy, rstd=rstd
     )
     dx = _empty_like(x)
     dgate = _empty_like(x)
@@ -194,7 +218,16 @@ def gated_rms_norm_backward(
     load_nvrtc()
     with torch.cuda.device(x.device):
         args = _gated_rms_call(
-            x, gate, weight, 0.0, cast_before_weight, activation, dx, rstd
+            x,
+            gate,
+            weight,
+            0.0,
+            cast_before_weight,
+            activation,
+            gate_first,
+            groups,
+            dx,
+            rstd,
         )
         args.update(dy=dy.data_ptr(), dgate=dgate.data_ptr())
         if weight_grad:
@@ -210,9 +243,11 @@ def gated_rms_norm_backward(
                 hidden=hidden,
                 x_dtype=args["x_dtype"],
                 w_dtype=args["w_dtype"],
+                groups=groups,
             )
+            # A partial row spans the whole weight (every group of a row of x).
             partial = _empty(
-                (max(parts, 1), hidden), dtype=torch.float32, device=x.device
+                (max(parts, 1), groups * hidden), dtype=torch.float32, device=x.device
             )
             args.update(
                 dw=dw.data_ptr(),

@@ -343,11 +343,13 @@ def _gated_rms_impl(
     eps: float,
     cast_before_weight: bool,
     activation: str,
+    gate_first: bool,
+    groups: int,
 ) -> tuple[Tensor, Tensor]:
-    """(y, rstd) for x and gate (rows, hidden) contiguous of one dtype, weight (hidden,) of
-    x's dtype or float32."""
+    """(y, rstd) for x and gate (rows, hidden) contiguous of one dtype (a row: one group),
+    weight (groups * hidden,) of x's dtype or float32."""
     return _backend(x.device).gated_rms_norm_forward(
-        x, gate, weight, eps, cast_before_weight, activation
+        x, gate, weight, eps, cast_before_weight, activation, gate_first, groups
     )
 
 
@@ -357,7 +359,9 @@ _gated_rms_op = torch.library.custom_op(
 
 
 @_gated_rms_op.register_fake
-def _gated_rms_fake(x, gate, weight, eps, cast_before_weight, activation):
+def _gated_rms_fake(
+    x, gate, weight, eps, cast_before_weight, activation, gate_first, groups
+):
     return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
 
 
@@ -369,11 +373,22 @@ def _gated_rms_backward_impl(
     rstd: Tensor,
     cast_before_weight: bool,
     activation: str,
+    gate_first: bool,
+    groups: int,
     weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dgate, dw); dw is empty when ``weight_grad`` is false."""
     dx, dgate, dw = _backend(x.device).gated_rms_norm_backward(
-        dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+        dy,
+        x,
+        gate,
+        weight,
+        rstd,
+        cast_before_weight,
+        activation,
+        gate_first,
+        groups,
+        weight_grad,
     )
     return dx, dgate, dw if dw is not None else x.new_empty(0)
 
@@ -385,36 +400,41 @@ _gated_rms_backward_op = torch.library.custom_op(
 
 @_gated_rms_backward_op.register_fake
 def _gated_rms_backward_fake(
-    dy, x, gate, weight, rstd, cast_before_weight, activation, weight_grad
+    dy,
+    x,
+    gate,
+    weight,
+    rstd,
+    cast_before_weight,
+    activation,
+    gate_first,
+    groups,
+    weight_grad,
 ):
     dw = torch.empty_like(weight) if weight_grad else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(x), dw
 
 
 def _gated_rms_setup(ctx, inputs, output):
-    x, gate, weight, _eps, cast_before_weight, activation = inputs
+    x, gate, weight, _eps, *options = inputs
     _, rstd = output
     ctx.save_for_backward(x, gate, weight, rstd)
-    ctx.options = (cast_before_weight, activation)
+    ctx.options = tuple(options)
 
 
 def _gated_rms_backward(ctx, dy, _drstd):
     x, gate, weight, rstd = ctx.saved_tensors
-    cast_before_weight, activation = ctx.options
     needs = ctx.needs_input_grad
     if not (needs[0] or needs[1] or needs[2]):
-        return (None,) * 6
+        return (None,) * 8
     dx, dgate, dw = _gated_rms_norm_backward(
-        dy.contiguous(), x, gate, weight, rstd, cast_before_weight, activation, needs[2]
+        dy.contiguous(), x, gate, weight, rstd, *ctx.options, needs[2]
     )
     return (
         dx if needs[0] else None,
         dgate if needs[1] else None,
         dw if needs[2] else None,
-        None,
-        None,
-        None,
-    )
+    ) + (None,) * 5
 
 
 _gated_rms = OpPair(
@@ -431,6 +451,8 @@ def gated_rms_norm(
     *,
     activation: str = "silu",
     cast_before_weight: bool = True,
+    gate_first: bool = False,
+    group_size: int | None = None,
 ) -> Tensor:
     """Gated RMSNorm over the last dimension, as transformers' ``*RMSNormGated`` computes it.
 
@@ -444,9 +466,18 @@ def gated_rms_norm(
     * ``cast_before_weight=False`` (Kimi-Linear, Bailing, GLM-5-Next): ``(weight.float() * xn
       * a).to(x.dtype)``.
 
+    ``gate_first=True`` (Mamba-2's ``MambaRMSNormGated`` and its copies in Bamba, Granite 4,
+    Nemotron-H, Zamba2) applies the gate before the norm: with ``u = x.float() * a``, the
+    norm of u weighted as above, ``weight * (u * rsqrt(mean(u**2) + eps)).to(x.dtype)`` for
+    ``cast_before_weight=True`` (the weight then of x's dtype: stock's result would be of
+    the promoted dtype otherwise). ``group_size`` (Mamba's): the last dimension is normalised
+    in groups of that many elements (it must divide it), each with its own ``1 / rms``; the
+    weight still spans the whole dimension.
+
     ``gate`` has x's shape and dtype. Gradients for x, gate and weight (float32 accumulation
     of the weight gradient over all rows, one rounding to weight's dtype); only ``1 / rms``
-    per row is saved besides the inputs. On CUDA rows may be up to 8192 elements long.
+    per row (group) is saved besides the inputs. On CUDA a row (group) may be up to 8192
+    elements long.
     """
     w, eps, _, cast_before_weight = _rms_arguments(
         x, weight, eps, 0.0, cast_before_weight
@@ -463,9 +494,34 @@ def gated_rms_norm(
         raise ValueError(
             f"activation: expected one of {GATED_NORM_ACTIVATIONS}, got {activation!r}"
         )
-    x2 = x.contiguous().view(-1, x.shape[-1])
-    g2 = gate.contiguous().view(-1, x.shape[-1])
-    y, _ = _gated_rms(x2, g2, w.contiguous(), eps, cast_before_weight, activation)
+    gate_first = _bool("gate_first", gate_first)
+    if gate_first and cast_before_weight and weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight: dtype {weight.dtype}; with gate_first and cast_before_weight the weight "
+            f"must be of x's dtype {x.dtype} (the stock form's result is of the promoted dtype)"
+        )
+    hidden = x.shape[-1]
+    size = hidden if group_size is None else group_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            f"group_size: expected a positive int or None, got {group_size!r}"
+        )
+    if hidden % size:
+        raise ValueError(
+            f"group_size: {size} does not divide x's last dimension {hidden}"
+        )
+    x2 = x.contiguous().view(-1, size)
+    g2 = gate.contiguous().view(-1, size)
+    y, _ = _gated_rms(
+        x2,
+        g2,
+        w.contiguous(),
+        eps,
+        cast_before_weight,
+        activation,
+        gate_first,
+        hidden // size,
+    )
     return y.view(x.shape)
 
 

@@ -171,13 +171,18 @@ def _weight_ok(weight, x):
     )
 
 
-def gated_rms_norm(module, x, gate, weight, eps, act):
+def gated_rms_norm(
+    module, x, gate, weight, eps, act, *, gate_first=False, group_size=None
+):
     """The activation ``forward_rewrite.gated_rms_norm`` computes for a gated norm whose
     source applies ``act`` (the module ``ACT2FN[self.activation]`` made) to the float32 gate
     (``"silu"`` or ``"sigmoid"``), or None (stock): the norm in train mode, its operands as
     for ``rms_norm``, the gate a plain tensor of x's shape, dtype and device, rows the CUDA
     kernel takes, and ``act`` exactly ``nn.SiLU``, transformers' ``SiLUActivation`` or
-    ``nn.Sigmoid``, without hooks, or torch's functional SiLU itself (``F.silu``)."""
+    ``nn.Sigmoid``, without hooks, or torch's functional SiLU itself (``F.silu``).
+    ``gate_first`` (Mamba's form, ``weight * norm(x * act(gate)).to(x.dtype)``): the weight
+    of x's dtype too (stock's result is of the promoted dtype otherwise); ``group_size``: a
+    positive int dividing x's last dimension (stock's ``view`` fails otherwise), or None."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     if not (module.training and _norm_operands_ok(x, weight, eps)):
@@ -186,7 +191,15 @@ def gated_rms_norm(module, x, gate, weight, eps, act):
         _tensor_ok(gate, x.device) and gate.dtype == x.dtype and gate.shape == x.shape
     ):
         return None
-    if x.device.type == "cuda" and x.shape[-1] > GATED_NORM_MAX_HIDDEN:
+    hidden = x.shape[-1]
+    if group_size is not None and not (
+        type(group_size) is int and group_size > 0 and hidden % group_size == 0
+    ):
+        return None
+    if gate_first and weight.dtype != x.dtype:
+        return None
+    row = hidden if group_size is None else group_size
+    if x.device.type == "cuda" and row > GATED_NORM_MAX_HIDDEN:
         return None
     if act is nn.functional.silu:  # transformers 4.57's Qwen3-Next: F.silu written out
         taken["gated-rms-norm"] += 1

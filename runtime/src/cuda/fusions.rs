@@ -568,6 +568,8 @@ struct GatedRmsParams {
     eps: f32,
     cast_before: i32,
     act: i32,
+    gate_first: i32,
+    groups: i32,
     pad: i32,
 }
 
@@ -603,6 +605,11 @@ pub struct GatedRmsCall {
     pub cast_before: bool,
     /// 0: SiLU, 2: sigmoid (the codes of `gated_act.cu`'s activations).
     pub act: i32,
+    /// The gate multiplies x before the norm (Mamba's form).
+    pub gate_first: bool,
+    /// Groups (rows of `hidden`) per row of x: the weight has `groups * hidden` elements and
+    /// row i reads its segment i % groups; `rows` is a multiple of it.
+    pub groups: u64,
 }
 
 impl GatedRmsCall {
@@ -628,6 +635,14 @@ impl GatedRmsCall {
                 self.hidden
             )));
         }
+        if self.groups == 0 || !self.rows.is_multiple_of(self.groups) {
+            return Err(CudaError::argument(format!(
+                "groups: {} does not divide the {} rows",
+                self.groups, self.rows
+            )));
+        }
+        i32_arg("groups", self.groups)?;
+        i32_arg("weight: size", self.groups * self.hidden)?;
         i32_arg("x: hidden size", self.hidden)
     }
 
@@ -667,6 +682,8 @@ impl GatedRmsCall {
             eps: self.eps,
             cast_before: self.cast_before as i32,
             act: self.act,
+            gate_first: self.gate_first as i32,
+            groups: self.groups as i32,
             pad: 0,
         }
     }
@@ -713,7 +730,26 @@ fn gated_backward_plan(dev: &mut Device, c: &GatedRmsCall) -> Result<BwdPlan> {
     } else {
         0
     };
-    persistent_plan(dev, &c.kernel("bwd", layout), layout, smem, c.rows)
+    let mut plan = persistent_plan(dev, &c.kernel("bwd", layout), layout, smem, c.rows)?;
+    plan.grid = grid_for_groups(plan.grid, layout.rows_per_block(), c.groups)?;
+    Ok(plan)
+}
+
+/// The persistent grid made a multiple of the blocks whose teams cover whole rounds of the
+/// groups (team t walks rows t, t + teams, ...: all of one group when the team count is a
+/// multiple of `groups`, so its dw row is of that group alone). Rounded down, at least one
+/// round: more blocks than are resident only queue.
+fn grid_for_groups(grid: u32, teams: u32, groups: u64) -> Result<u32> {
+    let groups = u32::try_from(groups).map_err(|_| CudaError::argument("groups: too many"))?;
+    let round = groups / gcd(teams, groups);
+    Ok((grid / round).max(1) * round)
+}
+
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Rows of the float32 partial buffer the gated backward needs (its persistent grid).
@@ -737,8 +773,10 @@ pub fn gated_rms_norm_backward(c: &GatedRmsCall) -> Result<()> {
         partial_rows: c.partial_rows,
         w: c.w_dtype,
     };
+    // The weight gradient spans every group.
+    let width = (c.groups * c.hidden) as i32;
     if c.rows == 0 {
-        return dw.zero(dev, stream, hidden);
+        return dw.zero(dev, stream, width);
     }
     for (n, p) in [
         ("dy", c.dy),
@@ -756,7 +794,7 @@ pub fn gated_rms_norm_backward(c: &GatedRmsCall) -> Result<()> {
     let mut p = c.params(hidden, plan.layout, dw.kernel_partial());
     // SAFETY: the block is GatedRmsParams; the addresses are torch tensors of the sizes the
     // caller checked, dw checked above; the shared memory holds teams rows of hidden floats.
-    unsafe { launch_backward(dev, stream, &plan, arg(&mut p), "gated_rms_bwd", hidden, dw) }
+    unsafe { launch_backward(dev, stream, &plan, arg(&mut p), "gated_rms_bwd", width, dw) }
 }
 
 // ---- rotary --------------------------------------------------------------------------------
@@ -1291,7 +1329,7 @@ fn gate_activation(name: &str) -> Result<i32> {
 /// when it is not 0, through `dw_partial`).
 #[pyfunction]
 #[pyo3(signature = (*, device, stream, x, gate, weight, y, rstd, rows, hidden, x_dtype, w_dtype, eps, cast_before,
-    activation, dy=0, dgate=0, dw=0, dw_partial=0, partial_rows=0))]
+    activation, gate_first=false, groups=1, dy=0, dgate=0, dw=0, dw_partial=0, partial_rows=0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_rms_norm(
     py: Python<'_>,
@@ -1309,6 +1347,8 @@ fn cuda_gated_rms_norm(
     eps: f32,
     cast_before: bool,
     activation: &str,
+    gate_first: bool,
+    groups: u64,
     dy: u64,
     dgate: u64,
     dw: u64,
@@ -1335,6 +1375,8 @@ fn cuda_gated_rms_norm(
         eps,
         cast_before,
         act: gate_activation(activation)?,
+        gate_first,
+        groups,
     };
     py.detach(|| {
         catch_panics(|| {
@@ -1351,7 +1393,7 @@ fn cuda_gated_rms_norm(
 /// Rows of the float32 (rows, hidden) buffer the gated backward needs as `dw_partial` for
 /// these tensors (their alignment picks the kernel: pass the backward's addresses).
 #[pyfunction]
-#[pyo3(signature = (*, device, x, gate, weight, dy, dx, dgate, rows, hidden, x_dtype, w_dtype))]
+#[pyo3(signature = (*, device, x, gate, weight, dy, dx, dgate, rows, hidden, x_dtype, w_dtype, groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_rms_norm_backward_parts(
     py: Python<'_>,
@@ -1366,6 +1408,7 @@ fn cuda_gated_rms_norm_backward_parts(
     hidden: u64,
     x_dtype: &str,
     w_dtype: &str,
+    groups: u64,
 ) -> PyResult<u64> {
     let call = GatedRmsCall {
         device,
@@ -1387,6 +1430,8 @@ fn cuda_gated_rms_norm_backward_parts(
         eps: 0.0,
         cast_before: true,
         act: 0,
+        gate_first: false,
+        groups,
     };
     Ok(py.detach(|| catch_panics(|| gated_rms_norm_backward_parts(&call)))?)
 }
@@ -1535,6 +1580,38 @@ mod tests {
         assert_eq!(std::mem::size_of::<GatedParams>(), 104);
         assert_eq!(std::mem::offset_of!(GatedParams, interleaved), 100);
         assert_eq!(std::mem::offset_of!(GatedParams, limit), 88);
+        // gated RMSNorm: eight pointers, rows, then eight ints (gate_first, groups at the end)
+        assert_eq!(std::mem::size_of::<GatedRmsParams>(), 104);
+        assert_eq!(std::mem::offset_of!(GatedRmsParams, gate_first), 92);
+        assert_eq!(std::mem::offset_of!(GatedRmsParams, groups), 96);
+    }
+
+    #[test]
+    fn gated_grids_cover_whole_rounds_of_groups() {
+        for (grid, teams, groups) in [
+            (132, 8, 1),
+            (132, 8, 8),
+            (132, 8, 3),
+            (132, 4, 8),
+            (264, 16, 48),
+            (1, 1, 5),
+            (7, 2, 6),
+        ] {
+            let g = grid_for_groups(grid, teams, groups).unwrap();
+            assert_eq!(
+                (g as u64 * teams as u64) % groups,
+                0,
+                "grid {grid} teams {teams} groups {groups}: {g}"
+            );
+            assert!(
+                g >= 1 && (g <= grid || g as u64 <= groups),
+                "{g} from {grid}"
+            );
+        }
+        assert_eq!(grid_for_groups(132, 8, 1).unwrap(), 132);
+        assert_eq!(grid_for_groups(132, 8, 3).unwrap(), 132);
+        assert_eq!(grid_for_groups(132, 4, 8).unwrap(), 132);
+        assert_eq!(grid_for_groups(7, 2, 6).unwrap(), 6);
     }
 
     #[test]

@@ -372,7 +372,7 @@ fn gated_rms_forward_job<A: Real, X: Storage<A>, W: Storage<A>>(
                 &c.p,
                 slice::<X>(c.x, n),
                 slice::<X>(c.gate, n),
-                slice::<W>(c.w, c.p.hidden),
+                slice::<W>(c.w, c.p.groups * c.p.hidden),
                 slice_mut::<X>(c.y, n),
                 slice_mut::<A>(c.rstd, c.p.rows),
             )
@@ -392,11 +392,11 @@ fn gated_rms_backward_job<A: Real, X: Storage<A>, W: Storage<A>>(
                 slice::<X>(c.dy, n),
                 slice::<X>(c.x, n),
                 slice::<X>(c.gate, n),
-                slice::<W>(c.w, c.p.hidden),
+                slice::<W>(c.w, c.p.groups * c.p.hidden),
                 slice::<A>(c.rstd, c.p.rows),
                 slice_mut::<X>(c.dx, n),
                 slice_mut::<X>(c.dgate, n),
-                c.dw.map(|p| slice_mut::<W>(p, c.p.hidden)),
+                c.dw.map(|p| slice_mut::<W>(p, c.p.groups * c.p.hidden)),
             )
         }
     })
@@ -407,30 +407,41 @@ fn gated_norm_activation(name: &str) -> PyResult<Activation> {
     Activation::parse_one_of(name, GATE_ACTIVATIONS).or_else(value_error)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gated_rms_problem(
     rows: usize,
     hidden: usize,
     eps: f64,
     cast_before: bool,
     activation: &str,
+    gate_first: bool,
+    groups: usize,
 ) -> PyResult<GatedRmsNorm> {
     let act = gated_norm_activation(activation)?;
     let p = rms_problem(rows, hidden, eps, 0.0, cast_before)?;
+    if groups == 0 || !rows.is_multiple_of(groups) {
+        return value_error(format!(
+            "groups: {groups} does not divide the {rows} norm rows"
+        ));
+    }
     Ok(GatedRmsNorm {
         rows,
         hidden,
         eps: p.eps,
         cast_before,
         act,
+        gate_first,
+        groups,
     })
 }
 
 /// Gated RMSNorm forward: `y` (rows, hidden) of x's dtype and `rstd` (rows,) float32
 /// (float64 for float64 inputs) from contiguous `x` and `gate` (rows, hidden, x's dtype)
-/// and `weight` (hidden,).
+/// and `weight` (groups * hidden,): rows are norm rows (groups of a row of x), row i
+/// weighted by the weight's segment i % groups.
 #[pyfunction]
 #[pyo3(signature = (*, x, gate, weight, y, rstd, rows, hidden, x_dtype, w_dtype, eps, cast_before,
-    activation))]
+    activation, gate_first=false, groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_rms_norm_forward(
     py: Python<'_>,
@@ -446,14 +457,24 @@ fn cpu_gated_rms_norm_forward(
     eps: f64,
     cast_before: bool,
     activation: &str,
+    gate_first: bool,
+    groups: usize,
 ) -> PyResult<()> {
     let (xd, wd) = (dtype("x", x_dtype)?, dtype("weight", w_dtype)?);
-    let p = gated_rms_problem(rows, hidden, eps, cast_before, activation)?;
+    let p = gated_rms_problem(
+        rows,
+        hidden,
+        eps,
+        cast_before,
+        activation,
+        gate_first,
+        groups,
+    )?;
     let n = rows * hidden;
     check_regions(&[
         region("x", x, n, xd, false),
         region("gate", gate, n, xd, false),
-        region("weight", weight, hidden, wd, false),
+        region("weight", weight, groups * hidden, wd, false),
         region("y", y, n, xd, true),
         region("rstd", rstd, rows, rstd_dtype(xd), true),
     ])?;
@@ -477,7 +498,7 @@ fn cpu_gated_rms_norm_forward(
 /// dtype) from `dy` (x's dtype), `x`, `gate`, `weight` and the forward's `rstd`.
 #[pyfunction]
 #[pyo3(signature = (*, dy, x, gate, weight, rstd, dx, dgate, dw, rows, hidden, x_dtype, w_dtype,
-    cast_before, activation))]
+    cast_before, activation, gate_first=false, groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn cpu_gated_rms_norm_backward(
     py: Python<'_>,
@@ -495,21 +516,31 @@ fn cpu_gated_rms_norm_backward(
     w_dtype: &str,
     cast_before: bool,
     activation: &str,
+    gate_first: bool,
+    groups: usize,
 ) -> PyResult<()> {
     let (xd, wd) = (dtype("x", x_dtype)?, dtype("weight", w_dtype)?);
-    let p = gated_rms_problem(rows, hidden, 0.0, cast_before, activation)?;
+    let p = gated_rms_problem(
+        rows,
+        hidden,
+        0.0,
+        cast_before,
+        activation,
+        gate_first,
+        groups,
+    )?;
     let n = rows * hidden;
     let mut regions = vec![
         region("dy", dy, n, xd, false),
         region("x", x, n, xd, false),
         region("gate", gate, n, xd, false),
-        region("weight", weight, hidden, wd, false),
+        region("weight", weight, groups * hidden, wd, false),
         region("rstd", rstd, rows, rstd_dtype(xd), false),
         region("dx", dx, n, xd, true),
         region("dgate", dgate, n, xd, true),
     ];
     if let Some(dw) = dw {
-        regions.push(region("dw", dw, hidden, wd, true));
+        regions.push(region("dw", dw, groups * hidden, wd, true));
     }
     check_regions(&regions)?;
     let call = GatedRmsCall {

@@ -1155,6 +1155,9 @@ struct GatedNormRef {
     /// The first term of dx alone (dy * act(g) * w * s): the scale of the two terms that
     /// cancel in dx (entirely when hidden is 1).
     dx_scale: Vec<f64>,
+    /// dgate's scale: itself after the norm; with the gate first, its first term alone
+    /// (dy * w * s * x * act'(g)), the two cancelling as dx's do.
+    dgate_scale: Vec<f64>,
     /// Sum over rows of |dy * act(g) * x * s|: the scale of dw's terms.
     dw_scale: Vec<f64>,
 }
@@ -1171,13 +1174,15 @@ fn gated_norm_reference(
 ) -> GatedNormRef {
     let h = p.hidden;
     let n = x.len();
+    let wn = p.groups * h;
     let mut out = GatedNormRef {
         y: vec![0.0; n],
         dx: vec![0.0; n],
         dgate: vec![0.0; n],
-        dw: vec![0.0; h],
+        dw: vec![0.0; wn],
         dx_scale: vec![0.0; n],
-        dw_scale: vec![0.0; h],
+        dgate_scale: vec![0.0; n],
+        dw_scale: vec![0.0; wn],
     };
     for r in 0..p.rows {
         let (xr, gr, dyr) = (
@@ -1185,21 +1190,45 @@ fn gated_norm_reference(
             &g[r * h..(r + 1) * h],
             &dy[r * h..(r + 1) * h],
         );
-        let s = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / h as f64 + p.eps).sqrt();
+        let seg = (r % p.groups) * h;
+        let w = &w[seg..seg + h];
         let a: Vec<f64> = gr.iter().map(|v| act_reference(p.act, *v)).collect();
-        // d y_j / d x_i = w_j a_j (s delta_ij - x_j s^3 x_i / h)
-        let gsum: f64 = (0..h).map(|j| dyr[j] * a[j] * w[j] * xr[j]).sum();
+        // The normalised input: x, or u = x * a with the gate first.
+        let u: Vec<f64> = if p.gate_first {
+            xr.iter().zip(&a).map(|(x, a)| x * a).collect()
+        } else {
+            xr.to_vec()
+        };
+        let s = 1.0 / (u.iter().map(|v| v * v).sum::<f64>() / h as f64 + p.eps).sqrt();
+        // The gradient reaching the weighted norm: dy * a after the gate, dy before it.
+        let dr: Vec<f64> = if p.gate_first {
+            dyr.to_vec()
+        } else {
+            dyr.iter().zip(&a).map(|(d, a)| d * a).collect()
+        };
+        // d (w_j u_j s) / d u_i = w_j (s delta_ij - u_j s^3 u_i / h)
+        let gsum: f64 = (0..h).map(|j| dr[j] * w[j] * u[j]).sum();
         for i in 0..h {
             let k = r * h + i;
             let step = 1e-3;
             let f = |t: f64| act_reference(p.act, gr[i] + t * step);
             let da = (f(-2.0) - 8.0 * f(-1.0) + 8.0 * f(1.0) - f(2.0)) / (12.0 * step);
-            out.y[k] = w[i] * xr[i] * s * a[i];
-            out.dx[k] = dyr[i] * a[i] * w[i] * s - xr[i] * s * s * s * gsum / h as f64;
-            out.dgate[k] = dyr[i] * w[i] * xr[i] * s * da;
-            out.dw[i] += dyr[i] * a[i] * xr[i] * s;
-            out.dx_scale[k] = dyr[i] * a[i] * w[i] * s;
-            out.dw_scale[i] += (dyr[i] * a[i] * xr[i] * s).abs();
+            let du = dr[i] * w[i] * s - u[i] * s * s * s * gsum / h as f64;
+            if p.gate_first {
+                out.y[k] = w[i] * u[i] * s;
+                out.dx[k] = du * a[i];
+                out.dgate[k] = du * xr[i] * da;
+                out.dx_scale[k] = dr[i] * w[i] * s * a[i];
+                out.dgate_scale[k] = dr[i] * w[i] * s * xr[i] * da;
+            } else {
+                out.y[k] = w[i] * u[i] * s * a[i];
+                out.dx[k] = du;
+                out.dgate[k] = dyr[i] * w[i] * u[i] * s * da;
+                out.dx_scale[k] = dr[i] * w[i] * s;
+                out.dgate_scale[k] = out.dgate[k];
+            }
+            out.dw[seg + i] += dr[i] * u[i] * s;
+            out.dw_scale[seg + i] += (dr[i] * u[i] * s).abs();
         }
     }
     out
@@ -1232,7 +1261,7 @@ fn gated_norm_run<A: Real, X: Storage<A>, W: Storage<A>>(
     gated_norm::forward::<A, X, W>(p, &xs, &gs, &ws, &mut y, &mut rstd);
     let mut dx = vec![X::store(A::ZERO); n];
     let mut dgate = vec![X::store(A::ZERO); n];
-    let mut dw = vec![W::store(A::ZERO); p.hidden];
+    let mut dw = vec![W::store(A::ZERO); p.groups * p.hidden];
     gated_norm::backward::<A, X, W>(
         p,
         &dys,
@@ -1263,16 +1292,34 @@ fn gated_norm_run<A: Real, X: Storage<A>, W: Storage<A>>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
+/// A gated norm case: the activation, cast_before, norm rows, their length, the arrangement
+/// (gate first, groups per row of x) and the seed.
+#[derive(Clone, Copy)]
+struct GatedNormCase {
+    act: Activation,
+    cast_before: bool,
     rows: usize,
     hidden: usize,
-    cast_before: bool,
-    act: Activation,
+    gate_first: bool,
+    groups: usize,
+    seed: u64,
+}
+
+fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
+    c: GatedNormCase,
     seed: u64,
     tol_y: f64,
     tol_grad: f64,
 ) {
+    let GatedNormCase {
+        act,
+        cast_before,
+        rows,
+        hidden,
+        gate_first,
+        groups,
+        ..
+    } = c;
     let mut rng = Rng::new(seed);
     let p = GatedRmsNorm {
         rows,
@@ -1280,12 +1327,14 @@ fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
         eps: 1e-6,
         cast_before,
         act,
+        gate_first,
+        groups,
     };
     let n = rows * hidden;
     let x = rounded::<A, X>(&rng.vec(n, 1.5));
     let g = rounded::<A, X>(&rng.vec(n, 2.0));
     let w = rounded::<A, W>(
-        &rng.vec(hidden, 0.3)
+        &rng.vec(groups * hidden, 0.3)
             .iter()
             .map(|v| v + 1.0)
             .collect::<Vec<_>>(),
@@ -1295,16 +1344,31 @@ fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
     let want = gated_norm_reference(&p, &x, &g, &w, &dy);
     let ey = rel(&got.y, &want.y);
     let edx = err(&got.dx, &want.dx, &want.dx_scale);
-    let edg = rel(&got.dgate, &want.dgate);
+    let edg = err(&got.dgate, &want.dgate, &want.dgate_scale);
     let edw = err(&got.dw, &want.dw, &want.dw_scale);
     assert!(
         ey <= tol_y && edx <= tol_grad && edg <= tol_grad && edw <= tol_grad,
-        "{act:?} rows {rows} hidden {hidden} cast_before {cast_before}: y {ey:.2e} dx {edx:.2e} \
-         dgate {edg:.2e} dw {edw:.2e}"
+        "{act:?} rows {rows} hidden {hidden} cast_before {cast_before} gate_first {gate_first} \
+         groups {groups}: y {ey:.2e} dx {edx:.2e} dgate {edg:.2e} dw {edw:.2e}"
     );
     for (r, s) in got.rstd.iter().enumerate() {
-        let xr = &x[r * hidden..(r + 1) * hidden];
-        let exact = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / hidden as f64 + 1e-6).sqrt();
+        let (xr, gr) = (
+            &x[r * hidden..(r + 1) * hidden],
+            &g[r * hidden..(r + 1) * hidden],
+        );
+        let ss: f64 = xr
+            .iter()
+            .zip(gr)
+            .map(|(x, g)| {
+                let u = if gate_first {
+                    x * act_reference(act, *g)
+                } else {
+                    *x
+                };
+                u * u
+            })
+            .sum();
+        let exact = 1.0 / (ss / hidden as f64 + 1e-6).sqrt();
         assert!(
             (s - exact).abs() <= 1e-5 * exact,
             "rstd of row {r}: {s} vs {exact}"
@@ -1314,32 +1378,50 @@ fn check_gated_norm<A: Real, X: Storage<A>, W: Storage<A>>(
 
 /// Every (activation, cast_before, shape) case: odd sizes (one element; under one 8-lane
 /// vector; a remainder past whole vectors) and rows for several tasks of ROWS_PER_TASK, the
-/// last partial.
-fn gated_norm_cases() -> impl Iterator<Item = (Activation, bool, usize, usize, u64)> {
+/// last partial; each with the gate after the norm, and with the gate first in one group and
+/// in groups (3 or 5 per row of x, so a task's rows start in different groups).
+fn gated_norm_cases() -> impl Iterator<Item = GatedNormCase> {
     let shapes = [(1, 1), (70, 1), (70, 7), (70, 128), (45, 300)];
+    let arrangements = [(false, 1), (true, 1), (true, 5), (true, 3)];
     let mut seed = 0;
     [Activation::Silu, Activation::Sigmoid]
         .into_iter()
         .flat_map(|act| [true, false].map(|cast_before| (act, cast_before)))
         .flat_map(move |(act, cb)| shapes.map(|(rows, hidden)| (act, cb, rows, hidden)))
-        .map(move |(act, cb, rows, hidden)| {
-            seed += 1;
-            (act, cb, rows, hidden, seed)
+        .flat_map(move |(act, cb, rows, hidden)| {
+            arrangements
+                .into_iter()
+                .filter(move |(_, groups)| rows % groups == 0)
+                .map(move |(gate_first, groups)| (act, cb, rows, hidden, gate_first, groups))
         })
+        .map(
+            move |(act, cast_before, rows, hidden, gate_first, groups)| {
+                seed += 1;
+                GatedNormCase {
+                    act,
+                    cast_before,
+                    rows,
+                    hidden,
+                    gate_first,
+                    groups,
+                    seed,
+                }
+            },
+        )
 }
 
 #[test]
 fn gated_rms_norm_float32_is_float32_accurate() {
-    for (act, cast_before, rows, hidden, seed) in gated_norm_cases() {
-        check_gated_norm::<f32, f32, f32>(rows, hidden, cast_before, act, 60 + seed, 1e-6, 1e-5);
+    for c in gated_norm_cases() {
+        check_gated_norm::<f32, f32, f32>(c, 60 + c.seed, 1e-6, 1e-5);
     }
 }
 
 #[test]
 fn gated_rms_norm_float64_matches_the_reference_to_rounding() {
     // dgate's reference derivative is a finite difference (error ~1e-13).
-    for (act, cast_before, rows, hidden, seed) in gated_norm_cases() {
-        check_gated_norm::<f64, f64, f64>(rows, hidden, cast_before, act, 90 + seed, 1e-14, 1e-11);
+    for c in gated_norm_cases() {
+        check_gated_norm::<f64, f64, f64>(c, 90 + c.seed, 1e-14, 1e-11);
     }
 }
 
@@ -1347,12 +1429,12 @@ fn gated_rms_norm_float64_matches_the_reference_to_rounding() {
 fn gated_rms_norm_16_bit_within_their_rounding() {
     // bf16 keeps 8 significant bits: one rounding is 2^-9 relative; Qwen3-Next's order rounds
     // xn, v and y (three), Kimi's y only; a float32 weight leaves v unrounded.
-    for (act, cb, rows, hidden, seed) in gated_norm_cases() {
-        let s = 4 * seed + 120;
-        check_gated_norm::<f32, bf16, bf16>(rows, hidden, cb, act, s, 8e-3, 1.2e-2);
-        check_gated_norm::<f32, bf16, f32>(rows, hidden, cb, act, s + 1, 8e-3, 1.2e-2);
-        check_gated_norm::<f32, f16, f16>(rows, hidden, cb, act, s + 2, 1e-3, 2e-3);
-        check_gated_norm::<f32, f16, f32>(rows, hidden, cb, act, s + 3, 1e-3, 2e-3);
+    for c in gated_norm_cases() {
+        let s = 4 * c.seed + 120;
+        check_gated_norm::<f32, bf16, bf16>(c, s, 8e-3, 1.2e-2);
+        check_gated_norm::<f32, bf16, f32>(c, s + 1, 8e-3, 1.2e-2);
+        check_gated_norm::<f32, f16, f16>(c, s + 2, 1e-3, 2e-3);
+        check_gated_norm::<f32, f16, f32>(c, s + 3, 1e-3, 2e-3);
     }
 }
 
@@ -1389,6 +1471,8 @@ fn gated_rms_norm_rounds_where_the_stock_modules_do() {
                 eps: 1e-6,
                 cast_before,
                 act,
+                gate_first: false,
+                groups: 1,
             };
             let mut y = vec![bf16::ZERO; rows * hidden];
             let mut rstd = vec![0f32; rows];
@@ -1433,13 +1517,24 @@ fn gated_rms_norm_gradients_do_not_depend_on_the_cut() {
     let (rows, hidden) = (45 * ROWS_PER_TASK + 5, 24);
     assert!(rows * hidden >= super::SERIAL_ELEMENTS);
     for (act, cast_before) in [(Activation::Silu, true), (Activation::Sigmoid, false)] {
-        check_gated_norm::<f32, bf16, f32>(rows, hidden, cast_before, act, 92, 8e-3, 1.2e-2);
+        let c = GatedNormCase {
+            act,
+            cast_before,
+            rows,
+            hidden,
+            gate_first: false,
+            groups: 1,
+            seed: 92,
+        };
+        check_gated_norm::<f32, bf16, f32>(c, 92, 8e-3, 1.2e-2);
         let p = GatedRmsNorm {
             rows,
             hidden,
             eps: 1e-5,
             cast_before,
             act,
+            gate_first: false,
+            groups: 1,
         };
         let mut rng = Rng::new(93);
         let x = stored::<f32, bf16>(&rng.vec(rows * hidden, 1.0));
@@ -1517,6 +1612,8 @@ fn gated_rms_norm_without_weight_gradient_and_empty_rows() {
         eps: 1e-6,
         cast_before: true,
         act: Activation::Silu,
+        gate_first: false,
+        groups: 1,
     };
     let w = [1f32; 8];
     let mut dw = [7f32; 8];
@@ -1569,6 +1666,8 @@ fn gated_rms_norm_refuses_gelu() {
         eps: 1e-6,
         cast_before: true,
         act: Activation::GeluTanh,
+        gate_first: false,
+        groups: 1,
     };
     let mut y = [0f32; 2];
     gated_norm::forward::<f32, f32, f32>(&p, &[1.0; 2], &[1.0; 2], &[1.0; 2], &mut y, &mut [0.0]);
@@ -1584,14 +1683,25 @@ proptest! {
         cast_before in any::<bool>(),
         sigmoid in any::<bool>(),
         combo in 0usize..4,
+        gate_first in any::<bool>(),
+        groups in 1usize..5,
         seed in any::<u64>(),
     ) {
         let act = if sigmoid { Activation::Sigmoid } else { Activation::Silu };
+        let c = GatedNormCase {
+            act,
+            cast_before,
+            rows: rows * groups,
+            hidden,
+            gate_first,
+            groups,
+            seed,
+        };
         match combo {
-            0 => check_gated_norm::<f32, f32, f32>(rows, hidden, cast_before, act, seed, 2e-6, 2e-5),
-            1 => check_gated_norm::<f32, bf16, bf16>(rows, hidden, cast_before, act, seed, 1.2e-2, 2e-2),
-            2 => check_gated_norm::<f32, bf16, f32>(rows, hidden, cast_before, act, seed, 1.2e-2, 2e-2),
-            _ => check_gated_norm::<f64, f64, f64>(rows, hidden, cast_before, act, seed, 1e-13, 1e-10),
+            0 => check_gated_norm::<f32, f32, f32>(c, seed, 2e-6, 2e-5),
+            1 => check_gated_norm::<f32, bf16, bf16>(c, seed, 1.2e-2, 2e-2),
+            2 => check_gated_norm::<f32, bf16, f32>(c, seed, 1.2e-2, 2e-2),
+            _ => check_gated_norm::<f64, f64, f64>(c, seed, 1e-13, 1e-10),
         }
     }
 }
