@@ -243,6 +243,7 @@ def gated_rms_norm_backward(
                 hidden=hidden,
                 x_dtype=args["x_dtype"],
                 w_dtype=args["w_dtype"],
+                gate_first=bool(gate_first),
                 groups=groups,
             )
             # A partial row spans the whole weight (every group of a row of x).

@@ -568,9 +568,7 @@ struct GatedRmsParams {
     eps: f32,
     cast_before: i32,
     act: i32,
-    gate_first: i32,
     groups: i32,
-    pad: i32,
 }
 
 /// The gated norm's backward keeps a float32 row of dw per team in shared memory (at most
@@ -659,8 +657,10 @@ impl GatedRmsCall {
 
     fn kernel(&self, kind: &str, layout: RmsLayout) -> String {
         let shape = if layout.nv == 0 { "any" } else { "v8" };
+        // The gate's place is compiled in: `_first` kernels take it before the norm.
+        let place = if self.gate_first { "_first" } else { "" };
         format!(
-            "gated_rms_{kind}_{}_{}_{shape}",
+            "gated_rms_{kind}{place}_{}_{}_{shape}",
             self.x_dtype.suffix(),
             self.w_dtype.suffix()
         )
@@ -682,9 +682,7 @@ impl GatedRmsCall {
             eps: self.eps,
             cast_before: self.cast_before as i32,
             act: self.act,
-            gate_first: self.gate_first as i32,
             groups: self.groups as i32,
-            pad: 0,
         }
     }
 }
@@ -1393,7 +1391,8 @@ fn cuda_gated_rms_norm(
 /// Rows of the float32 (rows, hidden) buffer the gated backward needs as `dw_partial` for
 /// these tensors (their alignment picks the kernel: pass the backward's addresses).
 #[pyfunction]
-#[pyo3(signature = (*, device, x, gate, weight, dy, dx, dgate, rows, hidden, x_dtype, w_dtype, groups=1))]
+#[pyo3(signature = (*, device, x, gate, weight, dy, dx, dgate, rows, hidden, x_dtype, w_dtype, gate_first=false,
+    groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_gated_rms_norm_backward_parts(
     py: Python<'_>,
@@ -1408,6 +1407,7 @@ fn cuda_gated_rms_norm_backward_parts(
     hidden: u64,
     x_dtype: &str,
     w_dtype: &str,
+    gate_first: bool,
     groups: u64,
 ) -> PyResult<u64> {
     let call = GatedRmsCall {
@@ -1430,7 +1430,7 @@ fn cuda_gated_rms_norm_backward_parts(
         eps: 0.0,
         cast_before: true,
         act: 0,
-        gate_first: false,
+        gate_first,
         groups,
     };
     Ok(py.detach(|| catch_panics(|| gated_rms_norm_backward_parts(&call)))?)
@@ -1580,10 +1580,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<GatedParams>(), 104);
         assert_eq!(std::mem::offset_of!(GatedParams, interleaved), 100);
         assert_eq!(std::mem::offset_of!(GatedParams, limit), 88);
-        // gated RMSNorm: eight pointers, rows, then eight ints (gate_first, groups at the end)
-        assert_eq!(std::mem::size_of::<GatedRmsParams>(), 104);
-        assert_eq!(std::mem::offset_of!(GatedRmsParams, gate_first), 92);
-        assert_eq!(std::mem::offset_of!(GatedRmsParams, groups), 96);
+        // gated RMSNorm: eight pointers, rows, then six ints (groups last)
+        assert_eq!(std::mem::size_of::<GatedRmsParams>(), 96);
+        assert_eq!(std::mem::offset_of!(GatedRmsParams, groups), 92);
     }
 
     #[test]
