@@ -23,8 +23,9 @@ MIN_FUSED = {
     "rotary": 110,
     "gated-mlp": 80,
     "experts-forward": 50,
-    # the gated norms of Qwen3-Next, Qwen3.5 (dense, MoE), OLMo-Hybrid, Kimi-Linear, ...
-    "gated-rms-norm": 10,
+    # the gated norms of Qwen3-Next, Qwen3.5 (dense, MoE), OLMo-Hybrid, Kimi-Linear, ... and
+    # Mamba-2's gate-first form (Mamba-2, Bamba, Granite 4, Nemotron-H, Zamba2)
+    "gated-rms-norm": 14,
 }
 
 

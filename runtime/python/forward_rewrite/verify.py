@@ -232,6 +232,15 @@ def _mrope(sections, **fields):
 OVERRIDES = {
     # Blt: hash embeddings of 500k rows and the global width under their own names; its
     # cache cannot be built from its config (no cache, as in training)
+    # Bamba: the generic shrink leaves mamba_n_heads not dividing mamba_expand * hidden; one
+    # attention layer of two, so the Mamba mixer (and its gated norm) runs too
+    "BambaConfig": {
+        "mamba_n_heads": 4,
+        "mamba_d_state": 16,
+        "mamba_chunk_size": 8,
+        "mamba_d_head": "auto",
+        "attn_layer_indices": [1],
+    },
     "BltConfig": {"encoder_hash_byte_group_vocab": 64, "use_cache": False},
     "BltLocalEncoderConfig": {"hidden_size_global": 32},
     "BltLocalDecoderConfig": {"hidden_size_global": 32},

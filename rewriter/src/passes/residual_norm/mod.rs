@@ -381,10 +381,27 @@ fn norm_class<'m>(
     // A form that applies its weight only under `self.<attr>` (Gemma 4's `with_scale`): the
     // installer registers the attribute with the norm's form, and the guard fuses only on
     // instances where it is true (else the stock statements run, the norm's own `if` too).
+    // Other conditions (Qwen4Exp's `self.group_size is None`) the residual guard does not test.
     Ok(match site.lowered.get("fused only when") {
-        Some(condition) => format!("{norm_name}, fused only when {condition}"),
+        Some(condition) if is_self_attribute(condition) => {
+            format!("{norm_name}, fused only when {condition}")
+        }
+        Some(condition) => {
+            return Err((
+                "residual-norm-norm-refused",
+                format!(
+                    "self.{attr} is a {norm_name}, fused by rms-norm only when {condition}: a condition the residual guard does not test (it takes a `self.<attribute>`)"
+                ),
+            ));
+        }
         None => norm_name.to_string(),
     })
+}
+
+/// `self.<name>`, as the installer's `_self_attribute` reads a form's condition.
+fn is_self_attribute(text: &str) -> bool {
+    text.strip_prefix("self.")
+        .is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
 }
 
 fn fused_lines(run: &Run<'_>, norm: &str) -> Vec<String> {

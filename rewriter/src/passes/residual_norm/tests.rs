@@ -266,6 +266,41 @@ fn a_conditional_norm_form_is_fused_under_the_guard() {
 }
 
 #[test]
+fn a_norm_fused_only_when_its_groups_are_none_is_refused() {
+    // Qwen4Exp's text norm: rms-norm fuses the instances with `self.group_size is None`; the
+    // residual guard tests a `self.<attribute>` only, so the layer stays stock, saying why.
+    let norm = "class ToyRMSNorm(nn.Module):
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.group_size = group_size
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            x = x.reshape(*x.shape[:-1], -1, self.group_size)
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.flatten(-2) if self.group_size is not None else out
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+";
+    let r = report(norm, LLAMA_LAYER);
+    assert_eq!(r.verdict, "refused", "{r:?}");
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("residual-norm-norm-refused"),
+        "{r:?}"
+    );
+    assert!(
+        format!("{r:?}").contains("only when self.group_size is None"),
+        "{r:?}"
+    );
+}
+
+#[test]
 fn what_is_not_the_three_statements_is_no_site() {
     for (from, to) in [
         // dropout on the branch (Phi-3)

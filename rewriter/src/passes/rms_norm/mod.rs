@@ -7,7 +7,9 @@
 //! for statement, one of the forms in [`FORMS`]: the float32 upcast, the mean of squares,
 //! `rsqrt(var + eps)`, then the weight applied after the cast back (Llama) or before it
 //! (OLMo-2, Gemma's `1 + weight`; Gemma 4's `with_scale` branch, whose instances without a
-//! weight keep the stock body). Everything else is refused with a reason of [`REASONS`].
+//! weight keep the stock body; Qwen4Exp's text norm, Gemma's with its `_norm` reshaping into
+//! groups when `self.group_size` is set, fused only on the instances without groups).
+//! Everything else is refused with a reason of [`REASONS`].
 //!
 //! Gated norms (`forward(self, hidden_states, gate)`, the gate optionally defaulting to
 //! `None`) are matched the same way against the gated forms: the Llama-prefix norm, its
@@ -15,8 +17,14 @@
 //! applied after the cast back; Kimi-Linear's, the float32 weight before it), lowered to
 //! `forward_rewrite.gated_rms_norm` behind `fusion_guard.gated_rms_norm`, which returns the
 //! activation (or None: run stock) into `_fr_act` as the gated-mlp guard does. The module must
-//! bind `ACT2FN` by one `from ...activations import ACT2FN`. Mamba's gated norm (the gate
-//! applied under `if gate is not None:` before a grouped norm) and FalconH1's are refused.
+//! bind `ACT2FN` by one `from ...activations import ACT2FN`. The Mamba-style gated norm (Mamba
+//! 2, Bamba, GraniteMoeHybrid, NemotronH, Zamba2: `x * nn.functional.silu(gate)` in float32
+//! under `if gate is not None:`, then the norm over groups of `self.group_size`, the weight
+//! after the cast back) is the `mamba` form, lowered with `gate_first=True,
+//! group_size=self.group_size` behind `gate is not None and` the guard (calls without a gate
+//! run stock), the module binding `nn` by `from torch import nn` alone. FalconH1's gated norm
+//! (`norm_before_gate`, `n_groups`) is refused; transformers 4.57's Mamba-2 norm, without
+//! groups, is the `mamba-ungrouped` form.
 
 use std::sync::OnceLock;
 
@@ -56,7 +64,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-control-flow",
-        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` other than Gemma 4's `if self.with_scale:` form (Idefics' dtype test; the Mamba-style gated norms' `if gate is not None:`, the gate applied before a grouped norm).",
+        "The `forward` (or its `_norm` helper) branches, loops or uses `with` / `try` and is not one of the known forms that branch: Gemma 4's `if self.with_scale:`, Qwen4Exp's `_norm` grouped under `if self.group_size is not None:`, the Mamba-style gated norm's `if gate is not None:` before the norm (over groups of `self.group_size`, or over the whole row as in transformers 4.57). Refused: Idefics' dtype test; FalconH1's gated norm, its `norm_before_gate` and shape tests over `self.n_groups`.",
     ),
     (
         "norm-no-weight",
@@ -68,11 +76,11 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-form-unknown",
-        "The statements are not one of the known forms for the signature (the weight's offset added in the weight's dtype, a reshape into groups, a gate applied before the norm or activated otherwise than `ACT2FN[self.activation](gate.to(torch.float32))`, ...): matched in part, never approximated.",
+        "The statements are not one of the known forms for the signature (the weight's offset added in the weight's dtype, a reshape into groups other than Qwen4Exp's and Mamba's, a gate applied before the norm otherwise than Mamba's or activated otherwise than `ACT2FN[self.activation](gate.to(torch.float32))`, ...): matched in part, never approximated.",
     ),
     (
         "norm-activation-unknown",
-        "The name a gated form's activation reads is not bound at the module's top level by exactly one expected import and by nothing else: `ACT2FN` by `from <...>activations import ACT2FN` (transformers' activation table), `F` by `import torch.nn.functional as F`.",
+        "The name a gated form's activation reads is not bound at the module's top level by exactly one expected import and by nothing else: `ACT2FN` by `from <...>activations import ACT2FN` (transformers' activation table), `F` by `import torch.nn.functional as F`, `nn` by `from torch import nn` (or `import torch.nn as nn`).",
     ),
     (
         "norm-emit-invalid",
@@ -83,8 +91,10 @@ pub const REASONS: &[(&str, &str)] = &[
 /// A known RMSNorm form: the forward's statements (its input named `param`, its gate `gate`
 /// for the gated forms; the Llama forms' shared first statements, [`LLAMA_PREFIX`], are put
 /// in front when `llama_prefix`), the `_norm` helper's when the forward calls one (its input
-/// named `helper_param`), how the op is called, and the condition (an attribute of the
-/// module) under which the weighted path runs, when the form branches on one.
+/// named `helper_param`), how the op is called, and the condition under which the fused path
+/// may run, when the form branches on one (tested first in the guard line, so the guard is not
+/// evaluated otherwise and the stock body runs: Gemma 4's `self.with_scale`, its weight's
+/// existence; Qwen4Exp's `self.group_size is None`; Mamba's `gate is not None`).
 struct Form {
     name: &'static str,
     param: &'static str,
@@ -109,6 +119,10 @@ struct Gate {
     param: &'static str,
     activation: &'static str,
     binding: GateBinding,
+    /// The gate applied before the norm (Mamba's `x * act(gate)` normalised), else after.
+    first: bool,
+    /// The attribute holding the size of the groups normalised apart, when the form groups.
+    group_size: Option<&'static str>,
 }
 
 #[derive(Clone, Copy)]
@@ -117,6 +131,8 @@ enum GateBinding {
     Act2fn,
     /// `F`, torch's functional module (`F.silu`: transformers 4.57's Qwen3-Next).
     TorchFunctional,
+    /// `nn`, torch's `torch.nn` (`nn.functional.silu`: the Mamba-style gated norms).
+    TorchNn,
 }
 
 impl GateBinding {
@@ -124,6 +140,7 @@ impl GateBinding {
         match self {
             GateBinding::Act2fn => "ACT2FN",
             GateBinding::TorchFunctional => "F",
+            GateBinding::TorchNn => "nn",
         }
     }
 
@@ -137,6 +154,7 @@ impl GateBinding {
                     if m.rsplit('.').next() == Some("activations")
             ),
             GateBinding::TorchFunctional => fusion_common::is_torch_functional(b),
+            GateBinding::TorchNn => is_torch_nn(b),
         })
     }
 
@@ -144,7 +162,22 @@ impl GateBinding {
         match self {
             GateBinding::Act2fn => "`from ...activations import ACT2FN`",
             GateBinding::TorchFunctional => "`import torch.nn.functional as F`",
+            GateBinding::TorchNn => "`from torch import nn` (or `import torch.nn as nn`)",
         }
+    }
+}
+
+/// `from torch import nn [as nn]` or `import torch.nn as nn`: the binding under which
+/// `nn.functional.silu` is torch's functional SiLU (the name looked up is `nn`, so an alias
+/// is `nn` itself).
+fn is_torch_nn(b: ImportBinding<'_>) -> bool {
+    match b {
+        ImportBinding::Import { module, aliased } => module == "torch.nn" && aliased,
+        ImportBinding::From {
+            level,
+            module,
+            name,
+        } => level == 0 && module == Some("torch") && name == "nn",
     }
 }
 
@@ -152,6 +185,8 @@ const ACT2FN_GATE: Gate = Gate {
     param: "gate",
     activation: "ACT2FN[self.activation]",
     binding: GateBinding::Act2fn,
+    first: false,
+    group_size: None,
 };
 
 /// transformers 4.57's Qwen3-Next: SiLU written out.
@@ -159,6 +194,25 @@ const SILU_GATE: Gate = Gate {
     param: "gate",
     activation: "F.silu",
     binding: GateBinding::TorchFunctional,
+    first: false,
+    group_size: None,
+};
+
+/// The Mamba-style gated norm: SiLU on the float32 gate, applied before the norm over
+/// groups of `self.group_size`.
+const MAMBA_GATE: Gate = Gate {
+    param: "gate",
+    activation: "nn.functional.silu",
+    binding: GateBinding::TorchNn,
+    first: true,
+    group_size: Some("self.group_size"),
+};
+
+/// transformers 4.57's Mamba-2 / Bamba / GraniteMoeHybrid gated norm: the same gate, the
+/// norm over the whole row.
+const MAMBA_UNGROUPED_GATE: Gate = Gate {
+    group_size: None,
+    ..MAMBA_GATE
 };
 
 const LLAMA_PREFIX: &str = "input_dtype = hidden_states.dtype
@@ -177,6 +231,18 @@ struct NormHelper {
 const GEMMA_NORM: NormHelper = NormHelper {
     param: "x",
     body: "return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n",
+};
+
+/// Qwen4Exp's text norm: Gemma's, reshaped into groups of `self.group_size` when that is not
+/// None. With `self.group_size is None` (the form's condition) both tests fail and the
+/// statements are exactly [`GEMMA_NORM`]'s `out = x * torch.rsqrt(...)`, `return out`.
+const GROUPED_GEMMA_NORM: NormHelper = NormHelper {
+    param: "x",
+    body: "if self.group_size is not None:
+    x = x.reshape(*x.shape[:-1], -1, self.group_size)
+out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+return out.flatten(-2) if self.group_size is not None else out
+",
 };
 
 /// Gemma 4's: `torch.pow(v, -0.5)` is computed by torch with `rsqrt` (the scalar-exponent
@@ -244,6 +310,24 @@ return output.type_as(x)
                 offset: "1.0",
                 cast_before_weight: false,
                 condition: None,
+                gate: None,
+                weighted: true,
+            },
+            // Qwen4Exp's text norm: Gemma's, with groups when `self.group_size` is set; the
+            // instances without groups run Gemma's statements exactly, the others stay stock.
+            Form {
+                name: "qwen4-exp",
+                param: "x",
+                llama_prefix: false,
+                forward: "output = self._norm(x.float())
+output = output * (1.0 + self.weight.float())
+return output.type_as(x)
+",
+                norm_helper: Some(GROUPED_GEMMA_NORM),
+                eps: "self.eps",
+                offset: "1.0",
+                cast_before_weight: false,
+                condition: Some("self.group_size is None"),
                 gate: None,
                 weighted: true,
             },
@@ -357,6 +441,55 @@ return hidden_states.to(input_dtype)
                 cast_before_weight: false,
                 condition: None,
                 gate: Some(ACT2FN_GATE),
+                weighted: true,
+            },
+            // The Mamba-style gated norm (Mamba 2, Bamba, GraniteMoeHybrid, NemotronH, Zamba2):
+            // the float32 input times SiLU of the float32 gate when a gate is given, normalised
+            // per group of `self.group_size`, the weight applied after the cast back. Calls
+            // without a gate run the stock body.
+            Form {
+                name: "mamba",
+                param: "hidden_states",
+                llama_prefix: false,
+                forward: "input_dtype = hidden_states.dtype
+hidden_states = hidden_states.to(torch.float32)
+if gate is not None:
+    hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))
+*prefix_dims, last_dim = hidden_states.shape
+group_count = last_dim // self.group_size
+hidden_states_group = hidden_states.view(*prefix_dims, group_count, self.group_size)
+variance = hidden_states_group.pow(2).mean(-1, keepdim=True)
+hidden_states_group = hidden_states_group * torch.rsqrt(variance + self.variance_epsilon)
+hidden_states = hidden_states_group.view(*prefix_dims, group_count * self.group_size)
+return self.weight * hidden_states.to(input_dtype)
+",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: true,
+                condition: Some("gate is not None"),
+                gate: Some(MAMBA_GATE),
+                weighted: true,
+            },
+            // transformers 4.57's form of it, without groups.
+            Form {
+                name: "mamba-ungrouped",
+                param: "hidden_states",
+                llama_prefix: false,
+                forward: "input_dtype = hidden_states.dtype
+hidden_states = hidden_states.to(torch.float32)
+if gate is not None:
+    hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))
+variance = hidden_states.pow(2).mean(-1, keepdim=True)
+hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+return self.weight * hidden_states.to(input_dtype)
+",
+                norm_helper: None,
+                eps: "self.variance_epsilon",
+                offset: "0.0",
+                cast_before_weight: true,
+                condition: Some("gate is not None"),
+                gate: Some(MAMBA_UNGROUPED_GATE),
                 weighted: true,
             },
         ];
@@ -504,9 +637,21 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                 );
             }
             let gate = gate.as_deref().unwrap_or(g.param);
+            let condition = form
+                .condition
+                .map(|c| format!("{c} and "))
+                .unwrap_or_default();
+            // Mamba's options, passed to the guard and the op alike (none for the others).
+            let mut options = String::new();
+            if g.first {
+                options.push_str(", gate_first=True");
+            }
+            if let Some(size) = g.group_size {
+                options.push_str(&format!(", group_size={size}"));
+            }
             vec![
                 format!(
-                    "if (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, {param}, {gate}, self.weight, {}, {})) is not None:",
+                    "if {condition}(_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, {param}, {gate}, self.weight, {}, {}{options})) is not None:",
                     form.eps, g.activation
                 ),
                 format!(
@@ -514,7 +659,7 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                     form.name
                 ),
                 format!(
-                    "    return forward_rewrite.gated_rms_norm({param}, {gate}, self.weight, {}, activation=_fr_act, cast_before_weight={cast})",
+                    "    return forward_rewrite.gated_rms_norm({param}, {gate}, self.weight, {}, activation=_fr_act, cast_before_weight={cast}{options})",
                     form.eps
                 ),
             ]
@@ -538,6 +683,12 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                     site.lowered
                         .insert("gate activation".into(), g.activation.into());
                     site.lowered.insert("gate".into(), gate.clone());
+                    if g.first {
+                        site.lowered.insert("gate_first".into(), "true".into());
+                    }
+                    if let Some(size) = g.group_size {
+                        site.lowered.insert("group_size".into(), size.into());
+                    }
                 }
                 _ => {
                     site.lowered.insert("offset".into(), form.offset.into());
@@ -584,13 +735,16 @@ fn refuse_unmatched(
     helper_body: &[Stmt],
 ) -> Site {
     let refuse = |reason, detail: String| Site::refused("class", name, line, reason, detail);
-    if body.iter().chain(helper_body).any(is_control_flow) {
+    if let Some(first) = body.iter().chain(helper_body).find(|s| is_control_flow(s)) {
+        let head = defs.source.slice(first).lines().next().unwrap_or("").trim();
         let detail = if let Some(gate) = gate {
             format!(
-                "{name}.forward({param}, {gate}) branches or loops (a gated norm testing its gate, as Mamba's `if gate is not None:` before a grouped norm): the known gated forms apply the gate after the norm, unconditionally"
+                "{name}.forward({param}, {gate}) branches or loops (first `{head}`) and is not the mamba gated form (`if gate is not None:` applying `nn.functional.silu(gate.to(torch.float32))` before the norm over groups of `self.group_size`, statement for statement); the other gated forms apply the gate after the norm, unconditionally"
             )
         } else {
-            format!("{name}.forward or its _norm branches or loops")
+            format!(
+                "{name}.forward or its _norm branches or loops (first `{head}`) and is not a known form with a branch (Gemma 4's `if self.with_scale:`, Qwen4Exp's `_norm` grouped under `if self.group_size is not None:`)"
+            )
         };
         return refuse("norm-control-flow", detail);
     }
@@ -614,7 +768,7 @@ fn refuse_unmatched(
     }
     let detail = if let Some(gate) = gate {
         format!(
-            "{name}.forward({param}, {gate}) is not one of the known gated RMSNorm forms (qwen3-next, kimi, qwen3-next-silu: the weighted norm, then `* ACT2FN[self.activation](gate.to(torch.float32))` or `* F.silu(gate.to(torch.float32))`)"
+            "{name}.forward({param}, {gate}) is not one of the known gated RMSNorm forms (qwen3-next, kimi, qwen3-next-silu: the weighted norm, then `* ACT2FN[self.activation](gate.to(torch.float32))` or `* F.silu(gate.to(torch.float32))`; mamba: `* nn.functional.silu(gate.to(torch.float32))` under `if gate is not None:` before the norm over groups of `self.group_size`)"
         )
     } else {
         format!("{name}.forward is not one of the known RMSNorm forms")

@@ -355,7 +355,7 @@ class ToyMLP(nn.Module):
         self.norm = ToyRMSNormGated(config.hidden_size)
 ";
 
-/// Mamba 2's gated norm: the gate applied before a grouped norm, under a test.
+/// Mamba 2's gated norm (transformers 5): the gate applied before a grouped norm, under a test.
 const MAMBA_GATED: &str = "class ToyRMSNormGated(torch.nn.Module):
     def __init__(self, hidden_size, group_size, eps=1e-6):
         super().__init__()
@@ -545,18 +545,299 @@ fn transformers_4_57_qwen3_next_form_with_functional_silu_is_patched() {
 }
 
 #[test]
-fn mamba_gated_form_is_refused_for_its_branch() {
+fn mamba_gated_form_is_patched_behind_its_gate_test() {
     let r = report(MAMBA_GATED);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNormGated");
+    insta::assert_snapshot!(patch);
+    // Calls without a gate never reach the guard: the stock body normalises them.
+    assert!(patch.contains("    if gate is not None and (_fr_act := forward_rewrite.fusion_guard.gated_rms_norm(self, hidden_states, gate, self.weight, self.variance_epsilon, nn.functional.silu, gate_first=True, group_size=self.group_size)) is not None:\n"), "{patch}");
+    assert!(patch.contains("        return forward_rewrite.gated_rms_norm(hidden_states, gate, self.weight, self.variance_epsilon, activation=_fr_act, cast_before_weight=True, gate_first=True, group_size=self.group_size)\n"), "{patch}");
+    let lowered = &site(&r, "ToyRMSNormGated")["lowered"];
+    assert_eq!(
+        lowered,
+        &serde_json::json!({
+            "form": "mamba",
+            "eps": "self.variance_epsilon",
+            "cast_before_weight": "true",
+            "gate activation": "nn.functional.silu",
+            "gate": "gate",
+            "gate_first": "true",
+            "group_size": "self.group_size",
+            "fused only when": "gate is not None",
+        })
+    );
+    assert_eq!(
+        site_reason(&r, "ToyRMSNorm").as_deref(),
+        Some("norm-forward-elsewhere")
+    );
+}
+
+#[test]
+fn mamba_gated_form_near_misses_are_refused() {
+    let gating = "        if gate is not None:\n            hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))\n";
+    let regroup = "        hidden_states = hidden_states_group.view(*prefix_dims, group_count * self.group_size)\n";
+    let grouped_norm = "        *prefix_dims, last_dim = hidden_states.shape
+        group_count = last_dim // self.group_size
+        hidden_states_group = hidden_states.view(*prefix_dims, group_count, self.group_size)
+        variance = hidden_states_group.pow(2).mean(-1, keepdim=True)
+        hidden_states_group = hidden_states_group * torch.rsqrt(variance + self.variance_epsilon)
+";
+    let moved = format!("{regroup}{gating}");
+    let ungrouped = "        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+";
+    // transformers 4.57's Mamba 2 / Bamba / GraniteMoeHybrid, no groups: its own form
+    let mut text = MAMBA_GATED.to_string();
+    for (from, to) in [(grouped_norm, ""), (regroup, ungrouped)] {
+        text = text.replacen(from, to, 1);
+    }
+    let r = report(&text);
+    let s = site(&r, "ToyRMSNormGated");
+    assert_eq!(s["verdict"], "patched", "{s}");
+    assert_eq!(s["lowered"]["form"], "mamba-ungrouped", "{s}");
+    let patch = s["patch"].as_str().unwrap();
+    assert!(
+        patch.contains("gate_first=True)") && !patch.contains("group_size"),
+        "{patch}"
+    );
+    let cases: [&[(&str, &str)]; 4] = [
+        // the gate applied after the grouped norm's view back
+        &[(gating, ""), (regroup, &moved)],
+        // the gate not cast to float32
+        &[(
+            "nn.functional.silu(gate.to(torch.float32))",
+            "nn.functional.silu(gate)",
+        )],
+        // another activation
+        &[("nn.functional.silu(", "nn.functional.gelu(")],
+        // another test of the gate
+        &[(
+            "if gate is not None:",
+            "if gate is not None and self.training:",
+        )],
+    ];
+    for edits in cases {
+        let mut text = MAMBA_GATED.to_string();
+        for (from, to) in edits {
+            assert!(text.contains(from), "{from}");
+            text = text.replacen(from, to, 1);
+        }
+        let r = report(&text);
+        let s = site(&r, "ToyRMSNormGated");
+        assert_eq!(s["reason"], "norm-control-flow", "{edits:?}: {s}");
+        assert!(
+            s["detail"]
+                .as_str()
+                .unwrap()
+                .contains("is not the mamba gated form"),
+            "{s}"
+        );
+    }
+    // The gate never applied: no known form.
+    let r = report(&MAMBA_GATED.replace(gating, ""));
+    assert_eq!(
+        site_reason(&r, "ToyRMSNormGated").as_deref(),
+        Some("norm-form-unknown")
+    );
+}
+
+#[test]
+fn mamba_gated_form_needs_nn_bound_to_torch_nn() {
+    let module = |imports: &str| {
+        crate::passes::fusion_common::testing::module(MAMBA_GATED)
+            .replace("from torch import nn\n", imports)
+    };
+    let run = |text: &str| {
+        let r = crate::passes::fusion_common::testing::run_module(&super::PASS, text);
+        (
+            site_reason(&r, "ToyRMSNormGated"),
+            site(&r, "ToyRMSNormGated"),
+        )
+    };
+    for ok in [
+        "from torch import nn\n",
+        "import torch.nn as nn\n",
+        "from torch import nn as nn\n",
+    ] {
+        assert_eq!(run(&module(ok)).0, None, "{ok}");
+    }
+    for refused in [
+        // not bound
+        "",
+        // bound to something else
+        "from mylib import nn\n",
+        "import mylib.nn as nn\n",
+        "from torch import functional as nn\n",
+        // bound, then rebound
+        "from torch import nn\nnn = None\n",
+        // bound twice
+        "from torch import nn\nimport torch.nn as nn\n",
+    ] {
+        let (reason, s) = run(&module(refused));
+        assert_eq!(
+            reason.as_deref(),
+            Some("norm-activation-unknown"),
+            "{refused}"
+        );
+        assert!(
+            s["detail"]
+                .as_str()
+                .unwrap()
+                .contains("the mamba gated form, but the module does not bind nn"),
+            "{s}"
+        );
+    }
+}
+
+/// FalconH1's gated norm: the gate before or after the norm by a flag, groups by `n_groups`.
+const FALCON_H1_GATED: &str = "class ToyRMSNormGated(torch.nn.Module):
+    def __init__(self, hidden_size, eps=1e-6, n_groups=1, norm_before_gate=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.n_groups = n_groups
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, hidden_states, gate=None):
+        input_dtype = hidden_states.dtype
+
+        if not self.norm_before_gate and gate is not None:
+            hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+
+        if len(hidden_states.shape) == 3:
+            batch_size, seq_len, dim = hidden_states.shape
+        else:
+            batch_size, dim = hidden_states.shape
+            seq_len = 1
+        hidden_states = hidden_states.to(torch.float32)
+
+        hidden_states = hidden_states.view(batch_size, seq_len, self.n_groups, int(dim // self.n_groups))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+        hidden_states = self.weight.view(self.n_groups, int(dim // self.n_groups)) * hidden_states
+        hidden_states = hidden_states.view(batch_size, seq_len, dim)
+
+        if seq_len == 1:
+            hidden_states = hidden_states.squeeze(1)
+
+        if self.norm_before_gate and gate is not None:
+            hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+        return hidden_states.to(input_dtype)
+
+
+class ToyRMSNorm(ToyRMSNormGated):
+    pass
+
+
+class ToyMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = ToyRMSNormGated(config.hidden_size)
+";
+
+#[test]
+fn falcon_h1_gated_norm_stays_refused() {
+    let r = report(FALCON_H1_GATED);
     assert_eq!(r.verdict, "refused", "{r:?}");
     let s = site(&r, "ToyRMSNormGated");
     assert_eq!(s["reason"], "norm-control-flow");
-    assert!(
-        s["detail"]
-            .as_str()
-            .unwrap()
-            .contains("if gate is not None:"),
-        "{s}"
+    assert_eq!(
+        s["detail"],
+        "ToyRMSNormGated.forward(hidden_states, gate) branches or loops (first `if not self.norm_before_gate and gate is not None:`) and is not the mamba gated form (`if gate is not None:` applying `nn.functional.silu(gate.to(torch.float32))` before the norm over groups of `self.group_size`, statement for statement); the other gated forms apply the gate after the norm, unconditionally"
     );
+}
+
+/// Qwen4Exp's text norm: Gemma's, grouped when `group_size` is set.
+const QWEN4_EXP: &str = "class ToyRMSNorm(nn.Module):
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.group_size = group_size
+        if group_size is not None and dim % group_size != 0:
+            raise ValueError(f\"hidden_size ({dim}) must be divisible by group_size ({group_size}).\")
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            x = x.reshape(*x.shape[:-1], -1, self.group_size)
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.flatten(-2) if self.group_size is not None else out
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        # Llama does x.to(float16) * w whilst Qwen4ExpText is (x * w).to(float16)
+        # See https://github.com/huggingface/transformers/pull/29402
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+    def extra_repr(self):
+        return f\"{tuple(self.weight.shape)}, eps={self.eps}\"
+";
+
+#[test]
+fn qwen4_exp_form_fuses_only_the_instances_without_groups() {
+    let r = report(QWEN4_EXP);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNorm");
+    insta::assert_snapshot!(patch);
+    // Grouped instances never reach the guard: the stock body (and its `_norm`) runs them.
+    assert!(patch.contains("    if self.group_size is None and forward_rewrite.fusion_guard.rms_norm(self, x, self.weight, self.eps):\n"), "{patch}");
+    // Without groups, `_norm` is Gemma's: the gemma form's lowering.
+    assert!(patch.contains("        return forward_rewrite.rms_norm(x, self.weight, self.eps, offset=1.0, cast_before_weight=False)\n"), "{patch}");
+    let lowered = &site(&r, "ToyRMSNorm")["lowered"];
+    assert_eq!(
+        lowered,
+        &serde_json::json!({
+            "form": "qwen4-exp",
+            "eps": "self.eps",
+            "cast_before_weight": "false",
+            "offset": "1.0",
+            "fused only when": "self.group_size is None",
+        })
+    );
+}
+
+#[test]
+fn qwen4_exp_form_needs_its_helper_exactly() {
+    for (from, to) in [
+        // the ungrouped path is not Gemma's
+        (
+            "        return out.flatten(-2) if self.group_size is not None else out\n",
+            "        return out.flatten(-2) if self.group_size is not None else -out\n",
+        ),
+        (
+            "        return out.flatten(-2) if self.group_size is not None else out\n",
+            "        return out.flatten(-2) if self.group_size else out\n",
+        ),
+        // another test
+        (
+            "        if self.group_size is not None:\n",
+            "        if self.group_size:\n",
+        ),
+        // work in the branch's else
+        (
+            "            x = x.reshape(*x.shape[:-1], -1, self.group_size)\n",
+            "            x = x.reshape(*x.shape[:-1], -1, self.group_size)\n        else:\n            x = x * 2\n",
+        ),
+        // another normaliser under the same test
+        (
+            "torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",
+            "torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)",
+        ),
+    ] {
+        let text = QWEN4_EXP.replace(from, to);
+        assert_ne!(text, QWEN4_EXP, "{from}");
+        let r = report(&text);
+        assert_eq!(r.verdict, "refused", "{to}: {r:?}");
+        assert_eq!(
+            site_reason(&r, "ToyRMSNorm").as_deref(),
+            Some("norm-control-flow"),
+            "{to}"
+        );
+    }
 }
 
 #[test]

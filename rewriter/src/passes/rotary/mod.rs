@@ -1,24 +1,30 @@
 //! The `rotary` pass: the module-level `apply_rotary_pos_emb` rewritten to
 //! `forward_rewrite.rotary` (q and k in one fused call), or for a function of one tensor
-//! (Gemma 3n, Gemma 4: `(x, cos, sin, unsqueeze_dim=1)`, [`SINGLE_FORMS`]) to
-//! `forward_rewrite.rotary_single`.
+//! to `forward_rewrite.rotary_single`.
 //!
 //! Site: the function `apply_rotary_pos_emb` of the module, when a class the model reaches
 //! calls it by that name (the attention classes; the call resolves the module global at run
-//! time, so replacing the global patches every caller of the module). It is patched only when
-//! its statements are one of [`FORMS`] and the helper the form calls (`rotate_half`, GLM-4V's
-//! `rotate_half_llm`, Ernie 4.5-VL's `rotate_half_text`) is one of [`ROTATIONS`]: the halves
-//! rotation (Llama), every two entries (GPT-J, GLM, Cohere: `interleaved=True`) or minus the
-//! halves (NanoChat: `-sin`). The forms: full or partial rotary (`rotary_dim = cos.shape[-1]`,
-//! the tail passing through; Phi-3's with the rotation inside the concatenation), the cast
-//! back to q's dtype (OLMo 3), the float32 forms that cast back (Cohere, ModernBERT decoder,
-//! HunYuan-VL, Ernie 4.5-VL), the first half of each table repeated per pair (GLM, Helium,
-//! Ernie 4.5; the emitted call repeats them the same way). The op is element-wise in its
-//! tables, so every rotation goes with every form.
+//! time, so replacing the global patches every caller of the module). Its signature picks a
+//! family ([`operands`]: q and k; one tensor (Gemma 3n, Gemma 4, DeepSeek-V4); Qwen4-Exp's
+//! optional k; GPT-J's `(tensor, sin, cos)`; CLVP's q, k and v), and it is patched only when
+//! its statements are one of that family's forms ([`FORMS`] for q and k) and the helper the
+//! form calls (`rotate_half`, GLM-4V's `rotate_half_llm`, Ernie 4.5-VL's `rotate_half_text`,
+//! GPT-J's `rotate_every_two`) is one of [`ROTATIONS`]: the halves rotation (Llama), every two
+//! entries (GPT-J, GLM, Cohere: `interleaved=True`) or minus the halves (NanoChat: `-sin`).
+//! The forms of q and k: full or partial rotary (`rotary_dim = cos.shape[-1]`, the tail
+//! passing through; Phi-3's with the rotation inside the concatenation), the cast back to q's
+//! dtype (OLMo 3), the float32 forms that cast back (Cohere, ModernBERT decoder, HunYuan-VL,
+//! Ernie 4.5-VL), the first half of each table repeated per pair (GLM, Helium, Ernie 4.5; the
+//! emitted call repeats them the same way). The op is element-wise in its tables, so every
+//! rotation goes with every form.
 //! GPT-OSS computes the whole product in a helper, `_apply_rotary_emb(x, cos, sin)`, on the
 //! halves of the head with tables of half its width ([`halves`]): Llama's product with each
 //! table concatenated to itself, which the emitted code builds once (bound to `_fr_cos` /
 //! `_fr_sin` in the guard's call) and fuses only when they are exactly as wide as q.
+//! GPT-J's and DeepSeek-V4's tables hold one entry per pair, repeated per pair by the body;
+//! the emitted code repeats them alike, once ([`Tables::RepeatedPairs`]); DeepSeek-V4 rotates
+//! the trailing slice of its heads, which the op gets sliced and the emitted code
+//! concatenates back behind the rest.
 //! Everything else is refused.
 
 use std::sync::OnceLock;
@@ -30,6 +36,7 @@ use crate::passes::fusion_common::{
     function_sha256, is_already_patched, plain_parameters, same_statements,
 };
 use crate::passes::{Pass, PassInput};
+use operands::Operands;
 
 pub const PASS: Pass = Pass {
     name: "rotary",
@@ -56,15 +63,15 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "rotary-signature",
-        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)`, transformers 4.x's `(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)` nor Gemma 4's one tensor `(x, cos, sin, unsqueeze_dim=1)` (optional k, `**kwargs`, ...).",
+        "The parameters are not `(q, k, cos, sin, unsqueeze_dim=1)`, transformers 4.x's `(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)`, one tensor's `(x, cos, sin, unsqueeze_dim=1)` (Gemma 4, DeepSeek-V4), Qwen4-Exp's optional k `(q, k=None, cos=None, sin=None, unsqueeze_dim=1)`, GPT-J's `(tensor, sin, cos)` nor CLVP's `(q, k, v, cos, sin, position_ids, unsqueeze_dim=1)` (`**kwargs`, other names, optional positions, ...).",
     ),
     (
         "rotate-half-unknown",
-        "The module's `rotate_half` (the helper the form calls) is missing or is not the halves, every-two or negated-halves rotation; GPT-OSS's `_apply_rotary_emb` is not exactly the product on halves (`torch.chunk(x, 2, dim=-1)`, `x1 * cos - x2 * sin`, `x2 * cos + x1 * sin`, concatenated in that order), or `torch` is not bound by `import torch` alone.",
+        "The module's `rotate_half` (the helper the form calls; GPT-J's `rotate_every_two`) is missing or is not the halves, every-two or negated-halves rotation; GPT-OSS's `_apply_rotary_emb` is not exactly the product on halves (`torch.chunk(x, 2, dim=-1)`, `x1 * cos - x2 * sin`, `x2 * cos + x1 * sin`, concatenated in that order); or `torch` is not bound by `import torch` alone where the form or its lowering calls it (GPT-OSS, GPT-J, DeepSeek-V4).",
     ),
     (
         "rotary-form-unknown",
-        "The statements are not one of the known forms (multimodal sections, repeat-interleaved halves of cos, complex products, prefix tokens, ...): matched in part, never approximated.",
+        "The statements are not one of the known forms of the signature's family (multimodal sections, repeat-interleaved halves of cos, complex products, prefix tokens, ...): matched in part, never approximated.",
     ),
     (
         "rotary-emit-invalid",
@@ -111,6 +118,13 @@ return rot_x
 x2 = x[..., 1::2]
 return torch.stack((-x2, x1), dim=-1).flatten(-2)
 ",
+            // GPT-J, CodeGen (`rotate_every_two`): the last dimension of 4-D x, as the guard
+            // admits only (x[:, :, :, ::2] is x[..., ::2] there).
+            "x1 = x[:, :, :, ::2]
+x2 = x[:, :, :, 1::2]
+x = torch.stack((-x2, x1), dim=-1)
+return x.flatten(-2)
+",
         ],
         interleaved: true,
         negated: false,
@@ -140,6 +154,16 @@ enum Tables {
     /// are exactly as wide as the head: a narrower pair would be a partial rotary to the op,
     /// where stock broadcasts a width-1 table over each half, or fails.
     Concatenated,
+    /// Tables of one entry per pair repeated per pair by the body (GPT-J, CodeGen:
+    /// `torch.repeat_interleave(sin[:, :, None, :], 2, 3)`, unsqueezed at 2 on the way). The
+    /// emitted code repeats them alike once, `cos.repeat_interleave(2, dim=-1)` (the same
+    /// values for the 3-D tables the guard admits), bound in the guard's call (`_fr_cos`,
+    /// `_fr_sin`), and only when the tensor is exactly as wide as the repeated tables: a wider
+    /// one would be a partial rotary to the op, where stock fails to broadcast.
+    RepeatedPairs,
+    /// The tables indexed by the positions, `cos[position_ids]` (CLVP), bound once in the
+    /// guard's call (`_fr_cos`, `_fr_sin`).
+    Indexed,
 }
 
 impl Tables {
@@ -149,19 +173,29 @@ impl Tables {
             Tables::RepeatedHalves => {
                 format!("{table}[..., : {table}.shape[-1] // 2].repeat_interleave(2, dim=-1)")
             }
-            Tables::Concatenated => format!("_fr_{table}"),
+            Tables::Concatenated | Tables::RepeatedPairs | Tables::Indexed => {
+                format!("_fr_{table}")
+            }
         }
     }
 
     /// The guard's `cos, sin` arguments, and what the `if` tests before the guard.
     fn guarded(self, first: &str) -> (String, String) {
+        let bound = |of: fn(&str) -> String| {
+            format!("(_fr_cos := {}), (_fr_sin := {})", of("cos"), of("sin"))
+        };
+        let exactly_twice = format!("{first}.shape[-1] == 2 * cos.shape[-1] and ");
         match self {
             Tables::Plain | Tables::RepeatedHalves => ("cos, sin".to_string(), String::new()),
             Tables::Concatenated => (
-                "(_fr_cos := torch.cat((cos, cos), dim=-1)), (_fr_sin := torch.cat((sin, sin), dim=-1))"
-                    .to_string(),
-                format!("{first}.shape[-1] == 2 * cos.shape[-1] and "),
+                bound(|t| format!("torch.cat(({t}, {t}), dim=-1)")),
+                exactly_twice,
             ),
+            Tables::RepeatedPairs => (
+                bound(|t| format!("{t}.repeat_interleave(2, dim=-1)")),
+                exactly_twice,
+            ),
+            Tables::Indexed => (bound(|t| format!("{t}[position_ids]")), String::new()),
         }
     }
 }
@@ -197,6 +231,10 @@ struct Form {
     /// The body computes in float32 and casts the results back to q's dtype
     /// (`out_dtype=q.dtype`).
     cast_back: bool,
+    /// The rotated part is the head's last `2 * cos.shape[-1]` entries (DeepSeek-V4's
+    /// `[nope | rope]` heads, with [`Tables::RepeatedPairs`]), the rest passing through in
+    /// front of it: the op gets that slice, and the emitted code concatenates it back.
+    trailing: bool,
 }
 
 /// The partial forms' split and concatenation: the head's tail past `rotary_dim` passes
@@ -267,6 +305,7 @@ const FORMS: &[Form] = &[
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
+        trailing: false,
     },
     Form {
         name: "partial",
@@ -290,6 +329,7 @@ k, k_pass = k[..., :rot_dim], k[..., rot_dim:]
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
+        trailing: false,
     },
     Form {
         // Phi-3: the partial form with the rotation inside the concatenation.
@@ -305,6 +345,7 @@ return q_embed, k_embed
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: false,
+        trailing: false,
     },
     Form {
         // GLM-4V, GLM-OCR: the partial form rotating with their every-two helper.
@@ -317,6 +358,7 @@ return q_embed, k_embed
         helper: Helper::Rotation("rotate_half_llm"),
         tables: Tables::Plain,
         cast_back: false,
+        trailing: false,
     },
     Form {
         // OLMo 3: the product in the promoted dtype, cast back per tensor.
@@ -330,6 +372,7 @@ return q_embed, k_embed
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: true,
+        trailing: false,
     },
     Form {
         // Upcast to float32, rotated, cast back to q's dtype.
@@ -367,6 +410,7 @@ return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::Plain,
         cast_back: true,
+        trailing: false,
     },
     Form {
         // Helium
@@ -380,6 +424,7 @@ return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: false,
+        trailing: false,
     },
     Form {
         // GLM, GLM-4: the repeated tables, the tail passing through.
@@ -393,6 +438,7 @@ return q_embed.to(origin_dtype), k_embed.to(origin_dtype)
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: false,
+        trailing: false,
     },
     Form {
         // Ernie 4.5: the repeated tables in float32, cast back to q's dtype.
@@ -409,6 +455,7 @@ return q_embed.to(original_dtype), k_embed.to(original_dtype)
         helper: Helper::Rotation("rotate_half"),
         tables: Tables::RepeatedHalves,
         cast_back: true,
+        trailing: false,
     },
     Form {
         // Ernie 4.5-VL: Ernie 4.5's float32 form on the tables as passed (its rotary embedding
@@ -425,6 +472,7 @@ return q_embed.to(original_dtype), k_embed.to(original_dtype)
         helper: Helper::Rotation("rotate_half_text"),
         tables: Tables::Plain,
         cast_back: true,
+        trailing: false,
     },
     Form {
         // GPT-OSS: the product in a helper, on the halves of the head with tables of half
@@ -440,33 +488,14 @@ return q_embed, k_embed
         helper: Helper::HalvesProduct("_apply_rotary_emb"),
         tables: Tables::Concatenated,
         cast_back: false,
+        trailing: false,
     },
 ];
 
-/// The forms of a one-tensor `apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1)` (Gemma 3n,
-/// Gemma 4: q and k rotated by separate calls), lowered to `forward_rewrite.rotary_single`.
-const SINGLE_FORMS: &[Form] = &[Form {
-    name: "single",
-    bodies: &[concat!(
-        unsqueeze!(),
-        "return (x * cos) + (rotate_half(x) * sin)\n"
-    )],
-    helper: Helper::Rotation("rotate_half"),
-    tables: Tables::Plain,
-    cast_back: false,
-}];
-
-/// What the function rotates, by its parameters: q and k, or one tensor.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Operands {
-    Pair,
-    Single,
-}
-
-/// The parsed bodies of [`FORMS`], [`SINGLE_FORMS`] and [`ROTATIONS`], index for index.
+/// The parsed bodies of each family's forms ([`Operands::forms`], in [`Operands::ALL`]'s
+/// order) and of [`ROTATIONS`], index for index.
 struct Templates {
-    forms: Vec<Vec<ParsedSource>>,
-    single_forms: Vec<Vec<ParsedSource>>,
+    families: Vec<Vec<Vec<ParsedSource>>>,
     rotations: Vec<Vec<ParsedSource>>,
 }
 
@@ -474,8 +503,10 @@ fn templates() -> &'static Templates {
     static T: OnceLock<Templates> = OnceLock::new();
     let parse = |bodies: &[&str]| bodies.iter().map(|b| fusion_common::template(b)).collect();
     T.get_or_init(|| Templates {
-        forms: FORMS.iter().map(|f| parse(f.bodies)).collect(),
-        single_forms: SINGLE_FORMS.iter().map(|f| parse(f.bodies)).collect(),
+        families: Operands::ALL
+            .iter()
+            .map(|o| o.forms().iter().map(|f| parse(f.bodies)).collect())
+            .collect(),
         rotations: ROTATIONS.iter().map(|r| parse(r.bodies)).collect(),
     })
 }
@@ -535,40 +566,13 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
     if is_already_patched(function) {
         return refuse("rotary-already-patched", "it calls forward_rewrite");
     }
-    let params = plain_parameters(function, false);
-    let names: Option<Vec<(&str, bool)>> = params
-        .as_ref()
-        .map(|p| p.iter().map(|(n, d)| (n.as_str(), *d)).collect());
-    const TENSORS: [(&str, bool); 4] = [("q", false), ("k", false), ("cos", false), ("sin", false)];
-    const SINGLE: [(&str, bool); 3] = [("x", false), ("cos", false), ("sin", false)];
-    let operands = match names.as_deref() {
-        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == TENSORS => Some(Operands::Pair),
-        Some([tensors @ .., ("unsqueeze_dim", true)]) if tensors == SINGLE => {
-            Some(Operands::Single)
-        }
-        // transformers 4.x: `position_ids=None`, deprecated and unused (no form reads it,
-        // nor does the emitted call).
-        Some(
-            [
-                tensors @ ..,
-                ("position_ids", true),
-                ("unsqueeze_dim", true),
-            ],
-        ) if tensors == TENSORS => Some(Operands::Pair),
-        _ => None,
-    };
-    let Some(operands) = operands else {
-        return refuse(
-            "rotary-signature",
-            "the parameters are not (q, k, cos, sin[, position_ids=None], unsqueeze_dim=1) nor (x, cos, sin, unsqueeze_dim=1)",
-        );
+    let Some(operands) = Operands::of(function) else {
+        return refuse("rotary-signature", operands::SIGNATURE_DETAIL);
     };
     let body = body_without_docstring(function);
-    let (forms, bodies) = match operands {
-        Operands::Pair => (FORMS, &templates().forms),
-        Operands::Single => (SINGLE_FORMS, &templates().single_forms),
-    };
-    let Some(form) = first_match(forms, bodies, body) else {
+    let family = Operands::ALL.iter().position(|o| *o == operands);
+    let bodies = &templates().families[family.expect("every family is in ALL")];
+    let Some(form) = first_match(operands.forms(), bodies, body) else {
         return refuse(
             "rotary-form-unknown",
             "apply_rotary_pos_emb is not one of the known forms",
@@ -609,43 +613,14 @@ pub(crate) fn rotary_site(defs: &ModuleDefs<'_>) -> Site {
             ),
         );
     };
-    let sin = form.tables.of("sin");
-    let sin = if rotation.negated {
-        format!("-{sin}")
-    } else {
-        sin
-    };
-    let (tensors, first, what, call) = match operands {
-        Operands::Pair => ("q, k", "q", "q and k", "rotary"),
-        Operands::Single => ("x", "x", "one tensor", "rotary_single"),
-    };
-    let keywords = format!(
-        "{}{}",
-        if rotation.interleaved {
-            ", interleaved=True"
-        } else {
-            ""
-        },
-        if form.cast_back {
-            format!(", out_dtype={first}.dtype")
-        } else {
-            String::new()
-        },
-    );
-    let (guard_tables, before_guard) = form.tables.guarded(first);
-    let lines = [
-        format!(
-            "if {before_guard}forward_rewrite.fusion_guard.{call}({tensors}, {guard_tables}, unsqueeze_dim):"
-        ),
-        format!(
-            "    # forward-rewrite: fused rotary embedding of {what} ({} form, {} rotation)",
-            form.name, rotation.name
-        ),
-        format!(
-            "    return forward_rewrite.{call}({tensors}, {}, {sin}, unsqueeze_dim=unsqueeze_dim{keywords})",
-            form.tables.of("cos")
-        ),
-    ];
+    // GPT-J's body calls torch.repeat_interleave, DeepSeek-V4's emitted code torch.cat.
+    if (matches!(form.tables, Tables::RepeatedPairs) || form.trailing) && !torch_bound(defs) {
+        return refuse(
+            "rotate-half-unknown",
+            "the form or its lowering calls torch, which is not bound by `import torch` alone",
+        );
+    }
+    let lines = operands.lower(form, rotation);
     match emit_guarded(defs.source, function, &lines) {
         Ok(patch) => {
             let mut site = refuse("rotary-emit-invalid", "");
@@ -676,5 +651,6 @@ fn torch_bound(defs: &ModuleDefs<'_>) -> bool {
 }
 
 mod halves;
+mod operands;
 #[cfg(test)]
 mod tests;

@@ -406,8 +406,13 @@ fn transformers_4_signature_with_unused_position_ids_is_patched() {
 #[test]
 fn reason_rotary_signature() {
     for signature in [
-        // Qwen4-Exp: k optional (and the tables after it)
-        "(q, k=None, cos=None, sin=None, unsqueeze_dim=1)",
+        // Qwen4-Exp's optional k without unsqueeze_dim
+        "(q, k=None, cos=None, sin=None)",
+        // GPT-J's one tensor with the tables in Llama's order, or an unsqueeze_dim
+        "(tensor, cos, sin)",
+        "(tensor, sin, cos, unsqueeze_dim=2)",
+        // CLVP's q, k and v with optional positions
+        "(q, k, v, cos, sin, position_ids=None, unsqueeze_dim=1)",
         // position ids without a default, or after unsqueeze_dim
         "(q, k, cos, sin, position_ids, unsqueeze_dim=1)",
         "(q, k, cos, sin, unsqueeze_dim=1, position_ids=None)",
@@ -681,6 +686,262 @@ fn ernie_vl_float32_form_rotates_with_its_text_helper() {
     );
     assert_eq!(
         reason(HALVES, ernie_vl).as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+/// Whether `module` (a whole module's text) has its `apply_rotary_pos_emb` patched, else the
+/// site's reason.
+fn module_verdict(module: &str) -> Result<String, String> {
+    let r = crate::passes::fusion_common::testing::run_module(&super::PASS, module);
+    match site_reason(&r, "apply_rotary_pos_emb") {
+        Some(reason) => Err(reason),
+        None => Ok(site_patch(&r, "apply_rotary_pos_emb")),
+    }
+}
+
+const QWEN4_EXP: &str = "def apply_rotary_pos_emb(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+    \"\"\"Applies Rotary Position Embedding to the query and key tensors, or only the queries.\"\"\"
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+
+    # Keep half or full tensor for later concatenation
+    q_rope, q_nope = q[..., :rotary_dim], q[..., rotary_dim:]
+    # Apply rotary embeddings on the first half or full tensor
+    q_rope = (q_rope * cos) + (rotate_half(q_rope) * sin)
+    # Concatenate back to full shape
+    q_rotated = torch.cat([q_rope, q_nope], dim=-1)
+
+    if k is not None:
+        k_rope, k_nope = k[..., :rotary_dim], k[..., rotary_dim:]
+        k_rope = (k_rope * cos) + (rotate_half(k_rope) * sin)
+        k_rotated = torch.cat([k_rope, k_nope], dim=-1)
+        return q_rotated, k_rotated
+    else:
+        return q_rotated
+";
+
+#[test]
+fn qwen4_exp_optional_k_form_is_patched_to_rotary_or_rotary_single() {
+    let r = report(&format!("{HALVES}\n\n{QWEN4_EXP}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    insta::assert_snapshot!(patch);
+    // k given: q and k in one call; k None: q alone; the stock body after both
+    assert!(patch.contains(
+        "    if k is not None and forward_rewrite.fusion_guard.rotary(q, k, cos, sin, unsqueeze_dim):\n"
+    ));
+    assert!(patch.contains(
+        "    if k is None and forward_rewrite.fusion_guard.rotary_single(q, cos, sin, unsqueeze_dim):\n"
+    ));
+    assert!(patch.contains(
+        "return forward_rewrite.rotary_single(q, cos, sin, unsqueeze_dim=unsqueeze_dim)\n"
+    ));
+    let sites = crate::passes::fusion_common::testing::sites(&r);
+    assert_eq!(sites[0]["lowered"]["form"], "optional-k-partial");
+    // The every-two helper: interleaved in both calls.
+    let r = report(&format!("{GLM_ROTATE}\n\n{QWEN4_EXP}"));
+    assert_eq!(
+        site_patch(&r, "apply_rotary_pos_emb")
+            .matches("unsqueeze_dim=unsqueeze_dim, interleaved=True)\n")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn qwen4_exp_near_misses_are_refused() {
+    for body in [
+        // k rotated with q's pass-through, or its rotation on q's slice
+        QWEN4_EXP.replace("torch.cat([k_rope, k_nope]", "torch.cat([k_rope, q_nope]"),
+        QWEN4_EXP.replace("rotate_half(k_rope)", "rotate_half(q_rope)"),
+        // the outputs swapped, or q returned whatever k
+        QWEN4_EXP.replace("return q_rotated, k_rotated", "return k_rotated, q_rotated"),
+        QWEN4_EXP.replace("    if k is not None:", "    if k is None:"),
+        // the pair's full body under the optional signature
+        FULL.replace(
+            "(q, k, cos, sin, unsqueeze_dim=1)",
+            "(q, k=None, cos=None, sin=None, unsqueeze_dim=1)",
+        ),
+    ] {
+        assert_eq!(
+            reason(HALVES, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
+        );
+    }
+}
+
+const EVERY_TWO_4D: &str = "def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[:, :, :, ::2]
+    x2 = x[:, :, :, 1::2]
+    x = torch.stack((-x2, x1), dim=-1)
+    return x.flatten(-2)  # in einsum notation: rearrange(x, '... d j -> ... (d j)')
+";
+
+const GPTJ: &str = "def apply_rotary_pos_emb(tensor: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    return (tensor * cos) + (rotate_every_two(tensor) * sin)
+";
+
+#[test]
+fn gptj_sin_cos_form_is_patched_with_the_pair_tables_repeated_once() {
+    let patch = module_verdict(&crate::passes::fusion_common::testing::module(&format!(
+        "{EVERY_TWO_4D}\n\n{GPTJ}"
+    )))
+    .unwrap();
+    insta::assert_snapshot!(patch);
+    // unsqueezed at 2 as the body's `[:, :, None, :]`, fused only for a tensor exactly as
+    // wide as the repeated tables
+    assert!(patch.contains(
+        "if tensor.shape[-1] == 2 * cos.shape[-1] and forward_rewrite.fusion_guard.rotary_single(tensor, (_fr_cos := cos.repeat_interleave(2, dim=-1)), (_fr_sin := sin.repeat_interleave(2, dim=-1)), 2):"
+    ), "{patch}");
+    assert!(patch.contains(
+        "return forward_rewrite.rotary_single(tensor, _fr_cos, _fr_sin, unsqueeze_dim=2, interleaved=True)\n"
+    ));
+}
+
+#[test]
+fn gptj_near_misses_are_refused() {
+    let module = |helper: &str, body: &str| {
+        module_verdict(&crate::passes::fusion_common::testing::module(&format!(
+            "{helper}\n\n{body}"
+        )))
+        .err()
+    };
+    for body in [
+        // another dimension unsqueezed or repeated, another count
+        GPTJ.replace("sin[:, :, None, :], 2, 3)", "sin[:, None, :, :], 2, 3)"),
+        GPTJ.replace("cos[:, :, None, :], 2, 3)", "cos[:, :, None, :], 2, 2)"),
+        GPTJ.replace("sin[:, :, None, :], 2, 3)", "sin[:, :, None, :], 3, 3)"),
+        // the tables swapped in the product
+        GPTJ.replace(
+            "(tensor * cos) + (rotate_every_two(tensor) * sin)",
+            "(tensor * sin) + (rotate_every_two(tensor) * cos)",
+        ),
+        // cos repeated, sin not
+        GPTJ.replace(
+            "    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)\n",
+            "    sin = sin[:, :, None, :]\n",
+        ),
+    ] {
+        assert_eq!(
+            module(EVERY_TWO_4D, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
+        );
+    }
+    // the helper missing or another rotation (a swap), or the every-two rotation of another
+    // dimension
+    for helper in [
+        String::new(),
+        EVERY_TWO_4D.replace("torch.stack((-x2, x1)", "torch.stack((x2, x1)"),
+        EVERY_TWO_4D.replace("x[:, :, :, ::2]", "x[:, :, ::2]"),
+    ] {
+        assert_eq!(
+            module(&helper, GPTJ).as_deref(),
+            Some("rotate-half-unknown"),
+            "{helper}"
+        );
+    }
+    // torch.repeat_interleave of another torch
+    let text = crate::passes::fusion_common::testing::module(&format!("{EVERY_TWO_4D}\n\n{GPTJ}"))
+        .replace("import torch\n", "import torch\ntorch = None\n");
+    assert_eq!(
+        module_verdict(&text).err().as_deref(),
+        Some("rotate-half-unknown")
+    );
+}
+
+const CLVP: &str = "def apply_rotary_pos_emb(q, k, v, cos, sin, position_ids, unsqueeze_dim=1):
+    \"\"\"Applies Rotary Position Embedding to the query and key tensors.\"\"\"
+    cos = cos[position_ids].unsqueeze(unsqueeze_dim)
+    sin = sin[position_ids].unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    v_embed = (v * cos) + (rotate_half(v) * sin)
+    return q_embed, k_embed, v_embed
+";
+
+#[test]
+fn clvp_indexed_qkv_form_is_patched_with_the_tables_indexed_once() {
+    let r = report(&format!("{HALVES}\n\n{CLVP}"));
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "apply_rotary_pos_emb");
+    insta::assert_snapshot!(patch);
+    assert_eq!(patch.matches("cos[position_ids]").count(), 2, "{patch}");
+    for body in [
+        // v rotated with k's rotation, the outputs' order, the positions of one table only
+        CLVP.replace("rotate_half(v)", "rotate_half(k)"),
+        CLVP.replace(
+            "return q_embed, k_embed, v_embed",
+            "return q_embed, v_embed, k_embed",
+        ),
+        CLVP.replace("sin = sin[position_ids]", "sin = sin"),
+    ] {
+        assert_eq!(
+            reason(HALVES, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
+        );
+    }
+}
+
+const DEEPSEEK_V4: &str = "def apply_rotary_pos_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> torch.Tensor:
+    \"\"\"V4 interleaved RoPE applied to the *trailing* rope slice of `x`.\"\"\"
+    cos = cos.repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
+    sin = sin.repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
+    rope_dim = cos.shape[-1]
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+    rotated = ((rope.float() * cos) + (rotate_half(rope).float() * sin)).to(x.dtype)
+    return torch.cat([nope, rotated], dim=-1)
+";
+
+#[test]
+fn deepseek_v4_trailing_slice_form_is_patched_and_concatenated_back() {
+    let patch = module_verdict(&crate::passes::fusion_common::testing::module(&format!(
+        "{GLM_ROTATE}\n\n{DEEPSEEK_V4}"
+    )))
+    .unwrap();
+    insta::assert_snapshot!(patch);
+    assert!(patch.contains(
+        "if x.shape[-1] >= 2 * cos.shape[-1] and forward_rewrite.fusion_guard.rotary_single((_fr_x := x[..., x.shape[-1] - 2 * cos.shape[-1] :]), "
+    ), "{patch}");
+    assert!(patch.contains(
+        "return torch.cat([x[..., : x.shape[-1] - 2 * cos.shape[-1]], forward_rewrite.rotary_single(_fr_x, _fr_cos, _fr_sin, unsqueeze_dim=unsqueeze_dim, interleaved=True, out_dtype=x.dtype)], dim=-1)\n"
+    ), "{patch}");
+    for body in [
+        // the leading slice rotated, or the parts concatenated the other way round
+        DEEPSEEK_V4.replace(
+            "nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]",
+            "rope, nope = x[..., :rope_dim], x[..., rope_dim:]",
+        ),
+        DEEPSEEK_V4.replace("torch.cat([nope, rotated]", "torch.cat([rotated, nope]"),
+        // not cast back, or not in float32
+        DEEPSEEK_V4.replace(").to(x.dtype)", ")"),
+        DEEPSEEK_V4.replace("rope.float() * cos", "rope * cos"),
+        // the tables unsqueezed before they are repeated
+        DEEPSEEK_V4.replace(
+            "cos.repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)",
+            "cos.unsqueeze(unsqueeze_dim).repeat_interleave(2, dim=-1)",
+        ),
+    ] {
+        assert_eq!(
+            reason(GLM_ROTATE, &body).as_deref(),
+            Some("rotary-form-unknown"),
+            "{body}"
+        );
+    }
+    // The emitted torch.cat needs torch.
+    let text =
+        crate::passes::fusion_common::testing::module(&format!("{GLM_ROTATE}\n\n{DEEPSEEK_V4}"))
+            .replace("import torch\n", "import numpy as torch\n");
+    assert_eq!(
+        module_verdict(&text).err().as_deref(),
         Some("rotate-half-unknown")
     );
 }
