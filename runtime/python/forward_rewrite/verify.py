@@ -382,13 +382,18 @@ OVERRIDES = {
         ),
     },
     # Granite MoE Hybrid: validator: mamba_n_heads divides mamba_expand * hidden_size;
-    # all-Mamba by default; logits scaling 4 so that it matters
+    # all-Mamba by default (one mixer and one attention layer here, named as transformers
+    # 4.x or 5.x names them); logits scaling 4 so that it matters
     "GraniteMoeHybridConfig": {
         "mamba_n_heads": 4,
         "mamba_d_state": 16,
         "mamba_chunk_size": 8,
         "shared_intermediate_size": 32,
-        "layer_types": ["linear_attention", "full_attention"],
+        "layer_types": (
+            ["mamba", "attention"]
+            if transformers.__version__.startswith("4.")
+            else ["linear_attention", "full_attention"]
+        ),
         "logits_scaling": 4.0,
     },
     # HunYuanVL: the default has no RoPE sections, which the forward needs
