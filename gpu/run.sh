@@ -12,7 +12,7 @@
 #   .gpu/gpu/run.sh check_attnres | bench_attnres ARGS...  the AttnRes mix op (gpu/*_attnres.py)
 #   .gpu/gpu/run.sh step_bench ARGS...  training-step time and peak memory of Llama-3.2-1B and
 #                                    Qwen3-0.6B shapes: stock, ours, Liger (gpu/step_bench.py;
-#                                    --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l,gemma4-12l,qwen3.5-8l,gpt-oss-6l
+#                                    --models gemma2-2b,mistral-7b-16l,phi3-mini,qwen3-moe-12l,glm-9b-12l,gemma4-12l,qwen3.5-8l,gpt-oss-6l,granite4-h-8l
 #                                    for the rest of issue 10's table; --methods stock,ours,attnres,ours+attnres
 #                                    for issue 12's training run with Attention Residuals on)
 #   .gpu/gpu/run.sh distributed ARGS...  stock vs fused under DDP, FSDP2, DeepSpeed ZeRO, PEFT and

@@ -210,6 +210,31 @@ SHAPES = {
             "attn_implementation": "eager",
         },
     ),
+    # Granite-4.0-H-Micro's shapes (hidden 2048, a dense SwiGLU of 8192, Mamba-2 mixers of 64
+    # heads of 64 with one group, attention in one layer of four), 8 of 40 layers: Liger has
+    # no patch for the family. Without mamba_ssm (not on the device) every method runs
+    # transformers' torch chunked scan, which dominates the step; the mixers' gated norm
+    # (gate first) is ours to fuse
+    "granite4-h-8l": (
+        "granitemoehybrid",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "shared_intermediate_size": 8192,
+            "num_local_experts": 0,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "layer_types": ["mamba", "mamba", "mamba", "attention"] * 2,
+            "mamba_n_heads": 64,
+            "mamba_d_head": 64,
+            "mamba_n_groups": 1,
+            "mamba_d_state": 128,
+            "mamba_chunk_size": 256,
+            "vocab_size": 100352,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 #: The models of issue 10's first table (the default); the others by --models.
 DEFAULT_MODELS = ["llama-1b", "qwen3-0.6b"]
@@ -256,6 +281,15 @@ def one(model_name, method, steps, warmup, batch, seq, device, smoke, top=0, mem
         )
         if "num_experts" in shape:
             shape.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        if "mamba_n_heads" in shape:  # Mamba-2 mixers: heads x head size = 2 x hidden
+            shape.update(
+                mamba_n_heads=4,
+                mamba_d_head=32,
+                mamba_d_state=16,
+                mamba_chunk_size=8,
+                shared_intermediate_size=128,
+                layer_types=["mamba", "attention"],
+            )
         # Token ids within the tiny vocabulary (Phi-3's and GLM's defaults are not).
         shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if method.startswith("liger"):

@@ -45,6 +45,18 @@ def test_attnres_methods_train_with_every_fused_path():
     assert "| llama-1b | ours+attnres |" in table
 
 
+def test_the_granite_hybrid_row_fuses_its_mixers_gated_norm():
+    # Granite 4-H: Mamba-2 mixers whose gated norm (the gate first) only we fuse
+    rows, table = run_step_bench(
+        "--models", "granite4-h-8l", "--methods", "stock,ours", "--steps", "1"
+    )
+    stock, ours = rows["stock"], rows["ours"]
+    assert "error" not in stock and "error" not in ours, table
+    assert abs(ours["first_loss"] - stock["first_loss"]) < 1e-5
+    calls = ours["fused_calls"]
+    assert calls["gated-rms-norm"] > 0 and calls["loss"] > 0, calls
+
+
 def load_step_bench():
     import importlib.util
 
