@@ -417,6 +417,20 @@ pub fn is_torch_functional(b: ImportBinding<'_>) -> bool {
     }
 }
 
+/// `from torch import nn [as nn]` or `import torch.nn as nn`: the binding under which
+/// `nn.functional.silu` is torch's functional SiLU (the name looked up is `nn`, so an alias
+/// is `nn` itself).
+pub fn is_torch_nn(b: ImportBinding<'_>) -> bool {
+    match b {
+        ImportBinding::Import { module, aliased } => module == "torch.nn" && aliased,
+        ImportBinding::From {
+            level,
+            module,
+            name,
+        } => level == 0 && module == Some("torch") && name == "nn",
+    }
+}
+
 /// Whether `name` is bound at the module's top level (compound statements walked, function and
 /// class bodies being scopes of their own) exactly once, by an import `wanted` accepts, and by
 /// nothing else: another import, a `def` / `class`, or an assignment to it. What the runtime

@@ -154,7 +154,7 @@ impl GateBinding {
                     if m.rsplit('.').next() == Some("activations")
             ),
             GateBinding::TorchFunctional => fusion_common::is_torch_functional(b),
-            GateBinding::TorchNn => is_torch_nn(b),
+            GateBinding::TorchNn => fusion_common::is_torch_nn(b),
         })
     }
 
@@ -164,20 +164,6 @@ impl GateBinding {
             GateBinding::TorchFunctional => "`import torch.nn.functional as F`",
             GateBinding::TorchNn => "`from torch import nn` (or `import torch.nn as nn`)",
         }
-    }
-}
-
-/// `from torch import nn [as nn]` or `import torch.nn as nn`: the binding under which
-/// `nn.functional.silu` is torch's functional SiLU (the name looked up is `nn`, so an alias
-/// is `nn` itself).
-fn is_torch_nn(b: ImportBinding<'_>) -> bool {
-    match b {
-        ImportBinding::Import { module, aliased } => module == "torch.nn" && aliased,
-        ImportBinding::From {
-            level,
-            module,
-            name,
-        } => level == 0 && module == Some("torch") && name == "nn",
     }
 }
 
@@ -227,6 +213,12 @@ struct NormHelper {
     param: &'static str,
     body: &'static str,
 }
+
+/// Gemma's forward (`(1 + weight)` in float32, then the cast back), shared by Qwen4Exp's norm.
+const GEMMA_FORWARD: &str = "output = self._norm(x.float())
+output = output * (1.0 + self.weight.float())
+return output.type_as(x)
+";
 
 const GEMMA_NORM: NormHelper = NormHelper {
     param: "x",
@@ -301,10 +293,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 name: "gemma",
                 param: "x",
                 llama_prefix: false,
-                forward: "output = self._norm(x.float())
-output = output * (1.0 + self.weight.float())
-return output.type_as(x)
-",
+                forward: GEMMA_FORWARD,
                 norm_helper: Some(GEMMA_NORM),
                 eps: "self.eps",
                 offset: "1.0",
@@ -319,10 +308,7 @@ return output.type_as(x)
                 name: "qwen4-exp",
                 param: "x",
                 llama_prefix: false,
-                forward: "output = self._norm(x.float())
-output = output * (1.0 + self.weight.float())
-return output.type_as(x)
-",
+                forward: GEMMA_FORWARD,
                 norm_helper: Some(GROUPED_GEMMA_NORM),
                 eps: "self.eps",
                 offset: "1.0",
