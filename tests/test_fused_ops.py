@@ -526,6 +526,37 @@ def test_gate_first_gated_rms_norm_matches_the_stock_module(family, dtype, group
         assert same >= 0.99, f"{family}: only {same:.1%} of the outputs equal stock's"
 
 
+def test_gate_first_with_a_float32_scan_and_a_bf16_gate_and_weight():
+    """Mamba's torch scan hands the norm a float32 x with the bfloat16 gate and weight of a
+    bf16 model: stock's result is float32 (the weight promoted); the gate is upcast exactly
+    and its gradient comes back in bfloat16."""
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    shape, size, eps = (2, 9, 96), 32, 1e-6
+    x, _, _, dy = gated_case(shape, torch.float32, torch.float32, seed=15)
+    _, gate, w, _ = gated_case(shape, torch.bfloat16, torch.bfloat16, seed=16)
+    module = MambaRMSNormGated(shape[-1], group_size=size, eps=eps).to(torch.bfloat16)
+    with torch.no_grad():
+        module.weight.copy_(w)
+
+    def ours(x, gate, w):
+        return forward_rewrite.gated_rms_norm(
+            x, gate, w, eps, gate_first=True, group_size=size
+        )
+
+    ours_y, ours_g = grads(ours, [x, gate, w], dy)
+    xs = x.detach().clone().requires_grad_(True)
+    gs = gate.detach().clone().requires_grad_(True)
+    stock_y = module(xs, gs)
+    stock_y.backward(dy)
+    assert ours_y[0].dtype == stock_y.dtype == torch.float32
+    assert ours_g[1].dtype == torch.bfloat16 and ours_g[2].dtype == torch.bfloat16
+    assert rel(ours_y[0], stock_y) <= 1e-6
+    assert rel(ours_g[0], xs.grad) <= 1e-5
+    assert rel(ours_g[1], gs.grad) <= 1e-2  # one bf16 rounding each
+    assert rel(ours_g[2], module.weight.grad) <= 1e-2
+
+
 @pytest.mark.parametrize("cast_before", [True, False])
 @pytest.mark.parametrize("groups", [1, 3, 5])
 def test_gate_first_groups_odd_rows_and_sizes(groups, cast_before):
@@ -1704,7 +1735,11 @@ COS, SIN = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
             "activation",
         ),
         (lambda: forward_rewrite.gated_rms_norm(X, X[:, :4], X[0]), ValueError, "gate"),
-        (lambda: forward_rewrite.gated_rms_norm(X, X.half(), X[0]), TypeError, "gate"),
+        (
+            lambda: forward_rewrite.gated_rms_norm(X.half(), X, X[0].half()),
+            TypeError,
+            "gate",
+        ),
         (lambda: forward_rewrite.gated_rms_norm(X, "g", X[0]), TypeError, "gate"),
         (lambda: forward_rewrite.gated_rms_norm(X, X, X[0, :3]), ValueError, "weight"),
         (

@@ -469,12 +469,14 @@ def gated_rms_norm(
     ``gate_first=True`` (Mamba-2's ``MambaRMSNormGated`` and its copies in Bamba, Granite 4,
     Nemotron-H, Zamba2) applies the gate before the norm: with ``u = x.float() * a``, the
     norm of u weighted as above, ``weight * (u * rsqrt(mean(u**2) + eps)).to(x.dtype)`` for
-    ``cast_before_weight=True`` (the weight then of x's dtype: stock's result would be of
+    ``cast_before_weight=True`` (the weight then no wider than x: stock's result would be of
     the promoted dtype otherwise). ``group_size`` (Mamba's): the last dimension is normalised
     in groups of that many elements (it must divide it), each with its own ``1 / rms``; the
     weight still spans the whole dimension.
 
-    ``gate`` has x's shape and dtype. Gradients for x, gate and weight (float32 accumulation
+    ``gate`` has x's shape and dtype, or a 16-bit float dtype when x is float32 (Mamba's
+    torch scan returns float32 while the gate projection is bfloat16): upcast exactly, as the
+    forms' ``gate.to(torch.float32)`` do. Gradients for x, gate and weight (float32 accumulation
     of the weight gradient over all rows, one rounding to weight's dtype); only ``1 / rms``
     per row (group) is saved besides the inputs. On CUDA a row (group) may be up to 8192
     elements long.
@@ -487,19 +489,31 @@ def gated_rms_norm(
         raise ValueError(
             f"gate: expected x's shape {tuple(x.shape)}, got {tuple(gate.shape)}"
         )
-    if gate.dtype != x.dtype:
-        raise TypeError(f"gate: dtype {gate.dtype}, expected x's {x.dtype}")
+    if gate.dtype != x.dtype and not (
+        x.dtype == torch.float32 and gate.dtype in (torch.bfloat16, torch.float16)
+    ):
+        raise TypeError(
+            f"gate: dtype {gate.dtype}, expected x's {x.dtype} (or a 16-bit float "
+            "dtype with a float32 x)"
+        )
     _device("gate", gate, x, "x")
     if activation not in GATED_NORM_ACTIVATIONS:
         raise ValueError(
             f"activation: expected one of {GATED_NORM_ACTIVATIONS}, got {activation!r}"
         )
     gate_first = _bool("gate_first", gate_first)
-    if gate_first and cast_before_weight and weight.dtype != x.dtype:
+    if (
+        gate_first
+        and cast_before_weight
+        and torch.promote_types(weight.dtype, x.dtype) != x.dtype
+    ):
         raise TypeError(
-            f"weight: dtype {weight.dtype}; with gate_first and cast_before_weight the weight "
-            f"must be of x's dtype {x.dtype} (the stock form's result is of the promoted dtype)"
+            f"weight: dtype {weight.dtype} is wider than x's {x.dtype}; with gate_first and "
+            "cast_before_weight the stock form's result is of the promoted dtype"
         )
+    # The forms read the gate as `gate.to(torch.float32)`: a 16-bit gate of a float32 x is
+    # upcast exactly (its gradient cast back by autograd, as stock's is).
+    gate = gate.to(x.dtype)
     hidden = x.shape[-1]
     size = hidden if group_size is None else group_size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:

@@ -180,15 +180,19 @@ def gated_rms_norm(
     for ``rms_norm``, the gate a plain tensor of x's shape, dtype and device, rows the CUDA
     kernel takes, and ``act`` exactly ``nn.SiLU``, transformers' ``SiLUActivation`` or
     ``nn.Sigmoid``, without hooks, or torch's functional SiLU itself (``F.silu``).
-    ``gate_first`` (Mamba's form, ``weight * norm(x * act(gate)).to(x.dtype)``): the weight
-    of x's dtype too (stock's result is of the promoted dtype otherwise); ``group_size``: a
-    positive int dividing x's last dimension (stock's ``view`` fails otherwise), or None."""
+    The gate may be of a 16-bit float dtype with a float32 x (the op upcasts it exactly, as
+    the forms' ``gate.to(torch.float32)``). ``gate_first`` (Mamba's form, ``weight *
+    norm(x * act(gate)).to(x.dtype)``): the weight no wider than x (stock's result is of the
+    promoted dtype otherwise); ``group_size``: a positive int dividing x's last dimension
+    (stock's ``view`` fails otherwise), or None."""
     if _off.get() or torch.jit.is_scripting() or not torch.is_grad_enabled():
         return None
     if not (module.training and _norm_operands_ok(x, weight, eps)):
         return None
-    if not (
-        _tensor_ok(gate, x.device) and gate.dtype == x.dtype and gate.shape == x.shape
+    if not (_tensor_ok(gate, x.device) and gate.shape == x.shape):
+        return None
+    if gate.dtype != x.dtype and not (
+        x.dtype == torch.float32 and gate.dtype in (torch.bfloat16, torch.float16)
     ):
         return None
     hidden = x.shape[-1]
@@ -196,7 +200,7 @@ def gated_rms_norm(
         type(group_size) is int and group_size > 0 and hidden % group_size == 0
     ):
         return None
-    if gate_first and weight.dtype != x.dtype:
+    if gate_first and torch.promote_types(weight.dtype, x.dtype) != x.dtype:
         return None
     row = hidden if group_size is None else group_size
     if x.device.type == "cuda" and row > GATED_NORM_MAX_HIDDEN:
