@@ -12,7 +12,8 @@ gradient (x and weight; q and k; gate and up) of
   ours   the public op and its autograd (CUDA kernels),
   stock  the transformers module or function the rewriter replaces (LlamaRMSNorm,
          Gemma2RMSNorm, a residual add and one of them, Qwen3RMSNorm over heads,
-         Qwen3NextRMSNormGated / KimiLinearRMSNormGated, apply_rotary_pos_emb of Llama / Phi / GLM /
+         Qwen3NextRMSNormGated / KimiLinearRMSNormGated, DeepseekV4UnweightedRMSNorm,
+         apply_rotary_pos_emb of Llama / Phi / GLM /
          Cohere, ACT2FN[act](gate) * up, Phi3MLP's chunked gate_up),
   ref    the same formula in float64 (on the GPU),
   twin   ours on the CPU (the Rust code CI tests) from the same inputs,
@@ -67,6 +68,13 @@ try:  # Mamba-2's gated norm: the gate first, in groups
     from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 except ImportError:
     MambaRMSNormGated = None
+
+try:  # DeepSeek-V4's unweighted norm, its scale rounded first (GLM-5-Next, Inkling 2: copies)
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4UnweightedRMSNorm,
+    )
+except ImportError:
+    DeepseekV4UnweightedRMSNorm = None
 
 ARGS = None
 DEVICE = "cuda"
@@ -343,6 +351,33 @@ def case_gated_rms_mamba(shape, eps, groups, *, shift=False):
             ref,
             names=["y", "dx", "dgate", "dw"],
         )
+
+    return make
+
+
+def case_rms_scale_first(shape, eps, *, transposed=False):
+    """DeepSeek-V4's ``DeepseekV4UnweightedRMSNorm`` (GLM-5-Next's and Inkling 2's copies):
+    ``x * rsqrt(mean(x.float()^2) + eps).to(x.dtype)``, no weight, against
+    ``forward_rewrite.rms_norm(x, None, eps, scale_first=True)``. ``transposed``: x is
+    (batch, seq, heads, head_dim) seen as (batch, heads, seq, head_dim), as its q_b_norm
+    gets q after ``.transpose(1, 2)``."""
+
+    def make(name, dtype):
+        if DeepseekV4UnweightedRMSNorm is None:
+            raise RuntimeError("this transformers has no DeepSeek-V4 unweighted norm")
+        g = gen()
+        x = randn(*shape, g=g, dtype=dtype, scale=2.0)
+        if transposed:
+            x = x.transpose(1, 2)
+        module = DeepseekV4UnweightedRMSNorm(eps=eps)
+
+        def ours(x):
+            return forward_rewrite.rms_norm(x, None, eps, scale_first=True)
+
+        def ref(x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+        evaluate(name, dtype, [x], ours, module, ref, names=["y", "dx"])
 
     return make
 
@@ -902,6 +937,14 @@ def cases(tokens):
                 (small, 2304), 1e-6, "gemma", torch.float32
             ),
             "rms_norm hidden 100 (any kernel)": case_rms((small, 100), 1e-6, "llama"),
+            # DeepSeek-V4's q_b_norm: q (batch, 64 heads, seq, 512) after a transpose.
+            "rms_norm scale first, DeepSeek-V4 q_b_norm (small, 64 x 512)": case_rms_scale_first(
+                (sb, ss, 64 if DEVICE == "cuda" else 4, 512), 1e-6, transposed=True
+            ),
+            "rms_norm scale first (small, 300)": case_rms_scale_first(
+                (small, 300), 1e-6
+            ),
+            "rms_norm scale first (small, 8)": case_rms_scale_first((small, 8), 1e-6),
             "rms_norm misaligned rows (any kernel)": case_rms(
                 (small, 512), 1e-6, "llama", shift=True
             ),
@@ -1062,6 +1105,7 @@ QUICK = (
     "moe_experts",
     "gated_rms_norm",
     "rotary_single",
+    "rms_norm scale first",
 )
 
 

@@ -713,3 +713,75 @@ GATED_RMS_INSTANTIATE(f16_f16, F16, F16)
 GATED_RMS_INSTANTIATE(f32_f32, F32, F32)
 GATED_RMS_INSTANTIATE(bf16_f32, Bf16, F32)
 GATED_RMS_INSTANTIATE(f16_f32, F16, F32)
+
+// ---- unweighted RMSNorm, scale rounded first -------------------------------------------------
+//
+// DeepSeek-V4's, GLM-5-Next's and Inkling-2's `UnweightedRMSNorm`:
+// `x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)`
+// (CPU twin: runtime/src/cpu/fusions/scale_first.rs). Per row, in float32:
+//   r  = 1 / sqrt(sum(x^2) / hidden + eps)    (saved: rstd)
+//   s  = round_X(r)                           (stock's `.to(x.dtype)` of the scale)
+//   y  = round_X(x * s)                       (stock's multiply of two X tensors)
+//   dx = round_X(s * dy - x * r^3 * sum(dy * x) / hidden)
+// No weight: no cross-row sum, so one row per block (blockDim.x: hidden rounded up to 32, at
+// most 512; any hidden size and alignment, the row read twice as by `rms_fwd_any`). These
+// norms are the narrow ones of DeepSeek-V4's attention (q/kv, a few hundred columns): the
+// launch, not the arithmetic, is their cost, so no vector path.
+
+struct RmsScaleFirstParams {
+    const void* x;     // (rows, hidden) X, row-major, contiguous
+    const void* dy;    // (rows, hidden) X: the backward only
+    void* out;         // (rows, hidden) X: y (forward) or dx (backward)
+    float* rstd;       // (rows,): written by the forward, read by the backward
+    i64 rows;
+    int hidden;
+    float eps;
+};
+
+template <class X>
+__device__ void rms_scale_first_fwd(const RmsScaleFirstParams& p) {
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x;
+    const typename X::T* xr = (const typename X::T*)p.x + row * p.hidden;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) {
+        const float x = X::load(xr[c]);
+        ss += x * x;
+    }
+    ss = team_sum<true>(ss, blockDim.x, scratch);
+    const float r = rms_rstd(ss, p.hidden, p.eps);
+    if (threadIdx.x == 0) p.rstd[row] = r;
+    const float s = round_to<X>(r);
+    typename X::T* yr = (typename X::T*)p.out + row * p.hidden;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) yr[c] = X::store(X::load(xr[c]) * s);
+}
+
+template <class X>
+__device__ void rms_scale_first_bwd(const RmsScaleFirstParams& p) {
+    __shared__ float scratch[32];
+    const i64 row = blockIdx.x;
+    const i64 base = row * p.hidden;
+    const typename X::T* xr = (const typename X::T*)p.x + base;
+    const typename X::T* dyr = (const typename X::T*)p.dy + base;
+    float dot = 0.f;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x) dot += X::load(dyr[c]) * X::load(xr[c]);
+    dot = team_sum<true>(dot, blockDim.x, scratch);
+    const float r = p.rstd[row];
+    const float s = round_to<X>(r);
+    const float k = r * r * r * dot / (float)p.hidden;  // the twin's order
+    typename X::T* dxr = (typename X::T*)p.out + base;
+    for (int c = threadIdx.x; c < p.hidden; c += blockDim.x)
+        dxr[c] = X::store(s * X::load(dyr[c]) - X::load(xr[c]) * k);
+}
+
+#define RMS_SCALE_FIRST_INSTANTIATE(NAME, X)                                                          \
+    extern "C" __global__ void __launch_bounds__(512) rms_scale_first_fwd_##NAME(const RmsScaleFirstParams p) { \
+        rms_scale_first_fwd<X>(p);                                                                    \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(512) rms_scale_first_bwd_##NAME(const RmsScaleFirstParams p) { \
+        rms_scale_first_bwd<X>(p);                                                                    \
+    }
+
+RMS_SCALE_FIRST_INSTANTIATE(bf16, Bf16)
+RMS_SCALE_FIRST_INSTANTIATE(f16, F16)
+RMS_SCALE_FIRST_INSTANTIATE(f32, F32)

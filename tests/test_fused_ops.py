@@ -27,6 +27,9 @@ from forward_rewrite import _fusions_backend, _fusions_cpu, _native, fused_ops
 from forward_rewrite._fusions_backend import CLAMP_GRAD_AT_BOUND, GateFn
 from transformers.activations import ACT2FN
 from transformers.models.cohere import modeling_cohere
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+    DeepseekV4UnweightedRMSNorm,
+)
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.glm import modeling_glm
 from transformers.models.gptj import modeling_gptj
@@ -1371,6 +1374,10 @@ def _compile_cases(dtype=torch.float32):
             ),
             [x, x.flip(0) - 0.5, w],
         ),
+        "rms_norm_scale_first": (
+            lambda x: forward_rewrite.rms_norm(x, None, 1e-6, scale_first=True),
+            [x],
+        ),
     }
 
 
@@ -2002,3 +2009,104 @@ def test_public_api_is_exported():
         assert name in forward_rewrite.__all__
         assert getattr(forward_rewrite, name) is getattr(fused_ops, name)
     assert _fusions_backend.ACTIVATIONS == ("silu", "gelu_tanh", "swiglu_oai")
+
+
+# ---- unweighted RMSNorm, scale rounded first (DeepSeek-V4) -----------------------------------
+
+
+def scale_first_reference(x, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 9, 64), (3, 17, 320), (5, 1), (40, 7)])
+def test_scale_first_rms_norm_matches_deepseek_v4(shape, dtype):
+    # DeepseekV4UnweightedRMSNorm: x * rsqrt(mean(x.float()^2) + eps).to(x.dtype).
+    g = gen(50)
+    x = (torch.randn(shape, generator=g) * 2).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    module = DeepseekV4UnweightedRMSNorm(eps=1e-6)
+    ours = grads(
+        lambda t: forward_rewrite.rms_norm(t, None, 1e-6, scale_first=True), [x], dy
+    )
+    stock = grads(module, [x], dy)
+    ref = grads(lambda t: scale_first_reference(t, 1e-6), [x.double()], dy.double())
+    if shape[-1] == 1:
+        # One element: y = x / |x| (+ eps), dx cancels to ~eps; compare the outputs only.
+        ours, stock, ref = ours[0], stock[0], ref[0]
+    else:
+        ours, stock, ref = ours[0] + ours[1], stock[0] + stock[1], ref[0] + ref[1]
+    check_against(ours, stock, ref, dtype, "deepseek_v4")
+    if dtype != torch.float32:
+        same = (ours[0] == stock[0]).float().mean().item()
+        assert same >= 0.99, f"only {same:.1%} of the outputs equal stock's"
+
+
+def test_scale_first_rounds_the_scale_before_the_product():
+    # [3, 4] in bf16: r = 0.28284..., bf16(r) = 0.283203125, 3 * that rounds to 0.8515625;
+    # rounding 3 * r once would give 0.84765625.
+    x = torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16)
+    y = forward_rewrite.rms_norm(x, None, 0.0, scale_first=True)
+    assert y.tolist() == [[0.8515625, 1.1328125]]
+    assert torch.equal(y, DeepseekV4UnweightedRMSNorm(eps=0.0)(x))
+
+
+def test_scale_first_layouts_and_empty_inputs():
+    # (torch.compile and gradcheck: the "rms_norm_scale_first" case of _compile_cases.)
+    g = gen(51)
+    # A transposed input (DeepSeek-V4's q after `.transpose(1, 2)`), and an empty one.
+    t = torch.randn(2, 9, 4, 64, generator=g).transpose(1, 2)
+    assert torch.equal(
+        forward_rewrite.rms_norm(t, None, 1e-6, scale_first=True),
+        forward_rewrite.rms_norm(t.contiguous(), None, 1e-6, scale_first=True),
+    )
+    empty = torch.randn(0, 8, requires_grad=True)
+    out = forward_rewrite.rms_norm(empty, None, 1e-6, scale_first=True)
+    out.sum().backward()
+    assert out.shape == (0, 8) and empty.grad.shape == (0, 8)
+
+
+def test_scale_first_bad_arguments_name_themselves():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="^scale_first"):
+        forward_rewrite.rms_norm(x, torch.ones(8), 1e-6, scale_first=True)
+    with pytest.raises(TypeError, match="^scale_first"):
+        forward_rewrite.rms_norm(x, None, 1e-6, scale_first=1)
+    with pytest.raises(ValueError, match="^offset"):
+        forward_rewrite.rms_norm(x, None, 1e-6, offset=1.0, scale_first=True)
+    with pytest.raises(ValueError, match="^eps"):
+        forward_rewrite.rms_norm(x, None, -1.0, scale_first=True)
+    with pytest.raises(TypeError, match="^eps"):
+        forward_rewrite.rms_norm(x, None, "1e-6", scale_first=True)
+    with pytest.raises(ValueError, match="^x"):
+        forward_rewrite.rms_norm(x[..., :0], None, 1e-6, scale_first=True)
+    with pytest.raises(TypeError, match="^x"):
+        forward_rewrite.rms_norm(x.to(torch.int32), None, 1e-6, scale_first=True)
+    with pytest.raises(TypeError, match="^x"):
+        forward_rewrite.rms_norm([1.0], None, 1e-6, scale_first=True)
+    # The backend's own checks.
+    y, rstd = _fusions_cpu.rms_scale_first_forward(x, 1e-6)
+    with pytest.raises(TypeError, match="^dy"):
+        _fusions_cpu.rms_scale_first_backward(y.double(), x, rstd)
+    with pytest.raises(ValueError, match="^rstd"):
+        _fusions_cpu.rms_scale_first_backward(y, x, rstd[:2])
+    with pytest.raises(ValueError, match="^x"):
+        _fusions_cpu.rms_scale_first_forward(x.t(), 1e-6)
+
+
+def test_scale_first_opcheck_validates_the_registrations():
+    ops = torch.ops.forward_rewrite
+    tests = (
+        "test_schema",
+        "test_faketensor",
+        "test_autograd_registration",
+        "test_aot_dispatch_dynamic",
+    )
+    x = torch.randn(6, 32, requires_grad=True)
+    torch.library.opcheck(ops.rms_norm_scale_first.default, (x, 1e-6), test_utils=tests)
+    _, rstd = ops.rms_norm_scale_first(x.detach(), 1e-6)
+    torch.library.opcheck(
+        ops.rms_norm_scale_first_backward.default,
+        (torch.randn(6, 32), x.detach(), rstd),
+    )

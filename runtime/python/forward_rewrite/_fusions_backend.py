@@ -11,6 +11,8 @@ A backend is a module (``forward_rewrite._fusions_cpu``: the Rust CPU twins;
         groups) -> (y, rstd)
     gated_rms_norm_backward(dy, x, gate, weight, rstd, cast_before_weight, activation,
         gate_first, groups, weight_grad) -> (dx, dgate, dw or None)
+    rms_scale_first_forward(x, eps) -> (y, rstd)
+    rms_scale_first_backward(dy, x, rstd) -> dx
     rotary(q, k, cos, sin, rotary_dim, interleaved, head_index, out_dtype, transpose)
         -> (q_out, k_out)
     gated_act(gate, up, fn) -> out
@@ -35,6 +37,9 @@ on the layouts ``forward_rewrite.fused_ops`` prepares (README, "Fused decoder op
   gate multiplies x before the norm (Mamba's form). With ``groups`` > 1 a row is one group:
   ``weight`` has ``groups * hidden`` elements, row i is weighted by its segment ``i %
   groups``, and rows is a multiple of groups.
+* scale-first RMSNorm (DeepSeek-V4's unweighted norm, the scale rounded to x's dtype before
+  the product): ``x`` (rows, hidden) contiguous, no weight; ``y``, ``dy`` and ``dx`` of x's
+  dtype and shape, contiguous; ``rstd`` as RMSNorm's.
 * rotary: q, k, cos, sin 4-D, unit stride along the last dimension, any other strides;
   ``head_index`` (0, 1 or 2) is the dimension cos and sin are broadcast over (size 1 there);
   on the two other leading dimensions cos/sin have q's size or 1. Outputs have q's and k's
@@ -232,6 +237,40 @@ def check_rms(
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype}, expected x's {x.dtype}")
         named.append((name, t))
+    for name, t in named:
+        _on(name, t, x, device_type)
+        _contiguous(name, t)
+    return rows, hidden
+
+
+def check_rms_scale_first(x, device_type, *, dy=None, rstd=None):
+    """Raises naming the first argument that breaks the scale-first RMSNorm contract;
+    returns (rows, hidden)."""
+    _tensor("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape (rows, hidden), got {tuple(x.shape)}")
+    rows, hidden = x.shape
+    if hidden == 0:
+        raise ValueError("x: the normalised dimension is empty")
+    _floating("x", x, device_type)
+    named = [("x", x)]
+    if dy is not None:
+        _tensor("dy", dy)
+        if dy.shape != x.shape:
+            raise ValueError(
+                f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}"
+            )
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy: dtype {dy.dtype}, expected x's {x.dtype}")
+        named.append(("dy", dy))
+    if rstd is not None:
+        _tensor("rstd", rstd)
+        if rstd.shape != (rows,) or rstd.dtype != rstd_dtype(x.dtype):
+            raise ValueError(
+                f"rstd: expected {rstd_dtype(x.dtype)} of shape ({rows},), "
+                f"got {rstd.dtype} {tuple(rstd.shape)}"
+            )
+        named.append(("rstd", rstd))
     for name, t in named:
         _on(name, t, x, device_type)
         _contiguous(name, t)

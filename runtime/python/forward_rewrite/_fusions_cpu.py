@@ -10,6 +10,7 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
+    check_rms_scale_first,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -74,6 +75,37 @@ def rms_norm_backward(
         dres=dres.data_ptr() if dres is not None else None,
     )
     return dx, dw
+
+
+def rms_scale_first_forward(x, eps):
+    rows, hidden = check_rms_scale_first(x, "cpu")
+    y = torch.empty_like(x)
+    rstd = torch.empty(rows, dtype=rstd_dtype(x.dtype))
+    _native.cpu_rms_scale_first_forward(
+        x=x.data_ptr(),
+        y=y.data_ptr(),
+        rstd=rstd.data_ptr(),
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+        eps=float(eps),
+    )
+    return y, rstd
+
+
+def rms_scale_first_backward(dy, x, rstd):
+    rows, hidden = check_rms_scale_first(x, "cpu", dy=dy, rstd=rstd)
+    dx = torch.empty_like(x)
+    _native.cpu_rms_scale_first_backward(
+        dy=dy.data_ptr(),
+        x=x.data_ptr(),
+        rstd=rstd.data_ptr(),
+        dx=dx.data_ptr(),
+        rows=rows,
+        hidden=hidden,
+        x_dtype=dtype_name(x.dtype),
+    )
+    return dx
 
 
 def gated_rms_norm_forward(

@@ -17,6 +17,7 @@ from ._fusions_backend import (
     check_gated_packed,
     check_gated_rms,
     check_rms,
+    check_rms_scale_first,
     dtype_name,
     make_rotary,
     rms_out_dtype,
@@ -170,6 +171,49 @@ def _gated_rms_call(
         "gate_first": bool(gate_first),
         "groups": groups,
     }
+
+
+def rms_scale_first_forward(x, eps):
+    rows, hidden = check_rms_scale_first(x, "cuda")
+    y = _empty_like(x)
+    rstd = _empty(rows, dtype=rstd_dtype(x.dtype), device=x.device)
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        device, stream = _where(x)
+        _native.cuda_rms_scale_first(
+            device=device,
+            stream=stream,
+            x=x.data_ptr(),
+            out=y.data_ptr(),
+            rstd=rstd.data_ptr(),
+            rows=rows,
+            hidden=hidden,
+            dtype=dtype_name(x.dtype),
+            eps=float(eps),
+        )
+    return y, rstd
+
+
+def rms_scale_first_backward(dy, x, rstd):
+    rows, hidden = check_rms_scale_first(x, "cuda", dy=dy, rstd=rstd)
+    dx = _empty_like(x)
+    if rows == 0:
+        return dx  # dy's address may be 0, which would pick the forward
+    load_nvrtc()
+    with torch.cuda.device(x.device):
+        device, stream = _where(x)
+        _native.cuda_rms_scale_first(
+            device=device,
+            stream=stream,
+            x=x.data_ptr(),
+            out=dx.data_ptr(),
+            rstd=rstd.data_ptr(),
+            rows=rows,
+            hidden=hidden,
+            dtype=dtype_name(x.dtype),
+            dy=dy.data_ptr(),
+        )
+    return dx
 
 
 def gated_rms_norm_forward(

@@ -11,6 +11,7 @@ node. Both ops of a pair dispatch on the device: ``cpu`` -> ``forward_rewrite._f
 * :func:`rms_norm` -- ``LlamaRMSNorm`` (``cast_before_weight=True``), ``Gemma3RMSNorm``
   (``offset=1.0, cast_before_weight=False``), ``Olmo2RMSNorm`` (``cast_before_weight=False``),
   Qwen3's per-head q/k norms (any leading shape). Saves one float per row (``1 / rms``).
+  ``scale_first=True``: DeepSeek-V4's unweighted norm, its scale rounded to x's dtype first.
 * :func:`gated_rms_norm` -- the ``*RMSNormGated`` of Qwen3-Next / Qwen3.5 / OLMo-Hybrid
   (``cast_before_weight=True``) and Kimi-Linear / Bailing / GLM-5-Next (``False``): the norm,
   its weight and ``act(gate)`` (SiLU or sigmoid) in one kernel each way. Saves the inputs and
@@ -291,6 +292,65 @@ def _unit_weight(x: Tensor) -> Tensor:
     return w
 
 
+# ---- unweighted RMSNorm, scale rounded first ---------------------------------------------------
+
+
+def _rms_scale_first_impl(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(y, rstd) for x (rows, hidden) contiguous."""
+    return _backend(x.device).rms_scale_first_forward(x, eps)
+
+
+_rms_scale_first_op = torch.library.custom_op(
+    "forward_rewrite::rms_norm_scale_first", mutates_args=()
+)(_rms_scale_first_impl)
+
+
+@_rms_scale_first_op.register_fake
+def _rms_scale_first_fake(x, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=rstd_dtype(x.dtype))
+
+
+def _rms_scale_first_backward_impl(dy: Tensor, x: Tensor, rstd: Tensor) -> Tensor:
+    """dx for dy and x (rows, hidden) contiguous of one dtype and the forward's rstd."""
+    return _backend(x.device).rms_scale_first_backward(dy, x, rstd)
+
+
+_rms_scale_first_backward_op = torch.library.custom_op(
+    "forward_rewrite::rms_norm_scale_first_backward", mutates_args=()
+)(_rms_scale_first_backward_impl)
+
+
+@_rms_scale_first_backward_op.register_fake
+def _rms_scale_first_backward_fake(dy, x, rstd):
+    return torch.empty_like(x)
+
+
+def _rms_scale_first_setup(ctx, inputs, output):
+    x, _eps = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, rstd)
+
+
+def _rms_scale_first_backward(ctx, dy, _drstd):
+    x, rstd = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    # dy of x's dtype: the stock forward's output is x's dtype, so its gradient is too.
+    return _rms_scale_first_backward_call(dy.contiguous().to(x.dtype), x, rstd), None
+
+
+_rms_scale_first = OpPair(
+    _rms_scale_first_op,
+    _rms_scale_first_impl,
+    _rms_scale_first_setup,
+    _rms_scale_first_backward,
+    nondiff=(1,),
+)
+_rms_scale_first_backward_call = BackwardOp(
+    _rms_scale_first_backward_op, _rms_scale_first_backward_impl
+)
+
+
 def rms_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -298,6 +358,7 @@ def rms_norm(
     *,
     offset: float = 0.0,
     cast_before_weight: bool = True,
+    scale_first: bool = False,
 ) -> Tensor:
     """RMSNorm over the last dimension, as transformers' norm modules compute it.
 
@@ -314,7 +375,14 @@ def rms_norm(
 
     ``weight=None``: the unweighted norm, ``xn.to(x.dtype)`` (NanoChat's ``RMSNorm``:
     ``self._norm(x.float()).type_as(x)``), with ``offset`` 0.
+
+    ``scale_first=True`` (weight None, offset 0; DeepSeek-V4's, GLM-5-Next's and Inkling-2's
+    ``UnweightedRMSNorm``: ``x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) +
+    eps).to(x.dtype)``): the scale ``rsqrt(...)`` is rounded to x's dtype first, then
+    multiplied by x in x's dtype (one rounding). ``cast_before_weight`` is then ignored.
     """
+    if _bool("scale_first", scale_first):
+        return _rms_norm_scale_first(x, weight, eps, offset)
     if weight is None:
         _tensor("x", x)
         _dtype("x", x)
@@ -330,6 +398,25 @@ def rms_norm(
     )
     x2 = x.contiguous().view(-1, x.shape[-1])
     y, _ = _rms_norm(x2, w.contiguous(), eps, offset, cast_before_weight)
+    return y.view(x.shape)
+
+
+def _rms_norm_scale_first(x, weight, eps, offset):
+    """:func:`rms_norm` with ``scale_first=True``: its checks, then the op."""
+    if weight is not None:
+        raise ValueError(
+            "scale_first: the scale-first norm has no weight (weight must be None)"
+        )
+    _tensor("x", x)
+    _dtype("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(
+            f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}"
+        )
+    if _real("offset", offset) != 0.0:
+        raise ValueError(f"offset: expected 0.0 with scale_first, got {offset}")
+    eps = _real("eps", eps, minimum=0.0)
+    y, _ = _rms_scale_first(x.contiguous().view(-1, x.shape[-1]), eps)
     return y.view(x.shape)
 
 

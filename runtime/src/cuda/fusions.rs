@@ -1134,12 +1134,106 @@ pub fn gated_act(c: &GatedCall) -> Result<()> {
 
 // ---- Python functions ----------------------------------------------------------------------
 
+// ---- unweighted RMSNorm, scale rounded first ------------------------------------------------
+
+#[repr(C)]
+struct RmsScaleFirstParams {
+    x: u64,
+    dy: u64,
+    out: u64,
+    rstd: u64,
+    rows: i64,
+    hidden: i32,
+    eps: f32,
+}
+
+/// One call of DeepSeek-V4's unweighted scale-first RMSNorm (`kernels/rms_norm.cu`, "scale
+/// rounded first"): the forward writes `out` = y and `rstd` from `x`; the backward (`dy` set)
+/// writes `out` = dx from `dy`, `x` and `rstd`. Every tensor but rstd (float32) is of `dtype`.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsScaleFirstCall {
+    pub device: i32,
+    pub stream: u64,
+    pub dtype: Dtype,
+    pub rows: u64,
+    pub hidden: u64,
+    pub x: u64,
+    pub dy: u64,
+    pub out: u64,
+    pub rstd: u64,
+    pub eps: f32,
+}
+
+/// Threads per block: one row per block, the row rounded up to whole warps (`team_sum` over
+/// the block needs a multiple of 32), at most 512 (the kernels' launch bounds).
+pub fn rms_scale_first_block(hidden: u64) -> u32 {
+    hidden.div_ceil(32).clamp(1, 16) as u32 * 32
+}
+
+fn rms_scale_first_launch(c: &RmsScaleFirstCall, backward: bool) -> Result<()> {
+    let hidden = i32_arg("x: hidden size", c.hidden)?;
+    if hidden == 0 {
+        return Err(CudaError::argument("x: the normalised dimension is empty"));
+    }
+    if c.rows == 0 {
+        return Ok(()); // nothing to write; an empty tensor's address may be 0
+    }
+    // One block per row: the grid's x extent is at most 2^31 - 1.
+    let grid = i32_arg("x: rows", c.rows)? as u32;
+    let mut named = vec![("x", c.x), ("rstd", c.rstd)];
+    named.push((if backward { "dx" } else { "y" }, c.out));
+    if backward {
+        named.push(("dy", c.dy));
+    }
+    for (n, p) in named {
+        nonzero(n, p)?;
+    }
+    let kind = if backward { "bwd" } else { "fwd" };
+    let kernel = format!("rms_scale_first_{kind}_{}", c.dtype.suffix());
+    let mut guard = device::lock(c.device)?;
+    let dev = guard.dev();
+    let f = dev.function(&RMS_NORM, &kernel)?;
+    let mut p = RmsScaleFirstParams {
+        x: c.x,
+        dy: if backward { c.dy } else { 0 },
+        out: c.out,
+        rstd: c.rstd,
+        rows: c.rows as i64,
+        hidden,
+        eps: c.eps,
+    };
+    // SAFETY: the parameter block matches RmsScaleFirstParams; the addresses are torch
+    // tensors of the sizes the caller checked.
+    unsafe {
+        launch(
+            f,
+            Dims::new((grid, 1, 1), rms_scale_first_block(c.hidden)),
+            c.stream as drv_sys::CUstream,
+            &mut [arg(&mut p)],
+            if backward {
+                "rms_scale_first_bwd"
+            } else {
+                "rms_scale_first_fwd"
+            },
+        )
+    }
+}
+
+pub fn rms_scale_first_forward(c: &RmsScaleFirstCall) -> Result<()> {
+    rms_scale_first_launch(c, false)
+}
+
+pub fn rms_scale_first_backward(c: &RmsScaleFirstCall) -> Result<()> {
+    rms_scale_first_launch(c, true)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_rms_norm_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rms_norm_backward_parts, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gated_rms_norm, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gated_rms_norm_backward_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_rms_scale_first, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_gated_act, m)?)?;
     Ok(())
@@ -1561,6 +1655,48 @@ fn cuda_gated_act(
     Ok(())
 }
 
+/// DeepSeek-V4's unweighted scale-first RMSNorm on torch's stream: with `dy` = 0 the forward
+/// (`out` = y, `rstd` written), else the backward (`out` = dx, `rstd` read).
+#[pyfunction]
+#[pyo3(signature = (*, device, stream, x, out, rstd, rows, hidden, dtype, eps=0.0, dy=0))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_rms_scale_first(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    x: u64,
+    out: u64,
+    rstd: u64,
+    rows: u64,
+    hidden: u64,
+    dtype: &str,
+    eps: f32,
+    dy: u64,
+) -> PyResult<()> {
+    let call = RmsScaleFirstCall {
+        device,
+        stream,
+        dtype: Dtype::parse(dtype)?,
+        rows,
+        hidden,
+        x,
+        dy,
+        out,
+        rstd,
+        eps,
+    };
+    py.detach(|| {
+        catch_panics(|| {
+            if dy == 0 {
+                rms_scale_first_forward(&call)
+            } else {
+                rms_scale_first_backward(&call)
+            }
+        })
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1583,6 +1719,18 @@ mod tests {
         // gated RMSNorm: eight pointers, rows, then six ints (groups last)
         assert_eq!(std::mem::size_of::<GatedRmsParams>(), 96);
         assert_eq!(std::mem::offset_of!(GatedRmsParams, groups), 92);
+        // scale-first RMSNorm: four pointers, rows, hidden, eps
+        assert_eq!(std::mem::size_of::<RmsScaleFirstParams>(), 48);
+        assert_eq!(std::mem::offset_of!(RmsScaleFirstParams, rows), 32);
+        assert_eq!(std::mem::offset_of!(RmsScaleFirstParams, eps), 44);
+    }
+
+    #[test]
+    fn rms_scale_first_blocks_are_whole_warps_up_to_512() {
+        for (hidden, block) in [(1, 32), (8, 32), (32, 32), (33, 64), (300, 320), (512, 512)] {
+            assert_eq!(rms_scale_first_block(hidden), block, "hidden {hidden}");
+        }
+        assert_eq!(rms_scale_first_block(7168), 512);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub const REASONS: &[(&str, &str)] = &[
     ),
     (
         "norm-no-weight",
-        "The norm applies no `self.weight` and is not the unweighted form fused (NanoChat's `self._norm(x.float()).type_as(x)`): DeepSeek-V4's `x * torch.rsqrt(...).to(x.dtype)` rounds the scale before the product, other arrangements are not matched.",
+        "The norm applies no `self.weight` and is not one of the unweighted forms fused (NanoChat's `self._norm(x.float()).type_as(x)`; DeepSeek-V4's, GLM-5-Next's and Inkling-2's `x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)`, the scale rounded before the product): other arrangements are not matched.",
     ),
     (
         "norm-not-rsqrt",
@@ -109,6 +109,9 @@ struct Form {
     gate: Option<Gate>,
     /// Whether the form applies `self.weight` (NanoChat's norm has none: the op gets `None`).
     weighted: bool,
+    /// DeepSeek-V4's unweighted norm: the scale rounded to x's dtype before the product
+    /// (`rms_norm(..., scale_first=True)`; no offset or weight order to pass).
+    scale_first: bool,
 }
 
 /// A gated form's second input and the activation the body applies to it in float32: the
@@ -262,6 +265,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "olmo2",
@@ -275,6 +279,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "helium",
@@ -288,6 +293,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "gemma",
@@ -301,6 +307,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             // Qwen4Exp's text norm: Gemma's, with groups when `self.group_size` is set; the
             // instances without groups run Gemma's statements exactly, the others stay stock.
@@ -316,6 +323,7 @@ fn forms() -> &'static [(Form, ParsedSource, Option<ParsedSource>)] {
                 condition: Some("self.group_size is None"),
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "moshi",
@@ -332,6 +340,7 @@ return output.type_as(x)
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "llama4",
@@ -347,6 +356,7 @@ return output * self.weight
                 condition: None,
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "gemma4",
@@ -364,6 +374,7 @@ return normed_output.type_as(hidden_states)
                 condition: Some("self.with_scale"),
                 gate: None,
                 weighted: true,
+                scale_first: false,
             },
             // No weight at all (NanoChat, HRM-Text): the op's unit weight, `rms_norm(x, None, eps)`.
             Form {
@@ -378,6 +389,23 @@ return normed_output.type_as(hidden_states)
                 condition: None,
                 gate: None,
                 weighted: false,
+                scale_first: false,
+            },
+            // DeepSeek-V4's, GLM-5-Next's and Inkling-2's `UnweightedRMSNorm`: no weight, the
+            // scale `rsqrt(...)` rounded to x's dtype and then multiplied by x in x's dtype.
+            Form {
+                name: "scale-first",
+                param: "x",
+                llama_prefix: false,
+                forward: "return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)\n",
+                norm_helper: None,
+                eps: "self.eps",
+                offset: "0.0",
+                cast_before_weight: false,
+                condition: None,
+                gate: None,
+                weighted: false,
+                scale_first: true,
             },
             // The gated forms: the gate activated in float32 after the weighted norm.
             Form {
@@ -395,6 +423,7 @@ return hidden_states.to(input_dtype)
                 condition: None,
                 gate: Some(ACT2FN_GATE),
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 // transformers 4.57's Qwen3-Next: SiLU written out with torch's functional.
@@ -412,6 +441,7 @@ return hidden_states.to(input_dtype)
                 condition: None,
                 gate: Some(SILU_GATE),
                 weighted: true,
+                scale_first: false,
             },
             Form {
                 name: "kimi",
@@ -428,6 +458,7 @@ return hidden_states.to(input_dtype)
                 condition: None,
                 gate: Some(ACT2FN_GATE),
                 weighted: true,
+                scale_first: false,
             },
             // The Mamba-style gated norm (Mamba 2, Bamba, GraniteMoeHybrid, NemotronH, Zamba2):
             // the float32 input times SiLU of the float32 gate when a gate is given, normalised
@@ -456,6 +487,7 @@ return self.weight * hidden_states.to(input_dtype)
                 condition: Some("gate is not None"),
                 gate: Some(MAMBA_GATE),
                 weighted: true,
+                scale_first: false,
             },
             // transformers 4.57's form of it, without groups.
             Form {
@@ -477,6 +509,7 @@ return self.weight * hidden_states.to(input_dtype)
                 condition: Some("gate is not None"),
                 gate: Some(MAMBA_UNGROUPED_GATE),
                 weighted: true,
+                scale_first: false,
             },
         ];
         list.into_iter()
@@ -604,10 +637,17 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
                     form.eps
                 ),
                 format!("    # forward-rewrite: fused RMSNorm ({} form)", form.name),
-                format!(
-                    "    return forward_rewrite.rms_norm({param}, {weight}, {}, offset={}, cast_before_weight={cast})",
-                    form.eps, form.offset,
-                ),
+                if form.scale_first {
+                    format!(
+                        "    return forward_rewrite.rms_norm({param}, {weight}, {}, scale_first=True)",
+                        form.eps,
+                    )
+                } else {
+                    format!(
+                        "    return forward_rewrite.rms_norm({param}, {weight}, {}, offset={}, cast_before_weight={cast})",
+                        form.eps, form.offset,
+                    )
+                },
             ]
         }
         Some(g) => {
@@ -685,6 +725,9 @@ pub(crate) fn norm_site(defs: &ModuleDefs<'_>, class: &StmtClassDef) -> Site {
             }
             if !form.weighted {
                 site.lowered.insert("weight".into(), "none".into());
+            }
+            if form.scale_first {
+                site.lowered.insert("scale_first".into(), "true".into());
             }
             site
         }

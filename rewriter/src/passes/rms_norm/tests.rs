@@ -1,6 +1,6 @@
 //! Unit tests of the rms-norm pass: every known form, every reason code.
 
-use crate::passes::fusion_common::testing::{run, site_patch, site_reason};
+use crate::passes::fusion_common::testing::{run, site_patch, site_reason, sites};
 
 const LLAMA: &str = "class ToyRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-6):
@@ -99,15 +99,44 @@ fn unweighted_form_is_patched_with_no_weight() {
         ),
         "{patch}"
     );
-    // DeepSeek-V4's unweighted norm rounds the scale to x's dtype before the product: not it.
-    let deepseek = UNWEIGHTED
-        .replace("    def _norm(self, x):\n        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n\n", "")
-        .replace(
-            "return self._norm(x.float()).type_as(x)",
-            "return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)",
-        );
+}
+
+/// DeepSeek-V4's (GLM-5-Next's, Inkling-2's) `UnweightedRMSNorm`: no weight, the scale
+/// rounded to x's dtype before the product.
+const SCALE_FIRST: &str = "class ToyRMSNorm(nn.Module):
+    def __init__(self, eps: float = 1.0e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
+";
+
+#[test]
+fn scale_first_form_is_patched_with_no_weight() {
+    let r = report(SCALE_FIRST);
+    assert_eq!(r.verdict, "patched", "{r:?}");
+    let patch = site_patch(&r, "ToyRMSNorm");
+    insta::assert_snapshot!(patch);
+    assert!(
+        patch.contains("if forward_rewrite.fusion_guard.rms_norm(self, x, None, self.eps):"),
+        "{patch}"
+    );
+    assert!(
+        patch.contains("return forward_rewrite.rms_norm(x, None, self.eps, scale_first=True)"),
+        "{patch}"
+    );
+    let site = &sites(&r)[0];
+    assert_eq!(site["lowered"]["form"], "scale-first");
+    assert_eq!(site["lowered"]["weight"], "none");
+    assert_eq!(site["lowered"]["scale_first"], "true");
+    // The product rounded once after it instead (the cast outside): another arrangement.
+    let after = SCALE_FIRST.replace(
+        "return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)",
+        "return (x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)",
+    );
     assert_eq!(
-        site_reason(&report(&deepseek), "ToyRMSNorm").as_deref(),
+        site_reason(&report(&after), "ToyRMSNorm").as_deref(),
         Some("norm-no-weight")
     );
 }

@@ -1,5 +1,6 @@
 //! CPU twins of the decoder-fusion kernels (`kernels/rms_norm.cu`, `kernels/rotary.cu`,
-//! `kernels/gated_act.cu`, and the gated RMSNorm of Qwen3-Next and Kimi): the same arithmetic in the same type, with the same rounding
+//! `kernels/gated_act.cu`, the gated RMSNorm of Qwen3-Next and Kimi, and DeepSeek-V4's
+//! unweighted scale-first RMSNorm): the same arithmetic in the same type, with the same rounding
 //! points, so that what CI tests here is what the GPU runs (README, "Fused decoder ops").
 //!
 //! Arithmetic is in float32 for bf16/fp16/fp32 storage (the CUDA kernels' type) and in
@@ -14,6 +15,7 @@ pub mod gated_norm;
 mod python;
 pub mod rms_norm;
 pub mod rotary;
+pub mod scale_first;
 #[cfg(test)]
 mod tests;
 

@@ -1,5 +1,6 @@
 //! `_native.cpu_rms_norm_forward`, `cpu_rms_norm_backward`, `cpu_gated_rms_norm_forward`,
-//! `cpu_gated_rms_norm_backward`, `cpu_rotary`, `cpu_gated_act` and `cpu_gated_act_backward`:
+//! `cpu_gated_rms_norm_backward`, `cpu_rms_scale_first_forward`, `cpu_rms_scale_first_backward`,
+//! `cpu_rotary`, `cpu_gated_act` and `cpu_gated_act_backward`:
 //! the CPU twins on raw tensor pointers.
 //!
 //! The Python side (`forward_rewrite/_fusions_cpu.py`) checks shapes, dtypes, devices and
@@ -16,6 +17,7 @@ use super::gated::{self, Clamp, Gated};
 use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, Residual, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
+use super::scale_first::{self, ScaleFirst};
 use super::{Activation, FDtype, GATE_ACTIVATIONS, PRODUCT_ACTIVATIONS, Real, Storage};
 use crate::cpu::regions::{Region, check as check_regions, slice, slice_mut};
 
@@ -24,6 +26,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_rms_norm_forward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_rms_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_rms_scale_first_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_rms_scale_first_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_rotary, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_act, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_gated_act_backward, m)?)?;
@@ -318,6 +322,140 @@ fn cpu_rms_norm_backward(
     };
     let job = rms_dispatch!(xd, wd, yd, rms_backward_job, call);
     run(py, "cpu_rms_norm_backward", job)
+}
+
+// ---- unweighted RMSNorm, scale rounded first ------------------------------------------------
+
+/// Plain numbers only, as [`RmsCall`]; `a` is x (forward) or dy (backward), `b` y or x.
+#[derive(Clone, Copy)]
+struct ScaleFirstCall {
+    p: ScaleFirst,
+    a: usize,
+    b: usize,
+    rstd: usize,
+    dx: usize,
+}
+
+macro_rules! scale_first_dispatch {
+    ($x:expr, $f:ident, $call:expr) => {{
+        use FDtype::*;
+        match $x {
+            Bf16 => $f::<f32, bf16>($call),
+            F16 => $f::<f32, f16>($call),
+            F32 => $f::<f32, f32>($call),
+            F64 => $f::<f64, f64>($call),
+        }
+    }};
+}
+
+fn scale_first_forward_job<A: Real, X: Storage<A>>(c: ScaleFirstCall) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let n = c.p.rows * c.p.hidden;
+        // SAFETY: regions checked by the caller (non-null, aligned, outputs disjoint).
+        unsafe {
+            scale_first::forward::<A, X>(
+                &c.p,
+                slice::<X>(c.a, n),
+                slice_mut::<X>(c.b, n),
+                slice_mut::<A>(c.rstd, c.p.rows),
+            )
+        }
+    })
+}
+
+fn scale_first_backward_job<A: Real, X: Storage<A>>(c: ScaleFirstCall) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let n = c.p.rows * c.p.hidden;
+        // SAFETY: as above.
+        unsafe {
+            scale_first::backward::<A, X>(
+                &c.p,
+                slice::<X>(c.a, n),
+                slice::<X>(c.b, n),
+                slice::<A>(c.rstd, c.p.rows),
+                slice_mut::<X>(c.dx, n),
+            )
+        }
+    })
+}
+
+fn scale_first_problem(rows: usize, hidden: usize, eps: f64) -> PyResult<ScaleFirst> {
+    // The same checks as the weighted norm's (no offset here).
+    let p = rms_problem(rows, hidden, eps, 0.0, false)?;
+    Ok(ScaleFirst {
+        rows,
+        hidden,
+        eps: p.eps,
+    })
+}
+
+/// Unweighted RMSNorm with the scale rounded first (DeepSeek-V4's `UnweightedRMSNorm`):
+/// `y` (rows, hidden, x's dtype) and `rstd` (rows,) float32 (float64 for float64 x) from
+/// contiguous `x` (rows, hidden).
+#[pyfunction]
+#[pyo3(signature = (*, x, y, rstd, rows, hidden, x_dtype, eps))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rms_scale_first_forward(
+    py: Python<'_>,
+    x: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+    eps: f64,
+) -> PyResult<()> {
+    let xd = dtype("x", x_dtype)?;
+    let p = scale_first_problem(rows, hidden, eps)?;
+    let n = rows * hidden;
+    check_regions(&[
+        region("x", x, n, xd, false),
+        region("y", y, n, xd, true),
+        region("rstd", rstd, rows, rstd_dtype(xd), true),
+    ])?;
+    let call = ScaleFirstCall {
+        p,
+        a: x,
+        b: y,
+        rstd,
+        dx: 0,
+    };
+    let job = scale_first_dispatch!(xd, scale_first_forward_job, call);
+    run(py, "cpu_rms_scale_first_forward", job)
+}
+
+/// Its backward: `dx` (x's dtype) from `dy` (x's dtype), `x` and the forward's `rstd`.
+#[pyfunction]
+#[pyo3(signature = (*, dy, x, rstd, dx, rows, hidden, x_dtype))]
+#[allow(clippy::too_many_arguments)]
+fn cpu_rms_scale_first_backward(
+    py: Python<'_>,
+    dy: usize,
+    x: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    hidden: usize,
+    x_dtype: &str,
+) -> PyResult<()> {
+    let xd = dtype("x", x_dtype)?;
+    let p = scale_first_problem(rows, hidden, 0.0)?;
+    let n = rows * hidden;
+    check_regions(&[
+        region("dy", dy, n, xd, false),
+        region("x", x, n, xd, false),
+        region("rstd", rstd, rows, rstd_dtype(xd), false),
+        region("dx", dx, n, xd, true),
+    ])?;
+    let call = ScaleFirstCall {
+        p,
+        a: dy,
+        b: x,
+        rstd,
+        dx,
+    };
+    let job = scale_first_dispatch!(xd, scale_first_backward_job, call);
+    run(py, "cpu_rms_scale_first_backward", job)
 }
 
 // ---- gated RMSNorm -------------------------------------------------------------------------

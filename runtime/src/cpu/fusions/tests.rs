@@ -9,6 +9,7 @@ use super::gated::{self, Clamp, Gated, act_grad, act_value};
 use super::gated_norm::{self, GatedRmsNorm};
 use super::rms_norm::{self, ROWS_PER_TASK, RmsNorm};
 use super::rotary::{self, Rotary, View, ViewMut, extent, overlaps};
+use super::scale_first::{self, ScaleFirst};
 use super::{Activation, Real, Storage, round_to};
 
 /// xorshift64*, so a failing case is reproducible from its seed.
@@ -1704,4 +1705,148 @@ proptest! {
             _ => check_gated_norm::<f64, f64, f64>(c, seed, 1e-13, 1e-10),
         }
     }
+}
+
+// ---- unweighted RMSNorm, scale rounded first -----------------------------------------------
+
+/// DeepSeek-V4's `UnweightedRMSNorm` in float64, no rounding: y = x * r with
+/// r = 1 / sqrt(mean(x^2) + eps), and dx = r * dy - x * r^3 * sum(dy * x) / h (the chain rule
+/// through the mean). Returns (y, dx, r per row, |r * dy|: the scale of dx's cancelling terms).
+fn scale_first_reference(
+    rows: usize,
+    h: usize,
+    eps: f64,
+    x: &[f64],
+    dy: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut y, mut dx, mut scale) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+    let mut rs = vec![0.0; rows];
+    for r in 0..rows {
+        let (xr, dyr) = (&x[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h]);
+        let s = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
+        let dot: f64 = xr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+        rs[r] = s;
+        for i in 0..h {
+            y[r * h + i] = xr[i] * s;
+            dx[r * h + i] = dyr[i] * s - xr[i] * s * s * s * dot / h as f64;
+            scale[r * h + i] = (dyr[i] * s).abs();
+        }
+    }
+    (y, dx, rs, scale)
+}
+
+/// The twin for storage X against the float64 reference (y to `tol_y`, dx to `tol_dx` measured
+/// against its terms' scale, rstd to float32), and, for 16-bit X (`stock_rounding`), y equal to
+/// stock's roundings `round_X(x * round_X(r))` on at least 99% of the elements (the float64 and
+/// float32 r round to different X values only when r lies near a rounding boundary; in
+/// float32 and float64 they differ in the last bits, so there is nothing to compare exactly).
+fn check_scale_first<A: Real, X: Storage<A>>(
+    rows: usize,
+    hidden: usize,
+    seed: u64,
+    tol_y: f64,
+    tol_dx: f64,
+    stock_rounding: bool,
+) {
+    let mut rng = Rng::new(seed);
+    let eps = 1e-6;
+    let p = ScaleFirst { rows, hidden, eps };
+    let x = rounded::<A, X>(&rng.vec(rows * hidden, 1.5));
+    let dy = rounded::<A, X>(&rng.vec(rows * hidden, 1.0));
+    let (xs, dys) = (stored::<A, X>(&x), stored::<A, X>(&dy));
+    let mut y = vec![X::store(A::ZERO); x.len()];
+    let mut rstd = vec![A::ZERO; rows];
+    scale_first::forward::<A, X>(&p, &xs, &mut y, &mut rstd);
+    let mut dx = vec![X::store(A::ZERO); x.len()];
+    scale_first::backward::<A, X>(&p, &dys, &xs, &rstd, &mut dx);
+    let (y, dx) = (loaded::<A, X>(&y), loaded::<A, X>(&dx));
+    let (y_ref, dx_ref, r_ref, scale) = scale_first_reference(rows, hidden, eps, &x, &dy);
+    let ey = rel(&y, &y_ref);
+    let edx = err(&dx, &dx_ref, &scale);
+    assert!(
+        ey <= tol_y && edx <= tol_dx,
+        "rows {rows} hidden {hidden}: y {ey:.2e} dx {edx:.2e}"
+    );
+    for (r, (got, want)) in rstd.iter().zip(&r_ref).enumerate() {
+        let got = got.to_f64();
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "rstd of row {r}: {got} vs {want}"
+        );
+    }
+    if !stock_rounding {
+        return;
+    }
+    let stock: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = round_to::<A, X>(A::from_f64(r_ref[i / hidden]));
+            X::store(A::from_f64(*v) * s).load().to_f64()
+        })
+        .collect();
+    let same = y.iter().zip(&stock).filter(|(a, b)| a == b).count();
+    assert!(
+        same * 100 >= 99 * y.len(),
+        "rows {rows} hidden {hidden}: y equal to stock's roundings on {same} of {}",
+        y.len()
+    );
+}
+
+#[test]
+fn rms_scale_first_float64_matches_the_reference_to_rounding() {
+    for (rows, hidden) in [(1, 1), (9, 7), (37, 300), (200, 300)] {
+        check_scale_first::<f64, f64>(rows, hidden, 21, 1e-14, 1e-13, false);
+    }
+}
+
+#[test]
+fn rms_scale_first_float32_is_float32_accurate() {
+    for (rows, hidden) in [(1, 1), (9, 7), (37, 300), (200, 300)] {
+        check_scale_first::<f32, f32>(rows, hidden, 22, 1e-6, 1e-5, false);
+    }
+}
+
+#[test]
+fn rms_scale_first_16_bit_within_their_rounding() {
+    // Two roundings of y (the scale, then the product): 2 * 2^-9 relative in bf16, 2 * 2^-12
+    // in float16; dx's first term carries the scale's rounding.
+    for (rows, hidden) in [(1, 1), (9, 7), (37, 300), (200, 300)] {
+        check_scale_first::<f32, bf16>(rows, hidden, 23, 8e-3, 1.2e-2, true);
+        check_scale_first::<f32, f16>(rows, hidden, 24, 1e-3, 2e-3, true);
+    }
+}
+
+#[test]
+fn rms_scale_first_rounds_the_scale_before_the_product() {
+    // One row [3, 4] (r = 1 / sqrt(12.5) = 0.28284...): bf16(r) = 0.283203125, and
+    // y = bf16(x * 0.283203125) = [0.8515625, 1.1328125] (what torch gives); rounding x * r
+    // once instead gives bf16(0.848528) = 0.84765625 for the first element.
+    let p = ScaleFirst {
+        rows: 1,
+        hidden: 2,
+        eps: 0.0,
+    };
+    let x = [bf16::from_f32(3.0), bf16::from_f32(4.0)];
+    let (mut y, mut rstd) = ([bf16::ZERO; 2], [0f32]);
+    scale_first::forward::<f32, bf16>(&p, &x, &mut y, &mut rstd);
+    let s = bf16::from_f32(rstd[0]).to_f32();
+    assert_eq!(s, 0.283_203_125_f64 as f32); // 145 * 2^-9: exact in bf16
+    assert_eq!(
+        y,
+        [bf16::from_f32(0.851_562_5), bf16::from_f32(1.132_812_5)]
+    );
+    assert_ne!(y[0], bf16::from_f32(3.0 * rstd[0]));
+}
+
+#[test]
+fn rms_scale_first_empty_rows() {
+    let p = ScaleFirst {
+        rows: 0,
+        hidden: 5,
+        eps: 1e-6,
+    };
+    let (mut y, mut rstd, mut dx) = (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new());
+    scale_first::forward::<f32, f32>(&p, &[], &mut y, &mut rstd);
+    scale_first::backward::<f32, f32>(&p, &[], &[], &rstd, &mut dx);
 }
