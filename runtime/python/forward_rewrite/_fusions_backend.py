@@ -175,6 +175,32 @@ def rstd_dtype(x_dtype):
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
+def _dy_and_rstd(x, dy, dy_dtype, rstd):
+    """The checks the norms' backwards share (dy of x's shape and ``dy_dtype``; rstd one
+    float of rstd_dtype per row of x): the (name, tensor) pairs given, for the device and
+    layout checks."""
+    named = []
+    if dy is not None:
+        _tensor("dy", dy)
+        if dy.shape != x.shape:
+            raise ValueError(
+                f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}"
+            )
+        if dy.dtype != dy_dtype:
+            raise TypeError(f"dy: dtype {dy.dtype}, expected {dy_dtype}")
+        named.append(("dy", dy))
+    if rstd is not None:
+        rows = x.shape[0]
+        _tensor("rstd", rstd)
+        if rstd.shape != (rows,) or rstd.dtype != rstd_dtype(x.dtype):
+            raise ValueError(
+                f"rstd: expected {rstd_dtype(x.dtype)} of shape ({rows},), "
+                f"got {rstd.dtype} {tuple(rstd.shape)}"
+            )
+        named.append(("rstd", rstd))
+    return named
+
+
 def check_rms(
     x,
     weight,
@@ -208,24 +234,8 @@ def check_rms(
     _floating("weight", weight, device_type)
     _wide("weight", weight.dtype, x.dtype)
     named = [("x", x), ("weight", weight)]
-    if dy is not None:
-        _tensor("dy", dy)
-        if dy.shape != x.shape:
-            raise ValueError(
-                f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}"
-            )
-        want = rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
-        if dy.dtype != want:
-            raise TypeError(f"dy: dtype {dy.dtype}, expected {want}")
-        named.append(("dy", dy))
-    if rstd is not None:
-        _tensor("rstd", rstd)
-        if rstd.shape != (rows,) or rstd.dtype != rstd_dtype(x.dtype):
-            raise ValueError(
-                f"rstd: expected {rstd_dtype(x.dtype)} of shape ({rows},), "
-                f"got {rstd.dtype} {tuple(rstd.shape)}"
-            )
-        named.append(("rstd", rstd))
+    dy_dtype = rms_out_dtype(x.dtype, weight.dtype, cast_before_weight)
+    named += _dy_and_rstd(x, dy, dy_dtype, rstd)
     for name, t in (("residual", residual), ("dres", dres)):
         if t is None:
             continue
@@ -253,24 +263,7 @@ def check_rms_scale_first(x, device_type, *, dy=None, rstd=None):
     if hidden == 0:
         raise ValueError("x: the normalised dimension is empty")
     _floating("x", x, device_type)
-    named = [("x", x)]
-    if dy is not None:
-        _tensor("dy", dy)
-        if dy.shape != x.shape:
-            raise ValueError(
-                f"dy: expected shape {tuple(x.shape)}, got {tuple(dy.shape)}"
-            )
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy: dtype {dy.dtype}, expected x's {x.dtype}")
-        named.append(("dy", dy))
-    if rstd is not None:
-        _tensor("rstd", rstd)
-        if rstd.shape != (rows,) or rstd.dtype != rstd_dtype(x.dtype):
-            raise ValueError(
-                f"rstd: expected {rstd_dtype(x.dtype)} of shape ({rows},), "
-                f"got {rstd.dtype} {tuple(rstd.shape)}"
-            )
-        named.append(("rstd", rstd))
+    named = [("x", x), *_dy_and_rstd(x, dy, x.dtype, rstd)]
     for name, t in named:
         _on(name, t, x, device_type)
         _contiguous(name, t)
